@@ -1,0 +1,159 @@
+//! [`ChangeBatch`]: Arrow rows with a weight each (+1 insert, −1 retract).
+//!
+//! An update is a retraction of the old row and an insertion of the new one. A batch is a
+//! Z-set fragment: applying it to a collection adds each row `weight` times.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, BooleanArray, Int64Array};
+use datafusion::arrow::compute::{concat_batches, filter_record_batch};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::arrow::record_batch::RecordBatch;
+
+use crate::error::{Error, Result};
+
+/// Name of the weight column when a change batch is flattened into one record batch.
+pub const WEIGHT_COLUMN: &str = "__freshet_weight";
+
+/// Rows and their weights; `weights.len() == batch.num_rows()` always holds.
+#[derive(Debug, Clone)]
+pub struct ChangeBatch {
+    batch: RecordBatch,
+    weights: Int64Array,
+}
+
+impl ChangeBatch {
+    /// Pairs rows with weights; fails if the lengths differ or a weight is NULL.
+    pub fn try_new(batch: RecordBatch, weights: Int64Array) -> Result<Self> {
+        if weights.len() != batch.num_rows() || weights.null_count() > 0 {
+            return Err(Error::Internal(format!(
+                "change batch has {} rows but {} weights ({} null)",
+                batch.num_rows(),
+                weights.len(),
+                weights.null_count()
+            )));
+        }
+        Ok(ChangeBatch { batch, weights })
+    }
+
+    /// Every row inserted once.
+    pub fn inserts(batch: RecordBatch) -> Self {
+        let weights = Int64Array::from(vec![1; batch.num_rows()]);
+        ChangeBatch { batch, weights }
+    }
+
+    /// Every row retracted once.
+    pub fn retracts(batch: RecordBatch) -> Self {
+        let weights = Int64Array::from(vec![-1; batch.num_rows()]);
+        ChangeBatch { batch, weights }
+    }
+
+    /// Retract `old`, insert `new` (both with the same schema).
+    pub fn replace(old: RecordBatch, new: RecordBatch) -> Result<Self> {
+        let schema = new.schema();
+        let weights: Vec<i64> = std::iter::repeat_n(-1, old.num_rows()).chain(std::iter::repeat_n(1, new.num_rows())).collect();
+        let old = RecordBatch::try_new(schema.clone(), old.columns().to_vec())?;
+        let batch = concat_batches(&schema, [&old, &new])?;
+        ChangeBatch::try_new(batch, Int64Array::from(weights))
+    }
+
+    pub fn batch(&self) -> &RecordBatch {
+        &self.batch
+    }
+
+    pub fn weights(&self) -> &Int64Array {
+        &self.weights
+    }
+
+    pub fn num_rows(&self) -> usize {
+        self.batch.num_rows()
+    }
+
+    /// The rows with positive weight and the rows with negative weight, as plain batches.
+    /// Each row appears `|weight|` times in its side.
+    pub fn split(&self) -> Result<(RecordBatch, RecordBatch)> {
+        if self.weights.values().iter().all(|w| w.abs() == 1) {
+            let positive: BooleanArray = self.weights.values().iter().map(|w| Some(*w > 0)).collect();
+            let negative: BooleanArray = self.weights.values().iter().map(|w| Some(*w < 0)).collect();
+            return Ok((filter_record_batch(&self.batch, &positive)?, filter_record_batch(&self.batch, &negative)?));
+        }
+        let mut ins = Vec::new();
+        let mut del = Vec::new();
+        for (row, w) in self.weights.values().iter().enumerate() {
+            let side = if *w > 0 { &mut ins } else { &mut del };
+            side.extend(std::iter::repeat_n(row as u32, w.unsigned_abs() as usize));
+        }
+        let take = |rows: Vec<u32>| -> Result<RecordBatch> {
+            let indices = datafusion::arrow::array::UInt32Array::from(rows);
+            let columns = self
+                .batch
+                .columns()
+                .iter()
+                .map(|c| datafusion::arrow::compute::take(c.as_ref(), &indices, None))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            Ok(RecordBatch::try_new(self.batch.schema(), columns)?)
+        };
+        Ok((take(ins)?, take(del)?))
+    }
+
+    /// Flattens into one record batch with a trailing [`WEIGHT_COLUMN`], for storage.
+    pub fn to_flat(&self) -> Result<RecordBatch> {
+        let mut fields: Vec<Arc<Field>> = self.batch.schema().fields().iter().cloned().collect();
+        fields.push(Arc::new(Field::new(WEIGHT_COLUMN, DataType::Int64, false)));
+        let mut columns = self.batch.columns().to_vec();
+        columns.push(Arc::new(self.weights.clone()));
+        Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?)
+    }
+
+    /// Inverse of [`ChangeBatch::to_flat`]; `schema` is the schema of the rows.
+    pub fn from_flat(flat: &RecordBatch, schema: SchemaRef) -> Result<Self> {
+        let n = flat.num_columns();
+        let weights = flat
+            .column(n.checked_sub(1).ok_or_else(|| Error::Internal("flat change batch has no columns".into()))?)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .ok_or_else(|| Error::Internal("flat change batch has no weight column".into()))?
+            .clone();
+        let batch = RecordBatch::try_new(schema, flat.columns()[..n - 1].to_vec())?;
+        ChangeBatch::try_new(batch, weights)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::Int32Array;
+
+    fn ints(values: &[i32]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int32, false)]));
+        RecordBatch::try_new(schema, vec![Arc::new(Int32Array::from(values.to_vec()))]).expect("one column")
+    }
+
+    fn column(batch: &RecordBatch) -> Vec<i32> {
+        batch.column(0).as_any().downcast_ref::<Int32Array>().expect("ints").values().to_vec()
+    }
+
+    #[test]
+    fn split_separates_inserts_from_retractions() {
+        // + 1, - 2, + 3 (twice)
+        let change = ChangeBatch::try_new(ints(&[1, 2, 3]), Int64Array::from(vec![1, -1, 2])).expect("lengths match");
+        let (ins, del) = change.split().expect("splits");
+        assert_eq!(column(&ins), vec![1, 3, 3]);
+        assert_eq!(column(&del), vec![2]);
+    }
+
+    #[test]
+    fn flat_form_round_trips() {
+        let change = ChangeBatch::replace(ints(&[5]), ints(&[6])).expect("same schema");
+        let flat = change.to_flat().expect("flattens");
+        assert_eq!(flat.num_columns(), 2);
+        let back = ChangeBatch::from_flat(&flat, ints(&[]).schema()).expect("unflattens");
+        assert_eq!(column(back.batch()), vec![5, 6]);
+        assert_eq!(back.weights().values().to_vec(), vec![-1, 1]);
+    }
+
+    #[test]
+    fn mismatched_weights_are_rejected() {
+        assert!(ChangeBatch::try_new(ints(&[1, 2]), Int64Array::from(vec![1])).is_err());
+    }
+}

@@ -1,0 +1,23 @@
+//! freshet: a SQL streaming database. Sources, tables, materialized views, sinks and
+//! models are declared in SQL; views are kept fresh incrementally over Arrow change
+//! batches and served over the Postgres wire protocol.
+//!
+//! # Layout
+//!
+//! Dependencies point down this list; nothing lower imports anything higher.
+//!
+//! - [`error`]: the one error enum, its `Result` alias, and the SQLSTATE of each cause.
+//! - [`state`]: durable storage over `object_store`: the write-ahead log and snapshots.
+//! - [`dataflow`]: change batches (rows with +1/−1 weights); later the operator runtime.
+//! - [`sql`]: parsing (Postgres dialect) and planning statements with DataFusion.
+//! - [`catalog`]: tables and the [`catalog::Database`] that runs planned statements.
+//! - [`server`]: the Postgres wire protocol (pgwire), the HTTP endpoints, and startup.
+
+pub mod catalog;
+pub mod dataflow;
+pub mod error;
+pub mod server;
+pub mod sql;
+pub mod state;
+
+pub use error::{Error, Result};

@@ -1,0 +1,254 @@
+//! SQL text in, planned statements out.
+//!
+//! [`parse`] splits a query string into statements with the Postgres dialect; [`plan`]
+//! turns one statement into a [`Planned`] value, letting DataFusion resolve names, coerce
+//! types and optimise. Nothing here touches storage or runs a statement: the catalog
+//! executes what this module plans. Freshet's own DDL (sources, views, sinks, models)
+//! will be recognised here as it arrives.
+
+use std::collections::VecDeque;
+
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::common::ParamValues;
+use datafusion::execution::context::SessionState;
+use datafusion::logical_expr::{DdlStatement, LogicalPlan, WriteOp};
+use datafusion::sql::parser::{DFParserBuilder, Statement as DFStatement};
+use datafusion::sql::sqlparser::ast::{ColumnOption, ObjectName, ObjectType, Statement as SqlStatement};
+use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+
+/// One parsed statement, ready to plan.
+pub type Statement = DFStatement;
+
+/// Splits `sql` into statements. Errors carry the position of the offending token.
+pub fn parse(sql: &str) -> Result<VecDeque<Statement>> {
+    let dialect = PostgreSqlDialect {};
+    DFParserBuilder::new(sql)
+        .with_dialect(&dialect)
+        .build()
+        .and_then(|mut parser| parser.parse_statements())
+        .map_err(|e| Error::from_datafusion(e, sql))
+}
+
+/// A statement after planning: what the catalog has to do.
+#[derive(Debug, Clone)]
+pub enum Planned {
+    /// A read: run it as a DataFusion batch query and stream the rows.
+    Query(LogicalPlan),
+    /// INSERT, UPDATE or DELETE on a table.
+    Write(LogicalPlan),
+    /// CREATE TABLE, possibly `AS SELECT`.
+    CreateTable(CreateTable),
+    /// DROP TABLE.
+    DropTable { names: Vec<String>, if_exists: bool },
+    /// SHOW TABLES.
+    ShowTables,
+}
+
+/// A planned CREATE TABLE.
+#[derive(Debug, Clone)]
+pub struct CreateTable {
+    pub name: String,
+    pub if_not_exists: bool,
+    /// Column types, names and nullability.
+    pub schema: SchemaRef,
+    /// Indices of the primary key columns; empty without a primary key.
+    pub primary_key: Vec<usize>,
+    /// `(column, SQL text of its DEFAULT expression)`; kept as text so it can be stored.
+    pub defaults: Vec<(String, String)>,
+    /// The rows of `CREATE TABLE … AS SELECT`, if any.
+    pub source: Option<LogicalPlan>,
+}
+
+impl Planned {
+    /// The Postgres types a client must bind for `$1, $2, …`, in order.
+    pub fn parameter_types(&self) -> Result<Vec<Option<DataType>>> {
+        let plan = match self {
+            Planned::Query(plan) | Planned::Write(plan) => plan,
+            _ => return Ok(Vec::new()),
+        };
+        let types = plan.get_parameter_types()?;
+        let mut numbered: Vec<(usize, Option<DataType>)> = types
+            .into_iter()
+            .filter_map(|(id, ty)| id.trim_start_matches('$').parse::<usize>().ok().map(|n| (n, ty)))
+            .collect();
+        numbered.sort_by_key(|(n, _)| *n);
+        let count = numbered.last().map_or(0, |(n, _)| *n);
+        let mut out = vec![None; count];
+        for (n, ty) in numbered {
+            out[n - 1] = ty;
+        }
+        Ok(out)
+    }
+
+    /// The shape of the rows this statement returns; `None` if it returns a command tag.
+    pub fn result_schema(&self) -> Option<SchemaRef> {
+        match self {
+            Planned::Query(plan) => Some(Arc::new(plan.schema().as_arrow().clone())),
+            Planned::ShowTables => Some(show_tables_schema()),
+            _ => None,
+        }
+    }
+
+    /// Substitutes bound parameter values into the plan.
+    pub fn with_parameters(self, params: ParamValues) -> Result<Planned> {
+        Ok(match self {
+            Planned::Query(plan) => Planned::Query(plan.replace_params_with_values(&params)?),
+            Planned::Write(plan) => Planned::Write(plan.replace_params_with_values(&params)?),
+            other => other,
+        })
+    }
+}
+
+/// The columns of `SHOW TABLES`.
+pub fn show_tables_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![Field::new("name", DataType::Utf8, false)]))
+}
+
+/// Plans one statement against the tables `state` can see. `sql` is the full query text,
+/// used only to place error positions.
+pub async fn plan(state: &SessionState, statement: &Statement, sql: &str) -> Result<Planned> {
+    let df_error = |e| Error::from_datafusion(e, sql);
+    if let DFStatement::Statement(inner) = statement {
+        match inner.as_ref() {
+            SqlStatement::ShowTables { .. } => return Ok(Planned::ShowTables),
+            SqlStatement::Drop { object_type: ObjectType::Table, if_exists, names, .. } => {
+                return Ok(Planned::DropTable { names: names.iter().map(object_name).collect(), if_exists: *if_exists });
+            }
+            SqlStatement::StartTransaction { .. }
+            | SqlStatement::Commit { .. }
+            | SqlStatement::Rollback { .. } => {
+                return Err(Error::NotSupported {
+                    feature: "transaction blocks".into(),
+                    hint: Some("every statement commits on its own; run it without BEGIN/COMMIT".into()),
+                });
+            }
+            _ => {}
+        }
+    }
+    if let DFStatement::CreateExternalTable(_) | DFStatement::CopyTo(_) | DFStatement::Reset(_) = statement {
+        return Err(Error::not_supported(first_words(statement)));
+    }
+    let plan = state.statement_to_plan(statement.clone()).await.map_err(df_error)?;
+    match plan {
+        LogicalPlan::Dml(ref dml) => match dml.op {
+            WriteOp::Insert(_) | WriteOp::Update | WriteOp::Delete => Ok(Planned::Write(plan)),
+            _ => Err(Error::not_supported(first_words(statement))),
+        },
+        LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(create)) => {
+            let schema = Arc::new(create.input.schema().as_arrow().clone());
+            let primary_key = create
+                .constraints
+                .iter()
+                .find_map(|c| match c {
+                    datafusion::common::Constraint::PrimaryKey(cols) => Some(cols.clone()),
+                    datafusion::common::Constraint::Unique(_) => None,
+                })
+                .unwrap_or_default();
+            if create.constraints.iter().any(|c| matches!(c, datafusion::common::Constraint::Unique(_))) {
+                return Err(Error::NotSupported {
+                    feature: "UNIQUE constraints".into(),
+                    hint: Some("declare the column as PRIMARY KEY instead".into()),
+                });
+            }
+            if create.or_replace {
+                return Err(Error::not_supported("CREATE OR REPLACE TABLE"));
+            }
+            if create.temporary {
+                return Err(Error::not_supported("CREATE TEMPORARY TABLE"));
+            }
+            let source = match create.input.as_ref() {
+                LogicalPlan::EmptyRelation(_) => None,
+                other => Some(other.clone()),
+            };
+            Ok(Planned::CreateTable(CreateTable {
+                name: create.name.table().to_string(),
+                if_not_exists: create.if_not_exists,
+                schema,
+                primary_key,
+                defaults: column_default_texts(statement),
+                source,
+            }))
+        }
+        LogicalPlan::Ddl(_) | LogicalPlan::Copy(_) => Err(Error::not_supported(first_words(statement))),
+        LogicalPlan::Statement(_) => Err(Error::not_supported(first_words(statement))),
+        query => Ok(Planned::Query(query)),
+    }
+}
+
+/// The DEFAULT expressions of a CREATE TABLE, as SQL text.
+fn column_default_texts(statement: &Statement) -> Vec<(String, String)> {
+    let DFStatement::Statement(inner) = statement else { return Vec::new() };
+    let SqlStatement::CreateTable(create) = inner.as_ref() else { return Vec::new() };
+    create
+        .columns
+        .iter()
+        .filter_map(|column| {
+            column.options.iter().find_map(|option| match &option.option {
+                ColumnOption::Default(expr) => Some((normalize_ident(&column.name.value, column.name.quote_style), expr.to_string())),
+                _ => None,
+            })
+        })
+        .collect()
+}
+
+fn normalize_ident(value: &str, quote_style: Option<char>) -> String {
+    if quote_style.is_some() { value.to_string() } else { value.to_ascii_lowercase() }
+}
+
+fn object_name(name: &ObjectName) -> String {
+    name.0
+        .last()
+        .and_then(|part| part.as_ident())
+        .map(|ident| normalize_ident(&ident.value, ident.quote_style))
+        .unwrap_or_else(|| name.to_string())
+}
+
+/// The leading keywords of a statement, to name an unsupported construct.
+fn first_words(statement: &Statement) -> String {
+    let text = statement.to_string();
+    let words: Vec<&str> = text.split_whitespace().take(3).collect();
+    words.join(" ").to_uppercase()
+}
+
+/// Finds where `name` first appears in `sql` as a whole word (1-based, in characters).
+pub fn locate_word(sql: &str, name: &str) -> Option<usize> {
+    let lower_sql = sql.to_lowercase();
+    let lower_name = name.to_lowercase();
+    let is_word = |c: char| c.is_alphanumeric() || c == '_';
+    let mut from = 0;
+    while let Some(found) = lower_sql[from..].find(&lower_name) {
+        let start = from + found;
+        let end = start + lower_name.len();
+        let before_ok = lower_sql[..start].chars().next_back().is_none_or(|c| !is_word(c));
+        let after_ok = lower_sql[end..].chars().next().is_none_or(|c| !is_word(c));
+        if before_ok && after_ok {
+            return Some(lower_sql[..start].chars().count() + 1);
+        }
+        from = end;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_splits_statements_and_reports_positions() {
+        let statements = parse("SELECT 1; SELECT 2").expect("valid SQL");
+        assert_eq!(statements.len(), 2);
+        let err = parse("SELECT 1;\nSELECT (1 +").expect_err("invalid SQL");
+        assert_eq!(err.sqlstate(), "42601");
+        assert!(err.position().is_some_and(|p| p > 10), "{err:?}");
+    }
+
+    #[test]
+    fn locate_word_respects_word_boundaries() {
+        assert_eq!(locate_word("SELECT * FROM tt, t", "t"), Some(19));
+        assert_eq!(locate_word("select * from Orders", "orders"), Some(15));
+        assert_eq!(locate_word("select 1", "orders"), None);
+    }
+}
