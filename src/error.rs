@@ -66,6 +66,10 @@ pub enum Error {
     #[error("corrupt data in {location}: {reason}")]
     Corrupt { location: String, reason: String },
 
+    /// Bad configuration or startup input: flags, addresses, the --init file (F0000).
+    #[error("{0}")]
+    Config(String),
+
     /// A broken invariant inside freshet (XX000). Always a bug.
     #[error("internal error: {0}")]
     Internal(String),
@@ -88,6 +92,7 @@ impl Error {
             Error::Canceled => "57014",
             Error::Storage(_) => "58030",
             Error::Corrupt { .. } => "XX001",
+            Error::Config(_) => "F0000",
             Error::Internal(_) => "XX000",
         }
     }

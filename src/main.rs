@@ -1,1 +1,98 @@
-fn main() {}
+//! The `freshet` command: `freshet serve` (also what a bare `freshet` runs).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use freshet::server::{Config, Server};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "freshet", version, about = "A SQL streaming database served over the Postgres wire protocol")]
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (the default when no command is given).
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Clone)]
+struct ServeArgs {
+    /// Directory for the catalog, the write-ahead log and snapshots.
+    #[arg(long, env = "FRESHET_DATA_DIR", default_value = "./freshet-data")]
+    data_dir: PathBuf,
+    /// Address for Postgres clients (psql -h HOST -p PORT -U freshet -d freshet).
+    #[arg(long, env = "FRESHET_PG_LISTEN", default_value = "127.0.0.1:6543")]
+    pg_listen: String,
+    /// Address for HTTP: /health and /metrics (Prometheus text format).
+    #[arg(long, env = "FRESHET_HTTP_LISTEN", default_value = "127.0.0.1:6544")]
+    http_listen: String,
+    /// SQL file whose statements run at start, before clients are accepted.
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Log filter, e.g. `info` or `freshet=debug`; RUST_LOG wins when set.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let args = match cli.command {
+        Some(Command::Serve(args)) => args,
+        None => cli.serve,
+    };
+    let filter = EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(&args.log_level))?;
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = Config { data_dir: args.data_dir, pg_listen: args.pg_listen, http_listen: args.http_listen, init: args.init };
+    let server = Server::start(config).await?;
+    println!(
+        "freshet ready: postgres on {pg} (psql -h {host} -p {port} -U freshet -d freshet), http on {http}",
+        pg = server.pg_addr(),
+        host = server.pg_addr().ip(),
+        port = server.pg_addr().port(),
+        http = server.http_addr(),
+    );
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!("cannot listen for Ctrl-C: {e}");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+}

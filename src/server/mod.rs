@@ -1,1 +1,166 @@
-//! placeholder
+//! Startup and shutdown of a freshet server: opens the database, runs the `--init` file,
+//! binds the Postgres and HTTP listeners, and drains running statements on shutdown.
+//!
+//! [`Server::start`] is what `freshet serve` and the integration tests call; tests bind
+//! `127.0.0.1:0` and read the chosen ports back from [`Server::pg_addr`].
+
+pub mod http;
+pub mod metrics;
+pub mod pg;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::catalog::Database;
+use crate::error::{Error, Result};
+use metrics::Metrics;
+use pg::PgHandlers;
+
+/// How long shutdown waits for running statements before it stops anyway.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where a server keeps its data and where it listens.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Root of the durable state (catalog, log, snapshots).
+    pub data_dir: PathBuf,
+    /// Address of the Postgres wire protocol listener.
+    pub pg_listen: String,
+    /// Address of the HTTP listener (`/health`, `/metrics`).
+    pub http_listen: String,
+    /// SQL statements run once at start, before clients are accepted.
+    pub init: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./freshet-data"),
+            pg_listen: "127.0.0.1:6543".into(),
+            http_listen: "127.0.0.1:6544".into(),
+            init: None,
+        }
+    }
+}
+
+/// A running server. Dropping it without [`Server::shutdown`] leaves its tasks running
+/// until the runtime ends.
+pub struct Server {
+    db: Database,
+    metrics: Arc<Metrics>,
+    pg_addr: SocketAddr,
+    http_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Opens the database, runs the init file, and starts accepting clients.
+    pub async fn start(config: Config) -> Result<Server> {
+        let store = crate::state::open_local_store(&config.data_dir)?;
+        let db = Database::open(store).await?;
+        if let Some(path) = &config.init {
+            let sql = std::fs::read_to_string(path)
+                .map_err(|e| Error::Config(format!("cannot read --init file {}: {e}", path.display())))?;
+            db.run(&sql).await.map_err(|e| {
+                let at = e.position().map(|p| format!(" at character {p}")).unwrap_or_default();
+                Error::Config(format!("--init file {} failed{at}: {e} (SQLSTATE {})", path.display(), e.sqlstate()))
+            })?;
+            tracing::info!(file = %path.display(), "init statements ran");
+        }
+        let pg_listener = bind(&config.pg_listen, "--pg-listen").await?;
+        let http_listener = bind(&config.http_listen, "--http-listen").await?;
+        let pg_addr = local_addr(&pg_listener)?;
+        let http_addr = local_addr(&http_listener)?;
+        let metrics = Arc::new(Metrics::default());
+        let (stop, stopped) = watch::channel(false);
+        let handlers = Arc::new(PgHandlers::new(db.clone(), metrics.clone()));
+        let pg_task = tokio::spawn(accept_loop(pg_listener, handlers, metrics.clone(), stopped.clone()));
+        let router = http::router(db.clone(), metrics.clone());
+        let mut http_stopped = stopped;
+        let http_task = tokio::spawn(async move {
+            let serve = axum::serve(http_listener, router).with_graceful_shutdown(async move {
+                let _ = http_stopped.wait_for(|s| *s).await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!("http listener failed: {e}");
+            }
+        });
+        tracing::info!(%pg_addr, %http_addr, data_dir = %config.data_dir.display(), "freshet is ready");
+        Ok(Server { db, metrics, pg_addr, http_addr, stop, tasks: vec![pg_task, http_task] })
+    }
+
+    /// The bound Postgres address (useful when listening on port 0).
+    pub fn pg_addr(&self) -> SocketAddr {
+        self.pg_addr
+    }
+
+    /// The bound HTTP address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The database this server serves.
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
+    /// Stops accepting clients, waits (bounded) for running statements, then returns.
+    /// Acknowledged writes are already durable, so nothing is lost if the wait times out.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+        while self.metrics.statements_running.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        tracing::info!("freshet stopped");
+    }
+}
+
+async fn bind(addr: &str, flag: &str) -> Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| Error::Config(format!("cannot listen on {addr} ({flag}): {e}")))
+}
+
+fn local_addr(listener: &TcpListener) -> Result<SocketAddr> {
+    listener.local_addr().map_err(|e| Error::Config(format!("listener has no address: {e}")))
+}
+
+async fn accept_loop(listener: TcpListener, handlers: Arc<PgHandlers>, metrics: Arc<Metrics>, mut stopped: watch::Receiver<bool>) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stopped.wait_for(|s| *s) => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((socket, peer)) => {
+                let _ = socket.set_nodelay(true);
+                metrics.connections_accepted.fetch_add(1, Ordering::Relaxed);
+                metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+                let handlers = handlers.clone();
+                let metrics = metrics.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = pgwire::tokio::process_socket(socket, None, handlers).await {
+                        metrics.connection_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(%peer, "connection closed with error: {e}");
+                    }
+                    metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+                });
+            }
+            Err(e) => {
+                // Usually out of file descriptors: back off instead of spinning.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! The Postgres wire protocol, on the pgwire crate: startup, simple and extended query,
+//! cancel requests. Each connection runs on its own task (spawned by [`super::Server`]);
+//! a failing statement answers with an `ErrorResponse` and the session goes on, a broken
+//! connection ends only itself.
+//!
+//! Rows are encoded from Arrow by the `arrow-pg` crate (text and binary formats, Postgres
+//! type OIDs); statements are planned and run by the [`Database`].
+
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use async_trait::async_trait;
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion_postgres::arrow_pg::datatypes::df::deserialize_parameters;
+use datafusion_postgres::arrow_pg::datatypes::{arrow_schema_to_pg_fields, encode_recordbatch, into_pg_type};
+use futures::{Sink, StreamExt, stream};
+use pgwire::api::auth::StartupHandler;
+use pgwire::api::auth::noop::NoopStartupHandler;
+use pgwire::api::cancel::{CancelHandler, DefaultCancelHandler};
+use pgwire::api::portal::{Format, Portal};
+use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
+use pgwire::api::results::{FieldInfo, QueryResponse, Response, Tag};
+use pgwire::api::stmt::QueryParser;
+use pgwire::api::store::PortalStore;
+use pgwire::api::{ClientInfo, ClientPortalStore, ConnectionManager, ErrorHandler, PgWireServerHandlers, Type};
+use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use pgwire::messages::PgWireBackendMessage;
+use pgwire::messages::data::DataRow;
+use pgwire::types::format::FormatOptions;
+
+use super::metrics::Metrics;
+use crate::catalog::{Database, Outcome};
+use crate::error::Error;
+use crate::sql::{self, Planned};
+
+/// Everything a connection needs; one instance is shared by all connections.
+pub struct PgHandlers {
+    queries: Arc<QueryHandler>,
+    startup: Arc<Startup>,
+    cancel: Arc<DefaultCancelHandler>,
+    errors: Arc<ErrorCounter>,
+}
+
+impl PgHandlers {
+    pub fn new(db: Database, metrics: Arc<Metrics>) -> Self {
+        let connections = Arc::new(ConnectionManager::new());
+        PgHandlers {
+            queries: Arc::new(QueryHandler { db: db.clone(), parser: Arc::new(Parser { db }), metrics: metrics.clone() }),
+            startup: Arc::new(Startup { connections: connections.clone() }),
+            cancel: Arc::new(DefaultCancelHandler::new(connections)),
+            errors: Arc::new(ErrorCounter { metrics }),
+        }
+    }
+}
+
+impl PgWireServerHandlers for PgHandlers {
+    fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
+        self.queries.clone()
+    }
+
+    fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {
+        self.queries.clone()
+    }
+
+    fn startup_handler(&self) -> Arc<impl StartupHandler> {
+        self.startup.clone()
+    }
+
+    fn error_handler(&self) -> Arc<impl ErrorHandler> {
+        self.errors.clone()
+    }
+
+    fn cancel_handler(&self) -> Arc<impl CancelHandler> {
+        self.cancel.clone()
+    }
+}
+
+/// Accepts every user name without a password (authentication is a later feature) and
+/// registers the connection so CancelRequest can find it.
+struct Startup {
+    connections: Arc<ConnectionManager>,
+}
+
+#[async_trait]
+impl NoopStartupHandler for Startup {
+    fn connection_manager(&self) -> Option<Arc<ConnectionManager>> {
+        Some(self.connections.clone())
+    }
+}
+
+struct ErrorCounter {
+    metrics: Arc<Metrics>,
+}
+
+impl ErrorHandler for ErrorCounter {
+    fn on_error<C: ClientInfo>(&self, client: &C, error: &mut PgWireError) {
+        self.metrics.statement_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(peer = %client.socket_addr(), "statement failed: {error}");
+    }
+}
+
+/// A statement prepared with Parse: its text and its plan.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    sql: String,
+    planned: Planned,
+}
+
+/// Plans statements for the extended protocol (Parse), so Describe can report parameter
+/// and result types before anything runs.
+pub struct Parser {
+    db: Database,
+}
+
+impl Parser {
+    async fn plan_prepared(&self, sql: &str) -> Result<Option<Prepared>, Error> {
+        let mut statements = sql::parse(sql)?;
+        let Some(statement) = statements.pop_front() else { return Ok(None) };
+        if !statements.is_empty() {
+            return Err(Error::Syntax {
+                message: "cannot insert multiple commands into a prepared statement".into(),
+                position: None,
+            });
+        }
+        let planned = self.db.plan(&statement, sql).await?;
+        Ok(Some(Prepared { sql: sql.to_string(), planned }))
+    }
+}
+
+#[async_trait]
+impl QueryParser for Parser {
+    type Statement = Arc<Prepared>;
+
+    async fn parse_sql<C>(&self, _client: &C, sql: &str, _types: &[Option<Type>]) -> PgWireResult<Option<Self::Statement>>
+    where
+        C: ClientInfo + Unpin + Send + Sync,
+    {
+        Ok(self.plan_prepared(sql).await.map_err(to_pg)?.map(Arc::new))
+    }
+
+    fn get_parameter_types(&self, stmt: &Self::Statement) -> PgWireResult<Vec<Type>> {
+        let types = stmt.planned.parameter_types().map_err(to_pg)?;
+        types
+            .iter()
+            .map(|t| match t {
+                Some(t) => into_pg_type(t),
+                None => Ok(Type::UNKNOWN),
+            })
+            .collect()
+    }
+
+    fn get_result_schema(&self, stmt: &Self::Statement, column_format: Option<&Format>) -> PgWireResult<Vec<FieldInfo>> {
+        match stmt.planned.result_schema() {
+            Some(schema) => arrow_schema_to_pg_fields(&schema, column_format.unwrap_or(&Format::UnifiedText), None),
+            None => Ok(Vec::new()),
+        }
+    }
+}
+
+/// Runs statements for both protocols.
+pub struct QueryHandler {
+    db: Database,
+    parser: Arc<Parser>,
+    metrics: Arc<Metrics>,
+}
+
+impl QueryHandler {
+    async fn run(&self, planned: Planned, sql: &str, format: &Format, options: Arc<FormatOptions>) -> Result<Response, Error> {
+        let _in_flight = self.metrics.statement_started();
+        let outcome = self.db.execute(planned, sql).await?;
+        Ok(match outcome {
+            Outcome::Rows { schema, stream } => Response::Query(rows_response(schema, stream, format, options)?),
+            Outcome::Command { tag, rows } => {
+                let mut t = Tag::new(tag);
+                if tag == "INSERT" {
+                    t = t.with_oid(0);
+                }
+                if let Some(rows) = rows {
+                    t = t.with_rows(rows);
+                    if tag == "INSERT" {
+                        self.metrics.rows_inserted.fetch_add(rows as u64, Ordering::Relaxed);
+                    }
+                }
+                Response::Execution(t)
+            }
+        })
+    }
+}
+
+#[async_trait]
+impl SimpleQueryHandler for QueryHandler {
+    async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
+        let statements = sql::parse(query).map_err(to_pg)?;
+        let mut responses = Vec::with_capacity(statements.len());
+        for statement in statements {
+            self.metrics.statements.fetch_add(1, Ordering::Relaxed);
+            let result = match self.db.plan(&statement, query).await {
+                Ok(planned) => self.run(planned, query, &Format::UnifiedText, options.clone()).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(response) => responses.push(response),
+                Err(e) => {
+                    // Postgres stops at the first failing statement of a simple query.
+                    self.metrics.statement_errors.fetch_add(1, Ordering::Relaxed);
+                    responses.push(Response::Error(Box::new(error_info(&e))));
+                    break;
+                }
+            }
+        }
+        Ok(responses)
+    }
+}
+
+#[async_trait]
+impl ExtendedQueryHandler for QueryHandler {
+    type Statement = Arc<Prepared>;
+    type QueryParser = Parser;
+
+    fn query_parser(&self) -> Arc<Self::QueryParser> {
+        self.parser.clone()
+    }
+
+    async fn do_query<C>(&self, client: &mut C, portal: &Portal<Self::Statement>, _max_rows: usize) -> PgWireResult<Response>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Self::Statement>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        self.metrics.statements.fetch_add(1, Ordering::Relaxed);
+        let prepared = &portal.statement.statement;
+        let inferred = prepared.planned.parameter_types().map_err(to_pg)?;
+        let inferred_refs: Vec<Option<&DataType>> = inferred.iter().map(|t| t.as_ref()).collect();
+        let params = deserialize_parameters(portal, &inferred_refs)?;
+        let planned = prepared.planned.clone().with_parameters(params).map_err(|e| to_pg(e.with_position(None)))?;
+        let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
+        self.run(planned, &prepared.sql, &portal.result_column_format, options).await.map_err(to_pg)
+    }
+}
+
+/// Streams Arrow batches to the client as DataRows, encoding each batch as it arrives.
+fn rows_response(
+    schema: SchemaRef,
+    stream: SendableRecordBatchStream,
+    format: &Format,
+    options: Arc<FormatOptions>,
+) -> Result<QueryResponse, Error> {
+    let fields = Arc::new(
+        arrow_schema_to_pg_fields(&schema, format, Some(options))
+            .map_err(|e| Error::not_supported(format!("returning this column type ({e})")))?,
+    );
+    let encode_fields = fields.clone();
+    let rows = stream
+        .map(move |batch: datafusion::error::Result<RecordBatch>| {
+            let rows: Box<dyn Iterator<Item = PgWireResult<DataRow>> + Send + Sync> = match batch {
+                Ok(batch) => encode_recordbatch(encode_fields.clone(), batch),
+                Err(e) => Box::new(std::iter::once(Err(to_pg(Error::from_datafusion(e, ""))))),
+            };
+            stream::iter(rows)
+        })
+        .flatten();
+    Ok(QueryResponse::new(fields, rows))
+}
+
+/// The Postgres error fields for a freshet error.
+pub fn error_info(e: &Error) -> ErrorInfo {
+    let mut info = ErrorInfo::new("ERROR".to_string(), e.sqlstate().to_string(), e.to_string());
+    info.detail = e.detail();
+    info.hint = e.hint();
+    info.position = e.position().map(|p| p.to_string());
+    info
+}
+
+fn to_pg(e: Error) -> PgWireError {
+    PgWireError::UserError(Box::new(error_info(&e)))
+}
