@@ -1,0 +1,56 @@
+//! Shared by the integration tests: start a real freshet server on loopback and connect
+//! real Postgres clients to it.
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use freshet::server::{Config, Server};
+use tokio_postgres::{Client, NoTls};
+
+/// A server on `127.0.0.1:0` with its own data directory, removed when dropped.
+pub struct TestServer {
+    pub server: Server,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let server = Server::start(config(dir.path())).await.expect("server starts");
+        TestServer { server, dir }
+    }
+
+    pub fn connection_string(&self) -> String {
+        let addr = self.server.pg_addr();
+        format!("host={} port={} user=freshet dbname=freshet", addr.ip(), addr.port())
+    }
+
+    pub async fn connect(&self) -> Client {
+        connect(&self.connection_string()).await
+    }
+}
+
+/// Listening on ephemeral loopback ports, storing under `data_dir`.
+pub fn config(data_dir: &std::path::Path) -> Config {
+    Config {
+        data_dir: data_dir.to_path_buf(),
+        pg_listen: "127.0.0.1:0".into(),
+        http_listen: "127.0.0.1:0".into(),
+        init: None,
+    }
+}
+
+/// A tokio-postgres client whose connection task runs in the background.
+pub async fn connect(connection_string: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(connection_string, NoTls).await.expect("connects");
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+/// The SQLSTATE and message of a failed statement, e.g. `42P01: relation "x" does not exist`.
+pub fn db_error(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => e.to_string(),
+    }
+}
