@@ -393,6 +393,9 @@ fn new_session(cell: Arc<SnapshotCell>) -> Result<SessionContext> {
     options.set("datafusion.sql_parser.dialect", "PostgreSQL")?;
     // Plain Utf8 keeps stored tables and their log in one string type.
     options.set("datafusion.sql_parser.map_string_types_to_utf8view", "false")?;
+    // TIMESTAMPTZ needs a session time zone to mean anything; like a Postgres server
+    // configured with TimeZone = 'UTC'.
+    options.set("datafusion.execution.time_zone", "+00:00")?;
     // Spans let planning errors point at the offending identifier.
     options.set("datafusion.sql_parser.collect_spans", "true")?;
     let ctx = SessionContext::new_with_config(config);

@@ -14,6 +14,7 @@ use async_trait::async_trait;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::execution::SendableRecordBatchStream;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion_postgres::arrow_pg::datatypes::df::deserialize_parameters;
 use datafusion_postgres::arrow_pg::datatypes::{arrow_schema_to_pg_fields, encode_recordbatch, into_pg_type};
 use futures::{Sink, StreamExt, stream};
@@ -172,7 +173,18 @@ impl QueryHandler {
         let _in_flight = self.metrics.statement_started();
         let outcome = self.db.execute(planned, sql).await?;
         Ok(match outcome {
-            Outcome::Rows { schema, stream } => Response::Query(rows_response(schema, stream, format, options)?),
+            Outcome::Rows { schema, mut stream } => {
+                // Wait for the first batch here, where a CancelRequest can still interrupt the
+                // statement (an aggregate does all its work before its first batch), and so
+                // an error before any row is an ordinary statement error.
+                let first = match stream.next().await {
+                    Some(Ok(batch)) => Some(Ok(batch)),
+                    Some(Err(e)) => return Err(Error::from_datafusion(e, sql)),
+                    None => None,
+                };
+                let stream = Box::pin(RecordBatchStreamAdapter::new(schema.clone(), stream::iter(first).chain(stream)));
+                Response::Query(rows_response(schema, stream, format, options)?)
+            }
             Outcome::Command { tag, rows } => {
                 let mut t = Tag::new(tag);
                 if tag == "INSERT" {
