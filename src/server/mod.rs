@@ -149,10 +149,7 @@ async fn accept_loop(listener: TcpListener, handlers: Arc<PgHandlers>, metrics: 
                 let handlers = handlers.clone();
                 let metrics = metrics.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = pgwire::tokio::process_socket(socket, None, handlers).await {
-                        metrics.connection_errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(%peer, "connection closed with error: {e}");
-                    }
+                    serve_connection(socket, peer, handlers, &metrics).await;
                     metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
                 });
             }
@@ -163,4 +160,72 @@ async fn accept_loop(listener: TcpListener, handlers: Arc<PgHandlers>, metrics: 
             }
         }
     }
+}
+
+/// Runs one connection: rejects a first packet that cannot be a Postgres startup packet,
+/// and closes connections that do not finish startup within [`STARTUP_TIMEOUT`].
+async fn serve_connection(socket: tokio::net::TcpStream, peer: SocketAddr, handlers: Arc<PgHandlers>, metrics: &Metrics) {
+    if let Err(reason) = check_startup_packet(&socket).await {
+        metrics.connection_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(%peer, "closing connection: {reason}");
+        return;
+    }
+    let started = handlers.startup_watch.expect(peer);
+    let watch = handlers.startup_watch.clone();
+    let session = pgwire::tokio::process_socket(socket, None, handlers);
+    tokio::pin!(session);
+    let result = tokio::select! {
+        result = &mut session => Some(result),
+        finished = tokio::time::timeout(STARTUP_TIMEOUT, started) => match finished {
+            Ok(Ok(())) => Some(session.await),
+            _ => None,
+        },
+    };
+    watch.forget(peer);
+    match result {
+        Some(Ok(())) => {}
+        Some(Err(e)) => {
+            metrics.connection_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, "connection closed with error: {e}");
+        }
+        None => {
+            metrics.connection_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, "closing connection: startup not finished within {STARTUP_TIMEOUT:?}");
+        }
+    }
+}
+
+/// Postgres' own limit on the length of a startup packet.
+const MAX_STARTUP_PACKET: i32 = 10_000;
+/// How long a client may take to send its startup packet and finish startup.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Peeks at the first 8 bytes: a length Postgres would accept and a known request code
+/// (protocol 3.x, SSL, GSSAPI encryption, or cancel).
+async fn check_startup_packet(socket: &tokio::net::TcpStream) -> std::result::Result<(), String> {
+    let mut head = [0u8; 8];
+    let peeked = tokio::time::timeout(STARTUP_TIMEOUT, async {
+        loop {
+            match socket.peek(&mut head).await {
+                Ok(0) => return Err("closed before the startup packet".to_string()),
+                Ok(n) if n >= head.len() => return Ok(()),
+                Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    })
+    .await
+    .map_err(|_| "no startup packet".to_string())?;
+    peeked?;
+    let length = i32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+    let code = i32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+    if !(8..=MAX_STARTUP_PACKET).contains(&length) {
+        return Err(format!("invalid length of startup packet ({length})"));
+    }
+    let major = code >> 16;
+    let known = major == 3 || matches!(code, 80877102..=80877104);
+    if !known {
+        return Err(format!("unsupported frontend protocol or request code {code}"));
+    }
+    Ok(())
 }

@@ -39,6 +39,8 @@ use crate::sql::{self, Planned};
 
 /// Everything a connection needs; one instance is shared by all connections.
 pub struct PgHandlers {
+    /// Startup completions, for the accept loop's startup deadline.
+    pub startup_watch: Arc<StartupWatch>,
     queries: Arc<QueryHandler>,
     startup: Arc<Startup>,
     cancel: Arc<DefaultCancelHandler>,
@@ -48,9 +50,11 @@ pub struct PgHandlers {
 impl PgHandlers {
     pub fn new(db: Database, metrics: Arc<Metrics>) -> Self {
         let connections = Arc::new(ConnectionManager::new());
+        let startup_watch = Arc::new(StartupWatch::default());
         PgHandlers {
+            startup_watch: startup_watch.clone(),
             queries: Arc::new(QueryHandler { db: db.clone(), parser: Arc::new(Parser { db }), metrics: metrics.clone() }),
-            startup: Arc::new(Startup { connections: connections.clone() }),
+            startup: Arc::new(Startup { connections: connections.clone(), watch: startup_watch }),
             cancel: Arc::new(DefaultCancelHandler::new(connections)),
             errors: Arc::new(ErrorCounter { metrics }),
         }
@@ -79,16 +83,60 @@ impl PgWireServerHandlers for PgHandlers {
     }
 }
 
-/// Accepts every user name without a password (authentication is a later feature) and
-/// registers the connection so CancelRequest can find it.
+/// Accepts every user name without a password (authentication is a later feature),
+/// registers the connection so CancelRequest can find it, and tells the accept loop that
+/// the startup phase is over (see [`StartupWatch`]).
 struct Startup {
     connections: Arc<ConnectionManager>,
+    watch: Arc<StartupWatch>,
 }
 
 #[async_trait]
 impl NoopStartupHandler for Startup {
     fn connection_manager(&self) -> Option<Arc<ConnectionManager>> {
         Some(self.connections.clone())
+    }
+
+    async fn post_startup<C>(&self, client: &mut C, _message: pgwire::messages::PgWireFrontendMessage) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        self.watch.finished(client.socket_addr());
+        Ok(())
+    }
+}
+
+/// Lets the accept loop give up on connections that never finish startup: pgwire waits a
+/// minute, far too long for a peer that sent garbage.
+#[derive(Default)]
+pub struct StartupWatch {
+    pending: std::sync::Mutex<std::collections::HashMap<std::net::SocketAddr, tokio::sync::oneshot::Sender<()>>>,
+}
+
+impl StartupWatch {
+    /// Resolves when the connection from `peer` completes startup.
+    pub fn expect(&self, peer: std::net::SocketAddr) -> tokio::sync::oneshot::Receiver<()> {
+        let (done, finished) = tokio::sync::oneshot::channel();
+        if let Ok(mut pending) = self.pending.lock() {
+            pending.insert(peer, done);
+        }
+        finished
+    }
+
+    /// Forgets `peer` (its connection ended or timed out).
+    pub fn forget(&self, peer: std::net::SocketAddr) {
+        if let Ok(mut pending) = self.pending.lock() {
+            pending.remove(&peer);
+        }
+    }
+
+    fn finished(&self, peer: std::net::SocketAddr) {
+        let done = self.pending.lock().ok().and_then(|mut pending| pending.remove(&peer));
+        if let Some(done) = done {
+            let _ = done.send(());
+        }
     }
 }
 
