@@ -167,15 +167,11 @@ fn classify(root: &DataFusionError, sql: &str) -> Error {
                 Error::Plan { code: "42702", message, position: None }
             }
         }
-        DataFusionError::NotImplemented(message) => {
-            Error::NotSupported { feature: message.clone(), hint: None }
-        }
+        DataFusionError::NotImplemented(message) => Error::NotSupported { feature: message.clone(), hint: None },
         DataFusionError::Plan(message) => classify_plan_message(message),
         DataFusionError::ArrowError(arrow_error, _) => classify_arrow_message(&arrow_error.to_string()),
         DataFusionError::Execution(message) => classify_arrow_message(message),
-        DataFusionError::ResourcesExhausted(message) => {
-            Error::InvalidValue { code: "53200", message: message.clone() }
-        }
+        DataFusionError::ResourcesExhausted(message) => Error::InvalidValue { code: "53200", message: message.clone() },
         DataFusionError::Internal(message) => Error::Internal(message.clone()),
         DataFusionError::IoError(e) => Error::Storage(e.to_string()),
         DataFusionError::ObjectStore(e) => Error::Storage(e.to_string()),

@@ -54,7 +54,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let config = Config { data_dir: args.data_dir, pg_listen: args.pg_listen, http_listen: args.http_listen, init: args.init };
+    let config =
+        Config { data_dir: args.data_dir, pg_listen: args.pg_listen, http_listen: args.http_listen, init: args.init };
     let server = Server::start(config).await?;
     println!(
         "freshet ready: postgres on {pg} (psql -h {host} -p {port} -U freshet -d freshet), http on {http}",

@@ -154,7 +154,13 @@ async fn parameters_and_results_in_text_format() {
     assert_eq!(tags, b"12TDCZ");
     assert_eq!(
         data_row(&replies[3].body),
-        vec![Some("42".into()), Some("héllo".into()), Some("2024-03-01".into()), Some("19.99".into()), Some("t".into())]
+        vec![
+            Some("42".into()),
+            Some("héllo".into()),
+            Some("2024-03-01".into()),
+            Some("19.99".into()),
+            Some("t".into())
+        ]
     );
     assert_eq!(replies[4].body, cstr("SELECT 1"));
 
@@ -190,7 +196,8 @@ async fn garbage_bytes_close_only_that_connection() {
     // that then stalls: each is closed by the server (the stalled one after its startup
     // deadline), concurrently.
     let ssl_then_garbage = [b"\x00\x00\x00\x08\x04\xd2\x16\x2f".as_slice(), &noise[..100]].concat();
-    let chunks: Vec<Vec<u8>> = vec![noise[..8].to_vec(), noise.clone(), ssl_then_garbage, vec![0, 0, 0, 40, 0, 3, 0, 0]];
+    let chunks: Vec<Vec<u8>> =
+        vec![noise[..8].to_vec(), noise.clone(), ssl_then_garbage, vec![0, 0, 0, 40, 0, 3, 0, 0]];
     let addr = server.server.pg_addr();
     let closes = chunks.into_iter().map(|chunk| async move {
         let mut socket = TcpStream::connect(addr).await.expect("connects");

@@ -143,12 +143,26 @@ async fn every_type_round_trips_in_binary_format() {
     }
 
     // The same values in text format over the simple protocol.
-    let messages = client.simple_query("SELECT b, i2, i8, f8, n, s, by, d, tm, ts FROM all_types WHERE id = 1").await.expect("text");
+    let messages = client
+        .simple_query("SELECT b, i2, i8, f8, n, s, by, d, tm, ts FROM all_types WHERE id = 1")
+        .await
+        .expect("text");
     let SimpleQueryMessage::Row(row) = &messages[1] else { panic!("expected a row, got {:?}", messages.len()) };
     let text: Vec<&str> = (0..row.len()).map(|i| row.get(i).expect("not null")).collect();
     assert_eq!(
         text,
-        vec!["t", "-7", "1099511627776", "-2.25", "1234.567", "héllo", "\\x000102ff", "2024-02-29", "13:14:15.250000", "2024-02-29 13:14:15.250000"]
+        vec![
+            "t",
+            "-7",
+            "1099511627776",
+            "-2.25",
+            "1234.567",
+            "héllo",
+            "\\x000102ff",
+            "2024-02-29",
+            "13:14:15.250000",
+            "2024-02-29 13:14:15.250000"
+        ]
     );
 }
 
@@ -211,7 +225,17 @@ async fn psql_runs_statements_and_shows_errors_with_their_position() {
     let addr = server.server.pg_addr();
     let psql = move |args: &[&str]| {
         Command::new("psql")
-            .args(["-X", "-h", &addr.ip().to_string(), "-p", &addr.port().to_string(), "-U", "freshet", "-d", "freshet"])
+            .args([
+                "-X",
+                "-h",
+                &addr.ip().to_string(),
+                "-p",
+                &addr.port().to_string(),
+                "-U",
+                "freshet",
+                "-d",
+                "freshet",
+            ])
             .args(args)
             .env("PGCONNECT_TIMEOUT", "10")
             .output()
@@ -243,7 +267,17 @@ async fn psql_runs_statements_and_shows_errors_with_their_position() {
     let addr = server.server.pg_addr();
     let out = tokio::task::spawn_blocking(move || {
         Command::new("psql")
-            .args(["-X", "-h", &addr.ip().to_string(), "-p", &addr.port().to_string(), "-U", "freshet", "-d", "freshet"])
+            .args([
+                "-X",
+                "-h",
+                &addr.ip().to_string(),
+                "-p",
+                &addr.port().to_string(),
+                "-U",
+                "freshet",
+                "-d",
+                "freshet",
+            ])
             .args(["-c", "SELECT name FROM t WHERE nope = 1"])
             .output()
             .expect("psql runs")

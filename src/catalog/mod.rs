@@ -54,12 +54,23 @@ pub enum Outcome {
 #[serde(tag = "op", rename_all = "snake_case")]
 enum Record {
     /// The batch is empty and carries the table's schema.
-    CreateTable { id: u64, name: String, primary_key: Vec<usize>, defaults: Vec<(String, String)> },
-    DropTable { name: String },
+    CreateTable {
+        id: u64,
+        name: String,
+        primary_key: Vec<usize>,
+        defaults: Vec<(String, String)>,
+    },
+    DropTable {
+        name: String,
+    },
     /// The batch is a flattened [`ChangeBatch`].
-    Change { table: String },
+    Change {
+        table: String,
+    },
     /// Snapshots only: the batch holds rows of the table.
-    Rows { table: String },
+    Rows {
+        table: String,
+    },
 }
 
 impl Record {
@@ -93,7 +104,8 @@ impl Writer {
     }
 
     fn apply(&mut self, table: &str, change: &ChangeBatch) -> Result<()> {
-        let state = self.tables.get_mut(table).ok_or_else(|| Error::UndefinedTable { name: table.into(), position: None })?;
+        let state =
+            self.tables.get_mut(table).ok_or_else(|| Error::UndefinedTable { name: table.into(), position: None })?;
         state.apply(change)?;
         let version = state.version();
         self.replace_version(table, Some(version));
@@ -146,7 +158,12 @@ impl Database {
         let tables = writer.tables.len();
         let db = Database {
             ctx,
-            shared: Arc::new(Shared { cell, writer: tokio::sync::Mutex::new(writer), log, snapshot_running: AtomicBool::new(false) }),
+            shared: Arc::new(Shared {
+                cell,
+                writer: tokio::sync::Mutex::new(writer),
+                log,
+                snapshot_running: AtomicBool::new(false),
+            }),
         };
         tracing::info!(tables, last_seq, replayed_segments, "database opened");
         if replayed_segments > 0 {
@@ -227,7 +244,8 @@ impl Database {
         };
         let name = dml.table_name.table().to_string();
         let mut writer = self.shared.writer.lock().await;
-        let state = writer.tables.get(&name).ok_or_else(|| Error::UndefinedTable { name: name.clone(), position: None })?;
+        let state =
+            writer.tables.get(&name).ok_or_else(|| Error::UndefinedTable { name: name.clone(), position: None })?;
         let def = state.def().clone();
         check_target(&dml, &def)?;
         let schema = def.schema.clone();
@@ -249,9 +267,9 @@ impl Database {
                 let mut news = Vec::new();
                 for batch in batches {
                     olds.push(RecordBatch::try_new(relaxed(&schema), batch.columns()[..width].to_vec())?);
-                    news.push(RecordBatch::try_new(relaxed(&schema), batch.columns()[width..].to_vec()).map_err(|e| {
-                        Error::Internal(format!("UPDATE produced rows that do not fit \"{name}\": {e}"))
-                    })?);
+                    news.push(RecordBatch::try_new(relaxed(&schema), batch.columns()[width..].to_vec()).map_err(
+                        |e| Error::Internal(format!("UPDATE produced rows that do not fit \"{name}\": {e}")),
+                    )?);
                 }
                 ("UPDATE", ChangeBatch::replace(concat(&schema, olds)?, concat(&schema, news)?)?)
             }
@@ -407,10 +425,8 @@ fn new_session(cell: Arc<SnapshotCell>) -> Result<SessionContext> {
 
 fn replay(ctx: &SessionContext, writer: &mut Writer, entries: Vec<LogEntry>) -> Result<()> {
     for entry in entries {
-        let record: Record = serde_json::from_slice(&entry.header).map_err(|e| Error::Corrupt {
-            location: "log entry header".into(),
-            reason: e.to_string(),
-        })?;
+        let record: Record = serde_json::from_slice(&entry.header)
+            .map_err(|e| Error::Corrupt { location: "log entry header".into(), reason: e.to_string() })?;
         let batch = || {
             entry.batch.clone().ok_or_else(|| Error::Corrupt {
                 location: format!("log record {record:?}"),
@@ -472,7 +488,10 @@ fn check_target(dml: &DmlStatement, def: &TableDef) -> Result<()> {
         Some(id) if id == def.id => Ok(()),
         _ => Err(Error::Plan {
             code: "0A000",
-            message: format!("table \"{}\" was dropped or recreated after this statement was prepared; prepare it again", def.name),
+            message: format!(
+                "table \"{}\" was dropped or recreated after this statement was prepared; prepare it again",
+                def.name
+            ),
             position: None,
         }),
     }
@@ -544,7 +563,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         {
             let db = open(dir.path()).await;
-            db.run("CREATE TABLE t (id INT PRIMARY KEY, name TEXT NOT NULL DEFAULT 'anon', score DOUBLE)").await.expect("create");
+            db.run("CREATE TABLE t (id INT PRIMARY KEY, name TEXT NOT NULL DEFAULT 'anon', score DOUBLE)")
+                .await
+                .expect("create");
             db.run("INSERT INTO t (id, score) VALUES (1, 0.5), (2, 1.5)").await.expect("insert");
             db.run("UPDATE t SET name = 'two', score = score * 2 WHERE id = 2").await.expect("update");
             db.run("INSERT INTO t VALUES (3, 'three', NULL)").await.expect("insert");
@@ -570,7 +591,10 @@ mod tests {
         assert_eq!(null.sqlstate(), "23502");
         let clash = db.run("UPDATE t SET id = 1 WHERE id = 2").await.err().expect("key clash");
         assert_eq!(clash.sqlstate(), "23505");
-        assert_eq!(rows(&db, "SELECT sum(v) AS s, count(*) AS n FROM t").await, "+----+---+\n| s  | n |\n+----+---+\n| 30 | 2 |\n+----+---+");
+        assert_eq!(
+            rows(&db, "SELECT sum(v) AS s, count(*) AS n FROM t").await,
+            "+----+---+\n| s  | n |\n+----+---+\n| 30 | 2 |\n+----+---+"
+        );
     }
 
     #[tokio::test]
@@ -598,7 +622,10 @@ mod tests {
             db.run("INSERT INTO t VALUES (100)").await.expect("insert after snapshot");
         }
         let db = open(dir.path()).await;
-        assert_eq!(rows(&db, "SELECT count(*) AS n, sum(id) AS s FROM t").await, "+----+-----+\n| n  | s   |\n+----+-----+\n| 11 | 145 |\n+----+-----+");
+        assert_eq!(
+            rows(&db, "SELECT count(*) AS n, sum(id) AS s FROM t").await,
+            "+----+-----+\n| n  | s   |\n+----+-----+\n| 11 | 145 |\n+----+-----+"
+        );
         let err = db.run("SELECT * FROM gone").await.err().expect("dropped");
         assert_eq!(err.sqlstate(), "42P01");
         assert_eq!(err.position(), Some(15));

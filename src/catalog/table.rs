@@ -138,11 +138,8 @@ pub struct TableState {
 
 impl TableState {
     pub fn new(def: Arc<TableDef>) -> Result<Self> {
-        let fields = def
-            .identity_columns()
-            .iter()
-            .map(|&i| SortField::new(def.schema.field(i).data_type().clone()))
-            .collect();
+        let fields =
+            def.identity_columns().iter().map(|&i| SortField::new(def.schema.field(i).data_type().clone())).collect();
         let identity = RowConverter::new(fields)?;
         Ok(TableState { def, batches: Vec::new(), keys: HashSet::new(), identity })
     }
@@ -337,16 +334,12 @@ impl TableProvider for FreshetTable {
         _limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
         let snapshot = self.cell.current();
-        let version = snapshot
-            .tables
-            .get(&self.def.name)
-            .filter(|v| v.def.id == self.def.id)
-            .ok_or_else(|| {
-                DataFusionError::Plan(format!(
-                    "table \"{}\" was dropped or recreated after this statement was prepared; prepare it again",
-                    self.def.name
-                ))
-            })?;
+        let version = snapshot.tables.get(&self.def.name).filter(|v| v.def.id == self.def.id).ok_or_else(|| {
+            DataFusionError::Plan(format!(
+                "table \"{}\" was dropped or recreated after this statement was prepared; prepare it again",
+                self.def.name
+            ))
+        })?;
         let partitions = vec![version.batches.as_ref().clone()];
         let exec = MemorySourceConfig::try_new_exec(&partitions, self.def.schema.clone(), projection.cloned())?;
         Ok(exec)
@@ -460,7 +453,10 @@ mod tests {
         let d = Arc::new(TableDef::new(1, "t".into(), schema.clone(), vec![], vec![], HashMap::new()));
         let mut state = TableState::new(d).expect("state");
         let batch = RecordBatch::try_new(
-            Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, true), Field::new("name", DataType::Utf8, true)])),
+            Arc::new(Schema::new(vec![
+                Field::new("id", DataType::Int64, true),
+                Field::new("name", DataType::Utf8, true),
+            ])),
             vec![Arc::new(Int64Array::from(vec![1])), Arc::new(StringArray::from(vec![None::<&str>]))],
         )
         .expect("nullable batch");

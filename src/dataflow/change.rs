@@ -51,7 +51,8 @@ impl ChangeBatch {
     /// Retract `old`, insert `new` (both with the same schema).
     pub fn replace(old: RecordBatch, new: RecordBatch) -> Result<Self> {
         let schema = new.schema();
-        let weights: Vec<i64> = std::iter::repeat_n(-1, old.num_rows()).chain(std::iter::repeat_n(1, new.num_rows())).collect();
+        let weights: Vec<i64> =
+            std::iter::repeat_n(-1, old.num_rows()).chain(std::iter::repeat_n(1, new.num_rows())).collect();
         let old = RecordBatch::try_new(schema.clone(), old.columns().to_vec())?;
         let batch = concat_batches(&schema, [&old, &new])?;
         ChangeBatch::try_new(batch, Int64Array::from(weights))

@@ -135,7 +135,12 @@ fn local_addr(listener: &TcpListener) -> Result<SocketAddr> {
     listener.local_addr().map_err(|e| Error::Config(format!("listener has no address: {e}")))
 }
 
-async fn accept_loop(listener: TcpListener, handlers: Arc<PgHandlers>, metrics: Arc<Metrics>, mut stopped: watch::Receiver<bool>) {
+async fn accept_loop(
+    listener: TcpListener,
+    handlers: Arc<PgHandlers>,
+    metrics: Arc<Metrics>,
+    mut stopped: watch::Receiver<bool>,
+) {
     loop {
         let accepted = tokio::select! {
             _ = stopped.wait_for(|s| *s) => return,
@@ -164,7 +169,12 @@ async fn accept_loop(listener: TcpListener, handlers: Arc<PgHandlers>, metrics: 
 
 /// Runs one connection: rejects a first packet that cannot be a Postgres startup packet,
 /// and closes connections that do not finish startup within [`STARTUP_TIMEOUT`].
-async fn serve_connection(socket: tokio::net::TcpStream, peer: SocketAddr, handlers: Arc<PgHandlers>, metrics: &Metrics) {
+async fn serve_connection(
+    socket: tokio::net::TcpStream,
+    peer: SocketAddr,
+    handlers: Arc<PgHandlers>,
+    metrics: &Metrics,
+) {
     if let Err(reason) = check_startup_packet(&socket).await {
         metrics.connection_errors.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(%peer, "closing connection: {reason}");

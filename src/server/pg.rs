@@ -53,7 +53,11 @@ impl PgHandlers {
         let startup_watch = Arc::new(StartupWatch::default());
         PgHandlers {
             startup_watch: startup_watch.clone(),
-            queries: Arc::new(QueryHandler { db: db.clone(), parser: Arc::new(Parser { db }), metrics: metrics.clone() }),
+            queries: Arc::new(QueryHandler {
+                db: db.clone(),
+                parser: Arc::new(Parser { db }),
+                metrics: metrics.clone(),
+            }),
             startup: Arc::new(Startup { connections: connections.clone(), watch: startup_watch }),
             cancel: Arc::new(DefaultCancelHandler::new(connections)),
             errors: Arc::new(ErrorCounter { metrics }),
@@ -97,7 +101,11 @@ impl NoopStartupHandler for Startup {
         Some(self.connections.clone())
     }
 
-    async fn post_startup<C>(&self, client: &mut C, _message: pgwire::messages::PgWireFrontendMessage) -> PgWireResult<()>
+    async fn post_startup<C>(
+        &self,
+        client: &mut C,
+        _message: pgwire::messages::PgWireFrontendMessage,
+    ) -> PgWireResult<()>
     where
         C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send,
         C::Error: Debug,
@@ -183,7 +191,12 @@ impl Parser {
 impl QueryParser for Parser {
     type Statement = Arc<Prepared>;
 
-    async fn parse_sql<C>(&self, _client: &C, sql: &str, _types: &[Option<Type>]) -> PgWireResult<Option<Self::Statement>>
+    async fn parse_sql<C>(
+        &self,
+        _client: &C,
+        sql: &str,
+        _types: &[Option<Type>],
+    ) -> PgWireResult<Option<Self::Statement>>
     where
         C: ClientInfo + Unpin + Send + Sync,
     {
@@ -201,7 +214,11 @@ impl QueryParser for Parser {
             .collect()
     }
 
-    fn get_result_schema(&self, stmt: &Self::Statement, column_format: Option<&Format>) -> PgWireResult<Vec<FieldInfo>> {
+    fn get_result_schema(
+        &self,
+        stmt: &Self::Statement,
+        column_format: Option<&Format>,
+    ) -> PgWireResult<Vec<FieldInfo>> {
         match stmt.planned.result_schema() {
             Some(schema) => arrow_schema_to_pg_fields(&schema, column_format.unwrap_or(&Format::UnifiedText), None),
             None => Ok(Vec::new()),
@@ -217,7 +234,13 @@ pub struct QueryHandler {
 }
 
 impl QueryHandler {
-    async fn run(&self, planned: Planned, sql: &str, format: &Format, options: Arc<FormatOptions>) -> Result<Response, Error> {
+    async fn run(
+        &self,
+        planned: Planned,
+        sql: &str,
+        format: &Format,
+        options: Arc<FormatOptions>,
+    ) -> Result<Response, Error> {
         let _in_flight = self.metrics.statement_started();
         let outcome = self.db.execute(planned, sql).await?;
         Ok(match outcome {
@@ -291,7 +314,12 @@ impl ExtendedQueryHandler for QueryHandler {
         self.parser.clone()
     }
 
-    async fn do_query<C>(&self, client: &mut C, portal: &Portal<Self::Statement>, _max_rows: usize) -> PgWireResult<Response>
+    async fn do_query<C>(
+        &self,
+        client: &mut C,
+        portal: &Portal<Self::Statement>,
+        _max_rows: usize,
+    ) -> PgWireResult<Response>
     where
         C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
         C::PortalStore: PortalStore<Statement = Self::Statement>,

@@ -115,11 +115,12 @@ pub async fn plan(state: &SessionState, statement: &Statement, sql: &str) -> Res
         match inner.as_ref() {
             SqlStatement::ShowTables { .. } => return Ok(Planned::ShowTables),
             SqlStatement::Drop { object_type: ObjectType::Table, if_exists, names, .. } => {
-                return Ok(Planned::DropTable { names: names.iter().map(object_name).collect(), if_exists: *if_exists });
+                return Ok(Planned::DropTable {
+                    names: names.iter().map(object_name).collect(),
+                    if_exists: *if_exists,
+                });
             }
-            SqlStatement::StartTransaction { .. }
-            | SqlStatement::Commit { .. }
-            | SqlStatement::Rollback { .. } => {
+            SqlStatement::StartTransaction { .. } | SqlStatement::Commit { .. } | SqlStatement::Rollback { .. } => {
                 return Err(Error::NotSupported {
                     feature: "transaction blocks".into(),
                     hint: Some("every statement commits on its own; run it without BEGIN/COMMIT".into()),
@@ -187,7 +188,9 @@ fn column_default_texts(statement: &Statement) -> Vec<(String, String)> {
         .iter()
         .filter_map(|column| {
             column.options.iter().find_map(|option| match &option.option {
-                ColumnOption::Default(expr) => Some((normalize_ident(&column.name.value, column.name.quote_style), expr.to_string())),
+                ColumnOption::Default(expr) => {
+                    Some((normalize_ident(&column.name.value, column.name.quote_style), expr.to_string()))
+                }
                 _ => None,
             })
         })

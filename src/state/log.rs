@@ -26,8 +26,8 @@ use datafusion::arrow::ipc::reader::StreamReader;
 use datafusion::arrow::ipc::writer::StreamWriter;
 use datafusion::arrow::record_batch::RecordBatch;
 use futures::TryStreamExt;
-use object_store::{ObjectStore, ObjectStoreExt};
 use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
@@ -290,7 +290,8 @@ fn decode(bytes: &Bytes, magic: &[u8; 8], path: &Path) -> Result<Vec<LogEntry>> 
         return Err(corrupt("not a freshet log object (bad magic or truncated)"));
     }
     let body_len = bytes.len() - 4;
-    let stored_crc = u32::from_be_bytes([bytes[body_len], bytes[body_len + 1], bytes[body_len + 2], bytes[body_len + 3]]);
+    let stored_crc =
+        u32::from_be_bytes([bytes[body_len], bytes[body_len + 1], bytes[body_len + 2], bytes[body_len + 3]]);
     if crc32fast::hash(&bytes[..body_len]) != stored_crc {
         return Err(corrupt("checksum mismatch"));
     }
@@ -344,11 +345,8 @@ mod tests {
             Field::new("name", DataType::Utf8, true),
         ]));
         let names: Vec<String> = ids.iter().map(|i| format!("n{i}")).collect();
-        RecordBatch::try_new(
-            schema,
-            vec![Arc::new(Int64Array::from(ids.to_vec())), Arc::new(StringArray::from(names))],
-        )
-        .expect("columns match the schema")
+        RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(ids.to_vec())), Arc::new(StringArray::from(names))])
+            .expect("columns match the schema")
     }
 
     fn entry(tag: &str, ids: Option<&[i64]>) -> LogEntry {
@@ -384,9 +382,12 @@ mod tests {
         for i in 0..20 {
             let p = published.clone();
             let ack = log
-                .enqueue(vec![entry("insert", Some(&[i]))], Box::new(move |_| {
-                    p.fetch_add(1, Ordering::SeqCst);
-                }))
+                .enqueue(
+                    vec![entry("insert", Some(&[i]))],
+                    Box::new(move |_| {
+                        p.fetch_add(1, Ordering::SeqCst);
+                    }),
+                )
                 .await
                 .expect("queued");
             acks.push(ack.durable());

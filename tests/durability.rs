@@ -1,0 +1,168 @@
+//! Durability of the real `freshet` binary: every acknowledged write survives `kill -9`,
+//! nothing unacknowledged-and-unsent appears, SIGTERM shuts down cleanly, and `--init`
+//! runs before clients are accepted.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The freshet binary running as a child process.
+struct Process {
+    child: Child,
+    connection_string: String,
+}
+
+impl Process {
+    fn start(data_dir: &Path, extra: &[&str]) -> Process {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_freshet"))
+            .args(["serve", "--pg-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("freshet starts");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = lines.next().expect("freshet prints a ready line").expect("stdout is readable");
+        // "freshet ready: postgres on 127.0.0.1:PORT (psql …), http on …"
+        let addr = ready
+            .strip_prefix("freshet ready: postgres on ")
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("unexpected ready line: {ready}"));
+        let (host, port) = addr.rsplit_once(':').expect("host:port");
+        Process { child, connection_string: format!("host={host} port={port} user=freshet dbname=freshet") }
+    }
+
+    fn kill_9(mut self) {
+        self.child.kill().expect("SIGKILL sent");
+        self.child.wait().expect("reaped");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_inserts_survive_kill_9() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = Process::start(dir.path(), &[]);
+    let setup = common::connect(&server.connection_string).await;
+    setup.batch_execute("CREATE TABLE events (id BIGINT PRIMARY KEY, writer INT, payload TEXT)").await.expect("create");
+
+    let acked = Arc::new(Mutex::new(BTreeSet::new()));
+    let attempted = Arc::new(Mutex::new(BTreeSet::new()));
+    let mut writers = Vec::new();
+    for writer in 0..4i64 {
+        let client = common::connect(&server.connection_string).await;
+        let acked = acked.clone();
+        let attempted = attempted.clone();
+        writers.push(tokio::spawn(async move {
+            let insert = client.prepare("INSERT INTO events VALUES ($1, $2, $3)").await.expect("prepare");
+            for n in 0.. {
+                let id = writer * 1_000_000 + n;
+                attempted.lock().expect("lock").insert(id);
+                match client.execute(&insert, &[&id, &(writer as i32), &format!("event {id}")]).await {
+                    Ok(1) => {
+                        acked.lock().expect("lock").insert(id);
+                    }
+                    Ok(other) => panic!("INSERT reported {other} rows"),
+                    Err(_) => return, // the server is gone
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.kill_9();
+    for writer in writers {
+        writer.await.expect("writer task");
+    }
+    let acked = acked.lock().expect("lock").clone();
+    let attempted = attempted.lock().expect("lock").clone();
+    assert!(acked.len() > 50, "the writers made progress before the kill ({} rows)", acked.len());
+
+    let server = Process::start(dir.path(), &[]);
+    let client = common::connect(&server.connection_string).await;
+    let rows = client.query("SELECT id, payload FROM events", &[]).await.expect("select after restart");
+    let present: BTreeSet<i64> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(present.len(), rows.len(), "no row is duplicated");
+    let lost: Vec<_> = acked.difference(&present).collect();
+    assert!(lost.is_empty(), "{} acknowledged rows were lost, e.g. {:?}", lost.len(), &lost[..lost.len().min(5)]);
+    let invented: Vec<_> = present.difference(&attempted).collect();
+    assert!(invented.is_empty(), "rows that were never sent appeared: {invented:?}");
+    // At most the one in-flight insert per writer may have landed without its acknowledgement.
+    assert!(present.len() <= acked.len() + 4);
+    for row in &rows {
+        let id: i64 = row.get(0);
+        assert_eq!(row.get::<_, String>(1), format!("event {id}"), "row contents intact");
+    }
+    // The restarted server takes new writes on top of the recovered ones.
+    client.execute("INSERT INTO events VALUES (-1, -1, 'after restart')", &[]).await.expect("insert after restart");
+    server.kill_9();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_shuts_down_cleanly_and_keeps_data() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = Process::start(dir.path(), &[]);
+    let client = common::connect(&server.connection_string).await;
+    client
+        .batch_execute("CREATE TABLE t (id INT PRIMARY KEY, v TEXT); INSERT INTO t VALUES (1, 'a'), (2, 'b'); UPDATE t SET v = 'B' WHERE id = 2; DELETE FROM t WHERE id = 1")
+        .await
+        .expect("writes");
+    let mut child = server.child;
+    let pid = child.id().to_string();
+    let status = Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs");
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || child.wait()).await.expect("join").expect("exits");
+    assert!(exit.success(), "graceful shutdown exits 0, got {exit:?}");
+
+    let server = Process::start(dir.path(), &[]);
+    let client = common::connect(&server.connection_string).await;
+    let rows = client.query("SELECT id, v FROM t", &[]).await.expect("select");
+    let got: Vec<(i32, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(got, vec![(2, "B".to_string())]);
+    server.kill_9();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_file_runs_before_clients_connect() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let init = dir.path().join("init.sql");
+    std::fs::write(
+        &init,
+        "CREATE TABLE IF NOT EXISTS devices (id TEXT PRIMARY KEY, site TEXT);\nINSERT INTO devices SELECT 'd-' || CAST(count(*) AS TEXT), 'hq' FROM devices;\n",
+    )
+    .expect("init file written");
+    let data = dir.path().join("data");
+    let init_arg = init.to_string_lossy().to_string();
+    for expected in 1..=2i64 {
+        let server = Process::start(&data, &["--init", &init_arg]);
+        let client = common::connect(&server.connection_string).await;
+        let row = client.query_one("SELECT count(*) FROM devices", &[]).await.expect("select");
+        assert_eq!(row.get::<_, i64>(0), expected, "the init file ran once per start");
+        server.kill_9();
+    }
+
+    // A failing init file stops startup with a message naming the file.
+    std::fs::write(&init, "CREATE TABLE broken (;").expect("init file written");
+    let out = Command::new(env!("CARGO_BIN_EXE_freshet"))
+        .args([
+            "serve",
+            "--pg-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--init",
+            &init_arg,
+            "--data-dir",
+        ])
+        .arg(&data)
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("init.sql") && stderr.contains("42601"), "{stderr}");
+}
