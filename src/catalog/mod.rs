@@ -19,6 +19,7 @@ use datafusion::arrow::array::{RecordBatch, StringArray};
 use datafusion::arrow::compute::concat_batches;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::catalog::{CatalogProvider, MemoryCatalogProvider};
+use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{Column, DFSchema};
 use datafusion::datasource::source_as_provider;
 use datafusion::execution::SendableRecordBatchStream;
@@ -243,6 +244,14 @@ impl Database {
             return Err(Error::Internal("write path given a plan that is not INSERT, UPDATE or DELETE".into()));
         };
         let name = dml.table_name.table().to_string();
+        // INSERT … VALUES reads no table: compute its rows before taking the writer lock,
+        // so concurrent inserts only serialize on applying and queueing their change.
+        let ready_rows = match dml.op {
+            WriteOp::Insert(_) if !reads_tables(&dml.input)? => {
+                Some(self.collect(dml.input.as_ref().clone(), self.shared.cell.committed(), sql).await?)
+            }
+            _ => None,
+        };
         let mut writer = self.shared.writer.lock().await;
         let state =
             writer.tables.get(&name).ok_or_else(|| Error::UndefinedTable { name: name.clone(), position: None })?;
@@ -252,7 +261,11 @@ impl Database {
         let working = writer.working.clone();
         let (tag, change) = match dml.op {
             WriteOp::Insert(_) => {
-                let rows = concat(&schema, self.collect(dml.input.as_ref().clone(), working, sql).await?)?;
+                let rows = match ready_rows {
+                    Some(rows) => rows,
+                    None => self.collect(dml.input.as_ref().clone(), working, sql).await?,
+                };
+                let rows = concat(&schema, rows)?;
                 ("INSERT", ChangeBatch::inserts(rows))
             }
             WriteOp::Delete => {
@@ -495,6 +508,16 @@ fn check_target(dml: &DmlStatement, def: &TableDef) -> Result<()> {
             position: None,
         }),
     }
+}
+
+/// Whether a plan (including its subqueries) scans any table.
+fn reads_tables(plan: &LogicalPlan) -> Result<bool> {
+    let mut found = false;
+    plan.apply_with_subqueries(|node| {
+        found |= matches!(node, LogicalPlan::TableScan(_));
+        Ok(if found { TreeNodeRecursion::Stop } else { TreeNodeRecursion::Continue })
+    })?;
+    Ok(found)
 }
 
 /// For UPDATE: one plan that yields each matched row's old values followed by its new ones.
