@@ -167,7 +167,7 @@ async fn every_type_round_trips_in_binary_format() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn interval_and_timestamptz_results_have_their_types() {
+async fn interval_timestamptz_and_json_results_have_their_types() {
     let server = TestServer::start().await;
     let client = server.connect().await;
     let statement = client
@@ -179,6 +179,13 @@ async fn interval_and_timestamptz_results_have_their_types() {
     let row = client.query_one(&statement, &[]).await.expect("runs");
     let tz: chrono::DateTime<chrono::Utc> = row.get(1);
     assert_eq!(tz.to_rfc3339(), "2024-01-01T00:00:00+00:00");
+
+    client.batch_execute("CREATE TABLE docs (id INT, body JSON)").await.expect("create");
+    client.execute("INSERT INTO docs VALUES (1, $1)", &[&r#"{"a": [1, 2]}"#]).await.expect("insert json text");
+    let select = client.prepare("SELECT body FROM docs").await.expect("prepare");
+    assert_eq!(select.columns()[0].type_(), &Type::JSON);
+    let body: serde_json::Value = client.query_one(&select, &[]).await.expect("select").get(0);
+    assert_eq!(body, serde_json::json!({"a": [1, 2]}));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

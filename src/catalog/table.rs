@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
-use datafusion::arrow::array::{Array, ArrayRef, BooleanArray};
+use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, StringArray};
 use datafusion::arrow::compute::{concat_batches, filter_record_batch};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
@@ -157,7 +157,7 @@ impl TableState {
     /// whole change applies or, on a constraint violation, nothing does.
     pub fn apply(&mut self, change: &ChangeBatch) -> Result<()> {
         let (inserts, retracts) = change.split()?;
-        self.check_not_null(&inserts)?;
+        self.check_values(&inserts)?;
         let inserts = RecordBatch::try_new(self.def.schema.clone(), inserts.columns().to_vec())
             .map_err(|e| Error::Internal(format!("rows do not match table \"{}\": {e}", self.def.name)))?;
         let keep = self.rows_to_keep(&retracts)?;
@@ -253,10 +253,23 @@ impl TableState {
         Ok(self.identity.convert_columns(&columns)?)
     }
 
-    fn check_not_null(&self, rows: &RecordBatch) -> Result<()> {
+    /// NOT NULL, and well-formed JSON in JSON columns.
+    fn check_values(&self, rows: &RecordBatch) -> Result<()> {
         for (field, column) in self.def.schema.fields().iter().zip(rows.columns()) {
             if !field.is_nullable() && column.null_count() > 0 {
                 return Err(Error::NotNullViolation { table: self.def.name.clone(), column: field.name().clone() });
+            }
+            if crate::sql::is_json(field)
+                && let Some(texts) = column.as_any().downcast_ref::<StringArray>()
+            {
+                for text in texts.iter().flatten() {
+                    if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(text) {
+                        return Err(Error::InvalidValue {
+                            code: "22P02",
+                            message: format!("invalid input syntax for type json in column \"{}\": {e}", field.name()),
+                        });
+                    }
+                }
             }
         }
         Ok(())

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
-use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
@@ -220,7 +220,7 @@ impl QueryParser for Parser {
         column_format: Option<&Format>,
     ) -> PgWireResult<Vec<FieldInfo>> {
         match stmt.planned.result_schema() {
-            Some(schema) => arrow_schema_to_pg_fields(&schema, column_format.unwrap_or(&Format::UnifiedText), None),
+            Some(schema) => pg_fields(&schema, column_format.unwrap_or(&Format::UnifiedText), None),
             None => Ok(Vec::new()),
         }
     }
@@ -345,7 +345,7 @@ fn rows_response(
     options: Arc<FormatOptions>,
 ) -> Result<QueryResponse, Error> {
     let fields = Arc::new(
-        arrow_schema_to_pg_fields(&schema, format, Some(options))
+        pg_fields(&schema, format, Some(options))
             .map_err(|e| Error::not_supported(format!("returning this column type ({e})")))?,
     );
     let encode_fields = fields.clone();
@@ -359,6 +359,28 @@ fn rows_response(
         })
         .flatten();
     Ok(QueryResponse::new(fields, rows))
+}
+
+/// Column descriptions for the client: arrow-pg's type mapping, plus the Postgres types
+/// Arrow cannot express (JSON columns are UTF-8 text tagged in their field metadata; the
+/// json wire format, text or binary, is the text itself).
+fn pg_fields(schema: &Schema, format: &Format, options: Option<Arc<FormatOptions>>) -> PgWireResult<Vec<FieldInfo>> {
+    let fields = arrow_schema_to_pg_fields(schema, format, options.clone())?;
+    Ok(fields
+        .into_iter()
+        .zip(schema.fields())
+        .enumerate()
+        .map(|(i, (info, field))| {
+            if !sql::is_json(field) {
+                return info;
+            }
+            let json = FieldInfo::new(info.name().to_string(), None, None, Type::JSON, format.format_for(i));
+            match &options {
+                Some(options) => json.with_format_options(options.clone()),
+                None => json,
+            }
+        })
+        .collect())
 }
 
 /// The Postgres error fields for a freshet error.

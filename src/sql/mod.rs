@@ -13,11 +13,19 @@ use datafusion::common::ParamValues;
 use datafusion::execution::context::SessionState;
 use datafusion::logical_expr::{DdlStatement, LogicalPlan, WriteOp};
 use datafusion::sql::parser::{DFParserBuilder, Statement as DFStatement};
-use datafusion::sql::sqlparser::ast::{ColumnOption, ObjectName, ObjectType, Statement as SqlStatement};
+use datafusion::sql::sqlparser::ast::{
+    ColumnOption, DataType as SqlDataType, ObjectName, ObjectType, Statement as SqlStatement,
+};
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+
+/// Arrow field metadata key naming the Postgres type a column was declared with, where
+/// Arrow has no type of its own for it. Its only value today is [`JSON_TYPE`].
+pub const PG_TYPE_KEY: &str = "freshet.pg_type";
+/// `JSON` and `JSONB` columns are stored as UTF-8 text tagged with this value.
+pub const JSON_TYPE: &str = "json";
 
 /// One parsed statement, ready to plan.
 pub type Statement = DFStatement;
@@ -132,6 +140,9 @@ pub async fn plan(state: &SessionState, statement: &Statement, sql: &str) -> Res
     if let DFStatement::CreateExternalTable(_) | DFStatement::CopyTo(_) | DFStatement::Reset(_) = statement {
         return Err(Error::not_supported(first_words(statement)));
     }
+    let mut statement = statement.clone();
+    let json_columns = take_json_columns(&mut statement);
+    let statement = &statement;
     let plan = state.statement_to_plan(statement.clone()).await.map_err(df_error)?;
     match plan {
         LogicalPlan::Dml(ref dml) => match dml.op {
@@ -139,7 +150,7 @@ pub async fn plan(state: &SessionState, statement: &Statement, sql: &str) -> Res
             _ => Err(Error::not_supported(first_words(statement))),
         },
         LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(create)) => {
-            let schema = Arc::new(create.input.schema().as_arrow().clone());
+            let schema = tag_json_columns(create.input.schema().as_arrow(), &json_columns);
             let primary_key = create
                 .constraints
                 .iter()
@@ -177,6 +188,44 @@ pub async fn plan(state: &SessionState, statement: &Statement, sql: &str) -> Res
         LogicalPlan::Statement(_) => Err(Error::not_supported(first_words(statement))),
         query => Ok(Planned::Query(query)),
     }
+}
+
+/// DataFusion has no JSON type: declare such columns as TEXT for planning and return their
+/// names, so the planned schema can tag them.
+fn take_json_columns(statement: &mut Statement) -> Vec<String> {
+    let DFStatement::Statement(inner) = statement else { return Vec::new() };
+    let SqlStatement::CreateTable(create) = inner.as_mut() else { return Vec::new() };
+    let mut names = Vec::new();
+    for column in create.columns.iter_mut() {
+        if matches!(column.data_type, SqlDataType::JSON | SqlDataType::JSONB) {
+            column.data_type = SqlDataType::Text;
+            names.push(normalize_ident(&column.name.value, column.name.quote_style));
+        }
+    }
+    names
+}
+
+fn tag_json_columns(schema: &Schema, json_columns: &[String]) -> SchemaRef {
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            let field = f.as_ref().clone();
+            if json_columns.contains(f.name()) {
+                let mut metadata = field.metadata().clone();
+                metadata.insert(PG_TYPE_KEY.to_string(), JSON_TYPE.to_string());
+                field.with_metadata(metadata)
+            } else {
+                field
+            }
+        })
+        .collect();
+    Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()))
+}
+
+/// Whether a column holds JSON text (declared `JSON` or `JSONB`).
+pub fn is_json(field: &Field) -> bool {
+    field.metadata().get(PG_TYPE_KEY).is_some_and(|t| t == JSON_TYPE)
 }
 
 /// The DEFAULT expressions of a CREATE TABLE, as SQL text.
