@@ -5,10 +5,14 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, BooleanArray, Int64Array};
+use std::collections::HashMap;
+
+use datafusion::arrow::array::{Array, BooleanArray, Int64Array, RecordBatchOptions, UInt32Array};
+use datafusion::arrow::compute::take;
 use datafusion::arrow::compute::{concat_batches, filter_record_batch};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::arrow::row::{RowConverter, SortField};
 
 use crate::error::{Error, Result};
 
@@ -97,6 +101,45 @@ impl ChangeBatch {
         Ok((take(ins)?, take(del)?))
     }
 
+    /// Cancels equal rows against each other: every distinct row appears once, with the
+    /// sum of its weights, and rows whose weights sum to zero disappear.
+    pub fn consolidate(&self) -> Result<Self> {
+        if self.num_rows() == 0 {
+            return Ok(self.clone());
+        }
+        let fields = self.batch.schema().fields().iter().map(|f| SortField::new(f.data_type().clone())).collect();
+        let converter = RowConverter::new(fields)?;
+        let rows = converter.convert_columns(self.batch.columns())?;
+        let mut slots: HashMap<&[u8], usize> = HashMap::with_capacity(rows.num_rows());
+        let mut firsts: Vec<u32> = Vec::new();
+        let mut sums: Vec<i64> = Vec::new();
+        for (i, row) in rows.iter().enumerate() {
+            let w = self.weights.value(i);
+            match slots.get(row.as_ref()) {
+                Some(&slot) => sums[slot] += w,
+                None => {
+                    slots.insert(row.data(), firsts.len());
+                    firsts.push(i as u32);
+                    sums.push(w);
+                }
+            }
+        }
+        let (keep, weights): (Vec<u32>, Vec<i64>) = firsts.into_iter().zip(sums).filter(|(_, w)| *w != 0).unzip();
+        let indices = UInt32Array::from(keep);
+        let columns = self
+            .batch
+            .columns()
+            .iter()
+            .map(|c| take(c.as_ref(), &indices, None))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let batch = RecordBatch::try_new_with_options(
+            self.batch.schema(),
+            columns,
+            &RecordBatchOptions::new().with_row_count(Some(indices.len())),
+        )?;
+        ChangeBatch::try_new(batch, Int64Array::from(weights))
+    }
+
     /// Flattens into one record batch with a trailing [`WEIGHT_COLUMN`], for storage.
     pub fn to_flat(&self) -> Result<RecordBatch> {
         let mut fields: Vec<Arc<Field>> = self.batch.schema().fields().iter().cloned().collect();
@@ -151,6 +194,16 @@ mod tests {
         let back = ChangeBatch::from_flat(&flat, ints(&[]).schema()).expect("unflattens");
         assert_eq!(column(back.batch()), vec![5, 6]);
         assert_eq!(back.weights().values().to_vec(), vec![-1, 1]);
+    }
+
+    #[test]
+    fn consolidate_cancels_opposite_weights() {
+        // + 1, + 2, - 1, + 2, - 3
+        let change = ChangeBatch::try_new(ints(&[1, 2, 1, 2, 3]), Int64Array::from(vec![1, 1, -1, 1, -1]))
+            .expect("lengths match");
+        let net = change.consolidate().expect("consolidates");
+        assert_eq!(column(net.batch()), vec![2, 3]);
+        assert_eq!(net.weights().values().to_vec(), vec![2, -1]);
     }
 
     #[test]

@@ -1,10 +1,16 @@
 //! The incremental dataflow: change batches and (as the engine grows) the operator trait,
 //! barriers, watermarks and the graph runtime.
 //!
-//! Today this module holds [`ChangeBatch`], the unit every change in freshet travels in:
-//! table writes are logged and applied as change batches, and the view engine will consume
-//! them. It must not depend on the catalog, the SQL layer or the server.
+//! [`ChangeBatch`] is the unit every change travels in: table writes are logged and applied
+//! as change batches, and every operator consumes and produces them. [`operator`] defines
+//! the messages and the [`Operator`] trait, [`runtime`] runs operators as tasks and aligns
+//! barriers, and [`operators`] holds the incremental operators. It must not depend on the
+//! catalog, the SQL layer or the server.
 
 pub mod change;
+pub mod operator;
+pub mod operators;
+pub mod runtime;
 
 pub use change::ChangeBatch;
+pub use operator::{Barrier, Message, Mutation, Operator, Output, Watermark};

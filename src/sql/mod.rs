@@ -21,6 +21,8 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 
+pub mod view;
+
 /// Arrow field metadata key naming the Postgres type a column was declared with, where
 /// Arrow has no type of its own for it. Its only value today is [`JSON_TYPE`].
 pub const PG_TYPE_KEY: &str = "freshet.pg_type";

@@ -1,0 +1,91 @@
+//! What flows between operators, and the [`Operator`] trait each dataflow node implements.
+//!
+//! Three kinds of [`Message`] travel on every edge: data (change batches), barriers and
+//! watermarks. The runtime ([`super::runtime`]) aligns barriers across an operator's
+//! inputs before calling [`Operator::on_barrier`]; operators never see a barrier early.
+
+use async_trait::async_trait;
+
+use super::ChangeBatch;
+use crate::error::Result;
+
+/// What flows on every edge of the dataflow graph.
+#[derive(Debug, Clone)]
+pub enum Message {
+    Data(ChangeBatch),
+    Barrier(Barrier),
+    Watermark(Watermark),
+}
+
+/// A marker every source injects at the same epoch. All data before it belongs to
+/// `epoch`; operators flush pending output when they see it on all inputs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Barrier {
+    pub epoch: u64,
+    /// Whether operators persist state for this epoch (checkpoints are a later feature).
+    pub checkpoint: bool,
+    /// A change to the running graph that takes effect at this barrier.
+    pub mutation: Option<Mutation>,
+}
+
+/// Reconfiguration carried by a barrier, so there is no second control channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mutation {
+    /// Every operator finishes after handling this barrier (DROP, shutdown).
+    Stop,
+}
+
+/// "No event with event time below `value` will arrive" for column `column`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Watermark {
+    pub column: usize,
+    pub value: i64,
+}
+
+/// Where an operator puts what it emits; the runtime sends it downstream after each call.
+#[derive(Debug, Default)]
+pub struct Output {
+    messages: Vec<Message>,
+}
+
+impl Output {
+    /// Emits a change batch (empty batches are dropped).
+    pub fn push(&mut self, batch: ChangeBatch) {
+        if batch.num_rows() > 0 {
+            self.messages.push(Message::Data(batch));
+        }
+    }
+
+    /// Emits a watermark.
+    pub fn watermark(&mut self, watermark: Watermark) {
+        self.messages.push(Message::Watermark(watermark));
+    }
+
+    pub(crate) fn take(&mut self) -> Vec<Message> {
+        std::mem::take(&mut self.messages)
+    }
+}
+
+/// One node of a dataflow graph. Every method receives and produces change batches; an
+/// operator is defined by what it does to weights: the sum of its outputs must equal the
+/// change in its answer.
+#[async_trait]
+pub trait Operator: Send {
+    /// A short name for EXPLAIN and errors.
+    fn name(&self) -> &str;
+
+    /// Input `port` delivered a change batch; push any output into `out`.
+    async fn process(&mut self, port: usize, input: ChangeBatch, out: &mut Output) -> Result<()>;
+
+    /// The watermark passed on all inputs. Default: forward it.
+    async fn on_watermark(&mut self, watermark: Watermark, out: &mut Output) -> Result<()> {
+        out.watermark(watermark);
+        Ok(())
+    }
+
+    /// All inputs reached `barrier`: emit pending output. The runtime forwards the barrier
+    /// after this returns.
+    async fn on_barrier(&mut self, _barrier: &Barrier, _out: &mut Output) -> Result<()> {
+        Ok(())
+    }
+}

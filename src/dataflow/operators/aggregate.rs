@@ -1,0 +1,398 @@
+//! [`AggregateOperator`]: GROUP BY with accumulators that can retract.
+//!
+//! Each group keeps the sum of its input weights and one accumulator per aggregate: count
+//! and sum by adding `weight × value`, avg as sum and count, min and max as a multiset of
+//! values (so deleting the current extreme finds the next one). Changes are folded in as
+//! they arrive; at each barrier the operator emits, for every group that changed, a
+//! retraction of the row it emitted before and an insertion of its new row. A group whose
+//! weight drops to zero emits only the retraction. Without GROUP BY there is one group,
+//! which always has a row (count 0, other aggregates NULL), as in SQL.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::arrow::array::{
+    Array, ArrayRef, Float64Array, Float64Builder, Int64Array, Int64Builder, RecordBatchOptions, new_null_array,
+};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::arrow::row::{OwnedRow, RowConverter, Rows, SortField};
+use datafusion::physical_plan::PhysicalExpr;
+
+use crate::dataflow::ChangeBatch;
+use crate::dataflow::operator::{Barrier, Operator, Output};
+use crate::error::{Error, Result};
+
+/// The aggregate functions the operator maintains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AggregateFunction {
+    /// `count(*)`: rows in the group.
+    CountRows,
+    /// `count(x)`: non-NULL values.
+    Count,
+    /// `sum(x)` over integers (output Int64) or floats (output Float64).
+    Sum,
+    /// `avg(x)`, output Float64.
+    Avg,
+    Min,
+    Max,
+}
+
+/// One aggregate of the query: its function, argument and the type of its result.
+pub struct AggregateSpec {
+    pub function: AggregateFunction,
+    /// `None` for `count(*)`.
+    pub argument: Option<Arc<dyn PhysicalExpr>>,
+    pub output_type: DataType,
+}
+
+/// Per-aggregate state of one group.
+#[derive(Debug, Clone)]
+enum Accumulator {
+    Count(i64),
+    SumInt {
+        sum: i128,
+        values: i64,
+    },
+    SumFloat {
+        sum: f64,
+        values: i64,
+    },
+    /// Encoded values (sortable row format) and how many times each occurs.
+    Extreme(BTreeMap<Box<[u8]>, i64>),
+}
+
+struct Group {
+    key: OwnedRow,
+    weight: i64,
+    accumulators: Vec<Accumulator>,
+    /// The row this group last emitted, to retract it when the group changes.
+    emitted: Option<OwnedRow>,
+    dirty: bool,
+}
+
+/// An argument evaluated for one batch, in the form its accumulator reads.
+enum Argument {
+    None,
+    Ints(Int64Array),
+    Floats(Float64Array),
+    /// Encoded values for min/max, with the values themselves for their validity.
+    Rows(Rows, ArrayRef),
+    Any(ArrayRef),
+}
+
+/// GROUP BY `groups` computing `aggregates`; output columns are the groups, then the
+/// aggregates, in `schema`.
+pub struct AggregateOperator {
+    groups: Vec<Arc<dyn PhysicalExpr>>,
+    aggregates: Vec<AggregateSpec>,
+    schema: SchemaRef,
+    key_converter: RowConverter,
+    /// One converter per min/max aggregate (index-aligned with `aggregates`).
+    value_converters: Vec<Option<RowConverter>>,
+    output_converter: RowConverter,
+    index: HashMap<Box<[u8]>, usize>,
+    state: Vec<Group>,
+    /// Ids of groups changed since the last barrier.
+    dirty: Vec<usize>,
+}
+
+impl AggregateOperator {
+    /// `group_types` are the types of the group expressions, in order.
+    pub fn new(
+        groups: Vec<Arc<dyn PhysicalExpr>>,
+        group_types: Vec<DataType>,
+        aggregates: Vec<AggregateSpec>,
+        schema: SchemaRef,
+    ) -> Result<Self> {
+        let key_converter = RowConverter::new(group_types.into_iter().map(SortField::new).collect())?;
+        let value_converters = aggregates
+            .iter()
+            .map(|a| match a.function {
+                AggregateFunction::Min | AggregateFunction::Max => {
+                    RowConverter::new(vec![SortField::new(a.output_type.clone())]).map(Some)
+                }
+                _ => Ok(None),
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let output_converter =
+            RowConverter::new(schema.fields().iter().map(|f| SortField::new(f.data_type().clone())).collect())?;
+        let mut operator = AggregateOperator {
+            groups,
+            aggregates,
+            schema,
+            key_converter,
+            value_converters,
+            output_converter,
+            index: HashMap::new(),
+            state: Vec::new(),
+            dirty: Vec::new(),
+        };
+        if operator.groups.is_empty() {
+            // The global aggregate's one group exists from the start.
+            let key = operator.key_converter.empty_rows(1, 0).row(0).owned();
+            operator.insert_group(Box::from([] as [u8; 0]), key);
+        }
+        Ok(operator)
+    }
+
+    fn insert_group(&mut self, bytes: Box<[u8]>, key: OwnedRow) -> usize {
+        let accumulators = self
+            .aggregates
+            .iter()
+            .map(|a| match (a.function, &a.output_type) {
+                (AggregateFunction::CountRows | AggregateFunction::Count, _) => Accumulator::Count(0),
+                (AggregateFunction::Sum, DataType::Int64) => Accumulator::SumInt { sum: 0, values: 0 },
+                (AggregateFunction::Sum | AggregateFunction::Avg, _) => Accumulator::SumFloat { sum: 0.0, values: 0 },
+                (AggregateFunction::Min | AggregateFunction::Max, _) => Accumulator::Extreme(BTreeMap::new()),
+            })
+            .collect();
+        let id = self.state.len();
+        self.state.push(Group { key, weight: 0, accumulators, emitted: None, dirty: true });
+        self.index.insert(bytes, id);
+        self.dirty.push(id);
+        id
+    }
+
+    fn evaluate_arguments(&self, batch: &RecordBatch) -> Result<Vec<Argument>> {
+        self.aggregates
+            .iter()
+            .zip(&self.value_converters)
+            .map(|(spec, converter)| {
+                let Some(expr) = &spec.argument else { return Ok(Argument::None) };
+                let values = expr.evaluate(batch)?.into_array(batch.num_rows())?;
+                Ok(match (spec.function, converter) {
+                    (_, Some(converter)) => Argument::Rows(converter.convert_columns(&[values.clone()])?, values),
+                    (AggregateFunction::Count, _) => Argument::Any(values),
+                    (_, None) if spec.output_type == DataType::Int64 => {
+                        let ints = cast(&values, &DataType::Int64)?;
+                        Argument::Ints(downcast::<Int64Array>(&ints)?.clone())
+                    }
+                    _ => {
+                        let floats = cast(&values, &DataType::Float64)?;
+                        Argument::Floats(downcast::<Float64Array>(&floats)?.clone())
+                    }
+                })
+            })
+            .collect()
+    }
+
+    /// Builds the current output row of each group in `ids` (groups with rows only).
+    fn output_rows(&self, ids: &[usize]) -> Result<RecordBatch> {
+        let keys: Vec<_> = ids.iter().map(|&id| self.state[id].key.row()).collect();
+        let mut columns: Vec<ArrayRef> =
+            if self.groups.is_empty() { Vec::new() } else { self.key_converter.convert_rows(keys)? };
+        for (a, (spec, converter)) in self.aggregates.iter().zip(&self.value_converters).enumerate() {
+            let accumulators = ids.iter().map(|&id| &self.state[id].accumulators[a]);
+            let column: ArrayRef = match spec.function {
+                AggregateFunction::CountRows | AggregateFunction::Count => {
+                    let mut b = Int64Builder::with_capacity(ids.len());
+                    for acc in accumulators {
+                        b.append_value(if let Accumulator::Count(n) = acc { *n } else { 0 });
+                    }
+                    Arc::new(b.finish())
+                }
+                AggregateFunction::Sum if spec.output_type == DataType::Int64 => {
+                    let mut b = Int64Builder::with_capacity(ids.len());
+                    for acc in accumulators {
+                        match acc {
+                            Accumulator::SumInt { values, .. } if *values == 0 => b.append_null(),
+                            Accumulator::SumInt { sum, .. } => b.append_value(i64::try_from(*sum).map_err(|_| {
+                                Error::InvalidValue { code: "22003", message: "sum is out of range for bigint".into() }
+                            })?),
+                            _ => b.append_null(),
+                        }
+                    }
+                    Arc::new(b.finish())
+                }
+                AggregateFunction::Sum | AggregateFunction::Avg => {
+                    let mut b = Float64Builder::with_capacity(ids.len());
+                    for acc in accumulators {
+                        match acc {
+                            Accumulator::SumFloat { values, .. } if *values == 0 => b.append_null(),
+                            Accumulator::SumFloat { sum, values } if spec.function == AggregateFunction::Avg => {
+                                b.append_value(sum / *values as f64)
+                            }
+                            Accumulator::SumFloat { sum, .. } => b.append_value(*sum),
+                            _ => b.append_null(),
+                        }
+                    }
+                    Arc::new(b.finish())
+                }
+                AggregateFunction::Min | AggregateFunction::Max => {
+                    let converter =
+                        converter.as_ref().ok_or_else(|| Error::Internal("min/max without converter".into()))?;
+                    let mut present = Vec::with_capacity(ids.len());
+                    let mut picked: Vec<&[u8]> = Vec::new();
+                    for acc in accumulators {
+                        let value = match acc {
+                            Accumulator::Extreme(values) if spec.function == AggregateFunction::Min => {
+                                values.keys().next()
+                            }
+                            Accumulator::Extreme(values) => values.keys().next_back(),
+                            _ => None,
+                        };
+                        present.push(value.is_some());
+                        if let Some(v) = value {
+                            picked.push(v);
+                        }
+                    }
+                    min_max_column(converter, &picked, &present, &spec.output_type)?
+                }
+            };
+            columns.push(column);
+        }
+        let columns = columns
+            .into_iter()
+            .zip(self.schema.fields())
+            .map(|(c, f)| if c.data_type() == f.data_type() { Ok(c) } else { cast(&c, f.data_type()) })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(RecordBatch::try_new_with_options(
+            self.schema.clone(),
+            columns,
+            &RecordBatchOptions::new().with_row_count(Some(ids.len())),
+        )?)
+    }
+}
+
+fn downcast<T: 'static>(array: &ArrayRef) -> Result<&T> {
+    array.as_any().downcast_ref::<T>().ok_or_else(|| Error::Internal("unexpected array type".into()))
+}
+
+/// Decodes the chosen min/max values, with NULL where a group has no values.
+fn min_max_column(
+    converter: &RowConverter,
+    picked: &[&[u8]],
+    present: &[bool],
+    data_type: &DataType,
+) -> Result<ArrayRef> {
+    let parser = converter.parser();
+    let rows: Vec<_> = picked.iter().map(|bytes| parser.parse(bytes)).collect();
+    let values = if rows.is_empty() { new_null_array(data_type, 0) } else { converter.convert_rows(rows)?.remove(0) };
+    if present.iter().all(|p| *p) {
+        return Ok(values);
+    }
+    // Spread the decoded values over the groups, NULL where a group has none.
+    let mut indices = Vec::with_capacity(present.len());
+    let mut next = 0u32;
+    for p in present {
+        indices.push(p.then(|| {
+            next += 1;
+            next - 1
+        }));
+    }
+    let indices = datafusion::arrow::array::UInt32Array::from(indices);
+    Ok(datafusion::arrow::compute::take(values.as_ref(), &indices, None)?)
+}
+
+#[async_trait]
+impl Operator for AggregateOperator {
+    fn name(&self) -> &str {
+        "aggregate"
+    }
+
+    async fn process(&mut self, _port: usize, input: ChangeBatch, _out: &mut Output) -> Result<()> {
+        let batch = input.batch();
+        let weights = input.weights();
+        let keys = self
+            .groups
+            .iter()
+            .map(|e| e.evaluate(batch).and_then(|v| v.into_array(batch.num_rows())))
+            .collect::<datafusion::error::Result<Vec<_>>>()?;
+        let key_rows = if self.groups.is_empty() { None } else { Some(self.key_converter.convert_columns(&keys)?) };
+        let arguments = self.evaluate_arguments(batch)?;
+        for i in 0..batch.num_rows() {
+            let w = weights.value(i);
+            let id = match &key_rows {
+                None => 0,
+                Some(rows) => {
+                    let row = rows.row(i);
+                    match self.index.get(row.as_ref()) {
+                        Some(&id) => id,
+                        None => self.insert_group(Box::from(row.as_ref()), row.owned()),
+                    }
+                }
+            };
+            let group = &mut self.state[id];
+            group.weight += w;
+            if !group.dirty {
+                group.dirty = true;
+                self.dirty.push(id);
+            }
+            for (acc, argument) in group.accumulators.iter_mut().zip(&arguments) {
+                match (acc, argument) {
+                    (Accumulator::Count(n), Argument::None) => *n += w,
+                    (Accumulator::Count(n), Argument::Any(values)) => {
+                        if values.is_valid(i) {
+                            *n += w
+                        }
+                    }
+                    (Accumulator::SumInt { sum, values }, Argument::Ints(ints)) => {
+                        if ints.is_valid(i) {
+                            *sum += ints.value(i) as i128 * w as i128;
+                            *values += w;
+                        }
+                    }
+                    (Accumulator::SumFloat { sum, values }, Argument::Floats(floats)) => {
+                        if floats.is_valid(i) {
+                            *sum += floats.value(i) * w as f64;
+                            *values += w;
+                        }
+                    }
+                    (Accumulator::Extreme(set), Argument::Rows(rows, values)) => {
+                        // NULLs never win min/max.
+                        if values.is_valid(i) {
+                            let value: Box<[u8]> = Box::from(rows.row(i).as_ref());
+                            let count = set.entry(value.clone()).or_insert(0);
+                            *count += w;
+                            if *count == 0 {
+                                set.remove(&value);
+                            }
+                        }
+                    }
+                    _ => return Err(Error::Internal("aggregate state does not match its argument".into())),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_barrier(&mut self, _barrier: &Barrier, out: &mut Output) -> Result<()> {
+        let dirty = std::mem::take(&mut self.dirty);
+        let global = self.groups.is_empty();
+        let mut retracted = Vec::new();
+        let mut current = Vec::new();
+        for &id in &dirty {
+            let group = &mut self.state[id];
+            group.dirty = false;
+            if let Some(old) = group.emitted.take() {
+                retracted.push(old);
+            }
+            if group.weight < 0 {
+                return Err(Error::Internal("a group's weight went negative: a retraction without its insert".into()));
+            }
+            if group.weight > 0 || global {
+                current.push(id);
+            }
+        }
+        let inserted = self.output_rows(&current)?;
+        let new_rows = self.output_converter.convert_columns(inserted.columns())?;
+        for (n, &id) in current.iter().enumerate() {
+            self.state[id].emitted = Some(new_rows.row(n).owned());
+        }
+        let old = if retracted.is_empty() {
+            RecordBatch::new_empty(self.schema.clone())
+        } else {
+            let columns = self.output_converter.convert_rows(retracted.iter().map(|r| r.row()))?;
+            RecordBatch::try_new_with_options(
+                self.schema.clone(),
+                columns,
+                &RecordBatchOptions::new().with_row_count(Some(retracted.len())),
+            )?
+        };
+        out.push(ChangeBatch::replace(old, inserted)?.consolidate()?);
+        Ok(())
+    }
+}

@@ -1,0 +1,10 @@
+//! The incremental operators. Each keeps its output equal to the change in its query's
+//! answer; see each type's docs for how it treats weights.
+
+pub mod aggregate;
+pub mod materialize;
+pub mod project;
+
+pub use aggregate::{AggregateFunction, AggregateOperator, AggregateSpec};
+pub use materialize::{EpochSink, MaterializeOperator};
+pub use project::ProjectFilterOperator;

@@ -1,0 +1,78 @@
+//! [`ProjectFilterOperator`]: stateless; keeps the rows a predicate accepts and computes
+//! new columns. Weights pass through unchanged, which is why it is retraction-correct.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::arrow::array::{Array, BooleanArray, Int64Array};
+use datafusion::arrow::compute::{filter, filter_record_batch, prep_null_mask_filter};
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::physical_plan::PhysicalExpr;
+
+use crate::dataflow::ChangeBatch;
+use crate::dataflow::operator::{Operator, Output};
+use crate::error::{Error, Result};
+
+/// `SELECT exprs FROM input WHERE predicate`, on change batches.
+pub struct ProjectFilterOperator {
+    predicate: Option<Arc<dyn PhysicalExpr>>,
+    /// `None` keeps the input columns as they are.
+    exprs: Option<Vec<Arc<dyn PhysicalExpr>>>,
+    schema: SchemaRef,
+}
+
+impl ProjectFilterOperator {
+    /// Keeps rows where `predicate` is true (NULL counts as false), then evaluates `exprs`
+    /// into `schema`.
+    pub fn new(
+        predicate: Option<Arc<dyn PhysicalExpr>>,
+        exprs: Option<Vec<Arc<dyn PhysicalExpr>>>,
+        schema: SchemaRef,
+    ) -> Self {
+        ProjectFilterOperator { predicate, exprs, schema }
+    }
+}
+
+#[async_trait]
+impl Operator for ProjectFilterOperator {
+    fn name(&self) -> &str {
+        match (&self.predicate, &self.exprs) {
+            (Some(_), Some(_)) => "project_filter",
+            (Some(_), None) => "filter",
+            _ => "project",
+        }
+    }
+
+    async fn process(&mut self, _port: usize, input: ChangeBatch, out: &mut Output) -> Result<()> {
+        let (mut batch, mut weights) = (input.batch().clone(), input.weights().clone());
+        if let Some(predicate) = &self.predicate {
+            let mask = predicate.evaluate(&batch)?.into_array(batch.num_rows())?;
+            let mask = mask
+                .as_any()
+                .downcast_ref::<BooleanArray>()
+                .ok_or_else(|| Error::Internal("filter predicate is not boolean".into()))?;
+            let mask = if mask.null_count() > 0 { prep_null_mask_filter(mask) } else { mask.clone() };
+            batch = filter_record_batch(&batch, &mask)?;
+            let kept = filter(&weights, &mask)?;
+            weights = kept
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .ok_or_else(|| Error::Internal("filtered weights are not Int64".into()))?
+                .clone();
+        }
+        if let Some(exprs) = &self.exprs {
+            let columns = exprs
+                .iter()
+                .map(|e| e.evaluate(&batch).and_then(|v| v.into_array(batch.num_rows())))
+                .collect::<datafusion::error::Result<Vec<_>>>()?;
+            batch = RecordBatch::try_new_with_options(
+                self.schema.clone(),
+                columns,
+                &datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
+            )?;
+        }
+        out.push(ChangeBatch::try_new(batch, weights)?);
+        Ok(())
+    }
+}

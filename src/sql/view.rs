@@ -1,0 +1,234 @@
+//! Lowering a view's query to a dataflow: DataFusion's optimised `LogicalPlan` becomes a
+//! tree of incremental operators whose leaves are tables.
+//!
+//! Every plan node either has an incremental operator or is rejected with 0A000 naming the
+//! construct: a view is never created if freshet cannot keep it exactly right.
+
+use std::sync::Arc;
+
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::execution::context::SessionState;
+use datafusion::logical_expr::{Expr, ExprSchemable, LogicalPlan};
+use datafusion::physical_expr::expressions::Column as ColumnExpr;
+use datafusion::physical_plan::PhysicalExpr;
+
+use crate::dataflow::Operator;
+use crate::dataflow::operators::{AggregateFunction, AggregateOperator, AggregateSpec, ProjectFilterOperator};
+use crate::error::{Error, Result};
+
+/// A dataflow tree: operators whose leaves read tables.
+pub enum Node {
+    /// The change stream of a table (backfilled with its contents when the view starts).
+    Table(String),
+    /// An operator over its inputs, in port order.
+    Operator(Box<dyn Operator>, Vec<Node>),
+}
+
+impl Node {
+    /// The tables this tree reads, in leaf order.
+    pub fn tables(&self) -> Vec<String> {
+        match self {
+            Node::Table(name) => vec![name.clone()],
+            Node::Operator(_, inputs) => inputs.iter().flat_map(|n| n.tables()).collect(),
+        }
+    }
+
+    /// An indented description, for EXPLAIN and logs.
+    pub fn describe(&self) -> String {
+        fn walk(node: &Node, depth: usize, out: &mut String) {
+            let pad = "  ".repeat(depth);
+            match node {
+                Node::Table(name) => out.push_str(&format!("{pad}table {name}\n")),
+                Node::Operator(op, inputs) => {
+                    out.push_str(&format!("{pad}{}\n", op.name()));
+                    for input in inputs {
+                        walk(input, depth + 1, out);
+                    }
+                }
+            }
+        }
+        let mut out = String::new();
+        walk(self, 0, &mut out);
+        out
+    }
+}
+
+/// Functions whose value changes on their own; a view using them could not be kept equal to
+/// its query.
+const NON_DETERMINISTIC: &[&str] = &[
+    "now",
+    "current_timestamp",
+    "current_date",
+    "current_time",
+    "localtime",
+    "localtimestamp",
+    "random",
+    "uuid",
+    "statement_timestamp",
+    "transaction_timestamp",
+    "clock_timestamp",
+];
+
+/// Rejects non-deterministic functions; call on the plan before optimisation, which would
+/// fold `now()` into a constant.
+pub fn check_deterministic(plan: &LogicalPlan) -> Result<()> {
+    let mut found: Option<String> = None;
+    plan.apply_with_subqueries(|node| {
+        for expr in node.expressions() {
+            expr.apply(|e| {
+                if let Expr::ScalarFunction(f) = e
+                    && (NON_DETERMINISTIC.contains(&f.name()) || e.is_volatile())
+                {
+                    found = Some(f.name().to_string());
+                    return Ok(TreeNodeRecursion::Stop);
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })?;
+        }
+        Ok(if found.is_some() { TreeNodeRecursion::Stop } else { TreeNodeRecursion::Continue })
+    })?;
+    match found {
+        Some(name) => Err(Error::NotSupported {
+            feature: format!("{name}() in a materialized view"),
+            hint: Some("a view must be deterministic; compute the value in the table instead".into()),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Lowers an optimised plan into a dataflow tree.
+pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
+    match plan {
+        LogicalPlan::TableScan(scan) => {
+            if !scan.filters.is_empty() || scan.fetch.is_some() {
+                return Err(Error::Internal("table scan with pushed-down filters or limit in a view".into()));
+            }
+            let source = Node::Table(scan.table_name.table().to_string());
+            let width = scan.source.schema().fields().len();
+            match &scan.projection {
+                Some(columns) if *columns != (0..width).collect::<Vec<_>>() => {
+                    let schema = scan.source.schema();
+                    let exprs = columns
+                        .iter()
+                        .map(|&i| Arc::new(ColumnExpr::new(schema.field(i).name(), i)) as Arc<dyn PhysicalExpr>)
+                        .collect();
+                    let schema: SchemaRef = Arc::new(scan.projected_schema.as_arrow().clone());
+                    Ok(Node::Operator(Box::new(ProjectFilterOperator::new(None, Some(exprs), schema)), vec![source]))
+                }
+                _ => Ok(source),
+            }
+        }
+        LogicalPlan::Projection(projection) => {
+            let input = lower(state, &projection.input)?;
+            let exprs = projection
+                .expr
+                .iter()
+                .map(|e| state.create_physical_expr(e.clone(), projection.input.schema()))
+                .collect::<datafusion::error::Result<Vec<_>>>()?;
+            let schema: SchemaRef = Arc::new(projection.schema.as_arrow().clone());
+            Ok(Node::Operator(Box::new(ProjectFilterOperator::new(None, Some(exprs), schema)), vec![input]))
+        }
+        LogicalPlan::Filter(filter) => {
+            let input = lower(state, &filter.input)?;
+            let predicate = state.create_physical_expr(filter.predicate.clone(), filter.input.schema())?;
+            let schema: SchemaRef = Arc::new(filter.input.schema().as_arrow().clone());
+            Ok(Node::Operator(Box::new(ProjectFilterOperator::new(Some(predicate), None, schema)), vec![input]))
+        }
+        LogicalPlan::SubqueryAlias(alias) => lower(state, &alias.input),
+        LogicalPlan::Aggregate(aggregate) => {
+            let input_schema = aggregate.input.schema();
+            let input = lower(state, &aggregate.input)?;
+            let mut groups = Vec::new();
+            let mut group_types = Vec::new();
+            for expr in &aggregate.group_expr {
+                if matches!(expr, Expr::GroupingSet(_)) {
+                    return Err(Error::not_supported("GROUPING SETS, CUBE and ROLLUP in a materialized view"));
+                }
+                group_types.push(expr.get_type(input_schema)?);
+                groups.push(state.create_physical_expr(expr.clone(), input_schema)?);
+            }
+            let output = aggregate.schema.as_arrow();
+            let mut specs = Vec::new();
+            for (i, expr) in aggregate.aggr_expr.iter().enumerate() {
+                let output_type = output.field(aggregate.group_expr.len() + i).data_type().clone();
+                specs.push(aggregate_spec(state, expr, input_schema, output_type)?);
+            }
+            let schema: SchemaRef = Arc::new(output.clone());
+            let operator = AggregateOperator::new(groups, group_types, specs, schema)?;
+            Ok(Node::Operator(Box::new(operator), vec![input]))
+        }
+        other => Err(Error::NotSupported {
+            feature: format!("{} in a materialized view", construct_name(other)),
+            hint: Some("views support projections, WHERE, GROUP BY with count/sum/avg/min/max, for now".into()),
+        }),
+    }
+}
+
+fn aggregate_spec(
+    state: &SessionState,
+    expr: &Expr,
+    input_schema: &datafusion::common::DFSchema,
+    output_type: DataType,
+) -> Result<AggregateSpec> {
+    let expr = match expr {
+        Expr::Alias(alias) => alias.expr.as_ref(),
+        other => other,
+    };
+    let Expr::AggregateFunction(aggregate) = expr else {
+        return Err(Error::not_supported(format!("aggregate expression {expr} in a materialized view")));
+    };
+    let name = aggregate.func.name().to_ascii_lowercase();
+    let params = &aggregate.params;
+    if params.distinct {
+        return Err(Error::not_supported(format!("{name}(DISTINCT …) in a materialized view")));
+    }
+    if params.filter.is_some() || !params.order_by.is_empty() {
+        return Err(Error::not_supported(format!("{name}(…) with FILTER or ORDER BY in a materialized view")));
+    }
+    let argument = match params.args.as_slice() {
+        [] => None,
+        [arg] => Some(arg),
+        _ => return Err(Error::not_supported(format!("{name} with several arguments in a materialized view"))),
+    };
+    let is_number = |t: &DataType| t.is_integer() || t.is_floating();
+    let function = match name.as_str() {
+        "count" => match argument {
+            None | Some(Expr::Literal(..)) => AggregateFunction::CountRows,
+            Some(_) => AggregateFunction::Count,
+        },
+        "sum" if matches!(output_type, DataType::Int64 | DataType::Float64) => AggregateFunction::Sum,
+        "avg" if output_type == DataType::Float64 => AggregateFunction::Avg,
+        "min" => AggregateFunction::Min,
+        "max" => AggregateFunction::Max,
+        _ => return Err(Error::not_supported(format!("{name}() returning {output_type} in a materialized view"))),
+    };
+    if let (AggregateFunction::Sum | AggregateFunction::Avg, Some(arg)) = (function, argument) {
+        let arg_type = arg.get_type(input_schema)?;
+        if !is_number(&arg_type) {
+            return Err(Error::not_supported(format!("{name}() over {arg_type} in a materialized view")));
+        }
+    }
+    let argument = match (function, argument) {
+        (AggregateFunction::CountRows, _) | (_, None) => None,
+        (_, Some(arg)) => Some(state.create_physical_expr(arg.clone(), input_schema)?),
+    };
+    Ok(AggregateSpec { function, argument, output_type })
+}
+
+fn construct_name(plan: &LogicalPlan) -> &'static str {
+    match plan {
+        LogicalPlan::Join(_) => "JOIN",
+        LogicalPlan::Sort(_) => "ORDER BY",
+        LogicalPlan::Limit(_) => "LIMIT",
+        LogicalPlan::Distinct(_) => "DISTINCT",
+        LogicalPlan::Union(_) => "UNION",
+        LogicalPlan::Window(_) => "window functions",
+        LogicalPlan::Values(_) => "VALUES",
+        LogicalPlan::EmptyRelation(_) => "a query that reads no table",
+        LogicalPlan::Subquery(_) => "subqueries",
+        LogicalPlan::Unnest(_) => "UNNEST",
+        LogicalPlan::RecursiveQuery(_) => "WITH RECURSIVE",
+        _ => "this query shape",
+    }
+}
