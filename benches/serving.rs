@@ -16,6 +16,7 @@ async fn start() -> (Server, tempfile::TempDir, String) {
         pg_listen: "127.0.0.1:0".into(),
         http_listen: "127.0.0.1:0".into(),
         init: None,
+        barrier_interval: std::time::Duration::from_millis(50),
     };
     let server = Server::start(config).await.expect("server starts");
     let addr = server.pg_addr();

@@ -1,6 +1,7 @@
 //! The `freshet` command: `freshet serve` (also what a bare `freshet` runs).
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use freshet::server::{Config, Server};
@@ -36,6 +37,10 @@ struct ServeArgs {
     /// SQL file whose statements run at start, before clients are accepted.
     #[arg(long)]
     init: Option<PathBuf>,
+    /// How often barriers close an epoch; materialized views show new data once per epoch
+    /// (e.g. `1s`, `200ms`).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    barrier_interval: Duration,
     /// Log filter, e.g. `info` or `freshet=debug`; RUST_LOG wins when set.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -54,8 +59,13 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let config =
-        Config { data_dir: args.data_dir, pg_listen: args.pg_listen, http_listen: args.http_listen, init: args.init };
+    let config = Config {
+        data_dir: args.data_dir,
+        pg_listen: args.pg_listen,
+        http_listen: args.http_listen,
+        init: args.init,
+        barrier_interval: args.barrier_interval,
+    };
     let server = Server::start(config).await?;
     println!(
         "freshet ready: postgres on {pg} (psql -h {host} -p {port} -U freshet -d freshet), http on {http}",
@@ -96,4 +106,23 @@ async fn shutdown_signal() {
         _ = ctrl_c => {}
         _ = terminate => {}
     }
+}
+
+/// Parses `250ms`, `2s` or a bare number of milliseconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => text.split_at(at),
+        None => (text, "ms"),
+    };
+    let value: u64 = number.parse().map_err(|_| format!("`{text}` is not a duration like 500ms or 2s"))?;
+    let duration = match unit {
+        "ms" => Duration::from_millis(value),
+        "s" => Duration::from_secs(value),
+        _ => return Err(format!("`{text}`: use the unit ms or s")),
+    };
+    if duration.is_zero() {
+        return Err("the barrier interval must be positive".into());
+    }
+    Ok(duration)
 }

@@ -10,10 +10,12 @@
 //! It does not speak any wire protocol; `server` turns its [`Outcome`]s into messages.
 
 pub mod table;
+pub mod view;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use datafusion::arrow::array::{RecordBatch, StringArray};
 use datafusion::arrow::compute::concat_batches;
@@ -30,11 +32,14 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use object_store::ObjectStore;
 use serde::{Deserialize, Serialize};
 
+use crate::dataflow::Barrier;
 use crate::dataflow::ChangeBatch;
+use crate::dataflow::runtime::FailureSlot;
 use crate::error::{Error, Result};
-use crate::sql::{self, CreateTable, Planned, Statement};
+use crate::sql::{self, CreateTable, CreateView, Planned, Statement};
 use crate::state::log::{Ack, Log, LogEntry, LogStats};
 use table::{FreshetSchema, FreshetTable, Snapshot, SnapshotCell, TableDef, TableState};
+use view::{Feeds, ViewSink};
 
 /// The catalog name clients see (`current_database()`), and the one schema in it.
 pub const CATALOG_NAME: &str = "freshet";
@@ -71,6 +76,14 @@ enum Record {
     /// Snapshots only: the batch holds rows of the table.
     Rows {
         table: String,
+    },
+    /// A materialized view and the SQL text of its query.
+    CreateView {
+        name: String,
+        query: String,
+    },
+    DropView {
+        name: String,
     },
 }
 
@@ -119,7 +132,7 @@ impl Writer {
             Some(v) => tables.insert(table.to_string(), v),
             None => tables.remove(table),
         };
-        self.working = Arc::new(Snapshot { tables, seq: 0 });
+        self.working = Arc::new(Snapshot { tables, views: BTreeMap::new(), seq: 0 });
     }
 }
 
@@ -128,7 +141,47 @@ struct Shared {
     writer: tokio::sync::Mutex<Writer>,
     log: Log,
     snapshot_running: AtomicBool,
+    feeds: Arc<Feeds>,
+    views: std::sync::Mutex<BTreeMap<String, ViewHandle>>,
+    /// The last barrier epoch injected.
+    epoch: AtomicU64,
 }
+
+/// A running materialized view.
+#[derive(Clone)]
+struct ViewHandle {
+    id: u64,
+    query: String,
+    /// Relations the view reads.
+    inputs: Vec<String>,
+    failures: Arc<FailureSlot>,
+    /// The last epoch the view committed.
+    epochs: tokio::sync::watch::Receiver<u64>,
+}
+
+impl Shared {
+    fn views(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, ViewHandle>> {
+        match self.views.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Injects the next barrier into every feed, in log order, and returns its epoch.
+    async fn inject_barrier(&self) -> Result<u64> {
+        let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        let feeds = self.feeds.clone();
+        let barrier = Barrier { epoch, checkpoint: false, mutation: None };
+        let ack = self.log.enqueue(Vec::new(), Box::new(move |_| feeds.send_barrier(&barrier))).await?;
+        ack.durable().await?;
+        Ok(epoch)
+    }
+}
+
+/// How often barriers close an epoch and views publish their changes.
+pub const DEFAULT_BARRIER_INTERVAL: Duration = Duration::from_secs(1);
+/// How long FLUSH and CREATE MATERIALIZED VIEW wait for views to catch up.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A running freshet database: tables, their log, and the DataFusion session that plans
 /// and runs queries over them. Cheap to clone; clones share everything.
@@ -139,23 +192,30 @@ pub struct Database {
 }
 
 impl Database {
-    /// Opens the database stored in `store`, replaying its snapshot and log.
+    /// Opens the database stored in `store` with the default barrier interval.
     pub async fn open(store: Arc<dyn ObjectStore>) -> Result<Database> {
+        Database::open_with(store, DEFAULT_BARRIER_INTERVAL).await
+    }
+
+    /// Opens the database stored in `store`, replaying its snapshot and log, and restarts
+    /// its materialized views.
+    pub async fn open_with(store: Arc<dyn ObjectStore>, barrier_interval: Duration) -> Result<Database> {
         let cell = Arc::new(SnapshotCell::default());
         let ctx = new_session(cell.clone())?;
         let (log, recovered) = Log::open(store).await?;
         let mut writer = Writer::default();
         let mut last_seq = 0;
         let replayed_segments = recovered.segments.len();
+        let mut views = Vec::new();
         if let Some((seq, entries)) = recovered.snapshot {
-            replay(&ctx, &mut writer, entries)?;
+            replay(&ctx, &mut writer, &mut views, entries)?;
             last_seq = seq;
         }
         for (seq, entries) in recovered.segments {
-            replay(&ctx, &mut writer, entries)?;
+            replay(&ctx, &mut writer, &mut views, entries)?;
             last_seq = seq;
         }
-        cell.publish(Arc::new(Snapshot { tables: writer.working.tables.clone(), seq: last_seq }));
+        cell.publish_tables(writer.working.tables.clone(), last_seq);
         let tables = writer.tables.len();
         let db = Database {
             ctx,
@@ -164,8 +224,24 @@ impl Database {
                 writer: tokio::sync::Mutex::new(writer),
                 log,
                 snapshot_running: AtomicBool::new(false),
+                feeds: Arc::new(Feeds::default()),
+                views: std::sync::Mutex::new(BTreeMap::new()),
+                epoch: AtomicU64::new(0),
             }),
         };
+        spawn_barriers(Arc::downgrade(&db.shared), barrier_interval);
+        for (name, query) in views {
+            let started = async {
+                let state = db.session_state();
+                let Planned::CreateView(create) = sql::plan_view(&state, name.clone(), false, &query).await? else {
+                    return Err(Error::Internal("a view query planned as something else".into()));
+                };
+                db.create_view(create, false).await
+            };
+            if let Err(e) = started.await {
+                tracing::error!(view = %name, "materialized view could not be restarted and is dropped: {e}");
+            }
+        }
         tracing::info!(tables, last_seq, replayed_segments, "database opened");
         if replayed_segments > 0 {
             db.start_snapshot();
@@ -198,7 +274,17 @@ impl Database {
             Planned::Write(plan) => self.write(plan, sql).await,
             Planned::CreateTable(create) => self.create_table(create, sql).await,
             Planned::DropTable { names, if_exists } => self.drop_tables(names, if_exists).await,
-            Planned::ShowTables => self.show_tables(),
+            Planned::ShowTables => {
+                let names = self.shared.cell.committed().tables.keys().cloned().collect();
+                self.names(names)
+            }
+            Planned::CreateView(create) => self.create_view(create, true).await,
+            Planned::DropView { names, if_exists } => self.drop_views(names, if_exists).await,
+            Planned::ShowViews => {
+                let names = self.shared.views().keys().cloned().collect();
+                self.names(names)
+            }
+            Planned::Flush => self.flush().await.map(|_| Outcome::Command { tag: "FLUSH", rows: None }),
         };
         result.map_err(|e| place_relation(e, sql))
     }
@@ -252,6 +338,14 @@ impl Database {
             }
             _ => None,
         };
+        if self.shared.views().contains_key(&name) {
+            return Err(Error::Plan {
+                code: "42809",
+                message: format!("cannot change materialized view \"{name}\"; change the tables it reads"),
+                position: None,
+            });
+        }
+        self.shared.feeds.wait_for_room().await;
         let mut writer = self.shared.writer.lock().await;
         let state =
             writer.tables.get(&name).ok_or_else(|| Error::UndefinedTable { name: name.clone(), position: None })?;
@@ -293,8 +387,8 @@ impl Database {
             return Ok(Outcome::Command { tag, rows: Some(0) });
         }
         writer.apply(&name, &change)?;
-        let entries = vec![Record::Change { table: name }.entry(Some(change.to_flat()?))?];
-        let ack = self.enqueue(&writer, entries).await?;
+        let entries = vec![Record::Change { table: name.clone() }.entry(Some(change.to_flat()?))?];
+        let ack = self.enqueue(&writer, entries, vec![(name, change)]).await?;
         drop(writer);
         self.durable(ack).await?;
         Ok(Outcome::Command { tag, rows: Some(affected) })
@@ -303,7 +397,7 @@ impl Database {
     async fn create_table(&self, create: CreateTable, sql: &str) -> Result<Outcome> {
         let defaults = plan_defaults(&self.ctx, &create.defaults)?;
         let mut writer = self.shared.writer.lock().await;
-        if writer.tables.contains_key(&create.name) {
+        if writer.tables.contains_key(&create.name) || self.shared.views().contains_key(&create.name) {
             if create.if_not_exists {
                 return Ok(Outcome::Command { tag: "CREATE TABLE", rows: None });
             }
@@ -331,7 +425,7 @@ impl Database {
             }
             entries.push(Record::Change { table: def.name.clone() }.entry(Some(change.to_flat()?))?);
         }
-        let ack = self.enqueue(&writer, entries).await?;
+        let ack = self.enqueue(&writer, entries, Vec::new()).await?;
         drop(writer);
         self.durable(ack).await?;
         Ok(Outcome::Command { tag: "CREATE TABLE", rows: None })
@@ -342,6 +436,13 @@ impl Database {
         for name in &names {
             if !writer.tables.contains_key(name) && !if_exists {
                 return Err(Error::UndefinedTable { name: name.clone(), position: None });
+            }
+            if let Some((view, _)) = self.shared.views().iter().find(|(_, v)| v.inputs.contains(name)) {
+                return Err(Error::Plan {
+                    code: "2BP01",
+                    message: format!("cannot drop table \"{name}\" because materialized view \"{view}\" depends on it"),
+                    position: None,
+                });
             }
         }
         let mut entries = Vec::new();
@@ -354,14 +455,13 @@ impl Database {
         if entries.is_empty() {
             return Ok(Outcome::Command { tag: "DROP TABLE", rows: None });
         }
-        let ack = self.enqueue(&writer, entries).await?;
+        let ack = self.enqueue(&writer, entries, Vec::new()).await?;
         drop(writer);
         self.durable(ack).await?;
         Ok(Outcome::Command { tag: "DROP TABLE", rows: None })
     }
 
-    fn show_tables(&self) -> Result<Outcome> {
-        let names: Vec<String> = self.shared.cell.committed().tables.keys().cloned().collect();
+    fn names(&self, names: Vec<String>) -> Result<Outcome> {
         let schema = sql::show_tables_schema();
         let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(StringArray::from(names))])?;
         let stream = RecordBatchStreamAdapter::new(schema.clone(), futures::stream::iter([Ok(batch)]));
@@ -369,11 +469,120 @@ impl Database {
     }
 
     /// Queues log entries for the writer's current state; call with the writer lock held.
-    async fn enqueue(&self, writer: &Writer, entries: Vec<LogEntry>) -> Result<Ack> {
+    /// Once durable, the state is published and `changes` flow to the views.
+    async fn enqueue(
+        &self,
+        writer: &Writer,
+        entries: Vec<LogEntry>,
+        changes: Vec<(String, ChangeBatch)>,
+    ) -> Result<Ack> {
         let working = writer.working.clone();
         let cell = self.shared.cell.clone();
-        let publish = Box::new(move |seq| cell.publish(Arc::new(Snapshot { tables: working.tables.clone(), seq })));
+        let feeds = self.shared.feeds.clone();
+        let publish = Box::new(move |seq| {
+            cell.publish_tables(working.tables.clone(), seq);
+            for (table, change) in &changes {
+                feeds.send_change(table, change);
+            }
+        });
         self.shared.log.enqueue(entries, publish).await
+    }
+
+    /// Waits until every materialized view includes every write committed before the call.
+    pub async fn flush(&self) -> Result<u64> {
+        let epoch = self.shared.inject_barrier().await?;
+        let views: Vec<(String, ViewHandle)> =
+            self.shared.views().iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+        for (name, mut view) in views {
+            let caught_up = tokio::time::timeout(CATCH_UP_TIMEOUT, view.epochs.wait_for(|e| *e >= epoch)).await;
+            if let Some(failure) = view.failures.get() {
+                return Err(Error::Plan {
+                    code: "XX000",
+                    message: format!("materialized view \"{name}\" failed: {failure}"),
+                    position: None,
+                });
+            }
+            match caught_up {
+                // Caught up, or dropped meanwhile.
+                Ok(_) => {}
+                Err(_) => {
+                    return Err(Error::Plan {
+                        code: "57014",
+                        message: format!("materialized view \"{name}\" did not catch up within {CATCH_UP_TIMEOUT:?}"),
+                        position: None,
+                    });
+                }
+            }
+        }
+        Ok(epoch)
+    }
+
+    /// Starts a materialized view from the current contents of its inputs. `log` is false
+    /// when restarting a view that is already in the log.
+    async fn create_view(&self, create: CreateView, log: bool) -> Result<Outcome> {
+        let state = self.session_state();
+        let root = sql::view::lower(&state, &create.plan)?;
+        let inputs = root.tables();
+        let mut writer = self.shared.writer.lock().await;
+        if writer.tables.contains_key(&create.name) || self.shared.views().contains_key(&create.name) {
+            if create.if_not_exists {
+                return Ok(Outcome::Command { tag: "CREATE MATERIALIZED VIEW", rows: None });
+            }
+            return Err(Error::DuplicateTable { name: create.name });
+        }
+        if let Some(input) = inputs.iter().find(|i| self.shared.views().contains_key(*i)) {
+            return Err(Error::not_supported(format!("a materialized view reading materialized view \"{input}\"")));
+        }
+        let id = writer.next_id;
+        writer.next_id += 1;
+        let schema = relaxed(&Arc::new(create.plan.schema().as_arrow().clone()));
+        let def = Arc::new(TableDef::new(id, create.name.clone(), schema, vec![], vec![], HashMap::new()));
+        let (epochs_tx, epochs) = tokio::sync::watch::channel(0);
+        let sink = ViewSink::new(create.name.clone(), TableState::new(def)?, self.shared.cell.clone(), epochs_tx);
+        let failures = Arc::new(FailureSlot::default());
+        tracing::info!(view = %create.name, "starting materialized view:\n{}", root.describe());
+        let pending = view::spawn(id, root, sink, &self.shared.feeds, &failures);
+        self.shared
+            .views()
+            .insert(create.name.clone(), ViewHandle { id, query: create.query.clone(), inputs, failures, epochs });
+        let entries = if log {
+            vec![Record::CreateView { name: create.name.clone(), query: create.query }.entry(None)?]
+        } else {
+            Vec::new()
+        };
+        let feeds = self.shared.feeds.clone();
+        let cell = self.shared.cell.clone();
+        let ack = self.shared.log.enqueue(entries, Box::new(move |_| pending.connect(&feeds, &cell))).await?;
+        drop(writer);
+        ack.durable().await?;
+        // Return once the view shows its backfilled contents.
+        self.flush().await?;
+        Ok(Outcome::Command { tag: "CREATE MATERIALIZED VIEW", rows: None })
+    }
+
+    async fn drop_views(&self, names: Vec<String>, if_exists: bool) -> Result<Outcome> {
+        let writer = self.shared.writer.lock().await;
+        for name in &names {
+            if !self.shared.views().contains_key(name) && !if_exists {
+                return Err(Error::UndefinedTable { name: name.clone(), position: None });
+            }
+        }
+        let mut entries = Vec::new();
+        for name in names {
+            let removed = self.shared.views().remove(&name);
+            if let Some(view) = removed {
+                self.shared.feeds.unregister(view.id);
+                self.shared.cell.publish_view(&name, None);
+                entries.push(Record::DropView { name }.entry(None)?);
+            }
+        }
+        if entries.is_empty() {
+            return Ok(Outcome::Command { tag: "DROP MATERIALIZED VIEW", rows: None });
+        }
+        let ack = self.enqueue(&writer, entries, Vec::new()).await?;
+        drop(writer);
+        self.durable(ack).await?;
+        Ok(Outcome::Command { tag: "DROP MATERIALIZED VIEW", rows: None })
     }
 
     async fn durable(&self, ack: Ack) -> Result<()> {
@@ -402,6 +611,11 @@ impl Database {
                     for batch in version.batches.iter() {
                         entries.push(Record::Rows { table: version.def.name.clone() }.entry(Some(batch.clone()))?);
                     }
+                }
+                let views: Vec<(String, String)> =
+                    shared.views().iter().map(|(name, v)| (name.clone(), v.query.clone())).collect();
+                for (name, query) in views {
+                    entries.push(Record::CreateView { name, query }.entry(None)?);
                 }
                 shared.log.write_snapshot(snapshot.seq, &entries).await
             }
@@ -436,7 +650,30 @@ fn new_session(cell: Arc<SnapshotCell>) -> Result<SessionContext> {
     Ok(ctx)
 }
 
-fn replay(ctx: &SessionContext, writer: &mut Writer, entries: Vec<LogEntry>) -> Result<()> {
+/// Barriers every `interval` while any view runs; stops when the database is dropped.
+fn spawn_barriers(shared: std::sync::Weak<Shared>, interval: Duration) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(interval).await;
+            let Some(shared) = shared.upgrade() else { return };
+            if shared.views().is_empty() {
+                continue;
+            }
+            if let Err(e) = shared.inject_barrier().await {
+                tracing::warn!("barrier not injected: {e}");
+            }
+        }
+    });
+}
+
+/// Applies log entries to `writer`; view definitions are collected into `views` (name,
+/// query) in order, to be started once every table is recovered.
+fn replay(
+    ctx: &SessionContext,
+    writer: &mut Writer,
+    views: &mut Vec<(String, String)>,
+    entries: Vec<LogEntry>,
+) -> Result<()> {
     for entry in entries {
         let record: Record = serde_json::from_slice(&entry.header)
             .map_err(|e| Error::Corrupt { location: "log entry header".into(), reason: e.to_string() })?;
@@ -454,6 +691,8 @@ fn replay(ctx: &SessionContext, writer: &mut Writer, entries: Vec<LogEntry>) -> 
                 writer.create(Arc::new(def))?;
             }
             Record::DropTable { name } => writer.drop_table(name),
+            Record::CreateView { name, query } => views.push((name.clone(), query.clone())),
+            Record::DropView { name } => views.retain(|(n, _)| n != name),
             Record::Change { table } | Record::Rows { table } => {
                 let state = writer.tables.get(table).ok_or_else(|| Error::Corrupt {
                     location: format!("log record {record:?}"),

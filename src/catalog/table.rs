@@ -79,12 +79,21 @@ impl TableVersion {
     }
 }
 
-/// Every table at one point in the log.
+/// Every table and materialized view at one point in time.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub tables: BTreeMap<String, TableVersion>,
+    /// Materialized views, each as of the last epoch it committed.
+    pub views: BTreeMap<String, TableVersion>,
     /// The log segment this snapshot includes everything up to (0 = nothing logged yet).
     pub seq: u64,
+}
+
+impl Snapshot {
+    /// A table or a view by name.
+    pub fn relation(&self, name: &str) -> Option<&TableVersion> {
+        self.tables.get(name).or_else(|| self.views.get(name))
+    }
 }
 
 tokio::task_local! {
@@ -108,12 +117,31 @@ impl SnapshotCell {
         }
     }
 
-    /// Makes `snapshot` what new statements read. Called by the log committer, in order.
-    pub fn publish(&self, snapshot: Arc<Snapshot>) {
-        match self.committed.write() {
-            Ok(mut guard) => *guard = snapshot,
-            Err(poisoned) => *poisoned.into_inner() = snapshot,
-        }
+    /// Makes `tables` at log position `seq` what new statements read, keeping the views.
+    /// Called by the log committer, in log order.
+    pub fn publish_tables(&self, tables: BTreeMap<String, TableVersion>, seq: u64) {
+        self.update(|current| Snapshot { tables, views: current.views.clone(), seq });
+    }
+
+    /// Replaces (or with `None` removes) one view's contents, keeping everything else.
+    pub fn publish_view(&self, name: &str, version: Option<TableVersion>) {
+        self.update(|current| {
+            let mut next = current.clone();
+            match version {
+                Some(v) => next.views.insert(name.to_string(), v),
+                None => next.views.remove(name),
+            };
+            next
+        });
+    }
+
+    fn update(&self, f: impl FnOnce(&Snapshot) -> Snapshot) {
+        let mut guard = match self.committed.write() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let next = f(&guard);
+        *guard = Arc::new(next);
     }
 
     /// The snapshot of the running statement, or the committed one outside a statement.
@@ -347,7 +375,7 @@ impl TableProvider for FreshetTable {
         _limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
         let snapshot = self.cell.current();
-        let version = snapshot.tables.get(&self.def.name).filter(|v| v.def.id == self.def.id).ok_or_else(|| {
+        let version = snapshot.relation(&self.def.name).filter(|v| v.def.id == self.def.id).ok_or_else(|| {
             DataFusionError::Plan(format!(
                 "table \"{}\" was dropped or recreated after this statement was prepared; prepare it again",
                 self.def.name
@@ -374,17 +402,18 @@ impl FreshetSchema {
 #[async_trait]
 impl SchemaProvider for FreshetSchema {
     fn table_names(&self) -> Vec<String> {
-        self.cell.current().tables.keys().cloned().collect()
+        let snapshot = self.cell.current();
+        snapshot.tables.keys().chain(snapshot.views.keys()).cloned().collect()
     }
 
     async fn table(&self, name: &str) -> DfResult<Option<Arc<dyn TableProvider>>> {
-        Ok(self.cell.current().tables.get(name).map(|version| {
+        Ok(self.cell.current().relation(name).map(|version| {
             Arc::new(FreshetTable { def: version.def.clone(), cell: self.cell.clone() }) as Arc<dyn TableProvider>
         }))
     }
 
     fn table_exist(&self, name: &str) -> bool {
-        self.cell.current().tables.contains_key(name)
+        self.cell.current().relation(name).is_some()
     }
 }
 

@@ -37,6 +37,8 @@ pub struct Config {
     pub http_listen: String,
     /// SQL statements run once at start, before clients are accepted.
     pub init: Option<PathBuf>,
+    /// How often barriers close an epoch (materialized views publish once per epoch).
+    pub barrier_interval: Duration,
 }
 
 impl Default for Config {
@@ -46,6 +48,7 @@ impl Default for Config {
             pg_listen: "127.0.0.1:6543".into(),
             http_listen: "127.0.0.1:6544".into(),
             init: None,
+            barrier_interval: crate::catalog::DEFAULT_BARRIER_INTERVAL,
         }
     }
 }
@@ -65,7 +68,7 @@ impl Server {
     /// Opens the database, runs the init file, and starts accepting clients.
     pub async fn start(config: Config) -> Result<Server> {
         let store = crate::state::open_local_store(&config.data_dir)?;
-        let db = Database::open(store).await?;
+        let db = Database::open_with(store, config.barrier_interval).await?;
         if let Some(path) = &config.init {
             let sql = std::fs::read_to_string(path)
                 .map_err(|e| Error::Config(format!("cannot read --init file {}: {e}", path.display())))?;

@@ -30,15 +30,25 @@ pub const PG_TYPE_KEY: &str = "freshet.pg_type";
 pub const JSON_TYPE: &str = "json";
 
 /// One parsed statement, ready to plan.
-pub type Statement = DFStatement;
+#[derive(Debug, Clone)]
+pub enum Statement {
+    /// Anything DataFusion's parser understands.
+    Sql(DFStatement),
+    /// `FLUSH`: wait until every materialized view includes all writes committed so far.
+    Flush,
+}
 
 /// Splits `sql` into statements. Errors carry the position of the offending token.
 pub fn parse(sql: &str) -> Result<VecDeque<Statement>> {
+    if sql.trim().trim_end_matches(';').trim().eq_ignore_ascii_case("flush") {
+        return Ok(VecDeque::from([Statement::Flush]));
+    }
     let dialect = PostgreSqlDialect {};
     DFParserBuilder::new(sql)
         .with_dialect(&dialect)
         .build()
         .and_then(|mut parser| parser.parse_statements())
+        .map(|statements| statements.into_iter().map(Statement::Sql).collect())
         .map_err(|e| Error::from_datafusion(e, sql))
 }
 
@@ -55,6 +65,25 @@ pub enum Planned {
     DropTable { names: Vec<String>, if_exists: bool },
     /// SHOW TABLES.
     ShowTables,
+    /// CREATE MATERIALIZED VIEW.
+    CreateView(CreateView),
+    /// DROP MATERIALIZED VIEW.
+    DropView { names: Vec<String>, if_exists: bool },
+    /// SHOW MATERIALIZED VIEWS.
+    ShowViews,
+    /// FLUSH.
+    Flush,
+}
+
+/// A planned CREATE MATERIALIZED VIEW.
+#[derive(Debug, Clone)]
+pub struct CreateView {
+    pub name: String,
+    pub if_not_exists: bool,
+    /// The optimised plan of the view's query.
+    pub plan: LogicalPlan,
+    /// The query's SQL text, stored so the view can be planned again after a restart.
+    pub query: String,
 }
 
 /// A planned CREATE TABLE.
@@ -97,7 +126,7 @@ impl Planned {
     pub fn result_schema(&self) -> Option<SchemaRef> {
         match self {
             Planned::Query(plan) => Some(Arc::new(plan.schema().as_arrow().clone())),
-            Planned::ShowTables => Some(show_tables_schema()),
+            Planned::ShowTables | Planned::ShowViews => Some(show_tables_schema()),
             _ => None,
         }
     }
@@ -120,10 +149,31 @@ pub fn show_tables_schema() -> SchemaRef {
 /// Plans one statement against the tables `state` can see. `sql` is the full query text,
 /// used only to place error positions.
 pub async fn plan(state: &SessionState, statement: &Statement, sql: &str) -> Result<Planned> {
+    let statement = match statement {
+        Statement::Flush => return Ok(Planned::Flush),
+        Statement::Sql(statement) => statement,
+    };
     let df_error = |e| Error::from_datafusion(e, sql);
     if let DFStatement::Statement(inner) = statement {
         match inner.as_ref() {
             SqlStatement::ShowTables { .. } => return Ok(Planned::ShowTables),
+            SqlStatement::ShowViews { materialized: true, .. } => return Ok(Planned::ShowViews),
+            SqlStatement::CreateView(create) if create.materialized => {
+                if create.or_replace || create.or_alter {
+                    return Err(Error::not_supported("CREATE OR REPLACE MATERIALIZED VIEW"));
+                }
+                if !create.columns.is_empty() {
+                    return Err(Error::NotSupported {
+                        feature: "a column list in CREATE MATERIALIZED VIEW".into(),
+                        hint: Some("name the columns with AS aliases in the query".into()),
+                    });
+                }
+                return plan_view(state, object_name(&create.name), create.if_not_exists, &create.query.to_string())
+                    .await;
+            }
+            SqlStatement::Drop { object_type: ObjectType::MaterializedView, if_exists, names, .. } => {
+                return Ok(Planned::DropView { names: names.iter().map(object_name).collect(), if_exists: *if_exists });
+            }
             SqlStatement::Drop { object_type: ObjectType::Table, if_exists, names, .. } => {
                 return Ok(Planned::DropTable {
                     names: names.iter().map(object_name).collect(),
@@ -192,9 +242,24 @@ pub async fn plan(state: &SessionState, statement: &Statement, sql: &str) -> Res
     }
 }
 
+/// Plans a materialized view's query (`query` is its SQL text).
+pub async fn plan_view(state: &SessionState, name: String, if_not_exists: bool, query: &str) -> Result<Planned> {
+    let dialect = PostgreSqlDialect {};
+    let mut statements = DFParserBuilder::new(query)
+        .with_dialect(&dialect)
+        .build()
+        .and_then(|mut parser| parser.parse_statements())
+        .map_err(|e| Error::from_datafusion(e, query))?;
+    let statement = statements.pop_front().ok_or_else(|| Error::Internal("a view without a query".into()))?;
+    let plan = state.statement_to_plan(statement).await.map_err(|e| Error::from_datafusion(e, query))?;
+    view::check_deterministic(&plan)?;
+    let plan = state.optimize(&plan).map_err(|e| Error::from_datafusion(e, query))?;
+    Ok(Planned::CreateView(CreateView { name, if_not_exists, plan, query: query.to_string() }))
+}
+
 /// DataFusion has no JSON type: declare such columns as TEXT for planning and return their
 /// names, so the planned schema can tag them.
-fn take_json_columns(statement: &mut Statement) -> Vec<String> {
+fn take_json_columns(statement: &mut DFStatement) -> Vec<String> {
     let DFStatement::Statement(inner) = statement else { return Vec::new() };
     let SqlStatement::CreateTable(create) = inner.as_mut() else { return Vec::new() };
     let mut names = Vec::new();
@@ -231,7 +296,7 @@ pub fn is_json(field: &Field) -> bool {
 }
 
 /// The DEFAULT expressions of a CREATE TABLE, as SQL text.
-fn column_default_texts(statement: &Statement) -> Vec<(String, String)> {
+fn column_default_texts(statement: &DFStatement) -> Vec<(String, String)> {
     let DFStatement::Statement(inner) = statement else { return Vec::new() };
     let SqlStatement::CreateTable(create) = inner.as_ref() else { return Vec::new() };
     create
@@ -261,7 +326,7 @@ fn object_name(name: &ObjectName) -> String {
 }
 
 /// The leading keywords of a statement, to name an unsupported construct.
-fn first_words(statement: &Statement) -> String {
+fn first_words(statement: &DFStatement) -> String {
     let text = statement.to_string();
     let words: Vec<&str> = text.split_whitespace().take(3).collect();
     words.join(" ").to_uppercase()

@@ -147,7 +147,9 @@ impl Log {
     }
 
     /// Queues `entries` behind every earlier append. The returned [`Ack`] resolves once
-    /// they are durable (and published), with the sequence number of their segment.
+    /// they are durable (and published), with the sequence number of their segment. An
+    /// append with no entries is a marker: nothing is stored, but its `publish` runs in
+    /// order between the appends before and after it.
     ///
     /// Callers that hold a lock across this call get log order equal to lock order; when
     /// the queue is full this waits, which is the writers' backpressure.
@@ -218,6 +220,15 @@ async fn commit_loop(
             continue;
         }
         let entries: Vec<&LogEntry> = group.iter().flat_map(|a| a.entries.iter()).collect();
+        if entries.is_empty() {
+            // Only markers (appends with no entries): they order callbacks among the
+            // writes without storing anything.
+            for append in group {
+                (append.publish)(next_seq - 1);
+                let _ = append.done.send(Ok(next_seq - 1));
+            }
+            continue;
+        }
         let stored = match encode_refs(&entries, SEGMENT_MAGIC) {
             Ok(bytes) => {
                 let size = bytes.len() as u64;

@@ -35,6 +35,7 @@ pub fn config(data_dir: &std::path::Path) -> Config {
         pg_listen: "127.0.0.1:0".into(),
         http_listen: "127.0.0.1:0".into(),
         init: None,
+        barrier_interval: std::time::Duration::from_millis(50),
     }
 }
 

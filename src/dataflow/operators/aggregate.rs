@@ -65,7 +65,8 @@ enum Accumulator {
 }
 
 struct Group {
-    key: OwnedRow,
+    /// The encoded group key; `None` for the one group of a global aggregate.
+    key: Option<OwnedRow>,
     weight: i64,
     accumulators: Vec<Accumulator>,
     /// The row this group last emitted, to retract it when the group changes.
@@ -132,13 +133,12 @@ impl AggregateOperator {
         };
         if operator.groups.is_empty() {
             // The global aggregate's one group exists from the start.
-            let key = operator.key_converter.empty_rows(1, 0).row(0).owned();
-            operator.insert_group(Box::from([] as [u8; 0]), key);
+            operator.insert_group(Box::from([] as [u8; 0]), None);
         }
         Ok(operator)
     }
 
-    fn insert_group(&mut self, bytes: Box<[u8]>, key: OwnedRow) -> usize {
+    fn insert_group(&mut self, bytes: Box<[u8]>, key: Option<OwnedRow>) -> usize {
         let accumulators = self
             .aggregates
             .iter()
@@ -181,7 +181,7 @@ impl AggregateOperator {
 
     /// Builds the current output row of each group in `ids` (groups with rows only).
     fn output_rows(&self, ids: &[usize]) -> Result<RecordBatch> {
-        let keys: Vec<_> = ids.iter().map(|&id| self.state[id].key.row()).collect();
+        let keys: Vec<_> = ids.iter().filter_map(|&id| self.state[id].key.as_ref().map(|k| k.row())).collect();
         let mut columns: Vec<ArrayRef> =
             if self.groups.is_empty() { Vec::new() } else { self.key_converter.convert_rows(keys)? };
         for (a, (spec, converter)) in self.aggregates.iter().zip(&self.value_converters).enumerate() {
@@ -311,7 +311,7 @@ impl Operator for AggregateOperator {
                     let row = rows.row(i);
                     match self.index.get(row.as_ref()) {
                         Some(&id) => id,
-                        None => self.insert_group(Box::from(row.as_ref()), row.owned()),
+                        None => self.insert_group(Box::from(row.as_ref()), Some(row.owned())),
                     }
                 }
             };
