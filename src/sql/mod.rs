@@ -17,6 +17,7 @@ use datafusion::sql::sqlparser::ast::{
     ColumnOption, DataType as SqlDataType, ObjectName, ObjectType, Statement as SqlStatement,
 };
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
+use datafusion::sql::sqlparser::tokenizer::Token;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
@@ -40,16 +41,35 @@ pub enum Statement {
 
 /// Splits `sql` into statements. Errors carry the position of the offending token.
 pub fn parse(sql: &str) -> Result<VecDeque<Statement>> {
-    if sql.trim().trim_end_matches(';').trim().eq_ignore_ascii_case("flush") {
-        return Ok(VecDeque::from([Statement::Flush]));
-    }
     let dialect = PostgreSqlDialect {};
-    DFParserBuilder::new(sql)
-        .with_dialect(&dialect)
-        .build()
-        .and_then(|mut parser| parser.parse_statements())
-        .map(|statements| statements.into_iter().map(Statement::Sql).collect())
-        .map_err(|e| Error::from_datafusion(e, sql))
+    let mut parser =
+        DFParserBuilder::new(sql).with_dialect(&dialect).build().map_err(|e| Error::from_datafusion(e, sql))?;
+    let mut statements = VecDeque::new();
+    let mut expecting_delimiter = false;
+    loop {
+        while parser.parser.consume_token(&Token::SemiColon) {
+            expecting_delimiter = false;
+        }
+        let next = parser.parser.peek_token();
+        if next.token == Token::EOF {
+            return Ok(statements);
+        }
+        if expecting_delimiter {
+            let position = crate::error::char_position(sql, next.span.start.line, next.span.start.column);
+            return Err(Error::Syntax { message: format!("syntax error at or near \"{next}\""), position });
+        }
+        // freshet's own statements come first; everything else is DataFusion's SQL.
+        if let Token::Word(word) = &next.token
+            && word.quote_style.is_none()
+            && word.value.eq_ignore_ascii_case("flush")
+        {
+            parser.parser.next_token();
+            statements.push_back(Statement::Flush);
+        } else {
+            statements.push_back(Statement::Sql(parser.parse_statement().map_err(|e| Error::from_datafusion(e, sql))?));
+        }
+        expecting_delimiter = true;
+    }
 }
 
 /// A statement after planning: what the catalog has to do.
@@ -359,6 +379,10 @@ mod tests {
     fn parse_splits_statements_and_reports_positions() {
         let statements = parse("SELECT 1; SELECT 2").expect("valid SQL");
         assert_eq!(statements.len(), 2);
+        let statements = parse("INSERT INTO t VALUES (1); flush; SELECT 1").expect("FLUSH among statements");
+        assert!(matches!(statements[1], Statement::Flush));
+        let err = parse("SELECT 1 SELECT 2").expect_err("missing semicolon");
+        assert_eq!(err.position(), Some(10));
         let err = parse("SELECT 1;\nSELECT (1 +").expect_err("invalid SQL");
         assert_eq!(err.sqlstate(), "42601");
         assert!(err.position().is_some_and(|p| p > 10), "{err:?}");

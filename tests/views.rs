@@ -1,0 +1,189 @@
+//! Materialized views against the oracle: after every random change to the tables, each
+//! view's contents must equal its query run as an ordinary batch query over the same data.
+
+mod common;
+
+use common::TestServer;
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+/// View shapes the engine maintains today; every one is checked after every step.
+const SHAPES: &[(&str, &str)] = &[
+    ("v_all", "SELECT * FROM t"),
+    ("v_project", "SELECT id, k, v * 2 + 1 AS x, upper(s) AS us, f / 2 AS half FROM t"),
+    ("v_filter", "SELECT id, v, s FROM t WHERE v > 10 AND s IS NOT NULL"),
+    ("v_count", "SELECT k, count(*) AS n FROM t GROUP BY k"),
+    ("v_aggregates", "SELECT k, count(v) AS c, sum(v) AS s, avg(v) AS a, min(v) AS lo, max(v) AS hi FROM t GROUP BY k"),
+    ("v_null_keys", "SELECT s, count(*) AS n, max(f) AS mf, min(f) AS lf FROM t GROUP BY s"),
+    ("v_global", "SELECT count(*) AS n, sum(v) AS s, avg(f) AS a, min(s) AS ms, max(v) AS mv FROM t"),
+    ("v_filtered_aggregate", "SELECT k, sum(f) AS sf, count(*) AS n FROM t WHERE v % 3 = 0 GROUP BY k"),
+    ("v_having", "SELECT k, count(*) AS n, sum(v) AS s FROM t GROUP BY k HAVING count(*) > 2"),
+    (
+        "v_expression_group",
+        "SELECT v % 4 AS bucket, min(s) AS first_s, max(s) AS last_s, count(s) AS n FROM t GROUP BY v % 4",
+    ),
+    ("v_two_keys", "SELECT k, s, sum(v) AS total, max(id) AS newest FROM t GROUP BY k, s"),
+    (
+        "v_aggregate_of_expression",
+        "SELECT k % 2 AS parity, sum(v * k) AS weighted, min(v + k) AS lo FROM t WHERE s <> 'c' GROUP BY k % 2",
+    ),
+];
+
+/// A small deterministic generator (xorshift), so failures reproduce.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> i64 {
+        (self.next() % n) as i64
+    }
+}
+
+async fn rows(client: &Client, sql: &str) -> Vec<String> {
+    let messages = client.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {}", common::db_error(&e)));
+    let mut rows: Vec<String> = messages
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(row) => {
+                Some((0..row.len()).map(|i| row.get(i).unwrap_or("NULL").to_string()).collect::<Vec<_>>().join("|"))
+            }
+            _ => None,
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+fn random_row(rng: &mut Rng, id: i64) -> String {
+    let k = rng.below(5);
+    let v = if rng.below(10) == 0 { "NULL".to_string() } else { (rng.below(60) - 20).to_string() };
+    let s = ["'a'", "'b'", "'c'", "NULL"][rng.below(4) as usize];
+    // Halves are exact in binary floating point, so sums do not depend on order.
+    let f = (rng.below(41) - 20) as f64 / 2.0;
+    format!("({id}, {k}, {v}, {s}, {f})")
+}
+
+/// One random change: inserts, updates of values and keys, deletes of extremes and groups.
+fn random_change(rng: &mut Rng, next_id: &mut i64) -> String {
+    match rng.below(9) {
+        0..=2 => {
+            let n = 1 + rng.below(6);
+            let values: Vec<String> = (0..n)
+                .map(|_| {
+                    *next_id += 1;
+                    random_row(rng, *next_id)
+                })
+                .collect();
+            format!("INSERT INTO t VALUES {}", values.join(", "))
+        }
+        3 => format!("UPDATE t SET v = v + {} WHERE id % 4 = {}", rng.below(7) - 3, rng.below(4)),
+        4 => format!("UPDATE t SET k = {} WHERE id % 5 = {}", rng.below(5), rng.below(5)),
+        5 => "DELETE FROM t WHERE v = (SELECT min(v) FROM t)".to_string(),
+        6 => "DELETE FROM t WHERE v = (SELECT max(v) FROM t)".to_string(),
+        7 => format!("DELETE FROM t WHERE k = {}", rng.below(5)),
+        _ => format!("UPDATE t SET s = NULL, f = f + 1 WHERE id % 3 = {}", rng.below(3)),
+    }
+}
+
+async fn assert_views_match(client: &Client, step: &str) {
+    client.batch_execute("FLUSH").await.expect("flush");
+    for (name, query) in SHAPES {
+        let view = rows(client, &format!("SELECT * FROM {name}")).await;
+        let oracle = rows(client, query).await;
+        assert_eq!(view, oracle, "view {name} ({query}) differs from its query after {step}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_equal_their_queries_under_random_changes() {
+    let server = TestServer::start().await;
+    let client = server.connect().await;
+    client
+        .batch_execute("CREATE TABLE t (id BIGINT PRIMARY KEY, k INT, v BIGINT, s TEXT, f DOUBLE PRECISION)")
+        .await
+        .expect("create");
+    let mut rng = Rng(0x9E3779B97F4A7C15);
+    let mut next_id = 0;
+    // Some views start over existing data (backfill), the rest over an empty table.
+    let insert = random_change(&mut Rng(7), &mut next_id);
+    client.batch_execute(&insert).await.expect("seed rows");
+    for (i, (name, query)) in SHAPES.iter().enumerate() {
+        if i % 2 == 0 {
+            client.batch_execute(&format!("CREATE MATERIALIZED VIEW {name} AS {query}")).await.expect("create view");
+        }
+    }
+    client.batch_execute("INSERT INTO t VALUES (1000, 1, 5, 'a', 1.5), (1001, 1, 5, 'b', 2.5)").await.expect("rows");
+    for (i, (name, query)) in SHAPES.iter().enumerate() {
+        if i % 2 == 1 {
+            client.batch_execute(&format!("CREATE MATERIALIZED VIEW {name} AS {query}")).await.expect("create view");
+        }
+    }
+    assert_views_match(&client, "creation").await;
+    for step in 0..60 {
+        // Several changes per epoch, so the views must consolidate within an epoch too.
+        let mut statements = Vec::new();
+        for _ in 0..1 + rng.below(3) {
+            let change = random_change(&mut rng, &mut next_id);
+            client.batch_execute(&change).await.unwrap_or_else(|e| panic!("{change}: {}", common::db_error(&e)));
+            statements.push(change);
+        }
+        assert_views_match(&client, &format!("step {step}: {}", statements.join("; "))).await;
+    }
+    client.batch_execute("DELETE FROM t").await.expect("empty the table");
+    assert_views_match(&client, "deleting every row").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_survive_restart_and_keep_updating() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let start = || freshet::server::Server::start(common::config(dir.path()));
+    let server = start().await.expect("starts");
+    let addr = server.pg_addr();
+    let client = common::connect(&format!("host={} port={} user=freshet dbname=freshet", addr.ip(), addr.port())).await;
+    client
+        .batch_execute(
+            "CREATE TABLE r (dev TEXT, temp BIGINT);
+             INSERT INTO r VALUES ('a', 1), ('a', 3), ('b', 10);
+             CREATE MATERIALIZED VIEW per_dev AS SELECT dev, count(*) AS n, max(temp) AS hi FROM r GROUP BY dev",
+        )
+        .await
+        .expect("setup");
+    server.shutdown().await;
+
+    let server = start().await.expect("restarts");
+    let addr = server.pg_addr();
+    let client = common::connect(&format!("host={} port={} user=freshet dbname=freshet", addr.ip(), addr.port())).await;
+    assert_eq!(rows(&client, "SHOW MATERIALIZED VIEWS").await, vec!["per_dev"]);
+    assert_eq!(rows(&client, "SELECT * FROM per_dev").await, vec!["a|2|3", "b|1|10"]);
+    client.batch_execute("DELETE FROM r WHERE temp = 3; INSERT INTO r VALUES ('c', 0); FLUSH").await.expect("changes");
+    assert_eq!(rows(&client, "SELECT * FROM per_dev").await, vec!["a|1|1", "b|1|10", "c|1|0"]);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_refuse_what_they_cannot_maintain() {
+    let server = TestServer::start().await;
+    let client = server.connect().await;
+    client.batch_execute("CREATE TABLE a (id INT, x INT); CREATE TABLE b (id INT, y INT)").await.expect("tables");
+    for (sql, code) in [
+        ("CREATE MATERIALIZED VIEW v AS SELECT a.x, b.y FROM a JOIN b ON a.id = b.id", "0A000"),
+        ("CREATE MATERIALIZED VIEW v AS SELECT x FROM a ORDER BY x LIMIT 3", "0A000"),
+        ("CREATE MATERIALIZED VIEW v AS SELECT x, random() AS r FROM a", "0A000"),
+        ("CREATE MATERIALIZED VIEW v AS SELECT x FROM a WHERE x > extract(epoch FROM now())", "0A000"),
+        ("CREATE MATERIALIZED VIEW v AS SELECT x FROM missing", "42P01"),
+    ] {
+        let err = client.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(err.as_db_error().map(|d| d.code().code()), Some(code), "{sql}: {err}");
+    }
+    client.batch_execute("CREATE MATERIALIZED VIEW v AS SELECT x FROM a").await.expect("a simple view");
+    let err = client.batch_execute("INSERT INTO v VALUES (1)").await.expect_err("views are read-only");
+    assert_eq!(err.as_db_error().map(|d| d.code().code()), Some("42809"));
+    let err = client.batch_execute("DROP TABLE a").await.expect_err("a view depends on it");
+    assert_eq!(err.as_db_error().map(|d| d.code().code()), Some("2BP01"));
+    client.batch_execute("DROP MATERIALIZED VIEW v; DROP TABLE a").await.expect("drop in order");
+}
