@@ -23,10 +23,13 @@ use crate::sql::view::Node;
 /// Rows queued in feeds before writers wait for the views to catch up.
 const MAX_QUEUED_ROWS: usize = 1 << 20;
 
+/// The feeds of one table: (view id, sender) pairs.
+type TableFeeds = Vec<(u64, mpsc::UnboundedSender<Message>)>;
+
 /// The change streams of tables, one per (view, table input).
 #[derive(Default)]
 pub struct Feeds {
-    senders: std::sync::Mutex<HashMap<String, Vec<(u64, mpsc::UnboundedSender<Message>)>>>,
+    senders: std::sync::Mutex<HashMap<String, TableFeeds>>,
     queued_rows: AtomicUsize,
     room: Notify,
 }
