@@ -26,6 +26,8 @@ const SHAPES: &[(&str, &str)] = &[
         "v_aggregate_of_expression",
         "SELECT k % 2 AS parity, sum(v * k) AS weighted, min(v + k) AS lo FROM t WHERE s <> 'c' GROUP BY k % 2",
     ),
+    ("v_distinct", "SELECT DISTINCT k, s FROM t"),
+    ("v_count_distinct", "SELECT k, count(DISTINCT s) AS kinds FROM t GROUP BY k"),
 ];
 
 /// A small deterministic generator (xorshift), so failures reproduce.
