@@ -262,9 +262,40 @@ impl Database {
     /// Plans one parsed statement. `sql` is the text it came from, for error positions.
     pub async fn plan(&self, statement: &Statement, sql: &str) -> Result<Planned> {
         let state = self.session_state();
-        SnapshotCell::scope(self.shared.cell.committed(), sql::plan(&state, statement, sql))
+        let planned = SnapshotCell::scope(self.shared.cell.committed(), sql::plan(&state, statement, sql))
             .await
-            .map_err(|e| place_relation(e, sql))
+            .map_err(|e| place_relation(e, sql))?;
+        if let Planned::Query(plan) | Planned::Write(plan) = &planned {
+            self.check_views_healthy(plan)?;
+        }
+        Ok(planned)
+    }
+
+    /// A view whose dataflow failed no longer follows its inputs: refuse to read it rather
+    /// than serve stale rows as if they were current.
+    fn check_views_healthy(&self, plan: &LogicalPlan) -> Result<()> {
+        let views = self.shared.views();
+        let mut failed = None;
+        plan.apply_with_subqueries(|node| {
+            if let LogicalPlan::TableScan(scan) = node
+                && let Some(view) = views.get(scan.table_name.table())
+                && let Some(failure) = view.failures.get()
+            {
+                failed = Some((scan.table_name.table().to_string(), failure));
+                return Ok(TreeNodeRecursion::Stop);
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })?;
+        match failed {
+            Some((name, failure)) => Err(Error::Plan {
+                code: "XX000",
+                message: format!(
+                    "materialized view \"{name}\" stopped following its inputs: {failure}; drop and create it again"
+                ),
+                position: None,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Runs a planned statement.
@@ -691,7 +722,11 @@ fn replay(
                 writer.create(Arc::new(def))?;
             }
             Record::DropTable { name } => writer.drop_table(name),
-            Record::CreateView { name, query } => views.push((name.clone(), query.clone())),
+            Record::CreateView { name, query } => {
+                // A snapshot may already hold a view whose record is also in a later segment.
+                views.retain(|(n, _)| n != name);
+                views.push((name.clone(), query.clone()));
+            }
             Record::DropView { name } => views.retain(|(n, _)| n != name),
             Record::Change { table } | Record::Rows { table } => {
                 let state = writer.tables.get(table).ok_or_else(|| Error::Corrupt {
