@@ -8,9 +8,12 @@
 //!
 //! - [`error`]: the one error enum, its `Result` alias, and the SQLSTATE of each cause.
 //! - [`state`]: durable storage over `object_store`: the write-ahead log and snapshots.
-//! - [`dataflow`]: change batches (rows with +1/−1 weights); later the operator runtime.
-//! - [`sql`]: parsing (Postgres dialect) and planning statements with DataFusion.
-//! - [`catalog`]: tables and the [`catalog::Database`] that runs planned statements.
+//! - [`dataflow`]: change batches (rows with +1/−1 weights), the operator trait, the task
+//!   runtime that aligns barriers, and the incremental operators.
+//! - [`sql`]: parsing (Postgres dialect), planning statements with DataFusion, and
+//!   lowering a view's plan to a dataflow.
+//! - [`catalog`]: tables, materialized views, and the [`catalog::Database`] that runs
+//!   planned statements.
 //! - [`server`]: the Postgres wire protocol (pgwire), the HTTP endpoints, and startup.
 
 pub mod catalog;
