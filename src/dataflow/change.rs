@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use datafusion::arrow::array::{Array, BooleanArray, Int64Array, RecordBatchOptions, UInt32Array};
 use datafusion::arrow::compute::take;
-use datafusion::arrow::compute::{concat_batches, filter_record_batch};
+use datafusion::arrow::compute::{concat_batches, filter, filter_record_batch, prep_null_mask_filter};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{RowConverter, SortField};
@@ -72,6 +72,18 @@ impl ChangeBatch {
 
     pub fn num_rows(&self) -> usize {
         self.batch.num_rows()
+    }
+
+    /// Keeps the rows where `mask` is true (NULL counts as false), with their weights.
+    pub fn filter(&self, mask: &BooleanArray) -> Result<Self> {
+        let mask = if mask.null_count() > 0 { prep_null_mask_filter(mask) } else { mask.clone() };
+        let weights = filter(&self.weights, &mask)?;
+        let weights = weights
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .ok_or_else(|| Error::Internal("filtered weights are not Int64".into()))?
+            .clone();
+        ChangeBatch::try_new(filter_record_batch(&self.batch, &mask)?, weights)
     }
 
     /// The rows with positive weight and the rows with negative weight, as plain batches.

@@ -7,14 +7,17 @@
 use std::sync::Arc;
 
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::common::NullEquality;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::execution::context::SessionState;
-use datafusion::logical_expr::{Expr, ExprSchemable, LogicalPlan};
+use datafusion::logical_expr::{Expr, ExprSchemable, JoinType, LogicalPlan};
 use datafusion::physical_expr::expressions::Column as ColumnExpr;
 use datafusion::physical_plan::PhysicalExpr;
 
 use crate::dataflow::Operator;
-use crate::dataflow::operators::{AggregateFunction, AggregateOperator, AggregateSpec, ProjectFilterOperator};
+use crate::dataflow::operators::{
+    AggregateFunction, AggregateOperator, AggregateSpec, JoinKind, JoinOperator, ProjectFilterOperator,
+};
 use crate::error::{Error, Result};
 
 /// A dataflow tree: operators whose leaves read tables.
@@ -158,9 +161,65 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
             let operator = AggregateOperator::new(groups, group_types, specs, schema)?;
             Ok(Node::Operator(Box::new(operator), vec![input]))
         }
+        LogicalPlan::Join(join) => {
+            if join.null_equality != NullEquality::NullEqualsNothing || join.null_aware {
+                return Err(Error::not_supported("NOT IN over a subquery in a materialized view (use NOT EXISTS)"));
+            }
+            let kind = match join.join_type {
+                JoinType::Inner => JoinKind::Inner,
+                JoinType::Left => JoinKind::Left,
+                JoinType::Right => JoinKind::Right,
+                JoinType::Full => JoinKind::Full,
+                JoinType::LeftSemi => JoinKind::LeftSemi,
+                JoinType::LeftAnti => JoinKind::LeftAnti,
+                other => return Err(Error::not_supported(format!("{other} joins in a materialized view"))),
+            };
+            if join.filter.is_some() && kind != JoinKind::Inner {
+                return Err(Error::not_supported(format!(
+                    "a {} join with a condition other than column equality in a materialized view",
+                    join.join_type
+                )));
+            }
+            let (left_schema, right_schema) = (join.left.schema(), join.right.schema());
+            let mut left_keys = Vec::new();
+            let mut right_keys = Vec::new();
+            let mut key_types = Vec::new();
+            for (l, r) in &join.on {
+                let left_type = l.get_type(left_schema)?;
+                let right_type = r.get_type(right_schema)?;
+                key_types.push(if left_type == right_type {
+                    left_type
+                } else {
+                    datafusion::arrow::compute::kernels::cast::can_cast_types(&right_type, &left_type)
+                        .then_some(left_type)
+                        .ok_or_else(|| Error::not_supported("join keys of different types"))?
+                });
+                left_keys.push(state.create_physical_expr(l.clone(), left_schema)?);
+                right_keys.push(state.create_physical_expr(r.clone(), right_schema)?);
+            }
+            let filter = match &join.filter {
+                Some(f) => Some(state.create_physical_expr(f.clone(), &join.schema)?),
+                None => None,
+            };
+            let types = |schema: &datafusion::common::DFSchema| -> Vec<DataType> {
+                schema.fields().iter().map(|f| f.data_type().clone()).collect()
+            };
+            let operator = JoinOperator::new(
+                kind,
+                left_keys,
+                right_keys,
+                key_types,
+                types(left_schema),
+                types(right_schema),
+                filter,
+                Arc::new(join.schema.as_arrow().clone()),
+            )?;
+            let inputs = vec![lower(state, &join.left)?, lower(state, &join.right)?];
+            Ok(Node::Operator(Box::new(operator), inputs))
+        }
         other => Err(Error::NotSupported {
             feature: format!("{} in a materialized view", construct_name(other)),
-            hint: Some("views support projections, WHERE, GROUP BY with count/sum/avg/min/max, for now".into()),
+            hint: Some("views support projections, WHERE, joins, GROUP BY with count/sum/avg/min/max, for now".into()),
         }),
     }
 }
@@ -218,7 +277,6 @@ fn aggregate_spec(
 
 fn construct_name(plan: &LogicalPlan) -> &'static str {
     match plan {
-        LogicalPlan::Join(_) => "JOIN",
         LogicalPlan::Sort(_) => "ORDER BY",
         LogicalPlan::Limit(_) => "LIMIT",
         LogicalPlan::Distinct(_) => "DISTINCT",

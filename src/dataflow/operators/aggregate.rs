@@ -164,7 +164,9 @@ impl AggregateOperator {
                 let Some(expr) = &spec.argument else { return Ok(Argument::None) };
                 let values = expr.evaluate(batch)?.into_array(batch.num_rows())?;
                 Ok(match (spec.function, converter) {
-                    (_, Some(converter)) => Argument::Rows(converter.convert_columns(std::slice::from_ref(&values))?, values),
+                    (_, Some(converter)) => {
+                        Argument::Rows(converter.convert_columns(std::slice::from_ref(&values))?, values)
+                    }
                     (AggregateFunction::Count, _) => Argument::Any(values),
                     (_, None) if spec.output_type == DataType::Int64 => {
                         let ints = cast(&values, &DataType::Int64)?;

@@ -2,9 +2,11 @@
 //! answer; see each type's docs for how it treats weights.
 
 pub mod aggregate;
+pub mod join;
 pub mod materialize;
 pub mod project;
 
 pub use aggregate::{AggregateFunction, AggregateOperator, AggregateSpec};
+pub use join::{JoinKind, JoinOperator};
 pub use materialize::{EpochSink, MaterializeOperator};
 pub use project::ProjectFilterOperator;

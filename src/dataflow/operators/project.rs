@@ -4,8 +4,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use datafusion::arrow::array::{Array, BooleanArray, Int64Array};
-use datafusion::arrow::compute::{filter, filter_record_batch, prep_null_mask_filter};
+use datafusion::arrow::array::BooleanArray;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::physical_plan::PhysicalExpr;
@@ -45,22 +44,16 @@ impl Operator for ProjectFilterOperator {
     }
 
     async fn process(&mut self, _port: usize, input: ChangeBatch, out: &mut Output) -> Result<()> {
-        let (mut batch, mut weights) = (input.batch().clone(), input.weights().clone());
+        let mut input = input;
         if let Some(predicate) = &self.predicate {
-            let mask = predicate.evaluate(&batch)?.into_array(batch.num_rows())?;
+            let mask = predicate.evaluate(input.batch())?.into_array(input.num_rows())?;
             let mask = mask
                 .as_any()
                 .downcast_ref::<BooleanArray>()
                 .ok_or_else(|| Error::Internal("filter predicate is not boolean".into()))?;
-            let mask = if mask.null_count() > 0 { prep_null_mask_filter(mask) } else { mask.clone() };
-            batch = filter_record_batch(&batch, &mask)?;
-            let kept = filter(&weights, &mask)?;
-            weights = kept
-                .as_any()
-                .downcast_ref::<Int64Array>()
-                .ok_or_else(|| Error::Internal("filtered weights are not Int64".into()))?
-                .clone();
+            input = input.filter(mask)?;
         }
+        let (mut batch, weights) = (input.batch().clone(), input.weights().clone());
         if let Some(exprs) = &self.exprs {
             let columns = exprs
                 .iter()

@@ -1,0 +1,300 @@
+//! [`JoinOperator`]: equi-joins of two change streams, both sides arranged by join key.
+//!
+//! The matched part follows the incremental join rule: a change on one side is joined with
+//! the current arrangement of the other side, then added to its own arrangement, so the
+//! output over time is ΔA⋈B + A⋈ΔB + ΔA⋈ΔB. The unmatched parts (the NULL-padded rows of
+//! outer joins, and the rows semi and anti joins keep) depend only on whether the other
+//! side has any row with the key, so they change exactly when a key's total weight on the
+//! other side moves between zero and non-zero. Rows with a NULL in their key never match.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, Int64Array, RecordBatchOptions, UInt32Array};
+use datafusion::arrow::compute::{cast, take};
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::arrow::row::{RowConverter, Rows, SortField};
+use datafusion::physical_plan::PhysicalExpr;
+
+use crate::dataflow::ChangeBatch;
+use crate::dataflow::operator::{Operator, Output};
+use crate::error::{Error, Result};
+
+/// Which rows a join produces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JoinKind {
+    Inner,
+    Left,
+    Right,
+    Full,
+    /// Left rows with at least one match (`IN`, `EXISTS`).
+    LeftSemi,
+    /// Left rows without a match (`NOT EXISTS`).
+    LeftAnti,
+}
+
+impl JoinKind {
+    fn pads_left(self) -> bool {
+        matches!(self, JoinKind::Left | JoinKind::Full)
+    }
+
+    fn pads_right(self) -> bool {
+        matches!(self, JoinKind::Right | JoinKind::Full)
+    }
+
+    fn pairs(self) -> bool {
+        matches!(self, JoinKind::Inner | JoinKind::Left | JoinKind::Right | JoinKind::Full)
+    }
+}
+
+/// One input's arrangement: rows (encoded) by key, with multiplicities.
+struct Side {
+    keys: Vec<Arc<dyn PhysicalExpr>>,
+    rows: RowConverter,
+    by_key: HashMap<Box<[u8]>, HashMap<Box<[u8]>, i64>>,
+    /// Total weight per key.
+    weight: HashMap<Box<[u8]>, i64>,
+}
+
+impl Side {
+    fn weight_of(&self, key: &[u8]) -> i64 {
+        self.weight.get(key).copied().unwrap_or(0)
+    }
+
+    fn add(&mut self, key: &[u8], row: &[u8], w: i64) {
+        let rows = self.by_key.entry(key.into()).or_default();
+        let count = rows.entry(row.into()).or_insert(0);
+        *count += w;
+        if *count == 0 {
+            rows.remove(row);
+        }
+        if rows.is_empty() {
+            self.by_key.remove(key);
+        }
+        let total = self.weight.entry(key.into()).or_insert(0);
+        *total += w;
+        if *total == 0 {
+            self.weight.remove(key);
+        }
+    }
+}
+
+/// One output row before it is decoded: the two sides' encoded rows (None = NULL padding).
+type Piece = (Option<Box<[u8]>>, Option<Box<[u8]>>, i64);
+
+/// `left JOIN right ON left.keys = right.keys [AND filter]`.
+pub struct JoinOperator {
+    kind: JoinKind,
+    left: Side,
+    right: Side,
+    key_converter: RowConverter,
+    key_types: Vec<DataType>,
+    /// Evaluated over joined rows (inner joins only).
+    filter: Option<Arc<dyn PhysicalExpr>>,
+    schema: SchemaRef,
+}
+
+impl JoinOperator {
+    /// `left_types`/`right_types` are the input column types; `key_types` the (common) key
+    /// types; `schema` the output.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        kind: JoinKind,
+        left_keys: Vec<Arc<dyn PhysicalExpr>>,
+        right_keys: Vec<Arc<dyn PhysicalExpr>>,
+        key_types: Vec<DataType>,
+        left_types: Vec<DataType>,
+        right_types: Vec<DataType>,
+        filter: Option<Arc<dyn PhysicalExpr>>,
+        schema: SchemaRef,
+    ) -> Result<Self> {
+        let side = |keys, types: Vec<DataType>| -> Result<Side> {
+            Ok(Side {
+                keys,
+                rows: RowConverter::new(types.into_iter().map(SortField::new).collect())?,
+                by_key: HashMap::new(),
+                weight: HashMap::new(),
+            })
+        };
+        Ok(JoinOperator {
+            kind,
+            left: side(left_keys, left_types)?,
+            right: side(right_keys, right_types)?,
+            key_converter: RowConverter::new(key_types.iter().cloned().map(SortField::new).collect())?,
+            key_types,
+            filter,
+            schema,
+        })
+    }
+
+    /// Encoded keys of a batch (None where a key column is NULL) and encoded rows.
+    fn encode(&self, port: usize, batch: &RecordBatch) -> Result<(Vec<Option<Box<[u8]>>>, Rows)> {
+        let side = if port == 0 { &self.left } else { &self.right };
+        let mut keys = Vec::with_capacity(side.keys.len());
+        for (expr, key_type) in side.keys.iter().zip(&self.key_types) {
+            let values = expr.evaluate(batch)?.into_array(batch.num_rows())?;
+            keys.push(if values.data_type() == key_type { values } else { cast(&values, key_type)? });
+        }
+        let encoded = self.key_converter.convert_columns(&keys)?;
+        let keys = (0..batch.num_rows())
+            .map(|i| keys.iter().all(|k| k.is_valid(i)).then(|| Box::from(encoded.row(i).as_ref())))
+            .collect();
+        Ok((keys, side.rows.convert_columns(batch.columns())?))
+    }
+
+    /// Decodes pieces into an output batch.
+    fn build(&self, pieces: Vec<Piece>) -> Result<Option<ChangeBatch>> {
+        if pieces.is_empty() {
+            return Ok(None);
+        }
+        let n = pieces.len();
+        let mut columns = Vec::new();
+        let (lefts, rest): (Vec<_>, Vec<_>) = pieces.into_iter().map(|(l, r, w)| (l, (r, w))).unzip();
+        let (rights, weights): (Vec<_>, Vec<_>) = rest.into_iter().unzip();
+        match self.kind {
+            JoinKind::LeftSemi | JoinKind::LeftAnti => columns.extend(decode_side(&self.left.rows, &lefts)?),
+            _ => {
+                columns.extend(decode_side(&self.left.rows, &lefts)?);
+                columns.extend(decode_side(&self.right.rows, &rights)?);
+            }
+        }
+        let columns = columns
+            .into_iter()
+            .zip(self.schema.fields())
+            .map(|(c, f)| if c.data_type() == f.data_type() { Ok(c) } else { cast(&c, f.data_type()) })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let batch = RecordBatch::try_new_with_options(
+            self.schema.clone(),
+            columns,
+            &RecordBatchOptions::new().with_row_count(Some(n)),
+        )?;
+        let mut change = ChangeBatch::try_new(batch, Int64Array::from(weights))?;
+        if let Some(filter) = &self.filter {
+            let mask = filter.evaluate(change.batch())?.into_array(n)?;
+            let mask = mask
+                .as_any()
+                .downcast_ref::<BooleanArray>()
+                .ok_or_else(|| Error::Internal("join filter is not boolean".into()))?;
+            change = change.filter(mask)?;
+        }
+        Ok(Some(change))
+    }
+}
+
+/// Decodes one side's rows, with NULLs where a piece has no row for that side.
+fn decode_side(converter: &RowConverter, rows: &[Option<Box<[u8]>>]) -> Result<Vec<ArrayRef>> {
+    let parser = converter.parser();
+    let present: Vec<_> = rows.iter().flatten().map(|r| parser.parse(r)).collect();
+    let decoded = if present.is_empty() {
+        converter.convert_rows(converter.empty_rows(0, 0).iter())?
+    } else {
+        converter.convert_rows(present)?
+    };
+    if rows.iter().all(|r| r.is_some()) {
+        return Ok(decoded);
+    }
+    let mut next = 0u32;
+    let indices: UInt32Array = rows
+        .iter()
+        .map(|r| {
+            r.as_ref().map(|_| {
+                next += 1;
+                next - 1
+            })
+        })
+        .collect();
+    Ok(decoded
+        .iter()
+        .map(|column| take(column.as_ref(), &indices, None))
+        .collect::<std::result::Result<Vec<_>, _>>()?)
+}
+
+#[async_trait]
+impl Operator for JoinOperator {
+    fn name(&self) -> &str {
+        match self.kind {
+            JoinKind::Inner => "join",
+            JoinKind::Left => "left_join",
+            JoinKind::Right => "right_join",
+            JoinKind::Full => "full_join",
+            JoinKind::LeftSemi => "semi_join",
+            JoinKind::LeftAnti => "anti_join",
+        }
+    }
+
+    async fn process(&mut self, port: usize, input: ChangeBatch, out: &mut Output) -> Result<()> {
+        let (keys, rows) = self.encode(port, input.batch())?;
+        let kind = self.kind;
+        let mut pieces: Vec<Piece> = Vec::new();
+        // Keys whose weight on this side changes, with the weight before the change.
+        let mut before: HashMap<Box<[u8]>, i64> = HashMap::new();
+        let (this, other) = if port == 0 { (&mut self.left, &self.right) } else { (&mut self.right, &self.left) };
+        let pads_this = if port == 0 { kind.pads_left() } else { kind.pads_right() };
+        for (i, key) in keys.iter().enumerate() {
+            let w = input.weights().value(i);
+            let row: Box<[u8]> = Box::from(rows.row(i).as_ref());
+            let Some(key) = key else {
+                // A NULL key matches nothing: only padding (or the anti join) sees the row.
+                if pads_this {
+                    pieces.push(if port == 0 { (Some(row), None, w) } else { (None, Some(row), w) });
+                } else if port == 0 && kind == JoinKind::LeftAnti {
+                    pieces.push((Some(row), None, w));
+                }
+                continue;
+            };
+            let other_weight = other.weight_of(key);
+            if kind.pairs()
+                && let Some(matches) = other.by_key.get(key)
+            {
+                for (other_row, count) in matches {
+                    let (l, r) =
+                        if port == 0 { (row.clone(), other_row.clone()) } else { (other_row.clone(), row.clone()) };
+                    pieces.push((Some(l), Some(r), w * count));
+                }
+            }
+            match (port, kind) {
+                (0, JoinKind::LeftSemi) if other_weight != 0 => pieces.push((Some(row.clone()), None, w)),
+                (0, JoinKind::LeftAnti) if other_weight == 0 => pieces.push((Some(row.clone()), None, w)),
+                _ if pads_this && other_weight == 0 => {
+                    pieces.push(if port == 0 { (Some(row.clone()), None, w) } else { (None, Some(row.clone()), w) })
+                }
+                _ => {}
+            }
+            before.entry(key.clone()).or_insert_with(|| this.weight_of(key));
+            this.add(key, &row, w);
+        }
+        // The other side's unmatched rows appear or disappear as this side's keys go between
+        // zero and non-zero weight.
+        let other_reacts = match (port, kind) {
+            (0, _) => kind.pads_right(),
+            (_, JoinKind::LeftSemi | JoinKind::LeftAnti) => true,
+            _ => kind.pads_left(),
+        };
+        if other_reacts {
+            for (key, old) in before {
+                let new = this.weight_of(&key);
+                if (old == 0) == (new == 0) {
+                    continue;
+                }
+                let Some(other_rows) = other.by_key.get(&key) else { continue };
+                // Sign of the change in "other side has no match": + when matches vanish.
+                let unmatched_sign = if new == 0 { 1 } else { -1 };
+                for (other_row, count) in other_rows {
+                    let piece = match (port, kind) {
+                        (_, JoinKind::LeftSemi) => (Some(other_row.clone()), None, -unmatched_sign * count),
+                        (_, JoinKind::LeftAnti) => (Some(other_row.clone()), None, unmatched_sign * count),
+                        (0, _) => (None, Some(other_row.clone()), unmatched_sign * count),
+                        _ => (Some(other_row.clone()), None, unmatched_sign * count),
+                    };
+                    pieces.push(piece);
+                }
+            }
+        }
+        if let Some(change) = self.build(pieces)? {
+            out.push(change);
+        }
+        Ok(())
+    }
+}
