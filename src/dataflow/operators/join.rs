@@ -49,11 +49,16 @@ impl JoinKind {
     }
 }
 
+/// Encoded rows with their multiplicities.
+type RowCounts = HashMap<Box<[u8]>, i64>;
+/// An encoded join key per row; `None` where a key column is NULL.
+type EncodedKeys = Vec<Option<Box<[u8]>>>;
+
 /// One input's arrangement: rows (encoded) by key, with multiplicities.
 struct Side {
     keys: Vec<Arc<dyn PhysicalExpr>>,
     rows: RowConverter,
-    by_key: HashMap<Box<[u8]>, HashMap<Box<[u8]>, i64>>,
+    by_key: HashMap<Box<[u8]>, RowCounts>,
     /// Total weight per key.
     weight: HashMap<Box<[u8]>, i64>,
 }
@@ -130,7 +135,7 @@ impl JoinOperator {
     }
 
     /// Encoded keys of a batch (None where a key column is NULL) and encoded rows.
-    fn encode(&self, port: usize, batch: &RecordBatch) -> Result<(Vec<Option<Box<[u8]>>>, Rows)> {
+    fn encode(&self, port: usize, batch: &RecordBatch) -> Result<(EncodedKeys, Rows)> {
         let side = if port == 0 { &self.left } else { &self.right };
         let mut keys = Vec::with_capacity(side.keys.len());
         for (expr, key_type) in side.keys.iter().zip(&self.key_types) {
