@@ -639,8 +639,8 @@ impl Database {
                 let mut entries = Vec::new();
                 for version in snapshot.tables.values() {
                     entries.push(create_record(&version.def)?);
-                    for batch in version.batches.iter() {
-                        entries.push(Record::Rows { table: version.def.name.clone() }.entry(Some(batch.clone()))?);
+                    for batch in version.batches()? {
+                        entries.push(Record::Rows { table: version.def.name.clone() }.entry(Some(batch))?);
                     }
                 }
                 let views: Vec<(String, String)> =

@@ -70,12 +70,26 @@ impl TableDef {
 #[derive(Debug, Clone)]
 pub struct TableVersion {
     pub def: Arc<TableDef>,
-    pub batches: Arc<Vec<RecordBatch>>,
+    chunks: Arc<Vec<Chunk>>,
 }
 
 impl TableVersion {
     pub fn num_rows(&self) -> usize {
-        self.batches.iter().map(|b| b.num_rows()).sum()
+        self.chunks.iter().map(|c| c.live_rows()).sum()
+    }
+
+    /// The live rows, as batches. Each chunk's live rows are computed once per version.
+    pub fn batches(&self) -> Result<Vec<RecordBatch>> {
+        self.chunks
+            .iter()
+            .map(|chunk| match chunk.published.get() {
+                Some(batch) => Ok(batch.clone()),
+                None => {
+                    let batch = chunk.live_batch()?;
+                    Ok(chunk.published.get_or_init(|| batch).clone())
+                }
+            })
+            .collect()
     }
 }
 
@@ -155,12 +169,58 @@ impl SnapshotCell {
     }
 }
 
+/// Rows of one chunk, with the rows deleted since it was written marked rather than
+/// removed, so a deletion costs O(1) and not a copy of the chunk.
+#[derive(Debug, Clone)]
+struct Chunk {
+    /// Never reused: index entries name chunks by id, positions shift as chunks merge.
+    id: u64,
+    batch: RecordBatch,
+    /// `true` for live rows; `None` while every row is live.
+    live: Option<Vec<bool>>,
+    dead: usize,
+    /// The live rows as readers see them, built on first read of a version.
+    published: Arc<std::sync::OnceLock<RecordBatch>>,
+}
+
+impl Chunk {
+    fn new(id: u64, batch: RecordBatch) -> Self {
+        Chunk { id, batch, live: None, dead: 0, published: Arc::default() }
+    }
+
+    fn live_rows(&self) -> usize {
+        self.batch.num_rows() - self.dead
+    }
+
+    fn kill(&mut self, row: usize) {
+        let rows = self.batch.num_rows();
+        self.live.get_or_insert_with(|| vec![true; rows])[row] = false;
+        self.dead += 1;
+        self.published = Arc::default();
+    }
+
+    /// The live rows as a batch (the chunk itself when nothing was deleted).
+    fn live_batch(&self) -> Result<RecordBatch> {
+        match &self.live {
+            None => Ok(self.batch.clone()),
+            Some(live) => Ok(filter_record_batch(&self.batch, &BooleanArray::from(live.clone()))?),
+        }
+    }
+}
+
 /// A table's rows as the single writer sees and changes them.
+///
+/// Rows live in a few chunks (Arrow batches); an index maps each row's identity (its
+/// primary key, or all its columns without one) to where its copies are. Inserting appends
+/// a chunk, deleting marks rows dead, so the cost of a change grows with the change and not
+/// with the table. Chunks are merged like a binary counter (O(log n) chunks, each row
+/// copied O(log n) times) and rewritten once half their rows are dead.
 pub struct TableState {
     def: Arc<TableDef>,
-    batches: Vec<RecordBatch>,
-    /// Encoded primary keys of every row; empty for tables without a primary key.
-    keys: HashSet<Box<[u8]>>,
+    chunks: Vec<Chunk>,
+    next_chunk: u64,
+    /// Identity → (chunk id, row) of every live copy.
+    index: HashMap<Box<[u8]>, Vec<(u64, u32)>>,
     identity: RowConverter,
 }
 
@@ -169,7 +229,7 @@ impl TableState {
         let fields =
             def.identity_columns().iter().map(|&i| SortField::new(def.schema.field(i).data_type().clone())).collect();
         let identity = RowConverter::new(fields)?;
-        Ok(TableState { def, batches: Vec::new(), keys: HashSet::new(), identity })
+        Ok(TableState { def, chunks: Vec::new(), next_chunk: 0, index: HashMap::new(), identity })
     }
 
     pub fn def(&self) -> &Arc<TableDef> {
@@ -178,7 +238,7 @@ impl TableState {
 
     /// The rows as an immutable version for readers.
     pub fn version(&self) -> TableVersion {
-        TableVersion { def: self.def.clone(), batches: Arc::new(self.batches.clone()) }
+        TableVersion { def: self.def.clone(), chunks: Arc::new(self.chunks.clone()) }
     }
 
     /// Applies a change: retractions remove matching rows, insertions add rows. Either the
@@ -188,92 +248,110 @@ impl TableState {
         self.check_values(&inserts)?;
         let inserts = RecordBatch::try_new(self.def.schema.clone(), inserts.columns().to_vec())
             .map_err(|e| Error::Internal(format!("rows do not match table \"{}\": {e}", self.def.name)))?;
-        let keep = self.rows_to_keep(&retracts)?;
-        let has_pk = !self.def.primary_key.is_empty();
-        let mut retracted_keys = HashSet::new();
-        let mut inserted_keys = Vec::new();
-        if has_pk {
-            let rows = self.identity_rows(&retracts)?;
-            retracted_keys = rows.iter().map(|r| Box::<[u8]>::from(r.as_ref())).collect();
-            let rows = self.identity_rows(&inserts)?;
+        let retracted = self.identity_rows(&retracts)?;
+        let inserted = self.identity_rows(&inserts)?;
+        // Validate everything before changing anything.
+        let mut wanted: HashMap<&[u8], usize> = HashMap::new();
+        for row in retracted.iter() {
+            *wanted.entry(row.data()).or_default() += 1;
+        }
+        for (key, count) in &wanted {
+            let present = self.index.get(*key).map_or(0, |copies| copies.len());
+            if present < *count {
+                return Err(Error::Internal(format!(
+                    "table \"{}\": {} retracted rows are not in the table",
+                    self.def.name,
+                    count - present
+                )));
+            }
+        }
+        if !self.def.primary_key.is_empty() {
             let mut seen = HashSet::new();
-            for (i, row) in rows.iter().enumerate() {
-                let key: Box<[u8]> = row.as_ref().into();
-                let taken = self.keys.contains(&key) && !retracted_keys.contains(&key);
-                if taken || !seen.insert(key.clone()) {
+            for (i, row) in inserted.iter().enumerate() {
+                let key = row.data();
+                let remaining = self.index.get(key).map_or(0, |c| c.len()) - wanted.get(key).copied().unwrap_or(0);
+                if remaining > 0 || !seen.insert(key) {
                     return Err(self.duplicate_key(&inserts, i));
                 }
-                inserted_keys.push(key);
             }
         }
         // Validated: now mutate.
-        if let Some(keep) = keep {
-            let mut kept = Vec::with_capacity(self.batches.len());
-            for (batch, mask) in self.batches.iter().zip(keep) {
-                let batch = match mask {
-                    None => batch.clone(),
-                    Some(mask) => filter_record_batch(batch, &mask)?,
-                };
-                if batch.num_rows() > 0 {
-                    kept.push(batch);
-                }
+        for row in retracted.iter() {
+            let copies = self.index.get_mut(row.data()).expect("validated above: the row is present");
+            let (chunk_id, position) = copies.pop().expect("validated above: a copy is left");
+            if copies.is_empty() {
+                self.index.remove(row.data());
             }
-            self.batches = kept;
+            let chunk = self.chunks.iter_mut().find(|c| c.id == chunk_id).expect("index entries name live chunks");
+            chunk.kill(position as usize);
         }
-        for key in &retracted_keys {
-            self.keys.remove(key);
-        }
-        self.keys.extend(inserted_keys);
         if inserts.num_rows() > 0 {
-            self.batches.push(inserts);
-            self.merge_tail()?;
+            let id = self.next_chunk;
+            self.next_chunk += 1;
+            for (i, row) in inserted.iter().enumerate() {
+                self.index.entry(row.data().into()).or_default().push((id, i as u32));
+            }
+            self.chunks.push(Chunk::new(id, inserts));
+        }
+        self.compact()
+    }
+
+    /// Rewrites chunks that are mostly dead, drops empty ones, and merges the newest chunks
+    /// while the last holds at least half as many live rows as the one before it.
+    fn compact(&mut self) -> Result<()> {
+        let mut i = 0;
+        while i < self.chunks.len() {
+            let chunk = &self.chunks[i];
+            if chunk.live_rows() == 0 {
+                self.chunks.remove(i);
+                continue;
+            }
+            if chunk.dead > chunk.live_rows() {
+                let replacement = self.rewrite(&[i])?;
+                self.chunks[i] = replacement;
+            }
+            i += 1;
+        }
+        while self.chunks.len() >= 2 {
+            let n = self.chunks.len();
+            if self.chunks[n - 1].live_rows() * 2 < self.chunks[n - 2].live_rows() {
+                break;
+            }
+            let merged = self.rewrite(&[n - 2, n - 1])?;
+            self.chunks.truncate(n - 2);
+            self.chunks.push(merged);
         }
         Ok(())
     }
 
-    /// For each stored batch, `None` to keep it whole or a mask of rows to keep. `None`
-    /// overall when nothing is retracted.
-    #[allow(clippy::type_complexity)]
-    fn rows_to_keep(&self, retracts: &RecordBatch) -> Result<Option<Vec<Option<BooleanArray>>>> {
-        if retracts.num_rows() == 0 {
-            return Ok(None);
-        }
-        let mut wanted: HashMap<Box<[u8]>, usize> = HashMap::new();
-        for row in self.identity_rows(retracts)?.iter() {
-            *wanted.entry(row.as_ref().into()).or_default() += 1;
-        }
-        let mut remaining = retracts.num_rows();
-        let mut masks = Vec::with_capacity(self.batches.len());
-        for batch in &self.batches {
-            if remaining == 0 {
-                masks.push(None);
-                continue;
+    /// The live rows of the chunks at `positions`, as one new chunk, with the index moved
+    /// over to it.
+    fn rewrite(&mut self, positions: &[usize]) -> Result<Chunk> {
+        let id = self.next_chunk;
+        self.next_chunk += 1;
+        let mut parts = Vec::new();
+        let mut moves: HashMap<(u64, u32), u32> = HashMap::new();
+        let mut next_row = 0u32;
+        for &p in positions {
+            let chunk = &self.chunks[p];
+            for row in 0..chunk.batch.num_rows() {
+                if chunk.live.as_ref().is_none_or(|live| live[row]) {
+                    moves.insert((chunk.id, row as u32), next_row);
+                    next_row += 1;
+                }
             }
-            let rows = self.identity_rows(batch)?;
-            let mut any_removed = false;
-            let mask: BooleanArray = rows
-                .iter()
-                .map(|row| {
-                    if let Some(count) = wanted.get_mut(row.as_ref())
-                        && *count > 0
-                    {
-                        *count -= 1;
-                        remaining -= 1;
-                        any_removed = true;
-                        return Some(false);
-                    }
-                    Some(true)
-                })
-                .collect();
-            masks.push(any_removed.then_some(mask));
+            parts.push(chunk.live_batch()?);
         }
-        if remaining > 0 {
-            return Err(Error::Internal(format!(
-                "table \"{}\": {remaining} retracted rows are not in the table",
-                self.def.name
-            )));
+        let batch = concat_batches(&self.def.schema, &parts)?;
+        for row in self.identity_rows(&batch)?.iter() {
+            let copies = self.index.get_mut(row.data()).expect("every live row is indexed");
+            for location in copies.iter_mut() {
+                if let Some(new_row) = moves.remove(location) {
+                    *location = (id, new_row);
+                }
+            }
         }
-        Ok(Some(masks))
+        Ok(Chunk::new(id, batch))
     }
 
     fn identity_rows(&self, batch: &RecordBatch) -> Result<datafusion::arrow::row::Rows> {
@@ -315,22 +393,6 @@ impl TableState {
             constraint: format!("{}_pkey", self.def.name),
             detail: format!("Key ({})=({}) already exists.", names.join(", "), values.join(", ")),
         }
-    }
-
-    /// Keeps the batch list short: merge the newest batches while the last is at least half
-    /// the size of the one before it, like a binary counter. Each row is copied O(log n)
-    /// times in total and a table of n rows has O(log n) batches.
-    fn merge_tail(&mut self) -> Result<()> {
-        while self.batches.len() >= 2 {
-            let n = self.batches.len();
-            if self.batches[n - 1].num_rows() * 2 < self.batches[n - 2].num_rows() {
-                break;
-            }
-            let last = self.batches.pop().expect("len >= 2");
-            let before = self.batches.pop().expect("len >= 2");
-            self.batches.push(concat_batches(&self.def.schema, [&before, &last])?);
-        }
-        Ok(())
     }
 }
 
@@ -381,7 +443,7 @@ impl TableProvider for FreshetTable {
                 self.def.name
             ))
         })?;
-        let partitions = vec![version.batches.as_ref().clone()];
+        let partitions = vec![version.batches().map_err(|e| DataFusionError::External(Box::new(e)))?];
         let exec = MemorySourceConfig::try_new_exec(&partitions, self.def.schema.clone(), projection.cloned())?;
         Ok(exec)
     }
@@ -439,7 +501,7 @@ mod tests {
 
     fn contents(state: &TableState) -> Vec<(i64, Option<String>)> {
         let mut out = Vec::new();
-        for batch in &state.batches {
+        for batch in state.version().batches().expect("live rows") {
             let ids = batch.column(0).as_any().downcast_ref::<Int64Array>().expect("ids");
             let names = batch.column(1).as_any().downcast_ref::<StringArray>().expect("names");
             for i in 0..batch.num_rows() {
@@ -487,6 +549,34 @@ mod tests {
     }
 
     #[test]
+    fn deletes_and_reinserts_keep_the_index_right() {
+        let d = def(vec![]);
+        let mut state = TableState::new(d.clone()).expect("state");
+        for round in 0..200i64 {
+            let id = round % 17;
+            state.apply(&ChangeBatch::inserts(rows(&d, &[(id, Some("x")), (id + 100, None)]))).expect("insert");
+            if round % 3 == 0 {
+                state.apply(&ChangeBatch::retracts(rows(&d, &[(id, Some("x"))]))).expect("delete one copy");
+            }
+        }
+        let expected_copies = |id: i64| {
+            (0..200i64).filter(|r| r % 17 == id).count() - (0..200i64).filter(|r| r % 17 == id && r % 3 == 0).count()
+        };
+        let got = contents(&state);
+        for id in 0..17 {
+            assert_eq!(got.iter().filter(|r| r.0 == id).count(), expected_copies(id), "copies of {id}");
+        }
+        assert_eq!(state.version().num_rows(), got.len());
+        // Every copy can still be found and deleted.
+        let all = state.version().batches().expect("rows");
+        for batch in all {
+            state.apply(&ChangeBatch::retracts(batch)).expect("delete every row");
+        }
+        assert_eq!(state.version().num_rows(), 0);
+        assert!(state.index.is_empty());
+    }
+
+    #[test]
     fn not_null_is_enforced() {
         let schema = Arc::new(Schema::new(vec![
             Field::new("id", DataType::Int64, true),
@@ -514,6 +604,6 @@ mod tests {
             state.apply(&ChangeBatch::inserts(rows(&d, &[(i, None)]))).expect("insert");
         }
         assert_eq!(contents(&state).len(), 1000);
-        assert!(state.batches.len() <= 12, "{} batches", state.batches.len());
+        assert!(state.chunks.len() <= 12, "{} chunks", state.chunks.len());
     }
 }

@@ -92,6 +92,7 @@ impl Feeds {
 pub struct Pending {
     view: u64,
     inputs: Vec<(String, mpsc::UnboundedSender<Message>)>,
+    failures: Arc<FailureSlot>,
 }
 
 impl Pending {
@@ -102,9 +103,19 @@ impl Pending {
         let snapshot = cell.committed();
         for (table, sender) in self.inputs {
             if let Some(version) = snapshot.relation(&table) {
-                for batch in version.batches.iter() {
-                    feeds.queued_rows.fetch_add(batch.num_rows(), Ordering::AcqRel);
-                    let _ = sender.send(Message::Data(ChangeBatch::inserts(batch.clone())));
+                match version.batches() {
+                    Ok(batches) => {
+                        for batch in batches {
+                            feeds.queued_rows.fetch_add(batch.num_rows(), Ordering::AcqRel);
+                            let _ = sender.send(Message::Data(ChangeBatch::inserts(batch)));
+                        }
+                    }
+                    Err(e) => {
+                        // Without its starting rows the view would be wrong: mark it failed
+                        // (FLUSH and reads report it) and leave it disconnected.
+                        self.failures.set(format!("reading the rows of \"{table}\" to start: {e}"));
+                        continue;
+                    }
                 }
             }
             feeds.register(self.view, &table, sender);
@@ -143,7 +154,7 @@ impl ViewSink {
 /// Starts the operators of `root` with `sink` at the end, and returns the feeds to connect.
 pub fn spawn(view: u64, root: Node, sink: ViewSink, feeds: &Arc<Feeds>, failures: &Arc<FailureSlot>) -> Pending {
     let schema = sink.state.def().schema.clone();
-    let mut pending = Pending { view, inputs: Vec::new() };
+    let mut pending = Pending { view, inputs: Vec::new(), failures: failures.clone() };
     let input = spawn_node(root, feeds, failures, &mut pending);
     let materialize = MaterializeOperator::new(schema, Box::new(sink));
     runtime::spawn(Box::new(materialize), vec![input], Vec::new(), failures.clone());

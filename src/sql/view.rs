@@ -277,6 +277,7 @@ fn aggregate_spec(
 
 fn construct_name(plan: &LogicalPlan) -> &'static str {
     match plan {
+        LogicalPlan::Sort(sort) if sort.fetch.is_some() => "ORDER BY … LIMIT (top-N)",
         LogicalPlan::Sort(_) => "ORDER BY",
         LogicalPlan::Limit(_) => "LIMIT",
         LogicalPlan::Distinct(_) => "DISTINCT",
