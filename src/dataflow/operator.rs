@@ -61,7 +61,8 @@ impl Output {
         self.messages.push(Message::Watermark(watermark));
     }
 
-    pub(crate) fn take(&mut self) -> Vec<Message> {
+    /// Removes and returns what was emitted so far (the runtime sends it downstream).
+    pub fn take_messages(&mut self) -> Vec<Message> {
         std::mem::take(&mut self.messages)
     }
 }

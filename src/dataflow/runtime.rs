@@ -108,13 +108,13 @@ async fn run(operator: &mut dyn Operator, mut inputs: Vec<EdgeReceiver>, outputs
                     pending = Some(barrier);
                 }
             }
-            send_all(outputs, out.take()).await;
+            send_all(outputs, out.take_messages()).await;
         }
         let aligned = (0..ports).all(|p| closed[p] || waiting[p]);
         if aligned && let Some(barrier) = pending.take() {
             operator.on_barrier(&barrier, &mut out).await?;
             let stop = barrier.mutation == Some(Mutation::Stop);
-            let mut messages = out.take();
+            let mut messages = out.take_messages();
             messages.push(Message::Barrier(barrier));
             send_all(outputs, messages).await;
             waiting.iter_mut().for_each(|w| *w = false);
