@@ -41,6 +41,9 @@ const SHAPES: &[(&str, &str)] = &[
         "SELECT u.label, count(*) AS n, sum(t.v) AS s, max(t.f) AS mf FROM t JOIN u ON t.k = u.k GROUP BY u.label",
     ),
     ("v_self_join", "SELECT a.id, b.id AS other FROM t a JOIN t b ON a.v = b.v AND a.id < b.id"),
+    ("v_union_all", "SELECT k, v AS x FROM t WHERE v > 0 UNION ALL SELECT k, w FROM u"),
+    ("v_union", "SELECT k FROM t UNION SELECT k FROM u WHERE label = 'x'"),
+    ("v_union_aggregate", "SELECT k, count(*) AS n FROM (SELECT k FROM t UNION ALL SELECT k FROM u) GROUP BY k"),
 ];
 
 /// A small deterministic generator (xorshift), so failures reproduce.

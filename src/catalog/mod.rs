@@ -316,6 +316,7 @@ impl Database {
                 self.names(names)
             }
             Planned::Flush => self.flush().await.map(|_| Outcome::Command { tag: "FLUSH", rows: None }),
+            Planned::ExplainView(lines) => self.lines(sql::explain_schema(), lines),
         };
         result.map_err(|e| place_relation(e, sql))
     }
@@ -493,8 +494,12 @@ impl Database {
     }
 
     fn names(&self, names: Vec<String>) -> Result<Outcome> {
-        let schema = sql::show_tables_schema();
-        let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(StringArray::from(names))])?;
+        self.lines(sql::show_tables_schema(), names)
+    }
+
+    /// A one-column text result.
+    fn lines(&self, schema: SchemaRef, lines: Vec<String>) -> Result<Outcome> {
+        let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(StringArray::from(lines))])?;
         let stream = RecordBatchStreamAdapter::new(schema.clone(), futures::stream::iter([Ok(batch)]));
         Ok(Outcome::Rows { schema, stream: Box::pin(stream) })
     }

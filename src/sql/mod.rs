@@ -93,6 +93,8 @@ pub enum Planned {
     ShowViews,
     /// FLUSH.
     Flush,
+    /// EXPLAIN CREATE MATERIALIZED VIEW: the dataflow, one line per operator.
+    ExplainView(Vec<String>),
 }
 
 /// A planned CREATE MATERIALIZED VIEW.
@@ -147,6 +149,7 @@ impl Planned {
         match self {
             Planned::Query(plan) => Some(Arc::new(plan.schema().as_arrow().clone())),
             Planned::ShowTables | Planned::ShowViews => Some(show_tables_schema()),
+            Planned::ExplainView(_) => Some(explain_schema()),
             _ => None,
         }
     }
@@ -159,6 +162,11 @@ impl Planned {
             other => other,
         })
     }
+}
+
+/// The column of `EXPLAIN CREATE MATERIALIZED VIEW`.
+pub fn explain_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![Field::new("dataflow", DataType::Utf8, false)]))
 }
 
 /// The columns of `SHOW TABLES`.
@@ -208,6 +216,19 @@ pub async fn plan(state: &SessionState, statement: &Statement, sql: &str) -> Res
             }
             _ => {}
         }
+    }
+    if let DFStatement::Explain(explain) = statement
+        && let DFStatement::Statement(inner) = explain.statement.as_ref()
+        && let SqlStatement::CreateView(create) = inner.as_ref()
+        && create.materialized
+    {
+        let Planned::CreateView(view) =
+            plan_view(state, object_name(&create.name), false, &create.query.to_string()).await?
+        else {
+            return Err(Error::Internal("a view query planned as something else".into()));
+        };
+        let lines = view::lower(state, &view.plan)?.describe().lines().map(str::to_string).collect();
+        return Ok(Planned::ExplainView(lines));
     }
     if let DFStatement::CreateExternalTable(_) | DFStatement::CopyTo(_) | DFStatement::Reset(_) = statement {
         return Err(Error::not_supported(first_words(statement)));

@@ -16,7 +16,7 @@ use datafusion::physical_plan::PhysicalExpr;
 
 use crate::dataflow::Operator;
 use crate::dataflow::operators::{
-    AggregateFunction, AggregateOperator, AggregateSpec, JoinKind, JoinOperator, ProjectFilterOperator,
+    AggregateFunction, AggregateOperator, AggregateSpec, JoinKind, JoinOperator, ProjectFilterOperator, UnionOperator,
 };
 use crate::error::{Error, Result};
 
@@ -161,6 +161,11 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
             let operator = AggregateOperator::new(groups, group_types, specs, schema)?;
             Ok(Node::Operator(Box::new(operator), vec![input]))
         }
+        LogicalPlan::Union(union) => {
+            let inputs = union.inputs.iter().map(|input| lower(state, input)).collect::<Result<Vec<_>>>()?;
+            let schema: SchemaRef = Arc::new(union.schema.as_arrow().clone());
+            Ok(Node::Operator(Box::new(UnionOperator::new(schema)), inputs))
+        }
         LogicalPlan::Join(join) => {
             if join.null_equality != NullEquality::NullEqualsNothing || join.null_aware {
                 return Err(Error::not_supported("NOT IN over a subquery in a materialized view (use NOT EXISTS)"));
@@ -281,7 +286,6 @@ fn construct_name(plan: &LogicalPlan) -> &'static str {
         LogicalPlan::Sort(_) => "ORDER BY",
         LogicalPlan::Limit(_) => "LIMIT",
         LogicalPlan::Distinct(_) => "DISTINCT",
-        LogicalPlan::Union(_) => "UNION",
         LogicalPlan::Window(_) => "window functions",
         LogicalPlan::Values(_) => "VALUES",
         LogicalPlan::EmptyRelation(_) => "a query that reads no table",

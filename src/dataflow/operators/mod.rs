@@ -5,8 +5,10 @@ pub mod aggregate;
 pub mod join;
 pub mod materialize;
 pub mod project;
+pub mod union;
 
 pub use aggregate::{AggregateFunction, AggregateOperator, AggregateSpec};
 pub use join::{JoinKind, JoinOperator};
 pub use materialize::{EpochSink, MaterializeOperator};
 pub use project::ProjectFilterOperator;
+pub use union::UnionOperator;

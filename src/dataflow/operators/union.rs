@@ -1,0 +1,45 @@
+//! [`UnionOperator`]: `UNION ALL` of its inputs. Every input's changes pass through with
+//! their weights, so the output is the sum of the inputs. (`UNION` is `UNION ALL` under a
+//! DISTINCT, which the planner turns into an aggregate.)
+
+use async_trait::async_trait;
+use datafusion::arrow::array::RecordBatchOptions;
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::record_batch::RecordBatch;
+
+use crate::dataflow::ChangeBatch;
+use crate::dataflow::operator::{Operator, Output};
+use crate::error::Result;
+
+/// Passes every input's changes through, cast to the union's column types.
+pub struct UnionOperator {
+    schema: SchemaRef,
+}
+
+impl UnionOperator {
+    pub fn new(schema: SchemaRef) -> Self {
+        UnionOperator { schema }
+    }
+}
+
+#[async_trait]
+impl Operator for UnionOperator {
+    fn name(&self) -> &str {
+        "union_all"
+    }
+
+    async fn process(&mut self, _port: usize, input: ChangeBatch, out: &mut Output) -> Result<()> {
+        let columns = input
+            .batch()
+            .columns()
+            .iter()
+            .zip(self.schema.fields())
+            .map(|(c, f)| if c.data_type() == f.data_type() { Ok(c.clone()) } else { cast(c, f.data_type()) })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let options = RecordBatchOptions::new().with_row_count(Some(input.num_rows()));
+        let batch = RecordBatch::try_new_with_options(self.schema.clone(), columns, &options)?;
+        out.push(ChangeBatch::try_new(batch, input.weights().clone())?);
+        Ok(())
+    }
+}
