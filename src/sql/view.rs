@@ -6,17 +6,20 @@
 
 use std::sync::Arc;
 
+use datafusion::arrow::compute::SortOptions;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::row::SortField;
 use datafusion::common::NullEquality;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::execution::context::SessionState;
-use datafusion::logical_expr::{Expr, ExprSchemable, JoinType, LogicalPlan};
+use datafusion::logical_expr::{Expr, ExprSchemable, FetchType, JoinType, LogicalPlan, SkipType};
 use datafusion::physical_expr::expressions::Column as ColumnExpr;
 use datafusion::physical_plan::PhysicalExpr;
 
 use crate::dataflow::Operator;
 use crate::dataflow::operators::{
-    AggregateFunction, AggregateOperator, AggregateSpec, JoinKind, JoinOperator, ProjectFilterOperator, UnionOperator,
+    AggregateFunction, AggregateOperator, AggregateSpec, JoinKind, JoinOperator, ProjectFilterOperator, TopNOperator,
+    UnionOperator,
 };
 use crate::error::{Error, Result};
 
@@ -161,6 +164,35 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
             let operator = AggregateOperator::new(groups, group_types, specs, schema)?;
             Ok(Node::Operator(Box::new(operator), vec![input]))
         }
+        LogicalPlan::Sort(sort) if sort.fetch.is_none() => lower(state, &sort.input), // a view is a set
+        LogicalPlan::Sort(sort) => top_n(state, sort, 0, sort.fetch),
+        LogicalPlan::Limit(limit) => {
+            let skip = match limit.get_skip_type()? {
+                SkipType::Literal(n) => n,
+                SkipType::UnsupportedExpr => {
+                    return Err(Error::not_supported("a computed OFFSET in a materialized view"));
+                }
+            };
+            let fetch = match limit.get_fetch_type()? {
+                FetchType::Literal(n) => n,
+                FetchType::UnsupportedExpr => {
+                    return Err(Error::not_supported("a computed LIMIT in a materialized view"));
+                }
+            };
+            match limit.input.as_ref() {
+                LogicalPlan::Sort(sort) => {
+                    let fetch = match (fetch, sort.fetch) {
+                        (Some(f), Some(s)) => Some(f.min(s.saturating_sub(skip))),
+                        (f, s) => f.or(s.map(|s| s.saturating_sub(skip))),
+                    };
+                    top_n(state, sort, skip, fetch)
+                }
+                _ => Err(Error::NotSupported {
+                    feature: "LIMIT without ORDER BY in a materialized view".into(),
+                    hint: Some("which rows a bare LIMIT keeps is arbitrary; add ORDER BY".into()),
+                }),
+            }
+        }
         LogicalPlan::Union(union) => {
             let inputs = union.inputs.iter().map(|input| lower(state, input)).collect::<Result<Vec<_>>>()?;
             let schema: SchemaRef = Arc::new(union.schema.as_arrow().clone());
@@ -229,6 +261,27 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
     }
 }
 
+/// `ORDER BY … [OFFSET skip] LIMIT fetch` over `sort.input`.
+fn top_n(
+    state: &SessionState,
+    sort: &datafusion::logical_expr::Sort,
+    skip: usize,
+    fetch: Option<usize>,
+) -> Result<Node> {
+    let Some(limit) = fetch else { return lower(state, &sort.input) };
+    let input_schema = sort.input.schema();
+    let mut exprs = Vec::new();
+    let mut fields = Vec::new();
+    for s in &sort.expr {
+        exprs.push(state.create_physical_expr(s.expr.clone(), input_schema)?);
+        let options = SortOptions { descending: !s.asc, nulls_first: s.nulls_first };
+        fields.push(SortField::new_with_options(s.expr.get_type(input_schema)?, options));
+    }
+    let schema: SchemaRef = Arc::new(input_schema.as_arrow().clone());
+    let operator = TopNOperator::new(exprs, fields, skip, limit, schema)?;
+    Ok(Node::Operator(Box::new(operator), vec![lower(state, &sort.input)?]))
+}
+
 fn aggregate_spec(
     state: &SessionState,
     expr: &Expr,
@@ -282,9 +335,6 @@ fn aggregate_spec(
 
 fn construct_name(plan: &LogicalPlan) -> &'static str {
     match plan {
-        LogicalPlan::Sort(sort) if sort.fetch.is_some() => "ORDER BY … LIMIT (top-N)",
-        LogicalPlan::Sort(_) => "ORDER BY",
-        LogicalPlan::Limit(_) => "LIMIT",
         LogicalPlan::Distinct(_) => "DISTINCT",
         LogicalPlan::Window(_) => "window functions",
         LogicalPlan::Values(_) => "VALUES",

@@ -5,10 +5,12 @@ pub mod aggregate;
 pub mod join;
 pub mod materialize;
 pub mod project;
+pub mod topn;
 pub mod union;
 
 pub use aggregate::{AggregateFunction, AggregateOperator, AggregateSpec};
 pub use join::{JoinKind, JoinOperator};
 pub use materialize::{EpochSink, MaterializeOperator};
 pub use project::ProjectFilterOperator;
+pub use topn::TopNOperator;
 pub use union::UnionOperator;
