@@ -221,3 +221,39 @@ async fn views_refuse_what_they_cannot_maintain() {
     assert_eq!(err.as_db_error().map(|d| d.code().code()), Some("2BP01"));
     client.batch_execute("DROP MATERIALIZED VIEW v; DROP TABLE a").await.expect("drop in order");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_query_sees_every_view_and_table_at_the_same_epoch() {
+    let server = TestServer::start().await;
+    let client = server.connect().await;
+    client
+        .batch_execute(
+            "CREATE TABLE t (id BIGINT, v BIGINT);
+             CREATE MATERIALIZED VIEW counted AS SELECT count(*) AS n FROM t;
+             CREATE MATERIALIZED VIEW summed AS SELECT sum(v) AS s, count(v) AS n FROM t",
+        )
+        .await
+        .expect("setup");
+    let writer = server.connect().await;
+    let writes = tokio::spawn(async move {
+        for i in 0..300i64 {
+            writer.batch_execute(&format!("INSERT INTO t VALUES ({i}, 1), ({i}, 1)")).await.expect("insert");
+            if i % 7 == 0 {
+                writer.batch_execute(&format!("DELETE FROM t WHERE id = {}", i / 2)).await.expect("delete");
+            }
+        }
+    });
+    let mut checks = 0;
+    while !writes.is_finished() {
+        let row = client
+            .query_one("SELECT c.n, s.n, s.s, (SELECT count(*) FROM t) FROM counted c CROSS JOIN summed s", &[])
+            .await
+            .expect("read");
+        let (views_a, views_b, table): (i64, i64, i64) = (row.get(0), row.get(1), row.get(3));
+        assert_eq!(views_a, views_b, "two views in one query are at the same epoch");
+        assert_eq!(views_a, table, "tables in a query over views are read at the views' epoch");
+        checks += 1;
+    }
+    writes.await.expect("writer");
+    assert!(checks > 10, "the reader overlapped the writer ({checks} reads)");
+}

@@ -142,6 +142,7 @@ struct Shared {
     log: Log,
     snapshot_running: AtomicBool,
     feeds: Arc<Feeds>,
+    epochs: Arc<view::Epochs>,
     views: std::sync::Mutex<BTreeMap<String, ViewHandle>>,
     /// The last barrier epoch injected.
     epoch: AtomicU64,
@@ -155,8 +156,6 @@ struct ViewHandle {
     /// Relations the view reads.
     inputs: Vec<String>,
     failures: Arc<FailureSlot>,
-    /// The last epoch the view committed.
-    epochs: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Shared {
@@ -168,11 +167,22 @@ impl Shared {
     }
 
     /// Injects the next barrier into every feed, in log order, and returns its epoch.
+    /// Stops waiting for views whose dataflow failed, so the other views keep publishing.
+    /// Reads of a failed view are refused (see `Database::check_views_healthy`).
+    fn abandon_failed_views(&self) -> Vec<(String, String)> {
+        let failed: Vec<(String, u64, String)> =
+            self.views().iter().filter_map(|(name, v)| v.failures.get().map(|f| (name.clone(), v.id, f))).collect();
+        for (name, id, _) in &failed {
+            self.epochs.remove_view(name, *id, &self.feeds, &self.cell);
+        }
+        failed.into_iter().map(|(name, _, failure)| (name, failure)).collect()
+    }
+
     async fn inject_barrier(&self) -> Result<u64> {
         let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
-        let feeds = self.feeds.clone();
+        let (feeds, epochs, cell) = (self.feeds.clone(), self.epochs.clone(), self.cell.clone());
         let barrier = Barrier { epoch, checkpoint: false, mutation: None };
-        let ack = self.log.enqueue(Vec::new(), Box::new(move |_| feeds.send_barrier(&barrier))).await?;
+        let ack = self.log.enqueue(Vec::new(), Box::new(move |_| epochs.barrier(&barrier, &feeds, &cell))).await?;
         ack.durable().await?;
         Ok(epoch)
     }
@@ -225,6 +235,7 @@ impl Database {
                 log,
                 snapshot_running: AtomicBool::new(false),
                 feeds: Arc::new(Feeds::default()),
+                epochs: Arc::new(view::Epochs::default()),
                 views: std::sync::Mutex::new(BTreeMap::new()),
                 epoch: AtomicU64::new(0),
             }),
@@ -269,6 +280,23 @@ impl Database {
             self.check_views_healthy(plan)?;
         }
         Ok(planned)
+    }
+
+    /// What a write reads: the tables including changes not yet durable (they are ahead of
+    /// this write in the log), and the views at their serving epoch.
+    fn writer_snapshot(&self, writer: &Writer) -> Arc<Snapshot> {
+        let views = self.shared.cell.serving().views.clone();
+        Arc::new(Snapshot { tables: writer.working.tables.clone(), views, seq: 0 })
+    }
+
+    fn reads_views(&self, plan: &LogicalPlan) -> Result<bool> {
+        let views = self.shared.views();
+        let mut found = false;
+        plan.apply_with_subqueries(|node| {
+            found |= matches!(node, LogicalPlan::TableScan(scan) if views.contains_key(scan.table_name.table()));
+            Ok(if found { TreeNodeRecursion::Stop } else { TreeNodeRecursion::Continue })
+        })?;
+        Ok(found)
     }
 
     /// A view whose dataflow failed no longer follows its inputs: refuse to read it rather
@@ -337,7 +365,9 @@ impl Database {
     }
 
     async fn query(&self, plan: LogicalPlan, sql: &str) -> Result<Outcome> {
-        let snapshot = self.shared.cell.committed();
+        // Queries over views read the last epoch every view finished, tables included, so
+        // everything they read agrees; queries over tables alone read the latest commit.
+        let snapshot = if self.reads_views(&plan)? { self.shared.cell.serving() } else { self.shared.cell.committed() };
         let ctx = &self.ctx;
         SnapshotCell::scope(snapshot, async move {
             let frame = ctx.execute_logical_plan(plan).await?;
@@ -384,7 +414,7 @@ impl Database {
         let def = state.def().clone();
         check_target(&dml, &def)?;
         let schema = def.schema.clone();
-        let working = writer.working.clone();
+        let working = self.writer_snapshot(&writer);
         let (tag, change) = match dml.op {
             WriteOp::Insert(_) => {
                 let rows = match ready_rows {
@@ -436,7 +466,7 @@ impl Database {
             return Err(Error::DuplicateTable { name: create.name });
         }
         let rows = match create.source {
-            Some(plan) => Some(concat(&create.schema, self.collect(plan, writer.working.clone(), sql).await?)?),
+            Some(plan) => Some(concat(&create.schema, self.collect(plan, self.writer_snapshot(&writer), sql).await?)?),
             None => None,
         };
         let def = Arc::new(TableDef::new(
@@ -526,31 +556,33 @@ impl Database {
 
     /// Waits until every materialized view includes every write committed before the call.
     pub async fn flush(&self) -> Result<u64> {
+        let mut complete = self.shared.epochs.subscribe();
         let epoch = self.shared.inject_barrier().await?;
-        let views: Vec<(String, ViewHandle)> =
-            self.shared.views().iter().map(|(n, v)| (n.clone(), v.clone())).collect();
-        for (name, mut view) in views {
-            let caught_up = tokio::time::timeout(CATCH_UP_TIMEOUT, view.epochs.wait_for(|e| *e >= epoch)).await;
-            if let Some(failure) = view.failures.get() {
-                return Err(Error::Plan {
-                    code: "XX000",
-                    message: format!("materialized view \"{name}\" failed: {failure}"),
-                    position: None,
-                });
-            }
-            match caught_up {
-                // Caught up, or dropped meanwhile.
-                Ok(_) => {}
-                Err(_) => {
+        let caught_up = tokio::time::timeout(CATCH_UP_TIMEOUT, async {
+            loop {
+                if let Some((name, failure)) = self.shared.abandon_failed_views().into_iter().next() {
                     return Err(Error::Plan {
-                        code: "57014",
-                        message: format!("materialized view \"{name}\" did not catch up within {CATCH_UP_TIMEOUT:?}"),
+                        code: "XX000",
+                        message: format!("materialized view \"{name}\" failed: {failure}"),
                         position: None,
                     });
                 }
+                if *complete.borrow_and_update() >= epoch {
+                    return Ok(());
+                }
+                // Wake on progress, and now and then to notice a failed view.
+                let _ = tokio::time::timeout(Duration::from_millis(200), complete.changed()).await;
             }
+        })
+        .await;
+        match caught_up {
+            Ok(result) => result.map(|_| epoch),
+            Err(_) => Err(Error::Plan {
+                code: "57014",
+                message: format!("materialized views did not catch up within {CATCH_UP_TIMEOUT:?}"),
+                position: None,
+            }),
         }
-        Ok(epoch)
     }
 
     /// Starts a materialized view from the current contents of its inputs. `log` is false
@@ -573,14 +605,18 @@ impl Database {
         writer.next_id += 1;
         let schema = relaxed(&Arc::new(create.plan.schema().as_arrow().clone()));
         let def = Arc::new(TableDef::new(id, create.name.clone(), schema, vec![], vec![], HashMap::new()));
-        let (epochs_tx, epochs) = tokio::sync::watch::channel(0);
-        let sink = ViewSink::new(create.name.clone(), TableState::new(def)?, self.shared.cell.clone(), epochs_tx);
+        let sink = ViewSink::new(
+            create.name.clone(),
+            TableState::new(def)?,
+            self.shared.cell.clone(),
+            self.shared.epochs.clone(),
+        );
         let failures = Arc::new(FailureSlot::default());
         tracing::info!(view = %create.name, "starting materialized view:\n{}", root.describe());
         let pending = view::spawn(id, root, sink, &self.shared.feeds, &failures);
         self.shared
             .views()
-            .insert(create.name.clone(), ViewHandle { id, query: create.query.clone(), inputs, failures, epochs });
+            .insert(create.name.clone(), ViewHandle { id, query: create.query.clone(), inputs, failures });
         let entries = if log {
             vec![Record::CreateView { name: create.name.clone(), query: create.query }.entry(None)?]
         } else {
@@ -607,7 +643,7 @@ impl Database {
         for name in names {
             let removed = self.shared.views().remove(&name);
             if let Some(view) = removed {
-                self.shared.feeds.unregister(view.id);
+                self.shared.epochs.remove_view(&name, view.id, &self.shared.feeds, &self.shared.cell);
                 self.shared.cell.publish_view(&name, None);
                 entries.push(Record::DropView { name }.entry(None)?);
             }
@@ -695,6 +731,7 @@ fn spawn_barriers(shared: std::sync::Weak<Shared>, interval: Duration) {
             if shared.views().is_empty() {
                 continue;
             }
+            shared.abandon_failed_views();
             if let Err(e) = shared.inject_barrier().await {
                 tracing::warn!("barrier not injected: {e}");
             }

@@ -119,7 +119,11 @@ tokio::task_local! {
 /// Holds the latest committed snapshot and hands out the one a statement should read.
 #[derive(Debug, Default)]
 pub struct SnapshotCell {
+    /// Tables at the latest commit, views at their latest epoch.
     committed: RwLock<Arc<Snapshot>>,
+    /// Tables and every view at the last epoch all views finished: what queries that read
+    /// views see, so two views never disagree about which writes they include.
+    serving: RwLock<Arc<Snapshot>>,
 }
 
 impl SnapshotCell {
@@ -128,6 +132,22 @@ impl SnapshotCell {
         match self.committed.read() {
             Ok(guard) => guard.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The last snapshot in which every view is at the same epoch.
+    pub fn serving(&self) -> Arc<Snapshot> {
+        match self.serving.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Makes `snapshot` what queries over views read.
+    pub fn publish_serving(&self, snapshot: Arc<Snapshot>) {
+        match self.serving.write() {
+            Ok(mut guard) => *guard = snapshot,
+            Err(poisoned) => *poisoned.into_inner() = snapshot,
         }
     }
 

@@ -7,13 +7,13 @@
 //! [`crate::state::log::Log::enqueue`]). A view therefore starts from exactly the
 //! committed contents of its tables and misses or repeats no change after that.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::{Notify, mpsc, watch};
 
-use super::table::{SnapshotCell, TableState, TableVersion};
+use super::table::{Snapshot, SnapshotCell, TableState, TableVersion};
 use crate::dataflow::operators::{EpochSink, MaterializeOperator};
 use crate::dataflow::runtime::{self, EdgeReceiver, FailureSlot};
 use crate::dataflow::{Barrier, ChangeBatch, Message};
@@ -23,8 +23,8 @@ use crate::sql::view::Node;
 /// Rows queued in feeds before writers wait for the views to catch up.
 const MAX_QUEUED_ROWS: usize = 1 << 20;
 
-/// The feeds of one table: (view id, sender) pairs.
-type TableFeeds = Vec<(u64, mpsc::UnboundedSender<Message>)>;
+/// The feeds of one table: (view id, view name, sender).
+type TableFeeds = Vec<(u64, String, mpsc::UnboundedSender<Message>)>;
 
 /// The change streams of tables, one per (view, table input).
 #[derive(Default)]
@@ -40,33 +40,41 @@ impl Feeds {
         if let Ok(mut senders) = self.senders.lock()
             && let Some(list) = senders.get_mut(table)
         {
-            list.retain(|(_, sender)| {
+            list.retain(|(_, _, sender)| {
                 self.queued_rows.fetch_add(change.num_rows(), Ordering::AcqRel);
                 sender.send(Message::Data(change.clone())).is_ok()
             });
         }
     }
 
-    /// Sends a barrier into every feed.
-    pub fn send_barrier(&self, barrier: &Barrier) {
+    /// Sends a barrier into every feed; returns the names of the views that received it.
+    fn send_barrier(&self, barrier: &Barrier) -> HashSet<String> {
+        let mut views = HashSet::new();
         if let Ok(mut senders) = self.senders.lock() {
             for list in senders.values_mut() {
-                list.retain(|(_, sender)| sender.send(Message::Barrier(barrier.clone())).is_ok());
+                list.retain(|(_, name, sender)| {
+                    let sent = sender.send(Message::Barrier(barrier.clone())).is_ok();
+                    if sent {
+                        views.insert(name.clone());
+                    }
+                    sent
+                });
             }
         }
+        views
     }
 
-    fn register(&self, view: u64, table: &str, sender: mpsc::UnboundedSender<Message>) {
+    fn register(&self, view: u64, name: &str, table: &str, sender: mpsc::UnboundedSender<Message>) {
         if let Ok(mut senders) = self.senders.lock() {
-            senders.entry(table.to_string()).or_default().push((view, sender));
+            senders.entry(table.to_string()).or_default().push((view, name.to_string(), sender));
         }
     }
 
     /// Disconnects a view: its sources see their feeds close and the dataflow winds down.
-    pub fn unregister(&self, view: u64) {
+    fn unregister(&self, view: u64) {
         if let Ok(mut senders) = self.senders.lock() {
             for list in senders.values_mut() {
-                list.retain(|(id, _)| *id != view);
+                list.retain(|(id, _, _)| *id != view);
             }
         }
     }
@@ -91,6 +99,7 @@ impl Feeds {
 /// A view's feeds, created by [`spawn`] and connected by [`Pending::connect`].
 pub struct Pending {
     view: u64,
+    name: String,
     inputs: Vec<(String, mpsc::UnboundedSender<Message>)>,
     failures: Arc<FailureSlot>,
 }
@@ -118,7 +127,7 @@ impl Pending {
                     }
                 }
             }
-            feeds.register(self.view, &table, sender);
+            feeds.register(self.view, &self.name, &table, sender);
         }
     }
 }
@@ -128,33 +137,120 @@ pub struct ViewSink {
     name: String,
     state: TableState,
     cell: Arc<SnapshotCell>,
-    epochs: watch::Sender<u64>,
+    epochs: Arc<Epochs>,
 }
 
 impl EpochSink for ViewSink {
     fn commit(&mut self, barrier: &Barrier, change: ChangeBatch) -> Result<()> {
         self.state.apply(&change)?;
-        self.cell.publish_view(&self.name, Some(self.state.version()));
-        self.epochs.send_replace(barrier.epoch);
+        let version = self.state.version();
+        self.cell.publish_view(&self.name, Some(version.clone()));
+        self.epochs.deliver(barrier.epoch, &self.name, version, &self.cell);
         Ok(())
     }
 }
 
 impl ViewSink {
-    pub fn new(name: String, state: TableState, cell: Arc<SnapshotCell>, epochs: watch::Sender<u64>) -> Self {
+    pub fn new(name: String, state: TableState, cell: Arc<SnapshotCell>, epochs: Arc<Epochs>) -> Self {
         ViewSink { name, state, cell, epochs }
     }
+}
 
-    /// The view as published before its first epoch: empty.
-    pub fn initial_version(&self) -> TableVersion {
-        self.state.version()
+/// Tracks open epochs until every view has committed them, then publishes the serving
+/// snapshot: the tables as of the barrier and every view at that epoch.
+pub struct Epochs {
+    inner: std::sync::Mutex<EpochsInner>,
+    /// The last epoch published for serving.
+    complete: watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct EpochsInner {
+    open: BTreeMap<u64, OpenEpoch>,
+    /// Every view at the last complete epoch.
+    views: BTreeMap<String, TableVersion>,
+}
+
+struct OpenEpoch {
+    tables: BTreeMap<String, TableVersion>,
+    waiting: HashSet<String>,
+    delivered: Vec<(String, TableVersion)>,
+}
+
+impl Default for Epochs {
+    fn default() -> Self {
+        Epochs { inner: std::sync::Mutex::default(), complete: watch::channel(0).0 }
+    }
+}
+
+impl Epochs {
+    fn lock(&self) -> std::sync::MutexGuard<'_, EpochsInner> {
+        match self.inner.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Opens `epoch` with the committed tables and sends its barrier into every feed.
+    /// Runs in log order (from a marker's publish callback).
+    pub fn barrier(&self, barrier: &Barrier, feeds: &Feeds, cell: &SnapshotCell) {
+        let mut inner = self.lock();
+        let waiting = feeds.send_barrier(barrier);
+        let tables = cell.committed().tables.clone();
+        inner.open.insert(barrier.epoch, OpenEpoch { tables, waiting, delivered: Vec::new() });
+        self.complete_ready(&mut inner, cell);
+    }
+
+    fn deliver(&self, epoch: u64, view: &str, version: TableVersion, cell: &SnapshotCell) {
+        let mut inner = self.lock();
+        if let Some(open) = inner.open.get_mut(&epoch)
+            && open.waiting.remove(view)
+        {
+            open.delivered.push((view.to_string(), version));
+        }
+        self.complete_ready(&mut inner, cell);
+    }
+
+    /// Stops waiting for `view` (dropped or failed) and disconnects its feeds.
+    pub fn remove_view(&self, view: &str, id: u64, feeds: &Feeds, cell: &SnapshotCell) {
+        let mut inner = self.lock();
+        feeds.unregister(id);
+        for open in inner.open.values_mut() {
+            open.waiting.remove(view);
+            open.delivered.retain(|(name, _)| name != view);
+        }
+        inner.views.remove(view);
+        let current = cell.serving();
+        let mut views = current.views.clone();
+        views.remove(view);
+        cell.publish_serving(Arc::new(Snapshot { tables: current.tables.clone(), views, seq: current.seq }));
+        self.complete_ready(&mut inner, cell);
+    }
+
+    /// A receiver of the last complete epoch.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.complete.subscribe()
+    }
+
+    fn complete_ready(&self, inner: &mut EpochsInner, cell: &SnapshotCell) {
+        while let Some(entry) = inner.open.first_entry() {
+            if !entry.get().waiting.is_empty() {
+                return;
+            }
+            let (epoch, open) = entry.remove_entry();
+            for (name, version) in open.delivered {
+                inner.views.insert(name, version);
+            }
+            cell.publish_serving(Arc::new(Snapshot { tables: open.tables, views: inner.views.clone(), seq: epoch }));
+            self.complete.send_replace(epoch);
+        }
     }
 }
 
 /// Starts the operators of `root` with `sink` at the end, and returns the feeds to connect.
 pub fn spawn(view: u64, root: Node, sink: ViewSink, feeds: &Arc<Feeds>, failures: &Arc<FailureSlot>) -> Pending {
     let schema = sink.state.def().schema.clone();
-    let mut pending = Pending { view, inputs: Vec::new(), failures: failures.clone() };
+    let mut pending = Pending { view, name: sink.name.clone(), inputs: Vec::new(), failures: failures.clone() };
     let input = spawn_node(root, feeds, failures, &mut pending);
     let materialize = MaterializeOperator::new(schema, Box::new(sink));
     runtime::spawn(Box::new(materialize), vec![input], Vec::new(), failures.clone());
