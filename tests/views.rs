@@ -257,3 +257,70 @@ async fn one_query_sees_every_view_and_table_at_the_same_epoch() {
     writes.await.expect("writer");
     assert!(checks > 10, "the reader overlapped the writer ({checks} reads)");
 }
+
+/// Reads SUBSCRIBE rows until `n` data rows arrived: `(diff, columns…)` as text.
+async fn next_rows(stream: &mut std::pin::Pin<Box<tokio_postgres::SimpleQueryStream>>, n: usize) -> Vec<String> {
+    use futures::StreamExt;
+    let mut rows = Vec::new();
+    while rows.len() < n {
+        let message = tokio::time::timeout(std::time::Duration::from_secs(30), stream.next())
+            .await
+            .expect("rows arrive while the subscription is open")
+            .expect("stream open")
+            .expect("no error");
+        if let SimpleQueryMessage::Row(row) = message {
+            rows.push((1..row.len()).map(|i| row.get(i).unwrap_or("NULL").to_string()).collect::<Vec<_>>().join("|"));
+            let epoch: i64 = row.get(0).expect("epoch").parse().expect("an integer epoch");
+            assert!(epoch >= 0);
+        }
+    }
+    rows.sort();
+    rows
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_streams_the_snapshot_then_every_change() {
+    let server = TestServer::start().await;
+    let client = server.connect().await;
+    client
+        .batch_execute(
+            "CREATE TABLE r (dev TEXT, temp BIGINT);
+             INSERT INTO r VALUES ('a', 1), ('b', 2);
+             CREATE MATERIALIZED VIEW hot AS SELECT dev, temp FROM r WHERE temp > 0",
+        )
+        .await
+        .expect("setup");
+    let subscriber = server.connect().await;
+    let mut stream = Box::pin(subscriber.simple_query_raw("SUBSCRIBE TO hot").await.expect("subscribes"));
+    assert_eq!(next_rows(&mut stream, 2).await, vec!["1|a|1", "1|b|2"], "the snapshot comes first");
+
+    client
+        .batch_execute("INSERT INTO r VALUES ('c', 3), ('z', -1); DELETE FROM r WHERE dev = 'a'; FLUSH")
+        .await
+        .expect("changes");
+    assert_eq!(next_rows(&mut stream, 2).await, vec!["-1|a|1", "1|c|3"], "then each change, with its diff");
+    client.batch_execute("UPDATE r SET temp = 20 WHERE dev = 'b'; FLUSH").await.expect("update");
+    assert_eq!(next_rows(&mut stream, 2).await, vec!["-1|b|2", "1|b|20"], "an update is a retraction and an insertion");
+
+    // Cancelling ends the subscription; the session goes on.
+    subscriber.cancel_token().cancel_query(tokio_postgres::NoTls).await.expect("cancel sent");
+    let ended = loop {
+        use futures::StreamExt;
+        match tokio::time::timeout(std::time::Duration::from_secs(30), stream.next()).await.expect("ends") {
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => break e,
+            None => panic!("the subscription ended without the cancel error"),
+        }
+    };
+    assert_eq!(ended.as_db_error().map(|d| d.code().code()), Some("57014"));
+    drop(stream);
+    let row = subscriber.query_one("SELECT count(*) FROM hot", &[]).await.expect("session still works");
+    assert_eq!(row.get::<_, i64>(0), 2);
+
+    let err = subscriber.simple_query("SUBSCRIBE TO r").await.expect_err("only views");
+    assert_eq!(err.as_db_error().map(|d| d.code().code()), Some("42809"));
+    let mut quiet =
+        Box::pin(subscriber.simple_query_raw("SUBSCRIBE hot WITH (snapshot = false)").await.expect("subscribes"));
+    client.batch_execute("INSERT INTO r VALUES ('d', 4); FLUSH").await.expect("insert");
+    assert_eq!(next_rows(&mut quiet, 1).await, vec!["1|d|4"], "without the snapshot only changes arrive");
+}

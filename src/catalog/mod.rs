@@ -156,6 +156,7 @@ struct ViewHandle {
     /// Relations the view reads.
     inputs: Vec<String>,
     failures: Arc<FailureSlot>,
+    subscribers: Arc<view::Subscribers>,
 }
 
 impl Shared {
@@ -282,6 +283,37 @@ impl Database {
         Ok(planned)
     }
 
+    /// Streams `(epoch, diff, columns…)` for every change to `view` until the client goes
+    /// away or the view is dropped; with `snapshot`, the current rows come first.
+    fn subscribe(&self, view: &str, snapshot: bool, schema: SchemaRef) -> Result<Outcome> {
+        let handle = self.shared.views().get(view).cloned().ok_or_else(|| Error::Plan {
+            code: "42809",
+            message: format!("\"{view}\" is not a materialized view; SUBSCRIBE follows materialized views"),
+            position: None,
+        })?;
+        let subscription = handle.subscribers.subscribe(view, &self.shared.cell, snapshot)?;
+        let name = view.to_string();
+        let batch_schema = schema.clone();
+        let stream = futures::stream::unfold(subscription, move |mut subscription| {
+            let schema = batch_schema.clone();
+            let name = name.clone();
+            async move {
+                match subscription.changes.recv().await {
+                    Some((epoch, change)) => Some((subscription_rows(&schema, epoch, &change), subscription)),
+                    // Say once why the stream ends, then end it.
+                    None if subscription.lagged.swap(false, Ordering::AcqRel) => Some((
+                        Err(datafusion::error::DataFusionError::Execution(format!(
+                            "this subscription to \"{name}\" fell too far behind and was closed; subscribe again"
+                        ))),
+                        subscription,
+                    )),
+                    None => None,
+                }
+            }
+        });
+        Ok(Outcome::Rows { schema: schema.clone(), stream: Box::pin(RecordBatchStreamAdapter::new(schema, stream)) })
+    }
+
     /// What a write reads: the tables including changes not yet durable (they are ahead of
     /// this write in the log), and the views at their serving epoch.
     fn writer_snapshot(&self, writer: &Writer) -> Arc<Snapshot> {
@@ -345,6 +377,7 @@ impl Database {
             }
             Planned::Flush => self.flush().await.map(|_| Outcome::Command { tag: "FLUSH", rows: None }),
             Planned::ExplainView(lines) => self.lines(sql::explain_schema(), lines),
+            Planned::Subscribe { view, snapshot, schema } => self.subscribe(&view, snapshot, schema),
         };
         result.map_err(|e| place_relation(e, sql))
     }
@@ -605,18 +638,20 @@ impl Database {
         writer.next_id += 1;
         let schema = relaxed(&Arc::new(create.plan.schema().as_arrow().clone()));
         let def = Arc::new(TableDef::new(id, create.name.clone(), schema, vec![], vec![], HashMap::new()));
+        let subscribers = Arc::new(view::Subscribers::default());
         let sink = ViewSink::new(
             create.name.clone(),
             TableState::new(def)?,
             self.shared.cell.clone(),
             self.shared.epochs.clone(),
+            subscribers.clone(),
         );
         let failures = Arc::new(FailureSlot::default());
         tracing::info!(view = %create.name, "starting materialized view:\n{}", root.describe());
         let pending = view::spawn(id, root, sink, &self.shared.feeds, &failures);
         self.shared
             .views()
-            .insert(create.name.clone(), ViewHandle { id, query: create.query.clone(), inputs, failures });
+            .insert(create.name.clone(), ViewHandle { id, query: create.query.clone(), inputs, failures, subscribers });
         let entries = if log {
             vec![Record::CreateView { name: create.name.clone(), query: create.query }.entry(None)?]
         } else {
@@ -867,6 +902,18 @@ fn relaxed(schema: &SchemaRef) -> SchemaRef {
     Arc::new(datafusion::arrow::datatypes::Schema::new(
         schema.fields().iter().map(|f| f.as_ref().clone().with_nullable(true)).collect::<Vec<_>>(),
     ))
+}
+
+/// One epoch's change to a view as SUBSCRIBE rows: `epoch`, `diff`, then the columns.
+fn subscription_rows(schema: &SchemaRef, epoch: u64, change: &ChangeBatch) -> datafusion::error::Result<RecordBatch> {
+    let n = change.num_rows();
+    let mut columns: Vec<datafusion::arrow::array::ArrayRef> = vec![
+        Arc::new(datafusion::arrow::array::Int64Array::from(vec![epoch as i64; n])),
+        Arc::new(change.weights().clone()),
+    ];
+    columns.extend(change.batch().columns().iter().cloned());
+    let options = datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(n));
+    Ok(RecordBatch::try_new_with_options(relaxed(schema), columns, &options)?)
 }
 
 /// Gives "relation does not exist" errors the position of the name in the statement.

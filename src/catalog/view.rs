@@ -138,21 +138,95 @@ pub struct ViewSink {
     state: TableState,
     cell: Arc<SnapshotCell>,
     epochs: Arc<Epochs>,
+    subscribers: Arc<Subscribers>,
 }
 
 impl EpochSink for ViewSink {
     fn commit(&mut self, barrier: &Barrier, change: ChangeBatch) -> Result<()> {
         self.state.apply(&change)?;
         let version = self.state.version();
-        self.cell.publish_view(&self.name, Some(version.clone()));
+        {
+            // Publishing under the subscribers' lock: a new subscriber's starting rows and
+            // the changes it is sent afterwards never overlap or leave a gap.
+            let mut subscribers = self.subscribers.lock();
+            self.cell.publish_view(&self.name, Some(version.clone()));
+            subscribers.epoch = barrier.epoch;
+            if change.num_rows() > 0 {
+                subscribers.list.retain(|s| match s.sender.try_send((barrier.epoch, change.clone())) {
+                    Ok(()) => true,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        s.lagged.store(true, Ordering::Release);
+                        false
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => false,
+                });
+            }
+        }
         self.epochs.deliver(barrier.epoch, &self.name, version, &self.cell);
         Ok(())
     }
 }
 
 impl ViewSink {
-    pub fn new(name: String, state: TableState, cell: Arc<SnapshotCell>, epochs: Arc<Epochs>) -> Self {
-        ViewSink { name, state, cell, epochs }
+    pub fn new(
+        name: String,
+        state: TableState,
+        cell: Arc<SnapshotCell>,
+        epochs: Arc<Epochs>,
+        subscribers: Arc<Subscribers>,
+    ) -> Self {
+        ViewSink { name, state, cell, epochs, subscribers }
+    }
+}
+
+/// Epochs of changes a subscriber may have waiting before it is cut off as too slow.
+const SUBSCRIBER_BACKLOG: usize = 1024;
+
+/// The clients following one view with SUBSCRIBE.
+#[derive(Default)]
+pub struct Subscribers {
+    inner: std::sync::Mutex<SubscribersInner>,
+}
+
+#[derive(Default)]
+pub struct SubscribersInner {
+    list: Vec<Subscriber>,
+    /// The last epoch the view committed.
+    epoch: u64,
+}
+
+struct Subscriber {
+    sender: mpsc::Sender<(u64, ChangeBatch)>,
+    lagged: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// One subscription: the view's changes per epoch, in order.
+pub struct Subscription {
+    pub changes: mpsc::Receiver<(u64, ChangeBatch)>,
+    /// Set when the subscriber fell so far behind that it was cut off.
+    pub lagged: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Subscribers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SubscribersInner> {
+        match self.inner.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Follows the view from now on; with `snapshot`, its current rows come first.
+    pub fn subscribe(&self, view: &str, cell: &SnapshotCell, snapshot: bool) -> Result<Subscription> {
+        let mut inner = self.lock();
+        let (sender, changes) = mpsc::channel(SUBSCRIBER_BACKLOG);
+        if snapshot && let Some(version) = cell.committed().views.get(view) {
+            for batch in version.batches()? {
+                let _ = sender.try_send((inner.epoch, ChangeBatch::inserts(batch)));
+            }
+        }
+        let lagged = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        inner.list.push(Subscriber { sender, lagged: lagged.clone() });
+        Ok(Subscription { changes, lagged })
     }
 }
 

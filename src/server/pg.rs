@@ -234,6 +234,83 @@ pub struct QueryHandler {
 }
 
 impl QueryHandler {
+    /// SUBSCRIBE over the simple protocol: rows are sent and flushed as each epoch commits
+    /// (pgwire's generic path would hold them until its buffer fills), until the client
+    /// cancels, disconnects, or the view is dropped.
+    async fn subscribe<C>(&self, client: &mut C, statement: &sql::Statement, query: &str) -> PgWireResult<()>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        use futures::SinkExt;
+        use pgwire::messages::data::{FieldDescription, RowDescription};
+        use pgwire::messages::response::{CommandComplete, ReadyForQuery, TransactionStatus};
+
+        self.metrics.statements.fetch_add(1, Ordering::Relaxed);
+        let _in_flight = self.metrics.statement_started();
+        client.set_state(pgwire::api::PgWireConnectionState::QueryInProgress);
+        let started = async {
+            let planned = self.db.plan(statement, query).await?;
+            match self.db.execute(planned, query).await? {
+                Outcome::Rows { schema, stream } => Ok((schema, stream)),
+                Outcome::Command { .. } => Err(Error::Internal("SUBSCRIBE returned no rows".into())),
+            }
+        };
+        let ending = match started.await {
+            Err(e) => Some(error_info(&e)),
+            Ok((schema, mut stream)) => {
+                let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
+                let fields = Arc::new(pg_fields(&schema, &Format::UnifiedText, Some(options))?);
+                let description = RowDescription::new(fields.iter().map(FieldDescription::from).collect());
+                client.send(PgWireBackendMessage::RowDescription(description)).await?;
+                let handle = client.session_extensions().get::<Arc<pgwire::api::ConnectionHandle>>();
+                let cancel = match handle {
+                    Some(handle) => Some(handle.start_query().await),
+                    None => None,
+                };
+                let cancelled = async move {
+                    let requested = match cancel {
+                        Some(receiver) => receiver.await.is_ok(),
+                        None => false,
+                    };
+                    if !requested {
+                        std::future::pending::<()>().await;
+                    }
+                };
+                let mut rows = 0usize;
+                tokio::pin!(cancelled);
+                loop {
+                    tokio::select! {
+                        _ = &mut cancelled => break Some(error_info(&Error::Canceled)),
+                        next = stream.next() => match next {
+                            Some(Ok(batch)) => {
+                                for row in encode_recordbatch(fields.clone(), batch) {
+                                    client.feed(PgWireBackendMessage::DataRow(row?)).await?;
+                                    rows += 1;
+                                }
+                                client.flush().await?;
+                            }
+                            Some(Err(e)) => break Some(error_info(&Error::from_datafusion(e, query))),
+                            None => {
+                                let tag = Tag::new("SUBSCRIBE").with_rows(rows);
+                                client.send(PgWireBackendMessage::CommandComplete(CommandComplete::from(tag))).await?;
+                                break None;
+                            }
+                        },
+                    }
+                }
+            }
+        };
+        if let Some(info) = ending {
+            self.metrics.statement_errors.fetch_add(1, Ordering::Relaxed);
+            client.send(PgWireBackendMessage::ErrorResponse(info.into())).await?;
+        }
+        client.set_state(pgwire::api::PgWireConnectionState::ReadyForQuery);
+        client.send(PgWireBackendMessage::ReadyForQuery(ReadyForQuery::new(TransactionStatus::Idle))).await?;
+        Ok(())
+    }
+
     async fn run(
         &self,
         planned: Planned,
@@ -275,6 +352,21 @@ impl QueryHandler {
 
 #[async_trait]
 impl SimpleQueryHandler for QueryHandler {
+    async fn on_query<C>(&self, client: &mut C, query: pgwire::messages::simplequery::Query) -> PgWireResult<()>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        match sql::parse(&query.query) {
+            Ok(statements) if statements.len() == 1 && matches!(statements[0], sql::Statement::Subscribe { .. }) => {
+                self.subscribe(client, &statements[0], &query.query).await
+            }
+            _ => self._on_query(client, query).await,
+        }
+    }
+
     async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
     where
         C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,

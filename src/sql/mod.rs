@@ -37,6 +37,8 @@ pub enum Statement {
     Sql(DFStatement),
     /// `FLUSH`: wait until every materialized view includes all writes committed so far.
     Flush,
+    /// `SUBSCRIBE [TO] view [WITH (snapshot = false)]`: stream every change to a view.
+    Subscribe { view: String, snapshot: bool },
 }
 
 /// Splits `sql` into statements. Errors carry the position of the offending token.
@@ -59,17 +61,53 @@ pub fn parse(sql: &str) -> Result<VecDeque<Statement>> {
             return Err(Error::Syntax { message: format!("syntax error at or near \"{next}\""), position });
         }
         // freshet's own statements come first; everything else is DataFusion's SQL.
-        if let Token::Word(word) = &next.token
-            && word.quote_style.is_none()
-            && word.value.eq_ignore_ascii_case("flush")
-        {
+        let keyword = match &next.token {
+            Token::Word(word) if word.quote_style.is_none() => word.value.to_ascii_lowercase(),
+            _ => String::new(),
+        };
+        if keyword == "flush" {
             parser.parser.next_token();
             statements.push_back(Statement::Flush);
+        } else if keyword == "subscribe" {
+            parser.parser.next_token();
+            statements.push_back(parse_subscribe(&mut parser.parser).map_err(|e| crate::error::syntax_error(&e, sql))?);
         } else {
             statements.push_back(Statement::Sql(parser.parse_statement().map_err(|e| Error::from_datafusion(e, sql))?));
         }
         expecting_delimiter = true;
     }
+}
+
+/// The rest of `SUBSCRIBE [TO] name [WITH (snapshot = true|false)]`.
+fn parse_subscribe(
+    parser: &mut datafusion::sql::sqlparser::parser::Parser,
+) -> std::result::Result<Statement, datafusion::sql::sqlparser::parser::ParserError> {
+    use datafusion::sql::sqlparser::keywords::Keyword;
+    let _ = parser.parse_keyword(Keyword::TO);
+    let view = object_name(&parser.parse_object_name(false)?);
+    let mut snapshot = true;
+    if parser.parse_keyword(Keyword::WITH) {
+        parser.expect_token(&Token::LParen)?;
+        loop {
+            let option = parser.parse_identifier()?;
+            parser.expect_token(&Token::Eq)?;
+            let value = parser.parse_identifier()?;
+            match (option.value.to_ascii_lowercase().as_str(), value.value.to_ascii_lowercase().as_str()) {
+                ("snapshot", "true") => snapshot = true,
+                ("snapshot", "false") => snapshot = false,
+                (name, value) => {
+                    return Err(datafusion::sql::sqlparser::parser::ParserError::ParserError(format!(
+                        "unknown SUBSCRIBE option {name} = {value} (expected snapshot = true or false)"
+                    )));
+                }
+            }
+            if !parser.consume_token(&Token::Comma) {
+                break;
+            }
+        }
+        parser.expect_token(&Token::RParen)?;
+    }
+    Ok(Statement::Subscribe { view, snapshot })
 }
 
 /// A statement after planning: what the catalog has to do.
@@ -95,6 +133,8 @@ pub enum Planned {
     Flush,
     /// EXPLAIN CREATE MATERIALIZED VIEW: the dataflow, one line per operator.
     ExplainView(Vec<String>),
+    /// SUBSCRIBE: `(epoch, diff, columns…)` rows as the view changes, until the client leaves.
+    Subscribe { view: String, snapshot: bool, schema: SchemaRef },
 }
 
 /// A planned CREATE MATERIALIZED VIEW.
@@ -150,6 +190,7 @@ impl Planned {
             Planned::Query(plan) => Some(Arc::new(plan.schema().as_arrow().clone())),
             Planned::ShowTables | Planned::ShowViews => Some(show_tables_schema()),
             Planned::ExplainView(_) => Some(explain_schema()),
+            Planned::Subscribe { schema, .. } => Some(schema.clone()),
             _ => None,
         }
     }
@@ -179,6 +220,22 @@ pub fn show_tables_schema() -> SchemaRef {
 pub async fn plan(state: &SessionState, statement: &Statement, sql: &str) -> Result<Planned> {
     let statement = match statement {
         Statement::Flush => return Ok(Planned::Flush),
+        Statement::Subscribe { view, snapshot } => {
+            let provider = state
+                .catalog_list()
+                .catalog(&state.config_options().catalog.default_catalog)
+                .and_then(|c| c.schema(&state.config_options().catalog.default_schema))
+                .ok_or_else(|| Error::Internal("the default schema is missing".into()))?;
+            let table = provider
+                .table(view)
+                .await?
+                .ok_or_else(|| Error::UndefinedTable { name: view.clone(), position: locate_word(sql, view) })?;
+            let mut fields =
+                vec![Field::new("epoch", DataType::Int64, false), Field::new("diff", DataType::Int64, false)];
+            fields.extend(table.schema().fields().iter().map(|f| f.as_ref().clone()));
+            let schema = Arc::new(Schema::new(fields));
+            return Ok(Planned::Subscribe { view: view.clone(), snapshot: *snapshot, schema });
+        }
         Statement::Sql(statement) => statement,
     };
     let df_error = |e| Error::from_datafusion(e, sql);
