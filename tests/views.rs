@@ -41,6 +41,7 @@ const SHAPES: &[(&str, &str)] = &[
         "SELECT u.label, count(*) AS n, sum(t.v) AS s, max(t.f) AS mf FROM t JOIN u ON t.k = u.k GROUP BY u.label",
     ),
     ("v_self_join", "SELECT a.id, b.id AS other FROM t a JOIN t b ON a.v = b.v AND a.id < b.id"),
+    ("v_bool_aggregates", "SELECT k, bool_and(v > 0) AS all_pos, bool_or(s = 'a') AS any_a FROM t GROUP BY k"),
     ("v_top_n", "SELECT id, v FROM t ORDER BY v DESC NULLS LAST, id LIMIT 3"),
     ("v_top_n_offset", "SELECT id, k FROM t ORDER BY id LIMIT 4 OFFSET 2"),
     ("v_top_n_of_groups", "SELECT k, sum(v) AS s FROM t GROUP BY k ORDER BY s DESC NULLS LAST, k LIMIT 2"),

@@ -256,7 +256,7 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
         }
         other => Err(Error::NotSupported {
             feature: format!("{} in a materialized view", construct_name(other)),
-            hint: Some("views support projections, WHERE, joins, GROUP BY with count/sum/avg/min/max, for now".into()),
+            hint: Some("views support projections, WHERE, joins, UNION, top-N and GROUP BY with count, sum, avg, min, max, bool_and, bool_or, for now".into()),
         }),
     }
 }
@@ -316,6 +316,8 @@ fn aggregate_spec(
         },
         "sum" if matches!(output_type, DataType::Int64 | DataType::Float64) => AggregateFunction::Sum,
         "avg" if output_type == DataType::Float64 => AggregateFunction::Avg,
+        "bool_and" if output_type == DataType::Boolean => AggregateFunction::BoolAnd,
+        "bool_or" if output_type == DataType::Boolean => AggregateFunction::BoolOr,
         "min" => AggregateFunction::Min,
         "max" => AggregateFunction::Max,
         _ => return Err(Error::not_supported(format!("{name}() returning {output_type} in a materialized view"))),

@@ -13,7 +13,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use datafusion::arrow::array::{
-    Array, ArrayRef, Float64Array, Float64Builder, Int64Array, Int64Builder, RecordBatchOptions, new_null_array,
+    Array, ArrayRef, BooleanArray, BooleanBuilder, Float64Array, Float64Builder, Int64Array, Int64Builder,
+    RecordBatchOptions, new_null_array,
 };
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
@@ -38,6 +39,10 @@ pub enum AggregateFunction {
     Avg,
     Min,
     Max,
+    /// `bool_and(x)`: true when every non-NULL value is true.
+    BoolAnd,
+    /// `bool_or(x)`: true when any value is true.
+    BoolOr,
 }
 
 /// One aggregate of the query: its function, argument and the type of its result.
@@ -62,6 +67,11 @@ enum Accumulator {
     },
     /// Encoded values (sortable row format) and how many times each occurs.
     Extreme(BTreeMap<Box<[u8]>, i64>),
+    /// How many true and false values the group holds.
+    Bools {
+        trues: i64,
+        falses: i64,
+    },
 }
 
 struct Group {
@@ -81,6 +91,7 @@ enum Argument {
     Floats(Float64Array),
     /// Encoded values for min/max, with the values themselves for their validity.
     Rows(Rows, ArrayRef),
+    Bools(BooleanArray),
     Any(ArrayRef),
 }
 
@@ -147,6 +158,9 @@ impl AggregateOperator {
                 (AggregateFunction::Sum, DataType::Int64) => Accumulator::SumInt { sum: 0, values: 0 },
                 (AggregateFunction::Sum | AggregateFunction::Avg, _) => Accumulator::SumFloat { sum: 0.0, values: 0 },
                 (AggregateFunction::Min | AggregateFunction::Max, _) => Accumulator::Extreme(BTreeMap::new()),
+                (AggregateFunction::BoolAnd | AggregateFunction::BoolOr, _) => {
+                    Accumulator::Bools { trues: 0, falses: 0 }
+                }
             })
             .collect();
         let id = self.state.len();
@@ -168,6 +182,10 @@ impl AggregateOperator {
                         Argument::Rows(converter.convert_columns(std::slice::from_ref(&values))?, values)
                     }
                     (AggregateFunction::Count, _) => Argument::Any(values),
+                    (AggregateFunction::BoolAnd | AggregateFunction::BoolOr, _) => {
+                        let bools = cast(&values, &DataType::Boolean)?;
+                        Argument::Bools(downcast::<BooleanArray>(&bools)?.clone())
+                    }
                     (_, None) if spec.output_type == DataType::Int64 => {
                         let ints = cast(&values, &DataType::Int64)?;
                         Argument::Ints(downcast::<Int64Array>(&ints)?.clone())
@@ -218,6 +236,22 @@ impl AggregateOperator {
                                 b.append_value(sum / *values as f64)
                             }
                             Accumulator::SumFloat { sum, .. } => b.append_value(*sum),
+                            _ => b.append_null(),
+                        }
+                    }
+                    Arc::new(b.finish())
+                }
+                AggregateFunction::BoolAnd | AggregateFunction::BoolOr => {
+                    let mut b = BooleanBuilder::with_capacity(ids.len());
+                    for acc in accumulators {
+                        match acc {
+                            Accumulator::Bools { trues, falses } if trues + falses > 0 => {
+                                b.append_value(if spec.function == AggregateFunction::BoolAnd {
+                                    *falses == 0
+                                } else {
+                                    *trues > 0
+                                })
+                            }
                             _ => b.append_null(),
                         }
                     }
@@ -341,6 +375,11 @@ impl Operator for AggregateOperator {
                         if floats.is_valid(i) {
                             *sum += floats.value(i) * w as f64;
                             *values += w;
+                        }
+                    }
+                    (Accumulator::Bools { trues, falses }, Argument::Bools(bools)) => {
+                        if bools.is_valid(i) {
+                            if bools.value(i) { *trues += w } else { *falses += w }
                         }
                     }
                     (Accumulator::Extreme(set), Argument::Rows(rows, values)) => {
