@@ -196,8 +196,9 @@ struct Chunk {
     /// Never reused: index entries name chunks by id, positions shift as chunks merge.
     id: u64,
     batch: RecordBatch,
-    /// `true` for live rows; `None` while every row is live.
-    live: Option<Vec<bool>>,
+    /// `true` for live rows; `None` while every row is live. Shared with published
+    /// versions, copied only when a deletion follows a publish.
+    live: Option<Arc<Vec<bool>>>,
     dead: usize,
     /// The live rows as readers see them, built on first read of a version.
     published: Arc<std::sync::OnceLock<RecordBatch>>,
@@ -214,7 +215,7 @@ impl Chunk {
 
     fn kill(&mut self, row: usize) {
         let rows = self.batch.num_rows();
-        self.live.get_or_insert_with(|| vec![true; rows])[row] = false;
+        Arc::make_mut(self.live.get_or_insert_with(|| Arc::new(vec![true; rows])))[row] = false;
         self.dead += 1;
         self.published = Arc::default();
     }
@@ -223,7 +224,7 @@ impl Chunk {
     fn live_batch(&self) -> Result<RecordBatch> {
         match &self.live {
             None => Ok(self.batch.clone()),
-            Some(live) => Ok(filter_record_batch(&self.batch, &BooleanArray::from(live.clone()))?),
+            Some(live) => Ok(filter_record_batch(&self.batch, &BooleanArray::from(live.as_ref().clone()))?),
         }
     }
 }

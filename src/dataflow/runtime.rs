@@ -8,6 +8,8 @@
 use std::sync::Arc;
 
 use std::task::Poll;
+
+use futures::FutureExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -56,10 +58,21 @@ pub fn spawn(
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let name = operator.name().to_string();
-        if let Err(e) = run(operator.as_mut(), inputs, &outputs).await {
-            tracing::error!(operator = %name, "dataflow operator failed: {e}");
-            failures.set(format!("{name}: {e}"));
-        }
+        // A panic is a bug, but it must still mark the view failed rather than stall it.
+        let outcome = std::panic::AssertUnwindSafe(run(operator.as_mut(), inputs, &outputs)).catch_unwind().await;
+        let failure = match outcome {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned());
+                format!("internal error (panic): {}", what.unwrap_or_default())
+            }
+        };
+        tracing::error!(operator = %name, "dataflow operator failed: {failure}");
+        failures.set(format!("{name}: {failure}"));
     })
 }
 
