@@ -183,7 +183,9 @@ async fn views_survive_restart_and_keep_updating() {
         .batch_execute(
             "CREATE TABLE r (dev TEXT, temp BIGINT);
              INSERT INTO r VALUES ('a', 1), ('a', 3), ('b', 10);
-             CREATE MATERIALIZED VIEW per_dev AS SELECT dev, count(*) AS n, max(temp) AS hi FROM r GROUP BY dev",
+             CREATE MATERIALIZED VIEW per_dev AS SELECT dev, count(*) AS n, max(temp) AS hi FROM r GROUP BY dev;
+             CREATE VIEW warm AS SELECT dev, temp FROM r WHERE temp > 1;
+             CREATE MATERIALIZED VIEW warm_count AS SELECT count(*) AS n FROM warm",
         )
         .await
         .expect("setup");
@@ -192,7 +194,9 @@ async fn views_survive_restart_and_keep_updating() {
     let server = start().await.expect("restarts");
     let addr = server.pg_addr();
     let client = common::connect(&format!("host={} port={} user=freshet dbname=freshet", addr.ip(), addr.port())).await;
-    assert_eq!(rows(&client, "SHOW MATERIALIZED VIEWS").await, vec!["per_dev"]);
+    assert_eq!(rows(&client, "SHOW MATERIALIZED VIEWS").await, vec!["per_dev", "warm_count"]);
+    assert_eq!(rows(&client, "SELECT * FROM warm_count").await, vec!["2"]);
+    assert_eq!(rows(&client, "SELECT dev FROM warm").await, vec!["a", "b"]);
     assert_eq!(rows(&client, "SELECT * FROM per_dev").await, vec!["a|2|3", "b|1|10"]);
     client.batch_execute("DELETE FROM r WHERE temp = 3; INSERT INTO r VALUES ('c', 0); FLUSH").await.expect("changes");
     assert_eq!(rows(&client, "SELECT * FROM per_dev").await, vec!["a|1|1", "b|1|10", "c|1|0"]);

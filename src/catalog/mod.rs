@@ -85,6 +85,14 @@ enum Record {
     DropView {
         name: String,
     },
+    /// A plain (inlined) view and the SQL text of its query.
+    CreatePlainView {
+        name: String,
+        query: String,
+    },
+    DropPlainView {
+        name: String,
+    },
 }
 
 impl Record {
@@ -132,7 +140,7 @@ impl Writer {
             Some(v) => tables.insert(table.to_string(), v),
             None => tables.remove(table),
         };
-        self.working = Arc::new(Snapshot { tables, views: BTreeMap::new(), seq: 0 });
+        self.working = Arc::new(Snapshot { tables, ..Snapshot::default() });
     }
 }
 
@@ -143,9 +151,19 @@ struct Shared {
     snapshot_running: AtomicBool,
     feeds: Arc<Feeds>,
     epochs: Arc<view::Epochs>,
+    /// Plain views: query text, relations read, and creation order (for the log snapshot).
+    plain_views: std::sync::Mutex<BTreeMap<String, PlainViewHandle>>,
     views: std::sync::Mutex<BTreeMap<String, ViewHandle>>,
     /// The last barrier epoch injected.
     epoch: AtomicU64,
+}
+
+/// A plain view's definition.
+#[derive(Clone)]
+struct PlainViewHandle {
+    query: String,
+    reads: Vec<String>,
+    created: u64,
 }
 
 /// A running materialized view.
@@ -160,6 +178,27 @@ struct ViewHandle {
 }
 
 impl Shared {
+    fn plain_views(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, PlainViewHandle>> {
+        match self.plain_views.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Whether `name` is taken by a table, a materialized view or a plain view.
+    fn name_taken(&self, writer: &Writer, name: &str) -> bool {
+        writer.tables.contains_key(name) || self.views().contains_key(name) || self.plain_views().contains_key(name)
+    }
+
+    /// The first view (materialized or plain) that reads `name`, if any.
+    fn dependent_of(&self, name: &str) -> Option<String> {
+        let materialized =
+            self.views().iter().find(|(_, v)| v.inputs.iter().any(|i| i == name)).map(|(n, _)| n.clone());
+        materialized.or_else(|| {
+            self.plain_views().iter().find(|(_, v)| v.reads.iter().any(|i| i == name)).map(|(n, _)| n.clone())
+        })
+    }
+
     fn views(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, ViewHandle>> {
         match self.views.lock() {
             Ok(guard) => guard,
@@ -217,7 +256,7 @@ impl Database {
         let mut writer = Writer::default();
         let mut last_seq = 0;
         let replayed_segments = recovered.segments.len();
-        let mut views = Vec::new();
+        let mut views = RecoveredViews::default();
         if let Some((seq, entries)) = recovered.snapshot {
             replay(&ctx, &mut writer, &mut views, entries)?;
             last_seq = seq;
@@ -237,15 +276,33 @@ impl Database {
                 snapshot_running: AtomicBool::new(false),
                 feeds: Arc::new(Feeds::default()),
                 epochs: Arc::new(view::Epochs::default()),
+                plain_views: std::sync::Mutex::new(BTreeMap::new()),
                 views: std::sync::Mutex::new(BTreeMap::new()),
                 epoch: AtomicU64::new(0),
             }),
         };
         spawn_barriers(Arc::downgrade(&db.shared), barrier_interval);
-        for (name, query) in views {
+        for (name, query) in views.plain {
+            let created = async {
+                let state = db.session_state();
+                let (plan, reads) =
+                    SnapshotCell::scope(db.shared.cell.committed(), sql::plan_query(&state, &query)).await?;
+                db.create_plain_view(
+                    sql::PlainView { name: name.clone(), if_not_exists: false, plan, query, reads },
+                    false,
+                )
+                .await
+            };
+            if let Err(e) = created.await {
+                tracing::error!(view = %name, "view could not be restored and is dropped: {e}");
+            }
+        }
+        for (name, query) in views.materialized {
             let started = async {
                 let state = db.session_state();
-                let Planned::CreateView(create) = sql::plan_view(&state, name.clone(), false, &query).await? else {
+                let planned = sql::plan_view(&state, name.clone(), false, &query);
+                let Planned::CreateView(create) = SnapshotCell::scope(db.shared.cell.committed(), planned).await?
+                else {
                     return Err(Error::Internal("a view query planned as something else".into()));
                 };
                 db.create_view(create, false).await
@@ -318,7 +375,7 @@ impl Database {
     /// this write in the log), and the views at their serving epoch.
     fn writer_snapshot(&self, writer: &Writer) -> Arc<Snapshot> {
         let views = self.shared.cell.serving().views.clone();
-        Arc::new(Snapshot { tables: writer.working.tables.clone(), views, seq: 0 })
+        Arc::new(Snapshot { tables: writer.working.tables.clone(), views, ..Snapshot::default() })
     }
 
     fn reads_views(&self, plan: &LogicalPlan) -> Result<bool> {
@@ -378,6 +435,8 @@ impl Database {
             Planned::Flush => self.flush().await.map(|_| Outcome::Command { tag: "FLUSH", rows: None }),
             Planned::ExplainView(lines) => self.lines(sql::explain_schema(), lines),
             Planned::Subscribe { view, snapshot, schema } => self.subscribe(&view, snapshot, schema),
+            Planned::CreatePlainView(view) => self.create_plain_view(view, true).await,
+            Planned::DropPlainView { names, if_exists } => self.drop_plain_views(names, if_exists).await,
         };
         result.map_err(|e| place_relation(e, sql))
     }
@@ -492,7 +551,7 @@ impl Database {
     async fn create_table(&self, create: CreateTable, sql: &str) -> Result<Outcome> {
         let defaults = plan_defaults(&self.ctx, &create.defaults)?;
         let mut writer = self.shared.writer.lock().await;
-        if writer.tables.contains_key(&create.name) || self.shared.views().contains_key(&create.name) {
+        if self.shared.name_taken(&writer, &create.name) {
             if create.if_not_exists {
                 return Ok(Outcome::Command { tag: "CREATE TABLE", rows: None });
             }
@@ -532,10 +591,12 @@ impl Database {
             if !writer.tables.contains_key(name) && !if_exists {
                 return Err(Error::UndefinedTable { name: name.clone(), position: None });
             }
-            if let Some((view, _)) = self.shared.views().iter().find(|(_, v)| v.inputs.contains(name)) {
+            if writer.tables.contains_key(name)
+                && let Some(view) = self.shared.dependent_of(name)
+            {
                 return Err(Error::Plan {
                     code: "2BP01",
-                    message: format!("cannot drop table \"{name}\" because materialized view \"{view}\" depends on it"),
+                    message: format!("cannot drop table \"{name}\" because view \"{view}\" depends on it"),
                     position: None,
                 });
             }
@@ -623,9 +684,10 @@ impl Database {
     async fn create_view(&self, create: CreateView, log: bool) -> Result<Outcome> {
         let state = self.session_state();
         let root = sql::view::lower(&state, &create.plan)?;
-        let inputs = root.tables();
+        let mut inputs = root.tables();
+        inputs.extend(create.reads.iter().filter(|r| !inputs.contains(r)).cloned().collect::<Vec<_>>());
         let mut writer = self.shared.writer.lock().await;
-        if writer.tables.contains_key(&create.name) || self.shared.views().contains_key(&create.name) {
+        if self.shared.name_taken(&writer, &create.name) {
             if create.if_not_exists {
                 return Ok(Outcome::Command { tag: "CREATE MATERIALIZED VIEW", rows: None });
             }
@@ -667,11 +729,85 @@ impl Database {
         Ok(Outcome::Command { tag: "CREATE MATERIALIZED VIEW", rows: None })
     }
 
+    /// Creates a plain view: a named query that the planner inlines where it is used.
+    async fn create_plain_view(&self, view: sql::PlainView, log: bool) -> Result<Outcome> {
+        let mut writer = self.shared.writer.lock().await;
+        if self.shared.name_taken(&writer, &view.name) {
+            if view.if_not_exists {
+                return Ok(Outcome::Command { tag: "CREATE VIEW", rows: None });
+            }
+            return Err(Error::DuplicateTable { name: view.name });
+        }
+        let created = writer.next_id;
+        writer.next_id += 1;
+        let provider: Arc<dyn datafusion::catalog::TableProvider> =
+            Arc::new(datafusion::catalog::view::ViewTable::new(view.plan, Some(view.query.clone())));
+        self.shared
+            .plain_views()
+            .insert(view.name.clone(), PlainViewHandle { query: view.query.clone(), reads: view.reads, created });
+        let entries = if log {
+            vec![Record::CreatePlainView { name: view.name.clone(), query: view.query }.entry(None)?]
+        } else {
+            Vec::new()
+        };
+        let cell = self.shared.cell.clone();
+        let name = view.name;
+        let ack =
+            self.shared.log.enqueue(entries, Box::new(move |_| cell.publish_plain_view(&name, Some(provider)))).await?;
+        drop(writer);
+        ack.durable().await?;
+        Ok(Outcome::Command { tag: "CREATE VIEW", rows: None })
+    }
+
+    async fn drop_plain_views(&self, names: Vec<String>, if_exists: bool) -> Result<Outcome> {
+        let writer = self.shared.writer.lock().await;
+        for name in &names {
+            if !self.shared.plain_views().contains_key(name) && !if_exists {
+                return Err(Error::UndefinedTable { name: name.clone(), position: None });
+            }
+            if let Some(view) = self.shared.dependent_of(name).filter(|v| !names.contains(v)) {
+                return Err(Error::Plan {
+                    code: "2BP01",
+                    message: format!("cannot drop view \"{name}\" because view \"{view}\" depends on it"),
+                    position: None,
+                });
+            }
+        }
+        let mut entries = Vec::new();
+        let mut dropped = Vec::new();
+        for name in names {
+            if self.shared.plain_views().remove(&name).is_some() {
+                entries.push(Record::DropPlainView { name: name.clone() }.entry(None)?);
+                dropped.push(name);
+            }
+        }
+        if entries.is_empty() {
+            return Ok(Outcome::Command { tag: "DROP VIEW", rows: None });
+        }
+        let cell = self.shared.cell.clone();
+        let publish = Box::new(move |_| {
+            for name in &dropped {
+                cell.publish_plain_view(name, None);
+            }
+        });
+        let ack = self.shared.log.enqueue(entries, publish).await?;
+        drop(writer);
+        self.durable(ack).await?;
+        Ok(Outcome::Command { tag: "DROP VIEW", rows: None })
+    }
+
     async fn drop_views(&self, names: Vec<String>, if_exists: bool) -> Result<Outcome> {
         let writer = self.shared.writer.lock().await;
         for name in &names {
             if !self.shared.views().contains_key(name) && !if_exists {
                 return Err(Error::UndefinedTable { name: name.clone(), position: None });
+            }
+            if let Some(view) = self.shared.dependent_of(name).filter(|v| !names.contains(v)) {
+                return Err(Error::Plan {
+                    code: "2BP01",
+                    message: format!("cannot drop materialized view \"{name}\" because view \"{view}\" depends on it"),
+                    position: None,
+                });
             }
         }
         let mut entries = Vec::new();
@@ -718,6 +854,12 @@ impl Database {
                     for batch in version.batches()? {
                         entries.push(Record::Rows { table: version.def.name.clone() }.entry(Some(batch))?);
                     }
+                }
+                let mut plain: Vec<(u64, String, String)> =
+                    shared.plain_views().iter().map(|(n, v)| (v.created, n.clone(), v.query.clone())).collect();
+                plain.sort();
+                for (_, name, query) in plain {
+                    entries.push(Record::CreatePlainView { name, query }.entry(None)?);
                 }
                 let views: Vec<(String, String)> =
                     shared.views().iter().map(|(name, v)| (name.clone(), v.query.clone())).collect();
@@ -776,12 +918,14 @@ fn spawn_barriers(shared: std::sync::Weak<Shared>, interval: Duration) {
 
 /// Applies log entries to `writer`; view definitions are collected into `views` (name,
 /// query) in order, to be started once every table is recovered.
-fn replay(
-    ctx: &SessionContext,
-    writer: &mut Writer,
-    views: &mut Vec<(String, String)>,
-    entries: Vec<LogEntry>,
-) -> Result<()> {
+/// View definitions found while replaying, in creation order: (name, query).
+#[derive(Default)]
+struct RecoveredViews {
+    plain: Vec<(String, String)>,
+    materialized: Vec<(String, String)>,
+}
+
+fn replay(ctx: &SessionContext, writer: &mut Writer, views: &mut RecoveredViews, entries: Vec<LogEntry>) -> Result<()> {
     for entry in entries {
         let record: Record = serde_json::from_slice(&entry.header)
             .map_err(|e| Error::Corrupt { location: "log entry header".into(), reason: e.to_string() })?;
@@ -801,10 +945,15 @@ fn replay(
             Record::DropTable { name } => writer.drop_table(name),
             Record::CreateView { name, query } => {
                 // A snapshot may already hold a view whose record is also in a later segment.
-                views.retain(|(n, _)| n != name);
-                views.push((name.clone(), query.clone()));
+                views.materialized.retain(|(n, _)| n != name);
+                views.materialized.push((name.clone(), query.clone()));
             }
-            Record::DropView { name } => views.retain(|(n, _)| n != name),
+            Record::DropView { name } => views.materialized.retain(|(n, _)| n != name),
+            Record::CreatePlainView { name, query } => {
+                views.plain.retain(|(n, _)| n != name);
+                views.plain.push((name.clone(), query.clone()));
+            }
+            Record::DropPlainView { name } => views.plain.retain(|(n, _)| n != name),
             Record::Change { table } | Record::Rows { table } => {
                 let state = writer.tables.get(table).ok_or_else(|| Error::Corrupt {
                     location: format!("log record {record:?}"),

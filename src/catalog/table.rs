@@ -99,6 +99,8 @@ pub struct Snapshot {
     pub tables: BTreeMap<String, TableVersion>,
     /// Materialized views, each as of the last epoch it committed.
     pub views: BTreeMap<String, TableVersion>,
+    /// Plain views: named queries the planner inlines.
+    pub plain_views: BTreeMap<String, Arc<dyn TableProvider>>,
     /// The log segment this snapshot includes everything up to (0 = nothing logged yet).
     pub seq: u64,
 }
@@ -154,7 +156,24 @@ impl SnapshotCell {
     /// Makes `tables` at log position `seq` what new statements read, keeping the views.
     /// Called by the log committer, in log order.
     pub fn publish_tables(&self, tables: BTreeMap<String, TableVersion>, seq: u64) {
-        self.update(|current| Snapshot { tables, views: current.views.clone(), seq });
+        self.update(|current| Snapshot {
+            tables,
+            views: current.views.clone(),
+            plain_views: current.plain_views.clone(),
+            seq,
+        });
+    }
+
+    /// Adds (or with `None` removes) a plain view, keeping everything else.
+    pub fn publish_plain_view(&self, name: &str, provider: Option<Arc<dyn TableProvider>>) {
+        self.update(|current| {
+            let mut next = current.clone();
+            match provider {
+                Some(p) => next.plain_views.insert(name.to_string(), p),
+                None => next.plain_views.remove(name),
+            };
+            next
+        });
     }
 
     /// Replaces (or with `None` removes) one view's contents, keeping everything else.
@@ -486,17 +505,22 @@ impl FreshetSchema {
 impl SchemaProvider for FreshetSchema {
     fn table_names(&self) -> Vec<String> {
         let snapshot = self.cell.current();
-        snapshot.tables.keys().chain(snapshot.views.keys()).cloned().collect()
+        snapshot.tables.keys().chain(snapshot.views.keys()).chain(snapshot.plain_views.keys()).cloned().collect()
     }
 
     async fn table(&self, name: &str) -> DfResult<Option<Arc<dyn TableProvider>>> {
-        Ok(self.cell.current().relation(name).map(|version| {
+        let snapshot = self.cell.current();
+        if let Some(view) = snapshot.plain_views.get(name) {
+            return Ok(Some(view.clone()));
+        }
+        Ok(snapshot.relation(name).map(|version| {
             Arc::new(FreshetTable { def: version.def.clone(), cell: self.cell.clone() }) as Arc<dyn TableProvider>
         }))
     }
 
     fn table_exist(&self, name: &str) -> bool {
-        self.cell.current().relation(name).is_some()
+        let snapshot = self.cell.current();
+        snapshot.relation(name).is_some() || snapshot.plain_views.contains_key(name)
     }
 }
 

@@ -297,7 +297,7 @@ impl Epochs {
         let current = cell.serving();
         let mut views = current.views.clone();
         views.remove(view);
-        cell.publish_serving(Arc::new(Snapshot { tables: current.tables.clone(), views, seq: current.seq }));
+        cell.publish_serving(Arc::new(Snapshot { views, ..current.as_ref().clone() }));
         self.complete_ready(&mut inner, cell);
     }
 
@@ -315,7 +315,12 @@ impl Epochs {
             for (name, version) in open.delivered {
                 inner.views.insert(name, version);
             }
-            cell.publish_serving(Arc::new(Snapshot { tables: open.tables, views: inner.views.clone(), seq: epoch }));
+            cell.publish_serving(Arc::new(Snapshot {
+                tables: open.tables,
+                views: inner.views.clone(),
+                plain_views: BTreeMap::new(),
+                seq: epoch,
+            }));
             self.complete.send_replace(epoch);
         }
     }

@@ -133,6 +133,10 @@ pub enum Planned {
     Flush,
     /// EXPLAIN CREATE MATERIALIZED VIEW: the dataflow, one line per operator.
     ExplainView(Vec<String>),
+    /// CREATE VIEW.
+    CreatePlainView(PlainView),
+    /// DROP VIEW.
+    DropPlainView { names: Vec<String>, if_exists: bool },
     /// SUBSCRIBE: `(epoch, diff, columns…)` rows as the view changes, until the client leaves.
     Subscribe { view: String, snapshot: bool, schema: SchemaRef },
 }
@@ -146,6 +150,20 @@ pub struct CreateView {
     pub plan: LogicalPlan,
     /// The query's SQL text, stored so the view can be planned again after a restart.
     pub query: String,
+    /// Relations the query names (tables, materialized and plain views).
+    pub reads: Vec<String>,
+}
+
+/// A planned CREATE VIEW: a named query, inlined wherever it is used.
+#[derive(Debug, Clone)]
+pub struct PlainView {
+    pub name: String,
+    pub if_not_exists: bool,
+    /// The query's plan before optimisation.
+    pub plan: LogicalPlan,
+    pub query: String,
+    /// Relations the query names.
+    pub reads: Vec<String>,
 }
 
 /// A planned CREATE TABLE.
@@ -256,6 +274,32 @@ pub async fn plan(state: &SessionState, statement: &Statement, sql: &str) -> Res
                 return plan_view(state, object_name(&create.name), create.if_not_exists, &create.query.to_string())
                     .await;
             }
+            SqlStatement::CreateView(create) => {
+                if create.or_replace || create.or_alter {
+                    return Err(Error::not_supported("CREATE OR REPLACE VIEW"));
+                }
+                if !create.columns.is_empty() {
+                    return Err(Error::NotSupported {
+                        feature: "a column list in CREATE VIEW".into(),
+                        hint: Some("name the columns with AS aliases in the query".into()),
+                    });
+                }
+                let query = create.query.to_string();
+                let (plan, reads) = plan_query(state, &query).await?;
+                return Ok(Planned::CreatePlainView(PlainView {
+                    name: object_name(&create.name),
+                    if_not_exists: create.if_not_exists,
+                    plan,
+                    query,
+                    reads,
+                }));
+            }
+            SqlStatement::Drop { object_type: ObjectType::View, if_exists, names, .. } => {
+                return Ok(Planned::DropPlainView {
+                    names: names.iter().map(object_name).collect(),
+                    if_exists: *if_exists,
+                });
+            }
             SqlStatement::Drop { object_type: ObjectType::MaterializedView, if_exists, names, .. } => {
                 return Ok(Planned::DropView { names: names.iter().map(object_name).collect(), if_exists: *if_exists });
             }
@@ -342,6 +386,15 @@ pub async fn plan(state: &SessionState, statement: &Statement, sql: &str) -> Res
 
 /// Plans a materialized view's query (`query` is its SQL text).
 pub async fn plan_view(state: &SessionState, name: String, if_not_exists: bool, query: &str) -> Result<Planned> {
+    let (plan, reads) = plan_query(state, query).await?;
+    view::check_deterministic(&plan)?;
+    let plan = state.optimize(&plan).map_err(|e| Error::from_datafusion(e, query))?;
+    Ok(Planned::CreateView(CreateView { name, if_not_exists, plan, query: query.to_string(), reads }))
+}
+
+/// Plans a view's query text (unoptimised) and lists the relations it names, plain views
+/// included (the optimiser inlines those, so they are collected first).
+pub async fn plan_query(state: &SessionState, query: &str) -> Result<(LogicalPlan, Vec<String>)> {
     let dialect = PostgreSqlDialect {};
     let mut statements = DFParserBuilder::new(query)
         .with_dialect(&dialect)
@@ -350,9 +403,22 @@ pub async fn plan_view(state: &SessionState, name: String, if_not_exists: bool, 
         .map_err(|e| Error::from_datafusion(e, query))?;
     let statement = statements.pop_front().ok_or_else(|| Error::Internal("a view without a query".into()))?;
     let plan = state.statement_to_plan(statement).await.map_err(|e| Error::from_datafusion(e, query))?;
-    view::check_deterministic(&plan)?;
-    let plan = state.optimize(&plan).map_err(|e| Error::from_datafusion(e, query))?;
-    Ok(Planned::CreateView(CreateView { name, if_not_exists, plan, query: query.to_string() }))
+    let mut reads = Vec::new();
+    plan.apply_with_subqueries(|node| {
+        // The planner inlines plain views as an alias over their query.
+        let name = match node {
+            LogicalPlan::TableScan(scan) => Some(scan.table_name.table().to_string()),
+            LogicalPlan::SubqueryAlias(alias) => Some(alias.alias.table().to_string()),
+            _ => None,
+        };
+        if let Some(name) = name
+            && !reads.contains(&name)
+        {
+            reads.push(name);
+        }
+        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+    })?;
+    Ok((plan, reads))
 }
 
 /// DataFusion has no JSON type: declare such columns as TEXT for planning and return their
