@@ -288,7 +288,7 @@ impl Database {
                 let (plan, reads) =
                     SnapshotCell::scope(db.shared.cell.committed(), sql::plan_query(&state, &query)).await?;
                 db.create_plain_view(
-                    sql::PlainView { name: name.clone(), if_not_exists: false, plan, query, reads },
+                    sql::CreateView { name: name.clone(), if_not_exists: false, plan, query, reads },
                     false,
                 )
                 .await
@@ -730,7 +730,7 @@ impl Database {
     }
 
     /// Creates a plain view: a named query that the planner inlines where it is used.
-    async fn create_plain_view(&self, view: sql::PlainView, log: bool) -> Result<Outcome> {
+    async fn create_plain_view(&self, view: sql::CreateView, log: bool) -> Result<Outcome> {
         let mut writer = self.shared.writer.lock().await;
         if self.shared.name_taken(&writer, &view.name) {
             if view.if_not_exists {

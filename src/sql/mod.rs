@@ -134,35 +134,24 @@ pub enum Planned {
     /// EXPLAIN CREATE MATERIALIZED VIEW: the dataflow, one line per operator.
     ExplainView(Vec<String>),
     /// CREATE VIEW.
-    CreatePlainView(PlainView),
+    CreatePlainView(CreateView),
     /// DROP VIEW.
     DropPlainView { names: Vec<String>, if_exists: bool },
     /// SUBSCRIBE: `(epoch, diff, columns…)` rows as the view changes, until the client leaves.
     Subscribe { view: String, snapshot: bool, schema: SchemaRef },
 }
 
-/// A planned CREATE MATERIALIZED VIEW.
+/// A planned CREATE [MATERIALIZED] VIEW.
 #[derive(Debug, Clone)]
 pub struct CreateView {
     pub name: String,
     pub if_not_exists: bool,
-    /// The optimised plan of the view's query.
+    /// The plan of the view's query: optimised for a materialized view (it is lowered to a
+    /// dataflow), as written for a plain view (the planner inlines it where it is used).
     pub plan: LogicalPlan,
     /// The query's SQL text, stored so the view can be planned again after a restart.
     pub query: String,
     /// Relations the query names (tables, materialized and plain views).
-    pub reads: Vec<String>,
-}
-
-/// A planned CREATE VIEW: a named query, inlined wherever it is used.
-#[derive(Debug, Clone)]
-pub struct PlainView {
-    pub name: String,
-    pub if_not_exists: bool,
-    /// The query's plan before optimisation.
-    pub plan: LogicalPlan,
-    pub query: String,
-    /// Relations the query names.
     pub reads: Vec<String>,
 }
 
@@ -286,7 +275,7 @@ pub async fn plan(state: &SessionState, statement: &Statement, sql: &str) -> Res
                 }
                 let query = create.query.to_string();
                 let (plan, reads) = plan_query(state, &query).await?;
-                return Ok(Planned::CreatePlainView(PlainView {
+                return Ok(Planned::CreatePlainView(CreateView {
                     name: object_name(&create.name),
                     if_not_exists: create.if_not_exists,
                     plan,
