@@ -40,10 +40,7 @@ impl Feeds {
         if let Ok(mut senders) = self.senders.lock()
             && let Some(list) = senders.get_mut(table)
         {
-            list.retain(|(_, _, sender)| {
-                self.queued_rows.fetch_add(change.num_rows(), Ordering::AcqRel);
-                sender.send(Message::Data(change.clone())).is_ok()
-            });
+            list.retain(|(_, _, sender)| self.send_data(sender, change.clone()));
         }
     }
 
@@ -90,6 +87,18 @@ impl Feeds {
         }
     }
 
+    /// Counts the rows before sending (the source may consume them at once) and takes
+    /// them back if the feed is closed.
+    fn send_data(&self, sender: &mpsc::UnboundedSender<Message>, change: ChangeBatch) -> bool {
+        let rows = change.num_rows();
+        self.queued_rows.fetch_add(rows, Ordering::AcqRel);
+        let sent = sender.send(Message::Data(change)).is_ok();
+        if !sent {
+            self.consumed(rows);
+        }
+        sent
+    }
+
     fn consumed(&self, rows: usize) {
         self.queued_rows.fetch_sub(rows, Ordering::AcqRel);
         self.room.notify_waiters();
@@ -115,8 +124,7 @@ impl Pending {
                 match version.batches() {
                     Ok(batches) => {
                         for batch in batches {
-                            feeds.queued_rows.fetch_add(batch.num_rows(), Ordering::AcqRel);
-                            let _ = sender.send(Message::Data(ChangeBatch::inserts(batch)));
+                            feeds.send_data(&sender, ChangeBatch::inserts(batch));
                         }
                     }
                     Err(e) => {
