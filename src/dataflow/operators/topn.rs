@@ -93,13 +93,13 @@ impl Operator for TopNOperator {
         }
         self.dirty = false;
         let mut current: HashMap<Box<[u8]>, i64> = HashMap::new();
-        let (mut position, end) = (0usize, self.offset + self.limit);
+        let (mut position, end) = (0usize, self.offset.saturating_add(self.limit));
         for ((_, row), count) in &self.ordered {
             if position >= end {
                 break;
             }
             let first = position.max(self.offset);
-            position += *count as usize;
+            position = position.saturating_add(*count as usize);
             let last = position.min(end);
             if last > first {
                 *current.entry(row.clone()).or_insert(0) += (last - first) as i64;
