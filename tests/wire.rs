@@ -226,11 +226,10 @@ async fn cancel_request_stops_a_running_query() {
     assert_eq!(row.get::<_, i64>(0), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn psql_runs_statements_and_shows_errors_with_their_position() {
-    let server = TestServer::start().await;
-    let addr = server.server.pg_addr();
-    let psql = move |args: &[&str]| {
+/// Runs psql against `addr` with `args`, off the async runtime.
+async fn psql(addr: std::net::SocketAddr, args: &[&str]) -> std::process::Output {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
         Command::new("psql")
             .args([
                 "-X",
@@ -243,13 +242,22 @@ async fn psql_runs_statements_and_shows_errors_with_their_position() {
                 "-d",
                 "freshet",
             ])
-            .args(args)
+            .args(&args)
             .env("PGCONNECT_TIMEOUT", "10")
             .output()
             .expect("psql is installed (scripts/test installs postgresql-client)")
-    };
-    let out = tokio::task::spawn_blocking(move || {
-        psql(&[
+    })
+    .await
+    .expect("psql ran")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_runs_statements_and_shows_errors_with_their_position() {
+    let server = TestServer::start().await;
+    let addr = server.server.pg_addr();
+    let out = psql(
+        addr,
+        &[
             "-v",
             "ON_ERROR_STOP=1",
             "-c",
@@ -263,34 +271,14 @@ async fn psql_runs_statements_and_shows_errors_with_their_position() {
             "-A",
             "-c",
             "SELECT id, name FROM t ORDER BY id",
-        ])
-    })
-    .await
-    .expect("psql ran");
+        ],
+    )
+    .await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "psql failed: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(stdout, "CREATE TABLE\nINSERT 0 3\nUPDATE 1\nDELETE 1\nid|name\n1|one\n2|TWO\n(2 rows)\n");
 
-    let addr = server.server.pg_addr();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("psql")
-            .args([
-                "-X",
-                "-h",
-                &addr.ip().to_string(),
-                "-p",
-                &addr.port().to_string(),
-                "-U",
-                "freshet",
-                "-d",
-                "freshet",
-            ])
-            .args(["-c", "SELECT name FROM t WHERE nope = 1"])
-            .output()
-            .expect("psql runs")
-    })
-    .await
-    .expect("psql ran");
+    let out = psql(addr, &["-c", "SELECT name FROM t WHERE nope = 1"]).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("ERROR:") && stderr.contains("nope"), "{stderr}");

@@ -190,13 +190,24 @@ impl Shared {
         writer.tables.contains_key(name) || self.views().contains_key(name) || self.plain_views().contains_key(name)
     }
 
-    /// The first view (materialized or plain) that reads `name`, if any.
-    fn dependent_of(&self, name: &str) -> Option<String> {
+    /// Refuses to drop the `kind` named `name` while a view outside `dropping` reads it.
+    fn check_no_dependents(&self, kind: &str, name: &str, dropping: &[String]) -> Result<()> {
+        let reads = |inputs: &[String]| inputs.iter().any(|i| i == name);
         let materialized =
-            self.views().iter().find(|(_, v)| v.inputs.iter().any(|i| i == name)).map(|(n, _)| n.clone());
-        materialized.or_else(|| {
-            self.plain_views().iter().find(|(_, v)| v.reads.iter().any(|i| i == name)).map(|(n, _)| n.clone())
-        })
+            self.views().iter().find(|(n, v)| !dropping.contains(n) && reads(&v.inputs)).map(|(n, _)| n.clone());
+        let dependent = materialized.or_else(|| {
+            self.plain_views().iter().find(|(n, v)| !dropping.contains(n) && reads(&v.reads)).map(|(n, _)| n.clone())
+        });
+        match dependent {
+            Some(view) => Err(Error::Plan {
+                code: "2BP01",
+                message: format!(
+                    "cannot drop {kind} \"{name}\" because view \"{view}\" depends on it; drop the view first"
+                ),
+                position: None,
+            }),
+            None => Ok(()),
+        }
     }
 
     fn views(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, ViewHandle>> {
@@ -591,14 +602,8 @@ impl Database {
             if !writer.tables.contains_key(name) && !if_exists {
                 return Err(Error::UndefinedTable { name: name.clone(), position: None });
             }
-            if writer.tables.contains_key(name)
-                && let Some(view) = self.shared.dependent_of(name)
-            {
-                return Err(Error::Plan {
-                    code: "2BP01",
-                    message: format!("cannot drop table \"{name}\" because view \"{view}\" depends on it"),
-                    position: None,
-                });
+            if writer.tables.contains_key(name) {
+                self.shared.check_no_dependents("table", name, &names)?;
             }
         }
         let mut entries = Vec::new();
@@ -765,13 +770,7 @@ impl Database {
             if !self.shared.plain_views().contains_key(name) && !if_exists {
                 return Err(Error::UndefinedTable { name: name.clone(), position: None });
             }
-            if let Some(view) = self.shared.dependent_of(name).filter(|v| !names.contains(v)) {
-                return Err(Error::Plan {
-                    code: "2BP01",
-                    message: format!("cannot drop view \"{name}\" because view \"{view}\" depends on it"),
-                    position: None,
-                });
-            }
+            self.shared.check_no_dependents("view", name, &names)?;
         }
         let mut entries = Vec::new();
         let mut dropped = Vec::new();
@@ -802,13 +801,7 @@ impl Database {
             if !self.shared.views().contains_key(name) && !if_exists {
                 return Err(Error::UndefinedTable { name: name.clone(), position: None });
             }
-            if let Some(view) = self.shared.dependent_of(name).filter(|v| !names.contains(v)) {
-                return Err(Error::Plan {
-                    code: "2BP01",
-                    message: format!("cannot drop materialized view \"{name}\" because view \"{view}\" depends on it"),
-                    position: None,
-                });
-            }
+            self.shared.check_no_dependents("materialized view", name, &names)?;
         }
         let mut entries = Vec::new();
         for name in names {

@@ -112,6 +112,14 @@ impl Snapshot {
     }
 }
 
+/// Inserts `value` under `name`, or removes `name` when there is no value.
+fn set_entry<V>(map: &mut BTreeMap<String, V>, name: &str, value: Option<V>) {
+    match value {
+        Some(v) => map.insert(name.to_string(), v),
+        None => map.remove(name),
+    };
+}
+
 tokio::task_local! {
     /// The snapshot a running statement reads; set so that every table in one statement is
     /// read at the same point, and so writers can read their own uncommitted state.
@@ -168,10 +176,7 @@ impl SnapshotCell {
     pub fn publish_plain_view(&self, name: &str, provider: Option<Arc<dyn TableProvider>>) {
         self.update(|current| {
             let mut next = current.clone();
-            match provider {
-                Some(p) => next.plain_views.insert(name.to_string(), p),
-                None => next.plain_views.remove(name),
-            };
+            set_entry(&mut next.plain_views, name, provider);
             next
         });
     }
@@ -180,10 +185,7 @@ impl SnapshotCell {
     pub fn publish_view(&self, name: &str, version: Option<TableVersion>) {
         self.update(|current| {
             let mut next = current.clone();
-            match version {
-                Some(v) => next.views.insert(name.to_string(), v),
-                None => next.views.remove(name),
-            };
+            set_entry(&mut next.views, name, version);
             next
         });
     }

@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use datafusion::arrow::compute::concat_batches;
 use tokio::sync::{Notify, mpsc, watch};
 
 use super::table::{Snapshot, SnapshotCell, TableState, TableVersion};
@@ -35,11 +36,18 @@ pub struct Feeds {
 }
 
 impl Feeds {
+    /// The feeds by table. A poisoned lock is taken over: dropping a change instead would
+    /// silently make a view wrong.
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, TableFeeds>> {
+        match self.senders.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
     /// Sends a committed change of `table` to every view reading it.
     pub fn send_change(&self, table: &str, change: &ChangeBatch) {
-        if let Ok(mut senders) = self.senders.lock()
-            && let Some(list) = senders.get_mut(table)
-        {
+        if let Some(list) = self.lock().get_mut(table) {
             list.retain(|(_, _, sender)| self.send_data(sender, change.clone()));
         }
     }
@@ -47,32 +55,26 @@ impl Feeds {
     /// Sends a barrier into every feed; returns the names of the views that received it.
     fn send_barrier(&self, barrier: &Barrier) -> HashSet<String> {
         let mut views = HashSet::new();
-        if let Ok(mut senders) = self.senders.lock() {
-            for list in senders.values_mut() {
-                list.retain(|(_, name, sender)| {
-                    let sent = sender.send(Message::Barrier(barrier.clone())).is_ok();
-                    if sent {
-                        views.insert(name.clone());
-                    }
-                    sent
-                });
-            }
+        for list in self.lock().values_mut() {
+            list.retain(|(_, name, sender)| {
+                let sent = sender.send(Message::Barrier(barrier.clone())).is_ok();
+                if sent {
+                    views.insert(name.clone());
+                }
+                sent
+            });
         }
         views
     }
 
     fn register(&self, view: u64, name: &str, table: &str, sender: mpsc::UnboundedSender<Message>) {
-        if let Ok(mut senders) = self.senders.lock() {
-            senders.entry(table.to_string()).or_default().push((view, name.to_string(), sender));
-        }
+        self.lock().entry(table.to_string()).or_default().push((view, name.to_string(), sender));
     }
 
     /// Disconnects a view: its sources see their feeds close and the dataflow winds down.
     fn unregister(&self, view: u64) {
-        if let Ok(mut senders) = self.senders.lock() {
-            for list in senders.values_mut() {
-                list.retain(|(id, _, _)| *id != view);
-            }
+        for list in self.lock().values_mut() {
+            list.retain(|(id, _, _)| *id != view);
         }
     }
 
@@ -228,8 +230,10 @@ impl Subscribers {
         let mut inner = self.lock();
         let (sender, changes) = mpsc::channel(SUBSCRIBER_BACKLOG);
         if snapshot && let Some(version) = cell.committed().views.get(view) {
-            for batch in version.batches()? {
-                let _ = sender.try_send((inner.epoch, ChangeBatch::inserts(batch)));
+            // One message, so the snapshot always fits the new, empty channel.
+            let rows = concat_batches(&version.def.schema, &version.batches()?)?;
+            if rows.num_rows() > 0 && sender.try_send((inner.epoch, ChangeBatch::inserts(rows))).is_err() {
+                return Err(crate::error::Error::Internal("a new subscription's channel is full".into()));
             }
         }
         let lagged = Arc::new(std::sync::atomic::AtomicBool::new(false));

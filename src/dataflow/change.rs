@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::collections::HashMap;
 
 use datafusion::arrow::array::{Array, BooleanArray, Int64Array, RecordBatchOptions, UInt32Array};
+use datafusion::arrow::compute::kernels::cmp::{gt, lt};
 use datafusion::arrow::compute::take;
 use datafusion::arrow::compute::{concat_batches, filter, filter_record_batch, prep_null_mask_filter};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
@@ -90,8 +91,9 @@ impl ChangeBatch {
     /// Each row appears `|weight|` times in its side.
     pub fn split(&self) -> Result<(RecordBatch, RecordBatch)> {
         if self.weights.values().iter().all(|w| w.abs() == 1) {
-            let positive: BooleanArray = self.weights.values().iter().map(|w| Some(*w > 0)).collect();
-            let negative: BooleanArray = self.weights.values().iter().map(|w| Some(*w < 0)).collect();
+            let zero = Int64Array::new_scalar(0);
+            let positive = gt(&self.weights, &zero)?;
+            let negative = lt(&self.weights, &zero)?;
             return Ok((filter_record_batch(&self.batch, &positive)?, filter_record_batch(&self.batch, &negative)?));
         }
         let mut ins = Vec::new();
