@@ -50,6 +50,13 @@ const SHAPES: &[(&str, &str)] = &[
     ("v_union_aggregate", "SELECT k, count(*) AS n FROM (SELECT k FROM t UNION ALL SELECT k FROM u) GROUP BY k"),
 ];
 
+/// Views over the views above (and tables): created after them, checked the same way.
+const VIEW_SHAPES: &[(&str, &str)] = &[
+    ("v_over_count", "SELECT n, count(*) AS groups FROM v_count GROUP BY n"),
+    ("v_over_join", "SELECT c.k, c.n, u.label FROM v_count c JOIN u ON c.k = u.k"),
+    ("v_over_over", "SELECT sum(groups) AS total, max(n) AS biggest FROM v_over_count"),
+];
+
 /// A small deterministic generator (xorshift), so failures reproduce.
 struct Rng(u64);
 
@@ -122,7 +129,7 @@ fn random_change(rng: &mut Rng, next_id: &mut i64) -> String {
 
 async fn assert_views_match(client: &Client, step: &str) {
     client.batch_execute("FLUSH").await.expect("flush");
-    for (name, query) in SHAPES {
+    for (name, query) in SHAPES.iter().chain(VIEW_SHAPES) {
         let view = rows(client, &format!("SELECT * FROM {name}")).await;
         let oracle = rows(client, query).await;
         assert_eq!(view, oracle, "view {name} ({query}) differs from its query after {step}");
@@ -157,6 +164,9 @@ async fn views_equal_their_queries_under_random_changes() {
             client.batch_execute(&format!("CREATE MATERIALIZED VIEW {name} AS {query}")).await.expect("create view");
         }
     }
+    for (name, query) in VIEW_SHAPES {
+        client.batch_execute(&format!("CREATE MATERIALIZED VIEW {name} AS {query}")).await.expect("create view");
+    }
     assert_views_match(&client, "creation").await;
     for step in 0..80 {
         // Several changes per epoch, so the views must consolidate within an epoch too.
@@ -185,7 +195,8 @@ async fn views_survive_restart_and_keep_updating() {
              INSERT INTO r VALUES ('a', 1), ('a', 3), ('b', 10);
              CREATE MATERIALIZED VIEW per_dev AS SELECT dev, count(*) AS n, max(temp) AS hi FROM r GROUP BY dev;
              CREATE VIEW warm AS SELECT dev, temp FROM r WHERE temp > 1;
-             CREATE MATERIALIZED VIEW warm_count AS SELECT count(*) AS n FROM warm",
+             CREATE MATERIALIZED VIEW warm_count AS SELECT count(*) AS n FROM warm;
+             CREATE MATERIALIZED VIEW busiest AS SELECT max(n) AS most FROM per_dev",
         )
         .await
         .expect("setup");
@@ -194,12 +205,14 @@ async fn views_survive_restart_and_keep_updating() {
     let server = start().await.expect("restarts");
     let addr = server.pg_addr();
     let client = common::connect(&format!("host={} port={} user=freshet dbname=freshet", addr.ip(), addr.port())).await;
-    assert_eq!(rows(&client, "SHOW MATERIALIZED VIEWS").await, vec!["per_dev", "warm_count"]);
+    assert_eq!(rows(&client, "SHOW MATERIALIZED VIEWS").await, vec!["busiest", "per_dev", "warm_count"]);
+    assert_eq!(rows(&client, "SELECT * FROM busiest").await, vec!["2"]);
     assert_eq!(rows(&client, "SELECT * FROM warm_count").await, vec!["2"]);
     assert_eq!(rows(&client, "SELECT dev FROM warm").await, vec!["a", "b"]);
     assert_eq!(rows(&client, "SELECT * FROM per_dev").await, vec!["a|2|3", "b|1|10"]);
     client.batch_execute("DELETE FROM r WHERE temp = 3; INSERT INTO r VALUES ('c', 0); FLUSH").await.expect("changes");
     assert_eq!(rows(&client, "SELECT * FROM per_dev").await, vec!["a|1|1", "b|1|10", "c|1|0"]);
+    assert_eq!(rows(&client, "SELECT * FROM busiest").await, vec!["1"]);
     server.shutdown().await;
 }
 
@@ -225,6 +238,40 @@ async fn views_refuse_what_they_cannot_maintain() {
     let err = client.batch_execute("DROP TABLE a").await.expect_err("a view depends on it");
     assert_eq!(err.as_db_error().map(|d| d.code().code()), Some("2BP01"));
     client.batch_execute("DROP MATERIALIZED VIEW v; DROP TABLE a").await.expect("drop in order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_cascade_takes_the_dependent_views_along() {
+    let server = TestServer::start().await;
+    let client = server.connect().await;
+    client
+        .batch_execute(
+            "CREATE TABLE a (id INT, x INT);
+             CREATE TABLE keep (id INT);
+             INSERT INTO a VALUES (1, 10), (2, 20);
+             CREATE MATERIALIZED VIEW m1 AS SELECT id, x * 2 AS y FROM a;
+             CREATE VIEW p1 AS SELECT id FROM m1 WHERE y > 25;
+             CREATE MATERIALIZED VIEW m2 AS SELECT count(*) AS n FROM p1;
+             CREATE MATERIALIZED VIEW other AS SELECT count(*) AS n FROM keep",
+        )
+        .await
+        .expect("setup");
+    assert_eq!(rows(&client, "SELECT * FROM m2").await, vec!["1"]);
+    for sql in ["DROP MATERIALIZED VIEW m1", "DROP VIEW p1", "DROP TABLE a"] {
+        let err = client.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(err.as_db_error().map(|d| d.code().code()), Some("2BP01"), "{sql}: {err}");
+        assert!(err.as_db_error().is_some_and(|d| d.message().contains("CASCADE")), "{sql}: {err}");
+    }
+    let err = client.batch_execute("DROP VIEW m1").await.expect_err("m1 is materialized");
+    assert_eq!(err.as_db_error().map(|d| d.code().code()), Some("42809"), "{err}");
+    client.batch_execute("DROP TABLE a CASCADE").await.expect("cascade");
+    assert_eq!(rows(&client, "SHOW MATERIALIZED VIEWS").await, vec!["other"]);
+    for name in ["a", "m1", "p1", "m2"] {
+        let err = client.batch_execute(&format!("SELECT * FROM {name}")).await.expect_err(name);
+        assert_eq!(err.as_db_error().map(|d| d.code().code()), Some("42P01"), "{name}: {err}");
+    }
+    client.batch_execute("INSERT INTO keep VALUES (1); FLUSH").await.expect("the rest keeps working");
+    assert_eq!(rows(&client, "SELECT * FROM other").await, vec!["1"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,7 @@
 pub mod table;
 pub mod view;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -190,19 +190,35 @@ impl Shared {
         writer.tables.contains_key(name) || self.views().contains_key(name) || self.plain_views().contains_key(name)
     }
 
+    /// What `name` is, if it exists.
+    fn kind_of(&self, writer: &Writer, name: &str) -> Option<sql::RelationKind> {
+        if writer.tables.contains_key(name) {
+            Some(sql::RelationKind::Table)
+        } else if self.views().contains_key(name) {
+            Some(sql::RelationKind::MaterializedView)
+        } else if self.plain_views().contains_key(name) {
+            Some(sql::RelationKind::View)
+        } else {
+            None
+        }
+    }
+
+    /// The views (materialized or plain) that read `name` directly.
+    fn dependents(&self, name: &str) -> Vec<String> {
+        let reads = |inputs: &[String]| inputs.iter().any(|i| i == name);
+        let mut dependents: Vec<String> =
+            self.views().iter().filter(|(_, v)| reads(&v.inputs)).map(|(n, _)| n.clone()).collect();
+        dependents.extend(self.plain_views().iter().filter(|(_, v)| reads(&v.reads)).map(|(n, _)| n.clone()));
+        dependents
+    }
+
     /// Refuses to drop the `kind` named `name` while a view outside `dropping` reads it.
     fn check_no_dependents(&self, kind: &str, name: &str, dropping: &[String]) -> Result<()> {
-        let reads = |inputs: &[String]| inputs.iter().any(|i| i == name);
-        let materialized =
-            self.views().iter().find(|(n, v)| !dropping.contains(n) && reads(&v.inputs)).map(|(n, _)| n.clone());
-        let dependent = materialized.or_else(|| {
-            self.plain_views().iter().find(|(n, v)| !dropping.contains(n) && reads(&v.reads)).map(|(n, _)| n.clone())
-        });
-        match dependent {
+        match self.dependents(name).into_iter().find(|d| !dropping.contains(d)) {
             Some(view) => Err(Error::Plan {
                 code: "2BP01",
                 message: format!(
-                    "cannot drop {kind} \"{name}\" because view \"{view}\" depends on it; drop the view first"
+                    "cannot drop {kind} \"{name}\" because view \"{view}\" depends on it; drop the view first, or add CASCADE to drop it too"
                 ),
                 position: None,
             }),
@@ -221,6 +237,23 @@ impl Shared {
     /// Stops waiting for views whose dataflow failed, so the other views keep publishing.
     /// Reads of a failed view are refused (see `Database::check_views_healthy`).
     fn abandon_failed_views(&self) -> Vec<(String, String)> {
+        // A view reading a failed view gets no more epochs: it fails too.
+        loop {
+            let views = self.views();
+            let failed: HashSet<&String> =
+                views.iter().filter(|(_, v)| v.failures.get().is_some()).map(|(n, _)| n).collect();
+            let mut spread = false;
+            for (name, view) in views.iter().filter(|(n, _)| !failed.contains(n)) {
+                if let Some(input) = view.inputs.iter().find(|i| failed.contains(i)) {
+                    tracing::error!(view = %name, "materialized view \"{input}\" that it reads failed");
+                    view.failures.set(format!("materialized view \"{input}\" that it reads failed"));
+                    spread = true;
+                }
+            }
+            if !spread {
+                break;
+            }
+        }
         let failed: Vec<(String, u64, String)> =
             self.views().iter().filter_map(|(name, v)| v.failures.get().map(|f| (name.clone(), v.id, f))).collect();
         for (name, id, _) in &failed {
@@ -293,33 +326,9 @@ impl Database {
             }),
         };
         spawn_barriers(Arc::downgrade(&db.shared), barrier_interval);
-        for (name, query) in views.plain {
-            let created = async {
-                let state = db.session_state();
-                let (plan, reads) =
-                    SnapshotCell::scope(db.shared.cell.committed(), sql::plan_query(&state, &query)).await?;
-                db.create_plain_view(
-                    sql::CreateView { name: name.clone(), if_not_exists: false, plan, query, reads },
-                    false,
-                )
-                .await
-            };
-            if let Err(e) = created.await {
+        for (materialized, name, query) in views.list {
+            if let Err(e) = db.restore_view(materialized, &name, query).await {
                 tracing::error!(view = %name, "view could not be restored and is dropped: {e}");
-            }
-        }
-        for (name, query) in views.materialized {
-            let started = async {
-                let state = db.session_state();
-                let planned = sql::plan_view(&state, name.clone(), false, &query);
-                let Planned::CreateView(create) = SnapshotCell::scope(db.shared.cell.committed(), planned).await?
-                else {
-                    return Err(Error::Internal("a view query planned as something else".into()));
-                };
-                db.create_view(create, false).await
-            };
-            if let Err(e) = started.await {
-                tracing::error!(view = %name, "materialized view could not be restarted and is dropped: {e}");
             }
         }
         tracing::info!(tables, last_seq, replayed_segments, "database opened");
@@ -327,6 +336,23 @@ impl Database {
             db.start_snapshot();
         }
         Ok(db)
+    }
+
+    /// Re-plans and starts a view recorded in the log.
+    async fn restore_view(&self, materialized: bool, name: &str, query: String) -> Result<Outcome> {
+        let state = self.session_state();
+        if materialized {
+            let planned = sql::plan_view(&state, name.to_string(), false, &query);
+            let Planned::CreateView(create) = SnapshotCell::scope(self.shared.cell.committed(), planned).await? else {
+                return Err(Error::Internal("a view query planned as something else".into()));
+            };
+            self.create_view(create, false).await
+        } else {
+            let (plan, reads) =
+                SnapshotCell::scope(self.shared.cell.committed(), sql::plan_query(&state, &query)).await?;
+            let create = sql::CreateView { name: name.to_string(), if_not_exists: false, plan, query, reads };
+            self.create_plain_view(create, false).await
+        }
     }
 
     /// Parses, plans and runs every statement in `sql`, stopping at the first error.
@@ -432,13 +458,12 @@ impl Database {
             Planned::Query(plan) => self.query(plan, sql).await,
             Planned::Write(plan) => self.write(plan, sql).await,
             Planned::CreateTable(create) => self.create_table(create, sql).await,
-            Planned::DropTable { names, if_exists } => self.drop_tables(names, if_exists).await,
+            Planned::Drop(drop) => self.drop_relations(drop).await,
             Planned::ShowTables => {
                 let names = self.shared.cell.committed().tables.keys().cloned().collect();
                 self.names(names)
             }
             Planned::CreateView(create) => self.create_view(create, true).await,
-            Planned::DropView { names, if_exists } => self.drop_views(names, if_exists).await,
             Planned::ShowViews => {
                 let names = self.shared.views().keys().cloned().collect();
                 self.names(names)
@@ -447,7 +472,6 @@ impl Database {
             Planned::ExplainView(lines) => self.lines(sql::explain_schema(), lines),
             Planned::Subscribe { view, snapshot, schema } => self.subscribe(&view, snapshot, schema),
             Planned::CreatePlainView(view) => self.create_plain_view(view, true).await,
-            Planned::DropPlainView { names, if_exists } => self.drop_plain_views(names, if_exists).await,
         };
         result.map_err(|e| place_relation(e, sql))
     }
@@ -596,32 +620,6 @@ impl Database {
         Ok(Outcome::Command { tag: "CREATE TABLE", rows: None })
     }
 
-    async fn drop_tables(&self, names: Vec<String>, if_exists: bool) -> Result<Outcome> {
-        let mut writer = self.shared.writer.lock().await;
-        for name in &names {
-            if !writer.tables.contains_key(name) && !if_exists {
-                return Err(Error::UndefinedTable { name: name.clone(), position: None });
-            }
-            if writer.tables.contains_key(name) {
-                self.shared.check_no_dependents("table", name, &names)?;
-            }
-        }
-        let mut entries = Vec::new();
-        for name in names {
-            if writer.tables.contains_key(&name) {
-                writer.drop_table(&name);
-                entries.push(Record::DropTable { name }.entry(None)?);
-            }
-        }
-        if entries.is_empty() {
-            return Ok(Outcome::Command { tag: "DROP TABLE", rows: None });
-        }
-        let ack = self.enqueue(&writer, entries, Vec::new()).await?;
-        drop(writer);
-        self.durable(ack).await?;
-        Ok(Outcome::Command { tag: "DROP TABLE", rows: None })
-    }
-
     fn names(&self, names: Vec<String>) -> Result<Outcome> {
         self.lines(sql::show_tables_schema(), names)
     }
@@ -698,9 +696,6 @@ impl Database {
             }
             return Err(Error::DuplicateTable { name: create.name });
         }
-        if let Some(input) = inputs.iter().find(|i| self.shared.views().contains_key(*i)) {
-            return Err(Error::not_supported(format!("a materialized view reading materialized view \"{input}\"")));
-        }
         let id = writer.next_id;
         writer.next_id += 1;
         let schema = relaxed(&Arc::new(create.plan.schema().as_arrow().clone()));
@@ -712,10 +707,16 @@ impl Database {
             self.shared.cell.clone(),
             self.shared.epochs.clone(),
             subscribers.clone(),
+            self.shared.feeds.clone(),
         );
         let failures = Arc::new(FailureSlot::default());
         tracing::info!(view = %create.name, "starting materialized view:\n{}", root.describe());
-        let pending = view::spawn(id, root, sink, &self.shared.feeds, &failures);
+        let mut pending = view::spawn(id, root, sink, &self.shared.feeds, &failures);
+        for (name, upstream) in self.shared.views().iter() {
+            if inputs.contains(name) {
+                pending.reads_view(name, upstream.subscribers.clone());
+            }
+        }
         self.shared
             .views()
             .insert(create.name.clone(), ViewHandle { id, query: create.query.clone(), inputs, failures, subscribers });
@@ -724,9 +725,8 @@ impl Database {
         } else {
             Vec::new()
         };
-        let feeds = self.shared.feeds.clone();
-        let cell = self.shared.cell.clone();
-        let ack = self.shared.log.enqueue(entries, Box::new(move |_| pending.connect(&feeds, &cell))).await?;
+        let (feeds, epochs, cell) = (self.shared.feeds.clone(), self.shared.epochs.clone(), self.shared.cell.clone());
+        let ack = self.shared.log.enqueue(entries, Box::new(move |_| pending.connect(&feeds, &epochs, &cell))).await?;
         drop(writer);
         ack.durable().await?;
         // Return once the view shows its backfilled contents.
@@ -764,61 +764,92 @@ impl Database {
         Ok(Outcome::Command { tag: "CREATE VIEW", rows: None })
     }
 
-    async fn drop_plain_views(&self, names: Vec<String>, if_exists: bool) -> Result<Outcome> {
-        let writer = self.shared.writer.lock().await;
-        for name in &names {
-            if !self.shared.plain_views().contains_key(name) && !if_exists {
-                return Err(Error::UndefinedTable { name: name.clone(), position: None });
-            }
-            self.shared.check_no_dependents("view", name, &names)?;
-        }
-        let mut entries = Vec::new();
-        let mut dropped = Vec::new();
+    /// DROP TABLE / MATERIALIZED VIEW / VIEW. Without CASCADE a relation that a view reads
+    /// is kept (2BP01); with CASCADE the views reading it, directly or through other views,
+    /// are dropped with it.
+    async fn drop_relations(&self, statement: sql::DropRelations) -> Result<Outcome> {
+        let sql::DropRelations { kind, names, if_exists, cascade } = statement;
+        let tag = kind.drop_tag();
+        let mut writer = self.shared.writer.lock().await;
+        let mut dropping: Vec<String> = Vec::new();
         for name in names {
-            if self.shared.plain_views().remove(&name).is_some() {
-                entries.push(Record::DropPlainView { name: name.clone() }.entry(None)?);
-                dropped.push(name);
+            match self.shared.kind_of(&writer, &name) {
+                Some(found) if found == kind => {
+                    if !dropping.contains(&name) {
+                        dropping.push(name);
+                    }
+                }
+                Some(found) => {
+                    return Err(Error::Plan {
+                        code: "42809",
+                        message: format!(
+                            "\"{name}\" is a {}, not a {}; use {}",
+                            found.noun(),
+                            kind.noun(),
+                            found.drop_tag()
+                        ),
+                        position: None,
+                    });
+                }
+                None if if_exists => {}
+                None => return Err(Error::UndefinedTable { name, position: None }),
+            }
+        }
+        if cascade {
+            let mut next = 0;
+            while next < dropping.len() {
+                for dependent in self.shared.dependents(&dropping[next]) {
+                    if !dropping.contains(&dependent) {
+                        dropping.push(dependent);
+                    }
+                }
+                next += 1;
+            }
+        } else {
+            for name in &dropping {
+                self.shared.check_no_dependents(kind.noun(), name, &dropping)?;
+            }
+        }
+        // Readers before what they read.
+        let mut entries = Vec::new();
+        let mut plain = Vec::new();
+        for name in dropping.into_iter().rev() {
+            match self.shared.kind_of(&writer, &name) {
+                Some(sql::RelationKind::Table) => {
+                    writer.drop_table(&name);
+                    entries.push(Record::DropTable { name }.entry(None)?);
+                }
+                Some(sql::RelationKind::MaterializedView) => {
+                    let removed = self.shared.views().remove(&name);
+                    if let Some(view) = removed {
+                        self.shared.epochs.remove_view(&name, view.id, &self.shared.feeds, &self.shared.cell);
+                        self.shared.cell.publish_view(&name, None);
+                    }
+                    entries.push(Record::DropView { name }.entry(None)?);
+                }
+                Some(sql::RelationKind::View) => {
+                    self.shared.plain_views().remove(&name);
+                    entries.push(Record::DropPlainView { name: name.clone() }.entry(None)?);
+                    plain.push(name);
+                }
+                None => {}
             }
         }
         if entries.is_empty() {
-            return Ok(Outcome::Command { tag: "DROP VIEW", rows: None });
+            return Ok(Outcome::Command { tag, rows: None });
         }
+        let working = writer.working.clone();
         let cell = self.shared.cell.clone();
-        let publish = Box::new(move |_| {
-            for name in &dropped {
+        let publish = Box::new(move |seq| {
+            cell.publish_tables(working.tables.clone(), seq);
+            for name in &plain {
                 cell.publish_plain_view(name, None);
             }
         });
         let ack = self.shared.log.enqueue(entries, publish).await?;
         drop(writer);
         self.durable(ack).await?;
-        Ok(Outcome::Command { tag: "DROP VIEW", rows: None })
-    }
-
-    async fn drop_views(&self, names: Vec<String>, if_exists: bool) -> Result<Outcome> {
-        let writer = self.shared.writer.lock().await;
-        for name in &names {
-            if !self.shared.views().contains_key(name) && !if_exists {
-                return Err(Error::UndefinedTable { name: name.clone(), position: None });
-            }
-            self.shared.check_no_dependents("materialized view", name, &names)?;
-        }
-        let mut entries = Vec::new();
-        for name in names {
-            let removed = self.shared.views().remove(&name);
-            if let Some(view) = removed {
-                self.shared.epochs.remove_view(&name, view.id, &self.shared.feeds, &self.shared.cell);
-                self.shared.cell.publish_view(&name, None);
-                entries.push(Record::DropView { name }.entry(None)?);
-            }
-        }
-        if entries.is_empty() {
-            return Ok(Outcome::Command { tag: "DROP MATERIALIZED VIEW", rows: None });
-        }
-        let ack = self.enqueue(&writer, entries, Vec::new()).await?;
-        drop(writer);
-        self.durable(ack).await?;
-        Ok(Outcome::Command { tag: "DROP MATERIALIZED VIEW", rows: None })
+        Ok(Outcome::Command { tag, rows: None })
     }
 
     async fn durable(&self, ack: Ack) -> Result<()> {
@@ -848,16 +879,18 @@ impl Database {
                         entries.push(Record::Rows { table: version.def.name.clone() }.entry(Some(batch))?);
                     }
                 }
-                let mut plain: Vec<(u64, String, String)> =
-                    shared.plain_views().iter().map(|(n, v)| (v.created, n.clone(), v.query.clone())).collect();
-                plain.sort();
-                for (_, name, query) in plain {
-                    entries.push(Record::CreatePlainView { name, query }.entry(None)?);
-                }
-                let views: Vec<(String, String)> =
-                    shared.views().iter().map(|(name, v)| (name.clone(), v.query.clone())).collect();
-                for (name, query) in views {
-                    entries.push(Record::CreateView { name, query }.entry(None)?);
+                // Views in creation order: a view may read the views before it.
+                let mut views: Vec<(u64, bool, String, String)> =
+                    shared.plain_views().iter().map(|(n, v)| (v.created, false, n.clone(), v.query.clone())).collect();
+                views.extend(shared.views().iter().map(|(n, v)| (v.id, true, n.clone(), v.query.clone())));
+                views.sort();
+                for (_, materialized, name, query) in views {
+                    let record = if materialized {
+                        Record::CreateView { name, query }
+                    } else {
+                        Record::CreatePlainView { name, query }
+                    };
+                    entries.push(record.entry(None)?);
                 }
                 shared.log.write_snapshot(snapshot.seq, &entries).await
             }
@@ -912,10 +945,11 @@ fn spawn_barriers(shared: std::sync::Weak<Shared>, interval: Duration) {
 /// Applies log entries to `writer`; view definitions are collected into `views` (name,
 /// query) in order, to be started once every table is recovered.
 /// View definitions found while replaying, in creation order: (name, query).
+/// The views in the log, in creation order (a view may read those before it).
 #[derive(Default)]
 struct RecoveredViews {
-    plain: Vec<(String, String)>,
-    materialized: Vec<(String, String)>,
+    /// (materialized, name, query).
+    list: Vec<(bool, String, String)>,
 }
 
 fn replay(ctx: &SessionContext, writer: &mut Writer, views: &mut RecoveredViews, entries: Vec<LogEntry>) -> Result<()> {
@@ -938,15 +972,14 @@ fn replay(ctx: &SessionContext, writer: &mut Writer, views: &mut RecoveredViews,
             Record::DropTable { name } => writer.drop_table(name),
             Record::CreateView { name, query } => {
                 // A snapshot may already hold a view whose record is also in a later segment.
-                views.materialized.retain(|(n, _)| n != name);
-                views.materialized.push((name.clone(), query.clone()));
+                views.list.retain(|(_, n, _)| n != name);
+                views.list.push((true, name.clone(), query.clone()));
             }
-            Record::DropView { name } => views.materialized.retain(|(n, _)| n != name),
+            Record::DropView { name } | Record::DropPlainView { name } => views.list.retain(|(_, n, _)| n != name),
             Record::CreatePlainView { name, query } => {
-                views.plain.retain(|(n, _)| n != name);
-                views.plain.push((name.clone(), query.clone()));
+                views.list.retain(|(_, n, _)| n != name);
+                views.list.push((false, name.clone(), query.clone()));
             }
-            Record::DropPlainView { name } => views.plain.retain(|(n, _)| n != name),
             Record::Change { table } | Record::Rows { table } => {
                 let state = writer.tables.get(table).ok_or_else(|| Error::Corrupt {
                     location: format!("log record {record:?}"),

@@ -24,22 +24,31 @@ use crate::sql::view::Node;
 /// Rows queued in feeds before writers wait for the views to catch up.
 const MAX_QUEUED_ROWS: usize = 1 << 20;
 
-/// The feeds of one table: (view id, view name, sender).
-type TableFeeds = Vec<(u64, String, mpsc::UnboundedSender<Message>)>;
+/// The feeds of one table: (view id, sender).
+type TableFeeds = Vec<(u64, mpsc::UnboundedSender<Message>)>;
 
-/// The change streams of tables, one per (view, table input).
+/// The change streams of tables, one per (view, table input), and the views connected to
+/// them.
 #[derive(Default)]
 pub struct Feeds {
-    senders: std::sync::Mutex<HashMap<String, TableFeeds>>,
+    inner: std::sync::Mutex<FeedsInner>,
     queued_rows: AtomicUsize,
     room: Notify,
+}
+
+#[derive(Default)]
+struct FeedsInner {
+    tables: HashMap<String, TableFeeds>,
+    /// Every connected view by id: each receives every barrier, from a table feed or from
+    /// the materialized views it reads.
+    views: BTreeMap<u64, String>,
 }
 
 impl Feeds {
     /// The feeds by table. A poisoned lock is taken over: dropping a change instead would
     /// silently make a view wrong.
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, TableFeeds>> {
-        match self.senders.lock() {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FeedsInner> {
+        match self.inner.lock() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
         }
@@ -47,34 +56,35 @@ impl Feeds {
 
     /// Sends a committed change of `table` to every view reading it.
     pub fn send_change(&self, table: &str, change: &ChangeBatch) {
-        if let Some(list) = self.lock().get_mut(table) {
-            list.retain(|(_, _, sender)| self.send_data(sender, change.clone()));
+        if let Some(list) = self.lock().tables.get_mut(table) {
+            list.retain(|(_, sender)| self.send_data(sender, change.clone()));
         }
     }
 
-    /// Sends a barrier into every feed; returns the names of the views that received it.
+    /// Sends a barrier into every table feed; returns the names of the connected views,
+    /// which all commit it.
     fn send_barrier(&self, barrier: &Barrier) -> HashSet<String> {
-        let mut views = HashSet::new();
-        for list in self.lock().values_mut() {
-            list.retain(|(_, name, sender)| {
-                let sent = sender.send(Message::Barrier(barrier.clone())).is_ok();
-                if sent {
-                    views.insert(name.clone());
-                }
-                sent
-            });
+        let mut inner = self.lock();
+        for list in inner.tables.values_mut() {
+            list.retain(|(_, sender)| sender.send(Message::Barrier(barrier.clone())).is_ok());
         }
-        views
+        inner.views.values().cloned().collect()
     }
 
-    fn register(&self, view: u64, name: &str, table: &str, sender: mpsc::UnboundedSender<Message>) {
-        self.lock().entry(table.to_string()).or_default().push((view, name.to_string(), sender));
+    fn register(&self, view: u64, table: &str, sender: mpsc::UnboundedSender<Message>) {
+        self.lock().tables.entry(table.to_string()).or_default().push((view, sender));
+    }
+
+    fn connected(&self, view: u64, name: &str) {
+        self.lock().views.insert(view, name.to_string());
     }
 
     /// Disconnects a view: its sources see their feeds close and the dataflow winds down.
     fn unregister(&self, view: u64) {
-        for list in self.lock().values_mut() {
-            list.retain(|(id, _, _)| *id != view);
+        let mut inner = self.lock();
+        inner.views.remove(&view);
+        for list in inner.tables.values_mut() {
+            list.retain(|(id, _)| *id != view);
         }
     }
 
@@ -112,17 +122,31 @@ pub struct Pending {
     view: u64,
     name: String,
     inputs: Vec<(String, mpsc::UnboundedSender<Message>)>,
+    /// The materialized views among the inputs, by name.
+    upstream: HashMap<String, Arc<Subscribers>>,
     failures: Arc<FailureSlot>,
 }
 
 impl Pending {
+    /// Marks `name` as a materialized view whose committed epochs feed this view.
+    pub fn reads_view(&mut self, name: &str, subscribers: Arc<Subscribers>) {
+        self.upstream.insert(name.to_string(), subscribers);
+    }
+
     /// Sends each input's current rows as the view's starting point and connects the feeds.
     /// Must run in log order (from a marker's publish callback), so no change is missed or
     /// seen twice.
-    pub fn connect(self, feeds: &Feeds, cell: &SnapshotCell) {
+    pub fn connect(self, feeds: &Feeds, epochs: &Epochs, cell: &SnapshotCell) {
         let snapshot = cell.committed();
-        for (table, sender) in self.inputs {
-            if let Some(version) = snapshot.relation(&table) {
+        let last_barrier = epochs.last_barrier();
+        for (input, sender) in self.inputs {
+            if let Some(upstream) = self.upstream.get(&input) {
+                if let Err(e) = upstream.follow(&input, self.view, sender, last_barrier, feeds, cell) {
+                    self.failures.set(format!("reading the rows of \"{input}\" to start: {e}"));
+                }
+                continue;
+            }
+            if let Some(version) = snapshot.relation(&input) {
                 match version.batches() {
                     Ok(batches) => {
                         for batch in batches {
@@ -132,19 +156,21 @@ impl Pending {
                     Err(e) => {
                         // Without its starting rows the view would be wrong: mark it failed
                         // (FLUSH and reads report it) and leave it disconnected.
-                        self.failures.set(format!("reading the rows of \"{table}\" to start: {e}"));
+                        self.failures.set(format!("reading the rows of \"{input}\" to start: {e}"));
                         continue;
                     }
                 }
             }
-            feeds.register(self.view, &self.name, &table, sender);
+            feeds.register(self.view, &input, sender);
         }
+        feeds.connected(self.view, &self.name);
     }
 }
 
 /// Where a view's results go: its arrangement, published after each epoch.
 pub struct ViewSink {
     name: String,
+    feeds: Arc<Feeds>,
     state: TableState,
     cell: Arc<SnapshotCell>,
     epochs: Arc<Epochs>,
@@ -161,6 +187,13 @@ impl EpochSink for ViewSink {
             let mut subscribers = self.subscribers.lock();
             self.cell.publish_view(&self.name, Some(version.clone()));
             subscribers.epoch = barrier.epoch;
+            // Views reading this one: the epoch's change, then its barrier (barriers up to
+            // the one before a view connected are already behind its other inputs).
+            let feeds = &self.feeds;
+            subscribers.downstream.retain(|d| {
+                (change.num_rows() == 0 || feeds.send_data(&d.sender, change.clone()))
+                    && (barrier.epoch <= d.after || d.sender.send(Message::Barrier(barrier.clone())).is_ok())
+            });
             if change.num_rows() > 0 {
                 subscribers.list.retain(|s| match s.sender.try_send((barrier.epoch, change.clone())) {
                     Ok(()) => true,
@@ -184,8 +217,9 @@ impl ViewSink {
         cell: Arc<SnapshotCell>,
         epochs: Arc<Epochs>,
         subscribers: Arc<Subscribers>,
+        feeds: Arc<Feeds>,
     ) -> Self {
-        ViewSink { name, state, cell, epochs, subscribers }
+        ViewSink { name, feeds, state, cell, epochs, subscribers }
     }
 }
 
@@ -201,8 +235,18 @@ pub struct Subscribers {
 #[derive(Default)]
 pub struct SubscribersInner {
     list: Vec<Subscriber>,
+    /// Materialized views reading this one.
+    downstream: Vec<Downstream>,
     /// The last epoch the view committed.
     epoch: u64,
+}
+
+/// The feed of a materialized view reading another.
+struct Downstream {
+    sender: mpsc::UnboundedSender<Message>,
+    /// The last barrier injected before the reading view connected; it receives the
+    /// barriers after it.
+    after: u64,
 }
 
 struct Subscriber {
@@ -223,6 +267,30 @@ impl Subscribers {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
         }
+    }
+
+    /// Connects a materialized view reading this one (`view`): its committed rows first,
+    /// then every epoch's change and barrier. Runs in log order, after barrier
+    /// `last_barrier`: epochs up to it arrive as data only, since the reading view's other
+    /// inputs start after that barrier.
+    fn follow(
+        &self,
+        view: &str,
+        reader: u64,
+        sender: mpsc::UnboundedSender<Message>,
+        last_barrier: u64,
+        feeds: &Feeds,
+        cell: &SnapshotCell,
+    ) -> Result<()> {
+        let mut inner = self.lock();
+        if let Some(version) = cell.committed().views.get(view) {
+            for batch in version.batches()? {
+                feeds.send_data(&sender, ChangeBatch::inserts(batch));
+            }
+        }
+        tracing::debug!(view, reader, last_barrier, "a materialized view follows another");
+        inner.downstream.push(Downstream { sender, after: last_barrier });
+        Ok(())
     }
 
     /// Follows the view from now on; with `snapshot`, its current rows come first.
@@ -253,6 +321,8 @@ pub struct Epochs {
 #[derive(Default)]
 struct EpochsInner {
     open: BTreeMap<u64, OpenEpoch>,
+    /// The last barrier sent into the feeds.
+    last_barrier: u64,
     /// Every view at the last complete epoch.
     views: BTreeMap<String, TableVersion>,
 }
@@ -282,9 +352,15 @@ impl Epochs {
     pub fn barrier(&self, barrier: &Barrier, feeds: &Feeds, cell: &SnapshotCell) {
         let mut inner = self.lock();
         let waiting = feeds.send_barrier(barrier);
+        inner.last_barrier = barrier.epoch;
         let tables = cell.committed().tables.clone();
         inner.open.insert(barrier.epoch, OpenEpoch { tables, waiting, delivered: Vec::new() });
         self.complete_ready(&mut inner, cell);
+    }
+
+    /// The epoch of the last barrier sent into the feeds.
+    pub fn last_barrier(&self) -> u64 {
+        self.lock().last_barrier
     }
 
     fn deliver(&self, epoch: u64, view: &str, version: TableVersion, cell: &SnapshotCell) {
@@ -341,7 +417,13 @@ impl Epochs {
 /// Starts the operators of `root` with `sink` at the end, and returns the feeds to connect.
 pub fn spawn(view: u64, root: Node, sink: ViewSink, feeds: &Arc<Feeds>, failures: &Arc<FailureSlot>) -> Pending {
     let schema = sink.state.def().schema.clone();
-    let mut pending = Pending { view, name: sink.name.clone(), inputs: Vec::new(), failures: failures.clone() };
+    let mut pending = Pending {
+        view,
+        name: sink.name.clone(),
+        inputs: Vec::new(),
+        upstream: HashMap::new(),
+        failures: failures.clone(),
+    };
     let input = spawn_node(root, feeds, failures, &mut pending);
     let materialize = MaterializeOperator::new(schema, Box::new(sink));
     runtime::spawn(Box::new(materialize), vec![input], Vec::new(), failures.clone());

@@ -119,14 +119,12 @@ pub enum Planned {
     Write(LogicalPlan),
     /// CREATE TABLE, possibly `AS SELECT`.
     CreateTable(CreateTable),
-    /// DROP TABLE.
-    DropTable { names: Vec<String>, if_exists: bool },
+    /// DROP TABLE, DROP MATERIALIZED VIEW or DROP VIEW.
+    Drop(DropRelations),
     /// SHOW TABLES.
     ShowTables,
     /// CREATE MATERIALIZED VIEW.
     CreateView(CreateView),
-    /// DROP MATERIALIZED VIEW.
-    DropView { names: Vec<String>, if_exists: bool },
     /// SHOW MATERIALIZED VIEWS.
     ShowViews,
     /// FLUSH.
@@ -135,10 +133,47 @@ pub enum Planned {
     ExplainView(Vec<String>),
     /// CREATE VIEW.
     CreatePlainView(CreateView),
-    /// DROP VIEW.
-    DropPlainView { names: Vec<String>, if_exists: bool },
     /// SUBSCRIBE: `(epoch, diff, columns…)` rows as the view changes, until the client leaves.
     Subscribe { view: String, snapshot: bool, schema: SchemaRef },
+}
+
+/// The kinds of relation a user creates and drops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelationKind {
+    Table,
+    MaterializedView,
+    /// A plain view: a named query, inlined where it is used.
+    View,
+}
+
+impl RelationKind {
+    /// The kind in words, for messages.
+    pub fn noun(self) -> &'static str {
+        match self {
+            RelationKind::Table => "table",
+            RelationKind::MaterializedView => "materialized view",
+            RelationKind::View => "view",
+        }
+    }
+
+    /// The statement that drops this kind, also its command tag.
+    pub fn drop_tag(self) -> &'static str {
+        match self {
+            RelationKind::Table => "DROP TABLE",
+            RelationKind::MaterializedView => "DROP MATERIALIZED VIEW",
+            RelationKind::View => "DROP VIEW",
+        }
+    }
+}
+
+/// A planned DROP.
+#[derive(Debug, Clone)]
+pub struct DropRelations {
+    pub kind: RelationKind,
+    pub names: Vec<String>,
+    pub if_exists: bool,
+    /// Also drop the views that read what is dropped.
+    pub cascade: bool,
 }
 
 /// A planned CREATE [MATERIALIZED] VIEW.
@@ -283,20 +318,16 @@ pub async fn plan(state: &SessionState, statement: &Statement, sql: &str) -> Res
                     reads,
                 }));
             }
-            SqlStatement::Drop { object_type: ObjectType::View, if_exists, names, .. } => {
-                return Ok(Planned::DropPlainView {
-                    names: names.iter().map(object_name).collect(),
-                    if_exists: *if_exists,
-                });
-            }
-            SqlStatement::Drop { object_type: ObjectType::MaterializedView, if_exists, names, .. } => {
-                return Ok(Planned::DropView { names: names.iter().map(object_name).collect(), if_exists: *if_exists });
-            }
-            SqlStatement::Drop { object_type: ObjectType::Table, if_exists, names, .. } => {
-                return Ok(Planned::DropTable {
-                    names: names.iter().map(object_name).collect(),
-                    if_exists: *if_exists,
-                });
+            SqlStatement::Drop { object_type, if_exists, names, cascade, .. }
+                if matches!(object_type, ObjectType::Table | ObjectType::View | ObjectType::MaterializedView) =>
+            {
+                let kind = match object_type {
+                    ObjectType::Table => RelationKind::Table,
+                    ObjectType::View => RelationKind::View,
+                    _ => RelationKind::MaterializedView,
+                };
+                let names = names.iter().map(object_name).collect();
+                return Ok(Planned::Drop(DropRelations { kind, names, if_exists: *if_exists, cascade: *cascade }));
             }
             SqlStatement::StartTransaction { .. } | SqlStatement::Commit { .. } | SqlStatement::Rollback { .. } => {
                 return Err(Error::NotSupported {
