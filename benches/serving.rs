@@ -15,8 +15,8 @@ async fn start() -> (Server, tempfile::TempDir, String) {
         data_dir: dir.path().to_path_buf(),
         pg_listen: "127.0.0.1:0".into(),
         http_listen: "127.0.0.1:0".into(),
-        init: None,
         barrier_interval: std::time::Duration::from_millis(50),
+        ..Config::default()
     };
     let server = Server::start(config).await.expect("server starts");
     let addr = server.pg_addr();

@@ -32,8 +32,8 @@ async fn start() -> (Server, tempfile::TempDir, tokio_postgres::Client) {
         data_dir: dir.path().to_path_buf(),
         pg_listen: "127.0.0.1:0".into(),
         http_listen: "127.0.0.1:0".into(),
-        init: None,
         barrier_interval: Duration::from_millis(100),
+        ..Config::default()
     };
     let server = Server::start(config).await.expect("server starts");
     let addr = server.pg_addr();

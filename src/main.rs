@@ -41,6 +41,11 @@ struct ServeArgs {
     /// (e.g. `1s`, `200ms`).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     barrier_interval: Duration,
+    /// Parallel instances of each stateful view operator (GROUP BY, join), fed by a hash
+    /// exchange on their keys; also the parallelism of batch queries. Default: the number
+    /// of cores.
+    #[arg(long, env = "FRESHET_WORKERS", value_parser = clap::value_parser!(u16).range(1..=256))]
+    workers: Option<u16>,
     /// Log filter, e.g. `info` or `freshet=debug`; RUST_LOG wins when set.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -65,6 +70,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         http_listen: args.http_listen,
         init: args.init,
         barrier_interval: args.barrier_interval,
+        workers: args.workers.map(usize::from).unwrap_or_else(freshet::catalog::default_workers),
     };
     let server = Server::start(config).await?;
     println!(

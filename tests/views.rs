@@ -137,8 +137,18 @@ async fn assert_views_match(client: &Client, step: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn views_equal_their_queries_under_random_changes() {
-    let server = TestServer::start().await;
+async fn views_equal_their_queries_under_random_changes_on_one_worker() {
+    views_equal_their_queries_under_random_changes(1).await;
+}
+
+/// The same oracle with every GROUP BY and join split over three instances by key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_equal_their_queries_under_random_changes_on_three_workers() {
+    views_equal_their_queries_under_random_changes(3).await;
+}
+
+async fn views_equal_their_queries_under_random_changes(workers: usize) {
+    let server = TestServer::start_with(|config| config.workers = workers).await;
     let client = server.connect().await;
     client
         .batch_execute(
@@ -148,6 +158,14 @@ async fn views_equal_their_queries_under_random_changes() {
         )
         .await
         .expect("create");
+    // Stateful operators really run as `workers` instances.
+    let plan = rows(
+        &client,
+        "EXPLAIN CREATE MATERIALIZED VIEW x AS SELECT u.label, count(*) FROM t JOIN u ON t.k = u.k GROUP BY u.label",
+    )
+    .await;
+    let parallel = plan.iter().filter(|line| line.contains(&format!("x{workers} (hash exchange"))).count();
+    assert_eq!(parallel, if workers > 1 { 2 } else { 0 }, "{plan:?}");
     let mut rng = Rng(0x9E3779B97F4A7C15);
     let mut next_id = 0;
     // Some views start over existing data (backfill), the rest over an empty table.

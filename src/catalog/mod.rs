@@ -277,6 +277,27 @@ pub const DEFAULT_BARRIER_INTERVAL: Duration = Duration::from_secs(1);
 /// How long FLUSH and CREATE MATERIALIZED VIEW wait for views to catch up.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// How a database runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// How often barriers close an epoch.
+    pub barrier_interval: Duration,
+    /// Parallel instances of each stateful view operator, and the parallelism of batch
+    /// queries.
+    pub workers: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { barrier_interval: DEFAULT_BARRIER_INTERVAL, workers: default_workers() }
+    }
+}
+
+/// One worker per core.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
 /// A running freshet database: tables, their log, and the DataFusion session that plans
 /// and runs queries over them. Cheap to clone; clones share everything.
 #[derive(Clone)]
@@ -286,16 +307,16 @@ pub struct Database {
 }
 
 impl Database {
-    /// Opens the database stored in `store` with the default barrier interval.
+    /// Opens the database stored in `store` with the default options.
     pub async fn open(store: Arc<dyn ObjectStore>) -> Result<Database> {
-        Database::open_with(store, DEFAULT_BARRIER_INTERVAL).await
+        Database::open_with(store, Options::default()).await
     }
 
     /// Opens the database stored in `store`, replaying its snapshot and log, and restarts
     /// its materialized views.
-    pub async fn open_with(store: Arc<dyn ObjectStore>, barrier_interval: Duration) -> Result<Database> {
+    pub async fn open_with(store: Arc<dyn ObjectStore>, options: Options) -> Result<Database> {
         let cell = Arc::new(SnapshotCell::default());
-        let ctx = new_session(cell.clone())?;
+        let ctx = new_session(cell.clone(), options.workers)?;
         let (log, recovered) = Log::open(store).await?;
         let mut writer = Writer::default();
         let mut last_seq = 0;
@@ -325,7 +346,7 @@ impl Database {
                 epoch: AtomicU64::new(0),
             }),
         };
-        spawn_barriers(Arc::downgrade(&db.shared), barrier_interval);
+        spawn_barriers(Arc::downgrade(&db.shared), options.barrier_interval);
         for (materialized, name, query) in views.list {
             if let Err(e) = db.restore_view(materialized, &name, query).await {
                 tracing::error!(view = %name, "view could not be restored and is dropped: {e}");
@@ -904,8 +925,9 @@ impl Database {
     }
 }
 
-fn new_session(cell: Arc<SnapshotCell>) -> Result<SessionContext> {
+fn new_session(cell: Arc<SnapshotCell>, workers: usize) -> Result<SessionContext> {
     let mut config = SessionConfig::new()
+        .with_target_partitions(workers.max(1))
         .with_default_catalog_and_schema(CATALOG_NAME, SCHEMA_NAME)
         .with_create_default_catalog_and_schema(false)
         .with_information_schema(true);

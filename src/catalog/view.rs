@@ -15,7 +15,8 @@ use datafusion::arrow::compute::concat_batches;
 use tokio::sync::{Notify, mpsc, watch};
 
 use super::table::{Snapshot, SnapshotCell, TableState, TableVersion};
-use crate::dataflow::operators::{EpochSink, MaterializeOperator};
+use crate::dataflow::exchange;
+use crate::dataflow::operators::{EpochSink, MaterializeOperator, MergeOperator};
 use crate::dataflow::runtime::{self, EdgeReceiver, FailureSlot};
 use crate::dataflow::{Barrier, ChangeBatch, Message};
 use crate::error::Result;
@@ -463,6 +464,29 @@ fn spawn_node(node: Node, feeds: &Arc<Feeds>, failures: &Arc<FailureSlot>, pendi
             let receivers = inputs.into_iter().map(|n| spawn_node(n, feeds, failures, pending)).collect();
             let (sender, receiver) = runtime::edge();
             runtime::spawn(operator, receivers, vec![sender], failures.clone());
+            receiver
+        }
+        Node::Parallel { instances, keys, inputs } => {
+            // instance_inputs[i][port]: instance i's edge from input `port`'s exchange.
+            let mut instance_inputs: Vec<Vec<EdgeReceiver>> = instances.iter().map(|_| Vec::new()).collect();
+            for (input, key) in inputs.into_iter().zip(keys) {
+                let upstream = spawn_node(input, feeds, failures, pending);
+                let mut senders = Vec::new();
+                for receivers in &mut instance_inputs {
+                    let (sender, receiver) = runtime::edge();
+                    senders.push(sender);
+                    receivers.push(receiver);
+                }
+                exchange::spawn(key, upstream, senders, failures.clone());
+            }
+            let mut merge_inputs = Vec::new();
+            for (operator, receivers) in instances.into_iter().zip(instance_inputs) {
+                let (sender, receiver) = runtime::edge();
+                runtime::spawn(operator, receivers, vec![sender], failures.clone());
+                merge_inputs.push(receiver);
+            }
+            let (sender, receiver) = runtime::edge();
+            runtime::spawn(Box::new(MergeOperator), merge_inputs, vec![sender], failures.clone());
             receiver
         }
     }

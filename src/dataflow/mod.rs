@@ -8,6 +8,7 @@
 //! catalog, the SQL layer or the server.
 
 pub mod change;
+pub mod exchange;
 pub mod operator;
 pub mod operators;
 pub mod runtime;

@@ -39,6 +39,8 @@ pub struct Config {
     pub init: Option<PathBuf>,
     /// How often barriers close an epoch (materialized views publish once per epoch).
     pub barrier_interval: Duration,
+    /// Parallel instances of each stateful view operator (and batch query parallelism).
+    pub workers: usize,
 }
 
 impl Default for Config {
@@ -49,6 +51,7 @@ impl Default for Config {
             http_listen: "127.0.0.1:6544".into(),
             init: None,
             barrier_interval: crate::catalog::DEFAULT_BARRIER_INTERVAL,
+            workers: crate::catalog::default_workers(),
         }
     }
 }
@@ -68,7 +71,8 @@ impl Server {
     /// Opens the database, runs the init file, and starts accepting clients.
     pub async fn start(config: Config) -> Result<Server> {
         let store = crate::state::open_local_store(&config.data_dir)?;
-        let db = Database::open_with(store, config.barrier_interval).await?;
+        let options = crate::catalog::Options { barrier_interval: config.barrier_interval, workers: config.workers };
+        let db = Database::open_with(store, options).await?;
         if let Some(path) = &config.init {
             let sql = std::fs::read_to_string(path)
                 .map_err(|e| Error::Config(format!("cannot read --init file {}: {e}", path.display())))?;

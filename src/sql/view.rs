@@ -17,6 +17,7 @@ use datafusion::physical_expr::expressions::Column as ColumnExpr;
 use datafusion::physical_plan::PhysicalExpr;
 
 use crate::dataflow::Operator;
+use crate::dataflow::exchange::PartitionKey;
 use crate::dataflow::operators::{
     AggregateFunction, AggregateOperator, AggregateSpec, JoinKind, JoinOperator, ProjectFilterOperator, TopNOperator,
     UnionOperator,
@@ -29,6 +30,9 @@ pub enum Node {
     Table(String),
     /// An operator over its inputs, in port order.
     Operator(Box<dyn Operator>, Vec<Node>),
+    /// A stateful operator run as several instances; each input is hash-partitioned by its
+    /// key, so each key lives in one instance.
+    Parallel { instances: Vec<Box<dyn Operator>>, keys: Vec<PartitionKey>, inputs: Vec<Node> },
 }
 
 impl Node {
@@ -36,7 +40,9 @@ impl Node {
     pub fn tables(&self) -> Vec<String> {
         match self {
             Node::Table(name) => vec![name.clone()],
-            Node::Operator(_, inputs) => inputs.iter().flat_map(|n| n.tables()).collect(),
+            Node::Operator(_, inputs) | Node::Parallel { inputs, .. } => {
+                inputs.iter().flat_map(|n| n.tables()).collect()
+            }
         }
     }
 
@@ -48,6 +54,13 @@ impl Node {
                 Node::Table(name) => out.push_str(&format!("{pad}table {name}\n")),
                 Node::Operator(op, inputs) => {
                     out.push_str(&format!("{pad}{}\n", op.name()));
+                    for input in inputs {
+                        walk(input, depth + 1, out);
+                    }
+                }
+                Node::Parallel { instances, inputs, .. } => {
+                    let name = instances.first().map(|op| op.name()).unwrap_or_default();
+                    out.push_str(&format!("{pad}{name} x{} (hash exchange on its key)\n", instances.len()));
                     for input in inputs {
                         walk(input, depth + 1, out);
                     }
@@ -103,7 +116,21 @@ pub fn check_deterministic(plan: &LogicalPlan) -> Result<()> {
     }
 }
 
-/// Lowers an optimised plan into a dataflow tree.
+/// A stateful operator: `workers` instances behind a hash exchange on `keys` (one per
+/// input), or one instance when there is one worker or no key to partition by.
+fn stateful<F>(workers: usize, make: F, keys: Vec<PartitionKey>, inputs: Vec<Node>) -> Result<Node>
+where
+    F: Fn() -> Result<Box<dyn Operator>>,
+{
+    if workers <= 1 || keys.iter().any(|k| k.exprs.is_empty()) {
+        return Ok(Node::Operator(make()?, inputs));
+    }
+    let instances = (0..workers).map(|_| make()).collect::<Result<Vec<_>>>()?;
+    Ok(Node::Parallel { instances, keys, inputs })
+}
+
+/// Lowers an optimised plan into a dataflow tree. Stateful operators run as
+/// `target_partitions` instances (freshet's `--workers`).
 pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
     match plan {
         LogicalPlan::TableScan(scan) => {
@@ -161,8 +188,12 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
                 specs.push(aggregate_spec(state, expr, input_schema, output_type)?);
             }
             let schema: SchemaRef = Arc::new(output.clone());
-            let operator = AggregateOperator::new(groups, group_types, specs, schema)?;
-            Ok(Node::Operator(Box::new(operator), vec![input]))
+            let key = PartitionKey { exprs: groups.clone(), types: group_types.clone() };
+            let make = || -> Result<Box<dyn Operator>> {
+                let operator = AggregateOperator::new(groups.clone(), group_types.clone(), specs.clone(), schema.clone())?;
+                Ok(Box::new(operator))
+            };
+            stateful(workers(state), make, vec![key], vec![input])
         }
         LogicalPlan::Sort(sort) if sort.fetch.is_none() => lower(state, &sort.input), // a view is a set
         LogicalPlan::Sort(sort) => top_n(state, sort, 0, sort.fetch),
@@ -241,24 +272,37 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
             let types = |schema: &datafusion::common::DFSchema| -> Vec<DataType> {
                 schema.fields().iter().map(|f| f.data_type().clone()).collect()
             };
-            let operator = JoinOperator::new(
-                kind,
-                left_keys,
-                right_keys,
-                key_types,
-                types(left_schema),
-                types(right_schema),
-                filter,
-                Arc::new(join.schema.as_arrow().clone()),
-            )?;
+            let schema: SchemaRef = Arc::new(join.schema.as_arrow().clone());
+            let make = || -> Result<Box<dyn Operator>> {
+                let operator = JoinOperator::new(
+                    kind,
+                    left_keys.clone(),
+                    right_keys.clone(),
+                    key_types.clone(),
+                    types(left_schema),
+                    types(right_schema),
+                    filter.clone(),
+                    schema.clone(),
+                )?;
+                Ok(Box::new(operator))
+            };
+            let keys = vec![
+                PartitionKey { exprs: left_keys.clone(), types: key_types.clone() },
+                PartitionKey { exprs: right_keys.clone(), types: key_types.clone() },
+            ];
             let inputs = vec![lower(state, &join.left)?, lower(state, &join.right)?];
-            Ok(Node::Operator(Box::new(operator), inputs))
+            stateful(workers(state), make, keys, inputs)
         }
         other => Err(Error::NotSupported {
             feature: format!("{} in a materialized view", construct_name(other)),
             hint: Some("views support projections, WHERE, joins, UNION, top-N and GROUP BY with count, sum, avg, min, max, bool_and, bool_or, for now".into()),
         }),
     }
+}
+
+/// How many instances a stateful operator runs as.
+fn workers(state: &SessionState) -> usize {
+    state.config().target_partitions().max(1)
 }
 
 /// `ORDER BY … [OFFSET skip] LIMIT fetch` over `sort.input`.

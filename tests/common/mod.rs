@@ -13,8 +13,15 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start() -> TestServer {
+        TestServer::start_with(|_| {}).await
+    }
+
+    /// Starts with the test configuration changed by `adjust`.
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestServer {
         let dir = tempfile::tempdir().expect("temp dir");
-        let server = Server::start(config(dir.path())).await.expect("server starts");
+        let mut config = config(dir.path());
+        adjust(&mut config);
+        let server = Server::start(config).await.expect("server starts");
         TestServer { server, dir }
     }
 
@@ -34,8 +41,8 @@ pub fn config(data_dir: &std::path::Path) -> Config {
         data_dir: data_dir.to_path_buf(),
         pg_listen: "127.0.0.1:0".into(),
         http_listen: "127.0.0.1:0".into(),
-        init: None,
         barrier_interval: std::time::Duration::from_millis(50),
+        ..Config::default()
     }
 }
 

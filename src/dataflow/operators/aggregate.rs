@@ -46,6 +46,7 @@ pub enum AggregateFunction {
 }
 
 /// One aggregate of the query: its function, argument and the type of its result.
+#[derive(Clone)]
 pub struct AggregateSpec {
     pub function: AggregateFunction,
     /// `None` for `count(*)`.

@@ -13,4 +13,4 @@ pub use join::{JoinKind, JoinOperator};
 pub use materialize::{EpochSink, MaterializeOperator};
 pub use project::ProjectFilterOperator;
 pub use topn::TopNOperator;
-pub use union::UnionOperator;
+pub use union::{MergeOperator, UnionOperator};

@@ -43,3 +43,19 @@ impl Operator for UnionOperator {
         Ok(())
     }
 }
+
+/// Merges the outputs of an operator's parallel instances into one stream. The runtime
+/// aligns the instances' barriers, so downstream sees each barrier once.
+pub struct MergeOperator;
+
+#[async_trait]
+impl Operator for MergeOperator {
+    fn name(&self) -> &str {
+        "merge"
+    }
+
+    async fn process(&mut self, _port: usize, input: ChangeBatch, out: &mut Output) -> Result<()> {
+        out.push(input);
+        Ok(())
+    }
+}
