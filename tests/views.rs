@@ -45,6 +45,14 @@ const SHAPES: &[(&str, &str)] = &[
     ("v_top_n", "SELECT id, v FROM t ORDER BY v DESC NULLS LAST, id LIMIT 3"),
     ("v_top_n_offset", "SELECT id, k FROM t ORDER BY id LIMIT 4 OFFSET 2"),
     ("v_top_n_of_groups", "SELECT k, sum(v) AS s FROM t GROUP BY k ORDER BY s DESC NULLS LAST, k LIMIT 2"),
+    (
+        "v_top_per_group",
+        "SELECT * FROM (SELECT id, k, v, row_number() OVER (PARTITION BY k ORDER BY v DESC NULLS LAST, id) AS rn FROM t) WHERE rn <= 2",
+    ),
+    (
+        "v_top_per_group_band",
+        "SELECT k, id FROM (SELECT k, id, row_number() OVER (PARTITION BY s ORDER BY f, id DESC) AS rn FROM t) x WHERE rn BETWEEN 2 AND 3 AND k > 0",
+    ),
     ("v_union_all", "SELECT k, v AS x FROM t WHERE v > 0 UNION ALL SELECT k, w FROM u"),
     ("v_union", "SELECT k FROM t UNION SELECT k FROM u WHERE label = 'x'"),
     ("v_union_aggregate", "SELECT k, count(*) AS n FROM (SELECT k FROM t UNION ALL SELECT k FROM u) GROUP BY k"),
@@ -246,6 +254,15 @@ async fn views_refuse_what_they_cannot_maintain() {
         ("CREATE MATERIALIZED VIEW v AS SELECT x, random() AS r FROM a", "0A000"),
         ("CREATE MATERIALIZED VIEW v AS SELECT x FROM a WHERE x > extract(epoch FROM now())", "0A000"),
         ("CREATE MATERIALIZED VIEW v AS SELECT x FROM missing", "42P01"),
+        (
+            "CREATE MATERIALIZED VIEW v AS SELECT * FROM (SELECT x, rank() OVER (ORDER BY x) AS r FROM a) WHERE r <= 2",
+            "0A000",
+        ),
+        (
+            "CREATE MATERIALIZED VIEW v AS SELECT * FROM (SELECT x, row_number() OVER (ORDER BY x) AS r FROM a) WHERE r > 2",
+            "0A000",
+        ),
+        ("CREATE MATERIALIZED VIEW v AS SELECT x, row_number() OVER (ORDER BY x) AS r FROM a", "0A000"),
     ] {
         let err = client.batch_execute(sql).await.expect_err(sql);
         assert_eq!(err.as_db_error().map(|d| d.code().code()), Some(code), "{sql}: {err}");

@@ -20,7 +20,7 @@ use crate::dataflow::Operator;
 use crate::dataflow::exchange::PartitionKey;
 use crate::dataflow::operators::{
     AggregateFunction, AggregateOperator, AggregateSpec, JoinKind, JoinOperator, ProjectFilterOperator, TopNOperator,
-    UnionOperator,
+    TopNSpec, UnionOperator,
 };
 use crate::error::{Error, Result};
 
@@ -163,6 +163,9 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
             Ok(Node::Operator(Box::new(ProjectFilterOperator::new(None, Some(exprs), schema)), vec![input]))
         }
         LogicalPlan::Filter(filter) => {
+            if let Some(node) = top_n_per_group(state, filter)? {
+                return Ok(node);
+            }
             let input = lower(state, &filter.input)?;
             let predicate = state.create_physical_expr(filter.predicate.clone(), filter.input.schema())?;
             let schema: SchemaRef = Arc::new(filter.input.schema().as_arrow().clone());
@@ -314,16 +317,150 @@ fn top_n(
 ) -> Result<Node> {
     let Some(limit) = fetch else { return lower(state, &sort.input) };
     let input_schema = sort.input.schema();
+    let (sort_exprs, sort_fields) = sort_keys(state, &sort.expr, input_schema)?;
+    let spec = TopNSpec {
+        partition: Vec::new(),
+        partition_types: Vec::new(),
+        sort: sort_exprs,
+        sort_fields,
+        offset: skip,
+        limit,
+        numbered: false,
+    };
+    let schema: SchemaRef = Arc::new(input_schema.as_arrow().clone());
+    let operator = TopNOperator::new(spec, schema)?;
+    Ok(Node::Operator(Box::new(operator), vec![lower(state, &sort.input)?]))
+}
+
+/// Sort expressions compiled over `schema`, and their encodings with direction.
+fn sort_keys(
+    state: &SessionState,
+    sort: &[datafusion::logical_expr::SortExpr],
+    schema: &datafusion::common::DFSchema,
+) -> Result<(Vec<Arc<dyn PhysicalExpr>>, Vec<SortField>)> {
     let mut exprs = Vec::new();
     let mut fields = Vec::new();
-    for s in &sort.expr {
-        exprs.push(state.create_physical_expr(s.expr.clone(), input_schema)?);
+    for s in sort {
+        exprs.push(state.create_physical_expr(s.expr.clone(), schema)?);
         let options = SortOptions { descending: !s.asc, nulls_first: s.nulls_first };
-        fields.push(SortField::new_with_options(s.expr.get_type(input_schema)?, options));
+        fields.push(SortField::new_with_options(s.expr.get_type(schema)?, options));
     }
-    let schema: SchemaRef = Arc::new(input_schema.as_arrow().clone());
-    let operator = TopNOperator::new(exprs, fields, skip, limit, schema)?;
-    Ok(Node::Operator(Box::new(operator), vec![lower(state, &sort.input)?]))
+    Ok((exprs, fields))
+}
+
+/// Top-N per group: a filter bounding `row_number() OVER (PARTITION BY … ORDER BY …)`,
+/// directly over the window or over a projection of it. `None` when `filter` is not that
+/// shape; other window functions are refused here with a message naming them.
+fn top_n_per_group(state: &SessionState, filter: &datafusion::logical_expr::Filter) -> Result<Option<Node>> {
+    let (projection, window) = match filter.input.as_ref() {
+        LogicalPlan::Window(window) => (None, window),
+        LogicalPlan::Projection(projection) => match projection.input.as_ref() {
+            LogicalPlan::Window(window) => (Some(projection), window),
+            _ => return Ok(None),
+        },
+        _ => return Ok(None),
+    };
+    let refused = |what: String| Error::NotSupported {
+        feature: format!("{what} in a materialized view"),
+        hint: Some("for top-N per group, filter on row_number() OVER (PARTITION BY … ORDER BY …) <= n".into()),
+    };
+    let [window_expr] = window.window_expr.as_slice() else {
+        return Err(refused("several window functions".into()));
+    };
+    let Expr::WindowFunction(function) = window_expr.clone().unalias() else {
+        return Err(refused(format!("window expression {window_expr}")));
+    };
+    let name = function.fun.name().to_ascii_lowercase();
+    let params = &function.params;
+    if name != "row_number" || !params.args.is_empty() {
+        return Err(refused(format!("{name}() OVER (…)")));
+    }
+    if params.order_by.is_empty() {
+        return Err(refused("row_number() without ORDER BY".into()));
+    }
+    // Where the row number is among the filter's input columns.
+    let width = window.schema.fields().len();
+    let rank_in_window = Expr::Column(datafusion::common::Column::from(window.schema.qualified_field(width - 1)));
+    let rank_index = match projection {
+        None => width - 1,
+        Some(p) => {
+            if !p.expr.iter().all(|e| matches!(e.clone().unalias(), Expr::Column(_))) {
+                return Ok(None);
+            }
+            match p.expr.iter().position(|e| e.clone().unalias() == rank_in_window) {
+                Some(i) => i,
+                None => return Ok(None),
+            }
+        }
+    };
+    let input_schema = filter.input.schema();
+    let is_rank = |e: &Expr| match e {
+        Expr::Column(c) => input_schema.index_of_column(c).ok() == Some(rank_index),
+        _ => false,
+    };
+    let number = |e: &Expr| match e {
+        Expr::Literal(value, _) => match value.cast_to(&DataType::Int64) {
+            Ok(datafusion::common::ScalarValue::Int64(Some(n))) => Some(n),
+            _ => None,
+        },
+        _ => None,
+    };
+    // Ranks kept: [first, last], from the conjuncts on the row number.
+    let (mut first, mut last): (i64, Option<i64>) = (1, None);
+    let mut rest = Vec::new();
+    for conjunct in datafusion::logical_expr::utils::split_conjunction(&filter.predicate) {
+        let bound = match conjunct {
+            Expr::BinaryExpr(b) if is_rank(&b.left) => number(&b.right).map(|n| (b.op, n)),
+            Expr::BinaryExpr(b) if is_rank(&b.right) => number(&b.left).and_then(|n| b.op.swap().map(|op| (op, n))),
+            _ => None,
+        };
+        use datafusion::logical_expr::Operator as Cmp;
+        match bound {
+            Some((Cmp::LtEq, n)) => last = Some(last.map_or(n, |l| l.min(n))),
+            Some((Cmp::Lt, n)) => last = Some(last.map_or(n - 1, |l| l.min(n - 1))),
+            Some((Cmp::GtEq, n)) => first = first.max(n),
+            Some((Cmp::Gt, n)) => first = first.max(n + 1),
+            Some((Cmp::Eq, n)) => {
+                first = first.max(n);
+                last = Some(last.map_or(n, |l| l.min(n)));
+            }
+            _ => rest.push(conjunct.clone()),
+        }
+    }
+    let Some(last) = last else {
+        return Err(refused("row_number() without an upper bound (such as rn <= 10)".into()));
+    };
+    let offset = usize::try_from(first.max(1) - 1).unwrap_or(0);
+    let limit = usize::try_from(last - first.max(1) + 1).unwrap_or(0);
+
+    let window_input = window.input.schema();
+    let mut partition = Vec::new();
+    let mut partition_types = Vec::new();
+    for expr in &params.partition_by {
+        partition.push(state.create_physical_expr(expr.clone(), window_input)?);
+        partition_types.push(expr.get_type(window_input)?);
+    }
+    let (sort, sort_fields) = sort_keys(state, &params.order_by, window_input)?;
+    let spec = TopNSpec { partition, partition_types, sort, sort_fields, offset, limit, numbered: true };
+    let schema: SchemaRef = Arc::new(window.schema.as_arrow().clone());
+    let key = PartitionKey { exprs: spec.partition.clone(), types: spec.partition_types.clone() };
+    let make = || -> Result<Box<dyn Operator>> { Ok(Box::new(TopNOperator::new(spec.clone(), schema.clone())?)) };
+    let mut node = stateful(workers(state), make, vec![key], vec![lower(state, &window.input)?])?;
+    if let Some(p) = projection {
+        let exprs = p
+            .expr
+            .iter()
+            .map(|e| state.create_physical_expr(e.clone(), p.input.schema()))
+            .collect::<datafusion::error::Result<Vec<_>>>()?;
+        let schema: SchemaRef = Arc::new(p.schema.as_arrow().clone());
+        node = Node::Operator(Box::new(ProjectFilterOperator::new(None, Some(exprs), schema)), vec![node]);
+    }
+    if let Some(predicate) = datafusion::logical_expr::utils::conjunction(rest) {
+        let predicate = state.create_physical_expr(predicate, input_schema)?;
+        let schema: SchemaRef = Arc::new(input_schema.as_arrow().clone());
+        node = Node::Operator(Box::new(ProjectFilterOperator::new(Some(predicate), None, schema)), vec![node]);
+    }
+    Ok(Some(node))
 }
 
 fn aggregate_spec(

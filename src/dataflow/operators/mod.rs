@@ -12,5 +12,5 @@ pub use aggregate::{AggregateFunction, AggregateOperator, AggregateSpec};
 pub use join::{JoinKind, JoinOperator};
 pub use materialize::{EpochSink, MaterializeOperator};
 pub use project::ProjectFilterOperator;
-pub use topn::TopNOperator;
+pub use topn::{TopNOperator, TopNSpec};
 pub use union::{MergeOperator, UnionOperator};

@@ -1,16 +1,19 @@
-//! [`TopNOperator`]: `ORDER BY … LIMIT n [OFFSET m]`.
+//! [`TopNOperator`]: `ORDER BY … LIMIT n [OFFSET m]`, and top-N per group:
+//! `row_number() OVER (PARTITION BY … ORDER BY …) <= n`.
 //!
-//! Keeps every input row in an ordered multiset (by the encoded sort key, then the whole
-//! row, so ties are broken the same way every time) and, at each barrier, emits the
-//! difference between the rows now in positions `[offset, offset + limit)` and the rows it
-//! emitted before. A change costs O(log n); a barrier costs O(offset + limit).
+//! Keeps every input row in an ordered multiset per partition (by the encoded sort key,
+//! then the whole row, so ties are broken the same way every time) and, at each barrier,
+//! emits for each changed partition the difference between the rows now in positions
+//! `[offset, offset + limit)` and the rows it emitted before. With a row number, a row
+//! whose rank moved is retracted with its old number and inserted with its new one. A
+//! change costs O(log n); a barrier costs O(offset + limit) per changed partition.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use datafusion::arrow::array::{Int64Array, RecordBatchOptions};
-use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::array::{Int64Array, RecordBatchOptions, UInt64Array};
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::physical_plan::PhysicalExpr;
@@ -22,110 +25,161 @@ use crate::error::{Error, Result};
 /// Key of the ordered multiset: encoded sort key, then the encoded row.
 type Entry = (Box<[u8]>, Box<[u8]>);
 
-pub struct TopNOperator {
-    sort: Vec<Arc<dyn PhysicalExpr>>,
-    sort_converter: RowConverter,
-    rows: RowConverter,
-    offset: usize,
-    limit: usize,
-    schema: SchemaRef,
+/// The rows of one partition (all rows when there is no PARTITION BY).
+#[derive(Default)]
+struct Group {
     ordered: BTreeMap<Entry, i64>,
-    emitted: HashMap<Box<[u8]>, i64>,
-    dirty: bool,
+    /// What was emitted: (encoded row, rank or 0) → multiplicity.
+    emitted: HashMap<(Box<[u8]>, u64), i64>,
+}
+
+/// How rows are ranked and which ranks are kept.
+#[derive(Clone)]
+pub struct TopNSpec {
+    /// PARTITION BY expressions; empty for a global top-N.
+    pub partition: Vec<Arc<dyn PhysicalExpr>>,
+    pub partition_types: Vec<DataType>,
+    pub sort: Vec<Arc<dyn PhysicalExpr>>,
+    /// Each sort expression's type and direction.
+    pub sort_fields: Vec<SortField>,
+    pub offset: usize,
+    pub limit: usize,
+    /// Append the row number (1-based, per partition) as the last output column.
+    pub numbered: bool,
+}
+
+pub struct TopNOperator {
+    spec: TopNSpec,
+    /// `None` without PARTITION BY: every row is in one group.
+    partition_converter: Option<RowConverter>,
+    sort_converter: RowConverter,
+    /// Encodes input rows.
+    rows: RowConverter,
+    schema: SchemaRef,
+    groups: HashMap<Box<[u8]>, Group>,
+    dirty: HashSet<Box<[u8]>>,
 }
 
 impl TopNOperator {
-    /// `sort_fields` carry each sort expression's type and direction.
-    pub fn new(
-        sort: Vec<Arc<dyn PhysicalExpr>>,
-        sort_fields: Vec<SortField>,
-        offset: usize,
-        limit: usize,
-        schema: SchemaRef,
-    ) -> Result<Self> {
-        let rows = RowConverter::new(schema.fields().iter().map(|f| SortField::new(f.data_type().clone())).collect())?;
+    /// `schema` is the output: the input columns, plus the row number when `numbered`.
+    pub fn new(spec: TopNSpec, schema: SchemaRef) -> Result<Self> {
+        let input_width = schema.fields().len() - usize::from(spec.numbered);
+        let rows = RowConverter::new(
+            schema.fields().iter().take(input_width).map(|f| SortField::new(f.data_type().clone())).collect(),
+        )?;
         Ok(TopNOperator {
-            sort,
-            sort_converter: RowConverter::new(sort_fields)?,
+            partition_converter: match spec.partition.is_empty() {
+                true => None,
+                false => Some(RowConverter::new(spec.partition_types.iter().cloned().map(SortField::new).collect())?),
+            },
+            sort_converter: RowConverter::new(spec.sort_fields.clone())?,
             rows,
-            offset,
-            limit,
             schema,
-            ordered: BTreeMap::new(),
-            emitted: HashMap::new(),
-            dirty: true,
+            spec,
+            groups: HashMap::new(),
+            dirty: HashSet::new(),
         })
+    }
+
+    fn evaluate(
+        exprs: &[Arc<dyn PhysicalExpr>],
+        converter: &RowConverter,
+        batch: &RecordBatch,
+    ) -> Result<datafusion::arrow::row::Rows> {
+        let columns = exprs
+            .iter()
+            .map(|e| e.evaluate(batch).and_then(|v| v.into_array(batch.num_rows())))
+            .collect::<datafusion::error::Result<Vec<_>>>()?;
+        Ok(converter.convert_columns(&columns)?)
+    }
+
+    /// The rows now in positions `[offset, offset + limit)` of `group`, with their ranks.
+    fn current(&self, group: &Group) -> HashMap<(Box<[u8]>, u64), i64> {
+        let mut current = HashMap::new();
+        let (offset, end) = (self.spec.offset, self.spec.offset.saturating_add(self.spec.limit));
+        let mut position = 0usize;
+        for ((_, row), count) in &group.ordered {
+            if position >= end {
+                break;
+            }
+            let first = position.max(offset);
+            position = position.saturating_add(*count as usize);
+            let last = position.min(end);
+            if self.spec.numbered {
+                for p in first..last {
+                    current.insert((row.clone(), p as u64 + 1), 1);
+                }
+            } else if last > first {
+                *current.entry((row.clone(), 0)).or_insert(0) += (last - first) as i64;
+            }
+        }
+        current
     }
 }
 
 #[async_trait]
 impl Operator for TopNOperator {
     fn name(&self) -> &str {
-        "top_n"
+        if self.spec.partition.is_empty() { "top_n" } else { "top_n_per_group" }
     }
 
     async fn process(&mut self, _port: usize, input: ChangeBatch, _out: &mut Output) -> Result<()> {
         let batch = input.batch();
-        let keys = self
-            .sort
-            .iter()
-            .map(|e| e.evaluate(batch).and_then(|v| v.into_array(batch.num_rows())))
-            .collect::<datafusion::error::Result<Vec<_>>>()?;
-        let keys = self.sort_converter.convert_columns(&keys)?;
+        let groups = match &self.partition_converter {
+            Some(converter) => Some(Self::evaluate(&self.spec.partition, converter, batch)?),
+            None => None,
+        };
+        let keys = Self::evaluate(&self.spec.sort, &self.sort_converter, batch)?;
         let rows = self.rows.convert_columns(batch.columns())?;
         for i in 0..batch.num_rows() {
+            let group_key: Box<[u8]> = groups.as_ref().map(|g| g.row(i).as_ref().into()).unwrap_or_default();
+            let group = self.groups.entry(group_key.clone()).or_default();
             let entry: Entry = (keys.row(i).as_ref().into(), rows.row(i).as_ref().into());
-            let count = self.ordered.entry(entry.clone()).or_insert(0);
+            let count = group.ordered.entry(entry.clone()).or_insert(0);
             *count += input.weights().value(i);
             if *count == 0 {
-                self.ordered.remove(&entry);
+                group.ordered.remove(&entry);
             } else if *count < 0 {
                 return Err(Error::Internal("top-N saw a retraction of a row it does not hold".into()));
             }
+            self.dirty.insert(group_key);
         }
-        self.dirty |= batch.num_rows() > 0;
         Ok(())
     }
 
     async fn on_barrier(&mut self, _barrier: &Barrier, out: &mut Output) -> Result<()> {
-        if !self.dirty {
-            return Ok(());
-        }
-        self.dirty = false;
-        let mut current: HashMap<Box<[u8]>, i64> = HashMap::new();
-        let (mut position, end) = (0usize, self.offset.saturating_add(self.limit));
-        for ((_, row), count) in &self.ordered {
-            if position >= end {
-                break;
+        let mut changes: Vec<(Box<[u8]>, u64, i64)> = Vec::new();
+        for key in std::mem::take(&mut self.dirty) {
+            let Some(group) = self.groups.get(&key) else { continue };
+            let current = self.current(group);
+            let group = self.groups.get_mut(&key).ok_or_else(|| Error::Internal("top-N group vanished".into()))?;
+            for ((row, rank), count) in &current {
+                let before = group.emitted.get(&(row.clone(), *rank)).copied().unwrap_or(0);
+                if *count != before {
+                    changes.push((row.clone(), *rank, count - before));
+                }
             }
-            let first = position.max(self.offset);
-            position = position.saturating_add(*count as usize);
-            let last = position.min(end);
-            if last > first {
-                *current.entry(row.clone()).or_insert(0) += (last - first) as i64;
+            for ((row, rank), before) in &group.emitted {
+                if !current.contains_key(&(row.clone(), *rank)) {
+                    changes.push((row.clone(), *rank, -before));
+                }
             }
-        }
-        let mut changes: Vec<(Box<[u8]>, i64)> = Vec::new();
-        for (row, count) in &current {
-            let before = self.emitted.get(row).copied().unwrap_or(0);
-            if *count != before {
-                changes.push((row.clone(), count - before));
+            group.emitted = current;
+            if group.ordered.is_empty() && group.emitted.is_empty() {
+                self.groups.remove(&key);
             }
         }
-        for (row, before) in &self.emitted {
-            if !current.contains_key(row) {
-                changes.push((row.clone(), -before));
-            }
-        }
-        self.emitted = current;
         if changes.is_empty() {
             return Ok(());
         }
         let parser = self.rows.parser();
-        let columns = self.rows.convert_rows(changes.iter().map(|(row, _)| parser.parse(row)))?;
+        let mut columns = self.rows.convert_rows(changes.iter().map(|(row, _, _)| parser.parse(row)))?;
+        if self.spec.numbered {
+            columns.push(Arc::new(UInt64Array::from(changes.iter().map(|(_, rank, _)| *rank).collect::<Vec<_>>())));
+        }
         let options = RecordBatchOptions::new().with_row_count(Some(changes.len()));
         let batch = RecordBatch::try_new_with_options(self.schema.clone(), columns, &options)?;
-        let weights = Int64Array::from(changes.iter().map(|(_, w)| *w).collect::<Vec<_>>());
+        let weights = Int64Array::from(changes.iter().map(|(_, _, w)| *w).collect::<Vec<_>>());
         out.push(ChangeBatch::try_new(batch, weights)?);
         Ok(())
     }
