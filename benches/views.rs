@@ -142,17 +142,9 @@ async fn operator_group_by(groups: i64, epochs: i64) -> (f64, f64) {
     ]));
     let column = |name: &str, i| Arc::new(Column::new(name, i)) as Arc<dyn datafusion::physical_plan::PhysicalExpr>;
     let specs = vec![
-        AggregateSpec { function: AggregateFunction::CountRows, argument: None, output_type: DataType::Int64 },
-        AggregateSpec {
-            function: AggregateFunction::Sum,
-            argument: Some(column("v", 1)),
-            output_type: DataType::Int64,
-        },
-        AggregateSpec {
-            function: AggregateFunction::Max,
-            argument: Some(column("v", 1)),
-            output_type: DataType::Int64,
-        },
+        AggregateSpec::new(AggregateFunction::CountRows, None, DataType::Int64),
+        AggregateSpec::new(AggregateFunction::Sum, Some(column("v", 1)), DataType::Int64),
+        AggregateSpec::new(AggregateFunction::Max, Some(column("v", 1)), DataType::Int64),
     ];
     let mut operator =
         AggregateOperator::new(vec![column("k", 0)], vec![DataType::Int64], specs, output.clone()).expect("operator");

@@ -53,6 +53,14 @@ const SHAPES: &[(&str, &str)] = &[
         "v_top_per_group_band",
         "SELECT k, id FROM (SELECT k, id, row_number() OVER (PARTITION BY s ORDER BY f, id DESC) AS rn FROM t) x WHERE rn BETWEEN 2 AND 3 AND k > 0",
     ),
+    (
+        "v_spread",
+        "SELECT k, round(stddev(v), 6) AS sd, round(variance(v), 6) AS var, round(var_pop(f), 6) AS vp, round(stddev_pop(f), 6) AS sdp FROM t GROUP BY k",
+    ),
+    (
+        "v_collect",
+        "SELECT k, string_agg(s, ',' ORDER BY s) AS names, array_agg(v ORDER BY v) AS vs, array_agg(f ORDER BY f DESC) AS fs, string_agg(s, '' ORDER BY s DESC) AS rev FROM t GROUP BY k",
+    ),
     ("v_union_all", "SELECT k, v AS x FROM t WHERE v > 0 UNION ALL SELECT k, w FROM u"),
     ("v_union", "SELECT k FROM t UNION SELECT k FROM u WHERE label = 'x'"),
     ("v_union_aggregate", "SELECT k, count(*) AS n FROM (SELECT k FROM t UNION ALL SELECT k FROM u) GROUP BY k"),

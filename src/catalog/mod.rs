@@ -941,6 +941,9 @@ fn new_session(cell: Arc<SnapshotCell>, workers: usize) -> Result<SessionContext
     // Spans let planning errors point at the offending identifier.
     options.set("datafusion.sql_parser.collect_spans", "true")?;
     let ctx = SessionContext::new_with_config(config);
+    // Postgres spells sample variance `variance` too.
+    let var_samp = datafusion::functions_aggregate::variance::var_samp_udaf();
+    ctx.register_udaf(var_samp.as_ref().clone().with_aliases(["variance"]));
     let catalog = MemoryCatalogProvider::new();
     catalog.register_schema(SCHEMA_NAME, Arc::new(FreshetSchema::new(cell)))?;
     ctx.register_catalog(CATALOG_NAME, Arc::new(catalog));

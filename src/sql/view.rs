@@ -332,12 +332,15 @@ fn top_n(
     Ok(Node::Operator(Box::new(operator), vec![lower(state, &sort.input)?]))
 }
 
+/// Sort expressions and their encodings (type and direction).
+type SortKeys = (Vec<Arc<dyn PhysicalExpr>>, Vec<SortField>);
+
 /// Sort expressions compiled over `schema`, and their encodings with direction.
 fn sort_keys(
     state: &SessionState,
     sort: &[datafusion::logical_expr::SortExpr],
     schema: &datafusion::common::DFSchema,
-) -> Result<(Vec<Arc<dyn PhysicalExpr>>, Vec<SortField>)> {
+) -> Result<SortKeys> {
     let mut exprs = Vec::new();
     let mut fields = Vec::new();
     for s in sort {
@@ -481,15 +484,51 @@ fn aggregate_spec(
     if params.distinct {
         return Err(Error::not_supported(format!("{name}(DISTINCT …) in a materialized view")));
     }
-    if params.filter.is_some() || !params.order_by.is_empty() {
-        return Err(Error::not_supported(format!("{name}(…) with FILTER or ORDER BY in a materialized view")));
+    if params.filter.is_some() {
+        return Err(Error::not_supported(format!("{name}(…) FILTER (WHERE …) in a materialized view")));
     }
-    let argument = match params.args.as_slice() {
-        [] => None,
-        [arg] => Some(arg),
+    let collects = matches!(name.as_str(), "string_agg" | "array_agg");
+    let argument = match (params.args.as_slice(), name.as_str()) {
+        ([], _) => None,
+        ([arg], _) | ([arg, _], "string_agg") => Some(arg),
         _ => return Err(Error::not_supported(format!("{name} with several arguments in a materialized view"))),
     };
+    // ORDER BY inside string_agg/array_agg: only by the aggregated value itself.
+    let uncast = |e: &Expr| -> Expr {
+        match e {
+            Expr::Cast(c) => c.expr.as_ref().clone(),
+            Expr::TryCast(c) => c.expr.as_ref().clone(),
+            other => other.clone(),
+        }
+    };
+    let (descending, nulls_first) = match params.order_by.as_slice() {
+        [] => (false, false),
+        [order] if collects && argument.is_some_and(|a| uncast(a) == uncast(&order.expr)) => {
+            (!order.asc, order.nulls_first)
+        }
+        _ => {
+            return Err(Error::NotSupported {
+                feature: format!("{name}(… ORDER BY …) in a materialized view"),
+                hint: Some("string_agg and array_agg may be ordered by the aggregated value only".into()),
+            });
+        }
+    };
+    let delimiter = match params.args.get(1) {
+        None => String::new(),
+        Some(Expr::Literal(value, _)) if name == "string_agg" => match value {
+            datafusion::common::ScalarValue::Utf8(Some(s))
+            | datafusion::common::ScalarValue::LargeUtf8(Some(s))
+            | datafusion::common::ScalarValue::Utf8View(Some(s)) => s.clone(),
+            _ => {
+                return Err(Error::not_supported(
+                    "string_agg with a NULL or non-text delimiter in a materialized view",
+                ));
+            }
+        },
+        Some(_) => return Err(Error::not_supported("string_agg with a computed delimiter in a materialized view")),
+    };
     let is_number = |t: &DataType| t.is_integer() || t.is_floating();
+    let variance = |population, root| AggregateFunction::Variance { population, root };
     let function = match name.as_str() {
         "count" => match argument {
             None | Some(Expr::Literal(..)) => AggregateFunction::CountRows,
@@ -501,9 +540,17 @@ fn aggregate_spec(
         "bool_or" if output_type == DataType::Boolean => AggregateFunction::BoolOr,
         "min" => AggregateFunction::Min,
         "max" => AggregateFunction::Max,
+        "var" | "var_samp" | "var_sample" | "variance" if output_type == DataType::Float64 => variance(false, false),
+        "var_pop" | "var_population" if output_type == DataType::Float64 => variance(true, false),
+        "stddev" | "stddev_samp" if output_type == DataType::Float64 => variance(false, true),
+        "stddev_pop" if output_type == DataType::Float64 => variance(true, true),
+        "string_agg" => AggregateFunction::StringAgg,
+        "array_agg" if matches!(output_type, DataType::List(_)) => AggregateFunction::ArrayAgg,
         _ => return Err(Error::not_supported(format!("{name}() returning {output_type} in a materialized view"))),
     };
-    if let (AggregateFunction::Sum | AggregateFunction::Avg, Some(arg)) = (function, argument) {
+    if let (AggregateFunction::Sum | AggregateFunction::Avg | AggregateFunction::Variance { .. }, Some(arg)) =
+        (function, argument)
+    {
         let arg_type = arg.get_type(input_schema)?;
         if !is_number(&arg_type) {
             return Err(Error::not_supported(format!("{name}() over {arg_type} in a materialized view")));
@@ -513,7 +560,7 @@ fn aggregate_spec(
         (AggregateFunction::CountRows, _) | (_, None) => None,
         (_, Some(arg)) => Some(state.create_physical_expr(arg.clone(), input_schema)?),
     };
-    Ok(AggregateSpec { function, argument, output_type })
+    Ok(AggregateSpec { function, argument, output_type, delimiter, descending, nulls_first })
 }
 
 fn construct_name(plan: &LogicalPlan) -> &'static str {

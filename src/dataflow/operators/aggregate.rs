@@ -1,8 +1,10 @@
 //! [`AggregateOperator`]: GROUP BY with accumulators that can retract.
 //!
 //! Each group keeps the sum of its input weights and one accumulator per aggregate: count
-//! and sum by adding `weight × value`, avg as sum and count, min and max as a multiset of
-//! values (so deleting the current extreme finds the next one). Changes are folded in as
+//! and sum by adding `weight × value`, avg as sum and count, variance and standard
+//! deviation as count, sum and sum of squares, min and max as a multiset of values (so
+//! deleting the current extreme finds the next one), string_agg and array_agg as a multiset
+//! of values emitted in value order. Changes are folded in as
 //! they arrive; at each barrier the operator emits, for every group that changed, a
 //! retraction of the row it emitted before and an insertion of its new row. A group whose
 //! weight drops to zero emits only the retraction. Without GROUP BY there is one group,
@@ -13,10 +15,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use datafusion::arrow::array::{
-    Array, ArrayRef, BooleanArray, BooleanBuilder, Float64Array, Float64Builder, Int64Array, Int64Builder,
-    RecordBatchOptions, new_null_array,
+    Array, ArrayRef, BooleanArray, BooleanBuilder, Float64Array, Float64Builder, Int64Array, Int64Builder, ListArray,
+    RecordBatchOptions, StringArray, StringBuilder, UInt32Array, new_null_array,
 };
-use datafusion::arrow::compute::cast;
+use datafusion::arrow::buffer::{NullBuffer, OffsetBuffer};
+use datafusion::arrow::compute::{SortOptions, cast, take};
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{OwnedRow, RowConverter, Rows, SortField};
@@ -43,6 +46,15 @@ pub enum AggregateFunction {
     BoolAnd,
     /// `bool_or(x)`: true when any value is true.
     BoolOr,
+    /// `var_samp`/`var_pop` (and `stddev_samp`/`stddev_pop` with `root`), output Float64.
+    Variance {
+        population: bool,
+        root: bool,
+    },
+    /// `string_agg(x, delimiter)`: the non-NULL values joined, in value order.
+    StringAgg,
+    /// `array_agg(x)`: every value, NULLs included, in value order.
+    ArrayAgg,
 }
 
 /// One aggregate of the query: its function, argument and the type of its result.
@@ -52,6 +64,35 @@ pub struct AggregateSpec {
     /// `None` for `count(*)`.
     pub argument: Option<Arc<dyn PhysicalExpr>>,
     pub output_type: DataType,
+    /// The separator of `string_agg`.
+    pub delimiter: String,
+    /// `string_agg`/`array_agg` values in descending order (`ORDER BY x DESC`).
+    pub descending: bool,
+    /// `array_agg` puts NULL elements first.
+    pub nulls_first: bool,
+}
+
+impl AggregateSpec {
+    pub fn new(function: AggregateFunction, argument: Option<Arc<dyn PhysicalExpr>>, output_type: DataType) -> Self {
+        AggregateSpec {
+            function,
+            argument,
+            output_type,
+            delimiter: String::new(),
+            descending: false,
+            nulls_first: false,
+        }
+    }
+
+    /// The type values are encoded as, for the functions that keep every value.
+    fn value_type(&self) -> Option<DataType> {
+        match (&self.function, &self.output_type) {
+            (AggregateFunction::Min | AggregateFunction::Max, t) => Some(t.clone()),
+            (AggregateFunction::StringAgg, _) => Some(DataType::Utf8),
+            (AggregateFunction::ArrayAgg, DataType::List(item)) => Some(item.data_type().clone()),
+            _ => None,
+        }
+    }
 }
 
 /// Per-aggregate state of one group.
@@ -72,6 +113,21 @@ enum Accumulator {
     Bools {
         trues: i64,
         falses: i64,
+    },
+    /// Count, sum and sum of squares for variance. Integers are summed exactly; floats as
+    /// f64 (retractions may leave rounding residue in the last digits).
+    Moments {
+        n: i64,
+        sum: f64,
+        squares: f64,
+        /// Exact sum and sum of squares of integer values; `None` once they overflowed
+        /// (the float sums take over) or for float values.
+        exact: Option<(i128, i128)>,
+    },
+    /// Every value (encoded in order) with its count, and the number of NULLs.
+    Values {
+        values: BTreeMap<Box<[u8]>, i64>,
+        nulls: i64,
     },
 }
 
@@ -123,11 +179,12 @@ impl AggregateOperator {
         let key_converter = RowConverter::new(group_types.into_iter().map(SortField::new).collect())?;
         let value_converters = aggregates
             .iter()
-            .map(|a| match a.function {
-                AggregateFunction::Min | AggregateFunction::Max => {
-                    RowConverter::new(vec![SortField::new(a.output_type.clone())]).map(Some)
+            .map(|a| match a.value_type() {
+                Some(t) => {
+                    let options = SortOptions { descending: a.descending, nulls_first: false };
+                    RowConverter::new(vec![SortField::new_with_options(t, options)]).map(Some)
                 }
-                _ => Ok(None),
+                None => Ok(None),
             })
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let output_converter =
@@ -162,6 +219,12 @@ impl AggregateOperator {
                 (AggregateFunction::BoolAnd | AggregateFunction::BoolOr, _) => {
                     Accumulator::Bools { trues: 0, falses: 0 }
                 }
+                (AggregateFunction::Variance { .. }, _) => {
+                    Accumulator::Moments { n: 0, sum: 0.0, squares: 0.0, exact: Some((0, 0)) }
+                }
+                (AggregateFunction::StringAgg | AggregateFunction::ArrayAgg, _) => {
+                    Accumulator::Values { values: BTreeMap::new(), nulls: 0 }
+                }
             })
             .collect();
         let id = self.state.len();
@@ -180,7 +243,13 @@ impl AggregateOperator {
                 let values = expr.evaluate(batch)?.into_array(batch.num_rows())?;
                 Ok(match (spec.function, converter) {
                     (_, Some(converter)) => {
+                        let target = spec.value_type().unwrap_or_else(|| values.data_type().clone());
+                        let values = if *values.data_type() == target { values } else { cast(&values, &target)? };
                         Argument::Rows(converter.convert_columns(std::slice::from_ref(&values))?, values)
+                    }
+                    (AggregateFunction::Variance { .. }, _) if values.data_type().is_integer() => {
+                        let ints = cast(&values, &DataType::Int64)?;
+                        Argument::Ints(downcast::<Int64Array>(&ints)?.clone())
                     }
                     (AggregateFunction::Count, _) => Argument::Any(values),
                     (AggregateFunction::BoolAnd | AggregateFunction::BoolOr, _) => {
@@ -258,6 +327,24 @@ impl AggregateOperator {
                     }
                     Arc::new(b.finish())
                 }
+                AggregateFunction::Variance { population, root } => {
+                    let mut b = Float64Builder::with_capacity(ids.len());
+                    for acc in accumulators {
+                        b.append_option(match acc {
+                            Accumulator::Moments { n, sum, squares, exact } => {
+                                variance(*n, *sum, *squares, *exact, population, root)
+                            }
+                            _ => None,
+                        });
+                    }
+                    Arc::new(b.finish())
+                }
+                AggregateFunction::StringAgg | AggregateFunction::ArrayAgg => {
+                    let converter = converter
+                        .as_ref()
+                        .ok_or_else(|| Error::Internal("collected values without converter".into()))?;
+                    collected_column(spec, converter, accumulators)?
+                }
                 AggregateFunction::Min | AggregateFunction::Max => {
                     let converter =
                         converter.as_ref().ok_or_else(|| Error::Internal("min/max without converter".into()))?;
@@ -291,6 +378,107 @@ impl AggregateOperator {
             columns,
             &RecordBatchOptions::new().with_row_count(Some(ids.len())),
         )?)
+    }
+}
+
+/// Sample or population variance (or standard deviation) from the moments; NULL where
+/// SQL says so (no values, or one value for the sample forms).
+fn variance(n: i64, sum: f64, squares: f64, exact: Option<(i128, i128)>, population: bool, root: bool) -> Option<f64> {
+    let divisor = if population { n } else { n - 1 };
+    if n <= 0 || divisor <= 0 {
+        return None;
+    }
+    // n·Σx² − (Σx)², exact for integers while it fits.
+    let spread = exact
+        .and_then(|(s, q)| (n as i128).checked_mul(q)?.checked_sub(s.checked_mul(s)?))
+        .map(|d| d as f64)
+        .unwrap_or(n as f64 * squares - sum * sum)
+        .max(0.0);
+    let value = spread / (n as f64 * divisor as f64);
+    Some(if root { value.sqrt() } else { value })
+}
+
+/// `string_agg` / `array_agg` output: each group's values in encoded order.
+fn collected_column<'a>(
+    spec: &AggregateSpec,
+    converter: &RowConverter,
+    accumulators: impl Iterator<Item = &'a Accumulator>,
+) -> Result<ArrayRef> {
+    let parser = converter.parser();
+    let mut encoded = Vec::new();
+    let mut lengths = Vec::new();
+    for acc in accumulators {
+        let Accumulator::Values { values, nulls: null_values } = acc else {
+            return Err(Error::Internal("collected values without their state".into()));
+        };
+        let mut length = 0;
+        for (value, count) in values {
+            for _ in 0..*count {
+                encoded.push(parser.parse(value));
+                length += 1;
+            }
+        }
+        lengths.push((length, *null_values));
+    }
+    let values = if encoded.is_empty() {
+        new_null_array(&DataType::Utf8, 0)
+    } else {
+        converter.convert_rows(encoded)?.remove(0)
+    };
+    match spec.function {
+        AggregateFunction::StringAgg => {
+            let strings = cast(&values, &DataType::Utf8)?;
+            let strings = downcast::<StringArray>(&strings)?;
+            let mut b = StringBuilder::new();
+            let mut next = 0;
+            for (length, _) in lengths {
+                if length == 0 {
+                    b.append_null();
+                    continue;
+                }
+                let parts: Vec<&str> = (next..next + length).map(|i| strings.value(i)).collect();
+                b.append_value(parts.join(&spec.delimiter));
+                next += length;
+            }
+            Ok(Arc::new(b.finish()))
+        }
+        _ => {
+            let DataType::List(item) = &spec.output_type else {
+                return Err(Error::Internal("array_agg without a list type".into()));
+            };
+            // NULL elements go before or after the values, as the ORDER BY asks.
+            let mut indices: Vec<Option<u32>> = Vec::new();
+            let mut offsets = vec![0i32];
+            let mut validity = Vec::new();
+            let mut next = 0u32;
+            for (length, null_values) in lengths {
+                let nulls = std::iter::repeat_n(None, usize::try_from(null_values).unwrap_or(0));
+                if spec.nulls_first {
+                    indices.extend(nulls.clone());
+                }
+                for _ in 0..length {
+                    indices.push(Some(next));
+                    next += 1;
+                }
+                if !spec.nulls_first {
+                    indices.extend(nulls);
+                }
+                let total = length as i64 + null_values;
+                validity.push(total > 0);
+                let last = *offsets.last().unwrap_or(&0);
+                offsets
+                    .push(last + i32::try_from(total).map_err(|_| Error::Internal("array_agg over 2G values".into()))?);
+            }
+            let values = if values.data_type() == item.data_type() { values } else { cast(&values, item.data_type())? };
+            let elements = take(values.as_ref(), &UInt32Array::from(indices), None)?;
+            let list = ListArray::try_new(
+                item.clone(),
+                OffsetBuffer::new(offsets.into()),
+                elements,
+                Some(NullBuffer::from(validity)),
+            )?;
+            Ok(Arc::new(list))
+        }
     }
 }
 
@@ -381,6 +569,41 @@ impl Operator for AggregateOperator {
                     (Accumulator::Bools { trues, falses }, Argument::Bools(bools)) => {
                         if bools.is_valid(i) {
                             if bools.value(i) { *trues += w } else { *falses += w }
+                        }
+                    }
+                    (Accumulator::Moments { n, sum, squares, exact }, Argument::Ints(ints)) => {
+                        if ints.is_valid(i) {
+                            let (x, w) = (ints.value(i) as i128, w as i128);
+                            *n += w as i64;
+                            *exact = exact.and_then(|(s, q)| {
+                                Some((
+                                    s.checked_add(x.checked_mul(w)?)?,
+                                    q.checked_add(x.checked_mul(x)?.checked_mul(w)?)?,
+                                ))
+                            });
+                            *sum += (x * w) as f64;
+                            *squares += (x * x) as f64 * w as f64;
+                        }
+                    }
+                    (Accumulator::Moments { n, sum, squares, exact }, Argument::Floats(floats)) => {
+                        if floats.is_valid(i) {
+                            *exact = None;
+                            let x = floats.value(i);
+                            *n += w;
+                            *sum += x * w as f64;
+                            *squares += x * x * w as f64;
+                        }
+                    }
+                    (Accumulator::Values { values: set, nulls }, Argument::Rows(rows, values)) => {
+                        if values.is_valid(i) {
+                            let value: Box<[u8]> = Box::from(rows.row(i).as_ref());
+                            let count = set.entry(value.clone()).or_insert(0);
+                            *count += w;
+                            if *count == 0 {
+                                set.remove(&value);
+                            }
+                        } else {
+                            *nulls += w;
                         }
                     }
                     (Accumulator::Extreme(set), Argument::Rows(rows, values)) => {
