@@ -245,12 +245,6 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
                 JoinType::LeftAnti => JoinKind::LeftAnti,
                 other => return Err(Error::not_supported(format!("{other} joins in a materialized view"))),
             };
-            if join.filter.is_some() && kind != JoinKind::Inner {
-                return Err(Error::not_supported(format!(
-                    "a {} join with a condition other than column equality in a materialized view",
-                    join.join_type
-                )));
-            }
             let (left_schema, right_schema) = (join.left.schema(), join.right.schema());
             let mut left_keys = Vec::new();
             let mut right_keys = Vec::new();
@@ -268,8 +262,9 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
                 left_keys.push(state.create_physical_expr(l.clone(), left_schema)?);
                 right_keys.push(state.create_physical_expr(r.clone(), right_schema)?);
             }
+            // The condition sees the left columns, then the right ones.
             let filter = match &join.filter {
-                Some(f) => Some(state.create_physical_expr(f.clone(), &join.schema)?),
+                Some(f) => Some(state.create_physical_expr(f.clone(), &left_schema.join(right_schema)?)?),
                 None => None,
             };
             let types = |schema: &datafusion::common::DFSchema| -> Vec<DataType> {

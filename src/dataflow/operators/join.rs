@@ -13,7 +13,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, Int64Array, RecordBatchOptions, UInt32Array};
 use datafusion::arrow::compute::{cast, take};
-use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{RowConverter, Rows, SortField};
 use datafusion::physical_plan::PhysicalExpr;
@@ -61,11 +61,18 @@ struct Side {
     by_key: HashMap<Box<[u8]>, RowCounts>,
     /// Total weight per key.
     weight: HashMap<Box<[u8]>, i64>,
+    /// With a non-equality condition on an outer, semi or anti join: per distinct row, the
+    /// weight of the other side's rows it matches (same key and condition true).
+    matched: HashMap<Box<[u8]>, i64>,
 }
 
 impl Side {
     fn weight_of(&self, key: &[u8]) -> i64 {
         self.weight.get(key).copied().unwrap_or(0)
+    }
+
+    fn count_of(&self, key: &[u8], row: &[u8]) -> i64 {
+        self.by_key.get(key).and_then(|rows| rows.get(row)).copied().unwrap_or(0)
     }
 
     fn add(&mut self, key: &[u8], row: &[u8], w: i64) {
@@ -96,14 +103,17 @@ pub struct JoinOperator {
     right: Side,
     key_converter: RowConverter,
     key_types: Vec<DataType>,
-    /// Evaluated over joined rows (inner joins only).
+    /// The condition beyond key equality, over a left row followed by a right row.
     filter: Option<Arc<dyn PhysicalExpr>>,
+    /// Left then right columns: what `filter` is evaluated over.
+    pair_schema: SchemaRef,
     schema: SchemaRef,
 }
 
 impl JoinOperator {
     /// `left_types`/`right_types` are the input column types; `key_types` the (common) key
-    /// types; `schema` the output.
+    /// types; `filter` is evaluated over the left columns followed by the right columns;
+    /// `schema` is the output.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         kind: JoinKind,
@@ -121,8 +131,17 @@ impl JoinOperator {
                 rows: RowConverter::new(types.into_iter().map(SortField::new).collect())?,
                 by_key: HashMap::new(),
                 weight: HashMap::new(),
+                matched: HashMap::new(),
             })
         };
+        let pair_schema = Arc::new(Schema::new(
+            left_types
+                .iter()
+                .chain(&right_types)
+                .enumerate()
+                .map(|(i, t)| Field::new(format!("c{i}"), t.clone(), true))
+                .collect::<Vec<_>>(),
+        ));
         Ok(JoinOperator {
             kind,
             left: side(left_keys, left_types)?,
@@ -130,6 +149,7 @@ impl JoinOperator {
             key_converter: RowConverter::new(key_types.iter().cloned().map(SortField::new).collect())?,
             key_types,
             filter,
+            pair_schema,
             schema,
         })
     }
@@ -176,7 +196,8 @@ impl JoinOperator {
             &RecordBatchOptions::new().with_row_count(Some(n)),
         )?;
         let mut change = ChangeBatch::try_new(batch, Int64Array::from(weights))?;
-        if let Some(filter) = &self.filter {
+        // Inner joins filter their pairs here; the other kinds decided per pair already.
+        if let Some(filter) = self.filter.as_ref().filter(|_| self.kind == JoinKind::Inner) {
             let mask = filter.evaluate(change.batch())?.into_array(n)?;
             let mask = mask
                 .as_any()
@@ -185,6 +206,124 @@ impl JoinOperator {
             change = change.filter(mask)?;
         }
         Ok(Some(change))
+    }
+}
+
+impl JoinOperator {
+    /// Outer, semi and anti joins with a condition beyond key equality. Whether a row has
+    /// a match depends on the row itself, so each side keeps, per distinct row, the weight
+    /// of the other side's rows it matches; a row's padding (or its place in a semi or
+    /// anti join) changes exactly when that weight moves between zero and non-zero.
+    fn process_with_condition(&mut self, port: usize, input: ChangeBatch, out: &mut Output) -> Result<()> {
+        let (keys, rows) = self.encode(port, input.batch())?;
+        let kind = self.kind;
+        let weights = input.weights();
+        let rows: Vec<Box<[u8]>> = (0..input.num_rows()).map(|i| Box::from(rows.row(i).as_ref())).collect();
+        // Candidate pairs: each input row with every other-side row of its key.
+        let mut candidates: Vec<(usize, Box<[u8]>, i64)> = Vec::new();
+        {
+            let other = if port == 0 { &self.right } else { &self.left };
+            for (i, key) in keys.iter().enumerate() {
+                if let Some(matches) = key.as_ref().and_then(|k| other.by_key.get(k)) {
+                    candidates.extend(matches.iter().map(|(row, count)| (i, row.clone(), *count)));
+                }
+            }
+        }
+        let passing = self.condition_holds(port, &rows, &candidates)?;
+        let mut pieces: Vec<Piece> = Vec::new();
+        // Per input row, the weight of its matches; per other-side row, the change in its.
+        let mut matched = vec![0i64; rows.len()];
+        let mut other_delta: HashMap<Box<[u8]>, (Box<[u8]>, i64)> = HashMap::new();
+        for ((i, other_row, count), holds) in candidates.into_iter().zip(passing) {
+            if !holds {
+                continue;
+            }
+            let w = weights.value(i);
+            matched[i] += count;
+            let key = keys[i].clone().ok_or_else(|| Error::Internal("a NULL key matched".into()))?;
+            other_delta.entry(other_row.clone()).or_insert((key, 0)).1 += w;
+            if kind.pairs() {
+                let (l, r) = if port == 0 { (rows[i].clone(), other_row) } else { (other_row, rows[i].clone()) };
+                pieces.push((Some(l), Some(r), w * count));
+            }
+        }
+        let pads_this = if port == 0 { kind.pads_left() } else { kind.pads_right() };
+        let (this, other) =
+            if port == 0 { (&mut self.left, &mut self.right) } else { (&mut self.right, &mut self.left) };
+        for (i, row) in rows.iter().enumerate() {
+            let w = weights.value(i);
+            let unmatched = matched[i] == 0;
+            match (port, kind) {
+                (0, JoinKind::LeftSemi) if !unmatched => pieces.push((Some(row.clone()), None, w)),
+                (0, JoinKind::LeftAnti) if unmatched => pieces.push((Some(row.clone()), None, w)),
+                _ if pads_this && unmatched => {
+                    pieces.push(if port == 0 { (Some(row.clone()), None, w) } else { (None, Some(row.clone()), w) })
+                }
+                _ => {}
+            }
+            let Some(key) = &keys[i] else { continue };
+            if this.count_of(key, row) == 0 {
+                this.matched.insert(row.clone(), matched[i]);
+            }
+            this.add(key, row, w);
+            if this.count_of(key, row) == 0 {
+                this.matched.remove(row);
+            }
+        }
+        // Other-side rows whose matches went between none and some.
+        let other_pads = if port == 0 { kind.pads_right() } else { kind.pads_left() };
+        let other_is_semi_or_anti = port == 1 && matches!(kind, JoinKind::LeftSemi | JoinKind::LeftAnti);
+        for (other_row, (key, delta)) in other_delta {
+            let old = other.matched.get(&other_row).copied().unwrap_or(0);
+            let new = old + delta;
+            other.matched.insert(other_row.clone(), new);
+            if (old == 0) == (new == 0) || !(other_pads || other_is_semi_or_anti) {
+                continue;
+            }
+            let count = other.count_of(&key, &other_row);
+            // + when the row just lost its last match.
+            let unmatched_sign = if new == 0 { 1 } else { -1 };
+            pieces.push(match kind {
+                JoinKind::LeftSemi => (Some(other_row), None, -unmatched_sign * count),
+                JoinKind::LeftAnti => (Some(other_row), None, unmatched_sign * count),
+                _ if port == 0 => (None, Some(other_row), unmatched_sign * count),
+                _ => (Some(other_row), None, unmatched_sign * count),
+            });
+        }
+        if let Some(change) = self.build(pieces)? {
+            out.push(change);
+        }
+        Ok(())
+    }
+
+    /// Evaluates the condition over each candidate pair (NULL counts as false).
+    fn condition_holds(
+        &self,
+        port: usize,
+        rows: &[Box<[u8]>],
+        candidates: &[(usize, Box<[u8]>, i64)],
+    ) -> Result<Vec<bool>> {
+        let Some(filter) = &self.filter else { return Ok(vec![true; candidates.len()]) };
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (this_rows, other_rows) =
+            if port == 0 { (&self.left.rows, &self.right.rows) } else { (&self.right.rows, &self.left.rows) };
+        let this: Vec<Option<Box<[u8]>>> = candidates.iter().map(|(i, _, _)| Some(rows[*i].clone())).collect();
+        let other: Vec<Option<Box<[u8]>>> = candidates.iter().map(|(_, row, _)| Some(row.clone())).collect();
+        let (this, other) = (decode_side(this_rows, &this)?, decode_side(other_rows, &other)?);
+        let columns = if port == 0 { [this, other].concat() } else { [other, this].concat() };
+        let batch = RecordBatch::try_new_with_options(
+            self.pair_schema.clone(),
+            columns,
+            &RecordBatchOptions::new().with_row_count(Some(candidates.len())),
+        )?;
+        let mask = filter.evaluate(&batch)?.into_array(candidates.len())?;
+        let mask = mask
+            .as_any()
+            .downcast_ref::<BooleanArray>()
+            .ok_or_else(|| Error::Internal("join condition is not boolean".into()))?;
+        Ok((0..candidates.len()).map(|i| mask.is_valid(i) && mask.value(i)).collect())
     }
 }
 
@@ -230,6 +369,9 @@ impl Operator for JoinOperator {
     }
 
     async fn process(&mut self, port: usize, input: ChangeBatch, out: &mut Output) -> Result<()> {
+        if self.filter.is_some() && self.kind != JoinKind::Inner {
+            return self.process_with_condition(port, input, out);
+        }
         let (keys, rows) = self.encode(port, input.batch())?;
         let kind = self.kind;
         let mut pieces: Vec<Piece> = Vec::new();
