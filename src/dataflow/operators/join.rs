@@ -93,6 +93,9 @@ impl Side {
     }
 }
 
+/// A join key and a weight.
+type KeyedWeight = (Box<[u8]>, i64);
+
 /// One output row before it is decoded: the two sides' encoded rows (None = NULL padding).
 type Piece = (Option<Box<[u8]>>, Option<Box<[u8]>>, i64);
 
@@ -233,7 +236,7 @@ impl JoinOperator {
         let mut pieces: Vec<Piece> = Vec::new();
         // Per input row, the weight of its matches; per other-side row, the change in its.
         let mut matched = vec![0i64; rows.len()];
-        let mut other_delta: HashMap<Box<[u8]>, (Box<[u8]>, i64)> = HashMap::new();
+        let mut other_delta: HashMap<Box<[u8]>, KeyedWeight> = HashMap::new();
         for ((i, other_row, count), holds) in candidates.into_iter().zip(passing) {
             if !holds {
                 continue;
