@@ -6,6 +6,8 @@
 //! outer joins, and the rows semi and anti joins keep) depend only on whether the other
 //! side has any row with the key, so they change exactly when a key's total weight on the
 //! other side moves between zero and non-zero. Rows with a NULL in their key never match.
+//! With a condition beyond key equality, outer, semi and anti joins keep per row the weight
+//! of its matches that satisfy the condition instead (see `process_with_condition`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
