@@ -423,3 +423,54 @@ async fn subscribe_streams_the_snapshot_then_every_change() {
     client.batch_execute("INSERT INTO r VALUES ('d', 4); FLUSH").await.expect("insert");
     assert_eq!(next_rows(&mut quiet, 1).await, vec!["1|d|4"], "without the snapshot only changes arrive");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_over_subscribe_fetches_what_arrived() {
+    let server = TestServer::start().await;
+    let client = server.connect().await;
+    client
+        .batch_execute(
+            "CREATE TABLE r (dev TEXT, temp BIGINT);
+             INSERT INTO r VALUES ('a', 1), ('b', 2), ('c', 3);
+             CREATE MATERIALIZED VIEW hot AS SELECT dev, temp FROM r WHERE temp > 0",
+        )
+        .await
+        .expect("setup");
+    let reader = server.connect().await;
+    // Rows as `diff|dev|temp`, dropping the epoch.
+    let fetch = |sql: &'static str| {
+        let reader = &reader;
+        async move {
+            let rows = rows(reader, sql).await;
+            rows.into_iter()
+                .map(|r| r.split_once('|').map(|(_, rest)| rest.to_string()).unwrap_or(r))
+                .collect::<Vec<_>>()
+        }
+    };
+    reader.batch_execute("DECLARE c CURSOR FOR SUBSCRIBE TO hot").await.expect("declare");
+    assert_eq!(fetch("FETCH 2 c").await.len(), 2, "FETCH n returns at most n rows");
+    assert_eq!(fetch("FETCH ALL FROM c").await.len(), 1, "the rest of the snapshot");
+    assert!(fetch("FETCH ALL c WITH (timeout = '200ms')").await.is_empty(), "nothing new: empty after the timeout");
+    client.batch_execute("DELETE FROM r WHERE dev = 'a'; INSERT INTO r VALUES ('d', 4); FLUSH").await.expect("changes");
+    assert_eq!(fetch("FETCH ALL c").await, vec!["-1|a|1", "1|d|4"], "FETCH waits for the next change");
+
+    // Over the extended protocol (prepared statements), with typed columns.
+    client.batch_execute("UPDATE r SET temp = 30 WHERE dev = 'c'; FLUSH").await.expect("update");
+    let typed = reader.query("FETCH ALL IN c", &[]).await.expect("extended fetch");
+    let mut changes: Vec<(i64, String, i64)> = typed.iter().map(|r| (r.get(1), r.get(2), r.get(3))).collect();
+    changes.sort();
+    assert_eq!(changes, vec![(-1, "c".to_string(), 3), (1, "c".to_string(), 30)]);
+    assert!(typed.iter().all(|r| r.get::<_, i64>(0) > 0), "each row carries its epoch");
+
+    for (sql, code) in [
+        ("DECLARE c CURSOR FOR SUBSCRIBE hot", "42P03"),
+        ("FETCH ALL missing", "34000"),
+        ("DECLARE d CURSOR FOR SUBSCRIBE r", "42809"),
+    ] {
+        let err = reader.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(err.as_db_error().map(|d| d.code().code()), Some(code), "{sql}: {err}");
+    }
+    reader.batch_execute("CLOSE c").await.expect("close");
+    let err = reader.batch_execute("FETCH ALL c").await.expect_err("closed");
+    assert_eq!(err.as_db_error().map(|d| d.code().code()), Some("34000"));
+}

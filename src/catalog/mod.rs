@@ -480,6 +480,12 @@ impl Database {
             Planned::Write(plan) => self.write(plan, sql).await,
             Planned::CreateTable(create) => self.create_table(create, sql).await,
             Planned::Drop(drop) => self.drop_relations(drop).await,
+            Planned::DeclareSubscribe { .. } | Planned::Fetch { .. } | Planned::Close { .. } => {
+                Err(Error::NotSupported {
+                    feature: "cursors outside a client connection".into(),
+                    hint: Some("DECLARE, FETCH and CLOSE work over the Postgres protocol".into()),
+                })
+            }
             Planned::ShowTables => {
                 let names = self.shared.cell.committed().tables.keys().cloned().collect();
                 self.names(names)

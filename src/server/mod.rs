@@ -4,6 +4,7 @@
 //! [`Server::start`] is what `freshet serve` and the integration tests call; tests bind
 //! `127.0.0.1:0` and read the chosen ports back from [`Server::pg_addr`].
 
+pub mod cursor;
 pub mod http;
 pub mod metrics;
 pub mod pg;

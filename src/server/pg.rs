@@ -32,6 +32,7 @@ use pgwire::messages::PgWireBackendMessage;
 use pgwire::messages::data::DataRow;
 use pgwire::types::format::FormatOptions;
 
+use super::cursor::Cursors;
 use super::metrics::Metrics;
 use crate::catalog::{Database, Outcome};
 use crate::error::Error;
@@ -193,14 +194,21 @@ impl QueryParser for Parser {
 
     async fn parse_sql<C>(
         &self,
-        _client: &C,
+        client: &C,
         sql: &str,
         _types: &[Option<Type>],
     ) -> PgWireResult<Option<Self::Statement>>
     where
         C: ClientInfo + Unpin + Send + Sync,
     {
-        Ok(self.plan_prepared(sql).await.map_err(to_pg)?.map(Arc::new))
+        let mut prepared = self.plan_prepared(sql).await.map_err(to_pg)?;
+        // Describe reports the rows of a FETCH: the cursor's columns, when it is open.
+        if let Some(Prepared { planned: Planned::Fetch { cursor, schema, .. }, .. }) = &mut prepared
+            && let Some(cursors) = client.session_extensions().get::<Cursors>()
+        {
+            *schema = cursors.schema(cursor).await;
+        }
+        Ok(prepared.map(Arc::new))
     }
 
     fn get_parameter_types(&self, stmt: &Self::Statement) -> PgWireResult<Vec<Type>> {
@@ -317,8 +325,31 @@ impl QueryHandler {
         sql: &str,
         format: &Format,
         options: Arc<FormatOptions>,
+        cursors: Arc<Cursors>,
     ) -> Result<Response, Error> {
         let _in_flight = self.metrics.statement_started();
+        let planned = match planned {
+            Planned::DeclareSubscribe { cursor, view, snapshot, schema } => {
+                let subscribe = Planned::Subscribe { view, snapshot, schema };
+                let Outcome::Rows { schema, stream } = self.db.execute(subscribe, sql).await? else {
+                    return Err(Error::Internal("SUBSCRIBE returned no rows".into()));
+                };
+                cursors.declare(cursor, schema, stream).await?;
+                return Ok(Response::Execution(Tag::new("DECLARE CURSOR")));
+            }
+            Planned::Fetch { cursor, count, timeout, .. } => {
+                let (schema, batch) = cursors.fetch(&cursor, count, timeout).await?;
+                let stream = RecordBatchStreamAdapter::new(schema.clone(), stream::iter([Ok(batch)]));
+                let mut response = rows_response(schema, Box::pin(stream), format, options)?;
+                response.set_command_tag("FETCH");
+                return Ok(Response::Query(response));
+            }
+            Planned::Close { cursor } => {
+                cursors.close(cursor.as_deref()).await?;
+                return Ok(Response::Execution(Tag::new("CLOSE CURSOR")));
+            }
+            other => other,
+        };
         let outcome = self.db.execute(planned, sql).await?;
         Ok(match outcome {
             Outcome::Rows { schema, mut stream } => {
@@ -376,11 +407,12 @@ impl SimpleQueryHandler for QueryHandler {
     {
         let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
         let statements = sql::parse(query).map_err(to_pg)?;
+        let cursors = client.session_extensions().get_or_insert_with(Cursors::default);
         let mut responses = Vec::with_capacity(statements.len());
         for statement in statements {
             self.metrics.statements.fetch_add(1, Ordering::Relaxed);
             let result = match self.db.plan(&statement, query).await {
-                Ok(planned) => self.run(planned, query, &Format::UnifiedText, options.clone()).await,
+                Ok(planned) => self.run(planned, query, &Format::UnifiedText, options.clone(), cursors.clone()).await,
                 Err(e) => Err(e),
             };
             match result {
@@ -425,7 +457,8 @@ impl ExtendedQueryHandler for QueryHandler {
         let params = deserialize_parameters(portal, &inferred_refs)?;
         let planned = prepared.planned.clone().with_parameters(params).map_err(|e| to_pg(e.with_position(None)))?;
         let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
-        self.run(planned, &prepared.sql, &portal.result_column_format, options).await.map_err(to_pg)
+        let cursors = client.session_extensions().get_or_insert_with(Cursors::default);
+        self.run(planned, &prepared.sql, &portal.result_column_format, options, cursors).await.map_err(to_pg)
     }
 }
 

@@ -7,6 +7,7 @@
 //! will be recognised here as it arrives.
 
 use std::collections::VecDeque;
+use std::time::Duration;
 
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::common::ParamValues;
@@ -17,6 +18,7 @@ use datafusion::sql::sqlparser::ast::{
     ColumnOption, DataType as SqlDataType, ObjectName, ObjectType, Statement as SqlStatement,
 };
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
+use datafusion::sql::sqlparser::keywords::Keyword;
 use datafusion::sql::sqlparser::tokenizer::Token;
 use std::sync::Arc;
 
@@ -39,6 +41,13 @@ pub enum Statement {
     Flush,
     /// `SUBSCRIBE [TO] view [WITH (snapshot = false)]`: stream every change to a view.
     Subscribe { view: String, snapshot: bool },
+    /// `DECLARE cursor CURSOR FOR SUBSCRIBE …`: a subscription read with FETCH, for
+    /// drivers that cannot consume a stream.
+    DeclareSubscribe { cursor: String, view: String, snapshot: bool },
+    /// `FETCH [FORWARD] [ALL | NEXT | n] [FROM | IN] cursor [WITH (timeout = '1s')]`.
+    Fetch { cursor: String, count: Option<usize>, timeout: Option<Duration> },
+    /// `CLOSE cursor` or `CLOSE ALL` (`None`).
+    Close { cursor: Option<String> },
 }
 
 /// Splits `sql` into statements. Errors carry the position of the offending token.
@@ -71,6 +80,20 @@ pub fn parse(sql: &str) -> Result<VecDeque<Statement>> {
         } else if keyword == "subscribe" {
             parser.parser.next_token();
             statements.push_back(parse_subscribe(&mut parser.parser).map_err(|e| crate::error::syntax_error(&e, sql))?);
+        } else if keyword == "declare" && declares_subscribe(&parser.parser) {
+            statements.push_back(parse_declare(&mut parser.parser).map_err(|e| crate::error::syntax_error(&e, sql))?);
+        } else if keyword == "fetch" {
+            parser.parser.next_token();
+            statements.push_back(parse_fetch(&mut parser.parser).map_err(|e| crate::error::syntax_error(&e, sql))?);
+        } else if keyword == "close" {
+            parser.parser.next_token();
+            let cursor = match parser.parser.parse_keyword(Keyword::ALL) {
+                true => None,
+                false => {
+                    Some(identifier(parser.parser.parse_identifier().map_err(|e| crate::error::syntax_error(&e, sql))?))
+                }
+            };
+            statements.push_back(Statement::Close { cursor });
         } else {
             statements.push_back(Statement::Sql(parser.parse_statement().map_err(|e| Error::from_datafusion(e, sql))?));
         }
@@ -78,11 +101,86 @@ pub fn parse(sql: &str) -> Result<VecDeque<Statement>> {
     }
 }
 
+type SqlParser<'a> = datafusion::sql::sqlparser::parser::Parser<'a>;
+type ParserError = datafusion::sql::sqlparser::parser::ParserError;
+
+/// An identifier as Postgres resolves it: folded to lower case unless quoted.
+fn identifier(ident: datafusion::sql::sqlparser::ast::Ident) -> String {
+    if ident.quote_style.is_some() { ident.value } else { ident.value.to_ascii_lowercase() }
+}
+
+/// Whether the DECLARE ahead declares a cursor over SUBSCRIBE (`… FOR SUBSCRIBE`).
+fn declares_subscribe(parser: &SqlParser) -> bool {
+    let word = |n: usize| match parser.peek_nth_token(n).token {
+        Token::Word(w) => Some(w.value.to_ascii_lowercase()),
+        _ => None,
+    };
+    (1..12).find(|&n| word(n).as_deref() == Some("for")).is_some_and(|n| word(n + 1).as_deref() == Some("subscribe"))
+}
+
+/// `DECLARE name [options] CURSOR [WITH[OUT] HOLD] FOR SUBSCRIBE …`.
+fn parse_declare(parser: &mut SqlParser) -> std::result::Result<Statement, ParserError> {
+    parser.next_token();
+    let cursor = identifier(parser.parse_identifier()?);
+    while !parser.parse_keyword(Keyword::FOR) {
+        parser.next_token();
+    }
+    parser.next_token(); // SUBSCRIBE
+    match parse_subscribe(parser)? {
+        Statement::Subscribe { view, snapshot } => Ok(Statement::DeclareSubscribe { cursor, view, snapshot }),
+        _ => Err(ParserError::ParserError("expected SUBSCRIBE".into())),
+    }
+}
+
+/// The rest of `FETCH [FORWARD] [ALL | NEXT | n] [FROM | IN] cursor [WITH (timeout = '1s')]`.
+fn parse_fetch(parser: &mut SqlParser) -> std::result::Result<Statement, ParserError> {
+    let _ = parser.parse_keyword(Keyword::FORWARD);
+    let count = if parser.parse_keyword(Keyword::ALL) {
+        None
+    } else if parser.parse_keyword(Keyword::NEXT) {
+        Some(1)
+    } else if let Token::Number(n, _) = parser.peek_token().token {
+        parser.next_token();
+        Some(n.parse::<usize>().map_err(|_| ParserError::ParserError(format!("FETCH count {n} is not a row count")))?)
+    } else {
+        Some(1)
+    };
+    let _ = parser.parse_one_of_keywords(&[Keyword::FROM, Keyword::IN]);
+    let cursor = identifier(parser.parse_identifier()?);
+    let mut timeout = None;
+    if parser.parse_keyword(Keyword::WITH) {
+        parser.expect_token(&Token::LParen)?;
+        let option = parser.parse_identifier()?.value.to_ascii_lowercase();
+        parser.expect_token(&Token::Eq)?;
+        let value = parser.parse_value()?.value.to_string();
+        if option != "timeout" {
+            return Err(ParserError::ParserError(format!("unknown FETCH option {option} (expected timeout)")));
+        }
+        timeout = Some(parse_duration(value.trim_matches('\'')).ok_or_else(|| {
+            ParserError::ParserError(format!("FETCH timeout {value} is not a duration such as '500ms' or '2s'"))
+        })?);
+        parser.expect_token(&Token::RParen)?;
+    }
+    Ok(Statement::Fetch { cursor, count, timeout })
+}
+
+/// `500ms`, `2s`, `1m` or a number of seconds.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let seconds = match unit.trim() {
+        "" | "s" => number,
+        "ms" => number / 1000.0,
+        "m" | "min" => number * 60.0,
+        _ => return None,
+    };
+    (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds))
+}
+
 /// The rest of `SUBSCRIBE [TO] name [WITH (snapshot = true|false)]`.
-fn parse_subscribe(
-    parser: &mut datafusion::sql::sqlparser::parser::Parser,
-) -> std::result::Result<Statement, datafusion::sql::sqlparser::parser::ParserError> {
-    use datafusion::sql::sqlparser::keywords::Keyword;
+fn parse_subscribe(parser: &mut SqlParser) -> std::result::Result<Statement, ParserError> {
     let _ = parser.parse_keyword(Keyword::TO);
     let view = object_name(&parser.parse_object_name(false)?);
     let mut snapshot = true;
@@ -135,6 +233,12 @@ pub enum Planned {
     CreatePlainView(CreateView),
     /// SUBSCRIBE: `(epoch, diff, columns…)` rows as the view changes, until the client leaves.
     Subscribe { view: String, snapshot: bool, schema: SchemaRef },
+    /// DECLARE … CURSOR FOR SUBSCRIBE; the connection keeps the cursor.
+    DeclareSubscribe { cursor: String, view: String, snapshot: bool, schema: SchemaRef },
+    /// FETCH from a cursor; `schema` is the cursor's, when the connection knows it.
+    Fetch { cursor: String, count: Option<usize>, timeout: Option<Duration>, schema: Option<SchemaRef> },
+    /// CLOSE a cursor (`None`: all of them).
+    Close { cursor: Option<String> },
 }
 
 /// The kinds of relation a user creates and drops.
@@ -233,6 +337,7 @@ impl Planned {
             Planned::ShowTables | Planned::ShowViews => Some(show_tables_schema()),
             Planned::ExplainView(_) => Some(explain_schema()),
             Planned::Subscribe { schema, .. } => Some(schema.clone()),
+            Planned::Fetch { schema, .. } => schema.clone(),
             _ => None,
         }
     }
@@ -262,6 +367,22 @@ pub fn show_tables_schema() -> SchemaRef {
 pub async fn plan(state: &SessionState, statement: &Statement, sql: &str) -> Result<Planned> {
     let statement = match statement {
         Statement::Flush => return Ok(Planned::Flush),
+        Statement::DeclareSubscribe { cursor, view, snapshot } => {
+            let subscribe = Statement::Subscribe { view: view.clone(), snapshot: *snapshot };
+            let Planned::Subscribe { schema, .. } = Box::pin(plan(state, &subscribe, sql)).await? else {
+                return Err(Error::Internal("SUBSCRIBE planned as something else".into()));
+            };
+            return Ok(Planned::DeclareSubscribe {
+                cursor: cursor.clone(),
+                view: view.clone(),
+                snapshot: *snapshot,
+                schema,
+            });
+        }
+        Statement::Fetch { cursor, count, timeout } => {
+            return Ok(Planned::Fetch { cursor: cursor.clone(), count: *count, timeout: *timeout, schema: None });
+        }
+        Statement::Close { cursor } => return Ok(Planned::Close { cursor: cursor.clone() }),
         Statement::Subscribe { view, snapshot } => {
             let provider = state
                 .catalog_list()

@@ -293,7 +293,7 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
         }
         other => Err(Error::NotSupported {
             feature: format!("{} in a materialized view", construct_name(other)),
-            hint: Some("views support projections, WHERE, joins, UNION, top-N and GROUP BY with count, sum, avg, min, max, bool_and, bool_or, for now".into()),
+            hint: Some("views support projections, WHERE, joins, subqueries, UNION, DISTINCT, GROUP BY, top-N and top-N per group (row_number() <= n)".into()),
         }),
     }
 }
