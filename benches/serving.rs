@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 use freshet::server::{Config, Server};
 use tokio_postgres::NoTls;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 async fn start() -> (Server, tempfile::TempDir, String) {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = Config {

@@ -7,7 +7,9 @@
 //!   GROUP BY view and a join view. These include the durable write and the DELETE's scan of
 //!   the whole table (tables have no secondary indexes), so they do grow with the table.
 //!
-//! Run with `cargo bench --bench views` (`--quick` for a short smoke run).
+//! Run with `cargo bench --bench views` (`--quick` for a short smoke run, `--operators` for
+//! the operator level only, `--groups 1000000,10000000` for other state sizes). The
+//! operator level runs inline on the bench's main task, so its figures are per core.
 
 use std::time::{Duration, Instant};
 
@@ -19,10 +21,13 @@ use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::physical_expr::expressions::Column;
 use freshet::catalog::table::{TableDef, TableState};
-use freshet::dataflow::operators::{AggregateFunction, AggregateOperator, AggregateSpec};
+use freshet::dataflow::operators::{AggregateFunction, AggregateOperator, AggregateSpec, JoinKind, JoinOperator};
 use freshet::dataflow::{Barrier, ChangeBatch, Operator, Output};
 use freshet::server::{Config, Server};
 use tokio_postgres::NoTls;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const BATCH: i64 = 10_000;
 
@@ -110,17 +115,23 @@ fn rows(n: i64, groups: i64, offset: i64) -> RecordBatch {
         .expect("rows")
 }
 
-/// One epoch: the changes, then the barrier; the operator's output goes into the view.
-async fn run_epoch(
-    operator: &mut AggregateOperator,
+/// One epoch: the changes (into input port 0), then the barrier; the operator's output
+/// goes into the view.
+async fn run_epoch(operator: &mut dyn Operator, view: &mut TableState, epoch: &mut u64, changes: Vec<ChangeBatch>) {
+    run_epoch_on(operator, view, epoch, changes.into_iter().map(|c| (0, c)).collect()).await
+}
+
+/// One epoch with each change on its input port.
+async fn run_epoch_on(
+    operator: &mut dyn Operator,
     view: &mut TableState,
     epoch: &mut u64,
-    changes: Vec<ChangeBatch>,
+    changes: Vec<(usize, ChangeBatch)>,
 ) {
     *epoch += 1;
     let mut out = Output::default();
-    for change in changes {
-        operator.process(0, change, &mut out).await.expect("process");
+    for (port, change) in changes {
+        operator.process(port, change, &mut out).await.expect("process");
     }
     let barrier = Barrier { epoch: *epoch, checkpoint: false, mutation: None };
     operator.on_barrier(&barrier, &mut out).await.expect("barrier");
@@ -169,16 +180,68 @@ async fn operator_group_by(groups: i64, epochs: i64) -> (f64, f64) {
     (changed as f64 / elapsed.as_secs_f64(), elapsed.as_micros() as f64 / (2 * epochs) as f64)
 }
 
+/// Changed fact rows per second through an inner join against `dimension` rows (each fact
+/// matches one), with the view's arrangement, on one core.
+async fn operator_join(dimension: i64, epochs: i64) -> f64 {
+    let int = |name: &str| Field::new(name, DataType::Int64, true);
+    let output = Arc::new(Schema::new(vec![int("k"), int("v"), int("dk"), int("dv")]));
+    let column = |name: &str, i| Arc::new(Column::new(name, i)) as Arc<dyn datafusion::physical_plan::PhysicalExpr>;
+    let mut operator = JoinOperator::new(
+        JoinKind::Inner,
+        vec![column("k", 0)],
+        vec![column("k", 0)],
+        vec![DataType::Int64],
+        vec![DataType::Int64, DataType::Int64],
+        vec![DataType::Int64, DataType::Int64],
+        None,
+        output.clone(),
+    )
+    .expect("operator");
+    let def = Arc::new(TableDef::new(1, "view".into(), output, vec![], vec![], HashMap::new()));
+    let mut view = TableState::new(def).expect("view state");
+    let mut epoch = 0;
+    for start in (0..dimension).step_by(100_000) {
+        let n = 100_000.min(dimension - start);
+        let dims = vec![(1, ChangeBatch::inserts(rows(n, dimension, start)))];
+        run_epoch_on(&mut operator, &mut view, &mut epoch, dims).await;
+    }
+    let started = Instant::now();
+    let mut changed = 0;
+    for e in 0..epochs {
+        let facts = rows(BATCH, dimension, e * BATCH);
+        run_epoch_on(&mut operator, &mut view, &mut epoch, vec![(0, ChangeBatch::inserts(facts.clone()))]).await;
+        run_epoch_on(&mut operator, &mut view, &mut epoch, vec![(0, ChangeBatch::retracts(facts))]).await;
+        changed += 2 * BATCH;
+    }
+    changed as f64 / started.elapsed().as_secs_f64()
+}
+
 #[tokio::main]
 async fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
     let batches = if quick { 2 } else { 10 };
     let epochs = if quick { 5 } else { 50 };
-    for groups in [100_000, 1_000_000] {
+    // `--groups 1000000,10000000` measures other state sizes.
+    let sizes: Vec<i64> = args
+        .iter()
+        .position(|a| a == "--groups")
+        .and_then(|i| args.get(i + 1))
+        .map(|list| list.split(',').map(|n| n.parse().expect("--groups takes numbers")).collect())
+        .unwrap_or_else(|| vec![100_000, 1_000_000]);
+    let operators_only = args.iter().any(|a| a == "--operators");
+    for &groups in &sizes {
         let (rate, per_epoch) = operator_group_by(groups, epochs).await;
         println!(
-            "operator GROUP BY + arrangement, {groups:>7} groups: {rate:>9.0} changed rows/s/core, {per_epoch:>8.0} µs per {BATCH}-row epoch"
+            "operator GROUP BY + arrangement, {groups:>8} groups: {rate:>9.0} changed rows/s/core, {per_epoch:>8.0} µs per {BATCH}-row epoch"
         );
+    }
+    for &dimension in &sizes {
+        let rate = operator_join(dimension, epochs).await;
+        println!("operator JOIN + arrangement, {dimension:>8} dimension rows: {rate:>9.0} changed rows/s/core");
+    }
+    if operators_only {
+        return;
     }
     let (small, large) = if quick { (1_000, 10_000) } else { (100_000, 1_000_000) };
     for groups in [small, large] {

@@ -7,6 +7,9 @@ use clap::{Args, Parser, Subcommand};
 use freshet::server::{Config, Server};
 use tracing_subscriber::EnvFilter;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "freshet", version, about = "A SQL streaming database served over the Postgres wire protocol")]
 #[command(args_conflicts_with_subcommands = true)]

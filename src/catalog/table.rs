@@ -6,7 +6,7 @@
 //! [`TableVersion`]s collected in a [`Snapshot`], which is swapped atomically when a write
 //! becomes durable.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
@@ -23,7 +23,7 @@ use datafusion::error::{DataFusionError, Result as DfResult};
 use datafusion::logical_expr::{Expr, TableType};
 use datafusion::physical_plan::ExecutionPlan;
 
-use crate::dataflow::ChangeBatch;
+use crate::dataflow::{ChangeBatch, FastMap};
 use crate::error::{Error, Result};
 
 /// What a table is: its name, columns and constraints. Immutable once created.
@@ -262,7 +262,7 @@ pub struct TableState {
     chunks: Vec<Chunk>,
     next_chunk: u64,
     /// Identity → (chunk id, row) of every live copy.
-    index: HashMap<Box<[u8]>, Vec<(u64, u32)>>,
+    index: FastMap<Box<[u8]>, Vec<(u64, u32)>>,
     identity: RowConverter,
 }
 
@@ -271,7 +271,7 @@ impl TableState {
         let fields =
             def.identity_columns().iter().map(|&i| SortField::new(def.schema.field(i).data_type().clone())).collect();
         let identity = RowConverter::new(fields)?;
-        Ok(TableState { def, chunks: Vec::new(), next_chunk: 0, index: HashMap::new(), identity })
+        Ok(TableState { def, chunks: Vec::new(), next_chunk: 0, index: FastMap::default(), identity })
     }
 
     pub fn def(&self) -> &Arc<TableDef> {
@@ -293,7 +293,7 @@ impl TableState {
         let retracted = self.identity_rows(&retracts)?;
         let inserted = self.identity_rows(&inserts)?;
         // Validate everything before changing anything.
-        let mut wanted: HashMap<&[u8], usize> = HashMap::new();
+        let mut wanted: FastMap<&[u8], usize> = FastMap::default();
         for row in retracted.iter() {
             *wanted.entry(row.data()).or_default() += 1;
         }
@@ -308,7 +308,7 @@ impl TableState {
             }
         }
         if !self.def.primary_key.is_empty() {
-            let mut seen = HashSet::new();
+            let mut seen = crate::dataflow::FastSet::default();
             for (i, row) in inserted.iter().enumerate() {
                 let key = row.data();
                 let remaining = self.index.get(key).map_or(0, |c| c.len()) - wanted.get(key).copied().unwrap_or(0);
@@ -372,24 +372,27 @@ impl TableState {
         let id = self.next_chunk;
         self.next_chunk += 1;
         let mut parts = Vec::new();
-        let mut moves: HashMap<(u64, u32), u32> = HashMap::new();
+        // Per rewritten chunk: each old row's position in the new chunk (dead rows: none).
+        let mut moves: Vec<(u64, Vec<u32>)> = Vec::with_capacity(positions.len());
         let mut next_row = 0u32;
         for &p in positions {
             let chunk = &self.chunks[p];
-            for row in 0..chunk.batch.num_rows() {
+            let mut positions = vec![u32::MAX; chunk.batch.num_rows()];
+            for (row, position) in positions.iter_mut().enumerate() {
                 if chunk.live.as_ref().is_none_or(|live| live[row]) {
-                    moves.insert((chunk.id, row as u32), next_row);
+                    *position = next_row;
                     next_row += 1;
                 }
             }
+            moves.push((chunk.id, positions));
             parts.push(chunk.live_batch()?);
         }
         let batch = concat_batches(&self.def.schema, &parts)?;
         for row in self.identity_rows(&batch)?.iter() {
             let copies = self.index.get_mut(row.data()).expect("every live row is indexed");
             for location in copies.iter_mut() {
-                if let Some(new_row) = moves.remove(location) {
-                    *location = (id, new_row);
+                if let Some((_, positions)) = moves.iter().find(|(chunk, _)| *chunk == location.0) {
+                    *location = (id, positions[location.1 as usize]);
                 }
             }
         }

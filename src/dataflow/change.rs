@@ -5,8 +5,6 @@
 
 use std::sync::Arc;
 
-use std::collections::HashMap;
-
 use datafusion::arrow::array::{Array, BooleanArray, Int64Array, RecordBatchOptions, UInt32Array};
 use datafusion::arrow::compute::kernels::cmp::{gt, lt};
 use datafusion::arrow::compute::take;
@@ -124,7 +122,8 @@ impl ChangeBatch {
         let fields = self.batch.schema().fields().iter().map(|f| SortField::new(f.data_type().clone())).collect();
         let converter = RowConverter::new(fields)?;
         let rows = converter.convert_columns(self.batch.columns())?;
-        let mut slots: HashMap<&[u8], usize> = HashMap::with_capacity(rows.num_rows());
+        let mut slots: super::FastMap<&[u8], usize> =
+            super::FastMap::with_capacity_and_hasher(rows.num_rows(), Default::default());
         let mut firsts: Vec<u32> = Vec::new();
         let mut sums: Vec<i64> = Vec::new();
         for (i, row) in rows.iter().enumerate() {

@@ -15,3 +15,8 @@ pub mod runtime;
 
 pub use change::ChangeBatch;
 pub use operator::{Barrier, Message, Mutation, Operator, Output, Watermark};
+
+/// A hash map with a fast hasher (foldhash, randomly seeded per map) for the engine's state.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+/// A hash set with the same hasher.
+pub type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;

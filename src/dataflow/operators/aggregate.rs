@@ -10,7 +10,7 @@
 //! weight drops to zero emits only the retraction. Without GROUP BY there is one group,
 //! which always has a row (count 0, other aggregates NULL), as in SQL.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -25,8 +25,8 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{OwnedRow, RowConverter, Rows, SortField};
 use datafusion::physical_plan::PhysicalExpr;
 
-use crate::dataflow::ChangeBatch;
 use crate::dataflow::operator::{Barrier, Operator, Output};
+use crate::dataflow::{ChangeBatch, FastMap};
 use crate::error::{Error, Result};
 
 /// The aggregate functions the operator maintains.
@@ -162,7 +162,7 @@ pub struct AggregateOperator {
     /// One converter per min/max aggregate (index-aligned with `aggregates`).
     value_converters: Vec<Option<RowConverter>>,
     output_converter: RowConverter,
-    index: HashMap<Box<[u8]>, usize>,
+    index: FastMap<Box<[u8]>, usize>,
     state: Vec<Group>,
     /// Ids of groups changed since the last barrier.
     dirty: Vec<usize>,
@@ -196,7 +196,7 @@ impl AggregateOperator {
             key_converter,
             value_converters,
             output_converter,
-            index: HashMap::new(),
+            index: FastMap::default(),
             state: Vec::new(),
             dirty: Vec::new(),
         };

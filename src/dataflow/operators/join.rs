@@ -9,7 +9,6 @@
 //! With a condition beyond key equality, outer, semi and anti joins keep per row the weight
 //! of its matches that satisfy the condition instead (see `process_with_condition`).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -20,8 +19,8 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{RowConverter, Rows, SortField};
 use datafusion::physical_plan::PhysicalExpr;
 
-use crate::dataflow::ChangeBatch;
 use crate::dataflow::operator::{Operator, Output};
+use crate::dataflow::{ChangeBatch, FastMap};
 use crate::error::{Error, Result};
 
 /// Which rows a join produces.
@@ -52,7 +51,7 @@ impl JoinKind {
 }
 
 /// Encoded rows with their multiplicities.
-type RowCounts = HashMap<Box<[u8]>, i64>;
+type RowCounts = FastMap<Box<[u8]>, i64>;
 /// An encoded join key per row; `None` where a key column is NULL.
 type EncodedKeys = Vec<Option<Box<[u8]>>>;
 
@@ -60,12 +59,12 @@ type EncodedKeys = Vec<Option<Box<[u8]>>>;
 struct Side {
     keys: Vec<Arc<dyn PhysicalExpr>>,
     rows: RowConverter,
-    by_key: HashMap<Box<[u8]>, RowCounts>,
+    by_key: FastMap<Box<[u8]>, RowCounts>,
     /// Total weight per key.
-    weight: HashMap<Box<[u8]>, i64>,
+    weight: FastMap<Box<[u8]>, i64>,
     /// With a non-equality condition on an outer, semi or anti join: per distinct row, the
     /// weight of the other side's rows it matches (same key and condition true).
-    matched: HashMap<Box<[u8]>, i64>,
+    matched: FastMap<Box<[u8]>, i64>,
 }
 
 impl Side {
@@ -134,9 +133,9 @@ impl JoinOperator {
             Ok(Side {
                 keys,
                 rows: RowConverter::new(types.into_iter().map(SortField::new).collect())?,
-                by_key: HashMap::new(),
-                weight: HashMap::new(),
-                matched: HashMap::new(),
+                by_key: FastMap::default(),
+                weight: FastMap::default(),
+                matched: FastMap::default(),
             })
         };
         let pair_schema = Arc::new(Schema::new(
@@ -238,7 +237,7 @@ impl JoinOperator {
         let mut pieces: Vec<Piece> = Vec::new();
         // Per input row, the weight of its matches; per other-side row, the change in its.
         let mut matched = vec![0i64; rows.len()];
-        let mut other_delta: HashMap<Box<[u8]>, KeyedWeight> = HashMap::new();
+        let mut other_delta: FastMap<Box<[u8]>, KeyedWeight> = FastMap::default();
         for ((i, other_row, count), holds) in candidates.into_iter().zip(passing) {
             if !holds {
                 continue;
@@ -381,7 +380,7 @@ impl Operator for JoinOperator {
         let kind = self.kind;
         let mut pieces: Vec<Piece> = Vec::new();
         // Keys whose weight on this side changes, with the weight before the change.
-        let mut before: HashMap<Box<[u8]>, i64> = HashMap::new();
+        let mut before: FastMap<Box<[u8]>, i64> = FastMap::default();
         let (this, other) = if port == 0 { (&mut self.left, &self.right) } else { (&mut self.right, &self.left) };
         let pads_this = if port == 0 { kind.pads_left() } else { kind.pads_right() };
         for (i, key) in keys.iter().enumerate() {

@@ -8,7 +8,7 @@
 //! whose rank moved is retracted with its old number and inserted with its new one. A
 //! change costs O(log n); a barrier costs O(offset + limit) per changed partition.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -18,8 +18,8 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::physical_plan::PhysicalExpr;
 
-use crate::dataflow::ChangeBatch;
 use crate::dataflow::operator::{Barrier, Operator, Output};
+use crate::dataflow::{ChangeBatch, FastMap, FastSet};
 use crate::error::{Error, Result};
 
 /// Key of the ordered multiset: encoded sort key, then the encoded row.
@@ -56,8 +56,8 @@ pub struct TopNOperator {
     /// Encodes input rows.
     rows: RowConverter,
     schema: SchemaRef,
-    groups: HashMap<Box<[u8]>, Group>,
-    dirty: HashSet<Box<[u8]>>,
+    groups: FastMap<Box<[u8]>, Group>,
+    dirty: FastSet<Box<[u8]>>,
 }
 
 impl TopNOperator {
@@ -76,8 +76,8 @@ impl TopNOperator {
             rows,
             schema,
             spec,
-            groups: HashMap::new(),
-            dirty: HashSet::new(),
+            groups: FastMap::default(),
+            dirty: FastSet::default(),
         })
     }
 
