@@ -12,11 +12,13 @@
 //!   runtime that aligns barriers, and the incremental operators.
 //! - [`sql`]: parsing (Postgres dialect), planning statements with DataFusion, and
 //!   lowering a view's plan to a dataflow.
-//! - [`catalog`]: tables, materialized views, and the [`catalog::Database`] that runs
+//! - [`connectors`]: where sources' rows come from (the nexmark and telemetry generators).
+//! - [`catalog`]: sources, tables, materialized views, and the [`catalog::Database`] that runs
 //!   planned statements.
 //! - [`server`]: the Postgres wire protocol (pgwire), the HTTP endpoints, and startup.
 
 pub mod catalog;
+pub mod connectors;
 pub mod dataflow;
 pub mod error;
 pub mod server;

@@ -1,0 +1,373 @@
+//! Generators: sources that make their own events, deterministically. Event `n` of a
+//! generator is always the same row, so a generator resumes at any position and two runs
+//! with the same options produce the same data.
+//!
+//! - `nexmark` (`kind = 'bid' | 'auction' | 'person'`): the Nexmark benchmark's events, from
+//!   the `nexmark` crate, with the columns of the Flink/RisingWave Nexmark setups.
+//! - `telemetry`: devices reporting timestamp, device id, temperature, vibration and
+//!   pressure once per second of event time, with a fraction of labelled anomalies.
+//!
+//! Options common to both: `rate` (events per second of wall time, `0` = as fast as
+//! possible; default 1000), `events` (stop after this many; default unbounded) and
+//! `base_time` (event time of the first event, in milliseconds since the Unix epoch;
+//! default: the time the source was created, recorded so a restart continues the same
+//! sequence).
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, StringBuilder, TimestampMillisecondBuilder,
+};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::arrow::record_batch::RecordBatch;
+use nexmark::event::{Event, EventType};
+
+use super::{Options, number, option_error};
+use crate::error::Result;
+
+/// What a generator source was declared with, defaults resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GeneratorSpec {
+    pub kind: GeneratorKind,
+    /// Events per second of wall time; 0 = unthrottled.
+    pub rate: u64,
+    /// Stop after this many events.
+    pub events: Option<u64>,
+    /// Event time of the first event, ms since the Unix epoch.
+    pub base_time: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum GeneratorKind {
+    Nexmark(EventType),
+    Telemetry { devices: u64, seed: u64, anomaly_rate: f64 },
+}
+
+impl GeneratorSpec {
+    /// Parses a source's options; `None` when the connector is not a generator.
+    pub fn from_options(options: &Options) -> Result<Option<GeneratorSpec>> {
+        let connector = options.get("connector").map(|c| c.to_ascii_lowercase()).unwrap_or_default();
+        let (kind, allowed): (GeneratorKind, &[&str]) = match connector.as_str() {
+            "nexmark" => {
+                let kind = match options.get("kind").map(|k| k.to_ascii_lowercase()).as_deref() {
+                    Some("bid") | None => EventType::Bid,
+                    Some("auction") => EventType::Auction,
+                    Some("person") => EventType::Person,
+                    Some(other) => {
+                        return Err(option_error(format!(
+                            "nexmark kind '{other}' is unknown (expected 'bid', 'auction' or 'person')"
+                        )));
+                    }
+                };
+                (GeneratorKind::Nexmark(kind), &["kind"])
+            }
+            "telemetry" => {
+                let devices = number::<u64>(options, "devices")?.unwrap_or(100);
+                let anomaly_rate = number::<f64>(options, "anomaly_rate")?.unwrap_or(0.01);
+                if devices == 0 {
+                    return Err(option_error("telemetry needs at least one device (devices = '1' or more)"));
+                }
+                if !(0.0..=1.0).contains(&anomaly_rate) {
+                    return Err(option_error(format!("anomaly_rate = '{anomaly_rate}' must be between 0 and 1")));
+                }
+                let seed = number::<u64>(options, "seed")?.unwrap_or(0);
+                (GeneratorKind::Telemetry { devices, seed, anomaly_rate }, &["devices", "anomaly_rate", "seed"])
+            }
+            _ => return Ok(None),
+        };
+        let common = ["connector", "rate", "events", "base_time"];
+        if let Some(unknown) = options.keys().find(|k| !common.contains(&k.as_str()) && !allowed.contains(&k.as_str()))
+        {
+            let mut known: Vec<&str> = common.iter().chain(allowed).copied().collect();
+            known.sort();
+            return Err(option_error(format!(
+                "option {unknown} is unknown for the {connector} connector (known: {})",
+                known.join(", ")
+            )));
+        }
+        let base_time = match number::<i64>(options, "base_time")? {
+            Some(t) => t,
+            None => chrono::Utc::now().timestamp_millis(),
+        };
+        Ok(Some(GeneratorSpec {
+            kind,
+            rate: number::<u64>(options, "rate")?.unwrap_or(1000),
+            events: number::<u64>(options, "events")?,
+            base_time,
+        }))
+    }
+
+    /// The options with every default written out, so the source restarts identically.
+    pub fn resolved(&self, options: &Options) -> Options {
+        let mut resolved = options.clone();
+        resolved.insert("rate".into(), self.rate.to_string());
+        resolved.insert("base_time".into(), self.base_time.to_string());
+        if let GeneratorKind::Telemetry { devices, seed, anomaly_rate } = self.kind {
+            resolved.insert("devices".into(), devices.to_string());
+            resolved.insert("seed".into(), seed.to_string());
+            resolved.insert("anomaly_rate".into(), anomaly_rate.to_string());
+        }
+        resolved
+    }
+
+    /// The columns the generator produces.
+    pub fn schema(&self) -> SchemaRef {
+        let int = |name: &str| Field::new(name, DataType::Int64, false);
+        let text = |name: &str| Field::new(name, DataType::Utf8, false);
+        let time = |name: &str| Field::new(name, DataType::Timestamp(TimeUnit::Millisecond, None), false);
+        let fields = match self.kind {
+            GeneratorKind::Nexmark(EventType::Bid) => vec![
+                int("auction"),
+                int("bidder"),
+                int("price"),
+                text("channel"),
+                text("url"),
+                time("date_time"),
+                text("extra"),
+            ],
+            GeneratorKind::Nexmark(EventType::Auction) => vec![
+                int("id"),
+                text("item_name"),
+                text("description"),
+                int("initial_bid"),
+                int("reserve"),
+                time("date_time"),
+                time("expires"),
+                int("seller"),
+                int("category"),
+                text("extra"),
+            ],
+            GeneratorKind::Nexmark(EventType::Person) => vec![
+                int("id"),
+                text("name"),
+                text("email_address"),
+                text("credit_card"),
+                text("city"),
+                text("state"),
+                time("date_time"),
+                text("extra"),
+            ],
+            GeneratorKind::Telemetry { .. } => vec![
+                time("ts"),
+                text("device_id"),
+                Field::new("temperature", DataType::Float64, false),
+                Field::new("vibration", DataType::Float64, false),
+                Field::new("pressure", DataType::Float64, false),
+                Field::new("anomaly", DataType::Boolean, false),
+            ],
+        };
+        Arc::new(Schema::new(fields))
+    }
+
+    /// A generator positioned after `position` events.
+    pub fn open(&self, position: u64) -> Generator {
+        let nexmark = match self.kind {
+            GeneratorKind::Nexmark(kind) => {
+                let config = nexmark::config::NexmarkConfig {
+                    base_time: u64::try_from(self.base_time).unwrap_or(0),
+                    // Event time advances at the wall-clock rate when throttled.
+                    first_rate: if self.rate > 0 { self.rate as usize } else { 10_000 },
+                    next_rate: if self.rate > 0 { self.rate as usize } else { 10_000 },
+                    ..Default::default()
+                };
+                Some(nexmark::EventGenerator::new(config).with_type_filter(kind).with_offset(position))
+            }
+            GeneratorKind::Telemetry { .. } => None,
+        };
+        Generator { spec: self.clone(), schema: self.schema(), position, nexmark }
+    }
+}
+
+/// A running generator.
+pub struct Generator {
+    spec: GeneratorSpec,
+    schema: SchemaRef,
+    position: u64,
+    nexmark: Option<nexmark::EventGenerator>,
+}
+
+impl Generator {
+    /// Events produced so far (the position to resume at).
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+
+    pub fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    /// The next `n` events.
+    pub fn next_batch(&mut self, n: usize) -> Result<RecordBatch> {
+        let columns = match (&mut self.nexmark, self.spec.kind) {
+            (Some(events), GeneratorKind::Nexmark(kind)) => nexmark_columns(events, kind, n),
+            (_, GeneratorKind::Telemetry { devices, seed, anomaly_rate }) => {
+                telemetry_columns(self.position, n, devices, seed, anomaly_rate, self.spec.base_time)
+            }
+            _ => unreachable!("a nexmark generator always has its event generator"),
+        };
+        self.position += n as u64;
+        Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
+    }
+}
+
+fn nexmark_columns(events: &mut nexmark::EventGenerator, kind: EventType, n: usize) -> Vec<ArrayRef> {
+    let as_i64 = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+    let ms = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let mut ints: Vec<Int64Builder> = (0..5).map(|_| Int64Builder::with_capacity(n)).collect();
+    let mut texts: Vec<StringBuilder> = (0..6).map(|_| StringBuilder::new()).collect();
+    let mut times: Vec<TimestampMillisecondBuilder> =
+        (0..2).map(|_| TimestampMillisecondBuilder::with_capacity(n)).collect();
+    for event in events.take(n) {
+        match event {
+            Event::Bid(b) => {
+                ints[0].append_value(as_i64(b.auction));
+                ints[1].append_value(as_i64(b.bidder));
+                ints[2].append_value(as_i64(b.price));
+                texts[0].append_value(&b.channel);
+                texts[1].append_value(&b.url);
+                times[0].append_value(ms(b.date_time));
+                texts[2].append_value(&b.extra);
+            }
+            Event::Auction(a) => {
+                ints[0].append_value(as_i64(a.id));
+                texts[0].append_value(&a.item_name);
+                texts[1].append_value(&a.description);
+                ints[1].append_value(as_i64(a.initial_bid));
+                ints[2].append_value(as_i64(a.reserve));
+                times[0].append_value(ms(a.date_time));
+                times[1].append_value(ms(a.expires));
+                ints[3].append_value(as_i64(a.seller));
+                ints[4].append_value(as_i64(a.category));
+                texts[2].append_value(&a.extra);
+            }
+            Event::Person(p) => {
+                ints[0].append_value(as_i64(p.id));
+                texts[0].append_value(&p.name);
+                texts[1].append_value(&p.email_address);
+                texts[2].append_value(&p.credit_card);
+                texts[3].append_value(&p.city);
+                texts[4].append_value(&p.state);
+                times[0].append_value(ms(p.date_time));
+                texts[5].append_value(&p.extra);
+            }
+        }
+    }
+    let mut int = |i: usize| Arc::new(ints[i].finish()) as ArrayRef;
+    let mut text = |i: usize| Arc::new(texts[i].finish()) as ArrayRef;
+    let mut time = |i: usize| Arc::new(times[i].finish()) as ArrayRef;
+    match kind {
+        EventType::Bid => vec![int(0), int(1), int(2), text(0), text(1), time(0), text(2)],
+        EventType::Auction => {
+            vec![int(0), text(0), text(1), int(1), int(2), time(0), time(1), int(3), int(4), text(2)]
+        }
+        EventType::Person => vec![int(0), text(0), text(1), text(2), text(3), text(4), time(0), text(5)],
+    }
+}
+
+/// A well-mixed 64-bit value from `x` (splitmix64's finalizer).
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// A uniform value in [0, 1) for draw `k` of event `n`.
+fn uniform(seed: u64, n: u64, k: u64) -> f64 {
+    (mix(seed ^ mix(n.wrapping_mul(8).wrapping_add(k))) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Event `n` is device `n % devices` at second `n / devices` after the base time.
+fn telemetry_columns(
+    start: u64,
+    n: usize,
+    devices: u64,
+    seed: u64,
+    anomaly_rate: f64,
+    base_time: i64,
+) -> Vec<ArrayRef> {
+    let mut ts = TimestampMillisecondBuilder::with_capacity(n);
+    let mut device = StringBuilder::new();
+    let mut temperature = Float64Builder::with_capacity(n);
+    let mut vibration = Float64Builder::with_capacity(n);
+    let mut pressure = Float64Builder::with_capacity(n);
+    let mut anomaly = BooleanBuilder::with_capacity(n);
+    for event in start..start + n as u64 {
+        let id = event % devices;
+        let second = (event / devices) as i64;
+        ts.append_value(base_time.saturating_add(second.saturating_mul(1000)));
+        device.append_value(format!("dev-{id:05}"));
+        // Each device has its own normal operating point; readings vary around it.
+        let base_temp = 40.0 + 20.0 * uniform(seed, id, 100);
+        let base_vibration = 0.5 + uniform(seed, id, 101);
+        let abnormal = uniform(seed, event, 0) < anomaly_rate;
+        let noise = |k| uniform(seed, event, k) - 0.5;
+        let (t, v) = if abnormal {
+            (base_temp + 25.0 + 10.0 * noise(1), base_vibration * 4.0 + noise(2))
+        } else {
+            (base_temp + 2.0 * noise(1), base_vibration + 0.1 * noise(2))
+        };
+        temperature.append_value((t * 100.0).round() / 100.0);
+        vibration.append_value((v * 1000.0).round() / 1000.0);
+        pressure.append_value(((101.3 + 0.5 * noise(3)) * 100.0).round() / 100.0);
+        anomaly.append_value(abnormal);
+    }
+    vec![
+        Arc::new(ts.finish()),
+        Arc::new(device.finish()),
+        Arc::new(temperature.finish()),
+        Arc::new(vibration.finish()),
+        Arc::new(pressure.finish()),
+        Arc::new(anomaly.finish()),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(options: &[(&str, &str)]) -> GeneratorSpec {
+        let options: Options = options.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        GeneratorSpec::from_options(&options).expect("valid").expect("a generator")
+    }
+
+    #[test]
+    fn a_generator_resumes_exactly_where_it_stopped() {
+        for options in [
+            vec![("connector", "nexmark"), ("kind", "bid"), ("base_time", "1700000000000")],
+            vec![("connector", "nexmark"), ("kind", "person"), ("base_time", "1700000000000")],
+            vec![("connector", "nexmark"), ("kind", "auction"), ("base_time", "1700000000000")],
+            vec![("connector", "telemetry"), ("devices", "7"), ("base_time", "1700000000000")],
+        ] {
+            let spec = spec(&options);
+            let whole = spec.open(0).next_batch(100).expect("rows");
+            let mut first = spec.open(0);
+            let head = first.next_batch(40).expect("rows");
+            assert_eq!(first.position(), 40);
+            let tail = spec.open(40).next_batch(60).expect("rows");
+            assert_eq!(head, whole.slice(0, 40), "{options:?}");
+            assert_eq!(tail, whole.slice(40, 60), "{options:?}: resuming at 40 gives the same events");
+        }
+    }
+
+    #[test]
+    fn telemetry_labels_about_the_requested_share_of_anomalies() {
+        let spec = spec(&[("connector", "telemetry"), ("anomaly_rate", "0.1"), ("seed", "3")]);
+        let batch = spec.open(0).next_batch(20_000).expect("rows");
+        let labels = batch.column(5).as_any().downcast_ref::<datafusion::arrow::array::BooleanArray>().expect("bools");
+        let share = labels.true_count() as f64 / 20_000.0;
+        assert!((0.08..0.12).contains(&share), "{share}");
+    }
+
+    #[test]
+    fn bad_options_are_named() {
+        let options: Options =
+            [("connector", "nexmark"), ("kind", "bids")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let err = GeneratorSpec::from_options(&options).expect_err("unknown kind");
+        assert!(err.to_string().contains("bids"), "{err}");
+        let options: Options =
+            [("connector", "telemetry"), ("speed", "3")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let err = GeneratorSpec::from_options(&options).expect_err("unknown option");
+        assert!(err.to_string().contains("speed"), "{err}");
+    }
+}
