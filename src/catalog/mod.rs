@@ -9,6 +9,7 @@
 //!
 //! It does not speak any wire protocol; `server` turns its [`Outcome`]s into messages.
 
+mod source;
 pub mod table;
 pub mod view;
 
@@ -85,6 +86,12 @@ enum Record {
     DropView {
         name: String,
     },
+    /// A source: its relation's rows come from the connector its options describe.
+    CreateSource {
+        id: u64,
+        name: String,
+        options: BTreeMap<String, String>,
+    },
     /// A plain (inlined) view and the SQL text of its query.
     CreatePlainView {
         name: String,
@@ -156,6 +163,8 @@ struct Shared {
     views: std::sync::Mutex<BTreeMap<String, ViewHandle>>,
     /// The last barrier epoch injected.
     epoch: AtomicU64,
+    /// Sources: their options and ingest tasks.
+    sources: std::sync::Mutex<BTreeMap<String, source::SourceHandle>>,
 }
 
 /// A plain view's definition.
@@ -192,7 +201,9 @@ impl Shared {
 
     /// What `name` is, if it exists.
     fn kind_of(&self, writer: &Writer, name: &str) -> Option<sql::RelationKind> {
-        if writer.tables.contains_key(name) {
+        if self.sources().contains_key(name) {
+            Some(sql::RelationKind::Source)
+        } else if writer.tables.contains_key(name) {
             Some(sql::RelationKind::Table)
         } else if self.views().contains_key(name) {
             Some(sql::RelationKind::MaterializedView)
@@ -223,6 +234,13 @@ impl Shared {
                 position: None,
             }),
             None => Ok(()),
+        }
+    }
+
+    fn sources(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, source::SourceHandle>> {
+        match self.sources.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
         }
     }
 
@@ -344,14 +362,19 @@ impl Database {
                 plain_views: std::sync::Mutex::new(BTreeMap::new()),
                 views: std::sync::Mutex::new(BTreeMap::new()),
                 epoch: AtomicU64::new(0),
+                sources: std::sync::Mutex::new(BTreeMap::new()),
             }),
         };
         spawn_barriers(Arc::downgrade(&db.shared), options.barrier_interval);
+        for (name, (id, options)) in views.sources {
+            db.shared.sources().insert(name, source::SourceHandle::new(id, options));
+        }
         for (materialized, name, query) in views.list {
             if let Err(e) = db.restore_view(materialized, &name, query).await {
                 tracing::error!(view = %name, "view could not be restored and is dropped: {e}");
             }
         }
+        db.start_sources().await;
         tracing::info!(tables, last_seq, replayed_segments, "database opened");
         if replayed_segments > 0 {
             db.start_snapshot();
@@ -480,6 +503,13 @@ impl Database {
             Planned::Write(plan) => self.write(plan, sql).await,
             Planned::CreateTable(create) => self.create_table(create, sql).await,
             Planned::Drop(drop) => self.drop_relations(drop).await,
+            Planned::CreateSource { name, if_not_exists, columns, options } => {
+                self.create_source(name, if_not_exists, columns, options).await
+            }
+            Planned::ShowSources => {
+                let names = self.shared.sources().keys().cloned().collect();
+                self.names(names)
+            }
             Planned::DeclareSubscribe { .. } | Planned::Fetch { .. } | Planned::Close { .. } => {
                 Err(Error::NotSupported {
                     feature: "cursors outside a client connection".into(),
@@ -558,6 +588,13 @@ impl Database {
             return Err(Error::Plan {
                 code: "42809",
                 message: format!("cannot change materialized view \"{name}\"; change the tables it reads"),
+                position: None,
+            });
+        }
+        if self.shared.sources().contains_key(&name) {
+            return Err(Error::Plan {
+                code: "42809",
+                message: format!("cannot change source \"{name}\"; its rows come from its connector"),
                 position: None,
             });
         }
@@ -846,6 +883,13 @@ impl Database {
                     writer.drop_table(&name);
                     entries.push(Record::DropTable { name }.entry(None)?);
                 }
+                Some(sql::RelationKind::Source) => {
+                    if let Some(source) = self.shared.sources().remove(&name) {
+                        source.stop();
+                    }
+                    writer.drop_table(&name);
+                    entries.push(Record::DropTable { name }.entry(None)?);
+                }
                 Some(sql::RelationKind::MaterializedView) => {
                     let removed = self.shared.views().remove(&name);
                     if let Some(view) = removed {
@@ -900,8 +944,17 @@ impl Database {
             let snapshot = shared.cell.committed();
             let result = async {
                 let mut entries = Vec::new();
+                let sources =
+                    shared.sources().iter().map(|(n, s)| (n.clone(), s.options.clone())).collect::<BTreeMap<_, _>>();
                 for version in snapshot.tables.values() {
-                    entries.push(create_record(&version.def)?);
+                    let name = &version.def.name;
+                    entries.push(match sources.get(name) {
+                        Some(options) => {
+                            Record::CreateSource { id: version.def.id, name: name.clone(), options: options.clone() }
+                                .entry(None)?
+                        }
+                        None => create_record(&version.def)?,
+                    });
                     for batch in version.batches()? {
                         entries.push(Record::Rows { table: version.def.name.clone() }.entry(Some(batch))?);
                     }
@@ -981,6 +1034,8 @@ fn spawn_barriers(shared: std::sync::Weak<Shared>, interval: Duration) {
 struct RecoveredViews {
     /// (materialized, name, query).
     list: Vec<(bool, String, String)>,
+    /// Sources by name: id and options.
+    sources: BTreeMap<String, (u64, BTreeMap<String, String>)>,
 }
 
 fn replay(ctx: &SessionContext, writer: &mut Writer, views: &mut RecoveredViews, entries: Vec<LogEntry>) -> Result<()> {
@@ -1000,7 +1055,14 @@ fn replay(ctx: &SessionContext, writer: &mut Writer, views: &mut RecoveredViews,
                 let def = TableDef::new(*id, name.clone(), schema, primary_key.clone(), defaults.clone(), planned);
                 writer.create(Arc::new(def))?;
             }
-            Record::DropTable { name } => writer.drop_table(name),
+            Record::DropTable { name } => {
+                writer.drop_table(name);
+                views.sources.remove(name);
+            }
+            Record::CreateSource { id, name, options } => {
+                writer.create(source::relation(*id, name, options)?)?;
+                views.sources.insert(name.clone(), (*id, options.clone()));
+            }
             Record::CreateView { name, query } => {
                 // A snapshot may already hold a view whose record is also in a later segment.
                 views.list.retain(|(_, n, _)| n != name);

@@ -124,6 +124,7 @@ impl Server {
     /// Acknowledged writes are already durable, so nothing is lost if the wait times out.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
+        self.db.stop_sources();
         let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
         while self.metrics.statements_running.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;

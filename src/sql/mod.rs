@@ -6,7 +6,7 @@
 //! executes what this module plans. Freshet's own DDL (sources, views, sinks, models)
 //! will be recognised here as it arrives.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
@@ -48,6 +48,12 @@ pub enum Statement {
     Fetch { cursor: String, count: Option<usize>, timeout: Option<Duration> },
     /// `CLOSE cursor` or `CLOSE ALL` (`None`).
     Close { cursor: Option<String> },
+    /// `CREATE SOURCE [IF NOT EXISTS] name [(columns…)] WITH (option = 'value', …) [FORMAT f]`.
+    CreateSource { name: String, if_not_exists: bool, columns: bool, options: BTreeMap<String, String> },
+    /// `DROP SOURCE [IF EXISTS] name, … [CASCADE]`.
+    DropSource { names: Vec<String>, if_exists: bool, cascade: bool },
+    /// `SHOW SOURCES`.
+    ShowSources,
 }
 
 /// Splits `sql` into statements. Errors carry the position of the offending token.
@@ -80,6 +86,16 @@ pub fn parse(sql: &str) -> Result<VecDeque<Statement>> {
         } else if keyword == "subscribe" {
             parser.parser.next_token();
             statements.push_back(parse_subscribe(&mut parser.parser).map_err(|e| crate::error::syntax_error(&e, sql))?);
+        } else if keyword == "create" && next_word(&parser.parser, 1).as_deref() == Some("source") {
+            statements
+                .push_back(parse_create_source(&mut parser.parser).map_err(|e| crate::error::syntax_error(&e, sql))?);
+        } else if keyword == "drop" && next_word(&parser.parser, 1).as_deref() == Some("source") {
+            statements
+                .push_back(parse_drop_source(&mut parser.parser).map_err(|e| crate::error::syntax_error(&e, sql))?);
+        } else if keyword == "show" && next_word(&parser.parser, 1).as_deref() == Some("sources") {
+            parser.parser.next_token();
+            parser.parser.next_token();
+            statements.push_back(Statement::ShowSources);
         } else if keyword == "declare" && declares_subscribe(&parser.parser) {
             statements.push_back(parse_declare(&mut parser.parser).map_err(|e| crate::error::syntax_error(&e, sql))?);
         } else if keyword == "fetch" {
@@ -107,6 +123,80 @@ type ParserError = datafusion::sql::sqlparser::parser::ParserError;
 /// An identifier as Postgres resolves it: folded to lower case unless quoted.
 fn identifier(ident: datafusion::sql::sqlparser::ast::Ident) -> String {
     if ident.quote_style.is_some() { ident.value } else { ident.value.to_ascii_lowercase() }
+}
+
+/// The `n`th token ahead, lower-cased, if it is an unquoted word.
+fn next_word(parser: &SqlParser, n: usize) -> Option<String> {
+    match parser.peek_nth_token(n).token {
+        Token::Word(w) if w.quote_style.is_none() => Some(w.value.to_ascii_lowercase()),
+        _ => None,
+    }
+}
+
+/// `CREATE SOURCE [IF NOT EXISTS] name [(columns…)] WITH (option = value, …) [FORMAT f]`.
+fn parse_create_source(parser: &mut SqlParser) -> std::result::Result<Statement, ParserError> {
+    parser.next_token(); // CREATE
+    parser.next_token(); // SOURCE
+    let if_not_exists = parser.parse_keywords(&[Keyword::IF, Keyword::NOT, Keyword::EXISTS]);
+    let name = object_name(&parser.parse_object_name(false)?);
+    let mut columns = false;
+    if parser.consume_token(&Token::LParen) {
+        // Declared columns: kept for connectors that decode records (not yet available).
+        columns = true;
+        let mut depth = 1;
+        while depth > 0 {
+            match parser.next_token().token {
+                Token::LParen => depth += 1,
+                Token::RParen => depth -= 1,
+                Token::EOF => return Err(ParserError::ParserError("unclosed column list".into())),
+                _ => {}
+            }
+        }
+    }
+    let mut options = BTreeMap::new();
+    if parser.parse_keyword(Keyword::WITH) {
+        parser.expect_token(&Token::LParen)?;
+        loop {
+            let option = parser.parse_identifier()?.value.to_ascii_lowercase();
+            parser.expect_token(&Token::Eq)?;
+            let value = match parser.next_token().token {
+                Token::SingleQuotedString(s) => s,
+                Token::Number(n, _) => n,
+                Token::Word(w) => w.value,
+                other => {
+                    return Err(ParserError::ParserError(format!(
+                        "option {option} needs a value such as 'text' or 42, found {other}"
+                    )));
+                }
+            };
+            if options.insert(option.clone(), value).is_some() {
+                return Err(ParserError::ParserError(format!("option {option} is given twice")));
+            }
+            if !parser.consume_token(&Token::Comma) {
+                break;
+            }
+        }
+        parser.expect_token(&Token::RParen)?;
+    }
+    if parser.parse_keyword(Keyword::FORMAT) {
+        let format = parser.parse_identifier()?.value.to_ascii_lowercase();
+        options.insert("format".into(), format);
+    }
+    Ok(Statement::CreateSource { name, if_not_exists, columns, options })
+}
+
+/// `DROP SOURCE [IF EXISTS] name, … [CASCADE | RESTRICT]`.
+fn parse_drop_source(parser: &mut SqlParser) -> std::result::Result<Statement, ParserError> {
+    parser.next_token(); // DROP
+    parser.next_token(); // SOURCE
+    let if_exists = parser.parse_keywords(&[Keyword::IF, Keyword::EXISTS]);
+    let mut names = vec![object_name(&parser.parse_object_name(false)?)];
+    while parser.consume_token(&Token::Comma) {
+        names.push(object_name(&parser.parse_object_name(false)?));
+    }
+    let cascade = parser.parse_keyword(Keyword::CASCADE);
+    let _ = parser.parse_keyword(Keyword::RESTRICT);
+    Ok(Statement::DropSource { names, if_exists, cascade })
 }
 
 /// Whether the DECLARE ahead declares a cursor over SUBSCRIBE (`… FOR SUBSCRIBE`).
@@ -239,12 +329,18 @@ pub enum Planned {
     Fetch { cursor: String, count: Option<usize>, timeout: Option<Duration>, schema: Option<SchemaRef> },
     /// CLOSE a cursor (`None`: all of them).
     Close { cursor: Option<String> },
+    /// CREATE SOURCE.
+    CreateSource { name: String, if_not_exists: bool, columns: bool, options: BTreeMap<String, String> },
+    /// SHOW SOURCES.
+    ShowSources,
 }
 
 /// The kinds of relation a user creates and drops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RelationKind {
     Table,
+    /// Rows appended by a connector.
+    Source,
     MaterializedView,
     /// A plain view: a named query, inlined where it is used.
     View,
@@ -255,6 +351,7 @@ impl RelationKind {
     pub fn noun(self) -> &'static str {
         match self {
             RelationKind::Table => "table",
+            RelationKind::Source => "source",
             RelationKind::MaterializedView => "materialized view",
             RelationKind::View => "view",
         }
@@ -264,6 +361,7 @@ impl RelationKind {
     pub fn drop_tag(self) -> &'static str {
         match self {
             RelationKind::Table => "DROP TABLE",
+            RelationKind::Source => "DROP SOURCE",
             RelationKind::MaterializedView => "DROP MATERIALIZED VIEW",
             RelationKind::View => "DROP VIEW",
         }
@@ -334,7 +432,7 @@ impl Planned {
     pub fn result_schema(&self) -> Option<SchemaRef> {
         match self {
             Planned::Query(plan) => Some(Arc::new(plan.schema().as_arrow().clone())),
-            Planned::ShowTables | Planned::ShowViews => Some(show_tables_schema()),
+            Planned::ShowTables | Planned::ShowViews | Planned::ShowSources => Some(show_tables_schema()),
             Planned::ExplainView(_) => Some(explain_schema()),
             Planned::Subscribe { schema, .. } => Some(schema.clone()),
             Planned::Fetch { schema, .. } => schema.clone(),
@@ -383,6 +481,23 @@ pub async fn plan(state: &SessionState, statement: &Statement, sql: &str) -> Res
             return Ok(Planned::Fetch { cursor: cursor.clone(), count: *count, timeout: *timeout, schema: None });
         }
         Statement::Close { cursor } => return Ok(Planned::Close { cursor: cursor.clone() }),
+        Statement::CreateSource { name, if_not_exists, columns, options } => {
+            return Ok(Planned::CreateSource {
+                name: name.clone(),
+                if_not_exists: *if_not_exists,
+                columns: *columns,
+                options: options.clone(),
+            });
+        }
+        Statement::DropSource { names, if_exists, cascade } => {
+            return Ok(Planned::Drop(DropRelations {
+                kind: RelationKind::Source,
+                names: names.clone(),
+                if_exists: *if_exists,
+                cascade: *cascade,
+            }));
+        }
+        Statement::ShowSources => return Ok(Planned::ShowSources),
         Statement::Subscribe { view, snapshot } => {
             let provider = state
                 .catalog_list()

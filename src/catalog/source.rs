@@ -1,0 +1,192 @@
+//! Sources at run time: each source's relation is appended to by an ingest task that
+//! runs its connector. Every batch goes through the write-ahead log like an INSERT, so a
+//! source's rows are durable, queryable, and feed views exactly like a table's; the
+//! relation's row count is the connector's position, so after a restart the task resumes
+//! right after the last durable event.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::table::TableDef;
+use super::{Database, Outcome, Record};
+use crate::connectors::generator::GeneratorSpec;
+use crate::connectors::{Options, option_error};
+use crate::dataflow::ChangeBatch;
+use crate::error::{Error, Result};
+
+/// Most events a generator appends in one write.
+const MAX_BATCH: u64 = 16_384;
+/// How often a throttled generator appends.
+const TICK: Duration = Duration::from_millis(100);
+/// How long an ingest task waits after a failed write before trying again.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// A source in the catalog.
+pub struct SourceHandle {
+    pub id: u64,
+    pub options: Options,
+    task: Option<tokio::task::AbortHandle>,
+}
+
+impl SourceHandle {
+    pub fn new(id: u64, options: Options) -> Self {
+        SourceHandle { id, options, task: None }
+    }
+
+    /// Stops the ingest task (the source is dropped or the database closes).
+    pub fn stop(&self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// The connector a source's options describe; errors name what is wrong.
+fn spec(options: &Options) -> Result<GeneratorSpec> {
+    GeneratorSpec::from_options(options)?.ok_or_else(|| match options.get("connector") {
+        None => option_error("CREATE SOURCE needs WITH (connector = '…'); available: nexmark, telemetry"),
+        Some(connector) => Error::NotSupported {
+            feature: format!("the {connector} connector"),
+            hint: Some("connectors available today: nexmark, telemetry".into()),
+        },
+    })
+}
+
+/// The relation of source `name`: its columns come from its connector.
+pub fn relation(id: u64, name: &str, options: &Options) -> Result<Arc<TableDef>> {
+    let schema = spec(options)?.schema();
+    Ok(Arc::new(TableDef::new(id, name.to_string(), schema, vec![], vec![], HashMap::new())))
+}
+
+impl Database {
+    /// CREATE SOURCE: records the source with its options (defaults written out, so a
+    /// restart continues the same sequence) and starts ingesting.
+    pub(super) async fn create_source(
+        &self,
+        name: String,
+        if_not_exists: bool,
+        columns: bool,
+        options: BTreeMap<String, String>,
+    ) -> Result<Outcome> {
+        let generator = spec(&options)?;
+        if columns {
+            let connector = options.get("connector").cloned().unwrap_or_default();
+            return Err(option_error(format!(
+                "the {connector} connector defines its own columns; leave out the column list"
+            )));
+        }
+        let options = generator.resolved(&options);
+        let mut writer = self.shared.writer.lock().await;
+        if self.shared.name_taken(&writer, &name) {
+            if if_not_exists {
+                return Ok(Outcome::Command { tag: "CREATE SOURCE", rows: None });
+            }
+            return Err(Error::DuplicateTable { name });
+        }
+        let id = writer.next_id;
+        writer.create(relation(id, &name, &options)?)?;
+        self.shared.sources().insert(name.clone(), SourceHandle::new(id, options.clone()));
+        let entries = vec![Record::CreateSource { id, name: name.clone(), options }.entry(None)?];
+        let ack = self.enqueue(&writer, entries, Vec::new()).await?;
+        drop(writer);
+        self.durable(ack).await?;
+        self.start_source(&name).await;
+        Ok(Outcome::Command { tag: "CREATE SOURCE", rows: None })
+    }
+
+    /// Starts the ingest task of every source (at open).
+    pub(super) async fn start_sources(&self) {
+        let names: Vec<String> = self.shared.sources().keys().cloned().collect();
+        for name in names {
+            self.start_source(&name).await;
+        }
+    }
+
+    /// Stops every ingest task; the database stops growing its sources.
+    pub fn stop_sources(&self) {
+        for source in self.shared.sources().values() {
+            source.stop();
+        }
+    }
+
+    async fn start_source(&self, name: &str) {
+        let Some((id, options)) = self.shared.sources().get(name).map(|s| (s.id, s.options.clone())) else { return };
+        let generator = match spec(&options) {
+            Ok(generator) => generator,
+            Err(e) => {
+                tracing::error!(source = %name, "source cannot start: {e}");
+                return;
+            }
+        };
+        let position = {
+            let writer = self.shared.writer.lock().await;
+            writer.tables.get(name).map_or(0, |t| t.version().num_rows() as u64)
+        };
+        let shared = Arc::downgrade(&self.shared);
+        let ctx = self.ctx.clone();
+        let source = name.to_string();
+        let task = tokio::spawn(async move {
+            let mut events = generator.open(position);
+            let started = Instant::now();
+            let start_position = position;
+            tracing::info!(source = %source, position, "source ingesting");
+            loop {
+                if generator.events.is_some_and(|limit| events.position() >= limit) {
+                    tracing::info!(source = %source, events = events.position(), "source reached its event limit");
+                    return;
+                }
+                // Throttled: the events due by now at `rate` per second; else a full batch.
+                let due = if generator.rate == 0 {
+                    MAX_BATCH
+                } else {
+                    let expected = (started.elapsed().as_secs_f64() * generator.rate as f64) as u64;
+                    (start_position + expected).saturating_sub(events.position()).min(MAX_BATCH)
+                };
+                let n = generator.events.map_or(due, |limit| due.min(limit - events.position()));
+                if n == 0 {
+                    tokio::time::sleep(TICK).await;
+                    continue;
+                }
+                let batch = match events.next_batch(n as usize) {
+                    Ok(batch) => batch,
+                    Err(e) => {
+                        tracing::error!(source = %source, "generator failed, source stopped: {e}");
+                        return;
+                    }
+                };
+                let Some(shared) = shared.upgrade() else { return };
+                let db = Database { ctx: ctx.clone(), shared };
+                match db.append_source(&source, id, ChangeBatch::inserts(batch)).await {
+                    Ok(true) => {}
+                    Ok(false) => return, // dropped
+                    Err(e) => {
+                        // Not durable: generate the same events again after a pause.
+                        tracing::warn!(source = %source, "appending to the source failed, retrying: {e}");
+                        events = generator.open(events.position() - n);
+                        tokio::time::sleep(RETRY).await;
+                    }
+                }
+            }
+        });
+        if let Some(handle) = self.shared.sources().get_mut(name) {
+            handle.task = Some(task.abort_handle());
+        }
+    }
+
+    /// Appends a connector's rows to source `name` (if it is still the source `id`);
+    /// returns once they are durable. `false` when the source is gone.
+    async fn append_source(&self, name: &str, id: u64, change: ChangeBatch) -> Result<bool> {
+        self.shared.feeds.wait_for_room().await;
+        let mut writer = self.shared.writer.lock().await;
+        if self.shared.sources().get(name).is_none_or(|s| s.id != id) {
+            return Ok(false);
+        }
+        writer.apply(name, &change)?;
+        let entries = vec![Record::Change { table: name.to_string() }.entry(Some(change.to_flat()?))?];
+        let ack = self.enqueue(&writer, entries, vec![(name.to_string(), change)]).await?;
+        drop(writer);
+        self.durable(ack).await?;
+        Ok(true)
+    }
+}

@@ -1,0 +1,144 @@
+//! Sources: generator connectors append durable rows that views follow; a restart
+//! continues each generator exactly after its last durable event.
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestServer;
+use tokio_postgres::Client;
+
+async fn count(client: &Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {}", common::db_error(&e))).get(0)
+}
+
+/// Waits until `sql` returns `expected` (sources fill in the background).
+async fn wait_for(client: &Client, sql: &str, expected: i64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let n = count(client, sql).await;
+        if n == expected {
+            return;
+        }
+        assert!(n < expected, "{sql} overshot: {n} > {expected}");
+        assert!(tokio::time::Instant::now() < deadline, "{sql} stayed at {n}, expected {expected}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nexmark_source_feeds_views() {
+    let server = TestServer::start().await;
+    let client = server.connect().await;
+    client
+        .batch_execute(
+            "CREATE SOURCE bid WITH (connector = 'nexmark', kind = 'bid', rate = '0', events = '20000',
+                                     base_time = '1700000000000');
+             CREATE MATERIALIZED VIEW per_auction AS
+                 SELECT auction, count(*) AS bids, max(price) AS top FROM bid GROUP BY auction",
+        )
+        .await
+        .expect("setup");
+    wait_for(&client, "SELECT count(*) FROM bid", 20_000).await;
+    client.batch_execute("FLUSH").await.expect("flush");
+    let view = client.query("SELECT * FROM per_auction ORDER BY auction", &[]).await.expect("view");
+    let batch = client
+        .query("SELECT auction, count(*), max(price) FROM bid GROUP BY auction ORDER BY auction", &[])
+        .await
+        .expect("batch");
+    assert!(view.len() > 10, "bids spread over auctions ({} groups)", view.len());
+    let rows = |rows: &[tokio_postgres::Row]| -> Vec<(i64, i64, i64)> {
+        rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect()
+    };
+    assert_eq!(rows(&view), rows(&batch), "the view equals its query over the source");
+    let first: chrono::NaiveDateTime =
+        client.query_one("SELECT min(date_time) FROM bid", &[]).await.expect("time").get(0);
+    assert_eq!(first.and_utc().timestamp_millis() / 1000, 1_700_000_000, "event time starts at base_time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_source_continues_without_gaps_or_repeats() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let start = || freshet::server::Server::start(common::config(dir.path()));
+    let server = start().await.expect("starts");
+    let addr = server.pg_addr();
+    let url = format!("host={} port={} user=freshet dbname=freshet", addr.ip(), addr.port());
+    let client = common::connect(&url).await;
+    client
+        .batch_execute(
+            "CREATE SOURCE tel WITH (connector = 'telemetry', devices = '10', rate = '2000', events = '3000',
+                                     base_time = '1700000000000', anomaly_rate = '0.05')",
+        )
+        .await
+        .expect("source");
+    // Stop part way.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while count(&client, "SELECT count(*) FROM tel").await < 300 {
+        assert!(tokio::time::Instant::now() < deadline, "the source did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(client);
+    server.shutdown().await;
+    let server = start().await.expect("restarts");
+    let addr = server.pg_addr();
+    let client = common::connect(&format!("host={} port={} user=freshet dbname=freshet", addr.ip(), addr.port())).await;
+    let before = count(&client, "SELECT count(*) FROM tel").await;
+    assert!((300..3000).contains(&before), "stopped part way: {before}");
+    wait_for(&client, "SELECT count(*) FROM tel", 3000).await;
+    // Event n is device n % 10 at second n / 10: every (device, second) exactly once.
+    assert_eq!(count(&client, "SELECT count(DISTINCT device_id || CAST(ts AS TEXT)) FROM tel").await, 3000);
+    assert_eq!(count(&client, "SELECT count(DISTINCT device_id) FROM tel").await, 10);
+    let last: chrono::NaiveDateTime = client.query_one("SELECT max(ts) FROM tel", &[]).await.expect("max").get(0);
+    assert_eq!(last.and_utc().timestamp_millis(), 1_700_000_000_000 + 299 * 1000);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(count(&client, "SELECT count(*) FROM tel").await, 3000, "the source stops at its event limit");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sources_refuse_what_does_not_fit() {
+    let server = TestServer::start().await;
+    let client = server.connect().await;
+    for (sql, code) in [
+        ("CREATE SOURCE s WITH (connector = 'kafka', topic = 't')", "0A000"),
+        ("CREATE SOURCE s WITH (connector = 'nexmark', kind = 'bids')", "22023"),
+        ("CREATE SOURCE s WITH (connector = 'telemetry', devices = 'many')", "22023"),
+        ("CREATE SOURCE s WITH (connector = 'telemetry', speed = '3')", "22023"),
+        ("CREATE SOURCE s (a INT) WITH (connector = 'telemetry')", "22023"),
+        ("CREATE SOURCE s", "22023"),
+    ] {
+        let err = client.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(err.as_db_error().map(|d| d.code().code()), Some(code), "{sql}: {err}");
+    }
+    client
+        .batch_execute(
+            "CREATE SOURCE tel WITH (connector = 'telemetry', rate = '100');
+             CREATE MATERIALIZED VIEW hot AS SELECT device_id, max(temperature) AS t FROM tel GROUP BY device_id",
+        )
+        .await
+        .expect("source and view");
+    let names: Vec<String> = client
+        .simple_query("SHOW SOURCES")
+        .await
+        .expect("show")
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(names, vec!["tel"]);
+    for (sql, code) in [
+        ("INSERT INTO tel SELECT * FROM tel LIMIT 1", "42809"),
+        ("DROP TABLE tel", "42809"),
+        ("DROP SOURCE tel", "2BP01"),
+        ("CREATE SOURCE tel WITH (connector = 'telemetry')", "42P07"),
+    ] {
+        let err = client.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(err.as_db_error().map(|d| d.code().code()), Some(code), "{sql}: {err}");
+    }
+    client.batch_execute("DROP SOURCE tel CASCADE").await.expect("drop with its view");
+    let err = client.batch_execute("SELECT * FROM hot").await.expect_err("dropped");
+    assert_eq!(err.as_db_error().map(|d| d.code().code()), Some("42P01"));
+    client.batch_execute("DROP SOURCE IF EXISTS tel").await.expect("if exists");
+}
