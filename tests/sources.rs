@@ -142,3 +142,82 @@ async fn sources_refuse_what_does_not_fit() {
     assert_eq!(err.as_db_error().map(|d| d.code().code()), Some("42P01"));
     client.batch_execute("DROP SOURCE IF EXISTS tel").await.expect("if exists");
 }
+
+/// One HTTP/1.1 request over a fresh connection: (status, body).
+async fn post(addr: std::net::SocketAddr, path: &str, body: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("http connects");
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: freshet\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.expect("request sent");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("response read");
+    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status line");
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_sources_take_json_and_csv_records() {
+    let server = TestServer::start().await;
+    let client = server.connect().await;
+    client
+        .batch_execute(
+            "CREATE SOURCE events (device TEXT NOT NULL, reading DOUBLE PRECISION, at TIMESTAMP)
+                 WITH (connector = 'http') FORMAT JSON;
+             CREATE SOURCE rows_csv (id BIGINT, name TEXT) WITH (connector = 'http', header = 'true') FORMAT CSV;
+             CREATE MATERIALIZED VIEW per_device AS SELECT device, count(*) AS n, sum(reading) AS total
+                 FROM events GROUP BY device",
+        )
+        .await
+        .expect("sources");
+    let http = server.server.http_addr();
+    let (status, body) = post(
+        http,
+        "/ingest/events",
+        "{\"device\": \"a\", \"reading\": 1.5, \"at\": \"2026-11-26T10:00:00\"}\n{\"device\": \"b\", \"reading\": 2}\n\n{\"device\": \"a\", \"reading\": 3.5}\n",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"rows\":3"), "{body}");
+    client.batch_execute("FLUSH").await.expect("flush");
+    let rows: Vec<(String, i64, f64)> = client
+        .query("SELECT device, n, total FROM per_device ORDER BY device", &[])
+        .await
+        .expect("view")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(rows, vec![("a".to_string(), 2, 5.0), ("b".to_string(), 1, 2.0)]);
+
+    // A bad record names its line, and nothing of the body is appended.
+    for bad in [
+        "{\"device\": \"c\", \"reading\": 1}\n{\"device\": \"d\", \"reading\": \"hot\"}\n",
+        "{\"device\": \"c\", \"reading\": 1}\n{\"reading\": 4}\n",
+        "{\"device\": \"c\", \"reading\": 1}\n{\"device\": \"e\", \"colour\": \"red\"}\n",
+        "{\"device\": \"c\", \"reading\": 1}\nnot json\n",
+    ] {
+        let (status, body) = post(http, "/ingest/events", bad).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(body.contains("line 2"), "{bad}: {body}");
+    }
+    assert_eq!(count(&client, "SELECT count(*) FROM events").await, 3, "rejected bodies append nothing");
+
+    let (status, body) = post(http, "/ingest/rows_csv", "id,name\n1,one\n2,two\n").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(count(&client, "SELECT sum(id) FROM rows_csv").await, 3);
+    let (status, _) = post(http, "/ingest/rows_csv", "id,name\n3,three\nfour,4\n").await;
+    assert_eq!(status, 400);
+    let (status, _) = post(http, "/ingest/missing", "{}").await;
+    assert_eq!(status, 404);
+    client.batch_execute("CREATE SOURCE gen WITH (connector = 'telemetry', rate = '1')").await.expect("generator");
+    let (status, _) = post(http, "/ingest/gen", "{}").await;
+    assert_eq!(status, 409, "generators take no posted rows");
+    let err = client
+        .batch_execute("CREATE SOURCE nocols WITH (connector = 'http')")
+        .await
+        .expect_err("an http source needs columns");
+    assert_eq!(err.as_db_error().map(|d| d.code().code()), Some("22023"));
+}

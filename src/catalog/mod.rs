@@ -86,7 +86,8 @@ enum Record {
     DropView {
         name: String,
     },
-    /// A source: its relation's rows come from the connector its options describe.
+    /// A source: its relation's rows come from the connector its options describe. The
+    /// batch is empty and carries the relation's schema.
     CreateSource {
         id: u64,
         name: String,
@@ -951,7 +952,7 @@ impl Database {
                     entries.push(match sources.get(name) {
                         Some(options) => {
                             Record::CreateSource { id: version.def.id, name: name.clone(), options: options.clone() }
-                                .entry(None)?
+                                .entry(Some(RecordBatch::new_empty(version.def.schema.clone())))?
                         }
                         None => create_record(&version.def)?,
                     });
@@ -1060,7 +1061,7 @@ fn replay(ctx: &SessionContext, writer: &mut Writer, views: &mut RecoveredViews,
                 views.sources.remove(name);
             }
             Record::CreateSource { id, name, options } => {
-                writer.create(source::relation(*id, name, options)?)?;
+                writer.create(source::relation(*id, name, batch()?.schema()))?;
                 views.sources.insert(name.clone(), (*id, options.clone()));
             }
             Record::CreateView { name, query } => {

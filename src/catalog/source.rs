@@ -10,8 +10,12 @@ use std::time::{Duration, Instant};
 
 use super::table::TableDef;
 use super::{Database, Outcome, Record};
+use datafusion::arrow::compute::concat_batches;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::record_batch::RecordBatch;
+
 use crate::connectors::generator::GeneratorSpec;
-use crate::connectors::{Options, option_error};
+use crate::connectors::{ConnectorSpec, Options};
 use crate::dataflow::ChangeBatch;
 use crate::error::{Error, Result};
 
@@ -42,21 +46,9 @@ impl SourceHandle {
     }
 }
 
-/// The connector a source's options describe; errors name what is wrong.
-fn spec(options: &Options) -> Result<GeneratorSpec> {
-    GeneratorSpec::from_options(options)?.ok_or_else(|| match options.get("connector") {
-        None => option_error("CREATE SOURCE needs WITH (connector = '…'); available: nexmark, telemetry"),
-        Some(connector) => Error::NotSupported {
-            feature: format!("the {connector} connector"),
-            hint: Some("connectors available today: nexmark, telemetry".into()),
-        },
-    })
-}
-
-/// The relation of source `name`: its columns come from its connector.
-pub fn relation(id: u64, name: &str, options: &Options) -> Result<Arc<TableDef>> {
-    let schema = spec(options)?.schema();
-    Ok(Arc::new(TableDef::new(id, name.to_string(), schema, vec![], vec![], HashMap::new())))
+/// The relation of source `name`.
+pub fn relation(id: u64, name: &str, schema: SchemaRef) -> Arc<TableDef> {
+    Arc::new(TableDef::new(id, name.to_string(), schema, vec![], vec![], HashMap::new()))
 }
 
 impl Database {
@@ -66,17 +58,14 @@ impl Database {
         &self,
         name: String,
         if_not_exists: bool,
-        columns: bool,
+        columns: Option<SchemaRef>,
         options: BTreeMap<String, String>,
     ) -> Result<Outcome> {
-        let generator = spec(&options)?;
-        if columns {
-            let connector = options.get("connector").cloned().unwrap_or_default();
-            return Err(option_error(format!(
-                "the {connector} connector defines its own columns; leave out the column list"
-            )));
-        }
-        let options = generator.resolved(&options);
+        let (options, schema) = match (ConnectorSpec::from_options(&options, columns.is_some())?, columns) {
+            (ConnectorSpec::Generator(generator), _) => (generator.resolved(&options), generator.schema()),
+            (_, Some(schema)) => (options, schema),
+            (_, None) => return Err(Error::Internal("a connector without columns".into())),
+        };
         let mut writer = self.shared.writer.lock().await;
         if self.shared.name_taken(&writer, &name) {
             if if_not_exists {
@@ -85,9 +74,10 @@ impl Database {
             return Err(Error::DuplicateTable { name });
         }
         let id = writer.next_id;
-        writer.create(relation(id, &name, &options)?)?;
+        writer.create(relation(id, &name, schema.clone()))?;
         self.shared.sources().insert(name.clone(), SourceHandle::new(id, options.clone()));
-        let entries = vec![Record::CreateSource { id, name: name.clone(), options }.entry(None)?];
+        let columns = RecordBatch::new_empty(schema);
+        let entries = vec![Record::CreateSource { id, name: name.clone(), options }.entry(Some(columns))?];
         let ack = self.enqueue(&writer, entries, Vec::new()).await?;
         drop(writer);
         self.durable(ack).await?;
@@ -112,8 +102,9 @@ impl Database {
 
     async fn start_source(&self, name: &str) {
         let Some((id, options)) = self.shared.sources().get(name).map(|s| (s.id, s.options.clone())) else { return };
-        let generator = match spec(&options) {
-            Ok(generator) => generator,
+        let generator = match GeneratorSpec::from_options(&options) {
+            Ok(Some(generator)) => generator,
+            Ok(None) => return, // rows are pushed to it (http): no task
             Err(e) => {
                 tracing::error!(source = %name, "source cannot start: {e}");
                 return;
@@ -172,6 +163,40 @@ impl Database {
         if let Some(handle) = self.shared.sources().get_mut(name) {
             handle.task = Some(task.abort_handle());
         }
+    }
+
+    /// `POST /ingest/<source>`: decodes `body` in the source's format and appends it;
+    /// returns the number of rows, durable when this returns. Nothing is appended if any
+    /// record does not decode.
+    pub async fn ingest(&self, name: &str, body: &[u8]) -> Result<usize> {
+        let (id, options) = self
+            .shared
+            .sources()
+            .get(name)
+            .map(|s| (s.id, s.options.clone()))
+            .ok_or_else(|| Error::UndefinedTable { name: name.to_string(), position: None })?;
+        let declared = GeneratorSpec::from_options(&options)?.is_none();
+        let ConnectorSpec::Http { format } = ConnectorSpec::from_options(&options, declared)? else {
+            return Err(Error::Plan {
+                code: "42809",
+                message: format!("source \"{name}\" does not take rows over HTTP (its connector is not http)"),
+                position: None,
+            });
+        };
+        let schema = self
+            .shared
+            .cell
+            .committed()
+            .relation(name)
+            .map(|v| v.def.schema.clone())
+            .ok_or_else(|| Error::UndefinedTable { name: name.to_string(), position: None })?;
+        let batches = crate::connectors::decode(format, &schema, body)?;
+        let rows = concat_batches(&schema, &batches)?;
+        let count = rows.num_rows();
+        if count > 0 && !self.append_source(name, id, ChangeBatch::inserts(rows)).await? {
+            return Err(Error::UndefinedTable { name: name.to_string(), position: None });
+        }
+        Ok(count)
     }
 
     /// Appends a connector's rows to source `name` (if it is still the source `id`);

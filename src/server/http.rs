@@ -1,12 +1,16 @@
-//! The HTTP endpoint: `/health` for probes and `/metrics` for Prometheus.
+//! The HTTP endpoint: `/health` for probes, `/metrics` for Prometheus, and
+//! `POST /ingest/<source>` for sources with `connector = 'http'`.
 
 use std::sync::Arc;
 
 use axum::Router;
+use axum::body::Bytes;
 use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, Path};
+use axum::http::StatusCode;
 use axum::http::header;
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 
 use super::metrics::Metrics;
 use crate::catalog::Database;
@@ -22,6 +26,8 @@ pub fn router(db: Database, metrics: Arc<Metrics>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
+        .route("/ingest/{source}", post(ingest))
+        .layer(DefaultBodyLimit::max(MAX_INGEST_BYTES))
         .with_state(HttpState { db, metrics })
 }
 
@@ -31,4 +37,26 @@ async fn health() -> impl IntoResponse {
 
 async fn metrics_text(State(state): State<HttpState>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render(&state.db))
+}
+
+/// The largest body `POST /ingest/<source>` takes.
+const MAX_INGEST_BYTES: usize = 64 << 20;
+
+/// Appends the records in the body to an http source: `200 {"rows": n}` once they are
+/// durable, or an error naming the line that does not decode (nothing is appended then).
+async fn ingest(State(state): State<HttpState>, Path(source): Path<String>, body: Bytes) -> impl IntoResponse {
+    let json = [(header::CONTENT_TYPE, "application/json")];
+    match state.db.ingest(&source, &body).await {
+        Ok(rows) => (StatusCode::OK, json, serde_json::json!({ "source": source, "rows": rows }).to_string()),
+        Err(e) => {
+            let status = match e.sqlstate() {
+                "42P01" => StatusCode::NOT_FOUND,
+                "42809" => StatusCode::CONFLICT,
+                code if code.starts_with("22") || code == "0A000" => StatusCode::BAD_REQUEST,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            let body = serde_json::json!({ "source": source, "error": e.to_string(), "sqlstate": e.sqlstate() });
+            (status, json, body.to_string())
+        }
+    }
 }

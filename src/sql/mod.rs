@@ -49,7 +49,7 @@ pub enum Statement {
     /// `CLOSE cursor` or `CLOSE ALL` (`None`).
     Close { cursor: Option<String> },
     /// `CREATE SOURCE [IF NOT EXISTS] name [(columns…)] WITH (option = 'value', …) [FORMAT f]`.
-    CreateSource { name: String, if_not_exists: bool, columns: bool, options: BTreeMap<String, String> },
+    CreateSource { name: String, if_not_exists: bool, columns: Option<String>, options: BTreeMap<String, String> },
     /// `DROP SOURCE [IF EXISTS] name, … [CASCADE]`.
     DropSource { names: Vec<String>, if_exists: bool, cascade: bool },
     /// `SHOW SOURCES`.
@@ -139,19 +139,25 @@ fn parse_create_source(parser: &mut SqlParser) -> std::result::Result<Statement,
     parser.next_token(); // SOURCE
     let if_not_exists = parser.parse_keywords(&[Keyword::IF, Keyword::NOT, Keyword::EXISTS]);
     let name = object_name(&parser.parse_object_name(false)?);
-    let mut columns = false;
+    let mut columns = None;
     if parser.consume_token(&Token::LParen) {
-        // Declared columns: kept for connectors that decode records (not yet available).
-        columns = true;
+        // Declared columns, as text: planned like a CREATE TABLE's.
+        let mut text = Vec::new();
         let mut depth = 1;
-        while depth > 0 {
-            match parser.next_token().token {
+        loop {
+            let token = parser.next_token().token;
+            match token {
                 Token::LParen => depth += 1,
                 Token::RParen => depth -= 1,
                 Token::EOF => return Err(ParserError::ParserError("unclosed column list".into())),
                 _ => {}
             }
+            if depth == 0 {
+                break;
+            }
+            text.push(token.to_string());
         }
+        columns = Some(text.join(" "));
     }
     let mut options = BTreeMap::new();
     if parser.parse_keyword(Keyword::WITH) {
@@ -329,8 +335,8 @@ pub enum Planned {
     Fetch { cursor: String, count: Option<usize>, timeout: Option<Duration>, schema: Option<SchemaRef> },
     /// CLOSE a cursor (`None`: all of them).
     Close { cursor: Option<String> },
-    /// CREATE SOURCE.
-    CreateSource { name: String, if_not_exists: bool, columns: bool, options: BTreeMap<String, String> },
+    /// CREATE SOURCE, with the declared columns if any.
+    CreateSource { name: String, if_not_exists: bool, columns: Option<SchemaRef>, options: BTreeMap<String, String> },
     /// SHOW SOURCES.
     ShowSources,
 }
@@ -450,6 +456,20 @@ impl Planned {
     }
 }
 
+/// The schema of a source's declared columns, planned as a CREATE TABLE's would be.
+async fn declared_columns(state: &SessionState, text: &str) -> Result<SchemaRef> {
+    let sql = format!("CREATE TABLE freshet_declared_columns ({text})");
+    let mut statements = parse(&sql)?;
+    let statement = statements.pop_front().ok_or_else(|| Error::Internal("no column list".into()))?;
+    match Box::pin(plan(state, &statement, &sql)).await {
+        Ok(Planned::CreateTable(create)) if create.primary_key.is_empty() && create.defaults.is_empty() => {
+            Ok(create.schema)
+        }
+        Ok(_) => Err(Error::not_supported("PRIMARY KEY or DEFAULT in a source's columns")),
+        Err(e) => Err(e.with_position(None)),
+    }
+}
+
 /// The column of `EXPLAIN CREATE MATERIALIZED VIEW`.
 pub fn explain_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![Field::new("dataflow", DataType::Utf8, false)]))
@@ -482,10 +502,14 @@ pub async fn plan(state: &SessionState, statement: &Statement, sql: &str) -> Res
         }
         Statement::Close { cursor } => return Ok(Planned::Close { cursor: cursor.clone() }),
         Statement::CreateSource { name, if_not_exists, columns, options } => {
+            let columns = match columns {
+                None => None,
+                Some(text) => Some(declared_columns(state, text).await?),
+            };
             return Ok(Planned::CreateSource {
                 name: name.clone(),
                 if_not_exists: *if_not_exists,
-                columns: *columns,
+                columns,
                 options: options.clone(),
             });
         }
