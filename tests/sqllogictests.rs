@@ -87,7 +87,8 @@ fn slt_files(dir: &Path, out: &mut Vec<PathBuf>) {
 }
 
 async fn run_file(path: &Path) -> Result<(), String> {
-    let server = common::TestServer::start().await;
+    // Two workers on every machine, so EXPLAIN output does not depend on the core count.
+    let server = common::TestServer::start_with(|config| config.workers = 2).await;
     let connection_string = server.connection_string();
     let mut runner = sqllogictest::Runner::new(move || {
         let connection_string = connection_string.clone();

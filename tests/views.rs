@@ -28,6 +28,10 @@ const SHAPES: &[(&str, &str)] = &[
     ),
     ("v_distinct", "SELECT DISTINCT k, s FROM t"),
     ("v_count_distinct", "SELECT k, count(DISTINCT s) AS kinds FROM t GROUP BY k"),
+    (
+        "v_mixed_distinct",
+        "SELECT k, count(DISTINCT s) AS kinds, count(DISTINCT v % 3) AS residues, sum(v) AS total FROM t GROUP BY k",
+    ),
     ("v_join", "SELECT t.id, t.v, u.uid, u.label FROM t JOIN u ON t.k = u.k"),
     ("v_join_condition", "SELECT t.id, u.uid FROM t JOIN u ON t.k = u.k AND t.v > u.w"),
     ("v_left_join", "SELECT t.id, u.label FROM t LEFT JOIN u ON t.k = u.k"),

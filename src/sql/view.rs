@@ -476,7 +476,7 @@ fn aggregate_spec(
     };
     let name = aggregate.func.name().to_ascii_lowercase();
     let params = &aggregate.params;
-    if params.distinct {
+    if params.distinct && name != "count" {
         return Err(Error::not_supported(format!("{name}(DISTINCT …) in a materialized view")));
     }
     if params.filter.is_some() {
@@ -525,6 +525,10 @@ fn aggregate_spec(
     let is_number = |t: &DataType| t.is_integer() || t.is_floating();
     let variance = |population, root| AggregateFunction::Variance { population, root };
     let function = match name.as_str() {
+        "count" if params.distinct => match argument {
+            Some(_) => AggregateFunction::CountDistinct,
+            None => return Err(Error::not_supported("count(DISTINCT *) in a materialized view")),
+        },
         "count" => match argument {
             None | Some(Expr::Literal(..)) => AggregateFunction::CountRows,
             Some(_) => AggregateFunction::Count,
@@ -551,11 +555,12 @@ fn aggregate_spec(
             return Err(Error::not_supported(format!("{name}() over {arg_type} in a materialized view")));
         }
     }
+    let argument_type = argument.map(|a| a.get_type(input_schema)).transpose()?;
     let argument = match (function, argument) {
         (AggregateFunction::CountRows, _) | (_, None) => None,
         (_, Some(arg)) => Some(state.create_physical_expr(arg.clone(), input_schema)?),
     };
-    Ok(AggregateSpec { function, argument, output_type, delimiter, descending, nulls_first })
+    Ok(AggregateSpec { function, argument, output_type, delimiter, descending, nulls_first, argument_type })
 }
 
 fn construct_name(plan: &LogicalPlan) -> &'static str {

@@ -36,6 +36,8 @@ pub enum AggregateFunction {
     CountRows,
     /// `count(x)`: non-NULL values.
     Count,
+    /// `count(DISTINCT x)`: distinct non-NULL values.
+    CountDistinct,
     /// `sum(x)` over integers (output Int64) or floats (output Float64).
     Sum,
     /// `avg(x)`, output Float64.
@@ -70,6 +72,8 @@ pub struct AggregateSpec {
     pub descending: bool,
     /// `array_agg` puts NULL elements first.
     pub nulls_first: bool,
+    /// The argument's type, where the accumulator encodes values (`count(DISTINCT x)`).
+    pub argument_type: Option<DataType>,
 }
 
 impl AggregateSpec {
@@ -81,6 +85,7 @@ impl AggregateSpec {
             delimiter: String::new(),
             descending: false,
             nulls_first: false,
+            argument_type: None,
         }
     }
 
@@ -89,6 +94,7 @@ impl AggregateSpec {
         match (&self.function, &self.output_type) {
             (AggregateFunction::Min | AggregateFunction::Max, t) => Some(t.clone()),
             (AggregateFunction::StringAgg, _) => Some(DataType::Utf8),
+            (AggregateFunction::CountDistinct, _) => self.argument_type.clone(),
             (AggregateFunction::ArrayAgg, DataType::List(item)) => Some(item.data_type().clone()),
             _ => None,
         }
@@ -222,7 +228,7 @@ impl AggregateOperator {
                 (AggregateFunction::Variance { .. }, _) => {
                     Accumulator::Moments { n: 0, sum: 0.0, squares: 0.0, exact: Some((0, 0)) }
                 }
-                (AggregateFunction::StringAgg | AggregateFunction::ArrayAgg, _) => {
+                (AggregateFunction::StringAgg | AggregateFunction::ArrayAgg | AggregateFunction::CountDistinct, _) => {
                     Accumulator::Values { values: BTreeMap::new(), nulls: 0 }
                 }
             })
@@ -277,10 +283,14 @@ impl AggregateOperator {
         for (a, (spec, converter)) in self.aggregates.iter().zip(&self.value_converters).enumerate() {
             let accumulators = ids.iter().map(|&id| &self.state[id].accumulators[a]);
             let column: ArrayRef = match spec.function {
-                AggregateFunction::CountRows | AggregateFunction::Count => {
+                AggregateFunction::CountRows | AggregateFunction::Count | AggregateFunction::CountDistinct => {
                     let mut b = Int64Builder::with_capacity(ids.len());
                     for acc in accumulators {
-                        b.append_value(if let Accumulator::Count(n) = acc { *n } else { 0 });
+                        b.append_value(match acc {
+                            Accumulator::Count(n) => *n,
+                            Accumulator::Values { values, .. } => values.len() as i64,
+                            _ => 0,
+                        });
                     }
                     Arc::new(b.finish())
                 }
