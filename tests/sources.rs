@@ -221,3 +221,108 @@ async fn http_sources_take_json_and_csv_records() {
         .expect_err("an http source needs columns");
     assert_eq!(err.as_db_error().map(|d| d.code().code()), Some("22023"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_sources_read_each_file_once_across_restarts() {
+    let data = tempfile::tempdir().expect("data dir");
+    let files = tempfile::tempdir().expect("files dir");
+    let csv = |name: &str, body: &str| std::fs::write(files.path().join(name), body).expect("file written");
+    csv("a.csv", "id,name\n1,one\n2,two\n");
+    csv("b.csv", "id,name\n3,three\n");
+    csv("notes.txt", "not matched by the glob\n");
+    let start = || freshet::server::Server::start(common::config(data.path()));
+    let server = start().await.expect("starts");
+    let addr = server.pg_addr();
+    let client = common::connect(&format!("host={} port={} user=freshet dbname=freshet", addr.ip(), addr.port())).await;
+    client
+        .batch_execute(&format!(
+            "CREATE SOURCE f (id BIGINT NOT NULL, name TEXT) WITH (connector = 'file', path = '{}/*.csv',
+                 header = 'true', watch = 'true') FORMAT CSV;
+             CREATE MATERIALIZED VIEW total AS SELECT count(*) AS n, sum(id) AS s FROM f",
+            files.path().display()
+        ))
+        .await
+        .expect("source");
+    wait_for(&client, "SELECT count(*) FROM f", 3).await;
+    let per_file: Vec<(String, i64)> = client
+        .query("SELECT _file, count(*) FROM f GROUP BY _file ORDER BY _file", &[])
+        .await
+        .expect("per file")
+        .iter()
+        .map(|r| (r.get::<_, String>(0).rsplit('/').next().unwrap_or_default().to_string(), r.get(1)))
+        .collect();
+    assert_eq!(per_file, vec![("a.csv".to_string(), 2), ("b.csv".to_string(), 1)], "each row names its file");
+
+    // New files are picked up; a file that does not decode is skipped whole.
+    csv("c.csv", "id,name\n4,four\n");
+    csv("d_bad.csv", "id,name\n5,five\nsix,6\n");
+    wait_for(&client, "SELECT count(*) FROM f", 4).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(count(&client, "SELECT count(*) FROM f").await, 4, "the bad file added nothing");
+    client.batch_execute("FLUSH").await.expect("flush");
+    assert_eq!(count(&client, "SELECT s FROM total").await, 10);
+    drop(client);
+    server.shutdown().await;
+
+    csv("e.csv", "id,name\n7,seven\n");
+    let server = start().await.expect("restarts");
+    let addr = server.pg_addr();
+    let client = common::connect(&format!("host={} port={} user=freshet dbname=freshet", addr.ip(), addr.port())).await;
+    wait_for(&client, "SELECT count(*) FROM f", 5).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(count(&client, "SELECT count(*) FROM f").await, 5, "files read before the restart are not read again");
+    assert_eq!(count(&client, "SELECT count(DISTINCT id) FROM f").await, 5);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_sources_read_json_lines_and_parquet() {
+    use datafusion::arrow::array::{Float64Array, StringArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::arrow::record_batch::RecordBatch;
+    let files = tempfile::tempdir().expect("files dir");
+    std::fs::write(files.path().join("r1.jsonl"), "{\"dev\": \"a\", \"t\": 1.5}\n{\"dev\": \"b\", \"t\": 2.5}\n")
+        .expect("json");
+    let schema = std::sync::Arc::new(Schema::new(vec![
+        Field::new("t", DataType::Float64, false),
+        Field::new("dev", DataType::Utf8, false),
+        Field::new("extra", DataType::Utf8, true),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            std::sync::Arc::new(Float64Array::from(vec![10.0, 20.0, 30.0])),
+            std::sync::Arc::new(StringArray::from(vec!["x", "y", "z"])),
+            std::sync::Arc::new(StringArray::from(vec![None::<&str>, None, None])),
+        ],
+    )
+    .expect("batch");
+    let file = std::fs::File::create(files.path().join("p1.parquet")).expect("parquet file");
+    let mut writer = datafusion::parquet::arrow::ArrowWriter::try_new(file, schema, None).expect("writer");
+    writer.write(&batch).expect("write");
+    writer.close().expect("close");
+
+    let server = TestServer::start().await;
+    let client = server.connect().await;
+    let dir = files.path().display();
+    client
+        .batch_execute(&format!(
+            "CREATE SOURCE j (dev TEXT, t DOUBLE PRECISION) WITH (connector = 'file', path = '{dir}/*.jsonl') FORMAT JSON;
+             CREATE SOURCE p (dev TEXT, t DOUBLE PRECISION) WITH (connector = 'file', path = '{dir}/*.parquet') FORMAT PARQUET"
+        ))
+        .await
+        .expect("sources");
+    wait_for(&client, "SELECT count(*) FROM j", 2).await;
+    wait_for(&client, "SELECT count(*) FROM p", 3).await;
+    assert_eq!(count(&client, "SELECT CAST(sum(t) AS BIGINT) FROM p").await, 60, "Parquet columns matched by name");
+    let err = client
+        .batch_execute("CREATE SOURCE bad (a INT) WITH (connector = 'file', path = 's3://bucket/x.csv') FORMAT CSV")
+        .await
+        .expect_err("object store paths are not read yet");
+    assert_eq!(err.as_db_error().map(|d| d.code().code()), Some("0A000"));
+    let err = client
+        .batch_execute("CREATE SOURCE bad (_file TEXT) WITH (connector = 'file', path = '/tmp/*.csv') FORMAT CSV")
+        .await
+        .expect_err("the file column is freshet's");
+    assert_eq!(err.as_db_error().map(|d| d.code().code()), Some("22023"));
+}

@@ -4,18 +4,19 @@
 //! relation's row count is the connector's position, so after a restart the task resumes
 //! right after the last durable event.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::table::TableDef;
 use super::{Database, Outcome, Record};
+use datafusion::arrow::array::StringArray;
 use datafusion::arrow::compute::concat_batches;
-use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
 
 use crate::connectors::generator::GeneratorSpec;
-use crate::connectors::{ConnectorSpec, Options};
+use crate::connectors::{ConnectorSpec, FILE_COLUMN, Format, Options, option_error};
 use crate::dataflow::ChangeBatch;
 use crate::error::{Error, Result};
 
@@ -63,6 +64,16 @@ impl Database {
     ) -> Result<Outcome> {
         let (options, schema) = match (ConnectorSpec::from_options(&options, columns.is_some())?, columns) {
             (ConnectorSpec::Generator(generator), _) => (generator.resolved(&options), generator.schema()),
+            (ConnectorSpec::File { .. }, Some(schema)) => {
+                if schema.column_with_name(FILE_COLUMN).is_some() {
+                    return Err(option_error(format!(
+                        "a file source adds the column {FILE_COLUMN} (the file of each row); rename yours"
+                    )));
+                }
+                let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+                fields.push(Field::new(FILE_COLUMN, DataType::Utf8, false));
+                (options, Arc::new(Schema::new(fields)))
+            }
             (_, Some(schema)) => (options, schema),
             (_, None) => return Err(Error::Internal("a connector without columns".into())),
         };
@@ -102,9 +113,17 @@ impl Database {
 
     async fn start_source(&self, name: &str) {
         let Some((id, options)) = self.shared.sources().get(name).map(|s| (s.id, s.options.clone())) else { return };
-        let generator = match GeneratorSpec::from_options(&options) {
-            Ok(Some(generator)) => generator,
-            Ok(None) => return, // rows are pushed to it (http): no task
+        let declared = !matches!(GeneratorSpec::from_options(&options), Ok(Some(_)));
+        let generator = match ConnectorSpec::from_options(&options, declared) {
+            Ok(ConnectorSpec::Generator(generator)) => generator,
+            Ok(ConnectorSpec::File { path, format, watch }) => {
+                let task = tokio::spawn(read_files(self.clone_weak(), name.to_string(), id, path, format, watch));
+                if let Some(handle) = self.shared.sources().get_mut(name) {
+                    handle.task = Some(task.abort_handle());
+                }
+                return;
+            }
+            Ok(ConnectorSpec::Http { .. }) => return, // rows are pushed to it: no task
             Err(e) => {
                 tracing::error!(source = %name, "source cannot start: {e}");
                 return;
@@ -165,6 +184,12 @@ impl Database {
         }
     }
 
+    /// What an ingest task holds: the session context and a weak reference, so a task
+    /// never keeps a closed database alive.
+    fn clone_weak(&self) -> (datafusion::prelude::SessionContext, std::sync::Weak<super::Shared>) {
+        (self.ctx.clone(), Arc::downgrade(&self.shared))
+    }
+
     /// `POST /ingest/<source>`: decodes `body` in the source's format and appends it;
     /// returns the number of rows, durable when this returns. Nothing is appended if any
     /// record does not decode.
@@ -214,4 +239,100 @@ impl Database {
         self.durable(ack).await?;
         Ok(true)
     }
+}
+
+/// Polling interval of a file source with `watch = 'true'`.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A file source's task: appends each matching file whole, in name order, with the file's
+/// path in every row; files already in the source (after a restart) are skipped. A file
+/// that does not decode is reported and skipped, never half appended.
+async fn read_files(
+    (ctx, shared): (datafusion::prelude::SessionContext, std::sync::Weak<super::Shared>),
+    name: String,
+    id: u64,
+    path: String,
+    format: Format,
+    watch: bool,
+) {
+    let db = || shared.upgrade().map(|shared| Database { ctx: ctx.clone(), shared });
+    let Some(first) = db() else { return };
+    let (mut done, schema) = match files_read(&first, &name) {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::error!(source = %name, "cannot read which files the source holds: {e}");
+            return;
+        }
+    };
+    drop(first);
+    let declared = Arc::new(Schema::new(schema.fields()[..schema.fields().len() - 1].to_vec()));
+    let mut failed: HashSet<String> = HashSet::new();
+    loop {
+        let mut paths: Vec<String> = match glob::glob(&path) {
+            Ok(paths) => {
+                paths.filter_map(|p| p.ok()).filter(|p| p.is_file()).map(|p| p.display().to_string()).collect()
+            }
+            Err(e) => {
+                tracing::error!(source = %name, "path {path} is not a valid glob: {e}");
+                return;
+            }
+        };
+        paths.retain(|f| !done.contains(f) && !failed.contains(f));
+        paths.sort();
+        for file in paths {
+            let rows = match tokio::fs::read(&file).await {
+                Ok(bytes) => crate::connectors::decode(format, &declared, &bytes)
+                    .and_then(|batches| Ok(concat_batches(&declared, &batches)?)),
+                Err(e) => Err(Error::Storage(format!("reading {file}: {e}"))),
+            };
+            let rows = match rows.and_then(|rows| with_file(&schema, rows, &file)) {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::error!(source = %name, file = %file, "file skipped: {e}");
+                    failed.insert(file);
+                    continue;
+                }
+            };
+            let Some(db) = db() else { return };
+            let count = rows.num_rows();
+            match db.append_source(&name, id, ChangeBatch::inserts(rows)).await {
+                Ok(true) => {
+                    tracing::info!(source = %name, file = %file, rows = count, "file read");
+                    done.insert(file);
+                }
+                Ok(false) => return,
+                Err(e) => {
+                    tracing::warn!(source = %name, file = %file, "appending the file failed, retrying: {e}");
+                    tokio::time::sleep(RETRY).await;
+                }
+            }
+        }
+        if !watch {
+            return;
+        }
+        tokio::time::sleep(WATCH_INTERVAL).await;
+    }
+}
+
+/// The files source `name` already holds, and its schema.
+fn files_read(db: &Database, name: &str) -> Result<(HashSet<String>, SchemaRef)> {
+    let snapshot = db.shared.cell.committed();
+    let version = snapshot.relation(name).ok_or_else(|| Error::UndefinedTable { name: name.into(), position: None })?;
+    let schema = version.def.schema.clone();
+    let mut done = HashSet::new();
+    for batch in version.batches()? {
+        let files = batch
+            .column_by_name(FILE_COLUMN)
+            .and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned())
+            .ok_or_else(|| Error::Internal(format!("source \"{name}\" has no {FILE_COLUMN} column")))?;
+        done.extend(files.iter().flatten().map(str::to_string));
+    }
+    Ok((done, schema))
+}
+
+/// `rows` with the file column appended.
+fn with_file(schema: &SchemaRef, rows: RecordBatch, file: &str) -> Result<RecordBatch> {
+    let mut columns = rows.columns().to_vec();
+    columns.push(Arc::new(StringArray::from(vec![file; rows.num_rows()])));
+    Ok(RecordBatch::try_new(schema.clone(), columns)?)
 }

@@ -1,8 +1,9 @@
 //! Connectors: where a source's rows come from.
 //!
 //! Today: the built-in generators (`nexmark` and `telemetry`), for demos, tests and
-//! benchmarks, and `http` (records posted to `/ingest/<source>`, decoded here from JSON
-//! lines or CSV). A source's rows are appended to the source's relation through the
+//! benchmarks; `http` (records posted to `/ingest/<source>`, decoded here from JSON
+//! lines or CSV); and `file` (local files matching a glob: CSV, JSON lines or Parquet).
+//! A source's rows are appended to the source's relation through the
 //! write-ahead log, together with the generator's position, so a restart resumes exactly
 //! after the last durable event: nothing is lost and nothing is generated twice.
 
@@ -37,6 +38,8 @@ pub enum Format {
     Json,
     /// Comma-separated values, with or without a header line.
     Csv { header: bool },
+    /// Parquet files (file sources only); columns are matched by name.
+    Parquet,
 }
 
 /// What a source's options describe.
@@ -46,7 +49,14 @@ pub enum ConnectorSpec {
     Generator(generator::GeneratorSpec),
     /// `POST /ingest/<source>` on the HTTP listener: records in the body, in `format`.
     Http { format: Format },
+    /// Files matching `path` (a glob), each read whole; with `watch`, new files are picked
+    /// up as they appear.
+    File { path: String, format: Format, watch: bool },
 }
+
+/// The column a file source adds: the file each row came from. Files are appended whole,
+/// so the files a source has read are the distinct values of this column.
+pub const FILE_COLUMN: &str = "_file";
 
 impl ConnectorSpec {
     /// Parses a source's options; `declared` is whether the source lists its columns.
@@ -76,9 +86,37 @@ impl ConnectorSpec {
                 }
                 Ok(ConnectorSpec::Http { format: format(options)? })
             }
+            Some("file") => {
+                if !declared {
+                    return Err(option_error("a file source needs its columns: CREATE SOURCE name (col TYPE, …)"));
+                }
+                let known = ["connector", "format", "header", "path", "watch"];
+                if let Some(unknown) = options.keys().find(|k| !known.contains(&k.as_str())) {
+                    return Err(option_error(format!(
+                        "option {unknown} is unknown for the file connector (known: path, format, header, watch)"
+                    )));
+                }
+                let path =
+                    options.get("path").cloned().ok_or_else(|| option_error("a file source needs path = '…'"))?;
+                if path.contains("://") && !path.starts_with("file://") {
+                    return Err(Error::NotSupported {
+                        feature: format!("file sources at {path}"),
+                        hint: Some("file sources read local paths (globs allowed) for now".into()),
+                    });
+                }
+                let path = path.trim_start_matches("file://").to_string();
+                glob::Pattern::new(&path)
+                    .map_err(|e| option_error(format!("path = '{path}' is not a valid glob: {e}")))?;
+                let watch = match options.get("watch").map(|w| w.to_ascii_lowercase()).as_deref() {
+                    None | Some("false") => false,
+                    Some("true") => true,
+                    Some(other) => return Err(option_error(format!("watch = '{other}' must be 'true' or 'false'"))),
+                };
+                Ok(ConnectorSpec::File { path, format: format(options)?, watch })
+            }
             Some(other) => Err(Error::NotSupported {
                 feature: format!("the {other} connector"),
-                hint: Some("connectors available today: nexmark, telemetry, http".into()),
+                hint: Some("connectors available today: nexmark, telemetry, http, file".into()),
             }),
         }
     }
@@ -94,9 +132,12 @@ fn format(options: &Options) -> Result<Format> {
     match options.get("format").map(|f| f.to_ascii_lowercase()).as_deref() {
         None | Some("json") => Ok(Format::Json),
         Some("csv") => Ok(Format::Csv { header }),
+        Some("parquet") if options.get("connector").is_some_and(|c| c.eq_ignore_ascii_case("file")) => {
+            Ok(Format::Parquet)
+        }
         Some(other) => Err(Error::NotSupported {
             feature: format!("FORMAT {}", other.to_ascii_uppercase()),
-            hint: Some("formats available today: JSON (one object per line) and CSV".into()),
+            hint: Some("formats available today: JSON (one object per line), CSV, and Parquet for files".into()),
         }),
     }
 }
@@ -115,7 +156,7 @@ pub fn decode(
     use datafusion::arrow::json::ReaderBuilder as JsonReader;
     let bad = |line: usize, e: &dyn std::fmt::Display| Error::InvalidValue {
         code: "22P02",
-        message: format!("line {line}: {e}"),
+        message: if line == 0 { format!("invalid Parquet file: {e}") } else { format!("line {line}: {e}") },
     };
     match format {
         Format::Json => {
@@ -140,6 +181,28 @@ pub fn decode(
                         return Err(Error::Internal("a JSON chunk failed but none of its lines did".into()));
                     }
                 }
+            }
+            Ok(batches)
+        }
+        Format::Parquet => {
+            use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+            let reader = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::copy_from_slice(body))
+                .map_err(|e| bad(0, &e))?
+                .build()
+                .map_err(|e| bad(0, &e))?;
+            let mut batches = Vec::new();
+            for batch in reader {
+                let batch = batch.map_err(|e| bad(0, &e))?;
+                // Columns by name, cast to the declared types.
+                let mut columns = Vec::with_capacity(schema.fields().len());
+                for field in schema.fields() {
+                    let column = batch.column_by_name(field.name()).ok_or_else(|| Error::InvalidValue {
+                        code: "22P02",
+                        message: format!("the Parquet file has no column \"{}\"", field.name()),
+                    })?;
+                    columns.push(datafusion::arrow::compute::cast(column, field.data_type())?);
+                }
+                batches.push(datafusion::arrow::record_batch::RecordBatch::try_new(schema.clone(), columns)?);
             }
             Ok(batches)
         }
