@@ -9,6 +9,7 @@
 //!
 //! It does not speak any wire protocol; `server` turns its [`Outcome`]s into messages.
 
+pub mod system;
 pub mod table;
 pub mod view;
 
@@ -452,6 +453,11 @@ impl Database {
         result.map_err(|e| place_relation(e, sql))
     }
 
+    /// Tells the catalog functions (`current_user`, `pg_roles`, …) who clients log in as.
+    pub fn set_login_user(&self, user: &str) -> Result<()> {
+        system::set_user(&self.ctx, user)
+    }
+
     /// A fresh copy of the session state, for planning.
     pub fn session_state(&self) -> SessionState {
         self.ctx.state()
@@ -887,8 +893,9 @@ fn new_session(cell: Arc<SnapshotCell>) -> Result<SessionContext> {
     options.set("datafusion.sql_parser.collect_spans", "true")?;
     let ctx = SessionContext::new_with_config(config);
     let catalog = MemoryCatalogProvider::new();
-    catalog.register_schema(SCHEMA_NAME, Arc::new(FreshetSchema::new(cell)))?;
+    catalog.register_schema(SCHEMA_NAME, Arc::new(FreshetSchema::new(cell.clone())))?;
     ctx.register_catalog(CATALOG_NAME, Arc::new(catalog));
+    system::install(&ctx, cell)?;
     Ok(ctx)
 }
 

@@ -7,6 +7,7 @@
 pub mod http;
 pub mod metrics;
 pub mod pg;
+pub mod session;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -33,6 +33,7 @@ use pgwire::messages::data::DataRow;
 use pgwire::types::format::FormatOptions;
 
 use super::metrics::Metrics;
+use super::session::{Command, Reply, Session};
 use crate::catalog::{Database, Outcome};
 use crate::error::Error;
 use crate::sql::{self, Planned};
@@ -163,7 +164,15 @@ impl ErrorHandler for ErrorCounter {
 #[derive(Clone, Debug)]
 pub struct Prepared {
     sql: String,
-    planned: Planned,
+    kind: PreparedKind,
+}
+
+#[derive(Clone, Debug)]
+enum PreparedKind {
+    /// A statement the database runs.
+    Plan(Planned),
+    /// A session statement (SET, SHOW, BEGIN, …) the connection answers itself.
+    Session(Command),
 }
 
 /// Plans statements for the extended protocol (Parse), so Describe can report parameter
@@ -174,7 +183,7 @@ pub struct Parser {
 
 impl Parser {
     async fn plan_prepared(&self, sql: &str) -> Result<Option<Prepared>, Error> {
-        let mut statements = sql::parse(sql)?;
+        let mut statements = parse(sql)?;
         let Some(statement) = statements.pop_front() else { return Ok(None) };
         if !statements.is_empty() {
             return Err(Error::Syntax {
@@ -182,8 +191,11 @@ impl Parser {
                 position: None,
             });
         }
+        if let Some(command) = Command::from_statement(&statement) {
+            return Ok(Some(Prepared { sql: sql.to_string(), kind: PreparedKind::Session(command?) }));
+        }
         let planned = self.db.plan(&statement, sql).await?;
-        Ok(Some(Prepared { sql: sql.to_string(), planned }))
+        Ok(Some(Prepared { sql: sql.to_string(), kind: PreparedKind::Plan(planned) }))
     }
 }
 
@@ -204,7 +216,8 @@ impl QueryParser for Parser {
     }
 
     fn get_parameter_types(&self, stmt: &Self::Statement) -> PgWireResult<Vec<Type>> {
-        let types = stmt.planned.parameter_types().map_err(to_pg)?;
+        let PreparedKind::Plan(planned) = &stmt.kind else { return Ok(Vec::new()) };
+        let types = planned.parameter_types().map_err(to_pg)?;
         types
             .iter()
             .map(|t| match t {
@@ -219,7 +232,11 @@ impl QueryParser for Parser {
         stmt: &Self::Statement,
         column_format: Option<&Format>,
     ) -> PgWireResult<Vec<FieldInfo>> {
-        match stmt.planned.result_schema() {
+        let schema = match &stmt.kind {
+            PreparedKind::Plan(planned) => planned.result_schema(),
+            PreparedKind::Session(command) => command_schema(command),
+        };
+        match schema {
             Some(schema) => pg_fields(&schema, column_format.unwrap_or(&Format::UnifiedText), None),
             None => Ok(Vec::new()),
         }
@@ -317,22 +334,54 @@ impl QueryHandler {
         sql: &str,
         format: &Format,
         options: Arc<FormatOptions>,
+        limits: Limits,
     ) -> Result<Response, Error> {
         let _in_flight = self.metrics.statement_started();
-        let outcome = self.db.execute(planned, sql).await?;
-        Ok(match outcome {
-            Outcome::Rows { schema, mut stream } => {
-                // Wait for the first batch here, where a CancelRequest can still interrupt the
-                // statement (an aggregate does all its work before its first batch), and so
-                // an error before any row is an ordinary statement error.
-                let first = match stream.next().await {
-                    Some(Ok(batch)) => Some(Ok(batch)),
-                    Some(Err(e)) => return Err(Error::from_datafusion(e, sql)),
-                    None => None,
-                };
-                let stream = Box::pin(RecordBatchStreamAdapter::new(schema.clone(), stream::iter(first).chain(stream)));
-                Response::Query(rows_response(schema, stream, format, options)?)
+        if limits.read_only && !is_read(&planned) {
+            return Err(Error::Plan {
+                code: "25006",
+                message: "cannot change data or the catalog in a read-only transaction".into(),
+                position: None,
+            });
+        }
+        // statement_timeout applies to reads; writes and DDL always run to the end, so a
+        // timeout can never leave a write half-acknowledged.
+        let deadline = match (&planned, limits.statement_timeout) {
+            (Planned::Query(_), Some(timeout)) => Some(tokio::time::Instant::now() + timeout),
+            _ => None,
+        };
+        let started = async {
+            let outcome = self.db.execute(planned, sql).await?;
+            Ok::<_, Error>(match outcome {
+                Outcome::Rows { schema, mut stream } => {
+                    // Wait for the first batch here, where a CancelRequest can still interrupt
+                    // the statement (an aggregate does all its work before its first batch),
+                    // and so an error before any row is an ordinary statement error.
+                    let first = match stream.next().await {
+                        Some(Ok(batch)) => Some(Ok(batch)),
+                        Some(Err(e)) => return Err(Error::from_datafusion(e, sql)),
+                        None => None,
+                    };
+                    let rest = match deadline {
+                        Some(deadline) => with_deadline(stream, deadline),
+                        None => stream,
+                    };
+                    Outcome::Rows {
+                        schema: schema.clone(),
+                        stream: Box::pin(RecordBatchStreamAdapter::new(schema, stream::iter(first).chain(rest))),
+                    }
+                }
+                command => command,
+            })
+        };
+        let outcome = match deadline {
+            Some(deadline) => {
+                tokio::time::timeout_at(deadline, started).await.map_err(|_| Error::StatementTimeout)??
             }
+            None => started.await?,
+        };
+        Ok(match outcome {
+            Outcome::Rows { schema, stream } => Response::Query(rows_response(schema, stream, format, options)?),
             Outcome::Command { tag, rows } => {
                 let mut t = Tag::new(tag);
                 if tag == "INSERT" {
@@ -374,14 +423,20 @@ impl SimpleQueryHandler for QueryHandler {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
-        let statements = sql::parse(query).map_err(to_pg)?;
+        let statements = parse(query).map_err(to_pg)?;
         let mut responses = Vec::with_capacity(statements.len());
         for statement in statements {
             self.metrics.statements.fetch_add(1, Ordering::Relaxed);
-            let result = match self.db.plan(&statement, query).await {
-                Ok(planned) => self.run(planned, query, &Format::UnifiedText, options.clone()).await,
-                Err(e) => Err(e),
+            let result = match Command::from_statement(&statement) {
+                Some(Ok(command)) => session_command(client, &command, &Format::UnifiedText).await,
+                Some(Err(e)) => Err(e),
+                None => match self.db.plan(&statement, query).await {
+                    Ok(planned) => {
+                        let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
+                        self.run(planned, query, &Format::UnifiedText, options, Limits::of(client)).await
+                    }
+                    Err(e) => Err(e),
+                },
             };
             match result {
                 Ok(response) => responses.push(response),
@@ -420,13 +475,139 @@ impl ExtendedQueryHandler for QueryHandler {
     {
         self.metrics.statements.fetch_add(1, Ordering::Relaxed);
         let prepared = &portal.statement.statement;
-        let inferred = prepared.planned.parameter_types().map_err(to_pg)?;
+        let planned = match &prepared.kind {
+            PreparedKind::Plan(planned) => planned,
+            PreparedKind::Session(command) => {
+                return session_command(client, command, &portal.result_column_format).await.map_err(to_pg);
+            }
+        };
+        let inferred = planned.parameter_types().map_err(to_pg)?;
         let inferred_refs: Vec<Option<&DataType>> = inferred.iter().map(|t| t.as_ref()).collect();
         let params = deserialize_parameters(portal, &inferred_refs)?;
-        let planned = prepared.planned.clone().with_parameters(params).map_err(|e| to_pg(e.with_position(None)))?;
+        let planned = planned.clone().with_parameters(params).map_err(|e| to_pg(e.with_position(None)))?;
         let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
-        self.run(planned, &prepared.sql, &portal.result_column_format, options).await.map_err(to_pg)
+        let limits = Limits::of(client);
+        self.run(planned, &prepared.sql, &portal.result_column_format, options, limits).await.map_err(to_pg)
     }
+}
+
+/// What the session allows the next statement.
+#[derive(Debug, Clone, Copy, Default)]
+struct Limits {
+    statement_timeout: Option<std::time::Duration>,
+    /// Inside `BEGIN READ ONLY`: refuse writes.
+    read_only: bool,
+}
+
+impl Limits {
+    fn of<C: ClientInfo>(client: &C) -> Limits {
+        let session = session_of(client);
+        let session = lock(&session);
+        Limits { statement_timeout: session.statement_timeout(), read_only: session.read_only() }
+    }
+}
+
+/// Whether a planned statement only reads.
+fn is_read(planned: &Planned) -> bool {
+    matches!(
+        planned,
+        Planned::Query(_)
+            | Planned::ShowTables
+            | Planned::ShowViews
+            | Planned::ExplainView(_)
+            | Planned::Subscribe { .. }
+            | Planned::Flush
+    )
+}
+
+/// Splits a query string into statements; catalog queries go through the rewriting
+/// parser that makes client introspection plannable (see [`crate::catalog::system`]).
+fn parse(sql: &str) -> Result<std::collections::VecDeque<sql::Statement>, Error> {
+    crate::catalog::system::parse(sql)
+}
+
+/// This connection's session, created from its startup parameters on first use.
+fn session_of<C: ClientInfo>(client: &C) -> Arc<std::sync::Mutex<Session>> {
+    client.session_extensions().get_or_insert_with(|| std::sync::Mutex::new(Session::new(client.metadata())))
+}
+
+fn lock(session: &std::sync::Mutex<Session>) -> std::sync::MutexGuard<'_, Session> {
+    match session.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// Runs a session command for `client` and tells it about changed settings.
+async fn session_command<C>(client: &mut C, command: &Command, format: &Format) -> Result<Response, Error>
+where
+    C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+    C::Error: Debug,
+{
+    use futures::SinkExt;
+    use pgwire::messages::startup::ParameterStatus;
+
+    let session = session_of(client);
+    let (reply, format_metadata) = {
+        let mut session = lock(&session);
+        (session.apply(command)?, session.format_metadata())
+    };
+    client.metadata_mut().extend(format_metadata.into_iter().map(|(k, v)| (k.to_string(), v)));
+    Ok(match reply {
+        Reply::Done { tag, changed } => {
+            for (name, value) in changed {
+                let status = ParameterStatus::new(name.to_string(), value);
+                client
+                    .feed(PgWireBackendMessage::ParameterStatus(status))
+                    .await
+                    .map_err(|e| Error::Internal(format!("sending a parameter status: {e:?}")))?;
+            }
+            Response::Execution(Tag::new(tag))
+        }
+        Reply::BlockStarted => Response::TransactionStart(Tag::new("BEGIN")),
+        Reply::BlockEnded { tag } => Response::TransactionEnd(Tag::new(tag)),
+        Reply::Rows { rows, .. } => {
+            let schema = command_schema(command).ok_or_else(|| Error::Internal("SHOW without columns".into()))?;
+            let columns: Vec<datafusion::arrow::array::ArrayRef> = (0..schema.fields().len())
+                .map(|i| {
+                    let values: Vec<&str> = rows.iter().map(|row| row.get(i).map_or("", String::as_str)).collect();
+                    Arc::new(datafusion::arrow::array::StringArray::from(values)) as datafusion::arrow::array::ArrayRef
+                })
+                .collect();
+            let batch = RecordBatch::try_new(schema.clone(), columns)?;
+            let stream = Box::pin(RecordBatchStreamAdapter::new(schema.clone(), stream::iter([Ok(batch)])));
+            let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
+            Response::Query(rows_response(schema, stream, format, options)?)
+        }
+    })
+}
+
+/// The columns a session command returns, if it returns rows (SHOW does).
+fn command_schema(command: &Command) -> Option<SchemaRef> {
+    use datafusion::arrow::datatypes::Field;
+    let Command::Show { name } = command else { return None };
+    let fields = if name.eq_ignore_ascii_case("all") {
+        ["name", "setting", "description"].iter().map(|n| Field::new(*n, DataType::Utf8, false)).collect()
+    } else {
+        vec![Field::new(name.to_ascii_lowercase(), DataType::Utf8, false)]
+    };
+    Some(Arc::new(Schema::new(fields)))
+}
+
+/// Ends `stream` with a statement-timeout error once `deadline` passes.
+fn with_deadline(stream: SendableRecordBatchStream, deadline: tokio::time::Instant) -> SendableRecordBatchStream {
+    let schema = stream.schema();
+    let timed = stream::unfold(Some(stream), move |state| async move {
+        let mut stream = state?;
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => Some((
+                Err(datafusion::error::DataFusionError::External(Box::new(Error::StatementTimeout))),
+                None,
+            )),
+            next = stream.next() => next.map(|batch| (batch, Some(stream))),
+        }
+    });
+    Box::pin(RecordBatchStreamAdapter::new(schema, timed))
 }
 
 /// Streams Arrow batches to the client as DataRows, encoding each batch as it arrives.

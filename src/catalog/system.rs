@@ -1,0 +1,546 @@
+//! The system catalog clients introspect: `pg_catalog` (and the functions that go with it,
+//! such as `format_type`, `pg_get_userbyid`, `version()`), next to DataFusion's own
+//! `information_schema`.
+//!
+//! Most of `pg_catalog` comes from the `datafusion-pg-catalog` crate, which derives
+//! `pg_class`, `pg_attribute`, `pg_namespace`, … from DataFusion's catalog, so tables and
+//! views created after a client connected appear at once. freshet wraps it ([`PgCatalog`])
+//! where freshet knows more: materialized views are `relkind = 'm'` in `pg_class` and rows
+//! of `pg_matviews`, plain views are rows of `pg_views`, and `pg_roles` names the user
+//! clients log in as.
+//!
+//! [`parse`] sends catalog queries through the same crate's rewriting parser, which turns
+//! the Postgres-only syntax clients use (`'t'::regclass`, `OPERATOR(pg_catalog.~)`, …) into
+//! SQL DataFusion plans. Nothing here changes data.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, LazyLock, RwLock};
+
+use async_trait::async_trait;
+use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, StringArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::catalog::{SchemaProvider, Session, TableProvider};
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::error::Result as DfResult;
+use datafusion::logical_expr::{ColumnarValue, Expr, ScalarUDF, TableType, Volatility, create_udf};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::prelude::SessionContext;
+use datafusion::sql::parser::Statement as DFStatement;
+use datafusion_pg_catalog::pg_catalog::context::{PgCatalogContextProvider, Role};
+use datafusion_pg_catalog::sql::PostgresCompatibilityParser;
+
+use super::table::SnapshotCell;
+use super::{CATALOG_NAME, SCHEMA_NAME};
+use crate::error::{Error, Result};
+use crate::sql::{self, Statement};
+
+/// What `version()` answers. Drivers parse the leading "PostgreSQL <major>.<minor>".
+pub const VERSION: &str = concat!("PostgreSQL 16.6 (freshet ", env!("CARGO_PKG_VERSION"), ") on Arrow and DataFusion");
+
+/// The user clients log in as until [`set_user`] says otherwise.
+const DEFAULT_USER: &str = "freshet";
+
+/// Registers `pg_catalog` in freshet's catalog and the catalog functions in `ctx`.
+pub fn install(ctx: &SessionContext, cell: Arc<SnapshotCell>) -> Result<()> {
+    let user = Arc::new(RwLock::new(DEFAULT_USER.to_string()));
+    datafusion_pg_catalog::setup_pg_catalog(ctx, CATALOG_NAME, LoginRoles { user: user.clone() })
+        .map_err(|e| Error::Internal(format!("cannot set up pg_catalog: {e}")))?;
+    let catalog =
+        ctx.catalog(CATALOG_NAME).ok_or_else(|| Error::Internal("the freshet catalog is not registered".into()))?;
+    let inner = catalog.schema("pg_catalog").ok_or_else(|| Error::Internal("pg_catalog was not registered".into()))?;
+    catalog.register_schema("pg_catalog", Arc::new(PgCatalog { inner, cell, user }))?;
+    ctx.register_udf(constant_text_udf("version", VERSION));
+    register_user_functions(ctx, DEFAULT_USER);
+    // Everything is visible: freshet has one schema on the search path.
+    ctx.register_udf(create_udf(
+        "pg_function_is_visible",
+        vec![DataType::Int32],
+        DataType::Boolean,
+        Volatility::Stable,
+        Arc::new(|args: &[ColumnarValue]| {
+            Ok(match args.first() {
+                Some(ColumnarValue::Array(a)) => ColumnarValue::Array(Arc::new(BooleanArray::from(vec![true; a.len()]))),
+                _ => ColumnarValue::Scalar(datafusion::scalar::ScalarValue::Boolean(Some(true))),
+            })
+        }),
+    ));
+    // Descriptions, comments and definitions freshet does not keep: NULL, as in Postgres
+    // for an object without a comment.
+    for name in [
+        "obj_description",
+        "col_description",
+        "shobj_description",
+        "pg_get_viewdef",
+        "pg_get_indexdef",
+        "pg_get_triggerdef",
+        "pg_get_function_result",
+        "pg_get_function_arguments",
+        "pg_get_function_identity_arguments",
+        "pg_get_serial_sequence",
+    ] {
+        ctx.register_udf(ScalarUDF::new_from_impl(NullText::new(name)));
+    }
+    // Sizes: freshet keeps no per-relation byte counts, so they are unknown (NULL).
+    ctx.register_udf(create_udf(
+        "pg_table_size",
+        vec![DataType::Int32],
+        DataType::Int64,
+        Volatility::Stable,
+        Arc::new(|args: &[ColumnarValue]| {
+            let rows = match args.first() {
+                Some(ColumnarValue::Array(a)) => a.len(),
+                _ => 1,
+            };
+            Ok(ColumnarValue::Array(datafusion::arrow::array::new_null_array(&DataType::Int64, rows)))
+        }),
+    ));
+    ctx.register_udf(create_udf(
+        "pg_size_pretty",
+        vec![DataType::Int64],
+        DataType::Utf8,
+        Volatility::Immutable,
+        Arc::new(|args: &[ColumnarValue]| {
+            let arrays = ColumnarValue::values_to_arrays(args)?;
+            let sizes = datafusion::common::cast::as_int64_array(&arrays[0])?;
+            let pretty: StringArray = sizes.iter().map(|size| size.map(pretty_size)).collect();
+            Ok(ColumnarValue::Array(Arc::new(pretty)))
+        }),
+    ));
+    Ok(())
+}
+
+/// Postgres' `pg_size_pretty`: bytes in the largest unit that keeps at least 10 of them.
+fn pretty_size(bytes: i64) -> String {
+    let mut value = bytes;
+    for unit in ["bytes", "kB", "MB", "GB", "TB"] {
+        if value.abs() < 10 * 1024 || unit == "TB" {
+            return format!("{value} {unit}");
+        }
+        value = (value + 512) / 1024;
+    }
+    format!("{value} PB")
+}
+
+/// A catalog function that answers NULL text whatever its arguments.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct NullText {
+    name: &'static str,
+    signature: datafusion::logical_expr::Signature,
+}
+
+impl NullText {
+    fn new(name: &'static str) -> Self {
+        NullText { name, signature: datafusion::logical_expr::Signature::variadic_any(Volatility::Stable) }
+    }
+}
+
+impl datafusion::logical_expr::ScalarUDFImpl for NullText {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn signature(&self) -> &datafusion::logical_expr::Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _: &[DataType]) -> DfResult<DataType> {
+        Ok(DataType::Utf8)
+    }
+
+    fn invoke_with_args(&self, args: datafusion::logical_expr::ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+        Ok(ColumnarValue::Array(datafusion::arrow::array::new_null_array(&DataType::Utf8, args.number_rows)))
+    }
+}
+
+/// Makes `current_user`, `session_user`, `pg_get_userbyid` and `pg_roles` name `user`.
+pub fn set_user(ctx: &SessionContext, user: &str) -> Result<()> {
+    let schema = ctx
+        .catalog(CATALOG_NAME)
+        .and_then(|c| c.schema("pg_catalog"))
+        .ok_or_else(|| Error::Internal("pg_catalog is not registered".into()))?;
+    let pg_catalog = (schema.as_ref() as &dyn std::any::Any)
+        .downcast_ref::<PgCatalog>()
+        .ok_or_else(|| Error::Internal("pg_catalog is not freshet's".into()))?;
+    match pg_catalog.user.write() {
+        Ok(mut guard) => *guard = user.to_string(),
+        Err(poisoned) => *poisoned.into_inner() = user.to_string(),
+    }
+    register_user_functions(ctx, user);
+    Ok(())
+}
+
+fn register_user_functions(ctx: &SessionContext, user: &str) {
+    ctx.register_udf(constant_text_udf("session_user", user));
+    ctx.register_udf(constant_text_udf("current_user", user));
+    let user = user.to_string();
+    let by_id = move |args: &[ColumnarValue]| -> DfResult<ColumnarValue> {
+        let rows = match args.first() {
+            Some(ColumnarValue::Array(array)) => array.len(),
+            _ => 1,
+        };
+        let names: ArrayRef = Arc::new(StringArray::from(vec![user.as_str(); rows]));
+        Ok(match args.first() {
+            Some(ColumnarValue::Array(_)) => ColumnarValue::Array(names),
+            _ => ColumnarValue::Scalar(datafusion::scalar::ScalarValue::Utf8(Some(user.clone()))),
+        })
+    };
+    ctx.register_udf(create_udf("pg_get_userbyid", vec![DataType::Int32], DataType::Utf8, Volatility::Stable, Arc::new(by_id)));
+}
+
+/// A function of no arguments that always returns `value`.
+fn constant_text_udf(name: &str, value: &str) -> ScalarUDF {
+    let value = value.to_string();
+    let f = move |_: &[ColumnarValue]| -> DfResult<ColumnarValue> {
+        Ok(ColumnarValue::Scalar(datafusion::scalar::ScalarValue::Utf8(Some(value.clone()))))
+    };
+    create_udf(name, vec![], DataType::Utf8, Volatility::Stable, Arc::new(f))
+}
+
+/// Splits `sql` into statements. Catalog queries (those naming `pg_…` relations or
+/// functions, `information_schema`, or Postgres' special user functions) are rewritten
+/// into SQL DataFusion can plan; anything else, and anything the rewriting parser cannot
+/// read, goes to freshet's own parser, which reports errors with positions.
+pub fn parse(text: &str) -> Result<VecDeque<Statement>> {
+    static PARSER: LazyLock<PostgresCompatibilityParser> = LazyLock::new(PostgresCompatibilityParser::new);
+    if !is_catalog_query(text) {
+        return sql::parse(text);
+    }
+    let mut text = text.to_string();
+    for (from, to) in CLIENT_REWRITES {
+        text = replace_ignoring_whitespace(&text, from, to);
+    }
+    let text = text.as_str();
+    match PARSER.parse(text) {
+        Ok(statements) => {
+            Ok(statements.into_iter().map(|s| Statement::Sql(DFStatement::Statement(Box::new(s)))).collect())
+        }
+        Err(_) => sql::parse(text),
+    }
+}
+
+/// Fragments of known client queries that DataFusion cannot plan, and what they become.
+/// Each replacement keeps the column the client reads, with the value it has in freshet.
+const CLIENT_REWRITES: &[(&str, &str)] = &[
+    // psql 15/16 `\d+ name`: table storage options (freshet has none). ARRAY(subquery)
+    // is not supported by DataFusion.
+    (
+        "pg_catalog.array_to_string(c.reloptions || array(select 'toast.' || x from pg_catalog.unnest(tc.reloptions) x), ', ')",
+        "''",
+    ),
+    // psql `\du`: the roles a role is a member of (freshet has one role, a member of none).
+    (
+        "ARRAY(SELECT b.rolname FROM pg_catalog.pg_auth_members m JOIN pg_catalog.pg_roles b ON (m.roleid = b.oid) WHERE m.member = r.oid) as memberof",
+        "'{}' as memberof",
+    ),
+];
+
+/// Replaces every occurrence of `pattern` in `text`, where any run of whitespace in the
+/// pattern matches any run of whitespace (or none) in the text: clients indent the same
+/// query differently from version to version.
+fn replace_ignoring_whitespace(text: &str, pattern: &str, replacement: &str) -> String {
+    let pattern: Vec<char> = pattern.chars().collect();
+    let chars: Vec<char> = text.chars().collect();
+    let matches_at = |start: usize| -> Option<usize> {
+        let (mut i, mut j) = (start, 0);
+        while j < pattern.len() {
+            if pattern[j].is_whitespace() {
+                while j < pattern.len() && pattern[j].is_whitespace() {
+                    j += 1;
+                }
+                while i < chars.len() && chars[i].is_whitespace() {
+                    i += 1;
+                }
+            } else if i < chars.len() && chars[i] == pattern[j] {
+                i += 1;
+                j += 1;
+            } else {
+                return None;
+            }
+        }
+        Some(i)
+    };
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < chars.len() {
+        match matches_at(i) {
+            Some(end) if end > i => {
+                out.push_str(replacement);
+                i = end;
+            }
+            _ => {
+                out.push(chars[i]);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+fn is_catalog_query(text: &str) -> bool {
+    const MARKERS: &[&str] = &[
+        "pg_",
+        "information_schema",
+        "::reg",
+        "current_schema",
+        "current_user",
+        "session_user",
+        "current_role",
+        "format_type",
+        "has_table_privilege",
+        "has_schema_privilege",
+        "array_upper",
+        "array_lower",
+        "quote_ident",
+    ];
+    let lower = text.to_ascii_lowercase();
+    MARKERS.iter().any(|m| lower.contains(m))
+}
+
+/// `pg_roles` lists the one login role.
+#[derive(Debug, Clone)]
+struct LoginRoles {
+    user: Arc<RwLock<String>>,
+}
+
+impl LoginRoles {
+    fn name(&self) -> String {
+        match self.user.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+}
+
+#[async_trait]
+impl PgCatalogContextProvider for LoginRoles {
+    async fn roles(&self) -> Vec<String> {
+        vec![self.name()]
+    }
+
+    async fn role(&self, name: &str) -> Option<Role> {
+        (name == self.name()).then(|| Role {
+            name: name.to_string(),
+            is_superuser: true,
+            can_login: true,
+            can_create_db: false,
+            can_create_role: false,
+            can_create_user: false,
+            can_replication: false,
+            grants: Vec::new(),
+            inherited_roles: Vec::new(),
+        })
+    }
+}
+
+/// `pg_catalog` as the crate builds it, with the relations freshet knows better replaced.
+#[derive(Debug)]
+struct PgCatalog {
+    inner: Arc<dyn SchemaProvider>,
+    cell: Arc<SnapshotCell>,
+    user: Arc<RwLock<String>>,
+}
+
+#[async_trait]
+impl SchemaProvider for PgCatalog {
+    fn table_names(&self) -> Vec<String> {
+        self.inner.table_names()
+    }
+
+    async fn table(&self, name: &str) -> DfResult<Option<Arc<dyn TableProvider>>> {
+        let owner = LoginRoles { user: self.user.clone() }.name();
+        match name.to_ascii_lowercase().as_str() {
+            "pg_class" => {
+                let Some(inner) = self.inner.table(name).await? else { return Ok(None) };
+                Ok(Some(Arc::new(PgClass { inner, cell: self.cell.clone() })))
+            }
+            "pg_views" => Ok(Some(Arc::new(ViewList { kind: ViewKind::Plain, owner, cell: self.cell.clone() }))),
+            "pg_matviews" => {
+                Ok(Some(Arc::new(ViewList { kind: ViewKind::Materialized, owner, cell: self.cell.clone() })))
+            }
+            _ => self.inner.table(name).await,
+        }
+    }
+
+    fn table_exist(&self, name: &str) -> bool {
+        self.inner.table_exist(name)
+    }
+}
+
+/// The crate's `pg_class`, with `relkind = 'm'` for materialized views (the crate only
+/// knows DataFusion's base tables and views).
+#[derive(Debug)]
+struct PgClass {
+    inner: Arc<dyn TableProvider>,
+    cell: Arc<SnapshotCell>,
+}
+
+#[async_trait]
+impl TableProvider for PgClass {
+    fn schema(&self) -> SchemaRef {
+        self.inner.schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        self.inner.table_type()
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let plan = self.inner.scan(state, None, &[], None).await?;
+        let batches = datafusion::physical_plan::collect(plan, state.task_ctx()).await?;
+        let materialized: HashSet<String> = self.cell.current().views.keys().cloned().collect();
+        let schema = self.inner.schema();
+        let patched = batches
+            .into_iter()
+            .map(|batch| mark_materialized(&batch, &materialized))
+            .collect::<DfResult<Vec<_>>>()?;
+        Ok(MemorySourceConfig::try_new_exec(&[patched], schema, projection.cloned())?)
+    }
+}
+
+fn mark_materialized(batch: &RecordBatch, materialized: &HashSet<String>) -> DfResult<RecordBatch> {
+    let schema = batch.schema();
+    let (Ok(name_at), Ok(kind_at)) = (schema.index_of("relname"), schema.index_of("relkind")) else {
+        return Ok(batch.clone());
+    };
+    let names = batch.column(name_at).as_any().downcast_ref::<StringArray>();
+    let kinds = batch.column(kind_at).as_any().downcast_ref::<StringArray>();
+    let (Some(names), Some(kinds)) = (names, kinds) else { return Ok(batch.clone()) };
+    let patched: StringArray = names
+        .iter()
+        .zip(kinds.iter())
+        .map(|(name, kind)| match name {
+            Some(name) if materialized.contains(name) && kind == Some("r") => Some("m"),
+            _ => kind,
+        })
+        .collect();
+    let mut columns = batch.columns().to_vec();
+    columns[kind_at] = Arc::new(patched);
+    Ok(RecordBatch::try_new(schema, columns)?)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum ViewKind {
+    Plain,
+    Materialized,
+}
+
+/// `pg_views` or `pg_matviews`, from the current snapshot.
+#[derive(Debug)]
+struct ViewList {
+    kind: ViewKind,
+    owner: String,
+    cell: Arc<SnapshotCell>,
+}
+
+impl ViewList {
+    fn build_schema(&self) -> SchemaRef {
+        let text = |name: &str| Field::new(name, DataType::Utf8, true);
+        Arc::new(Schema::new(match self.kind {
+            ViewKind::Plain => vec![text("schemaname"), text("viewname"), text("viewowner"), text("definition")],
+            ViewKind::Materialized => vec![
+                text("schemaname"),
+                text("matviewname"),
+                text("matviewowner"),
+                text("tablespace"),
+                Field::new("hasindexes", DataType::Boolean, true),
+                Field::new("ispopulated", DataType::Boolean, true),
+                text("definition"),
+            ],
+        }))
+    }
+
+    fn rows(&self) -> DfResult<RecordBatch> {
+        let snapshot = self.cell.current();
+        let (names, definitions): (Vec<String>, Vec<Option<String>>) = match self.kind {
+            ViewKind::Plain => snapshot
+                .plain_views
+                .iter()
+                .map(|(name, provider)| {
+                    let definition = (provider.as_ref() as &dyn std::any::Any)
+                        .downcast_ref::<datafusion::catalog::view::ViewTable>()
+                        .and_then(|v| v.definition().cloned());
+                    (name.clone(), definition)
+                })
+                .unzip(),
+            // The query text of a materialized view lives with its dataflow, not in the
+            // snapshot; clients list matviews by name, so the definition stays NULL.
+            ViewKind::Materialized => snapshot.views.keys().map(|name| (name.clone(), None)).unzip(),
+        };
+        let n = names.len();
+        let schemas: ArrayRef = Arc::new(StringArray::from(vec![SCHEMA_NAME; n]));
+        let owners: ArrayRef = Arc::new(StringArray::from(vec![self.owner.as_str(); n]));
+        let names: ArrayRef = Arc::new(StringArray::from(names));
+        let definitions: ArrayRef = Arc::new(StringArray::from(definitions));
+        let columns = match self.kind {
+            ViewKind::Plain => vec![schemas, names, owners, definitions],
+            ViewKind::Materialized => vec![
+                schemas,
+                names,
+                owners,
+                Arc::new(StringArray::from(vec![None::<&str>; n])),
+                Arc::new(BooleanArray::from(vec![false; n])),
+                Arc::new(BooleanArray::from(vec![true; n])),
+                definitions,
+            ],
+        };
+        Ok(RecordBatch::try_new(self.build_schema(), columns)?)
+    }
+}
+
+#[async_trait]
+impl TableProvider for ViewList {
+    fn schema(&self) -> SchemaRef {
+        self.build_schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::View
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        Ok(MemorySourceConfig::try_new_exec(&[vec![self.rows()?]], self.build_schema(), projection.cloned())?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_catalog_queries_are_rewritten() {
+        assert!(is_catalog_query("SELECT * FROM pg_catalog.pg_class"));
+        assert!(is_catalog_query("select current_schema()"));
+        assert!(!is_catalog_query("SELECT * FROM orders"));
+        let statements = parse("SELECT relname FROM pg_class WHERE oid = 'orders'::regclass").expect("parses");
+        assert_eq!(statements.len(), 1);
+        // Freshet's own statements still parse when they appear in a catalog-looking string.
+        let statements = parse("SUBSCRIBE TO pg_stats_view").expect("parses");
+        assert!(matches!(statements[0], Statement::Subscribe { .. }));
+    }
+
+    #[test]
+    fn rewrites_ignore_indentation() {
+        let text = "SELECT a,\n  ARRAY(SELECT b.x\n    FROM y) AS z FROM w";
+        assert_eq!(replace_ignoring_whitespace(text, "ARRAY(SELECT b.x FROM y)", "NULL"), "SELECT a,\n  NULL AS z FROM w");
+        assert_eq!(replace_ignoring_whitespace("abc", "x", "y"), "abc");
+    }
+
+    #[test]
+    fn sizes_read_like_postgres() {
+        assert_eq!(pretty_size(0), "0 bytes");
+        assert_eq!(pretty_size(10 * 1024), "10 kB");
+        assert_eq!(pretty_size(5 * 1024 * 1024 * 1024), "5120 MB");
+    }
+}
