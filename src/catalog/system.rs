@@ -14,6 +14,7 @@
 //! SQL DataFusion plans. Nothing here changes data.
 
 use std::collections::{HashSet, VecDeque};
+use std::ops::ControlFlow;
 use std::sync::{Arc, LazyLock, RwLock};
 
 use async_trait::async_trait;
@@ -26,6 +27,7 @@ use datafusion::logical_expr::{ColumnarValue, Expr, ScalarUDF, TableType, Volati
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::Statement as DFStatement;
+use datafusion::sql::sqlparser::ast::{Expr as SqlExpr, Value as SqlValue, Visit, VisitMut, Visitor, VisitorMut};
 use datafusion_pg_catalog::pg_catalog::context::{PgCatalogContextProvider, Role};
 use datafusion_pg_catalog::sql::PostgresCompatibilityParser;
 
@@ -52,18 +54,23 @@ pub fn install(ctx: &SessionContext, cell: Arc<SnapshotCell>) -> Result<()> {
     ctx.register_udf(constant_text_udf("version", VERSION));
     register_user_functions(ctx, DEFAULT_USER);
     // Everything is visible: freshet has one schema on the search path.
-    ctx.register_udf(create_udf(
-        "pg_function_is_visible",
-        vec![DataType::Int32],
-        DataType::Boolean,
-        Volatility::Stable,
-        Arc::new(|args: &[ColumnarValue]| {
-            Ok(match args.first() {
-                Some(ColumnarValue::Array(a)) => ColumnarValue::Array(Arc::new(BooleanArray::from(vec![true; a.len()]))),
-                _ => ColumnarValue::Scalar(datafusion::scalar::ScalarValue::Boolean(Some(true))),
-            })
-        }),
-    ));
+    for name in ["pg_function_is_visible", "pg_type_is_visible", "pg_collation_is_visible"] {
+        ctx.register_udf(create_udf(
+            name,
+            vec![DataType::Int32],
+            DataType::Boolean,
+            Volatility::Stable,
+            Arc::new(|args: &[ColumnarValue]| {
+                Ok(match args.first() {
+                    Some(ColumnarValue::Array(a)) => {
+                        ColumnarValue::Array(Arc::new(BooleanArray::from(vec![true; a.len()])))
+                    }
+                    _ => ColumnarValue::Scalar(datafusion::scalar::ScalarValue::Boolean(Some(true))),
+                })
+            }),
+        ));
+    }
+    ctx.register_udf(ScalarUDF::new_from_impl(JsonBuildObject::default()));
     // Descriptions, comments and definitions freshet does not keep: NULL, as in Postgres
     // for an object without a comment.
     for name in [
@@ -80,6 +87,18 @@ pub fn install(ctx: &SessionContext, cell: Arc<SnapshotCell>) -> Result<()> {
     ] {
         ctx.register_udf(ScalarUDF::new_from_impl(NullText::new(name)));
     }
+    ctx.register_udf(create_udf(
+        "to_regtype",
+        vec![DataType::Utf8],
+        DataType::Int32,
+        Volatility::Stable,
+        Arc::new(|args: &[ColumnarValue]| {
+            let arrays = ColumnarValue::values_to_arrays(args)?;
+            let names = datafusion::common::cast::as_string_array(&arrays[0])?;
+            let oids: datafusion::arrow::array::Int32Array = names.iter().map(|n| n.and_then(type_oid)).collect();
+            Ok(ColumnarValue::Array(Arc::new(oids)))
+        }),
+    ));
     // Sizes: freshet keeps no per-relation byte counts, so they are unknown (NULL).
     ctx.register_udf(create_udf(
         "pg_table_size",
@@ -109,6 +128,36 @@ pub fn install(ctx: &SessionContext, cell: Arc<SnapshotCell>) -> Result<()> {
     Ok(())
 }
 
+/// The OID of a built-in type by any of its SQL names (what `to_regtype` answers), or
+/// `None` for types freshet does not have, such as extension types.
+fn type_oid(name: &str) -> Option<i32> {
+    let name = name.trim().trim_start_matches("pg_catalog.").to_ascii_lowercase();
+    Some(match name.as_str() {
+        "bool" | "boolean" => 16,
+        "bytea" => 17,
+        "char" | "\"char\"" => 18,
+        "name" => 19,
+        "int8" | "bigint" => 20,
+        "int2" | "smallint" => 21,
+        "int4" | "integer" | "int" => 23,
+        "text" => 25,
+        "oid" => 26,
+        "json" => 114,
+        "float4" | "real" => 700,
+        "float8" | "double precision" => 701,
+        "varchar" | "character varying" => 1043,
+        "date" => 1082,
+        "time" | "time without time zone" => 1083,
+        "timestamp" | "timestamp without time zone" => 1114,
+        "timestamptz" | "timestamp with time zone" => 1184,
+        "interval" => 1186,
+        "numeric" | "decimal" => 1700,
+        "uuid" => 2950,
+        "jsonb" => 3802,
+        _ => return None,
+    })
+}
+
 /// Postgres' `pg_size_pretty`: bytes in the largest unit that keeps at least 10 of them.
 fn pretty_size(bytes: i64) -> String {
     let mut value = bytes;
@@ -119,6 +168,63 @@ fn pretty_size(bytes: i64) -> String {
         value = (value + 512) / 1024;
     }
     format!("{value} PB")
+}
+
+/// `json_build_object(key, value, …)` as JSON text (SQLAlchemy's column inspection uses it).
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct JsonBuildObject {
+    signature: datafusion::logical_expr::Signature,
+}
+
+impl Default for JsonBuildObject {
+    fn default() -> Self {
+        JsonBuildObject { signature: datafusion::logical_expr::Signature::variadic_any(Volatility::Immutable) }
+    }
+}
+
+impl datafusion::logical_expr::ScalarUDFImpl for JsonBuildObject {
+    fn name(&self) -> &str {
+        "json_build_object"
+    }
+
+    fn signature(&self) -> &datafusion::logical_expr::Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _: &[DataType]) -> DfResult<DataType> {
+        Ok(DataType::Utf8)
+    }
+
+    fn invoke_with_args(&self, args: datafusion::logical_expr::ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+        use datafusion::arrow::util::display::array_value_to_string;
+        if args.args.len() % 2 != 0 {
+            return Err(datafusion::error::DataFusionError::Plan(
+                "json_build_object needs an even number of arguments (key, value, …)".into(),
+            ));
+        }
+        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        let mut out = Vec::with_capacity(args.number_rows);
+        for row in 0..args.number_rows {
+            let mut object = serde_json::Map::new();
+            for pair in arrays.chunks(2) {
+                let key = array_value_to_string(&pair[0], row)?;
+                let value = &pair[1];
+                let json = if value.is_null(row) {
+                    serde_json::Value::Null
+                } else {
+                    let text = array_value_to_string(value, row)?;
+                    match value.data_type() {
+                        DataType::Boolean => serde_json::Value::Bool(text == "true"),
+                        t if t.is_numeric() => serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+                        _ => serde_json::Value::String(text),
+                    }
+                };
+                object.insert(key, json);
+            }
+            out.push(serde_json::Value::Object(object).to_string());
+        }
+        Ok(ColumnarValue::Array(Arc::new(StringArray::from(out))))
+    }
 }
 
 /// A catalog function that answers NULL text whatever its arguments.
@@ -211,10 +317,44 @@ pub fn parse(text: &str) -> Result<VecDeque<Statement>> {
     }
     let text = text.as_str();
     match PARSER.parse(text) {
-        Ok(statements) => {
-            Ok(statements.into_iter().map(|s| Statement::Sql(DFStatement::Statement(Box::new(s)))).collect())
-        }
+        Ok(statements) => Ok(statements
+            .into_iter()
+            .map(|mut s| {
+                let _ = VisitMut::visit(&mut s, &mut NullCaseSubqueries);
+                Statement::Sql(DFStatement::Statement(Box::new(s)))
+            })
+            .collect()),
         Err(_) => sql::parse(text),
+    }
+}
+
+/// Replaces a CASE expression that contains a scalar subquery with NULL. Clients use
+/// these to fetch what freshet has none of (identity sequences, collations, column
+/// defaults from `pg_attrdef`, which is empty), and DataFusion cannot plan such correlated
+/// subqueries.
+struct NullCaseSubqueries;
+
+impl VisitorMut for NullCaseSubqueries {
+    type Break = ();
+
+    fn pre_visit_expr(&mut self, expr: &mut SqlExpr) -> ControlFlow<()> {
+        if matches!(expr, SqlExpr::Case { .. }) {
+            let found = Visit::visit(&*expr, &mut FindSubquery);
+            if found.is_break() {
+                *expr = SqlExpr::Value(SqlValue::Null.with_empty_span());
+            }
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+struct FindSubquery;
+
+impl Visitor for FindSubquery {
+    type Break = ();
+
+    fn pre_visit_expr(&mut self, expr: &SqlExpr) -> ControlFlow<()> {
+        if matches!(expr, SqlExpr::Subquery(_)) { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
     }
 }
 

@@ -98,6 +98,9 @@ pub enum Command {
     DiscardAll,
     /// `SET [SESSION CHARACTERISTICS AS] TRANSACTION …`: accepted; freshet has one isolation level.
     SetTransaction { read_only: Option<bool> },
+    /// `SAVEPOINT`, `RELEASE SAVEPOINT` or `ROLLBACK TO SAVEPOINT` (the tag names which):
+    /// accepted inside a block, where nothing is pending that they could undo.
+    Savepoint { tag: &'static str },
 }
 
 impl Command {
@@ -121,9 +124,9 @@ impl Command {
             SqlStatement::StartTransaction { modes, .. } => Command::Begin { read_only: read_only(modes) == Some(true) },
             SqlStatement::Commit { .. } => Command::Commit,
             SqlStatement::Rollback { savepoint: None, .. } => Command::Rollback,
-            SqlStatement::Rollback { savepoint: Some(_), .. } => {
-                return Some(Err(Error::not_supported("ROLLBACK TO SAVEPOINT")));
-            }
+            SqlStatement::Rollback { savepoint: Some(_), .. } => Command::Savepoint { tag: "ROLLBACK" },
+            SqlStatement::Savepoint { .. } => Command::Savepoint { tag: "SAVEPOINT" },
+            SqlStatement::ReleaseSavepoint { .. } => Command::Savepoint { tag: "RELEASE" },
             SqlStatement::Discard { object_type: DiscardObject::ALL } => Command::DiscardAll,
             SqlStatement::Discard { object_type } => {
                 return Some(Err(Error::not_supported(format!("DISCARD {object_type}"))));
@@ -338,6 +341,16 @@ impl Session {
                 }
                 Ok(Reply::BlockEnded { tag: if *command == Command::Commit { "COMMIT" } else { "ROLLBACK" } })
             }
+            Command::Savepoint { tag } => {
+                if !self.in_block {
+                    return Err(Error::Plan {
+                        code: "25P01",
+                        message: format!("{tag} can only be used in transaction blocks"),
+                        position: None,
+                    });
+                }
+                Ok(Reply::Done { tag, changed: Vec::new() })
+            }
             Command::SetTransaction { read_only } => {
                 if let Some(read_only) = read_only
                     && self.in_block
@@ -530,5 +543,11 @@ mod tests {
         session.apply(&command("COMMIT")).expect("commit");
         assert_eq!(session.statement_timeout(), None);
         assert!(!session.read_only());
+        let outside = session.apply(&command("SAVEPOINT sp")).expect_err("outside a block");
+        assert_eq!(outside.sqlstate(), "25P01");
+        session.apply(&command("BEGIN")).expect("begin");
+        session.apply(&command("SAVEPOINT sp")).expect("savepoint");
+        session.apply(&command("ROLLBACK TO SAVEPOINT sp")).expect("rollback to");
+        session.apply(&command("RELEASE SAVEPOINT sp")).expect("release");
     }
 }
