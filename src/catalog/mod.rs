@@ -881,7 +881,8 @@ fn new_session(cell: Arc<SnapshotCell>) -> Result<SessionContext> {
     let mut config = SessionConfig::new()
         .with_default_catalog_and_schema(CATALOG_NAME, SCHEMA_NAME)
         .with_create_default_catalog_and_schema(false)
-        .with_information_schema(true);
+        // `system` registers information_schema itself, with Postgres type names.
+        .with_information_schema(false);
     let options = config.options_mut();
     options.set("datafusion.sql_parser.dialect", "PostgreSQL")?;
     // Plain Utf8 keeps stored tables and their log in one string type.

@@ -20,6 +20,7 @@ use std::sync::{Arc, LazyLock, RwLock};
 use async_trait::async_trait;
 use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, StringArray};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::catalog::information_schema::InformationSchemaProvider;
 use datafusion::catalog::{SchemaProvider, Session, TableProvider};
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::error::Result as DfResult;
@@ -50,7 +51,9 @@ pub fn install(ctx: &SessionContext, cell: Arc<SnapshotCell>) -> Result<()> {
     let catalog =
         ctx.catalog(CATALOG_NAME).ok_or_else(|| Error::Internal("the freshet catalog is not registered".into()))?;
     let inner = catalog.schema("pg_catalog").ok_or_else(|| Error::Internal("pg_catalog was not registered".into()))?;
-    catalog.register_schema("pg_catalog", Arc::new(PgCatalog { inner, cell, user }))?;
+    catalog.register_schema("pg_catalog", Arc::new(PgCatalog { inner, cell: cell.clone(), user }))?;
+    let information_schema = InformationSchemaProvider::new(ctx.state().catalog_list().clone());
+    catalog.register_schema("information_schema", Arc::new(InformationSchema { inner: information_schema, cell }))?;
     ctx.register_udf(constant_text_udf("version", VERSION));
     register_user_functions(ctx, DEFAULT_USER);
     // Everything is visible: freshet has one schema on the search path.
@@ -306,7 +309,10 @@ fn constant_text_udf(name: &str, value: &str) -> ScalarUDF {
 /// functions, `information_schema`, or Postgres' special user functions) are rewritten
 /// into SQL DataFusion can plan; anything else, and anything the rewriting parser cannot
 /// read, goes to freshet's own parser, which reports errors with positions.
-pub fn parse(text: &str) -> Result<VecDeque<Statement>> {
+///
+/// `current_setting('name')` is replaced by the value `setting` gives for `name` (the
+/// session's settings live with the connection, not in the planner).
+pub fn parse(text: &str, setting: &dyn Fn(&str) -> Result<String>) -> Result<VecDeque<Statement>> {
     static PARSER: LazyLock<PostgresCompatibilityParser> = LazyLock::new(PostgresCompatibilityParser::new);
     if !is_catalog_query(text) {
         return sql::parse(text);
@@ -315,6 +321,7 @@ pub fn parse(text: &str) -> Result<VecDeque<Statement>> {
     for (from, to) in CLIENT_REWRITES {
         text = replace_ignoring_whitespace(&text, from, to);
     }
+    let text = inline_settings(&text, setting)?;
     let text = text.as_str();
     match PARSER.parse(text) {
         Ok(statements) => Ok(statements
@@ -367,12 +374,59 @@ const CLIENT_REWRITES: &[(&str, &str)] = &[
         "pg_catalog.array_to_string(c.reloptions || array(select 'toast.' || x from pg_catalog.unnest(tc.reloptions) x), ', ')",
         "''",
     ),
+    // Grafana's PostgreSQL data source (public/app/plugins/datasource/
+    // grafana-postgresql-datasource/postgresMetaQuery.ts, buildSchemaConstraint): the
+    // schemas on the search path. freshet resolves names in `public` only.
+    (
+        "SELECT CASE WHEN trim(s[i]) = '\"$user\"' THEN user ELSE trim(s[i]) END FROM generate_series( array_lower(string_to_array(current_setting('search_path'),','),1), array_upper(string_to_array(current_setting('search_path'),','),1) ) as i, string_to_array(current_setting('search_path'),',') s",
+        "'public'",
+    ),
     // psql `\du`: the roles a role is a member of (freshet has one role, a member of none).
     (
         "ARRAY(SELECT b.rolname FROM pg_catalog.pg_auth_members m JOIN pg_catalog.pg_roles b ON (m.roleid = b.oid) WHERE m.member = r.oid) as memberof",
         "'{}' as memberof",
     ),
 ];
+
+/// Replaces `current_setting('name' [, missing_ok])` with the value of `name` as a string
+/// literal. An unknown name is refused (42704) unless `missing_ok` is true (then NULL).
+fn inline_settings(sql: &str, setting: &dyn Fn(&str) -> Result<String>) -> Result<String> {
+    const CALL: &str = "current_setting(";
+    let lower = sql.to_ascii_lowercase();
+    let mut out = String::with_capacity(sql.len());
+    let (mut copied, mut from) = (0, 0);
+    while let Some(found) = lower[from..].find(CALL) {
+        let call = from + found;
+        let args = call + CALL.len();
+        from = args;
+        // Only `'name')` and `'name', true|false)` are inlined; anything else is left to
+        // the planner, which reports the function as unknown.
+        let Some(quoted) = lower[args..].strip_prefix('\'') else { continue };
+        let Some(name_len) = quoted.find('\'') else { continue };
+        let after_name = args + 1 + name_len + 1;
+        let Some(close) = lower[after_name..].find(')') else { continue };
+        let extra = lower[after_name..after_name + close].trim();
+        let missing_ok = match extra.strip_prefix(',').map(str::trim) {
+            None if extra.is_empty() => false,
+            Some("true") => true,
+            Some("false") => false,
+            _ => continue,
+        };
+        let name = &sql[args + 1..args + 1 + name_len];
+        let value = match setting(name) {
+            Ok(value) => format!("'{}'", value.replace('\'', "''")),
+            Err(_) if missing_ok => "NULL".to_string(),
+            Err(e) => return Err(e),
+        };
+        let start = if lower[..call].ends_with("pg_catalog.") { call - "pg_catalog.".len() } else { call };
+        out.push_str(&sql[copied..start]);
+        out.push_str(&value);
+        copied = after_name + close + 1;
+        from = copied;
+    }
+    out.push_str(&sql[copied..]);
+    Ok(out)
+}
 
 /// Replaces every occurrence of `pattern` in `text`, where any run of whitespace in the
 /// pattern matches any run of whitespace (or none) in the text: clients indent the same
@@ -431,6 +485,7 @@ fn is_catalog_query(text: &str) -> bool {
         "array_upper",
         "array_lower",
         "quote_ident",
+        "current_setting",
     ];
     let lower = text.to_ascii_lowercase();
     MARKERS.iter().any(|m| lower.contains(m))
@@ -564,6 +619,130 @@ fn mark_materialized(batch: &RecordBatch, materialized: &HashSet<String>) -> DfR
     Ok(RecordBatch::try_new(schema, columns)?)
 }
 
+/// DataFusion's `information_schema`, with `columns.data_type` spelled the way Postgres
+/// spells it (`integer`, `timestamp without time zone`, …) for freshet's relations, since
+/// BI tools read column types from there.
+#[derive(Debug)]
+struct InformationSchema {
+    inner: InformationSchemaProvider,
+    cell: Arc<SnapshotCell>,
+}
+
+#[async_trait]
+impl SchemaProvider for InformationSchema {
+    fn table_names(&self) -> Vec<String> {
+        self.inner.table_names()
+    }
+
+    async fn table(&self, name: &str) -> DfResult<Option<Arc<dyn TableProvider>>> {
+        let Some(table) = self.inner.table(name).await? else { return Ok(None) };
+        if name.eq_ignore_ascii_case("columns") {
+            return Ok(Some(Arc::new(PgColumns { inner: table, cell: self.cell.clone() })));
+        }
+        Ok(Some(table))
+    }
+
+    fn table_exist(&self, name: &str) -> bool {
+        self.inner.table_exist(name)
+    }
+}
+
+/// `information_schema.columns` with Postgres type names.
+#[derive(Debug)]
+struct PgColumns {
+    inner: Arc<dyn TableProvider>,
+    cell: Arc<SnapshotCell>,
+}
+
+#[async_trait]
+impl TableProvider for PgColumns {
+    fn schema(&self) -> SchemaRef {
+        self.inner.schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        self.inner.table_type()
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let plan = self.inner.scan(state, None, &[], None).await?;
+        let batches = datafusion::physical_plan::collect(plan, state.task_ctx()).await?;
+        let snapshot = self.cell.current();
+        let field_of = |table: &str, column: &str| -> Option<Field> {
+            let schema = match snapshot.relation(table) {
+                Some(version) => version.def.schema.clone(),
+                None => snapshot.plain_views.get(table)?.schema(),
+            };
+            schema.field_with_name(column).ok().cloned()
+        };
+        let schema = self.inner.schema();
+        let mut patched = Vec::with_capacity(batches.len());
+        for batch in batches {
+            let text = |name: &str| {
+                schema.index_of(name).ok().and_then(|i| batch.column(i).as_any().downcast_ref::<StringArray>().cloned())
+            };
+            let (Some(schemas), Some(tables), Some(columns), Some(types), Ok(type_at)) =
+                (text("table_schema"), text("table_name"), text("column_name"), text("data_type"), schema.index_of("data_type"))
+            else {
+                patched.push(batch);
+                continue;
+            };
+            let renamed: StringArray = (0..batch.num_rows())
+                .map(|row| {
+                    let ours = schemas.is_valid(row) && schemas.value(row) == SCHEMA_NAME;
+                    let field = if ours { field_of(tables.value(row), columns.value(row)) } else { None };
+                    match field {
+                        Some(field) => Some(pg_type_name(&field)),
+                        None => types.is_valid(row).then(|| types.value(row).to_string()),
+                    }
+                })
+                .collect();
+            let mut arrays = batch.columns().to_vec();
+            arrays[type_at] = Arc::new(renamed);
+            patched.push(RecordBatch::try_new(schema.clone(), arrays)?);
+        }
+        Ok(MemorySourceConfig::try_new_exec(&[patched], schema, projection.cloned())?)
+    }
+}
+
+/// The SQL-standard name Postgres reports in `information_schema.columns.data_type` for
+/// the type the wire protocol sends for `field`.
+fn pg_type_name(field: &Field) -> String {
+    use datafusion_postgres::arrow_pg::datatypes::into_pg_type;
+    use pgwire::api::Type;
+    if sql::is_json(field) {
+        return "json".into();
+    }
+    let Ok(pg) = into_pg_type(field.data_type()) else { return field.data_type().to_string() };
+    let name = match pg {
+        Type::BOOL => "boolean",
+        Type::INT2 => "smallint",
+        Type::INT4 => "integer",
+        Type::INT8 => "bigint",
+        Type::FLOAT4 => "real",
+        Type::FLOAT8 => "double precision",
+        Type::NUMERIC => "numeric",
+        Type::TEXT => "text",
+        Type::VARCHAR => "character varying",
+        Type::BYTEA => "bytea",
+        Type::DATE => "date",
+        Type::TIME => "time without time zone",
+        Type::TIMESTAMP => "timestamp without time zone",
+        Type::TIMESTAMPTZ => "timestamp with time zone",
+        Type::INTERVAL => "interval",
+        Type::JSON => "json",
+        ref t if t.name().starts_with('_') => "ARRAY",
+        ref t => return t.name().to_string(),
+    };
+    name.to_string()
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum ViewKind {
     Plain,
@@ -663,11 +842,31 @@ mod tests {
         assert!(is_catalog_query("SELECT * FROM pg_catalog.pg_class"));
         assert!(is_catalog_query("select current_schema()"));
         assert!(!is_catalog_query("SELECT * FROM orders"));
-        let statements = parse("SELECT relname FROM pg_class WHERE oid = 'orders'::regclass").expect("parses");
+        let no_settings = |name: &str| -> Result<String> { Err(Error::not_supported(name.to_string())) };
+        let statements =
+            parse("SELECT relname FROM pg_class WHERE oid = 'orders'::regclass", &no_settings).expect("parses");
         assert_eq!(statements.len(), 1);
         // Freshet's own statements still parse when they appear in a catalog-looking string.
-        let statements = parse("SUBSCRIBE TO pg_stats_view").expect("parses");
+        let statements = parse("SUBSCRIBE TO pg_stats_view", &no_settings).expect("parses");
         assert!(matches!(statements[0], Statement::Subscribe { .. }));
+    }
+
+    #[test]
+    fn settings_are_inlined() {
+        let setting = |name: &str| -> Result<String> {
+            match name {
+                "search_path" => Ok("\"$user\", public".into()),
+                other => Err(Error::Plan { code: "42704", message: format!("unknown {other}"), position: None }),
+            }
+        };
+        assert_eq!(
+            inline_settings("SELECT pg_catalog.current_setting('search_path'), 1", &setting).expect("known"),
+            "SELECT '\"$user\", public', 1"
+        );
+        assert_eq!(inline_settings("SELECT current_setting('nope', true)", &setting).expect("missing ok"), "SELECT NULL");
+        let err = inline_settings("SELECT current_setting('nope')", &setting).expect_err("unknown");
+        assert_eq!(err.sqlstate(), "42704");
+        assert_eq!(inline_settings("SELECT current_setting(x)", &setting).expect("left alone"), "SELECT current_setting(x)");
     }
 
     #[test]

@@ -19,7 +19,6 @@ use datafusion_postgres::arrow_pg::datatypes::df::deserialize_parameters;
 use datafusion_postgres::arrow_pg::datatypes::{arrow_schema_to_pg_fields, encode_recordbatch, into_pg_type};
 use futures::{Sink, StreamExt, stream};
 use pgwire::api::auth::StartupHandler;
-use pgwire::api::auth::noop::NoopStartupHandler;
 use pgwire::api::cancel::{CancelHandler, DefaultCancelHandler};
 use pgwire::api::portal::{Format, Portal};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
@@ -32,24 +31,25 @@ use pgwire::messages::PgWireBackendMessage;
 use pgwire::messages::data::DataRow;
 use pgwire::types::format::FormatOptions;
 
+use super::auth::{Auth, Authenticator, ConnectionStartup};
 use super::metrics::Metrics;
 use super::session::{Command, Reply, Session};
 use crate::catalog::{Database, Outcome};
 use crate::error::Error;
 use crate::sql::{self, Planned};
 
-/// Everything a connection needs; one instance is shared by all connections.
+/// Everything connections share; [`PgHandlers::connection`] adds what each one owns.
 pub struct PgHandlers {
     /// Startup completions, for the accept loop's startup deadline.
     pub startup_watch: Arc<StartupWatch>,
     queries: Arc<QueryHandler>,
-    startup: Arc<Startup>,
+    authenticator: Arc<Authenticator>,
     cancel: Arc<DefaultCancelHandler>,
     errors: Arc<ErrorCounter>,
 }
 
 impl PgHandlers {
-    pub fn new(db: Database, metrics: Arc<Metrics>) -> Self {
+    pub fn new(db: Database, metrics: Arc<Metrics>, auth: Auth) -> Self {
         let connections = Arc::new(ConnectionManager::new());
         let startup_watch = Arc::new(StartupWatch::default());
         PgHandlers {
@@ -59,20 +59,31 @@ impl PgHandlers {
                 parser: Arc::new(Parser { db }),
                 metrics: metrics.clone(),
             }),
-            startup: Arc::new(Startup { connections: connections.clone(), watch: startup_watch }),
+            authenticator: Arc::new(Authenticator::new(auth, connections.clone(), startup_watch)),
             cancel: Arc::new(DefaultCancelHandler::new(connections)),
             errors: Arc::new(ErrorCounter { metrics }),
         }
     }
+
+    /// The handlers for one new connection (its startup keeps per-connection state).
+    pub fn connection(self: &Arc<Self>) -> ConnectionHandlers {
+        ConnectionHandlers { shared: self.clone(), startup: Arc::new(self.authenticator.connection()) }
+    }
 }
 
-impl PgWireServerHandlers for PgHandlers {
+/// One connection's handlers: the shared ones plus its own startup.
+pub struct ConnectionHandlers {
+    shared: Arc<PgHandlers>,
+    startup: Arc<ConnectionStartup>,
+}
+
+impl PgWireServerHandlers for ConnectionHandlers {
     fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
-        self.queries.clone()
+        self.shared.queries.clone()
     }
 
     fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {
-        self.queries.clone()
+        self.shared.queries.clone()
     }
 
     fn startup_handler(&self) -> Arc<impl StartupHandler> {
@@ -80,40 +91,11 @@ impl PgWireServerHandlers for PgHandlers {
     }
 
     fn error_handler(&self) -> Arc<impl ErrorHandler> {
-        self.errors.clone()
+        self.shared.errors.clone()
     }
 
     fn cancel_handler(&self) -> Arc<impl CancelHandler> {
-        self.cancel.clone()
-    }
-}
-
-/// Accepts every user name without a password (authentication is a later feature),
-/// registers the connection so CancelRequest can find it, and tells the accept loop that
-/// the startup phase is over (see [`StartupWatch`]).
-struct Startup {
-    connections: Arc<ConnectionManager>,
-    watch: Arc<StartupWatch>,
-}
-
-#[async_trait]
-impl NoopStartupHandler for Startup {
-    fn connection_manager(&self) -> Option<Arc<ConnectionManager>> {
-        Some(self.connections.clone())
-    }
-
-    async fn post_startup<C>(
-        &self,
-        client: &mut C,
-        _message: pgwire::messages::PgWireFrontendMessage,
-    ) -> PgWireResult<()>
-    where
-        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send,
-        C::Error: Debug,
-        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
-    {
-        self.watch.finished(client.socket_addr());
-        Ok(())
+        self.shared.cancel.clone()
     }
 }
 
@@ -141,7 +123,8 @@ impl StartupWatch {
         }
     }
 
-    fn finished(&self, peer: std::net::SocketAddr) {
+    /// Marks the connection from `peer` as started.
+    pub fn finished(&self, peer: std::net::SocketAddr) {
         let done = self.pending.lock().ok().and_then(|mut pending| pending.remove(&peer));
         if let Some(done) = done {
             let _ = done.send(());
@@ -182,8 +165,8 @@ pub struct Parser {
 }
 
 impl Parser {
-    async fn plan_prepared(&self, sql: &str) -> Result<Option<Prepared>, Error> {
-        let mut statements = parse(sql)?;
+    async fn plan_prepared(&self, sql: &str, setting: &Setting<'_>) -> Result<Option<Prepared>, Error> {
+        let mut statements = parse(sql, setting)?;
         let Some(statement) = statements.pop_front() else { return Ok(None) };
         if !statements.is_empty() {
             return Err(Error::Syntax {
@@ -205,14 +188,16 @@ impl QueryParser for Parser {
 
     async fn parse_sql<C>(
         &self,
-        _client: &C,
+        client: &C,
         sql: &str,
         _types: &[Option<Type>],
     ) -> PgWireResult<Option<Self::Statement>>
     where
         C: ClientInfo + Unpin + Send + Sync,
     {
-        Ok(self.plan_prepared(sql).await.map_err(to_pg)?.map(Arc::new))
+        let session = session_of(client);
+        let setting = |name: &str| lock(&session).get(name);
+        Ok(self.plan_prepared(sql, &setting).await.map_err(to_pg)?.map(Arc::new))
     }
 
     fn get_parameter_types(&self, stmt: &Self::Statement) -> PgWireResult<Vec<Type>> {
@@ -423,7 +408,9 @@ impl SimpleQueryHandler for QueryHandler {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        let statements = parse(query).map_err(to_pg)?;
+        let session = session_of(client);
+        let setting = |name: &str| lock(&session).get(name);
+        let statements = parse(query, &setting).map_err(to_pg)?;
         let mut responses = Vec::with_capacity(statements.len());
         for statement in statements {
             self.metrics.statements.fetch_add(1, Ordering::Relaxed);
@@ -520,10 +507,13 @@ fn is_read(planned: &Planned) -> bool {
     )
 }
 
+/// Looks up a session setting by name (for `current_setting`).
+type Setting<'a> = dyn Fn(&str) -> Result<String, Error> + Send + Sync + 'a;
+
 /// Splits a query string into statements; catalog queries go through the rewriting
 /// parser that makes client introspection plannable (see [`crate::catalog::system`]).
-fn parse(sql: &str) -> Result<std::collections::VecDeque<sql::Statement>, Error> {
-    crate::catalog::system::parse(sql)
+fn parse(sql: &str, setting: &Setting<'_>) -> Result<std::collections::VecDeque<sql::Statement>, Error> {
+    crate::catalog::system::parse(sql, setting)
 }
 
 /// This connection's session, created from its startup parameters on first use.
