@@ -20,7 +20,7 @@ use std::sync::{Arc, LazyLock, RwLock};
 use async_trait::async_trait;
 use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, StringArray};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use datafusion::catalog::information_schema::InformationSchemaProvider;
+use datafusion::catalog::information_schema::{INFORMATION_SCHEMA_TABLES, InformationSchemaProvider};
 use datafusion::catalog::{SchemaProvider, Session, TableProvider};
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::error::Result as DfResult;
@@ -51,7 +51,28 @@ pub fn install(ctx: &SessionContext, cell: Arc<SnapshotCell>) -> Result<()> {
     let catalog =
         ctx.catalog(CATALOG_NAME).ok_or_else(|| Error::Internal("the freshet catalog is not registered".into()))?;
     let inner = catalog.schema("pg_catalog").ok_or_else(|| Error::Internal("pg_catalog was not registered".into()))?;
-    catalog.register_schema("pg_catalog", Arc::new(PgCatalog { inner, cell: cell.clone(), user }))?;
+    let hidden = Hidden::default();
+    catalog.register_schema(
+        "pg_catalog",
+        Arc::new(PgCatalog { inner, cell: cell.clone(), user, hidden: hidden.clone() }),
+    )?;
+    // information_schema is not on the search path, so its relations are not visible.
+    ctx.register_udf(create_udf(
+        "pg_table_is_visible",
+        vec![DataType::Int32],
+        DataType::Boolean,
+        Volatility::Stable,
+        Arc::new(move |args: &[ColumnarValue]| {
+            let arrays = ColumnarValue::values_to_arrays(args)?;
+            let oids = datafusion::common::cast::as_int32_array(&arrays[0])?;
+            let hidden = match hidden.read() {
+                Ok(guard) => guard,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            let visible: BooleanArray = oids.iter().map(|oid| oid.map(|oid| !hidden.contains(&oid))).collect();
+            Ok(ColumnarValue::Array(Arc::new(visible)))
+        }),
+    ));
     let information_schema = InformationSchemaProvider::new(ctx.state().catalog_list().clone());
     catalog.register_schema("information_schema", Arc::new(InformationSchema { inner: information_schema, cell }))?;
     ctx.register_udf(constant_text_udf("version", VERSION));
@@ -527,12 +548,17 @@ impl PgCatalogContextProvider for LoginRoles {
     }
 }
 
+/// OIDs of relations not on the search path (information_schema's), as of the last
+/// `pg_class` scan; `pg_table_is_visible` answers false for them.
+type Hidden = Arc<RwLock<HashSet<i32>>>;
+
 /// `pg_catalog` as the crate builds it, with the relations freshet knows better replaced.
 #[derive(Debug)]
 struct PgCatalog {
     inner: Arc<dyn SchemaProvider>,
     cell: Arc<SnapshotCell>,
     user: Arc<RwLock<String>>,
+    hidden: Hidden,
 }
 
 #[async_trait]
@@ -546,7 +572,7 @@ impl SchemaProvider for PgCatalog {
         match name.to_ascii_lowercase().as_str() {
             "pg_class" => {
                 let Some(inner) = self.inner.table(name).await? else { return Ok(None) };
-                Ok(Some(Arc::new(PgClass { inner, cell: self.cell.clone() })))
+                Ok(Some(Arc::new(PgClass { inner, cell: self.cell.clone(), hidden: self.hidden.clone() })))
             }
             "pg_views" => Ok(Some(Arc::new(ViewList { kind: ViewKind::Plain, owner, cell: self.cell.clone() }))),
             "pg_matviews" => {
@@ -567,6 +593,7 @@ impl SchemaProvider for PgCatalog {
 struct PgClass {
     inner: Arc<dyn TableProvider>,
     cell: Arc<SnapshotCell>,
+    hidden: Hidden,
 }
 
 #[async_trait]
@@ -588,12 +615,35 @@ impl TableProvider for PgClass {
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
         let plan = self.inner.scan(state, None, &[], None).await?;
         let batches = datafusion::physical_plan::collect(plan, state.task_ctx()).await?;
-        let materialized: HashSet<String> = self.cell.current().views.keys().cloned().collect();
+        let snapshot = self.cell.current();
+        let materialized: HashSet<String> = snapshot.views.keys().cloned().collect();
         let schema = self.inner.schema();
         let patched = batches
             .into_iter()
             .map(|batch| mark_materialized(&batch, &materialized))
             .collect::<DfResult<Vec<_>>>()?;
+        let mut hidden = HashSet::new();
+        for batch in &patched {
+            let oids = schema.index_of("oid").ok().and_then(|i| {
+                batch.column(i).as_any().downcast_ref::<datafusion::arrow::array::Int32Array>().cloned()
+            });
+            let names =
+                schema.index_of("relname").ok().and_then(|i| batch.column(i).as_any().downcast_ref::<StringArray>().cloned());
+            let (Some(oids), Some(names)) = (oids, names) else { continue };
+            for (oid, name) in oids.iter().zip(names.iter()) {
+                if let (Some(oid), Some(name)) = (oid, name)
+                    && INFORMATION_SCHEMA_TABLES.contains(&name)
+                    && snapshot.relation(name).is_none()
+                    && !snapshot.plain_views.contains_key(name)
+                {
+                    hidden.insert(oid);
+                }
+            }
+        }
+        match self.hidden.write() {
+            Ok(mut guard) => *guard = hidden,
+            Err(poisoned) => *poisoned.into_inner() = hidden,
+        }
         Ok(MemorySourceConfig::try_new_exec(&[patched], schema, projection.cloned())?)
     }
 }

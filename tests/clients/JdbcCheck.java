@@ -32,14 +32,15 @@ public class JdbcCheck {
                     }
                 }
             }
-            try (PreparedStatement ps = conn.prepareStatement("INSERT INTO readings VALUES (?, ?, ?)")) {
+            try (PreparedStatement ps = conn.prepareStatement(
+                    "INSERT INTO readings (id, device, temperature) VALUES (?, ?, ?)")) {
                 ps.setInt(1, 100);
                 ps.setString(2, "d-9");
                 ps.setDouble(3, 1.25);
                 System.out.println("inserted " + ps.executeUpdate());
             }
             conn.setAutoCommit(false);
-            try (Statement st = conn.createStatement(); ResultSet rs = st.executeQuery("SELECT count(*) FROM per_device")) {
+            try (Statement st = conn.createStatement(); ResultSet rs = st.executeQuery("SELECT count(*) FROM readings WHERE device = 'd-1'")) {
                 rs.next();
                 System.out.println("in transaction count " + rs.getLong(1));
             }

@@ -19,8 +19,11 @@ with psycopg.connect(host=host, port=port, user=user, password=password, dbname=
                     ("d-1", 20.0))
         for device, temperature in cur.fetchall():
             print("row", device, temperature)
-        cur.execute("INSERT INTO readings VALUES (%s, %s, %s)", (200, "d-8", 2.5))
+        cur.execute("INSERT INTO readings (id, device, temperature) VALUES (%s, %s, %s)", (200, "d-8", 2.5))
         print("inserted", cur.rowcount)
+    conn.commit()
+    # Wait until the materialized view includes the insert.
+    conn.execute("FLUSH")
     conn.commit()
 
 url = f"postgresql+psycopg://{user}:{password}@{host}:{port}/freshet"
@@ -37,4 +40,4 @@ with engine.connect() as conn:
     frame = pandas.read_sql("SELECT * FROM per_device ORDER BY device", conn)
 print("pandas", pandas.__version__)
 for record in frame.to_dict("records"):
-    print("frame", record["device"], record["avg_temp"])
+    print("frame", record["device"], record["avg_temp"], record["n"])
