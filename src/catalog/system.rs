@@ -95,6 +95,7 @@ pub fn install(ctx: &SessionContext, cell: Arc<SnapshotCell>) -> Result<()> {
         ));
     }
     ctx.register_udf(ScalarUDF::new_from_impl(JsonBuildObject::default()));
+    ctx.register_udf(ScalarUDF::new_from_impl(Format::default()));
     // Descriptions, comments and definitions freshet does not keep: NULL, as in Postgres
     // for an object without a comment.
     for name in [
@@ -249,6 +250,99 @@ impl datafusion::logical_expr::ScalarUDFImpl for JsonBuildObject {
         }
         Ok(ColumnarValue::Array(Arc::new(StringArray::from(out))))
     }
+}
+
+/// Postgres' `format(formatstr, args…)` with `%s`, `%I`, `%L` and `%%` (no widths or
+/// positions), which catalog queries use to build type and relation names.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Format {
+    signature: datafusion::logical_expr::Signature,
+}
+
+impl Default for Format {
+    fn default() -> Self {
+        Format { signature: datafusion::logical_expr::Signature::variadic_any(Volatility::Immutable) }
+    }
+}
+
+impl datafusion::logical_expr::ScalarUDFImpl for Format {
+    fn name(&self) -> &str {
+        "format"
+    }
+
+    fn signature(&self) -> &datafusion::logical_expr::Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _: &[DataType]) -> DfResult<DataType> {
+        Ok(DataType::Utf8)
+    }
+
+    fn invoke_with_args(&self, args: datafusion::logical_expr::ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+        use datafusion::arrow::util::display::array_value_to_string;
+        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        let Some((template, values)) = arrays.split_first() else {
+            return Err(datafusion::error::DataFusionError::Plan("format needs a format string".into()));
+        };
+        let mut out: Vec<Option<String>> = Vec::with_capacity(args.number_rows);
+        for row in 0..args.number_rows {
+            if template.is_null(row) {
+                out.push(None);
+                continue;
+            }
+            let template = array_value_to_string(template, row)?;
+            let value = |i: usize| -> DfResult<Option<String>> {
+                let array = values.get(i).ok_or_else(|| {
+                    datafusion::error::DataFusionError::Plan("too few arguments for format()".into())
+                })?;
+                if array.is_null(row) { Ok(None) } else { Ok(Some(array_value_to_string(array, row)?)) }
+            };
+            let (mut text, mut next, mut chars) = (String::new(), 0, template.chars());
+            while let Some(c) = chars.next() {
+                if c != '%' {
+                    text.push(c);
+                    continue;
+                }
+                match chars.next() {
+                    Some('%') => text.push('%'),
+                    Some('s') => {
+                        text.push_str(&value(next)?.unwrap_or_default());
+                        next += 1;
+                    }
+                    Some('I') => {
+                        let ident = value(next)?.ok_or_else(|| {
+                            datafusion::error::DataFusionError::Execution("null values cannot be formatted as an SQL identifier".into())
+                        })?;
+                        text.push_str(&quote_ident(&ident));
+                        next += 1;
+                    }
+                    Some('L') => {
+                        match value(next)? {
+                            Some(v) => text.push_str(&format!("'{}'", v.replace('\'', "''"))),
+                            None => text.push_str("NULL"),
+                        }
+                        next += 1;
+                    }
+                    other => {
+                        return Err(datafusion::error::DataFusionError::Plan(format!(
+                            "unrecognized format() type specifier \"{}\"",
+                            other.map(String::from).unwrap_or_default()
+                        )));
+                    }
+                }
+            }
+            out.push(Some(text));
+        }
+        Ok(ColumnarValue::Array(Arc::new(StringArray::from(out))))
+    }
+}
+
+/// An identifier as Postgres quotes it: bare when it is lower-case letters, digits and
+/// underscores (not starting with a digit), double-quoted otherwise.
+fn quote_ident(ident: &str) -> String {
+    let plain = ident.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && ident.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if plain { ident.to_string() } else { format!("\"{}\"", ident.replace('"', "\"\"")) }
 }
 
 /// A catalog function that answers NULL text whatever its arguments.
