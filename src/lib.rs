@@ -13,8 +13,11 @@
 //! - [`sql`]: parsing (Postgres dialect), planning statements with DataFusion, and
 //!   lowering a view's plan to a dataflow.
 //! - [`catalog`]: tables, materialized views, and the [`catalog::Database`] that runs
-//!   planned statements.
-//! - [`server`]: the Postgres wire protocol (pgwire), the HTTP endpoints, and startup.
+//!   planned statements; `catalog::system` is the `pg_catalog`/`information_schema` that
+//!   clients introspect.
+//! - [`server`]: the Postgres wire protocol (pgwire) with per-connection sessions
+//!   (`server::session`) and authentication/TLS (`server::auth`), the HTTP endpoints, and
+//!   startup.
 
 pub mod catalog;
 pub mod dataflow;

@@ -79,6 +79,8 @@ async fn psql_meta_commands_describe_tables_and_views() {
     assert!(databases.lines().any(|l| l.starts_with("freshet|freshet|")), "{databases}");
     let schemas = psql_out(&server, &["-c", r"\dn"]).await;
     assert!(schemas.contains("public|freshet"), "{schemas}");
+    let roles = psql_out(&server, &["-c", r"\du"]).await;
+    assert!(roles.lines().any(|l| l.starts_with("freshet|Superuser")), "{roles}");
     let functions = psql_out(&server, &["-c", r"\df"]).await;
     assert!(functions.contains("Schema|Name|Result data type|Argument data types|Type") && functions.contains("(0 rows)"));
 
