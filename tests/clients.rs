@@ -66,7 +66,8 @@ async fn psql_meta_commands_describe_tables_and_views() {
 
     let table = psql_out(&server, &["-c", r"\d+ readings"]).await;
     assert!(table.contains("Table \"public.readings\""), "{table}");
-    for column in ["id|integer|", "device|text||not null|", "temperature|double precision|", "at|timestamp without time zone|"]
+    for column in
+        ["id|integer|", "device|text||not null|", "temperature|double precision|", "at|timestamp without time zone|"]
     {
         assert!(table.contains(column), "\\d+ readings shows {column}: {table}");
     }
@@ -82,7 +83,9 @@ async fn psql_meta_commands_describe_tables_and_views() {
     let roles = psql_out(&server, &["-c", r"\du"]).await;
     assert!(roles.lines().any(|l| l.starts_with("freshet|Superuser")), "{roles}");
     let functions = psql_out(&server, &["-c", r"\df"]).await;
-    assert!(functions.contains("Schema|Name|Result data type|Argument data types|Type") && functions.contains("(0 rows)"));
+    assert!(
+        functions.contains("Schema|Name|Result data type|Argument data types|Type") && functions.contains("(0 rows)")
+    );
 
     // The catalog follows the current snapshot: a table created in this session appears.
     let later = psql_out(&server, &["-c", "CREATE TABLE later (x BIGINT)", "-c", r"\dt"]).await;
@@ -102,9 +105,7 @@ async fn pgjdbc_lists_tables_and_columns_and_runs_prepared_statements() {
     let addr = server.server.pg_addr();
     let url = format!("jdbc:postgresql://{}:{}/freshet", addr.ip(), addr.port());
     let mut java = Command::new("java");
-    java.arg("-cp")
-        .arg(format!("{}:{}", JDBC_JAR, classes.path().display()))
-        .args(["JdbcCheck", &url, "freshet", ""]);
+    java.arg("-cp").arg(format!("{}:{}", JDBC_JAR, classes.path().display())).args(["JdbcCheck", &url, "freshet", ""]);
     let out = stdout_of(&run_program(java, "java").await, "java JdbcCheck");
 
     let lines: Vec<&str> = out.lines().collect();

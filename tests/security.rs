@@ -41,7 +41,7 @@ async fn scram_passwords_are_checked_without_leaking_anything() {
     assert_eq!(row.get::<_, String>(0), "analyst");
 
     for (user, password) in [("analyst", "wrong"), ("mallory", PASSWORD)] {
-        let err = try_connect(&at(addr, user, Some(password))).await.err().expect("refused");
+        let err = try_connect(&at(addr, user, Some(password))).await.expect_err("refused");
         let db = err.as_db_error().unwrap_or_else(|| panic!("a server error, not {err}"));
         assert_eq!(db.code().code(), "28P01", "{}", db_error(&err));
         assert_eq!(db.severity(), "FATAL");
@@ -83,7 +83,7 @@ async fn without_a_password_only_loopback_clients_get_in() {
     let port = server.server.pg_addr().port();
     let remote = SocketAddr::new(outward_address(), port);
 
-    let err = try_connect(&at(remote, "freshet", None)).await.err().expect("a non-loopback client is refused");
+    let err = try_connect(&at(remote, "freshet", None)).await.expect_err("a non-loopback client is refused");
     let db = err.as_db_error().unwrap_or_else(|| panic!("a server error, not {err}"));
     assert_eq!(db.code().code(), "28000", "{}", db_error(&err));
     assert_eq!(db.severity(), "FATAL");

@@ -222,7 +222,7 @@ impl datafusion::logical_expr::ScalarUDFImpl for JsonBuildObject {
 
     fn invoke_with_args(&self, args: datafusion::logical_expr::ScalarFunctionArgs) -> DfResult<ColumnarValue> {
         use datafusion::arrow::util::display::array_value_to_string;
-        if args.args.len() % 2 != 0 {
+        if !args.args.len().is_multiple_of(2) {
             return Err(datafusion::error::DataFusionError::Plan(
                 "json_build_object needs an even number of arguments (key, value, …)".into(),
             ));
@@ -292,9 +292,9 @@ impl datafusion::logical_expr::ScalarUDFImpl for Format {
             }
             let template = array_value_to_string(template, row)?;
             let value = |i: usize| -> DfResult<Option<String>> {
-                let array = values.get(i).ok_or_else(|| {
-                    datafusion::error::DataFusionError::Plan("too few arguments for format()".into())
-                })?;
+                let array = values
+                    .get(i)
+                    .ok_or_else(|| datafusion::error::DataFusionError::Plan("too few arguments for format()".into()))?;
                 if array.is_null(row) { Ok(None) } else { Ok(Some(array_value_to_string(array, row)?)) }
             };
             let (mut text, mut next, mut chars) = (String::new(), 0, template.chars());
@@ -311,7 +311,9 @@ impl datafusion::logical_expr::ScalarUDFImpl for Format {
                     }
                     Some('I') => {
                         let ident = value(next)?.ok_or_else(|| {
-                            datafusion::error::DataFusionError::Execution("null values cannot be formatted as an SQL identifier".into())
+                            datafusion::error::DataFusionError::Execution(
+                                "null values cannot be formatted as an SQL identifier".into(),
+                            )
                         })?;
                         text.push_str(&quote_ident(&ident));
                         next += 1;
@@ -408,7 +410,13 @@ fn register_user_functions(ctx: &SessionContext, user: &str) {
             _ => ColumnarValue::Scalar(datafusion::scalar::ScalarValue::Utf8(Some(user.clone()))),
         })
     };
-    ctx.register_udf(create_udf("pg_get_userbyid", vec![DataType::Int32], DataType::Utf8, Volatility::Stable, Arc::new(by_id)));
+    ctx.register_udf(create_udf(
+        "pg_get_userbyid",
+        vec![DataType::Int32],
+        DataType::Utf8,
+        Volatility::Stable,
+        Arc::new(by_id),
+    ));
 }
 
 /// A function of no arguments that always returns `value`.
@@ -712,17 +720,18 @@ impl TableProvider for PgClass {
         let snapshot = self.cell.current();
         let materialized: HashSet<String> = snapshot.views.keys().cloned().collect();
         let schema = self.inner.schema();
-        let patched = batches
-            .into_iter()
-            .map(|batch| mark_materialized(&batch, &materialized))
-            .collect::<DfResult<Vec<_>>>()?;
+        let patched =
+            batches.into_iter().map(|batch| mark_materialized(&batch, &materialized)).collect::<DfResult<Vec<_>>>()?;
         let mut hidden = HashSet::new();
         for batch in &patched {
-            let oids = schema.index_of("oid").ok().and_then(|i| {
-                batch.column(i).as_any().downcast_ref::<datafusion::arrow::array::Int32Array>().cloned()
-            });
-            let names =
-                schema.index_of("relname").ok().and_then(|i| batch.column(i).as_any().downcast_ref::<StringArray>().cloned());
+            let oids = schema
+                .index_of("oid")
+                .ok()
+                .and_then(|i| batch.column(i).as_any().downcast_ref::<datafusion::arrow::array::Int32Array>().cloned());
+            let names = schema
+                .index_of("relname")
+                .ok()
+                .and_then(|i| batch.column(i).as_any().downcast_ref::<StringArray>().cloned());
             let (Some(oids), Some(names)) = (oids, names) else { continue };
             for (oid, name) in oids.iter().zip(names.iter()) {
                 if let (Some(oid), Some(name)) = (oid, name)
@@ -831,9 +840,13 @@ impl TableProvider for PgColumns {
             let text = |name: &str| {
                 schema.index_of(name).ok().and_then(|i| batch.column(i).as_any().downcast_ref::<StringArray>().cloned())
             };
-            let (Some(schemas), Some(tables), Some(columns), Some(types), Ok(type_at)) =
-                (text("table_schema"), text("table_name"), text("column_name"), text("data_type"), schema.index_of("data_type"))
-            else {
+            let (Some(schemas), Some(tables), Some(columns), Some(types), Ok(type_at)) = (
+                text("table_schema"),
+                text("table_name"),
+                text("column_name"),
+                text("data_type"),
+                schema.index_of("data_type"),
+            ) else {
                 patched.push(batch);
                 continue;
             };
@@ -1007,16 +1020,25 @@ mod tests {
             inline_settings("SELECT pg_catalog.current_setting('search_path'), 1", &setting).expect("known"),
             "SELECT '\"$user\", public', 1"
         );
-        assert_eq!(inline_settings("SELECT current_setting('nope', true)", &setting).expect("missing ok"), "SELECT NULL");
+        assert_eq!(
+            inline_settings("SELECT current_setting('nope', true)", &setting).expect("missing ok"),
+            "SELECT NULL"
+        );
         let err = inline_settings("SELECT current_setting('nope')", &setting).expect_err("unknown");
         assert_eq!(err.sqlstate(), "42704");
-        assert_eq!(inline_settings("SELECT current_setting(x)", &setting).expect("left alone"), "SELECT current_setting(x)");
+        assert_eq!(
+            inline_settings("SELECT current_setting(x)", &setting).expect("left alone"),
+            "SELECT current_setting(x)"
+        );
     }
 
     #[test]
     fn rewrites_ignore_indentation() {
         let text = "SELECT a,\n  ARRAY(SELECT b.x\n    FROM y) AS z FROM w";
-        assert_eq!(replace_ignoring_whitespace(text, "ARRAY(SELECT b.x FROM y)", "NULL"), "SELECT a,\n  NULL AS z FROM w");
+        assert_eq!(
+            replace_ignoring_whitespace(text, "ARRAY(SELECT b.x FROM y)", "NULL"),
+            "SELECT a,\n  NULL AS z FROM w"
+        );
         assert_eq!(replace_ignoring_whitespace("abc", "x", "y"), "abc");
     }
 

@@ -56,7 +56,10 @@ impl Default for Auth {
 impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the password.
-        f.debug_struct("Auth").field("user", &self.user).field("password", &self.password.as_ref().map(|_| "…")).finish()
+        f.debug_struct("Auth")
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "…"))
+            .finish()
     }
 }
 
@@ -111,7 +114,8 @@ impl Authenticator {
     pub fn new(auth: Auth, connections: Arc<ConnectionManager>, watch: Arc<StartupWatch>) -> Authenticator {
         let source = auth.password.as_ref().map(|password| Arc::new(PasswordSource::new(&auth.user, password)));
         let mut parameters = DefaultServerParameterProvider::default();
-        parameters.server_version = format!("{} (freshet {})", super::session::SERVER_VERSION, env!("CARGO_PKG_VERSION"));
+        parameters.server_version =
+            format!("{} (freshet {})", super::session::SERVER_VERSION, env!("CARGO_PKG_VERSION"));
         Authenticator { source, parameters: Arc::new(parameters), connections, watch }
     }
 

@@ -22,8 +22,8 @@ use tokio::task::JoinHandle;
 
 use crate::catalog::Database;
 use crate::error::{Error, Result};
-use metrics::Metrics;
 pub use auth::{Auth, Security, TlsFiles};
+use metrics::Metrics;
 use pg::PgHandlers;
 
 /// How long shutdown waits for running statements before it stops anyway.

@@ -153,7 +153,7 @@ pub struct Prepared {
 #[derive(Clone, Debug)]
 enum PreparedKind {
     /// A statement the database runs.
-    Plan(Planned),
+    Plan(Box<Planned>),
     /// A session statement (SET, SHOW, BEGIN, …) the connection answers itself.
     Session(Command),
 }
@@ -178,7 +178,7 @@ impl Parser {
             return Ok(Some(Prepared { sql: sql.to_string(), kind: PreparedKind::Session(command?) }));
         }
         let planned = self.db.plan(&statement, sql).await?;
-        Ok(Some(Prepared { sql: sql.to_string(), kind: PreparedKind::Plan(planned) }))
+        Ok(Some(Prepared { sql: sql.to_string(), kind: PreparedKind::Plan(Box::new(planned)) }))
     }
 }
 
@@ -471,7 +471,7 @@ impl ExtendedQueryHandler for QueryHandler {
         let inferred = planned.parameter_types().map_err(to_pg)?;
         let inferred_refs: Vec<Option<&DataType>> = inferred.iter().map(|t| t.as_ref()).collect();
         let params = deserialize_parameters(portal, &inferred_refs)?;
-        let planned = planned.clone().with_parameters(params).map_err(|e| to_pg(e.with_position(None)))?;
+        let planned = planned.as_ref().clone().with_parameters(params).map_err(|e| to_pg(e.with_position(None)))?;
         let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
         let limits = Limits::of(client);
         self.run(planned, &prepared.sql, &portal.result_column_format, options, limits).await.map_err(to_pg)

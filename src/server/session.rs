@@ -32,7 +32,13 @@ struct Parameter {
     description: &'static str,
 }
 
-const fn param(name: &'static str, default: &'static str, settable: bool, reported: bool, description: &'static str) -> Parameter {
+const fn param(
+    name: &'static str,
+    default: &'static str,
+    settable: bool,
+    reported: bool,
+    description: &'static str,
+) -> Parameter {
     Parameter { name, default, settable, reported, description }
 }
 
@@ -43,7 +49,13 @@ const PARAMETERS: &[Parameter] = &[
     param("client_min_messages", "notice", true, false, "Sets the message levels that are sent to the client."),
     param("DateStyle", "ISO, MDY", true, true, "Sets the display format for date and time values (ISO only)."),
     param("default_transaction_isolation", "read committed", false, false, "Each statement reads the latest commit."),
-    param("default_transaction_read_only", "off", true, false, "Sets the default read-only status of new transaction blocks."),
+    param(
+        "default_transaction_read_only",
+        "off",
+        true,
+        false,
+        "Sets the default read-only status of new transaction blocks.",
+    ),
     param("extra_float_digits", "1", true, false, "Sets the number of digits displayed for floating-point values."),
     param("integer_datetimes", "on", false, true, "Shows whether datetimes are integer based."),
     param("IntervalStyle", "postgres", true, true, "Sets the display format for interval values."),
@@ -51,7 +63,13 @@ const PARAMETERS: &[Parameter] = &[
     param("lc_collate", "C", false, false, "Shows the collation order locale."),
     param("lc_ctype", "C", false, false, "Shows the character classification and case conversion locale."),
     param("max_identifier_length", "63", false, false, "Shows the maximum identifier length."),
-    param("search_path", "\"$user\", public", true, false, "Sets the schema search order (freshet has one schema, public)."),
+    param(
+        "search_path",
+        "\"$user\", public",
+        true,
+        false,
+        "Sets the schema search order (freshet has one schema, public).",
+    ),
     param("server_encoding", "UTF8", false, true, "Shows the server (database) character set encoding."),
     param("server_version", SERVER_VERSION, false, true, "Shows the Postgres version freshet speaks as."),
     param("server_version_num", "160006", false, false, "Shows the server version as an integer."),
@@ -118,10 +136,12 @@ impl Command {
         };
         Some(Ok(match inner {
             SqlStatement::Set(set) => return Some(set_command(set)),
-            SqlStatement::ShowVariable { variable } => Command::Show {
-                name: variable.iter().map(|i| i.value.clone()).collect::<Vec<_>>().join(" "),
-            },
-            SqlStatement::StartTransaction { modes, .. } => Command::Begin { read_only: read_only(modes) == Some(true) },
+            SqlStatement::ShowVariable { variable } => {
+                Command::Show { name: variable.iter().map(|i| i.value.clone()).collect::<Vec<_>>().join(" ") }
+            }
+            SqlStatement::StartTransaction { modes, .. } => {
+                Command::Begin { read_only: read_only(modes) == Some(true) }
+            }
             SqlStatement::Commit { .. } => Command::Commit,
             SqlStatement::Rollback { savepoint: None, .. } => Command::Rollback,
             SqlStatement::Rollback { savepoint: Some(_), .. } => Command::Savepoint { tag: "ROLLBACK" },
@@ -169,7 +189,9 @@ fn set_command(set: &Set) -> Result<Command> {
         Set::SetNames { charset_name, .. } => {
             Ok(Command::Set { name: "client_encoding".into(), value: Some(charset_name.value.clone()), local: false })
         }
-        Set::SetTransaction { modes, snapshot: None, .. } => Ok(Command::SetTransaction { read_only: read_only(modes) }),
+        Set::SetTransaction { modes, snapshot: None, .. } => {
+            Ok(Command::SetTransaction { read_only: read_only(modes) })
+        }
         other => Err(Error::not_supported(format!("{other}"))),
     }
 }
@@ -424,11 +446,8 @@ fn normalize(p: &Parameter, value: &str) -> Result<String> {
             }),
         },
         "search_path" => {
-            let schemas: Vec<String> = trimmed
-                .split(',')
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty())
-                .collect();
+            let schemas: Vec<String> =
+                trimmed.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
             Ok(schemas.join(", "))
         }
         "client_min_messages" => match trimmed.to_ascii_lowercase().as_str() {
@@ -498,7 +517,10 @@ mod tests {
             command("set time zone 'UTC'"),
             Command::Set { name: "TimeZone".into(), value: Some("UTC".into()), local: false }
         );
-        assert_eq!(command("SHOW transaction isolation level"), Command::Show { name: "transaction isolation level".into() });
+        assert_eq!(
+            command("SHOW transaction isolation level"),
+            Command::Show { name: "transaction isolation level".into() }
+        );
         assert_eq!(command("RESET ALL"), Command::Reset { name: None });
         assert_eq!(command("RESET statement_timeout"), Command::Reset { name: Some("statement_timeout".into()) });
         assert_eq!(command("BEGIN READ ONLY"), Command::Begin { read_only: true });
