@@ -676,6 +676,13 @@ impl SchemaProvider for PgCatalog {
                 let Some(inner) = self.inner.table(name).await? else { return Ok(None) };
                 Ok(Some(Arc::new(PgClass { inner, cell: self.cell.clone(), hidden: self.hidden.clone() })))
             }
+            "pg_attribute" => {
+                let (Some(inner), Some(classes)) = (self.inner.table(name).await?, self.inner.table("pg_class").await?)
+                else {
+                    return Ok(None);
+                };
+                Ok(Some(Arc::new(PgAttribute { inner, classes, cell: self.cell.clone() })))
+            }
             "pg_views" => Ok(Some(Arc::new(ViewList { kind: ViewKind::Plain, owner, cell: self.cell.clone() }))),
             "pg_matviews" => {
                 Ok(Some(Arc::new(ViewList { kind: ViewKind::Materialized, owner, cell: self.cell.clone() })))
@@ -750,6 +757,108 @@ impl TableProvider for PgClass {
         Ok(MemorySourceConfig::try_new_exec(&[patched], schema, projection.cloned())?)
     }
 }
+
+/// The crate's `pg_attribute`, corrected where freshet knows more: primary-key and
+/// NOT NULL columns are `attnotnull`, and JSON columns have the json type, as on the wire.
+#[derive(Debug)]
+struct PgAttribute {
+    inner: Arc<dyn TableProvider>,
+    /// The crate's `pg_class`, to name the relation of each `attrelid`.
+    classes: Arc<dyn TableProvider>,
+    cell: Arc<SnapshotCell>,
+}
+
+#[async_trait]
+impl TableProvider for PgAttribute {
+    fn schema(&self) -> SchemaRef {
+        self.inner.schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        self.inner.table_type()
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        use datafusion::arrow::array::Int32Array;
+        let classes = self.classes.scan(state, None, &[], None).await?;
+        let classes = datafusion::physical_plan::collect(classes, state.task_ctx()).await?;
+        let snapshot = self.cell.current();
+        // attrelid → the freshet relation it describes.
+        let mut relations = std::collections::HashMap::new();
+        for batch in &classes {
+            let class_schema = batch.schema();
+            let oids = class_schema
+                .index_of("oid")
+                .ok()
+                .and_then(|i| batch.column(i).as_any().downcast_ref::<Int32Array>().cloned());
+            let names = class_schema
+                .index_of("relname")
+                .ok()
+                .and_then(|i| batch.column(i).as_any().downcast_ref::<StringArray>().cloned());
+            let (Some(oids), Some(names)) = (oids, names) else { continue };
+            for (oid, name) in oids.iter().zip(names.iter()) {
+                if let (Some(oid), Some(version)) = (oid, name.and_then(|n| snapshot.relation(n))) {
+                    relations.insert(oid, version.def.clone());
+                }
+            }
+        }
+        let plan = self.inner.scan(state, None, &[], None).await?;
+        let batches = datafusion::physical_plan::collect(plan, state.task_ctx()).await?;
+        let schema = self.inner.schema();
+        let at = |name: &str| schema.index_of(name).ok();
+        let (Some(rel_at), Some(name_at), Some(type_at), Some(notnull_at)) =
+            (at("attrelid"), at("attname"), at("atttypid"), at("attnotnull"))
+        else {
+            return Ok(MemorySourceConfig::try_new_exec(&[batches], schema, projection.cloned())?);
+        };
+        let mut patched = Vec::with_capacity(batches.len());
+        for batch in batches {
+            let rels = batch.column(rel_at).as_any().downcast_ref::<Int32Array>().cloned();
+            let names = batch.column(name_at).as_any().downcast_ref::<StringArray>().cloned();
+            let types = batch.column(type_at).as_any().downcast_ref::<Int32Array>().cloned();
+            let notnulls = batch.column(notnull_at).as_any().downcast_ref::<BooleanArray>().cloned();
+            let (Some(rels), Some(names), Some(types), Some(notnulls)) = (rels, names, types, notnulls) else {
+                patched.push(batch);
+                continue;
+            };
+            let mut new_types = Vec::with_capacity(batch.num_rows());
+            let mut new_notnulls = Vec::with_capacity(batch.num_rows());
+            for row in 0..batch.num_rows() {
+                let def = rels.is_valid(row).then(|| relations.get(&rels.value(row))).flatten();
+                let column = def.and_then(|def| def.schema.index_of(names.value(row)).ok().map(|i| (def, i)));
+                let (typ, notnull) = (
+                    types.is_valid(row).then(|| types.value(row)),
+                    notnulls.is_valid(row).then(|| notnulls.value(row)),
+                );
+                match column {
+                    Some((def, i)) => {
+                        let field = def.schema.field(i);
+                        new_types.push(if sql::is_json(field) { Some(JSON_OID) } else { typ });
+                        new_notnulls.push(Some(!field.is_nullable() || def.primary_key.contains(&i)));
+                    }
+                    None => {
+                        new_types.push(typ);
+                        new_notnulls.push(notnull);
+                    }
+                }
+            }
+            let mut arrays = batch.columns().to_vec();
+            arrays[type_at] = Arc::new(Int32Array::from(new_types));
+            arrays[notnull_at] = Arc::new(BooleanArray::from(new_notnulls));
+            patched.push(RecordBatch::try_new(schema.clone(), arrays)?);
+        }
+        Ok(MemorySourceConfig::try_new_exec(&[patched], schema, projection.cloned())?)
+    }
+}
+
+/// The OID of Postgres' `json` type.
+const JSON_OID: i32 = 114;
 
 fn mark_materialized(batch: &RecordBatch, materialized: &HashSet<String>) -> DfResult<RecordBatch> {
     let schema = batch.schema();
@@ -827,12 +936,16 @@ impl TableProvider for PgColumns {
         let plan = self.inner.scan(state, None, &[], None).await?;
         let batches = datafusion::physical_plan::collect(plan, state.task_ctx()).await?;
         let snapshot = self.cell.current();
-        let field_of = |table: &str, column: &str| -> Option<Field> {
-            let schema = match snapshot.relation(table) {
-                Some(version) => version.def.schema.clone(),
-                None => snapshot.plain_views.get(table)?.schema(),
+        // The column's field, and whether it may hold NULL (primary keys may not).
+        let field_of = |table: &str, column: &str| -> Option<(Field, bool)> {
+            let (schema, key) = match snapshot.relation(table) {
+                Some(version) => (version.def.schema.clone(), version.def.primary_key.clone()),
+                None => (snapshot.plain_views.get(table)?.schema(), Vec::new()),
             };
-            schema.field_with_name(column).ok().cloned()
+            let i = schema.index_of(column).ok()?;
+            let field = schema.field(i).clone();
+            let nullable = field.is_nullable() && !key.contains(&i);
+            Some((field, nullable))
         };
         let schema = self.inner.schema();
         let mut patched = Vec::with_capacity(batches.len());
@@ -840,28 +953,34 @@ impl TableProvider for PgColumns {
             let text = |name: &str| {
                 schema.index_of(name).ok().and_then(|i| batch.column(i).as_any().downcast_ref::<StringArray>().cloned())
             };
-            let (Some(schemas), Some(tables), Some(columns), Some(types), Ok(type_at)) = (
-                text("table_schema"),
-                text("table_name"),
-                text("column_name"),
-                text("data_type"),
-                schema.index_of("data_type"),
-            ) else {
+            let (Some(schemas), Some(tables), Some(columns), Some(types), Some(nullables)) =
+                (text("table_schema"), text("table_name"), text("column_name"), text("data_type"), text("is_nullable"))
+            else {
                 patched.push(batch);
                 continue;
             };
-            let renamed: StringArray = (0..batch.num_rows())
-                .map(|row| {
-                    let ours = schemas.is_valid(row) && schemas.value(row) == SCHEMA_NAME;
-                    let field = if ours { field_of(tables.value(row), columns.value(row)) } else { None };
-                    match field {
-                        Some(field) => Some(pg_type_name(&field)),
-                        None => types.is_valid(row).then(|| types.value(row).to_string()),
+            let (Ok(type_at), Ok(nullable_at)) = (schema.index_of("data_type"), schema.index_of("is_nullable")) else {
+                patched.push(batch);
+                continue;
+            };
+            let mut renamed = Vec::with_capacity(batch.num_rows());
+            let mut is_nullable = Vec::with_capacity(batch.num_rows());
+            for row in 0..batch.num_rows() {
+                let ours = schemas.is_valid(row) && schemas.value(row) == SCHEMA_NAME;
+                match if ours { field_of(tables.value(row), columns.value(row)) } else { None } {
+                    Some((field, nullable)) => {
+                        renamed.push(Some(pg_type_name(&field)));
+                        is_nullable.push(Some(if nullable { "YES" } else { "NO" }.to_string()));
                     }
-                })
-                .collect();
+                    None => {
+                        renamed.push(types.is_valid(row).then(|| types.value(row).to_string()));
+                        is_nullable.push(nullables.is_valid(row).then(|| nullables.value(row).to_string()));
+                    }
+                }
+            }
             let mut arrays = batch.columns().to_vec();
-            arrays[type_at] = Arc::new(renamed);
+            arrays[type_at] = Arc::new(StringArray::from(renamed));
+            arrays[nullable_at] = Arc::new(StringArray::from(is_nullable));
             patched.push(RecordBatch::try_new(schema.clone(), arrays)?);
         }
         Ok(MemorySourceConfig::try_new_exec(&[patched], schema, projection.cloned())?)

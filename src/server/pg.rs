@@ -247,7 +247,7 @@ impl QueryHandler {
     {
         use futures::SinkExt;
         use pgwire::messages::data::{FieldDescription, RowDescription};
-        use pgwire::messages::response::{CommandComplete, ReadyForQuery, TransactionStatus};
+        use pgwire::messages::response::{CommandComplete, ReadyForQuery};
 
         self.metrics.statements.fetch_add(1, Ordering::Relaxed);
         let _in_flight = self.metrics.statement_started();
@@ -309,7 +309,9 @@ impl QueryHandler {
             client.send(PgWireBackendMessage::ErrorResponse(info.into())).await?;
         }
         client.set_state(pgwire::api::PgWireConnectionState::ReadyForQuery);
-        client.send(PgWireBackendMessage::ReadyForQuery(ReadyForQuery::new(TransactionStatus::Idle))).await?;
+        // Inside a BEGIN block the client stays "in transaction".
+        let status = client.transaction_status();
+        client.send(PgWireBackendMessage::ReadyForQuery(ReadyForQuery::new(status))).await?;
         Ok(())
     }
 
