@@ -94,8 +94,8 @@ pub fn install(ctx: &SessionContext, cell: Arc<SnapshotCell>) -> Result<()> {
             }),
         ));
     }
-    ctx.register_udf(ScalarUDF::new_from_impl(JsonBuildObject::default()));
-    ctx.register_udf(ScalarUDF::new_from_impl(Format::default()));
+    ctx.register_udf(TextFunction::udf("json_build_object", json_build_object));
+    ctx.register_udf(TextFunction::udf("format", pg_format));
     // Descriptions, comments and definitions freshet does not keep: NULL, as in Postgres
     // for an object without a comment.
     for name in [
@@ -110,7 +110,7 @@ pub fn install(ctx: &SessionContext, cell: Arc<SnapshotCell>) -> Result<()> {
         "pg_get_function_identity_arguments",
         "pg_get_serial_sequence",
     ] {
-        ctx.register_udf(ScalarUDF::new_from_impl(NullText::new(name)));
+        ctx.register_udf(TextFunction::udf(name, null_text));
     }
     ctx.register_udf(create_udf(
         "to_regtype",
@@ -195,172 +195,44 @@ fn pretty_size(bytes: i64) -> String {
     format!("{value} PB")
 }
 
-/// `json_build_object(key, value, …)` as JSON text (SQLAlchemy's column inspection uses it).
-#[derive(Debug, PartialEq, Eq, Hash)]
-struct JsonBuildObject {
-    signature: datafusion::logical_expr::Signature,
-}
-
-impl Default for JsonBuildObject {
-    fn default() -> Self {
-        JsonBuildObject { signature: datafusion::logical_expr::Signature::variadic_any(Volatility::Immutable) }
-    }
-}
-
-impl datafusion::logical_expr::ScalarUDFImpl for JsonBuildObject {
-    fn name(&self) -> &str {
-        "json_build_object"
-    }
-
-    fn signature(&self) -> &datafusion::logical_expr::Signature {
-        &self.signature
-    }
-
-    fn return_type(&self, _: &[DataType]) -> DfResult<DataType> {
-        Ok(DataType::Utf8)
-    }
-
-    fn invoke_with_args(&self, args: datafusion::logical_expr::ScalarFunctionArgs) -> DfResult<ColumnarValue> {
-        use datafusion::arrow::util::display::array_value_to_string;
-        if !args.args.len().is_multiple_of(2) {
-            return Err(datafusion::error::DataFusionError::Plan(
-                "json_build_object needs an even number of arguments (key, value, …)".into(),
-            ));
-        }
-        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
-        let mut out = Vec::with_capacity(args.number_rows);
-        for row in 0..args.number_rows {
-            let mut object = serde_json::Map::new();
-            for pair in arrays.chunks(2) {
-                let key = array_value_to_string(&pair[0], row)?;
-                let value = &pair[1];
-                let json = if value.is_null(row) {
-                    serde_json::Value::Null
-                } else {
-                    let text = array_value_to_string(value, row)?;
-                    match value.data_type() {
-                        DataType::Boolean => serde_json::Value::Bool(text == "true"),
-                        t if t.is_numeric() => serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
-                        _ => serde_json::Value::String(text),
-                    }
-                };
-                object.insert(key, json);
-            }
-            out.push(serde_json::Value::Object(object).to_string());
-        }
-        Ok(ColumnarValue::Array(Arc::new(StringArray::from(out))))
-    }
-}
-
-/// Postgres' `format(formatstr, args…)` with `%s`, `%I`, `%L` and `%%` (no widths or
-/// positions), which catalog queries use to build type and relation names.
-#[derive(Debug, PartialEq, Eq, Hash)]
-struct Format {
-    signature: datafusion::logical_expr::Signature,
-}
-
-impl Default for Format {
-    fn default() -> Self {
-        Format { signature: datafusion::logical_expr::Signature::variadic_any(Volatility::Immutable) }
-    }
-}
-
-impl datafusion::logical_expr::ScalarUDFImpl for Format {
-    fn name(&self) -> &str {
-        "format"
-    }
-
-    fn signature(&self) -> &datafusion::logical_expr::Signature {
-        &self.signature
-    }
-
-    fn return_type(&self, _: &[DataType]) -> DfResult<DataType> {
-        Ok(DataType::Utf8)
-    }
-
-    fn invoke_with_args(&self, args: datafusion::logical_expr::ScalarFunctionArgs) -> DfResult<ColumnarValue> {
-        use datafusion::arrow::util::display::array_value_to_string;
-        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
-        let Some((template, values)) = arrays.split_first() else {
-            return Err(datafusion::error::DataFusionError::Plan("format needs a format string".into()));
-        };
-        let mut out: Vec<Option<String>> = Vec::with_capacity(args.number_rows);
-        for row in 0..args.number_rows {
-            if template.is_null(row) {
-                out.push(None);
-                continue;
-            }
-            let template = array_value_to_string(template, row)?;
-            let value = |i: usize| -> DfResult<Option<String>> {
-                let array = values
-                    .get(i)
-                    .ok_or_else(|| datafusion::error::DataFusionError::Plan("too few arguments for format()".into()))?;
-                if array.is_null(row) { Ok(None) } else { Ok(Some(array_value_to_string(array, row)?)) }
-            };
-            let (mut text, mut next, mut chars) = (String::new(), 0, template.chars());
-            while let Some(c) = chars.next() {
-                if c != '%' {
-                    text.push(c);
-                    continue;
-                }
-                match chars.next() {
-                    Some('%') => text.push('%'),
-                    Some('s') => {
-                        text.push_str(&value(next)?.unwrap_or_default());
-                        next += 1;
-                    }
-                    Some('I') => {
-                        let ident = value(next)?.ok_or_else(|| {
-                            datafusion::error::DataFusionError::Execution(
-                                "null values cannot be formatted as an SQL identifier".into(),
-                            )
-                        })?;
-                        text.push_str(&quote_ident(&ident));
-                        next += 1;
-                    }
-                    Some('L') => {
-                        match value(next)? {
-                            Some(v) => text.push_str(&format!("'{}'", v.replace('\'', "''"))),
-                            None => text.push_str("NULL"),
-                        }
-                        next += 1;
-                    }
-                    other => {
-                        return Err(datafusion::error::DataFusionError::Plan(format!(
-                            "unrecognized format() type specifier \"{}\"",
-                            other.map(String::from).unwrap_or_default()
-                        )));
-                    }
-                }
-            }
-            out.push(Some(text));
-        }
-        Ok(ColumnarValue::Array(Arc::new(StringArray::from(out))))
-    }
-}
-
-/// An identifier as Postgres quotes it: bare when it is lower-case letters, digits and
-/// underscores (not starting with a digit), double-quoted otherwise.
-fn quote_ident(ident: &str) -> String {
-    let plain = ident.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-        && ident.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if plain { ident.to_string() } else { format!("\"{}\"", ident.replace('"', "\"\"")) }
-}
-
-/// A catalog function that answers NULL text whatever its arguments.
-#[derive(Debug, PartialEq, Eq, Hash)]
-struct NullText {
+/// A catalog function of any arguments that returns text: one type for the functions
+/// below, which differ only in how they compute their value.
+struct TextFunction {
     name: &'static str,
     signature: datafusion::logical_expr::Signature,
+    /// Computes `rows` values from the argument columns.
+    body: fn(&[ArrayRef], usize) -> DfResult<ArrayRef>,
 }
 
-impl NullText {
-    fn new(name: &'static str) -> Self {
-        NullText { name, signature: datafusion::logical_expr::Signature::variadic_any(Volatility::Stable) }
+impl TextFunction {
+    fn udf(name: &'static str, body: fn(&[ArrayRef], usize) -> DfResult<ArrayRef>) -> ScalarUDF {
+        let signature = datafusion::logical_expr::Signature::variadic_any(Volatility::Stable);
+        ScalarUDF::new_from_impl(TextFunction { name, signature, body })
     }
 }
 
-impl datafusion::logical_expr::ScalarUDFImpl for NullText {
+// Functions are told apart by name (DataFusion compares and hashes UDFs).
+impl PartialEq for TextFunction {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+    }
+}
+
+impl Eq for TextFunction {}
+
+impl std::hash::Hash for TextFunction {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.name.hash(state);
+    }
+}
+
+impl std::fmt::Debug for TextFunction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextFunction").field("name", &self.name).finish()
+    }
+}
+
+impl datafusion::logical_expr::ScalarUDFImpl for TextFunction {
     fn name(&self) -> &str {
         self.name
     }
@@ -374,8 +246,114 @@ impl datafusion::logical_expr::ScalarUDFImpl for NullText {
     }
 
     fn invoke_with_args(&self, args: datafusion::logical_expr::ScalarFunctionArgs) -> DfResult<ColumnarValue> {
-        Ok(ColumnarValue::Array(datafusion::arrow::array::new_null_array(&DataType::Utf8, args.number_rows)))
+        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        Ok(ColumnarValue::Array((self.body)(&arrays, args.number_rows)?))
     }
+}
+
+/// NULL whatever the arguments: for comments and definitions freshet does not keep.
+fn null_text(_: &[ArrayRef], rows: usize) -> DfResult<ArrayRef> {
+    Ok(datafusion::arrow::array::new_null_array(&DataType::Utf8, rows))
+}
+
+/// `json_build_object(key, value, …)` as JSON text (SQLAlchemy's column inspection uses it).
+fn json_build_object(arrays: &[ArrayRef], rows: usize) -> DfResult<ArrayRef> {
+    use datafusion::arrow::util::display::array_value_to_string;
+    if !arrays.len().is_multiple_of(2) {
+        return Err(datafusion::error::DataFusionError::Plan(
+            "json_build_object needs an even number of arguments (key, value, …)".into(),
+        ));
+    }
+    let mut out = Vec::with_capacity(rows);
+    for row in 0..rows {
+        let mut object = serde_json::Map::new();
+        for pair in arrays.chunks(2) {
+            let key = array_value_to_string(&pair[0], row)?;
+            let value = &pair[1];
+            let json = if value.is_null(row) {
+                serde_json::Value::Null
+            } else {
+                let text = array_value_to_string(value, row)?;
+                match value.data_type() {
+                    DataType::Boolean => serde_json::Value::Bool(text == "true"),
+                    t if t.is_numeric() => serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+                    _ => serde_json::Value::String(text),
+                }
+            };
+            object.insert(key, json);
+        }
+        out.push(serde_json::Value::Object(object).to_string());
+    }
+    Ok(Arc::new(StringArray::from(out)))
+}
+
+/// Postgres' `format(formatstr, args…)` with `%s`, `%I`, `%L` and `%%` (no widths or
+/// positions), which catalog queries use to build type and relation names.
+fn pg_format(arrays: &[ArrayRef], rows: usize) -> DfResult<ArrayRef> {
+    use datafusion::arrow::util::display::array_value_to_string;
+    let Some((template, values)) = arrays.split_first() else {
+        return Err(datafusion::error::DataFusionError::Plan("format needs a format string".into()));
+    };
+    let mut out: Vec<Option<String>> = Vec::with_capacity(rows);
+    for row in 0..rows {
+        if template.is_null(row) {
+            out.push(None);
+            continue;
+        }
+        let template = array_value_to_string(template, row)?;
+        let value = |i: usize| -> DfResult<Option<String>> {
+            let array = values
+                .get(i)
+                .ok_or_else(|| datafusion::error::DataFusionError::Plan("too few arguments for format()".into()))?;
+            if array.is_null(row) { Ok(None) } else { Ok(Some(array_value_to_string(array, row)?)) }
+        };
+        let (mut text, mut next, mut chars) = (String::new(), 0, template.chars());
+        while let Some(c) = chars.next() {
+            if c != '%' {
+                text.push(c);
+                continue;
+            }
+            match chars.next() {
+                Some('%') => text.push('%'),
+                Some('s') => {
+                    text.push_str(&value(next)?.unwrap_or_default());
+                    next += 1;
+                }
+                Some('I') => {
+                    let ident = value(next)?.ok_or_else(|| {
+                        datafusion::error::DataFusionError::Execution(
+                            "null values cannot be formatted as an SQL identifier".into(),
+                        )
+                    })?;
+                    text.push_str(&quote_ident(&ident));
+                    next += 1;
+                }
+                Some('L') => {
+                    match value(next)? {
+                        Some(v) => text.push_str(&format!("'{}'", v.replace('\'', "''"))),
+                        None => text.push_str("NULL"),
+                    }
+                    next += 1;
+                }
+                other => {
+                    return Err(datafusion::error::DataFusionError::Plan(format!(
+                        "unrecognized format() type specifier \"{}\"",
+                        other.map(String::from).unwrap_or_default()
+                    )));
+                }
+            }
+        }
+        out.push(Some(text));
+    }
+    Ok(Arc::new(StringArray::from(out)))
+}
+
+/// An identifier as Postgres quotes it: bare when it is lower-case letters, digits and
+/// underscores (not starting with a digit), double-quoted otherwise.
+fn quote_ident(ident: &str) -> String {
+    let plain = ident.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && ident.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if plain { ident.to_string() } else { format!("\"{}\"", ident.replace('"', "\"\"")) }
 }
 
 /// Makes `current_user`, `session_user`, `pg_get_userbyid` and `pg_roles` name `user`.
@@ -674,14 +652,15 @@ impl SchemaProvider for PgCatalog {
         match name.to_ascii_lowercase().as_str() {
             "pg_class" => {
                 let Some(inner) = self.inner.table(name).await? else { return Ok(None) };
-                Ok(Some(Arc::new(PgClass { inner, cell: self.cell.clone(), hidden: self.hidden.clone() })))
+                let correction = RelationKinds { cell: self.cell.clone(), hidden: self.hidden.clone() };
+                Ok(Some(Arc::new(Corrected { inner, correction })))
             }
             "pg_attribute" => {
                 let (Some(inner), Some(classes)) = (self.inner.table(name).await?, self.inner.table("pg_class").await?)
                 else {
                     return Ok(None);
                 };
-                Ok(Some(Arc::new(PgAttribute { inner, classes, cell: self.cell.clone() })))
+                Ok(Some(Arc::new(Corrected { inner, correction: ColumnFacts { classes, cell: self.cell.clone() } })))
             }
             "pg_views" => Ok(Some(Arc::new(ViewList { kind: ViewKind::Plain, owner, cell: self.cell.clone() }))),
             "pg_matviews" => {
@@ -696,17 +675,28 @@ impl SchemaProvider for PgCatalog {
     }
 }
 
-/// The crate's `pg_class`, with `relkind = 'm'` for materialized views (the crate only
-/// knows DataFusion's base tables and views).
+/// A catalog table as the crate computes it, with the rows passed through a
+/// [`Correction`] where freshet knows better.
 #[derive(Debug)]
-struct PgClass {
+struct Corrected<C> {
     inner: Arc<dyn TableProvider>,
-    cell: Arc<SnapshotCell>,
-    hidden: Hidden,
+    correction: C,
+}
+
+/// How freshet corrects the rows of one of the crate's catalog tables.
+#[async_trait]
+trait Correction: std::fmt::Debug + Send + Sync + 'static {
+    /// The rows clients should see instead of `rows` (all of the table, of `schema`).
+    async fn correct(
+        &self,
+        state: &dyn Session,
+        schema: &SchemaRef,
+        rows: Vec<RecordBatch>,
+    ) -> DfResult<Vec<RecordBatch>>;
 }
 
 #[async_trait]
-impl TableProvider for PgClass {
+impl<C: Correction> TableProvider for Corrected<C> {
     fn schema(&self) -> SchemaRef {
         self.inner.schema()
     }
@@ -722,11 +712,31 @@ impl TableProvider for PgClass {
         _filters: &[Expr],
         _limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        let plan = self.inner.scan(state, None, &[], None).await?;
-        let batches = datafusion::physical_plan::collect(plan, state.task_ctx()).await?;
+        let schema = self.inner.schema();
+        let rows = scan_all(self.inner.as_ref(), state).await?;
+        let rows = self.correction.correct(state, &schema, rows).await?;
+        Ok(MemorySourceConfig::try_new_exec(&[rows], schema, projection.cloned())?)
+    }
+}
+
+/// `pg_class`: `relkind = 'm'` for materialized views (the crate only knows DataFusion's
+/// base tables and views), and which relations `pg_table_is_visible`.
+#[derive(Debug)]
+struct RelationKinds {
+    cell: Arc<SnapshotCell>,
+    hidden: Hidden,
+}
+
+#[async_trait]
+impl Correction for RelationKinds {
+    async fn correct(
+        &self,
+        _state: &dyn Session,
+        schema: &SchemaRef,
+        batches: Vec<RecordBatch>,
+    ) -> DfResult<Vec<RecordBatch>> {
         let snapshot = self.cell.current();
         let materialized: HashSet<String> = snapshot.views.keys().cloned().collect();
-        let schema = self.inner.schema();
         let patched =
             batches.into_iter().map(|batch| mark_materialized(&batch, &materialized)).collect::<DfResult<Vec<_>>>()?;
         let mut hidden = HashSet::new();
@@ -754,40 +764,29 @@ impl TableProvider for PgClass {
             Ok(mut guard) => *guard = hidden,
             Err(poisoned) => *poisoned.into_inner() = hidden,
         }
-        Ok(MemorySourceConfig::try_new_exec(&[patched], schema, projection.cloned())?)
+        Ok(patched)
     }
 }
 
-/// The crate's `pg_attribute`, corrected where freshet knows more: primary-key and
-/// NOT NULL columns are `attnotnull`, and JSON columns have the json type, as on the wire.
+/// `pg_attribute`: primary-key and NOT NULL columns are `attnotnull`, and JSON columns
+/// have the json type, as on the wire.
 #[derive(Debug)]
-struct PgAttribute {
-    inner: Arc<dyn TableProvider>,
+struct ColumnFacts {
     /// The crate's `pg_class`, to name the relation of each `attrelid`.
     classes: Arc<dyn TableProvider>,
     cell: Arc<SnapshotCell>,
 }
 
 #[async_trait]
-impl TableProvider for PgAttribute {
-    fn schema(&self) -> SchemaRef {
-        self.inner.schema()
-    }
-
-    fn table_type(&self) -> TableType {
-        self.inner.table_type()
-    }
-
-    async fn scan(
+impl Correction for ColumnFacts {
+    async fn correct(
         &self,
         state: &dyn Session,
-        projection: Option<&Vec<usize>>,
-        _filters: &[Expr],
-        _limit: Option<usize>,
-    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        schema: &SchemaRef,
+        batches: Vec<RecordBatch>,
+    ) -> DfResult<Vec<RecordBatch>> {
         use datafusion::arrow::array::Int32Array;
-        let classes = self.classes.scan(state, None, &[], None).await?;
-        let classes = datafusion::physical_plan::collect(classes, state.task_ctx()).await?;
+        let classes = scan_all(self.classes.as_ref(), state).await?;
         let snapshot = self.cell.current();
         // attrelid → the freshet relation it describes.
         let mut relations = std::collections::HashMap::new();
@@ -808,14 +807,11 @@ impl TableProvider for PgAttribute {
                 }
             }
         }
-        let plan = self.inner.scan(state, None, &[], None).await?;
-        let batches = datafusion::physical_plan::collect(plan, state.task_ctx()).await?;
-        let schema = self.inner.schema();
         let at = |name: &str| schema.index_of(name).ok();
         let (Some(rel_at), Some(name_at), Some(type_at), Some(notnull_at)) =
             (at("attrelid"), at("attname"), at("atttypid"), at("attnotnull"))
         else {
-            return Ok(MemorySourceConfig::try_new_exec(&[batches], schema, projection.cloned())?);
+            return Ok(batches);
         };
         let mut patched = Vec::with_capacity(batches.len());
         for batch in batches {
@@ -853,12 +849,18 @@ impl TableProvider for PgAttribute {
             arrays[notnull_at] = Arc::new(BooleanArray::from(new_notnulls));
             patched.push(RecordBatch::try_new(schema.clone(), arrays)?);
         }
-        Ok(MemorySourceConfig::try_new_exec(&[patched], schema, projection.cloned())?)
+        Ok(patched)
     }
 }
 
 /// The OID of Postgres' `json` type.
 const JSON_OID: i32 = 114;
+
+/// All rows of `table` (catalog tables are small, and the wrappers here patch them whole).
+async fn scan_all(table: &dyn TableProvider, state: &dyn Session) -> DfResult<Vec<RecordBatch>> {
+    let plan = table.scan(state, None, &[], None).await?;
+    datafusion::physical_plan::collect(plan, state.task_ctx()).await
+}
 
 fn mark_materialized(batch: &RecordBatch, materialized: &HashSet<String>) -> DfResult<RecordBatch> {
     let schema = batch.schema();
@@ -899,7 +901,10 @@ impl SchemaProvider for InformationSchema {
     async fn table(&self, name: &str) -> DfResult<Option<Arc<dyn TableProvider>>> {
         let Some(table) = self.inner.table(name).await? else { return Ok(None) };
         if name.eq_ignore_ascii_case("columns") {
-            return Ok(Some(Arc::new(PgColumns { inner: table, cell: self.cell.clone() })));
+            return Ok(Some(Arc::new(Corrected {
+                inner: table,
+                correction: PgColumnTypes { cell: self.cell.clone() },
+            })));
         }
         Ok(Some(table))
     }
@@ -909,32 +914,20 @@ impl SchemaProvider for InformationSchema {
     }
 }
 
-/// `information_schema.columns` with Postgres type names.
+/// `information_schema.columns`: Postgres type names, and primary keys are not nullable.
 #[derive(Debug)]
-struct PgColumns {
-    inner: Arc<dyn TableProvider>,
+struct PgColumnTypes {
     cell: Arc<SnapshotCell>,
 }
 
 #[async_trait]
-impl TableProvider for PgColumns {
-    fn schema(&self) -> SchemaRef {
-        self.inner.schema()
-    }
-
-    fn table_type(&self) -> TableType {
-        self.inner.table_type()
-    }
-
-    async fn scan(
+impl Correction for PgColumnTypes {
+    async fn correct(
         &self,
-        state: &dyn Session,
-        projection: Option<&Vec<usize>>,
-        _filters: &[Expr],
-        _limit: Option<usize>,
-    ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        let plan = self.inner.scan(state, None, &[], None).await?;
-        let batches = datafusion::physical_plan::collect(plan, state.task_ctx()).await?;
+        _state: &dyn Session,
+        schema: &SchemaRef,
+        batches: Vec<RecordBatch>,
+    ) -> DfResult<Vec<RecordBatch>> {
         let snapshot = self.cell.current();
         // The column's field, and whether it may hold NULL (primary keys may not).
         let field_of = |table: &str, column: &str| -> Option<(Field, bool)> {
@@ -947,7 +940,6 @@ impl TableProvider for PgColumns {
             let nullable = field.is_nullable() && !key.contains(&i);
             Some((field, nullable))
         };
-        let schema = self.inner.schema();
         let mut patched = Vec::with_capacity(batches.len());
         for batch in batches {
             let text = |name: &str| {
@@ -983,7 +975,7 @@ impl TableProvider for PgColumns {
             arrays[nullable_at] = Arc::new(StringArray::from(is_nullable));
             patched.push(RecordBatch::try_new(schema.clone(), arrays)?);
         }
-        Ok(MemorySourceConfig::try_new_exec(&[patched], schema, projection.cloned())?)
+        Ok(patched)
     }
 }
 
