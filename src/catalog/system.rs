@@ -57,42 +57,30 @@ pub fn install(ctx: &SessionContext, cell: Arc<SnapshotCell>) -> Result<()> {
         Arc::new(PgCatalog { inner, cell: cell.clone(), user, hidden: hidden.clone() }),
     )?;
     // information_schema is not on the search path, so its relations are not visible.
-    ctx.register_udf(create_udf(
-        "pg_table_is_visible",
-        vec![DataType::Int32],
-        DataType::Boolean,
-        Volatility::Stable,
-        Arc::new(move |args: &[ColumnarValue]| {
-            let arrays = ColumnarValue::values_to_arrays(args)?;
-            let oids = datafusion::common::cast::as_int32_array(&arrays[0])?;
-            let hidden = match hidden.read() {
-                Ok(guard) => guard,
-                Err(poisoned) => poisoned.into_inner(),
-            };
-            let visible: BooleanArray = oids.iter().map(|oid| oid.map(|oid| !hidden.contains(&oid))).collect();
-            Ok(ColumnarValue::Array(Arc::new(visible)))
-        }),
-    ));
+    ctx.register_udf(unary_udf("pg_table_is_visible", DataType::Int32, DataType::Boolean, move |oids| {
+        let oids = datafusion::common::cast::as_int32_array(oids)?;
+        let hidden = match hidden.read() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let visible: BooleanArray = oids.iter().map(|oid| oid.map(|oid| !hidden.contains(&oid))).collect();
+        Ok(Arc::new(visible))
+    }));
     let information_schema = InformationSchemaProvider::new(ctx.state().catalog_list().clone());
     catalog.register_schema("information_schema", Arc::new(InformationSchema { inner: information_schema, cell }))?;
     ctx.register_udf(constant_text_udf("version", VERSION));
     register_user_functions(ctx, DEFAULT_USER);
+    register_functions(ctx);
+    Ok(())
+}
+
+/// The catalog functions that do not depend on the database's state.
+fn register_functions(ctx: &SessionContext) {
     // Everything is visible: freshet has one schema on the search path.
     for name in ["pg_function_is_visible", "pg_type_is_visible", "pg_collation_is_visible"] {
-        ctx.register_udf(create_udf(
-            name,
-            vec![DataType::Int32],
-            DataType::Boolean,
-            Volatility::Stable,
-            Arc::new(|args: &[ColumnarValue]| {
-                Ok(match args.first() {
-                    Some(ColumnarValue::Array(a)) => {
-                        ColumnarValue::Array(Arc::new(BooleanArray::from(vec![true; a.len()])))
-                    }
-                    _ => ColumnarValue::Scalar(datafusion::scalar::ScalarValue::Boolean(Some(true))),
-                })
-            }),
-        ));
+        ctx.register_udf(unary_udf(name, DataType::Int32, DataType::Boolean, |oids| {
+            Ok(Arc::new(BooleanArray::from(vec![true; oids.len()])))
+        }));
     }
     ctx.register_udf(TextFunction::udf("json_build_object", json_build_object));
     ctx.register_udf(TextFunction::udf("format", pg_format));
@@ -112,45 +100,37 @@ pub fn install(ctx: &SessionContext, cell: Arc<SnapshotCell>) -> Result<()> {
     ] {
         ctx.register_udf(TextFunction::udf(name, null_text));
     }
-    ctx.register_udf(create_udf(
-        "to_regtype",
-        vec![DataType::Utf8],
-        DataType::Int32,
-        Volatility::Stable,
-        Arc::new(|args: &[ColumnarValue]| {
-            let arrays = ColumnarValue::values_to_arrays(args)?;
-            let names = datafusion::common::cast::as_string_array(&arrays[0])?;
-            let oids: datafusion::arrow::array::Int32Array = names.iter().map(|n| n.and_then(type_oid)).collect();
-            Ok(ColumnarValue::Array(Arc::new(oids)))
-        }),
-    ));
+    ctx.register_udf(unary_udf("to_regtype", DataType::Utf8, DataType::Int32, |names| {
+        let names = datafusion::common::cast::as_string_array(names)?;
+        let oids: datafusion::arrow::array::Int32Array = names.iter().map(|n| n.and_then(type_oid)).collect();
+        Ok(Arc::new(oids))
+    }));
     // Sizes: freshet keeps no per-relation byte counts, so they are unknown (NULL).
-    ctx.register_udf(create_udf(
-        "pg_table_size",
-        vec![DataType::Int32],
-        DataType::Int64,
-        Volatility::Stable,
-        Arc::new(|args: &[ColumnarValue]| {
-            let rows = match args.first() {
-                Some(ColumnarValue::Array(a)) => a.len(),
-                _ => 1,
-            };
-            Ok(ColumnarValue::Array(datafusion::arrow::array::new_null_array(&DataType::Int64, rows)))
-        }),
-    ));
-    ctx.register_udf(create_udf(
-        "pg_size_pretty",
-        vec![DataType::Int64],
-        DataType::Utf8,
-        Volatility::Immutable,
-        Arc::new(|args: &[ColumnarValue]| {
-            let arrays = ColumnarValue::values_to_arrays(args)?;
-            let sizes = datafusion::common::cast::as_int64_array(&arrays[0])?;
-            let pretty: StringArray = sizes.iter().map(|size| size.map(pretty_size)).collect();
-            Ok(ColumnarValue::Array(Arc::new(pretty)))
-        }),
-    ));
-    Ok(())
+    ctx.register_udf(unary_udf("pg_table_size", DataType::Int32, DataType::Int64, |oids| {
+        Ok(datafusion::arrow::array::new_null_array(&DataType::Int64, oids.len()))
+    }));
+    ctx.register_udf(unary_udf("pg_size_pretty", DataType::Int64, DataType::Utf8, |sizes| {
+        let sizes = datafusion::common::cast::as_int64_array(sizes)?;
+        let pretty: StringArray = sizes.iter().map(|size| size.map(pretty_size)).collect();
+        Ok(Arc::new(pretty))
+    }));
+}
+
+/// A catalog function of one argument, computed column by column.
+fn unary_udf(
+    name: &str,
+    argument: DataType,
+    returns: DataType,
+    f: impl Fn(&ArrayRef) -> DfResult<ArrayRef> + Send + Sync + 'static,
+) -> ScalarUDF {
+    let call = move |args: &[ColumnarValue]| -> DfResult<ColumnarValue> {
+        let arrays = ColumnarValue::values_to_arrays(args)?;
+        match arrays.first() {
+            Some(input) => Ok(ColumnarValue::Array(f(input)?)),
+            None => Err(datafusion::error::DataFusionError::Plan("a catalog function missed its argument".into())),
+        }
+    };
+    create_udf(name, vec![argument], returns, Volatility::Stable, Arc::new(call))
 }
 
 /// The OID of a built-in type by any of its SQL names (what `to_regtype` answers), or
@@ -377,24 +357,9 @@ fn register_user_functions(ctx: &SessionContext, user: &str) {
     ctx.register_udf(constant_text_udf("session_user", user));
     ctx.register_udf(constant_text_udf("current_user", user));
     let user = user.to_string();
-    let by_id = move |args: &[ColumnarValue]| -> DfResult<ColumnarValue> {
-        let rows = match args.first() {
-            Some(ColumnarValue::Array(array)) => array.len(),
-            _ => 1,
-        };
-        let names: ArrayRef = Arc::new(StringArray::from(vec![user.as_str(); rows]));
-        Ok(match args.first() {
-            Some(ColumnarValue::Array(_)) => ColumnarValue::Array(names),
-            _ => ColumnarValue::Scalar(datafusion::scalar::ScalarValue::Utf8(Some(user.clone()))),
-        })
-    };
-    ctx.register_udf(create_udf(
-        "pg_get_userbyid",
-        vec![DataType::Int32],
-        DataType::Utf8,
-        Volatility::Stable,
-        Arc::new(by_id),
-    ));
+    ctx.register_udf(unary_udf("pg_get_userbyid", DataType::Int32, DataType::Utf8, move |oids| {
+        Ok(Arc::new(StringArray::from(vec![user.as_str(); oids.len()])))
+    }));
 }
 
 /// A function of no arguments that always returns `value`.
