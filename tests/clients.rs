@@ -72,6 +72,10 @@ async fn psql_meta_commands_describe_tables_and_views() {
         assert!(table.contains(column), "\\d+ readings shows {column}: {table}");
     }
 
+    let view = psql_out(&server, &["-c", r"\d+ hot"]).await;
+    assert!(view.contains("View \"public.hot\"") && view.contains("id|integer|"), "{view}");
+    assert!(view.contains("View definition:\nSELECT id, device FROM readings WHERE temperature > 20"), "{view}");
+
     let matview = psql_out(&server, &["-c", r"\d per_device"]).await;
     assert!(matview.contains("Materialized view \"public.per_device\""), "{matview}");
     assert!(matview.contains("avg_temp|double precision") && matview.contains("n|bigint"), "{matview}");

@@ -57,14 +57,31 @@ pub fn install(ctx: &SessionContext, cell: Arc<SnapshotCell>) -> Result<()> {
         Arc::new(PgCatalog { inner, cell: cell.clone(), user, hidden: hidden.clone() }),
     )?;
     // information_schema is not on the search path, so its relations are not visible.
+    let known = hidden.clone();
     ctx.register_udf(unary_udf("pg_table_is_visible", DataType::Int32, DataType::Boolean, move |oids| {
         let oids = datafusion::common::cast::as_int32_array(oids)?;
-        let hidden = match hidden.read() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        let visible: BooleanArray = oids.iter().map(|oid| oid.map(|oid| !hidden.contains(&oid))).collect();
+        let known = read(&known);
+        let visible: BooleanArray = oids.iter().map(|oid| oid.map(|oid| !known.hidden.contains(&oid))).collect();
         Ok(Arc::new(visible))
+    }));
+    // A plain view's query text; NULL for anything else (a materialized view's query lives
+    // with its dataflow, not in the snapshot).
+    let view_cell = cell.clone();
+    ctx.register_udf(TextFunction::udf("pg_get_viewdef", move |arrays, rows| {
+        let Some(oids) = arrays.first() else { return null_text(arrays, rows) };
+        let oids = datafusion::common::cast::as_int32_array(oids)?;
+        let known = read(&hidden);
+        let snapshot = view_cell.current();
+        let definitions: StringArray = oids
+            .iter()
+            .map(|oid| {
+                let view = snapshot.plain_views.get(known.plain_views.get(&oid?)?)?;
+                (view.as_ref() as &dyn std::any::Any)
+                    .downcast_ref::<datafusion::catalog::view::ViewTable>()
+                    .and_then(|v| v.definition().cloned())
+            })
+            .collect();
+        Ok(Arc::new(definitions))
     }));
     let information_schema = InformationSchemaProvider::new(ctx.state().catalog_list().clone());
     catalog.register_schema("information_schema", Arc::new(InformationSchema { inner: information_schema, cell }))?;
@@ -90,7 +107,6 @@ fn register_functions(ctx: &SessionContext) {
         "obj_description",
         "col_description",
         "shobj_description",
-        "pg_get_viewdef",
         "pg_get_indexdef",
         "pg_get_triggerdef",
         "pg_get_function_result",
@@ -181,13 +197,26 @@ struct TextFunction {
     name: &'static str,
     signature: datafusion::logical_expr::Signature,
     /// Computes `rows` values from the argument columns.
-    body: fn(&[ArrayRef], usize) -> DfResult<ArrayRef>,
+    body: Box<TextBody>,
 }
 
+type TextBody = dyn Fn(&[ArrayRef], usize) -> DfResult<ArrayRef> + Send + Sync;
+
 impl TextFunction {
-    fn udf(name: &'static str, body: fn(&[ArrayRef], usize) -> DfResult<ArrayRef>) -> ScalarUDF {
+    fn udf(
+        name: &'static str,
+        body: impl Fn(&[ArrayRef], usize) -> DfResult<ArrayRef> + Send + Sync + 'static,
+    ) -> ScalarUDF {
         let signature = datafusion::logical_expr::Signature::variadic_any(Volatility::Stable);
-        ScalarUDF::new_from_impl(TextFunction { name, signature, body })
+        ScalarUDF::new_from_impl(TextFunction { name, signature, body: Box::new(body) })
+    }
+}
+
+/// Reads a lock a panicking writer left behind as it was.
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    match lock.read() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
     }
 }
 
@@ -565,10 +594,7 @@ struct LoginRoles {
 
 impl LoginRoles {
     fn name(&self) -> String {
-        match self.user.read() {
-            Ok(guard) => guard.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        read(&self.user).clone()
     }
 }
 
@@ -593,9 +619,17 @@ impl PgCatalogContextProvider for LoginRoles {
     }
 }
 
-/// OIDs of relations not on the search path (information_schema's), as of the last
-/// `pg_class` scan; `pg_table_is_visible` answers false for them.
-type Hidden = Arc<RwLock<HashSet<i32>>>;
+/// What the last `pg_class` scan learnt about OIDs, for the functions that take one.
+type Hidden = Arc<RwLock<KnownOids>>;
+
+#[derive(Debug, Default)]
+struct KnownOids {
+    /// Relations not on the search path (information_schema's): `pg_table_is_visible`
+    /// answers false for them.
+    hidden: HashSet<i32>,
+    /// Plain views by OID, for `pg_get_viewdef`.
+    plain_views: std::collections::HashMap<i32, String>,
+}
 
 /// `pg_catalog` as the crate builds it, with the relations freshet knows better replaced.
 #[derive(Debug)]
@@ -704,7 +738,7 @@ impl Correction for RelationKinds {
         let materialized: HashSet<String> = snapshot.views.keys().cloned().collect();
         let patched =
             batches.into_iter().map(|batch| mark_materialized(&batch, &materialized)).collect::<DfResult<Vec<_>>>()?;
-        let mut hidden = HashSet::new();
+        let mut known = KnownOids::default();
         for batch in &patched {
             let oids = schema
                 .index_of("oid")
@@ -716,18 +750,17 @@ impl Correction for RelationKinds {
                 .and_then(|i| batch.column(i).as_any().downcast_ref::<StringArray>().cloned());
             let (Some(oids), Some(names)) = (oids, names) else { continue };
             for (oid, name) in oids.iter().zip(names.iter()) {
-                if let (Some(oid), Some(name)) = (oid, name)
-                    && INFORMATION_SCHEMA_TABLES.contains(&name)
-                    && snapshot.relation(name).is_none()
-                    && !snapshot.plain_views.contains_key(name)
-                {
-                    hidden.insert(oid);
+                let (Some(oid), Some(name)) = (oid, name) else { continue };
+                if snapshot.plain_views.contains_key(name) {
+                    known.plain_views.insert(oid, name.to_string());
+                } else if INFORMATION_SCHEMA_TABLES.contains(&name) && snapshot.relation(name).is_none() {
+                    known.hidden.insert(oid);
                 }
             }
         }
         match self.hidden.write() {
-            Ok(mut guard) => *guard = hidden,
-            Err(poisoned) => *poisoned.into_inner() = hidden,
+            Ok(mut guard) => *guard = known,
+            Err(poisoned) => *poisoned.into_inner() = known,
         }
         Ok(patched)
     }
