@@ -4,7 +4,9 @@
 //! connection ends only itself.
 //!
 //! Rows are encoded from Arrow by the `arrow-pg` crate (text and binary formats, Postgres
-//! type OIDs); statements are planned and run by the [`Database`].
+//! type OIDs); statements are planned and run by the [`Database`]. Session statements
+//! (SET, SHOW, BEGIN, …) are answered here from the connection's [`Session`], kept in
+//! pgwire's per-connection extensions; startup (authentication) is [`super::auth`]'s.
 
 use std::fmt::Debug;
 use std::sync::Arc;
