@@ -582,8 +582,14 @@ fn is_catalog_query(text: &str) -> bool {
         "quote_ident",
         "current_setting",
     ];
+    // A marker counts only where a word starts, so a user column such as `mpg_avg` does
+    // not send an ordinary query through the catalog rewrites.
     let lower = text.to_ascii_lowercase();
-    MARKERS.iter().any(|m| lower.contains(m))
+    let starts_word = |at: usize| lower[..at].chars().next_back().is_none_or(|c| !(c.is_alphanumeric() || c == '_'));
+    MARKERS.iter().any(|marker| {
+        let word = marker.starts_with(|c: char| c.is_alphanumeric());
+        lower.match_indices(marker).any(|(at, _)| !word || starts_word(at))
+    })
 }
 
 /// `pg_roles` lists the one login role.
@@ -1108,6 +1114,8 @@ mod tests {
         assert!(is_catalog_query("SELECT * FROM pg_catalog.pg_class"));
         assert!(is_catalog_query("select current_schema()"));
         assert!(!is_catalog_query("SELECT * FROM orders"));
+        assert!(!is_catalog_query("SELECT mpg_avg FROM cars"));
+        assert!(is_catalog_query("SELECT 'x'::regclass"));
         let no_settings = |name: &str| -> Result<String> { Err(Error::not_supported(name.to_string())) };
         let statements =
             parse("SELECT relname FROM pg_class WHERE oid = 'orders'::regclass", &no_settings).expect("parses");
