@@ -58,6 +58,10 @@ pub enum Error {
     #[error("canceling statement due to user request")]
     Canceled,
 
+    /// The statement ran longer than the session's `statement_timeout` (57014).
+    #[error("canceling statement due to statement timeout")]
+    StatementTimeout,
+
     /// Durable storage failed; the statement did not take effect (58030).
     #[error("storage error: {0}")]
     Storage(String),
@@ -89,7 +93,7 @@ impl Error {
             Error::UniqueViolation { .. } => "23505",
             Error::NotNullViolation { .. } => "23502",
             Error::NotSupported { .. } => "0A000",
-            Error::Canceled => "57014",
+            Error::Canceled | Error::StatementTimeout => "57014",
             Error::Storage(_) => "58030",
             Error::Corrupt { .. } => "XX001",
             Error::Config(_) => "F0000",

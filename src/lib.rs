@@ -12,10 +12,13 @@
 //!   runtime that aligns barriers, and the incremental operators.
 //! - [`sql`]: parsing (Postgres dialect), planning statements with DataFusion, and
 //!   lowering a view's plan to a dataflow.
-//! - [`connectors`]: where sources' rows come from (the nexmark and telemetry generators).
-//! - [`catalog`]: sources, tables, materialized views, and the [`catalog::Database`] that runs
-//!   planned statements.
-//! - [`server`]: the Postgres wire protocol (pgwire), the HTTP endpoints, and startup.
+//! - [`connectors`]: where sources' rows come from (generators, HTTP posts, files).
+//! - [`catalog`]: sources, tables, materialized views, and the [`catalog::Database`] that
+//!   runs planned statements; `catalog::system` is the `pg_catalog`/`information_schema`
+//!   that clients introspect.
+//! - [`server`]: the Postgres wire protocol (pgwire) with per-connection sessions
+//!   (`server::session`) and authentication/TLS (`server::auth`), the HTTP endpoints, and
+//!   startup.
 
 pub mod catalog;
 pub mod connectors;

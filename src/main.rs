@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use freshet::server::{Config, Server};
+use freshet::server::{Auth, Config, Security, Server, TlsFiles};
 use tracing_subscriber::EnvFilter;
 
 #[global_allocator]
@@ -49,6 +49,18 @@ struct ServeArgs {
     /// of cores.
     #[arg(long, env = "FRESHET_WORKERS", value_parser = clap::value_parser!(u16).range(1..=256))]
     workers: Option<u16>,
+    /// The user name clients log in as.
+    #[arg(long, env = "FRESHET_USER", default_value = freshet::server::auth::DEFAULT_USER)]
+    user: String,
+    /// Require this password (SCRAM-SHA-256). Without one, only loopback clients may connect.
+    #[arg(long, env = "FRESHET_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+    /// PEM certificate chain for TLS (with --tls-key); clients may then use sslmode=require.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Log filter, e.g. `info` or `freshet=debug`; RUST_LOG wins when set.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -75,7 +87,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         barrier_interval: args.barrier_interval,
         workers: args.workers.map(usize::from).unwrap_or_else(freshet::catalog::default_workers),
     };
-    let server = Server::start(config).await?;
+    let tls = match (args.tls_cert, args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+        _ => None,
+    };
+    let password = args.password.filter(|p| !p.is_empty());
+    let security = Security { auth: Auth { user: args.user, password }, tls };
+    let server = Server::start_secured(config, security).await?;
     println!(
         "freshet ready: postgres on {pg} (psql -h {host} -p {port} -U freshet -d freshet), http on {http}",
         pg = server.pg_addr(),

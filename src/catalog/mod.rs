@@ -10,6 +10,7 @@
 //! It does not speak any wire protocol; `server` turns its [`Outcome`]s into messages.
 
 mod source;
+pub mod system;
 pub mod table;
 pub mod view;
 
@@ -534,6 +535,11 @@ impl Database {
         result.map_err(|e| place_relation(e, sql))
     }
 
+    /// Tells the catalog functions (`current_user`, `pg_roles`, …) who clients log in as.
+    pub fn set_login_user(&self, user: &str) -> Result<()> {
+        system::set_user(&self.ctx, user)
+    }
+
     /// A fresh copy of the session state, for planning.
     pub fn session_state(&self) -> SessionState {
         self.ctx.state()
@@ -990,7 +996,8 @@ fn new_session(cell: Arc<SnapshotCell>, workers: usize) -> Result<SessionContext
         .with_target_partitions(workers.max(1))
         .with_default_catalog_and_schema(CATALOG_NAME, SCHEMA_NAME)
         .with_create_default_catalog_and_schema(false)
-        .with_information_schema(true);
+        // `system` registers information_schema itself, with Postgres type names.
+        .with_information_schema(false);
     let options = config.options_mut();
     options.set("datafusion.sql_parser.dialect", "PostgreSQL")?;
     // Plain Utf8 keeps stored tables and their log in one string type.
@@ -1005,8 +1012,9 @@ fn new_session(cell: Arc<SnapshotCell>, workers: usize) -> Result<SessionContext
     let var_samp = datafusion::functions_aggregate::variance::var_samp_udaf();
     ctx.register_udaf(var_samp.as_ref().clone().with_aliases(["variance"]));
     let catalog = MemoryCatalogProvider::new();
-    catalog.register_schema(SCHEMA_NAME, Arc::new(FreshetSchema::new(cell)))?;
+    catalog.register_schema(SCHEMA_NAME, Arc::new(FreshetSchema::new(cell.clone())))?;
     ctx.register_catalog(CATALOG_NAME, Arc::new(catalog));
+    system::install(&ctx, cell)?;
     Ok(ctx)
 }
 

@@ -4,10 +4,12 @@
 //! [`Server::start`] is what `freshet serve` and the integration tests call; tests bind
 //! `127.0.0.1:0` and read the chosen ports back from [`Server::pg_addr`].
 
+pub mod auth;
 pub mod cursor;
 pub mod http;
 pub mod metrics;
 pub mod pg;
+pub mod session;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -21,6 +23,7 @@ use tokio::task::JoinHandle;
 
 use crate::catalog::Database;
 use crate::error::{Error, Result};
+pub use auth::{Auth, Security, TlsFiles};
 use metrics::Metrics;
 use pg::PgHandlers;
 
@@ -69,8 +72,15 @@ pub struct Server {
 }
 
 impl Server {
-    /// Opens the database, runs the init file, and starts accepting clients.
+    /// Opens the database, runs the init file, and starts accepting loopback clients
+    /// without a password and without TLS.
     pub async fn start(config: Config) -> Result<Server> {
+        Server::start_secured(config, Security::default()).await
+    }
+
+    /// Like [`Server::start`], with authentication and TLS as `security` says.
+    pub async fn start_secured(config: Config, security: Security) -> Result<Server> {
+        let tls = security.tls.as_ref().map(auth::tls_acceptor).transpose()?;
         let store = crate::state::open_local_store(&config.data_dir)?;
         let options = crate::catalog::Options { barrier_interval: config.barrier_interval, workers: config.workers };
         let db = Database::open_with(store, options).await?;
@@ -89,8 +99,9 @@ impl Server {
         let http_addr = local_addr(&http_listener)?;
         let metrics = Arc::new(Metrics::default());
         let (stop, stopped) = watch::channel(false);
-        let handlers = Arc::new(PgHandlers::new(db.clone(), metrics.clone()));
-        let pg_task = tokio::spawn(accept_loop(pg_listener, handlers, metrics.clone(), stopped.clone()));
+        db.set_login_user(&security.auth.user)?;
+        let handlers = Arc::new(PgHandlers::new(db.clone(), metrics.clone(), security.auth));
+        let pg_task = tokio::spawn(accept_loop(pg_listener, handlers, tls, metrics.clone(), stopped.clone()));
         let router = http::router(db.clone(), metrics.clone());
         let mut http_stopped = stopped;
         let http_task = tokio::spawn(async move {
@@ -147,6 +158,7 @@ fn local_addr(listener: &TcpListener) -> Result<SocketAddr> {
 async fn accept_loop(
     listener: TcpListener,
     handlers: Arc<PgHandlers>,
+    tls: Option<pgwire::tokio::TlsAcceptor>,
     metrics: Arc<Metrics>,
     mut stopped: watch::Receiver<bool>,
 ) {
@@ -162,8 +174,9 @@ async fn accept_loop(
                 metrics.connections_open.fetch_add(1, Ordering::Relaxed);
                 let handlers = handlers.clone();
                 let metrics = metrics.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    serve_connection(socket, peer, handlers, &metrics).await;
+                    serve_connection(socket, peer, handlers, tls, &metrics).await;
                     metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
                 });
             }
@@ -182,6 +195,7 @@ async fn serve_connection(
     socket: tokio::net::TcpStream,
     peer: SocketAddr,
     handlers: Arc<PgHandlers>,
+    tls: Option<pgwire::tokio::TlsAcceptor>,
     metrics: &Metrics,
 ) {
     if let Err(reason) = check_startup_packet(&socket).await {
@@ -191,7 +205,7 @@ async fn serve_connection(
     }
     let started = handlers.startup_watch.expect(peer);
     let watch = handlers.startup_watch.clone();
-    let session = pgwire::tokio::process_socket(socket, None, handlers);
+    let session = pgwire::tokio::process_socket(socket, tls, handlers.connection());
     tokio::pin!(session);
     let result = tokio::select! {
         result = &mut session => Some(result),

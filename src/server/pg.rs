@@ -4,7 +4,9 @@
 //! connection ends only itself.
 //!
 //! Rows are encoded from Arrow by the `arrow-pg` crate (text and binary formats, Postgres
-//! type OIDs); statements are planned and run by the [`Database`].
+//! type OIDs); statements are planned and run by the [`Database`]. Session statements
+//! (SET, SHOW, BEGIN, …) are answered here from the connection's [`Session`], kept in
+//! pgwire's per-connection extensions; startup (authentication) is [`super::auth`]'s.
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -19,7 +21,6 @@ use datafusion_postgres::arrow_pg::datatypes::df::deserialize_parameters;
 use datafusion_postgres::arrow_pg::datatypes::{arrow_schema_to_pg_fields, encode_recordbatch, into_pg_type};
 use futures::{Sink, StreamExt, stream};
 use pgwire::api::auth::StartupHandler;
-use pgwire::api::auth::noop::NoopStartupHandler;
 use pgwire::api::cancel::{CancelHandler, DefaultCancelHandler};
 use pgwire::api::portal::{Format, Portal};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
@@ -32,24 +33,26 @@ use pgwire::messages::PgWireBackendMessage;
 use pgwire::messages::data::DataRow;
 use pgwire::types::format::FormatOptions;
 
+use super::auth::{Auth, Authenticator, ConnectionStartup};
 use super::cursor::Cursors;
 use super::metrics::Metrics;
+use super::session::{Command, Reply, Session};
 use crate::catalog::{Database, Outcome};
 use crate::error::Error;
 use crate::sql::{self, Planned};
 
-/// Everything a connection needs; one instance is shared by all connections.
+/// Everything connections share; [`PgHandlers::connection`] adds what each one owns.
 pub struct PgHandlers {
     /// Startup completions, for the accept loop's startup deadline.
     pub startup_watch: Arc<StartupWatch>,
     queries: Arc<QueryHandler>,
-    startup: Arc<Startup>,
+    authenticator: Arc<Authenticator>,
     cancel: Arc<DefaultCancelHandler>,
     errors: Arc<ErrorCounter>,
 }
 
 impl PgHandlers {
-    pub fn new(db: Database, metrics: Arc<Metrics>) -> Self {
+    pub fn new(db: Database, metrics: Arc<Metrics>, auth: Auth) -> Self {
         let connections = Arc::new(ConnectionManager::new());
         let startup_watch = Arc::new(StartupWatch::default());
         PgHandlers {
@@ -59,20 +62,31 @@ impl PgHandlers {
                 parser: Arc::new(Parser { db }),
                 metrics: metrics.clone(),
             }),
-            startup: Arc::new(Startup { connections: connections.clone(), watch: startup_watch }),
+            authenticator: Arc::new(Authenticator::new(auth, connections.clone(), startup_watch)),
             cancel: Arc::new(DefaultCancelHandler::new(connections)),
             errors: Arc::new(ErrorCounter { metrics }),
         }
     }
+
+    /// The handlers for one new connection (its startup keeps per-connection state).
+    pub fn connection(self: &Arc<Self>) -> ConnectionHandlers {
+        ConnectionHandlers { shared: self.clone(), startup: Arc::new(self.authenticator.connection()) }
+    }
 }
 
-impl PgWireServerHandlers for PgHandlers {
+/// One connection's handlers: the shared ones plus its own startup.
+pub struct ConnectionHandlers {
+    shared: Arc<PgHandlers>,
+    startup: Arc<ConnectionStartup>,
+}
+
+impl PgWireServerHandlers for ConnectionHandlers {
     fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
-        self.queries.clone()
+        self.shared.queries.clone()
     }
 
     fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {
-        self.queries.clone()
+        self.shared.queries.clone()
     }
 
     fn startup_handler(&self) -> Arc<impl StartupHandler> {
@@ -80,40 +94,11 @@ impl PgWireServerHandlers for PgHandlers {
     }
 
     fn error_handler(&self) -> Arc<impl ErrorHandler> {
-        self.errors.clone()
+        self.shared.errors.clone()
     }
 
     fn cancel_handler(&self) -> Arc<impl CancelHandler> {
-        self.cancel.clone()
-    }
-}
-
-/// Accepts every user name without a password (authentication is a later feature),
-/// registers the connection so CancelRequest can find it, and tells the accept loop that
-/// the startup phase is over (see [`StartupWatch`]).
-struct Startup {
-    connections: Arc<ConnectionManager>,
-    watch: Arc<StartupWatch>,
-}
-
-#[async_trait]
-impl NoopStartupHandler for Startup {
-    fn connection_manager(&self) -> Option<Arc<ConnectionManager>> {
-        Some(self.connections.clone())
-    }
-
-    async fn post_startup<C>(
-        &self,
-        client: &mut C,
-        _message: pgwire::messages::PgWireFrontendMessage,
-    ) -> PgWireResult<()>
-    where
-        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send,
-        C::Error: Debug,
-        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
-    {
-        self.watch.finished(client.socket_addr());
-        Ok(())
+        self.shared.cancel.clone()
     }
 }
 
@@ -141,7 +126,8 @@ impl StartupWatch {
         }
     }
 
-    fn finished(&self, peer: std::net::SocketAddr) {
+    /// Marks the connection from `peer` as started.
+    pub fn finished(&self, peer: std::net::SocketAddr) {
         let done = self.pending.lock().ok().and_then(|mut pending| pending.remove(&peer));
         if let Some(done) = done {
             let _ = done.send(());
@@ -164,7 +150,15 @@ impl ErrorHandler for ErrorCounter {
 #[derive(Clone, Debug)]
 pub struct Prepared {
     sql: String,
-    planned: Planned,
+    kind: PreparedKind,
+}
+
+#[derive(Clone, Debug)]
+enum PreparedKind {
+    /// A statement the database runs.
+    Plan(Box<Planned>),
+    /// A session statement (SET, SHOW, BEGIN, …) the connection answers itself.
+    Session(Command),
 }
 
 /// Plans statements for the extended protocol (Parse), so Describe can report parameter
@@ -174,8 +168,8 @@ pub struct Parser {
 }
 
 impl Parser {
-    async fn plan_prepared(&self, sql: &str) -> Result<Option<Prepared>, Error> {
-        let mut statements = sql::parse(sql)?;
+    async fn plan_prepared(&self, sql: &str, setting: &Setting<'_>) -> Result<Option<Prepared>, Error> {
+        let mut statements = parse(sql, setting)?;
         let Some(statement) = statements.pop_front() else { return Ok(None) };
         if !statements.is_empty() {
             return Err(Error::Syntax {
@@ -183,8 +177,11 @@ impl Parser {
                 position: None,
             });
         }
+        if let Some(command) = Command::from_statement(&statement) {
+            return Ok(Some(Prepared { sql: sql.to_string(), kind: PreparedKind::Session(command?) }));
+        }
         let planned = self.db.plan(&statement, sql).await?;
-        Ok(Some(Prepared { sql: sql.to_string(), planned }))
+        Ok(Some(Prepared { sql: sql.to_string(), kind: PreparedKind::Plan(Box::new(planned)) }))
     }
 }
 
@@ -201,9 +198,12 @@ impl QueryParser for Parser {
     where
         C: ClientInfo + Unpin + Send + Sync,
     {
-        let mut prepared = self.plan_prepared(sql).await.map_err(to_pg)?;
+        let session = session_of(client);
+        let setting = |name: &str| lock(&session).get(name);
+        let mut prepared = self.plan_prepared(sql, &setting).await.map_err(to_pg)?;
         // Describe reports the rows of a FETCH: the cursor's columns, when it is open.
-        if let Some(Prepared { planned: Planned::Fetch { cursor, schema, .. }, .. }) = &mut prepared
+        if let Some(Prepared { kind: PreparedKind::Plan(planned), .. }) = &mut prepared
+            && let Planned::Fetch { cursor, schema, .. } = planned.as_mut()
             && let Some(cursors) = client.session_extensions().get::<Cursors>()
         {
             *schema = cursors.schema(cursor).await;
@@ -212,7 +212,8 @@ impl QueryParser for Parser {
     }
 
     fn get_parameter_types(&self, stmt: &Self::Statement) -> PgWireResult<Vec<Type>> {
-        let types = stmt.planned.parameter_types().map_err(to_pg)?;
+        let PreparedKind::Plan(planned) = &stmt.kind else { return Ok(Vec::new()) };
+        let types = planned.parameter_types().map_err(to_pg)?;
         types
             .iter()
             .map(|t| match t {
@@ -227,7 +228,11 @@ impl QueryParser for Parser {
         stmt: &Self::Statement,
         column_format: Option<&Format>,
     ) -> PgWireResult<Vec<FieldInfo>> {
-        match stmt.planned.result_schema() {
+        let schema = match &stmt.kind {
+            PreparedKind::Plan(planned) => planned.result_schema(),
+            PreparedKind::Session(command) => command_schema(command),
+        };
+        match schema {
             Some(schema) => pg_fields(&schema, column_format.unwrap_or(&Format::UnifiedText), None),
             None => Ok(Vec::new()),
         }
@@ -253,7 +258,7 @@ impl QueryHandler {
     {
         use futures::SinkExt;
         use pgwire::messages::data::{FieldDescription, RowDescription};
-        use pgwire::messages::response::{CommandComplete, ReadyForQuery, TransactionStatus};
+        use pgwire::messages::response::{CommandComplete, ReadyForQuery};
 
         self.metrics.statements.fetch_add(1, Ordering::Relaxed);
         let _in_flight = self.metrics.statement_started();
@@ -315,7 +320,9 @@ impl QueryHandler {
             client.send(PgWireBackendMessage::ErrorResponse(info.into())).await?;
         }
         client.set_state(pgwire::api::PgWireConnectionState::ReadyForQuery);
-        client.send(PgWireBackendMessage::ReadyForQuery(ReadyForQuery::new(TransactionStatus::Idle))).await?;
+        // Inside a BEGIN block the client stays "in transaction".
+        let status = client.transaction_status();
+        client.send(PgWireBackendMessage::ReadyForQuery(ReadyForQuery::new(status))).await?;
         Ok(())
     }
 
@@ -325,9 +332,17 @@ impl QueryHandler {
         sql: &str,
         format: &Format,
         options: Arc<FormatOptions>,
+        limits: Limits,
         cursors: Arc<Cursors>,
     ) -> Result<Response, Error> {
         let _in_flight = self.metrics.statement_started();
+        if limits.read_only && !is_read(&planned) {
+            return Err(Error::Plan {
+                code: "25006",
+                message: "cannot change data or the catalog in a read-only transaction".into(),
+                position: None,
+            });
+        }
         let planned = match planned {
             Planned::DeclareSubscribe { cursor, view, snapshot, schema } => {
                 let subscribe = Planned::Subscribe { view, snapshot, schema };
@@ -338,6 +353,11 @@ impl QueryHandler {
                 return Ok(Response::Execution(Tag::new("DECLARE CURSOR")));
             }
             Planned::Fetch { cursor, count, timeout, .. } => {
+                // statement_timeout bounds a FETCH that waits for changes, like any read.
+                let timeout = match (timeout, limits.statement_timeout) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
                 let (schema, batch) = cursors.fetch(&cursor, count, timeout).await?;
                 let stream = RecordBatchStreamAdapter::new(schema.clone(), stream::iter([Ok(batch)]));
                 let mut response = rows_response(schema, Box::pin(stream), format, options)?;
@@ -350,20 +370,44 @@ impl QueryHandler {
             }
             other => other,
         };
-        let outcome = self.db.execute(planned, sql).await?;
-        Ok(match outcome {
-            Outcome::Rows { schema, mut stream } => {
-                // Wait for the first batch here, where a CancelRequest can still interrupt the
-                // statement (an aggregate does all its work before its first batch), and so
-                // an error before any row is an ordinary statement error.
-                let first = match stream.next().await {
-                    Some(Ok(batch)) => Some(Ok(batch)),
-                    Some(Err(e)) => return Err(Error::from_datafusion(e, sql)),
-                    None => None,
-                };
-                let stream = Box::pin(RecordBatchStreamAdapter::new(schema.clone(), stream::iter(first).chain(stream)));
-                Response::Query(rows_response(schema, stream, format, options)?)
+        // statement_timeout applies to reads; writes and DDL always run to the end, so a
+        // timeout can never leave a write half-acknowledged.
+        let deadline = match (&planned, limits.statement_timeout) {
+            (Planned::Query(_), Some(timeout)) => Some(tokio::time::Instant::now() + timeout),
+            _ => None,
+        };
+        let started = async {
+            let outcome = self.db.execute(planned, sql).await?;
+            Ok::<_, Error>(match outcome {
+                Outcome::Rows { schema, mut stream } => {
+                    // Wait for the first batch here, where a CancelRequest can still interrupt
+                    // the statement (an aggregate does all its work before its first batch),
+                    // and so an error before any row is an ordinary statement error.
+                    let first = match stream.next().await {
+                        Some(Ok(batch)) => Some(Ok(batch)),
+                        Some(Err(e)) => return Err(Error::from_datafusion(e, sql)),
+                        None => None,
+                    };
+                    let rest = match deadline {
+                        Some(deadline) => with_deadline(stream, deadline),
+                        None => stream,
+                    };
+                    Outcome::Rows {
+                        schema: schema.clone(),
+                        stream: Box::pin(RecordBatchStreamAdapter::new(schema, stream::iter(first).chain(rest))),
+                    }
+                }
+                command => command,
+            })
+        };
+        let outcome = match deadline {
+            Some(deadline) => {
+                tokio::time::timeout_at(deadline, started).await.map_err(|_| Error::StatementTimeout)??
             }
+            None => started.await?,
+        };
+        Ok(match outcome {
+            Outcome::Rows { schema, stream } => Response::Query(rows_response(schema, stream, format, options)?),
             Outcome::Command { tag, rows } => {
                 let mut t = Tag::new(tag);
                 if tag == "INSERT" {
@@ -405,15 +449,24 @@ impl SimpleQueryHandler for QueryHandler {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
-        let statements = sql::parse(query).map_err(to_pg)?;
+        let session = session_of(client);
+        let setting = |name: &str| lock(&session).get(name);
+        let statements = parse(query, &setting).map_err(to_pg)?;
         let cursors = client.session_extensions().get_or_insert_with(Cursors::default);
         let mut responses = Vec::with_capacity(statements.len());
         for statement in statements {
             self.metrics.statements.fetch_add(1, Ordering::Relaxed);
-            let result = match self.db.plan(&statement, query).await {
-                Ok(planned) => self.run(planned, query, &Format::UnifiedText, options.clone(), cursors.clone()).await,
-                Err(e) => Err(e),
+            let result = match Command::from_statement(&statement) {
+                Some(Ok(command)) => session_command(client, &command, &Format::UnifiedText).await,
+                Some(Err(e)) => Err(e),
+                None => match self.db.plan(&statement, query).await {
+                    Ok(planned) => {
+                        let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
+                        let limits = Limits::of(client);
+                        self.run(planned, query, &Format::UnifiedText, options, limits, cursors.clone()).await
+                    }
+                    Err(e) => Err(e),
+                },
             };
             match result {
                 Ok(response) => responses.push(response),
@@ -452,14 +505,147 @@ impl ExtendedQueryHandler for QueryHandler {
     {
         self.metrics.statements.fetch_add(1, Ordering::Relaxed);
         let prepared = &portal.statement.statement;
-        let inferred = prepared.planned.parameter_types().map_err(to_pg)?;
+        let planned = match &prepared.kind {
+            PreparedKind::Plan(planned) => planned,
+            PreparedKind::Session(command) => {
+                return session_command(client, command, &portal.result_column_format).await.map_err(to_pg);
+            }
+        };
+        let inferred = planned.parameter_types().map_err(to_pg)?;
         let inferred_refs: Vec<Option<&DataType>> = inferred.iter().map(|t| t.as_ref()).collect();
         let params = deserialize_parameters(portal, &inferred_refs)?;
-        let planned = prepared.planned.clone().with_parameters(params).map_err(|e| to_pg(e.with_position(None)))?;
+        let planned = planned.as_ref().clone().with_parameters(params).map_err(|e| to_pg(e.with_position(None)))?;
         let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
+        let limits = Limits::of(client);
         let cursors = client.session_extensions().get_or_insert_with(Cursors::default);
-        self.run(planned, &prepared.sql, &portal.result_column_format, options, cursors).await.map_err(to_pg)
+        self.run(planned, &prepared.sql, &portal.result_column_format, options, limits, cursors).await.map_err(to_pg)
     }
+}
+
+/// What the session allows the next statement.
+#[derive(Debug, Clone, Copy, Default)]
+struct Limits {
+    statement_timeout: Option<std::time::Duration>,
+    /// Inside `BEGIN READ ONLY`: refuse writes.
+    read_only: bool,
+}
+
+impl Limits {
+    fn of<C: ClientInfo>(client: &C) -> Limits {
+        let session = session_of(client);
+        let session = lock(&session);
+        Limits { statement_timeout: session.statement_timeout(), read_only: session.read_only() }
+    }
+}
+
+/// Whether a planned statement only reads.
+fn is_read(planned: &Planned) -> bool {
+    matches!(
+        planned,
+        Planned::Query(_)
+            | Planned::ShowTables
+            | Planned::ShowViews
+            | Planned::ExplainView(_)
+            | Planned::Subscribe { .. }
+            | Planned::Flush
+            | Planned::ShowSources
+            | Planned::DeclareSubscribe { .. }
+            | Planned::Fetch { .. }
+            | Planned::Close { .. }
+    )
+}
+
+/// Looks up a session setting by name (for `current_setting`).
+type Setting<'a> = dyn Fn(&str) -> Result<String, Error> + Send + Sync + 'a;
+
+/// Splits a query string into statements; catalog queries go through the rewriting
+/// parser that makes client introspection plannable (see [`crate::catalog::system`]).
+fn parse(sql: &str, setting: &Setting<'_>) -> Result<std::collections::VecDeque<sql::Statement>, Error> {
+    crate::catalog::system::parse(sql, setting)
+}
+
+/// This connection's session, created from its startup parameters on first use.
+fn session_of<C: ClientInfo>(client: &C) -> Arc<std::sync::Mutex<Session>> {
+    client.session_extensions().get_or_insert_with(|| std::sync::Mutex::new(Session::new(client.metadata())))
+}
+
+fn lock(session: &std::sync::Mutex<Session>) -> std::sync::MutexGuard<'_, Session> {
+    match session.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// Runs a session command for `client` and tells it about changed settings.
+async fn session_command<C>(client: &mut C, command: &Command, format: &Format) -> Result<Response, Error>
+where
+    C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+    C::Error: Debug,
+{
+    use futures::SinkExt;
+    use pgwire::messages::startup::ParameterStatus;
+
+    let session = session_of(client);
+    let (reply, format_metadata) = {
+        let mut session = lock(&session);
+        (session.apply(command)?, session.format_metadata())
+    };
+    client.metadata_mut().extend(format_metadata.into_iter().map(|(k, v)| (k.to_string(), v)));
+    Ok(match reply {
+        Reply::Done { tag, changed } => {
+            for (name, value) in changed {
+                let status = ParameterStatus::new(name.to_string(), value);
+                client
+                    .feed(PgWireBackendMessage::ParameterStatus(status))
+                    .await
+                    .map_err(|e| Error::Internal(format!("sending a parameter status: {e:?}")))?;
+            }
+            Response::Execution(Tag::new(tag))
+        }
+        Reply::BlockStarted => Response::TransactionStart(Tag::new("BEGIN")),
+        Reply::BlockEnded { tag } => Response::TransactionEnd(Tag::new(tag)),
+        Reply::Rows { rows, .. } => {
+            let schema = command_schema(command).ok_or_else(|| Error::Internal("SHOW without columns".into()))?;
+            let columns: Vec<datafusion::arrow::array::ArrayRef> = (0..schema.fields().len())
+                .map(|i| {
+                    let values: Vec<&str> = rows.iter().map(|row| row.get(i).map_or("", String::as_str)).collect();
+                    Arc::new(datafusion::arrow::array::StringArray::from(values)) as datafusion::arrow::array::ArrayRef
+                })
+                .collect();
+            let batch = RecordBatch::try_new(schema.clone(), columns)?;
+            let stream = Box::pin(RecordBatchStreamAdapter::new(schema.clone(), stream::iter([Ok(batch)])));
+            let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
+            Response::Query(rows_response(schema, stream, format, options)?)
+        }
+    })
+}
+
+/// The columns a session command returns, if it returns rows (SHOW does).
+fn command_schema(command: &Command) -> Option<SchemaRef> {
+    use datafusion::arrow::datatypes::Field;
+    let Command::Show { name } = command else { return None };
+    let fields = if name.eq_ignore_ascii_case("all") {
+        ["name", "setting", "description"].iter().map(|n| Field::new(*n, DataType::Utf8, false)).collect()
+    } else {
+        vec![Field::new(name.to_ascii_lowercase(), DataType::Utf8, false)]
+    };
+    Some(Arc::new(Schema::new(fields)))
+}
+
+/// Ends `stream` with a statement-timeout error once `deadline` passes.
+fn with_deadline(stream: SendableRecordBatchStream, deadline: tokio::time::Instant) -> SendableRecordBatchStream {
+    let schema = stream.schema();
+    let timed = stream::unfold(Some(stream), move |state| async move {
+        let mut stream = state?;
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => Some((
+                Err(datafusion::error::DataFusionError::External(Box::new(Error::StatementTimeout))),
+                None,
+            )),
+            next = stream.next() => next.map(|batch| (batch, Some(stream))),
+        }
+    });
+    Box::pin(RecordBatchStreamAdapter::new(schema, timed))
 }
 
 /// Streams Arrow batches to the client as DataRows, encoding each batch as it arrives.

@@ -2,7 +2,7 @@
 //! real Postgres clients to it.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
-use freshet::server::{Config, Server};
+use freshet::server::{Config, Security, Server};
 use tokio_postgres::{Client, NoTls};
 
 /// A server on `127.0.0.1:0` with its own data directory, removed when dropped.
@@ -22,6 +22,13 @@ impl TestServer {
         let mut config = config(dir.path());
         adjust(&mut config);
         let server = Server::start(config).await.expect("server starts");
+        TestServer { server, dir }
+    }
+
+    /// A server with authentication and TLS as `security` says, listening as `config` says.
+    pub async fn start_secured(config: impl FnOnce(&std::path::Path) -> Config, security: Security) -> TestServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let server = Server::start_secured(config(dir.path()), security).await.expect("server starts");
         TestServer { server, dir }
     }
 
@@ -61,4 +68,27 @@ pub fn db_error(e: &tokio_postgres::Error) -> String {
         Some(db) => format!("{}: {}", db.code().code(), db.message()),
         None => e.to_string(),
     }
+}
+
+/// Runs an outside program (psql, java, python3) off the async runtime and returns what
+/// it printed. `what` names it in the panic if it cannot be started at all.
+pub async fn run_program(mut command: std::process::Command, what: &str) -> std::process::Output {
+    let what = what.to_string();
+    tokio::task::spawn_blocking(move || {
+        command.output().unwrap_or_else(|e| panic!("cannot run {what} (scripts/test installs it): {e}"))
+    })
+    .await
+    .expect("the program ran")
+}
+
+/// stdout of a program that must succeed; panics with its stderr otherwise.
+pub fn stdout_of(output: &std::process::Output, what: &str) -> String {
+    assert!(
+        output.status.success(),
+        "{what} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }

@@ -1,0 +1,1168 @@
+//! The system catalog clients introspect: `pg_catalog` (and the functions that go with it,
+//! such as `format_type`, `pg_get_userbyid`, `version()`), next to DataFusion's own
+//! `information_schema`.
+//!
+//! Most of `pg_catalog` comes from the `datafusion-pg-catalog` crate, which derives
+//! `pg_class`, `pg_attribute`, `pg_namespace`, … from DataFusion's catalog, so tables and
+//! views created after a client connected appear at once. freshet wraps it ([`PgCatalog`])
+//! where freshet knows more: materialized views are `relkind = 'm'` in `pg_class` and rows
+//! of `pg_matviews`, plain views are rows of `pg_views`, and `pg_roles` names the user
+//! clients log in as.
+//!
+//! [`parse`] sends catalog queries through the same crate's rewriting parser, which turns
+//! the Postgres-only syntax clients use (`'t'::regclass`, `OPERATOR(pg_catalog.~)`, …) into
+//! SQL DataFusion plans. Nothing here changes data.
+
+use std::collections::{HashSet, VecDeque};
+use std::ops::ControlFlow;
+use std::sync::{Arc, LazyLock, RwLock};
+
+use async_trait::async_trait;
+use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, StringArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::catalog::information_schema::{INFORMATION_SCHEMA_TABLES, InformationSchemaProvider};
+use datafusion::catalog::{SchemaProvider, Session, TableProvider};
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::error::Result as DfResult;
+use datafusion::logical_expr::{ColumnarValue, Expr, ScalarUDF, TableType, Volatility, create_udf};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::prelude::SessionContext;
+use datafusion::sql::parser::Statement as DFStatement;
+use datafusion::sql::sqlparser::ast::{Expr as SqlExpr, Value as SqlValue, Visit, VisitMut, Visitor, VisitorMut};
+use datafusion_pg_catalog::pg_catalog::context::{PgCatalogContextProvider, Role};
+use datafusion_pg_catalog::sql::PostgresCompatibilityParser;
+
+use super::table::SnapshotCell;
+use super::{CATALOG_NAME, SCHEMA_NAME};
+use crate::error::{Error, Result};
+use crate::sql::{self, Statement};
+
+/// What `version()` answers. Drivers parse the leading "PostgreSQL <major>.<minor>".
+pub const VERSION: &str = concat!("PostgreSQL 16.6 (freshet ", env!("CARGO_PKG_VERSION"), ") on Arrow and DataFusion");
+
+/// The user clients log in as until [`set_user`] says otherwise.
+const DEFAULT_USER: &str = "freshet";
+
+/// Registers `pg_catalog` in freshet's catalog and the catalog functions in `ctx`.
+pub fn install(ctx: &SessionContext, cell: Arc<SnapshotCell>) -> Result<()> {
+    let user = Arc::new(RwLock::new(DEFAULT_USER.to_string()));
+    datafusion_pg_catalog::setup_pg_catalog(ctx, CATALOG_NAME, LoginRoles { user: user.clone() })
+        .map_err(|e| Error::Internal(format!("cannot set up pg_catalog: {e}")))?;
+    let catalog =
+        ctx.catalog(CATALOG_NAME).ok_or_else(|| Error::Internal("the freshet catalog is not registered".into()))?;
+    let inner = catalog.schema("pg_catalog").ok_or_else(|| Error::Internal("pg_catalog was not registered".into()))?;
+    let hidden = Hidden::default();
+    catalog.register_schema(
+        "pg_catalog",
+        Arc::new(PgCatalog { inner, cell: cell.clone(), user, hidden: hidden.clone() }),
+    )?;
+    // information_schema is not on the search path, so its relations are not visible.
+    let known = hidden.clone();
+    ctx.register_udf(unary_udf("pg_table_is_visible", DataType::Int32, DataType::Boolean, move |oids| {
+        let oids = datafusion::common::cast::as_int32_array(oids)?;
+        let known = read(&known);
+        let visible: BooleanArray = oids.iter().map(|oid| oid.map(|oid| !known.hidden.contains(&oid))).collect();
+        Ok(Arc::new(visible))
+    }));
+    // A plain view's query text; NULL for anything else (a materialized view's query lives
+    // with its dataflow, not in the snapshot).
+    let view_cell = cell.clone();
+    ctx.register_udf(TextFunction::udf("pg_get_viewdef", move |arrays, rows| {
+        let Some(oids) = arrays.first() else { return null_text(arrays, rows) };
+        let oids = datafusion::common::cast::as_int32_array(oids)?;
+        let known = read(&hidden);
+        let snapshot = view_cell.current();
+        let definitions: StringArray = oids
+            .iter()
+            .map(|oid| {
+                let view = snapshot.plain_views.get(known.plain_views.get(&oid?)?)?;
+                (view.as_ref() as &dyn std::any::Any)
+                    .downcast_ref::<datafusion::catalog::view::ViewTable>()
+                    .and_then(|v| v.definition().cloned())
+            })
+            .collect();
+        Ok(Arc::new(definitions))
+    }));
+    let information_schema = InformationSchemaProvider::new(ctx.state().catalog_list().clone());
+    catalog.register_schema("information_schema", Arc::new(InformationSchema { inner: information_schema, cell }))?;
+    ctx.register_udf(constant_text_udf("version", VERSION));
+    register_user_functions(ctx, DEFAULT_USER);
+    register_functions(ctx);
+    Ok(())
+}
+
+/// The catalog functions that do not depend on the database's state.
+fn register_functions(ctx: &SessionContext) {
+    // Everything is visible: freshet has one schema on the search path.
+    for name in ["pg_function_is_visible", "pg_type_is_visible", "pg_collation_is_visible"] {
+        ctx.register_udf(unary_udf(name, DataType::Int32, DataType::Boolean, |oids| {
+            Ok(Arc::new(BooleanArray::from(vec![true; oids.len()])))
+        }));
+    }
+    ctx.register_udf(TextFunction::udf("json_build_object", json_build_object));
+    ctx.register_udf(TextFunction::udf("format", pg_format));
+    // Descriptions, comments and definitions freshet does not keep: NULL, as in Postgres
+    // for an object without a comment.
+    for name in [
+        "obj_description",
+        "col_description",
+        "shobj_description",
+        "pg_get_indexdef",
+        "pg_get_triggerdef",
+        "pg_get_function_result",
+        "pg_get_function_arguments",
+        "pg_get_function_identity_arguments",
+        "pg_get_serial_sequence",
+    ] {
+        ctx.register_udf(TextFunction::udf(name, null_text));
+    }
+    ctx.register_udf(unary_udf("to_regtype", DataType::Utf8, DataType::Int32, |names| {
+        let names = datafusion::common::cast::as_string_array(names)?;
+        let oids: datafusion::arrow::array::Int32Array = names.iter().map(|n| n.and_then(type_oid)).collect();
+        Ok(Arc::new(oids))
+    }));
+    // Sizes: freshet keeps no per-relation byte counts, so they are unknown (NULL).
+    ctx.register_udf(unary_udf("pg_table_size", DataType::Int32, DataType::Int64, |oids| {
+        Ok(datafusion::arrow::array::new_null_array(&DataType::Int64, oids.len()))
+    }));
+    ctx.register_udf(unary_udf("pg_size_pretty", DataType::Int64, DataType::Utf8, |sizes| {
+        let sizes = datafusion::common::cast::as_int64_array(sizes)?;
+        let pretty: StringArray = sizes.iter().map(|size| size.map(pretty_size)).collect();
+        Ok(Arc::new(pretty))
+    }));
+}
+
+/// A catalog function of one argument, computed column by column.
+fn unary_udf(
+    name: &str,
+    argument: DataType,
+    returns: DataType,
+    f: impl Fn(&ArrayRef) -> DfResult<ArrayRef> + Send + Sync + 'static,
+) -> ScalarUDF {
+    let call = move |args: &[ColumnarValue]| -> DfResult<ColumnarValue> {
+        let arrays = ColumnarValue::values_to_arrays(args)?;
+        match arrays.first() {
+            Some(input) => Ok(ColumnarValue::Array(f(input)?)),
+            None => Err(datafusion::error::DataFusionError::Plan("a catalog function missed its argument".into())),
+        }
+    };
+    create_udf(name, vec![argument], returns, Volatility::Stable, Arc::new(call))
+}
+
+/// The OID of a built-in type by any of its SQL names (what `to_regtype` answers), or
+/// `None` for types freshet does not have, such as extension types.
+fn type_oid(name: &str) -> Option<i32> {
+    let name = name.trim().trim_start_matches("pg_catalog.").to_ascii_lowercase();
+    Some(match name.as_str() {
+        "bool" | "boolean" => 16,
+        "bytea" => 17,
+        "char" | "\"char\"" => 18,
+        "name" => 19,
+        "int8" | "bigint" => 20,
+        "int2" | "smallint" => 21,
+        "int4" | "integer" | "int" => 23,
+        "text" => 25,
+        "oid" => 26,
+        "json" => 114,
+        "float4" | "real" => 700,
+        "float8" | "double precision" => 701,
+        "varchar" | "character varying" => 1043,
+        "date" => 1082,
+        "time" | "time without time zone" => 1083,
+        "timestamp" | "timestamp without time zone" => 1114,
+        "timestamptz" | "timestamp with time zone" => 1184,
+        "interval" => 1186,
+        "numeric" | "decimal" => 1700,
+        "uuid" => 2950,
+        "jsonb" => 3802,
+        _ => return None,
+    })
+}
+
+/// Postgres' `pg_size_pretty`: bytes in the largest unit that keeps at least 10 of them.
+fn pretty_size(bytes: i64) -> String {
+    let mut value = bytes;
+    for unit in ["bytes", "kB", "MB", "GB", "TB"] {
+        if value.abs() < 10 * 1024 || unit == "TB" {
+            return format!("{value} {unit}");
+        }
+        value = (value + 512) / 1024;
+    }
+    format!("{value} PB")
+}
+
+/// A catalog function of any arguments that returns text: one type for the functions
+/// below, which differ only in how they compute their value.
+struct TextFunction {
+    name: &'static str,
+    signature: datafusion::logical_expr::Signature,
+    /// Computes `rows` values from the argument columns.
+    body: Box<TextBody>,
+}
+
+type TextBody = dyn Fn(&[ArrayRef], usize) -> DfResult<ArrayRef> + Send + Sync;
+
+impl TextFunction {
+    fn udf(
+        name: &'static str,
+        body: impl Fn(&[ArrayRef], usize) -> DfResult<ArrayRef> + Send + Sync + 'static,
+    ) -> ScalarUDF {
+        let signature = datafusion::logical_expr::Signature::variadic_any(Volatility::Stable);
+        ScalarUDF::new_from_impl(TextFunction { name, signature, body: Box::new(body) })
+    }
+}
+
+/// Reads a lock a panicking writer left behind as it was.
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    match lock.read() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+// Functions are told apart by name (DataFusion compares and hashes UDFs).
+impl PartialEq for TextFunction {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+    }
+}
+
+impl Eq for TextFunction {}
+
+impl std::hash::Hash for TextFunction {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.name.hash(state);
+    }
+}
+
+impl std::fmt::Debug for TextFunction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextFunction").field("name", &self.name).finish()
+    }
+}
+
+impl datafusion::logical_expr::ScalarUDFImpl for TextFunction {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn signature(&self) -> &datafusion::logical_expr::Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _: &[DataType]) -> DfResult<DataType> {
+        Ok(DataType::Utf8)
+    }
+
+    fn invoke_with_args(&self, args: datafusion::logical_expr::ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        Ok(ColumnarValue::Array((self.body)(&arrays, args.number_rows)?))
+    }
+}
+
+/// NULL whatever the arguments: for comments and definitions freshet does not keep.
+fn null_text(_: &[ArrayRef], rows: usize) -> DfResult<ArrayRef> {
+    Ok(datafusion::arrow::array::new_null_array(&DataType::Utf8, rows))
+}
+
+/// `json_build_object(key, value, …)` as JSON text (SQLAlchemy's column inspection uses it).
+fn json_build_object(arrays: &[ArrayRef], rows: usize) -> DfResult<ArrayRef> {
+    use datafusion::arrow::util::display::array_value_to_string;
+    if !arrays.len().is_multiple_of(2) {
+        return Err(datafusion::error::DataFusionError::Plan(
+            "json_build_object needs an even number of arguments (key, value, …)".into(),
+        ));
+    }
+    let mut out = Vec::with_capacity(rows);
+    for row in 0..rows {
+        let mut object = serde_json::Map::new();
+        for pair in arrays.chunks(2) {
+            let key = array_value_to_string(&pair[0], row)?;
+            let value = &pair[1];
+            let json = if value.is_null(row) {
+                serde_json::Value::Null
+            } else {
+                let text = array_value_to_string(value, row)?;
+                match value.data_type() {
+                    DataType::Boolean => serde_json::Value::Bool(text == "true"),
+                    t if t.is_numeric() => serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+                    _ => serde_json::Value::String(text),
+                }
+            };
+            object.insert(key, json);
+        }
+        out.push(serde_json::Value::Object(object).to_string());
+    }
+    Ok(Arc::new(StringArray::from(out)))
+}
+
+/// Postgres' `format(formatstr, args…)` with `%s`, `%I`, `%L` and `%%` (no widths or
+/// positions), which catalog queries use to build type and relation names.
+fn pg_format(arrays: &[ArrayRef], rows: usize) -> DfResult<ArrayRef> {
+    use datafusion::arrow::util::display::array_value_to_string;
+    let Some((template, values)) = arrays.split_first() else {
+        return Err(datafusion::error::DataFusionError::Plan("format needs a format string".into()));
+    };
+    let mut out: Vec<Option<String>> = Vec::with_capacity(rows);
+    for row in 0..rows {
+        if template.is_null(row) {
+            out.push(None);
+            continue;
+        }
+        let template = array_value_to_string(template, row)?;
+        let value = |i: usize| -> DfResult<Option<String>> {
+            let array = values
+                .get(i)
+                .ok_or_else(|| datafusion::error::DataFusionError::Plan("too few arguments for format()".into()))?;
+            if array.is_null(row) { Ok(None) } else { Ok(Some(array_value_to_string(array, row)?)) }
+        };
+        let (mut text, mut next, mut chars) = (String::new(), 0, template.chars());
+        while let Some(c) = chars.next() {
+            if c != '%' {
+                text.push(c);
+                continue;
+            }
+            match chars.next() {
+                Some('%') => text.push('%'),
+                Some('s') => {
+                    text.push_str(&value(next)?.unwrap_or_default());
+                    next += 1;
+                }
+                Some('I') => {
+                    let ident = value(next)?.ok_or_else(|| {
+                        datafusion::error::DataFusionError::Execution(
+                            "null values cannot be formatted as an SQL identifier".into(),
+                        )
+                    })?;
+                    text.push_str(&quote_ident(&ident));
+                    next += 1;
+                }
+                Some('L') => {
+                    match value(next)? {
+                        Some(v) => text.push_str(&format!("'{}'", v.replace('\'', "''"))),
+                        None => text.push_str("NULL"),
+                    }
+                    next += 1;
+                }
+                other => {
+                    return Err(datafusion::error::DataFusionError::Plan(format!(
+                        "unrecognized format() type specifier \"{}\"",
+                        other.map(String::from).unwrap_or_default()
+                    )));
+                }
+            }
+        }
+        out.push(Some(text));
+    }
+    Ok(Arc::new(StringArray::from(out)))
+}
+
+/// An identifier as Postgres quotes it: bare when it is lower-case letters, digits and
+/// underscores (not starting with a digit), double-quoted otherwise.
+fn quote_ident(ident: &str) -> String {
+    let plain = ident.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && ident.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if plain { ident.to_string() } else { format!("\"{}\"", ident.replace('"', "\"\"")) }
+}
+
+/// Makes `current_user`, `session_user`, `pg_get_userbyid` and `pg_roles` name `user`.
+pub fn set_user(ctx: &SessionContext, user: &str) -> Result<()> {
+    let schema = ctx
+        .catalog(CATALOG_NAME)
+        .and_then(|c| c.schema("pg_catalog"))
+        .ok_or_else(|| Error::Internal("pg_catalog is not registered".into()))?;
+    let pg_catalog = (schema.as_ref() as &dyn std::any::Any)
+        .downcast_ref::<PgCatalog>()
+        .ok_or_else(|| Error::Internal("pg_catalog is not freshet's".into()))?;
+    match pg_catalog.user.write() {
+        Ok(mut guard) => *guard = user.to_string(),
+        Err(poisoned) => *poisoned.into_inner() = user.to_string(),
+    }
+    register_user_functions(ctx, user);
+    Ok(())
+}
+
+fn register_user_functions(ctx: &SessionContext, user: &str) {
+    ctx.register_udf(constant_text_udf("session_user", user));
+    ctx.register_udf(constant_text_udf("current_user", user));
+    let user = user.to_string();
+    ctx.register_udf(unary_udf("pg_get_userbyid", DataType::Int32, DataType::Utf8, move |oids| {
+        Ok(Arc::new(StringArray::from(vec![user.as_str(); oids.len()])))
+    }));
+}
+
+/// A function of no arguments that always returns `value`.
+fn constant_text_udf(name: &str, value: &str) -> ScalarUDF {
+    let value = value.to_string();
+    let f = move |_: &[ColumnarValue]| -> DfResult<ColumnarValue> {
+        Ok(ColumnarValue::Scalar(datafusion::scalar::ScalarValue::Utf8(Some(value.clone()))))
+    };
+    create_udf(name, vec![], DataType::Utf8, Volatility::Stable, Arc::new(f))
+}
+
+/// Splits `sql` into statements. Catalog queries (those naming `pg_…` relations or
+/// functions, `information_schema`, or Postgres' special user functions) are rewritten
+/// into SQL DataFusion can plan; anything else, and anything the rewriting parser cannot
+/// read, goes to freshet's own parser, which reports errors with positions.
+///
+/// `current_setting('name')` is replaced by the value `setting` gives for `name` (the
+/// session's settings live with the connection, not in the planner).
+pub fn parse(text: &str, setting: &dyn Fn(&str) -> Result<String>) -> Result<VecDeque<Statement>> {
+    static PARSER: LazyLock<PostgresCompatibilityParser> = LazyLock::new(PostgresCompatibilityParser::new);
+    if !is_catalog_query(text) {
+        return sql::parse(text);
+    }
+    let mut text = text.to_string();
+    for (from, to) in CLIENT_REWRITES {
+        text = replace_ignoring_whitespace(&text, from, to);
+    }
+    let text = inline_settings(&text, setting)?;
+    let text = text.as_str();
+    match PARSER.parse(text) {
+        Ok(statements) => Ok(statements
+            .into_iter()
+            .map(|mut s| {
+                let _ = VisitMut::visit(&mut s, &mut NullCaseSubqueries);
+                Statement::Sql(DFStatement::Statement(Box::new(s)))
+            })
+            .collect()),
+        Err(_) => sql::parse(text),
+    }
+}
+
+/// Replaces a CASE expression that contains a scalar subquery with NULL. Clients use
+/// these to fetch what freshet has none of (identity sequences, collations, column
+/// defaults from `pg_attrdef`, which is empty), and DataFusion cannot plan such correlated
+/// subqueries.
+struct NullCaseSubqueries;
+
+impl VisitorMut for NullCaseSubqueries {
+    type Break = ();
+
+    fn pre_visit_expr(&mut self, expr: &mut SqlExpr) -> ControlFlow<()> {
+        if matches!(expr, SqlExpr::Case { .. }) {
+            let found = Visit::visit(&*expr, &mut FindSubquery);
+            if found.is_break() {
+                *expr = SqlExpr::Value(SqlValue::Null.with_empty_span());
+            }
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+struct FindSubquery;
+
+impl Visitor for FindSubquery {
+    type Break = ();
+
+    fn pre_visit_expr(&mut self, expr: &SqlExpr) -> ControlFlow<()> {
+        if matches!(expr, SqlExpr::Subquery(_)) { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+    }
+}
+
+/// Fragments of known client queries that DataFusion cannot plan, and what they become.
+/// Each replacement keeps the column the client reads, with the value it has in freshet.
+const CLIENT_REWRITES: &[(&str, &str)] = &[
+    // psql 15/16 `\d+ name`: table storage options (freshet has none). ARRAY(subquery)
+    // is not supported by DataFusion.
+    (
+        "pg_catalog.array_to_string(c.reloptions || array(select 'toast.' || x from pg_catalog.unnest(tc.reloptions) x), ', ')",
+        "''",
+    ),
+    // Grafana's PostgreSQL data source (public/app/plugins/datasource/
+    // grafana-postgresql-datasource/postgresMetaQuery.ts, buildSchemaConstraint): the
+    // schemas on the search path. freshet resolves names in `public` only.
+    (
+        "SELECT CASE WHEN trim(s[i]) = '\"$user\"' THEN user ELSE trim(s[i]) END FROM generate_series( array_lower(string_to_array(current_setting('search_path'),','),1), array_upper(string_to_array(current_setting('search_path'),','),1) ) as i, string_to_array(current_setting('search_path'),',') s",
+        "'public'",
+    ),
+    // psql `\du`: the roles a role is a member of (freshet has one role, a member of none).
+    (
+        "ARRAY(SELECT b.rolname FROM pg_catalog.pg_auth_members m JOIN pg_catalog.pg_roles b ON (m.roleid = b.oid) WHERE m.member = r.oid) as memberof",
+        "'{}' as memberof",
+    ),
+];
+
+/// Replaces `current_setting('name' [, missing_ok])` with the value of `name` as a string
+/// literal. An unknown name is refused (42704) unless `missing_ok` is true (then NULL).
+fn inline_settings(sql: &str, setting: &dyn Fn(&str) -> Result<String>) -> Result<String> {
+    const CALL: &str = "current_setting(";
+    let lower = sql.to_ascii_lowercase();
+    let mut out = String::with_capacity(sql.len());
+    let (mut copied, mut from) = (0, 0);
+    while let Some(found) = lower[from..].find(CALL) {
+        let call = from + found;
+        let args = call + CALL.len();
+        from = args;
+        // Only `'name')` and `'name', true|false)` are inlined; anything else is left to
+        // the planner, which reports the function as unknown.
+        let Some(quoted) = lower[args..].strip_prefix('\'') else { continue };
+        let Some(name_len) = quoted.find('\'') else { continue };
+        let after_name = args + 1 + name_len + 1;
+        let Some(close) = lower[after_name..].find(')') else { continue };
+        let extra = lower[after_name..after_name + close].trim();
+        let missing_ok = match extra.strip_prefix(',').map(str::trim) {
+            None if extra.is_empty() => false,
+            Some("true") => true,
+            Some("false") => false,
+            _ => continue,
+        };
+        let name = &sql[args + 1..args + 1 + name_len];
+        let value = match setting(name) {
+            Ok(value) => format!("'{}'", value.replace('\'', "''")),
+            Err(_) if missing_ok => "NULL".to_string(),
+            Err(e) => return Err(e),
+        };
+        let start = if lower[..call].ends_with("pg_catalog.") { call - "pg_catalog.".len() } else { call };
+        out.push_str(&sql[copied..start]);
+        out.push_str(&value);
+        copied = after_name + close + 1;
+        from = copied;
+    }
+    out.push_str(&sql[copied..]);
+    Ok(out)
+}
+
+/// Replaces every occurrence of `pattern` in `text`, where any run of whitespace in the
+/// pattern matches any run of whitespace (or none) in the text: clients indent the same
+/// query differently from version to version.
+fn replace_ignoring_whitespace(text: &str, pattern: &str, replacement: &str) -> String {
+    let pattern: Vec<char> = pattern.chars().collect();
+    let chars: Vec<char> = text.chars().collect();
+    let matches_at = |start: usize| -> Option<usize> {
+        let (mut i, mut j) = (start, 0);
+        while j < pattern.len() {
+            if pattern[j].is_whitespace() {
+                while j < pattern.len() && pattern[j].is_whitespace() {
+                    j += 1;
+                }
+                while i < chars.len() && chars[i].is_whitespace() {
+                    i += 1;
+                }
+            } else if i < chars.len() && chars[i] == pattern[j] {
+                i += 1;
+                j += 1;
+            } else {
+                return None;
+            }
+        }
+        Some(i)
+    };
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < chars.len() {
+        match matches_at(i) {
+            Some(end) if end > i => {
+                out.push_str(replacement);
+                i = end;
+            }
+            _ => {
+                out.push(chars[i]);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+fn is_catalog_query(text: &str) -> bool {
+    const MARKERS: &[&str] = &[
+        "pg_",
+        "information_schema",
+        "::reg",
+        "current_schema",
+        "current_user",
+        "session_user",
+        "current_role",
+        "format_type",
+        "has_table_privilege",
+        "has_schema_privilege",
+        "array_upper",
+        "array_lower",
+        "quote_ident",
+        "current_setting",
+    ];
+    // A marker counts only where a word starts, so a user column such as `mpg_avg` does
+    // not send an ordinary query through the catalog rewrites.
+    let lower = text.to_ascii_lowercase();
+    let starts_word = |at: usize| lower[..at].chars().next_back().is_none_or(|c| !(c.is_alphanumeric() || c == '_'));
+    MARKERS.iter().any(|marker| {
+        let word = marker.starts_with(|c: char| c.is_alphanumeric());
+        lower.match_indices(marker).any(|(at, _)| !word || starts_word(at))
+    })
+}
+
+/// `pg_roles` lists the one login role.
+#[derive(Debug, Clone)]
+struct LoginRoles {
+    user: Arc<RwLock<String>>,
+}
+
+impl LoginRoles {
+    fn name(&self) -> String {
+        read(&self.user).clone()
+    }
+}
+
+#[async_trait]
+impl PgCatalogContextProvider for LoginRoles {
+    async fn roles(&self) -> Vec<String> {
+        vec![self.name()]
+    }
+
+    async fn role(&self, name: &str) -> Option<Role> {
+        (name == self.name()).then(|| Role {
+            name: name.to_string(),
+            is_superuser: true,
+            can_login: true,
+            can_create_db: false,
+            can_create_role: false,
+            can_create_user: false,
+            can_replication: false,
+            grants: Vec::new(),
+            inherited_roles: Vec::new(),
+        })
+    }
+}
+
+/// What the last `pg_class` scan learnt about OIDs, for the functions that take one.
+type Hidden = Arc<RwLock<KnownOids>>;
+
+#[derive(Debug, Default)]
+struct KnownOids {
+    /// Relations not on the search path (information_schema's): `pg_table_is_visible`
+    /// answers false for them.
+    hidden: HashSet<i32>,
+    /// Plain views by OID, for `pg_get_viewdef`.
+    plain_views: std::collections::HashMap<i32, String>,
+}
+
+/// `pg_catalog` as the crate builds it, with the relations freshet knows better replaced.
+#[derive(Debug)]
+struct PgCatalog {
+    inner: Arc<dyn SchemaProvider>,
+    cell: Arc<SnapshotCell>,
+    user: Arc<RwLock<String>>,
+    hidden: Hidden,
+}
+
+#[async_trait]
+impl SchemaProvider for PgCatalog {
+    fn table_names(&self) -> Vec<String> {
+        self.inner.table_names()
+    }
+
+    async fn table(&self, name: &str) -> DfResult<Option<Arc<dyn TableProvider>>> {
+        let owner = LoginRoles { user: self.user.clone() }.name();
+        match name.to_ascii_lowercase().as_str() {
+            "pg_class" => {
+                let Some(inner) = self.inner.table(name).await? else { return Ok(None) };
+                let correction = RelationKinds { cell: self.cell.clone(), hidden: self.hidden.clone() };
+                Ok(Some(Arc::new(Corrected { inner, correction })))
+            }
+            "pg_attribute" => {
+                let (Some(inner), Some(classes)) = (self.inner.table(name).await?, self.inner.table("pg_class").await?)
+                else {
+                    return Ok(None);
+                };
+                Ok(Some(Arc::new(Corrected { inner, correction: ColumnFacts { classes, cell: self.cell.clone() } })))
+            }
+            "pg_views" => Ok(Some(Arc::new(ViewList { kind: ViewKind::Plain, owner, cell: self.cell.clone() }))),
+            "pg_matviews" => {
+                Ok(Some(Arc::new(ViewList { kind: ViewKind::Materialized, owner, cell: self.cell.clone() })))
+            }
+            _ => self.inner.table(name).await,
+        }
+    }
+
+    fn table_exist(&self, name: &str) -> bool {
+        self.inner.table_exist(name)
+    }
+}
+
+/// A catalog table as the crate computes it, with the rows passed through a
+/// [`Correction`] where freshet knows better.
+#[derive(Debug)]
+struct Corrected<C> {
+    inner: Arc<dyn TableProvider>,
+    correction: C,
+}
+
+/// How freshet corrects the rows of one of the crate's catalog tables.
+#[async_trait]
+trait Correction: std::fmt::Debug + Send + Sync + 'static {
+    /// The rows clients should see instead of `rows` (all of the table, of `schema`).
+    async fn correct(
+        &self,
+        state: &dyn Session,
+        schema: &SchemaRef,
+        rows: Vec<RecordBatch>,
+    ) -> DfResult<Vec<RecordBatch>>;
+}
+
+#[async_trait]
+impl<C: Correction> TableProvider for Corrected<C> {
+    fn schema(&self) -> SchemaRef {
+        self.inner.schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        self.inner.table_type()
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let schema = self.inner.schema();
+        let rows = scan_all(self.inner.as_ref(), state).await?;
+        let rows = self.correction.correct(state, &schema, rows).await?;
+        Ok(MemorySourceConfig::try_new_exec(&[rows], schema, projection.cloned())?)
+    }
+}
+
+/// `pg_class`: `relkind = 'm'` for materialized views (the crate only knows DataFusion's
+/// base tables and views), and which relations `pg_table_is_visible`.
+#[derive(Debug)]
+struct RelationKinds {
+    cell: Arc<SnapshotCell>,
+    hidden: Hidden,
+}
+
+#[async_trait]
+impl Correction for RelationKinds {
+    async fn correct(
+        &self,
+        _state: &dyn Session,
+        schema: &SchemaRef,
+        batches: Vec<RecordBatch>,
+    ) -> DfResult<Vec<RecordBatch>> {
+        let snapshot = self.cell.current();
+        let materialized: HashSet<String> = snapshot.views.keys().cloned().collect();
+        let patched =
+            batches.into_iter().map(|batch| mark_materialized(&batch, &materialized)).collect::<DfResult<Vec<_>>>()?;
+        let mut known = KnownOids::default();
+        for batch in &patched {
+            let oids = schema
+                .index_of("oid")
+                .ok()
+                .and_then(|i| batch.column(i).as_any().downcast_ref::<datafusion::arrow::array::Int32Array>().cloned());
+            let names = schema
+                .index_of("relname")
+                .ok()
+                .and_then(|i| batch.column(i).as_any().downcast_ref::<StringArray>().cloned());
+            let (Some(oids), Some(names)) = (oids, names) else { continue };
+            for (oid, name) in oids.iter().zip(names.iter()) {
+                let (Some(oid), Some(name)) = (oid, name) else { continue };
+                if snapshot.plain_views.contains_key(name) {
+                    known.plain_views.insert(oid, name.to_string());
+                } else if INFORMATION_SCHEMA_TABLES.contains(&name) && snapshot.relation(name).is_none() {
+                    known.hidden.insert(oid);
+                }
+            }
+        }
+        match self.hidden.write() {
+            Ok(mut guard) => *guard = known,
+            Err(poisoned) => *poisoned.into_inner() = known,
+        }
+        Ok(patched)
+    }
+}
+
+/// `pg_attribute`: primary-key and NOT NULL columns are `attnotnull`, and JSON columns
+/// have the json type, as on the wire.
+#[derive(Debug)]
+struct ColumnFacts {
+    /// The crate's `pg_class`, to name the relation of each `attrelid`.
+    classes: Arc<dyn TableProvider>,
+    cell: Arc<SnapshotCell>,
+}
+
+#[async_trait]
+impl Correction for ColumnFacts {
+    async fn correct(
+        &self,
+        state: &dyn Session,
+        schema: &SchemaRef,
+        batches: Vec<RecordBatch>,
+    ) -> DfResult<Vec<RecordBatch>> {
+        use datafusion::arrow::array::Int32Array;
+        let classes = scan_all(self.classes.as_ref(), state).await?;
+        let snapshot = self.cell.current();
+        // attrelid → the freshet relation it describes.
+        let mut relations = std::collections::HashMap::new();
+        for batch in &classes {
+            let class_schema = batch.schema();
+            let oids = class_schema
+                .index_of("oid")
+                .ok()
+                .and_then(|i| batch.column(i).as_any().downcast_ref::<Int32Array>().cloned());
+            let names = class_schema
+                .index_of("relname")
+                .ok()
+                .and_then(|i| batch.column(i).as_any().downcast_ref::<StringArray>().cloned());
+            let (Some(oids), Some(names)) = (oids, names) else { continue };
+            for (oid, name) in oids.iter().zip(names.iter()) {
+                if let (Some(oid), Some(version)) = (oid, name.and_then(|n| snapshot.relation(n))) {
+                    relations.insert(oid, version.def.clone());
+                }
+            }
+        }
+        let at = |name: &str| schema.index_of(name).ok();
+        let (Some(rel_at), Some(name_at), Some(type_at), Some(notnull_at)) =
+            (at("attrelid"), at("attname"), at("atttypid"), at("attnotnull"))
+        else {
+            return Ok(batches);
+        };
+        let mut patched = Vec::with_capacity(batches.len());
+        for batch in batches {
+            let rels = batch.column(rel_at).as_any().downcast_ref::<Int32Array>().cloned();
+            let names = batch.column(name_at).as_any().downcast_ref::<StringArray>().cloned();
+            let types = batch.column(type_at).as_any().downcast_ref::<Int32Array>().cloned();
+            let notnulls = batch.column(notnull_at).as_any().downcast_ref::<BooleanArray>().cloned();
+            let (Some(rels), Some(names), Some(types), Some(notnulls)) = (rels, names, types, notnulls) else {
+                patched.push(batch);
+                continue;
+            };
+            let mut new_types = Vec::with_capacity(batch.num_rows());
+            let mut new_notnulls = Vec::with_capacity(batch.num_rows());
+            for row in 0..batch.num_rows() {
+                let def = rels.is_valid(row).then(|| relations.get(&rels.value(row))).flatten();
+                let column = def.and_then(|def| def.schema.index_of(names.value(row)).ok().map(|i| (def, i)));
+                let (typ, notnull) = (
+                    types.is_valid(row).then(|| types.value(row)),
+                    notnulls.is_valid(row).then(|| notnulls.value(row)),
+                );
+                match column {
+                    Some((def, i)) => {
+                        let field = def.schema.field(i);
+                        new_types.push(if sql::is_json(field) { Some(JSON_OID) } else { typ });
+                        new_notnulls.push(Some(!field.is_nullable() || def.primary_key.contains(&i)));
+                    }
+                    None => {
+                        new_types.push(typ);
+                        new_notnulls.push(notnull);
+                    }
+                }
+            }
+            let mut arrays = batch.columns().to_vec();
+            arrays[type_at] = Arc::new(Int32Array::from(new_types));
+            arrays[notnull_at] = Arc::new(BooleanArray::from(new_notnulls));
+            patched.push(RecordBatch::try_new(schema.clone(), arrays)?);
+        }
+        Ok(patched)
+    }
+}
+
+/// The OID of Postgres' `json` type.
+const JSON_OID: i32 = 114;
+
+/// All rows of `table` (catalog tables are small, and the wrappers here patch them whole).
+async fn scan_all(table: &dyn TableProvider, state: &dyn Session) -> DfResult<Vec<RecordBatch>> {
+    let plan = table.scan(state, None, &[], None).await?;
+    datafusion::physical_plan::collect(plan, state.task_ctx()).await
+}
+
+fn mark_materialized(batch: &RecordBatch, materialized: &HashSet<String>) -> DfResult<RecordBatch> {
+    let schema = batch.schema();
+    let (Ok(name_at), Ok(kind_at)) = (schema.index_of("relname"), schema.index_of("relkind")) else {
+        return Ok(batch.clone());
+    };
+    let names = batch.column(name_at).as_any().downcast_ref::<StringArray>();
+    let kinds = batch.column(kind_at).as_any().downcast_ref::<StringArray>();
+    let (Some(names), Some(kinds)) = (names, kinds) else { return Ok(batch.clone()) };
+    let patched: StringArray = names
+        .iter()
+        .zip(kinds.iter())
+        .map(|(name, kind)| match name {
+            Some(name) if materialized.contains(name) && kind == Some("r") => Some("m"),
+            _ => kind,
+        })
+        .collect();
+    let mut columns = batch.columns().to_vec();
+    columns[kind_at] = Arc::new(patched);
+    Ok(RecordBatch::try_new(schema, columns)?)
+}
+
+/// DataFusion's `information_schema`, with `columns.data_type` spelled the way Postgres
+/// spells it (`integer`, `timestamp without time zone`, …) for freshet's relations, since
+/// BI tools read column types from there.
+#[derive(Debug)]
+struct InformationSchema {
+    inner: InformationSchemaProvider,
+    cell: Arc<SnapshotCell>,
+}
+
+#[async_trait]
+impl SchemaProvider for InformationSchema {
+    fn table_names(&self) -> Vec<String> {
+        self.inner.table_names()
+    }
+
+    async fn table(&self, name: &str) -> DfResult<Option<Arc<dyn TableProvider>>> {
+        let Some(table) = self.inner.table(name).await? else { return Ok(None) };
+        if name.eq_ignore_ascii_case("columns") {
+            return Ok(Some(Arc::new(Corrected {
+                inner: table,
+                correction: PgColumnTypes { cell: self.cell.clone() },
+            })));
+        }
+        Ok(Some(table))
+    }
+
+    fn table_exist(&self, name: &str) -> bool {
+        self.inner.table_exist(name)
+    }
+}
+
+/// `information_schema.columns`: Postgres type names, and primary keys are not nullable.
+#[derive(Debug)]
+struct PgColumnTypes {
+    cell: Arc<SnapshotCell>,
+}
+
+#[async_trait]
+impl Correction for PgColumnTypes {
+    async fn correct(
+        &self,
+        _state: &dyn Session,
+        schema: &SchemaRef,
+        batches: Vec<RecordBatch>,
+    ) -> DfResult<Vec<RecordBatch>> {
+        let snapshot = self.cell.current();
+        // The column's field, and whether it may hold NULL (primary keys may not).
+        let field_of = |table: &str, column: &str| -> Option<(Field, bool)> {
+            let (schema, key) = match snapshot.relation(table) {
+                Some(version) => (version.def.schema.clone(), version.def.primary_key.clone()),
+                None => (snapshot.plain_views.get(table)?.schema(), Vec::new()),
+            };
+            let i = schema.index_of(column).ok()?;
+            let field = schema.field(i).clone();
+            let nullable = field.is_nullable() && !key.contains(&i);
+            Some((field, nullable))
+        };
+        let mut patched = Vec::with_capacity(batches.len());
+        for batch in batches {
+            let text = |name: &str| {
+                schema.index_of(name).ok().and_then(|i| batch.column(i).as_any().downcast_ref::<StringArray>().cloned())
+            };
+            let (Some(schemas), Some(tables), Some(columns), Some(types), Some(nullables)) =
+                (text("table_schema"), text("table_name"), text("column_name"), text("data_type"), text("is_nullable"))
+            else {
+                patched.push(batch);
+                continue;
+            };
+            let (Ok(type_at), Ok(nullable_at)) = (schema.index_of("data_type"), schema.index_of("is_nullable")) else {
+                patched.push(batch);
+                continue;
+            };
+            let mut renamed = Vec::with_capacity(batch.num_rows());
+            let mut is_nullable = Vec::with_capacity(batch.num_rows());
+            for row in 0..batch.num_rows() {
+                let ours = schemas.is_valid(row) && schemas.value(row) == SCHEMA_NAME;
+                match if ours { field_of(tables.value(row), columns.value(row)) } else { None } {
+                    Some((field, nullable)) => {
+                        renamed.push(Some(pg_type_name(&field)));
+                        is_nullable.push(Some(if nullable { "YES" } else { "NO" }.to_string()));
+                    }
+                    None => {
+                        renamed.push(types.is_valid(row).then(|| types.value(row).to_string()));
+                        is_nullable.push(nullables.is_valid(row).then(|| nullables.value(row).to_string()));
+                    }
+                }
+            }
+            let mut arrays = batch.columns().to_vec();
+            arrays[type_at] = Arc::new(StringArray::from(renamed));
+            arrays[nullable_at] = Arc::new(StringArray::from(is_nullable));
+            patched.push(RecordBatch::try_new(schema.clone(), arrays)?);
+        }
+        Ok(patched)
+    }
+}
+
+/// The SQL-standard name Postgres reports in `information_schema.columns.data_type` for
+/// the type the wire protocol sends for `field`.
+fn pg_type_name(field: &Field) -> String {
+    use datafusion_postgres::arrow_pg::datatypes::into_pg_type;
+    use pgwire::api::Type;
+    if sql::is_json(field) {
+        return "json".into();
+    }
+    let Ok(pg) = into_pg_type(field.data_type()) else { return field.data_type().to_string() };
+    let name = match pg {
+        Type::BOOL => "boolean",
+        Type::INT2 => "smallint",
+        Type::INT4 => "integer",
+        Type::INT8 => "bigint",
+        Type::FLOAT4 => "real",
+        Type::FLOAT8 => "double precision",
+        Type::NUMERIC => "numeric",
+        Type::TEXT => "text",
+        Type::VARCHAR => "character varying",
+        Type::BYTEA => "bytea",
+        Type::DATE => "date",
+        Type::TIME => "time without time zone",
+        Type::TIMESTAMP => "timestamp without time zone",
+        Type::TIMESTAMPTZ => "timestamp with time zone",
+        Type::INTERVAL => "interval",
+        Type::JSON => "json",
+        ref t if t.name().starts_with('_') => "ARRAY",
+        ref t => return t.name().to_string(),
+    };
+    name.to_string()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum ViewKind {
+    Plain,
+    Materialized,
+}
+
+/// `pg_views` or `pg_matviews`, from the current snapshot.
+#[derive(Debug)]
+struct ViewList {
+    kind: ViewKind,
+    owner: String,
+    cell: Arc<SnapshotCell>,
+}
+
+impl ViewList {
+    fn build_schema(&self) -> SchemaRef {
+        let text = |name: &str| Field::new(name, DataType::Utf8, true);
+        Arc::new(Schema::new(match self.kind {
+            ViewKind::Plain => vec![text("schemaname"), text("viewname"), text("viewowner"), text("definition")],
+            ViewKind::Materialized => vec![
+                text("schemaname"),
+                text("matviewname"),
+                text("matviewowner"),
+                text("tablespace"),
+                Field::new("hasindexes", DataType::Boolean, true),
+                Field::new("ispopulated", DataType::Boolean, true),
+                text("definition"),
+            ],
+        }))
+    }
+
+    fn rows(&self) -> DfResult<RecordBatch> {
+        let snapshot = self.cell.current();
+        let (names, definitions): (Vec<String>, Vec<Option<String>>) = match self.kind {
+            ViewKind::Plain => snapshot
+                .plain_views
+                .iter()
+                .map(|(name, provider)| {
+                    let definition = (provider.as_ref() as &dyn std::any::Any)
+                        .downcast_ref::<datafusion::catalog::view::ViewTable>()
+                        .and_then(|v| v.definition().cloned());
+                    (name.clone(), definition)
+                })
+                .unzip(),
+            // The query text of a materialized view lives with its dataflow, not in the
+            // snapshot; clients list matviews by name, so the definition stays NULL.
+            ViewKind::Materialized => snapshot.views.keys().map(|name| (name.clone(), None)).unzip(),
+        };
+        let n = names.len();
+        let schemas: ArrayRef = Arc::new(StringArray::from(vec![SCHEMA_NAME; n]));
+        let owners: ArrayRef = Arc::new(StringArray::from(vec![self.owner.as_str(); n]));
+        let names: ArrayRef = Arc::new(StringArray::from(names));
+        let definitions: ArrayRef = Arc::new(StringArray::from(definitions));
+        let columns = match self.kind {
+            ViewKind::Plain => vec![schemas, names, owners, definitions],
+            ViewKind::Materialized => vec![
+                schemas,
+                names,
+                owners,
+                Arc::new(StringArray::from(vec![None::<&str>; n])),
+                Arc::new(BooleanArray::from(vec![false; n])),
+                Arc::new(BooleanArray::from(vec![true; n])),
+                definitions,
+            ],
+        };
+        Ok(RecordBatch::try_new(self.build_schema(), columns)?)
+    }
+}
+
+#[async_trait]
+impl TableProvider for ViewList {
+    fn schema(&self) -> SchemaRef {
+        self.build_schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::View
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        Ok(MemorySourceConfig::try_new_exec(&[vec![self.rows()?]], self.build_schema(), projection.cloned())?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_catalog_queries_are_rewritten() {
+        assert!(is_catalog_query("SELECT * FROM pg_catalog.pg_class"));
+        assert!(is_catalog_query("select current_schema()"));
+        assert!(!is_catalog_query("SELECT * FROM orders"));
+        assert!(!is_catalog_query("SELECT mpg_avg FROM cars"));
+        assert!(is_catalog_query("SELECT 'x'::regclass"));
+        let no_settings = |name: &str| -> Result<String> { Err(Error::not_supported(name.to_string())) };
+        let statements =
+            parse("SELECT relname FROM pg_class WHERE oid = 'orders'::regclass", &no_settings).expect("parses");
+        assert_eq!(statements.len(), 1);
+        // Freshet's own statements still parse when they appear in a catalog-looking string.
+        let statements = parse("SUBSCRIBE TO pg_stats_view", &no_settings).expect("parses");
+        assert!(matches!(statements[0], Statement::Subscribe { .. }));
+    }
+
+    #[test]
+    fn settings_are_inlined() {
+        let setting = |name: &str| -> Result<String> {
+            match name {
+                "search_path" => Ok("\"$user\", public".into()),
+                other => Err(Error::Plan { code: "42704", message: format!("unknown {other}"), position: None }),
+            }
+        };
+        assert_eq!(
+            inline_settings("SELECT pg_catalog.current_setting('search_path'), 1", &setting).expect("known"),
+            "SELECT '\"$user\", public', 1"
+        );
+        assert_eq!(
+            inline_settings("SELECT current_setting('nope', true)", &setting).expect("missing ok"),
+            "SELECT NULL"
+        );
+        let err = inline_settings("SELECT current_setting('nope')", &setting).expect_err("unknown");
+        assert_eq!(err.sqlstate(), "42704");
+        assert_eq!(
+            inline_settings("SELECT current_setting(x)", &setting).expect("left alone"),
+            "SELECT current_setting(x)"
+        );
+    }
+
+    #[test]
+    fn rewrites_ignore_indentation() {
+        let text = "SELECT a,\n  ARRAY(SELECT b.x\n    FROM y) AS z FROM w";
+        assert_eq!(
+            replace_ignoring_whitespace(text, "ARRAY(SELECT b.x FROM y)", "NULL"),
+            "SELECT a,\n  NULL AS z FROM w"
+        );
+        assert_eq!(replace_ignoring_whitespace("abc", "x", "y"), "abc");
+    }
+
+    #[test]
+    fn sizes_read_like_postgres() {
+        assert_eq!(pretty_size(0), "0 bytes");
+        assert_eq!(pretty_size(10 * 1024), "10 kB");
+        assert_eq!(pretty_size(5 * 1024 * 1024 * 1024), "5120 MB");
+    }
+}

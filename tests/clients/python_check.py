@@ -1,0 +1,43 @@
+"""Drives freshet with Python's Postgres stack the way an analyst does: psycopg 3 with
+parameters, SQLAlchemy 2 inspection, and pandas.read_sql of a view. Prints one line per
+fact; tests/clients.rs checks them.
+
+Usage: python3 python_check.py HOST PORT USER PASSWORD
+"""
+import sys
+
+import pandas
+import psycopg
+import sqlalchemy
+
+host, port, user, password = sys.argv[1:5]
+
+with psycopg.connect(host=host, port=port, user=user, password=password, dbname="freshet") as conn:
+    print("psycopg", psycopg.__version__, "server", conn.info.server_version)
+    with conn.cursor() as cur:
+        cur.execute("SELECT device, temperature FROM readings WHERE device = %s AND temperature > %s ORDER BY temperature",
+                    ("d-1", 20.0))
+        for device, temperature in cur.fetchall():
+            print("row", device, temperature)
+        cur.execute("INSERT INTO readings (id, device, temperature) VALUES (%s, %s, %s)", (200, "d-8", 2.5))
+        print("inserted", cur.rowcount)
+    conn.commit()
+    # Wait until the materialized view includes the insert.
+    conn.execute("FLUSH")
+    conn.commit()
+
+url = f"postgresql+psycopg://{user}:{password}@{host}:{port}/freshet"
+engine = sqlalchemy.create_engine(url)
+inspector = sqlalchemy.inspect(engine)
+print("sqlalchemy", sqlalchemy.__version__)
+print("tables", sorted(inspector.get_table_names()))
+print("views", sorted(inspector.get_view_names()))
+print("matviews", sorted(inspector.get_materialized_view_names()))
+for column in inspector.get_columns("readings"):
+    print("column", column["name"], str(column["type"]), "nullable" if column["nullable"] else "not null")
+
+with engine.connect() as conn:
+    frame = pandas.read_sql("SELECT * FROM per_device ORDER BY device", conn)
+print("pandas", pandas.__version__)
+for record in frame.to_dict("records"):
+    print("frame", record["device"], record["avg_temp"], record["n"])
