@@ -4,10 +4,10 @@
 //! and sum by adding `weight × value`, avg as sum and count, variance and standard
 //! deviation as count, sum and sum of squares, min and max as a multiset of values (so
 //! deleting the current extreme finds the next one), string_agg and array_agg as a multiset
-//! of values emitted in value order. Changes are folded in as
-//! they arrive; at each barrier the operator emits, for every group that changed, a
-//! retraction of the row it emitted before and an insertion of its new row. A group whose
-//! weight drops to zero emits only the retraction. Without GROUP BY there is one group,
+//! of values emitted in value order. Changes are folded in as they arrive; at each barrier
+//! the operator emits, for every group that changed, a retraction of the row it emitted
+//! before and an insertion of its new row. A group whose weight drops to zero emits only
+//! the retraction, and its state is freed. Without GROUP BY there is one group,
 //! which always has a row (count 0, other aggregates NULL), as in SQL.
 
 use std::collections::BTreeMap;
@@ -170,6 +170,9 @@ pub struct AggregateOperator {
     output_converter: RowConverter,
     index: FastMap<Box<[u8]>, usize>,
     state: Vec<Group>,
+    /// Slots of groups that emptied, reused by new groups (so memory follows the live
+    /// groups, not every key ever seen).
+    free: Vec<usize>,
     /// Ids of groups changed since the last barrier.
     dirty: Vec<usize>,
 }
@@ -204,6 +207,7 @@ impl AggregateOperator {
             output_converter,
             index: FastMap::default(),
             state: Vec::new(),
+            free: Vec::new(),
             dirty: Vec::new(),
         };
         if operator.groups.is_empty() {
@@ -233,8 +237,17 @@ impl AggregateOperator {
                 }
             })
             .collect();
-        let id = self.state.len();
-        self.state.push(Group { key, weight: 0, accumulators, emitted: None, dirty: true });
+        let group = Group { key, weight: 0, accumulators, emitted: None, dirty: true };
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.state[id] = group;
+                id
+            }
+            None => {
+                self.state.push(group);
+                self.state.len() - 1
+            }
+        };
         self.index.insert(bytes, id);
         self.dirty.push(id);
         id
@@ -650,6 +663,13 @@ impl Operator for AggregateOperator {
             }
             if group.weight > 0 || global {
                 current.push(id);
+            } else {
+                // Empty: its retraction is queued; forget the group.
+                if let Some(key) = group.key.take() {
+                    self.index.remove(key.row().as_ref());
+                }
+                group.accumulators = Vec::new();
+                self.free.push(id);
             }
         }
         let inserted = self.output_rows(&current)?;
@@ -669,5 +689,48 @@ impl Operator for AggregateOperator {
         };
         out.push(ChangeBatch::replace(old, inserted)?.consolidate()?);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::datatypes::{Field, Schema};
+    use datafusion::physical_expr::expressions::Column;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn emptied_groups_free_their_state() {
+        let input = Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, false)]));
+        let output =
+            Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, true), Field::new("n", DataType::Int64, true)]));
+        let key: Arc<dyn PhysicalExpr> = Arc::new(Column::new("k", 0));
+        let count = AggregateSpec::new(AggregateFunction::CountRows, None, DataType::Int64);
+        let mut operator =
+            AggregateOperator::new(vec![key], vec![DataType::Int64], vec![count], output).expect("operator");
+        let barrier = Barrier { epoch: 1, checkpoint: false, mutation: None };
+        let mut out = Output::default();
+        // Ten rounds of 100 new keys, each inserted and then deleted.
+        for round in 0..10i64 {
+            let keys = RecordBatch::try_new(
+                input.clone(),
+                vec![Arc::new(Int64Array::from((round * 100..round * 100 + 100).collect::<Vec<_>>()))],
+            )
+            .expect("keys");
+            operator.process(0, ChangeBatch::inserts(keys.clone()), &mut out).await.expect("insert");
+            operator.on_barrier(&barrier, &mut out).await.expect("barrier");
+            operator.process(0, ChangeBatch::retracts(keys), &mut out).await.expect("delete");
+            operator.on_barrier(&barrier, &mut out).await.expect("barrier");
+        }
+        assert!(operator.state.len() <= 100, "slots are reused: {} for 1000 keys seen", operator.state.len());
+        assert!(operator.index.is_empty(), "no key of an emptied group stays indexed");
+        // What was emitted nets out to nothing.
+        let mut net = 0i64;
+        for message in out.take_messages() {
+            if let crate::dataflow::Message::Data(change) = message {
+                net += change.weights().iter().flatten().sum::<i64>();
+            }
+        }
+        assert_eq!(net, 0);
     }
 }
