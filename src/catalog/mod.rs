@@ -1,8 +1,9 @@
 //! The catalog: every object freshet knows about, and the [`Database`] that runs statements
 //! against them.
 //!
-//! `Database` owns the DataFusion session (planning and batch queries), the tables, and
-//! the durable log. Statement execution follows one rule: a change is applied in memory
+//! `Database` owns the DataFusion session (planning and batch queries), the tables and
+//! sources, the running materialized views (`view`), the ingest tasks of sources
+//! (`source`), the system catalog clients introspect (`system`), and the durable log. Statement execution follows one rule: a change is applied in memory
 //! under the writer lock, queued to the log in that same order, and becomes visible to
 //! readers only when the log has stored it (the log's committer publishes the snapshot).
 //! A statement that fails changes nothing.
