@@ -226,6 +226,16 @@ impl Shared {
         dependents
     }
 
+    /// For CREATE: whether `name` is taken and the statement said IF NOT EXISTS (so it does
+    /// nothing); a taken name without IF NOT EXISTS is an error (42P07).
+    fn exists_already(&self, writer: &Writer, name: &str, if_not_exists: bool) -> Result<bool> {
+        match (self.name_taken(writer, name), if_not_exists) {
+            (false, _) => Ok(false),
+            (true, true) => Ok(true),
+            (true, false) => Err(Error::DuplicateTable { name: name.to_string() }),
+        }
+    }
+
     /// Refuses to drop the `kind` named `name` while a view outside `dropping` reads it.
     fn check_no_dependents(&self, kind: &str, name: &str, dropping: &[String]) -> Result<()> {
         match self.dependents(name).into_iter().find(|d| !dropping.contains(d)) {
@@ -658,11 +668,8 @@ impl Database {
     async fn create_table(&self, create: CreateTable, sql: &str) -> Result<Outcome> {
         let defaults = plan_defaults(&self.ctx, &create.defaults)?;
         let mut writer = self.shared.writer.lock().await;
-        if self.shared.name_taken(&writer, &create.name) {
-            if create.if_not_exists {
-                return Ok(Outcome::Command { tag: "CREATE TABLE", rows: None });
-            }
-            return Err(Error::DuplicateTable { name: create.name });
+        if self.shared.exists_already(&writer, &create.name, create.if_not_exists)? {
+            return Ok(Outcome::Command { tag: "CREATE TABLE", rows: None });
         }
         let rows = match create.source {
             Some(plan) => Some(concat(&create.schema, self.collect(plan, self.writer_snapshot(&writer), sql).await?)?),
@@ -762,11 +769,8 @@ impl Database {
         let mut inputs = root.tables();
         inputs.extend(create.reads.iter().filter(|r| !inputs.contains(r)).cloned().collect::<Vec<_>>());
         let mut writer = self.shared.writer.lock().await;
-        if self.shared.name_taken(&writer, &create.name) {
-            if create.if_not_exists {
-                return Ok(Outcome::Command { tag: "CREATE MATERIALIZED VIEW", rows: None });
-            }
-            return Err(Error::DuplicateTable { name: create.name });
+        if self.shared.exists_already(&writer, &create.name, create.if_not_exists)? {
+            return Ok(Outcome::Command { tag: "CREATE MATERIALIZED VIEW", rows: None });
         }
         let id = writer.next_id;
         writer.next_id += 1;
@@ -809,11 +813,8 @@ impl Database {
     /// Creates a plain view: a named query that the planner inlines where it is used.
     async fn create_plain_view(&self, view: sql::CreateView, log: bool) -> Result<Outcome> {
         let mut writer = self.shared.writer.lock().await;
-        if self.shared.name_taken(&writer, &view.name) {
-            if view.if_not_exists {
-                return Ok(Outcome::Command { tag: "CREATE VIEW", rows: None });
-            }
-            return Err(Error::DuplicateTable { name: view.name });
+        if self.shared.exists_already(&writer, &view.name, view.if_not_exists)? {
+            return Ok(Outcome::Command { tag: "CREATE VIEW", rows: None });
         }
         let created = writer.next_id;
         writer.next_id += 1;

@@ -78,11 +78,8 @@ impl Database {
             (_, None) => return Err(Error::Internal("a connector without columns".into())),
         };
         let mut writer = self.shared.writer.lock().await;
-        if self.shared.name_taken(&writer, &name) {
-            if if_not_exists {
-                return Ok(Outcome::Command { tag: "CREATE SOURCE", rows: None });
-            }
-            return Err(Error::DuplicateTable { name });
+        if self.shared.exists_already(&writer, &name, if_not_exists)? {
+            return Ok(Outcome::Command { tag: "CREATE SOURCE", rows: None });
         }
         let id = writer.next_id;
         writer.create(relation(id, &name, schema.clone()))?;

@@ -161,7 +161,7 @@ impl GeneratorSpec {
 
     /// A generator positioned after `position` events.
     pub fn open(&self, position: u64) -> Generator {
-        let nexmark = match self.kind {
+        let events = match self.kind {
             GeneratorKind::Nexmark(kind) => {
                 let config = nexmark::config::NexmarkConfig {
                     base_time: u64::try_from(self.base_time).unwrap_or(0),
@@ -170,20 +170,36 @@ impl GeneratorSpec {
                     next_rate: if self.rate > 0 { self.rate as usize } else { 10_000 },
                     ..Default::default()
                 };
-                Some(nexmark::EventGenerator::new(config).with_type_filter(kind).with_offset(position))
+                Events::Nexmark(
+                    Box::new(nexmark::EventGenerator::new(config).with_type_filter(kind).with_offset(position)),
+                    kind,
+                )
             }
-            GeneratorKind::Telemetry { .. } => None,
+            GeneratorKind::Telemetry { devices, seed, anomaly_rate } => {
+                Events::Telemetry { devices, seed, anomaly_rate, base_time: self.base_time }
+            }
         };
-        Generator { spec: self.clone(), schema: self.schema(), position, nexmark }
+        Generator { schema: self.schema(), position, events }
     }
 }
 
 /// A running generator.
 pub struct Generator {
-    spec: GeneratorSpec,
     schema: SchemaRef,
     position: u64,
-    nexmark: Option<nexmark::EventGenerator>,
+    events: Events,
+}
+
+/// Where a generator's events come from.
+enum Events {
+    Nexmark(Box<nexmark::EventGenerator>, EventType),
+    /// Telemetry is a pure function of the event number.
+    Telemetry {
+        devices: u64,
+        seed: u64,
+        anomaly_rate: f64,
+        base_time: i64,
+    },
 }
 
 impl Generator {
@@ -198,12 +214,11 @@ impl Generator {
 
     /// The next `n` events.
     pub fn next_batch(&mut self, n: usize) -> Result<RecordBatch> {
-        let columns = match (&mut self.nexmark, self.spec.kind) {
-            (Some(events), GeneratorKind::Nexmark(kind)) => nexmark_columns(events, kind, n),
-            (_, GeneratorKind::Telemetry { devices, seed, anomaly_rate }) => {
-                telemetry_columns(self.position, n, devices, seed, anomaly_rate, self.spec.base_time)
+        let columns = match &mut self.events {
+            Events::Nexmark(events, kind) => nexmark_columns(events, *kind, n),
+            Events::Telemetry { devices, seed, anomaly_rate, base_time } => {
+                telemetry_columns(self.position, n, *devices, *seed, *anomaly_rate, *base_time)
             }
-            _ => unreachable!("a nexmark generator always has its event generator"),
         };
         self.position += n as u64;
         Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
