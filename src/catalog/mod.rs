@@ -10,7 +10,9 @@
 //!
 //! It does not speak any wire protocol; `server` turns its [`Outcome`]s into messages.
 
+mod sink;
 mod source;
+mod status;
 pub mod system;
 pub mod table;
 pub mod view;
@@ -103,6 +105,23 @@ enum Record {
     DropPlainView {
         name: String,
     },
+    /// A source's ledger after the change before it: the connector's offsets and the
+    /// count of records that did not decode; the batch holds the new dead letters.
+    Ledger {
+        table: String,
+        /// (partition, next offset); a list, since JSON object keys cannot be numbers.
+        offsets: Vec<(i32, i64)>,
+        dead_letter_count: u64,
+    },
+    /// A sink writing the changes of materialized view `from`.
+    CreateSink {
+        name: String,
+        from: String,
+        options: BTreeMap<String, String>,
+    },
+    DropSink {
+        name: String,
+    },
 }
 
 impl Record {
@@ -144,6 +163,26 @@ impl Writer {
         Ok(())
     }
 
+    /// Moves source `table`'s ledger to `offsets`, with `dead` letters added; `count` sets
+    /// the dead-letter count (when replaying) instead of adding to it.
+    fn advance_ledger(
+        &mut self,
+        table: &str,
+        offsets: BTreeMap<i32, i64>,
+        dead: &[crate::connectors::DeadLetter],
+        count: Option<u64>,
+    ) -> Result<Arc<source::Ledger>> {
+        let state =
+            self.tables.get_mut(table).ok_or_else(|| Error::UndefinedTable { name: table.into(), position: None })?;
+        let ledger = Arc::new(
+            state.ledger().map_or_else(source::Ledger::default, |l| l.as_ref().clone()).advanced(offsets, dead, count),
+        );
+        state.set_ledger(ledger.clone());
+        let version = state.version();
+        self.replace_version(table, Some(version));
+        Ok(ledger)
+    }
+
     fn replace_version(&mut self, table: &str, version: Option<table::TableVersion>) {
         let mut tables = self.working.tables.clone();
         match version {
@@ -168,6 +207,8 @@ struct Shared {
     epoch: AtomicU64,
     /// Sources: their options and ingest tasks.
     sources: std::sync::Mutex<BTreeMap<String, source::SourceHandle>>,
+    /// Sinks: their options and tasks.
+    sinks: std::sync::Mutex<BTreeMap<String, sink::SinkHandle>>,
 }
 
 /// A plain view's definition.
@@ -199,7 +240,10 @@ impl Shared {
 
     /// Whether `name` is taken by a table, a materialized view or a plain view.
     fn name_taken(&self, writer: &Writer, name: &str) -> bool {
-        writer.tables.contains_key(name) || self.views().contains_key(name) || self.plain_views().contains_key(name)
+        writer.tables.contains_key(name)
+            || self.views().contains_key(name)
+            || self.plain_views().contains_key(name)
+            || self.sinks().contains_key(name)
     }
 
     /// What `name` is, if it exists.
@@ -212,6 +256,8 @@ impl Shared {
             Some(sql::RelationKind::MaterializedView)
         } else if self.plain_views().contains_key(name) {
             Some(sql::RelationKind::View)
+        } else if self.sinks().contains_key(name) {
+            Some(sql::RelationKind::Sink)
         } else {
             None
         }
@@ -223,6 +269,7 @@ impl Shared {
         let mut dependents: Vec<String> =
             self.views().iter().filter(|(_, v)| reads(&v.inputs)).map(|(n, _)| n.clone()).collect();
         dependents.extend(self.plain_views().iter().filter(|(_, v)| reads(&v.reads)).map(|(n, _)| n.clone()));
+        dependents.extend(self.sinks().iter().filter(|(_, s)| s.from == name).map(|(n, _)| n.clone()));
         dependents
     }
 
@@ -242,11 +289,19 @@ impl Shared {
             Some(view) => Err(Error::Plan {
                 code: "2BP01",
                 message: format!(
-                    "cannot drop {kind} \"{name}\" because view \"{view}\" depends on it; drop the view first, or add CASCADE to drop it too"
+                    "cannot drop {kind} \"{name}\" because {} \"{view}\" depends on it; drop it first, or add CASCADE to drop it too",
+                    if self.sinks().contains_key(&view) { "sink" } else { "view" }
                 ),
                 position: None,
             }),
             None => Ok(()),
+        }
+    }
+
+    fn sinks(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, sink::SinkHandle>> {
+        match self.sinks.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
         }
     }
 
@@ -376,8 +431,10 @@ impl Database {
                 views: std::sync::Mutex::new(BTreeMap::new()),
                 epoch: AtomicU64::new(0),
                 sources: std::sync::Mutex::new(BTreeMap::new()),
+                sinks: std::sync::Mutex::new(BTreeMap::new()),
             }),
         };
+        status::install(&db.ctx, Arc::downgrade(&db.shared))?;
         spawn_barriers(Arc::downgrade(&db.shared), options.barrier_interval);
         for (name, (id, options)) in views.sources {
             db.shared.sources().insert(name, source::SourceHandle::new(id, options));
@@ -385,6 +442,11 @@ impl Database {
         for (materialized, name, query) in views.list {
             if let Err(e) = db.restore_view(materialized, &name, query).await {
                 tracing::error!(view = %name, "view could not be restored and is dropped: {e}");
+            }
+        }
+        for (id, name, from, options) in views.sinks {
+            if let Err(e) = db.restore_sink(id, &name, &from, options) {
+                tracing::error!(sink = %name, "sink could not be restored and is dropped: {e}");
             }
         }
         db.start_sources().await;
@@ -521,6 +583,13 @@ impl Database {
             }
             Planned::ShowSources => {
                 let names = self.shared.sources().keys().cloned().collect();
+                self.names(names)
+            }
+            Planned::CreateSink { name, if_not_exists, from, options } => {
+                self.create_sink(name, if_not_exists, from, options).await
+            }
+            Planned::ShowSinks => {
+                let names = self.shared.sinks().keys().cloned().collect();
                 self.names(names)
             }
             Planned::DeclareSubscribe { .. } | Planned::Fetch { .. } | Planned::Close { .. } => {
@@ -912,6 +981,12 @@ impl Database {
                     entries.push(Record::DropPlainView { name: name.clone() }.entry(None)?);
                     plain.push(name);
                 }
+                Some(sql::RelationKind::Sink) => {
+                    if let Some(sink) = self.shared.sinks().remove(&name) {
+                        sink.stop();
+                    }
+                    entries.push(Record::DropSink { name }.entry(None)?);
+                }
                 None => {}
             }
         }
@@ -967,6 +1042,14 @@ impl Database {
                     for batch in version.batches()? {
                         entries.push(Record::Rows { table: version.def.name.clone() }.entry(Some(batch))?);
                     }
+                    if let Some(ledger) = &version.ledger {
+                        let record = Record::Ledger {
+                            table: name.clone(),
+                            offsets: ledger.offsets.iter().map(|(p, o)| (*p, *o)).collect(),
+                            dead_letter_count: ledger.dead_letter_count,
+                        };
+                        entries.push(record.entry(Some(source::dead_letter_batch(ledger.dead_letters.iter())?))?);
+                    }
                 }
                 // Views in creation order: a view may read the views before it.
                 let mut views: Vec<(u64, bool, String, String)> =
@@ -980,6 +1063,12 @@ impl Database {
                         Record::CreatePlainView { name, query }
                     };
                     entries.push(record.entry(None)?);
+                }
+                let mut sinks: Vec<(u64, String, String, BTreeMap<String, String>)> =
+                    shared.sinks().iter().map(|(n, s)| (s.id, n.clone(), s.from.clone(), s.options.clone())).collect();
+                sinks.sort();
+                for (_, name, from, options) in sinks {
+                    entries.push(Record::CreateSink { name, from, options }.entry(None)?);
                 }
                 shared.log.write_snapshot(snapshot.seq, &entries).await
             }
@@ -1047,6 +1136,8 @@ struct RecoveredViews {
     list: Vec<(bool, String, String)>,
     /// Sources by name: id and options.
     sources: BTreeMap<String, (u64, BTreeMap<String, String>)>,
+    /// Sinks in creation order: (order, name, view, options).
+    sinks: Vec<(u64, String, String, BTreeMap<String, String>)>,
 }
 
 fn replay(ctx: &SessionContext, writer: &mut Writer, views: &mut RecoveredViews, entries: Vec<LogEntry>) -> Result<()> {
@@ -1080,6 +1171,16 @@ fn replay(ctx: &SessionContext, writer: &mut Writer, views: &mut RecoveredViews,
                 views.list.push((true, name.clone(), query.clone()));
             }
             Record::DropView { name } | Record::DropPlainView { name } => views.list.retain(|(_, n, _)| n != name),
+            Record::Ledger { table, offsets, dead_letter_count } => {
+                let dead = source::dead_letters_from(&batch()?)?;
+                writer.advance_ledger(table, offsets.iter().copied().collect(), &dead, Some(*dead_letter_count))?;
+            }
+            Record::CreateSink { name, from, options } => {
+                views.sinks.retain(|(_, n, _, _)| n != name);
+                let order = views.sinks.last().map_or(0, |s| s.0 + 1);
+                views.sinks.push((order, name.clone(), from.clone(), options.clone()));
+            }
+            Record::DropSink { name } => views.sinks.retain(|(_, n, _, _)| n != name),
             Record::CreatePlainView { name, query } => {
                 views.list.retain(|(_, n, _)| n != name);
                 views.list.push((false, name.clone(), query.clone()));

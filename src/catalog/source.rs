@@ -2,21 +2,24 @@
 //! runs its connector. Every batch goes through the write-ahead log like an INSERT, so a
 //! source's rows are durable, queryable, and feed views exactly like a table's; the
 //! relation's row count is the connector's position, so after a restart the task resumes
-//! right after the last durable event.
+//! right after the last durable event. Connectors with offsets (Kafka) record them in the
+//! source's [`Ledger`], written to the log with the rows they belong to, together with the
+//! records that did not decode (dead letters).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use super::table::TableDef;
 use super::{Database, Outcome, Record};
-use datafusion::arrow::array::StringArray;
+use datafusion::arrow::array::{Array, BinaryArray, Int32Array, Int64Array, StringArray};
 use datafusion::arrow::compute::concat_batches;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
 
 use crate::connectors::generator::GeneratorSpec;
-use crate::connectors::{ConnectorSpec, FILE_COLUMN, Format, Options, option_error};
+use crate::connectors::{ConnectorSpec, DeadLetter, FILE_COLUMN, Format, Options, Progress, option_error};
 use crate::dataflow::ChangeBatch;
 use crate::error::{Error, Result};
 
@@ -32,19 +35,110 @@ pub struct SourceHandle {
     pub id: u64,
     pub options: Options,
     task: Option<tokio::task::AbortHandle>,
+    /// Tells a connector thread (Kafka) to stop.
+    stop: Arc<AtomicBool>,
+    pub progress: Arc<Progress>,
 }
 
 impl SourceHandle {
     pub fn new(id: u64, options: Options) -> Self {
-        SourceHandle { id, options, task: None }
+        SourceHandle {
+            id,
+            options,
+            task: None,
+            stop: Arc::new(AtomicBool::new(false)),
+            progress: Arc::new(Progress::new()),
+        }
     }
 
     /// Stops the ingest task (the source is dropped or the database closes).
     pub fn stop(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
         if let Some(task) = &self.task {
             task.abort();
         }
     }
+}
+
+/// Dead letters kept per source (the oldest go first; all are counted).
+pub const DEAD_LETTERS_KEPT: usize = 1000;
+
+/// Where a source's connector is, as of the rows the source holds: durable with them.
+#[derive(Debug, Clone, Default)]
+pub struct Ledger {
+    /// Kafka: the next offset to read, per partition.
+    pub offsets: BTreeMap<i32, i64>,
+    /// The latest records that did not decode.
+    pub dead_letters: Arc<VecDeque<DeadLetter>>,
+    /// Every record that did not decode, including those no longer kept.
+    pub dead_letter_count: u64,
+}
+
+impl Ledger {
+    /// This ledger moved to `offsets`, with `dead` appended.
+    pub fn advanced(&self, offsets: BTreeMap<i32, i64>, dead: &[DeadLetter], count: Option<u64>) -> Ledger {
+        let mut dead_letters = self.dead_letters.clone();
+        if !dead.is_empty() {
+            let kept = Arc::make_mut(&mut dead_letters);
+            kept.extend(dead.iter().cloned());
+            while kept.len() > DEAD_LETTERS_KEPT {
+                kept.pop_front();
+            }
+        }
+        Ledger { offsets, dead_letters, dead_letter_count: count.unwrap_or(self.dead_letter_count + dead.len() as u64) }
+    }
+}
+
+/// Dead letters as rows, for the log.
+pub fn dead_letter_batch<'a>(letters: impl Iterator<Item = &'a DeadLetter>) -> Result<RecordBatch> {
+    let letters: Vec<&DeadLetter> = letters.collect();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("partition", DataType::Int32, true),
+        Field::new("offset", DataType::Int64, true),
+        Field::new("error", DataType::Utf8, false),
+        Field::new("raw", DataType::Binary, false),
+        Field::new("at_ms", DataType::Int64, false),
+    ]));
+    Ok(RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(Int32Array::from_iter(letters.iter().map(|d| d.partition))),
+            Arc::new(Int64Array::from_iter(letters.iter().map(|d| d.offset))),
+            Arc::new(StringArray::from_iter_values(letters.iter().map(|d| d.error.as_str()))),
+            Arc::new(BinaryArray::from_iter_values(letters.iter().map(|d| d.raw.as_slice()))),
+            Arc::new(Int64Array::from_iter_values(letters.iter().map(|d| d.at_ms))),
+        ],
+    )?)
+}
+
+/// Dead letters from their rows in the log.
+pub fn dead_letters_from(batch: &RecordBatch) -> Result<Vec<DeadLetter>> {
+    fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> Result<&'a T> {
+        batch.column_by_name(name).and_then(|c| c.as_any().downcast_ref::<T>()).ok_or_else(|| Error::Corrupt {
+            location: "dead letters in the log".into(),
+            reason: format!("column {name} is missing or of the wrong type"),
+        })
+    }
+    let partition = column::<Int32Array>(batch, "partition")?;
+    let offset = column::<Int64Array>(batch, "offset")?;
+    let error = column::<StringArray>(batch, "error")?;
+    let raw = column::<BinaryArray>(batch, "raw")?;
+    let at = column::<Int64Array>(batch, "at_ms")?;
+    Ok((0..batch.num_rows())
+        .map(|i| DeadLetter {
+            partition: partition.is_valid(i).then(|| partition.value(i)),
+            offset: offset.is_valid(i).then(|| offset.value(i)),
+            error: error.value(i).to_string(),
+            raw: raw.value(i).to_vec(),
+            at_ms: at.value(i),
+        })
+        .collect())
+}
+
+/// What a connector appends besides rows: its new offsets and the records it skipped.
+pub struct LedgerUpdate {
+    pub offsets: BTreeMap<i32, i64>,
+    pub dead_letters: Vec<DeadLetter>,
 }
 
 /// The relation of source `name`.
@@ -74,6 +168,7 @@ impl Database {
                 fields.push(Field::new(FILE_COLUMN, DataType::Utf8, false));
                 (options, Arc::new(Schema::new(fields)))
             }
+            (ConnectorSpec::Kafka(kafka), declared) => (options, kafka.schema(declared.as_ref())?),
             (_, Some(schema)) => (options, schema),
             (_, None) => return Err(Error::Internal("a connector without columns".into())),
         };
@@ -101,27 +196,44 @@ impl Database {
         }
     }
 
-    /// Stops every ingest task; the database stops growing its sources.
+    /// Stops every ingest task and every sink; the database stops growing its sources
+    /// and writing out its views.
     pub fn stop_sources(&self) {
         for source in self.shared.sources().values() {
             source.stop();
         }
+        for sink in self.shared.sinks().values() {
+            sink.stop();
+        }
     }
 
     async fn start_source(&self, name: &str) {
-        let Some((id, options)) = self.shared.sources().get(name).map(|s| (s.id, s.options.clone())) else { return };
+        let Some((id, options, progress, stop)) =
+            self.shared.sources().get(name).map(|s| (s.id, s.options.clone(), s.progress.clone(), s.stop.clone()))
+        else {
+            return;
+        };
         let declared = !matches!(GeneratorSpec::from_options(&options), Ok(Some(_)));
         let generator = match ConnectorSpec::from_options(&options, declared) {
             Ok(ConnectorSpec::Generator(generator)) => generator,
             Ok(ConnectorSpec::File { path, format, watch }) => {
-                let task = tokio::spawn(read_files(self.clone_weak(), name.to_string(), id, path, format, watch));
+                let task =
+                    tokio::spawn(read_files(self.clone_weak(), name.to_string(), id, path, format, watch, progress));
                 if let Some(handle) = self.shared.sources().get_mut(name) {
                     handle.task = Some(task.abort_handle());
                 }
                 return;
             }
-            Ok(ConnectorSpec::Http { .. }) => return, // rows are pushed to it: no task
+            Ok(ConnectorSpec::Kafka(spec)) => {
+                self.start_kafka(name, id, spec, progress, stop).await;
+                return;
+            }
+            Ok(ConnectorSpec::Http { .. }) => {
+                progress.set_status("running");
+                return; // rows are pushed to it: no task
+            }
             Err(e) => {
+                progress.stopped(&format!("the source cannot start: {e}"));
                 tracing::error!(source = %name, "source cannot start: {e}");
                 return;
             }
@@ -138,9 +250,11 @@ impl Database {
             let started = Instant::now();
             let start_position = position;
             tracing::info!(source = %source, position, "source ingesting");
+            progress.set_status("running");
             loop {
                 if generator.events.is_some_and(|limit| events.position() >= limit) {
                     tracing::info!(source = %source, events = events.position(), "source reached its event limit");
+                    progress.set_status("finished");
                     return;
                 }
                 // Throttled: the events due by now at `rate` per second; else a full batch.
@@ -158,17 +272,21 @@ impl Database {
                 let batch = match events.next_batch(n as usize) {
                     Ok(batch) => batch,
                     Err(e) => {
+                        progress.stopped(&format!("the generator failed: {e}"));
                         tracing::error!(source = %source, "generator failed, source stopped: {e}");
                         return;
                     }
                 };
+                let rows = batch.num_rows() as u64;
+                let bytes = batch.get_array_memory_size() as u64;
                 let Some(shared) = shared.upgrade() else { return };
                 let db = Database { ctx: ctx.clone(), shared };
-                match db.append_source(&source, id, ChangeBatch::inserts(batch)).await {
-                    Ok(true) => {}
+                match db.append_source(&source, id, ChangeBatch::inserts(batch), None).await {
+                    Ok(true) => progress.read(rows, bytes),
                     Ok(false) => return, // dropped
                     Err(e) => {
                         // Not durable: generate the same events again after a pause.
+                        progress.failed_attempt(&format!("appending to the source failed: {e}"));
                         tracing::warn!(source = %source, "appending to the source failed, retrying: {e}");
                         events = generator.open(events.position() - n);
                         tokio::time::sleep(RETRY).await;
@@ -181,9 +299,39 @@ impl Database {
         }
     }
 
+    /// Starts a Kafka source: a consumer thread from the recorded offsets, and a task
+    /// appending what it reads.
+    async fn start_kafka(
+        &self,
+        name: &str,
+        id: u64,
+        spec: crate::connectors::kafka::KafkaSource,
+        progress: Arc<Progress>,
+        stop: Arc<AtomicBool>,
+    ) {
+        let (offsets, schema) = {
+            let writer = self.shared.writer.lock().await;
+            let Some(state) = writer.tables.get(name) else { return };
+            (state.ledger().map(|l| l.offsets.clone()).unwrap_or_default(), state.def().schema.clone())
+        };
+        let (sender, receiver) = tokio::sync::mpsc::channel(2);
+        let (source, thread_progress) = (name.to_string(), progress.clone());
+        let thread = std::thread::Builder::new().name(format!("kafka-{name}")).spawn(move || {
+            crate::connectors::kafka::consume(spec, source, schema, offsets, sender, thread_progress, stop)
+        });
+        if let Err(e) = thread {
+            progress.stopped(&format!("cannot start the consumer thread: {e}"));
+            return;
+        }
+        let task = tokio::spawn(append_polled(self.clone_weak(), name.to_string(), id, receiver, progress));
+        if let Some(handle) = self.shared.sources().get_mut(name) {
+            handle.task = Some(task.abort_handle());
+        }
+    }
+
     /// What an ingest task holds: the session context and a weak reference, so a task
     /// never keeps a closed database alive.
-    fn clone_weak(&self) -> (datafusion::prelude::SessionContext, std::sync::Weak<super::Shared>) {
+    pub(super) fn clone_weak(&self) -> (datafusion::prelude::SessionContext, std::sync::Weak<super::Shared>) {
         (self.ctx.clone(), Arc::downgrade(&self.shared))
     }
 
@@ -215,26 +363,80 @@ impl Database {
         let batches = crate::connectors::decode(format, &schema, body)?;
         let rows = concat_batches(&schema, &batches)?;
         let count = rows.num_rows();
-        if count > 0 && !self.append_source(name, id, ChangeBatch::inserts(rows)).await? {
+        if count > 0 && !self.append_source(name, id, ChangeBatch::inserts(rows), None).await? {
             return Err(Error::UndefinedTable { name: name.to_string(), position: None });
         }
         Ok(count)
     }
 
-    /// Appends a connector's rows to source `name` (if it is still the source `id`);
-    /// returns once they are durable. `false` when the source is gone.
-    async fn append_source(&self, name: &str, id: u64, change: ChangeBatch) -> Result<bool> {
+    /// Appends a connector's rows to source `name` (if it is still the source `id`), with
+    /// the connector's new ledger entry if any; returns once both are durable. `false`
+    /// when the source is gone.
+    async fn append_source(
+        &self,
+        name: &str,
+        id: u64,
+        change: ChangeBatch,
+        ledger: Option<&LedgerUpdate>,
+    ) -> Result<bool> {
         self.shared.feeds.wait_for_room().await;
         let mut writer = self.shared.writer.lock().await;
         if self.shared.sources().get(name).is_none_or(|s| s.id != id) {
             return Ok(false);
         }
-        writer.apply(name, &change)?;
-        let entries = vec![Record::Change { table: name.to_string() }.entry(Some(change.to_flat()?))?];
-        let ack = self.enqueue(&writer, entries, vec![(name.to_string(), change)]).await?;
+        let mut entries = Vec::new();
+        let mut changes = Vec::new();
+        if change.num_rows() > 0 {
+            writer.apply(name, &change)?;
+            entries.push(Record::Change { table: name.to_string() }.entry(Some(change.to_flat()?))?);
+            changes.push((name.to_string(), change));
+        }
+        if let Some(update) = ledger {
+            let ledger = writer.advance_ledger(name, update.offsets.clone(), &update.dead_letters, None)?;
+            let record = Record::Ledger {
+                table: name.to_string(),
+                offsets: ledger.offsets.iter().map(|(p, o)| (*p, *o)).collect(),
+                dead_letter_count: ledger.dead_letter_count,
+            };
+            entries.push(record.entry(Some(dead_letter_batch(update.dead_letters.iter())?))?);
+        }
+        if entries.is_empty() {
+            return Ok(true);
+        }
+        let ack = self.enqueue(&writer, entries, changes).await?;
         drop(writer);
         self.durable(ack).await?;
         Ok(true)
+    }
+}
+
+/// A Kafka source's ingest task: appends each polled batch with its offsets; a batch that
+/// cannot be appended is retried until it is (the consumer waits meanwhile).
+async fn append_polled(
+    (ctx, shared): (datafusion::prelude::SessionContext, std::sync::Weak<super::Shared>),
+    name: String,
+    id: u64,
+    mut receiver: tokio::sync::mpsc::Receiver<crate::connectors::kafka::Polled>,
+    progress: Arc<Progress>,
+) {
+    while let Some(polled) = receiver.recv().await {
+        let update = LedgerUpdate { offsets: polled.offsets, dead_letters: polled.dead_letters };
+        if !update.dead_letters.is_empty() {
+            tracing::warn!(source = %name, records = update.dead_letters.len(), "records did not decode; see freshet_catalog.dead_letters");
+        }
+        loop {
+            let Some(shared) = shared.upgrade() else { return };
+            let db = Database { ctx: ctx.clone(), shared };
+            match db.append_source(&name, id, ChangeBatch::inserts(polled.rows.clone()), Some(&update)).await {
+                Ok(true) => break,
+                Ok(false) => return,
+                Err(e) => {
+                    progress.failed_attempt(&format!("appending to the source failed: {e}"));
+                    tracing::warn!(source = %name, "appending to the source failed, retrying: {e}");
+                    tokio::time::sleep(RETRY).await;
+                }
+            }
+        }
     }
 }
 
@@ -251,49 +453,70 @@ async fn read_files(
     path: String,
     format: Format,
     watch: bool,
+    progress: Arc<Progress>,
 ) {
     let db = || shared.upgrade().map(|shared| Database { ctx: ctx.clone(), shared });
     let Some(first) = db() else { return };
-    let (mut done, schema) = match files_read(&first, &name) {
+    let (mut done, mut failed, schema) = match files_read(&first, &name) {
         Ok(found) => found,
         Err(e) => {
+            progress.stopped(&format!("cannot read which files the source holds: {e}"));
             tracing::error!(source = %name, "cannot read which files the source holds: {e}");
             return;
         }
     };
     drop(first);
     let declared = Arc::new(Schema::new(schema.fields()[..schema.fields().len() - 1].to_vec()));
-    let mut failed: HashSet<String> = HashSet::new();
     loop {
         let mut paths: Vec<String> = match glob::glob(&path) {
             Ok(paths) => {
                 paths.filter_map(|p| p.ok()).filter(|p| p.is_file()).map(|p| p.display().to_string()).collect()
             }
             Err(e) => {
+                progress.stopped(&format!("path {path} is not a valid glob: {e}"));
                 tracing::error!(source = %name, "path {path} is not a valid glob: {e}");
                 return;
             }
         };
         paths.retain(|f| !done.contains(f) && !failed.contains(f));
         paths.sort();
+        if paths.is_empty() && progress.report().state.status == "starting" {
+            progress.set_status("running");
+        }
         for file in paths {
+            let mut size = 0;
             let rows = match tokio::fs::read(&file).await {
-                Ok(bytes) => crate::connectors::decode(format, &declared, &bytes)
-                    .and_then(|batches| Ok(concat_batches(&declared, &batches)?)),
+                Ok(bytes) => crate::connectors::decode(format, &declared, {
+                    size = bytes.len() as u64;
+                    &bytes
+                })
+                .and_then(|batches| Ok(concat_batches(&declared, &batches)?)),
                 Err(e) => Err(Error::Storage(format!("reading {file}: {e}"))),
             };
             let rows = match rows.and_then(|rows| with_file(&schema, rows, &file)) {
                 Ok(rows) => rows,
                 Err(e) => {
                     tracing::error!(source = %name, file = %file, "file skipped: {e}");
+                    progress.failed_attempt(&format!("file {file} skipped: {e}"));
+                    if let Some(db) = db() {
+                        // Kept as a dead letter, so the skip is visible in SQL and survives restarts.
+                        let letter = DeadLetter::new(None, None, format!("file {file}: {e}"), file.as_bytes());
+                        let update = LedgerUpdate { offsets: BTreeMap::new(), dead_letters: vec![letter] };
+                        let empty = ChangeBatch::inserts(RecordBatch::new_empty(schema.clone()));
+                        if let Err(e) = db.append_source(&name, id, empty, Some(&update)).await {
+                            tracing::warn!(source = %name, "the dead letter was not recorded: {e}");
+                        }
+                    }
                     failed.insert(file);
                     continue;
                 }
             };
             let Some(db) = db() else { return };
             let count = rows.num_rows();
-            match db.append_source(&name, id, ChangeBatch::inserts(rows)).await {
+            match db.append_source(&name, id, ChangeBatch::inserts(rows), None).await {
                 Ok(true) => {
+                    progress.read(count as u64, size);
+                    progress.set_status("running");
                     tracing::info!(source = %name, file = %file, rows = count, "file read");
                     done.insert(file);
                 }
@@ -311,8 +534,9 @@ async fn read_files(
     }
 }
 
-/// The files source `name` already holds, and its schema.
-fn files_read(db: &Database, name: &str) -> Result<(HashSet<String>, SchemaRef)> {
+/// The files source `name` already holds, those it skipped (its dead letters), and its
+/// schema.
+fn files_read(db: &Database, name: &str) -> Result<(HashSet<String>, HashSet<String>, SchemaRef)> {
     let snapshot = db.shared.cell.committed();
     let version = snapshot.relation(name).ok_or_else(|| Error::UndefinedTable { name: name.into(), position: None })?;
     let schema = version.def.schema.clone();
@@ -324,7 +548,9 @@ fn files_read(db: &Database, name: &str) -> Result<(HashSet<String>, SchemaRef)>
             .ok_or_else(|| Error::Internal(format!("source \"{name}\" has no {FILE_COLUMN} column")))?;
         done.extend(files.iter().flatten().map(str::to_string));
     }
-    Ok((done, schema))
+    let skipped = version.ledger.iter().flat_map(|l| l.dead_letters.iter());
+    let failed = skipped.map(|d| String::from_utf8_lossy(&d.raw).into_owned()).collect();
+    Ok((done, failed, schema))
 }
 
 /// `rows` with the file column appended.

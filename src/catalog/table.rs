@@ -71,6 +71,8 @@ impl TableDef {
 pub struct TableVersion {
     pub def: Arc<TableDef>,
     chunks: Arc<Vec<Chunk>>,
+    /// A source's connector position and dead letters, as of these rows.
+    pub ledger: Option<Arc<super::source::Ledger>>,
 }
 
 impl TableVersion {
@@ -264,6 +266,7 @@ pub struct TableState {
     /// Identity → (chunk id, row) of every live copy.
     index: FastMap<Box<[u8]>, Vec<(u64, u32)>>,
     identity: RowConverter,
+    ledger: Option<Arc<super::source::Ledger>>,
 }
 
 impl TableState {
@@ -271,7 +274,7 @@ impl TableState {
         let fields =
             def.identity_columns().iter().map(|&i| SortField::new(def.schema.field(i).data_type().clone())).collect();
         let identity = RowConverter::new(fields)?;
-        Ok(TableState { def, chunks: Vec::new(), next_chunk: 0, index: FastMap::default(), identity })
+        Ok(TableState { def, chunks: Vec::new(), next_chunk: 0, index: FastMap::default(), identity, ledger: None })
     }
 
     pub fn def(&self) -> &Arc<TableDef> {
@@ -280,7 +283,16 @@ impl TableState {
 
     /// The rows as an immutable version for readers.
     pub fn version(&self) -> TableVersion {
-        TableVersion { def: self.def.clone(), chunks: Arc::new(self.chunks.clone()) }
+        TableVersion { def: self.def.clone(), chunks: Arc::new(self.chunks.clone()), ledger: self.ledger.clone() }
+    }
+
+    pub fn ledger(&self) -> Option<&Arc<super::source::Ledger>> {
+        self.ledger.as_ref()
+    }
+
+    /// Records where the source's connector is, with the rows applied so far.
+    pub fn set_ledger(&mut self, ledger: Arc<super::source::Ledger>) {
+        self.ledger = Some(ledger);
     }
 
     /// Applies a change: retractions remove matching rows, insertions add rows. Either the

@@ -1,15 +1,20 @@
 //! Connectors: where a source's rows come from.
 //!
 //! Today: the built-in generators (`nexmark` and `telemetry`), for demos, tests and
-//! benchmarks; `http` (records posted to `/ingest/<source>`, decoded here from JSON
-//! lines or CSV); and `file` (local files matching a glob: CSV, JSON lines or Parquet).
-//! A source's rows are appended to the source's relation through the
-//! write-ahead log, together with the generator's position, so a restart resumes exactly
-//! after the last durable event: nothing is lost and nothing is generated twice.
+//! benchmarks; `kafka` (every partition of a topic, see [`kafka`]); `http` (records
+//! posted to `/ingest/<source>`, decoded here from JSON lines or CSV); and `file` (local
+//! files matching a glob: CSV, JSON lines or Parquet). A source's rows are appended to the
+//! source's relation through the write-ahead log, together with the connector's position
+//! (generator position, Kafka offsets), so a restart resumes exactly after the last
+//! durable event: nothing is lost and nothing is read twice. Sinks ([`sink`]) write a
+//! materialized view's changes out.
 
 pub mod generator;
+pub mod kafka;
+pub mod sink;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
 
@@ -40,6 +45,10 @@ pub enum Format {
     Csv { header: bool },
     /// Parquet files (file sources only); columns are matched by name.
     Parquet,
+    /// Each record is one UTF-8 text value (Kafka only).
+    Text,
+    /// Each record is one binary value (Kafka only).
+    Bytes,
 }
 
 /// What a source's options describe.
@@ -52,6 +61,8 @@ pub enum ConnectorSpec {
     /// Files matching `path` (a glob), each read whole; with `watch`, new files are picked
     /// up as they appear.
     File { path: String, format: Format, watch: bool },
+    /// Every partition of a Kafka topic.
+    Kafka(kafka::KafkaSource),
 }
 
 /// The column a file source adds: the file each row came from. Files are appended whole,
@@ -71,9 +82,9 @@ impl ConnectorSpec {
             return Ok(ConnectorSpec::Generator(generator));
         }
         match options.get("connector").map(|c| c.to_ascii_lowercase()).as_deref() {
-            None => {
-                Err(option_error("CREATE SOURCE needs WITH (connector = '…'); available: nexmark, telemetry, http"))
-            }
+            None => Err(option_error(
+                "CREATE SOURCE needs WITH (connector = '…'); available: kafka, nexmark, telemetry, http, file",
+            )),
             Some("http") => {
                 if !declared {
                     return Err(option_error("an http source needs its columns: CREATE SOURCE name (col TYPE, …)"));
@@ -114,16 +125,18 @@ impl ConnectorSpec {
                 };
                 Ok(ConnectorSpec::File { path, format: format(options)?, watch })
             }
+            Some("kafka") => Ok(ConnectorSpec::Kafka(kafka::KafkaSource::from_options(options, format(options)?)?)),
             Some(other) => Err(Error::NotSupported {
                 feature: format!("the {other} connector"),
-                hint: Some("connectors available today: nexmark, telemetry, http, file".into()),
+                hint: Some("connectors available today: kafka, nexmark, telemetry, http, file".into()),
             }),
         }
     }
 }
 
-/// `FORMAT JSON | CSV` (default JSON), with `header = 'true'` for CSV.
+/// `FORMAT JSON | CSV | PARQUET | TEXT | BYTES` (default JSON), with `header = 'true'` for CSV.
 fn format(options: &Options) -> Result<Format> {
+    let connector_is = |name: &str| options.get("connector").is_some_and(|c| c.eq_ignore_ascii_case(name));
     let header = match options.get("header").map(|h| h.to_ascii_lowercase()).as_deref() {
         None | Some("false") => false,
         Some("true") => true,
@@ -132,12 +145,15 @@ fn format(options: &Options) -> Result<Format> {
     match options.get("format").map(|f| f.to_ascii_lowercase()).as_deref() {
         None | Some("json") => Ok(Format::Json),
         Some("csv") => Ok(Format::Csv { header }),
-        Some("parquet") if options.get("connector").is_some_and(|c| c.eq_ignore_ascii_case("file")) => {
-            Ok(Format::Parquet)
-        }
+        Some("parquet") if connector_is("file") => Ok(Format::Parquet),
+        Some("text") if connector_is("kafka") => Ok(Format::Text),
+        Some("bytes") if connector_is("kafka") => Ok(Format::Bytes),
         Some(other) => Err(Error::NotSupported {
             feature: format!("FORMAT {}", other.to_ascii_uppercase()),
-            hint: Some("formats available today: JSON (one object per line), CSV, and Parquet for files".into()),
+            hint: Some(
+                "formats available today: JSON (one object per line), CSV, Parquet for files, TEXT and BYTES for Kafka"
+                    .into(),
+            ),
         }),
     }
 }
@@ -206,6 +222,7 @@ pub fn decode(
             }
             Ok(batches)
         }
+        Format::Text | Format::Bytes => Err(Error::not_supported("FORMAT TEXT and BYTES outside Kafka sources")),
         Format::Csv { header } => {
             let reader = CsvReader::new(schema.clone()).with_header(header).build(std::io::Cursor::new(body))?;
             let mut batches = Vec::new();
@@ -216,6 +233,136 @@ pub fn decode(
                 batches.push(batch);
             }
             Ok(batches)
+        }
+    }
+}
+
+/// Most of a bad record kept in a dead letter.
+pub const DEAD_LETTER_BYTES: usize = 1024;
+
+/// A record a source could not decode: kept, with where it came from and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    pub partition: Option<i32>,
+    pub offset: Option<i64>,
+    pub error: String,
+    /// The record's first [`DEAD_LETTER_BYTES`] bytes.
+    pub raw: Vec<u8>,
+    /// When it was read, in milliseconds since the epoch.
+    pub at_ms: i64,
+}
+
+impl DeadLetter {
+    pub fn new(partition: Option<i32>, offset: Option<i64>, error: String, raw: &[u8]) -> DeadLetter {
+        DeadLetter {
+            partition,
+            offset,
+            error,
+            raw: raw[..raw.len().min(DEAD_LETTER_BYTES)].to_vec(),
+            at_ms: chrono::Utc::now().timestamp_millis(),
+        }
+    }
+}
+
+/// What a connector has done since the server started, for `freshet_catalog.source_progress`
+/// and `freshet_catalog.sinks`.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Records read (sources) or written (sinks).
+    records: AtomicU64,
+    bytes: AtomicU64,
+    /// Failed attempts to reach a peer, or records a sink could not write.
+    errors: AtomicU64,
+    /// Sinks: retractions an append-only sink left out.
+    skipped: AtomicU64,
+    state: std::sync::Mutex<ProgressState>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct ProgressState {
+    /// starting, running, retrying, stopped, finished.
+    pub status: String,
+    pub last_error: Option<String>,
+    /// Kafka: the next offset per partition, and the partition's high watermark.
+    pub offsets: BTreeMap<i32, i64>,
+    pub highs: BTreeMap<i32, i64>,
+}
+
+/// A snapshot of [`Progress`].
+#[derive(Debug, Clone)]
+pub struct ProgressReport {
+    pub records: u64,
+    pub bytes: u64,
+    pub errors: u64,
+    pub skipped: u64,
+    pub state: ProgressState,
+}
+
+impl Progress {
+    pub fn new() -> Progress {
+        let progress = Progress::default();
+        progress.state().status = "starting".into();
+        progress
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, ProgressState> {
+        match self.state.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// `records` records of `bytes` bytes read or written.
+    pub fn read(&self, records: u64, bytes: u64) {
+        self.records.fetch_add(records, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Working normally; for Kafka, at `offsets`.
+    pub fn running(&self, offsets: &BTreeMap<i32, i64>) {
+        let mut state = self.state();
+        state.status = "running".into();
+        if !offsets.is_empty() {
+            state.offsets = offsets.clone();
+        }
+    }
+
+    /// Working normally, with nothing to say about offsets.
+    pub fn set_status(&self, status: &str) {
+        self.state().status = status.into();
+    }
+
+    pub fn skipped(&self, count: u64) {
+        self.skipped.fetch_add(count, Ordering::Relaxed);
+    }
+
+    pub fn set_highs(&self, highs: BTreeMap<i32, i64>) {
+        self.state().highs = highs;
+    }
+
+    /// A failed attempt that will be retried.
+    pub fn failed_attempt(&self, error: &str) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        let mut state = self.state();
+        state.status = "retrying".into();
+        state.last_error = Some(error.to_string());
+    }
+
+    /// Stopped for good, with why.
+    pub fn stopped(&self, error: &str) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        let mut state = self.state();
+        state.status = "stopped".into();
+        state.last_error = Some(error.to_string());
+    }
+
+    pub fn report(&self) -> ProgressReport {
+        ProgressReport {
+            records: self.records.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            skipped: self.skipped.load(Ordering::Relaxed),
+            state: self.state().clone(),
         }
     }
 }

@@ -549,6 +549,7 @@ fn is_read(planned: &Planned) -> bool {
             | Planned::Subscribe { .. }
             | Planned::Flush
             | Planned::ShowSources
+            | Planned::ShowSinks
             | Planned::DeclareSubscribe { .. }
             | Planned::Fetch { .. }
             | Planned::Close { .. }

@@ -54,6 +54,12 @@ pub enum Statement {
     DropSource { names: Vec<String>, if_exists: bool, cascade: bool },
     /// `SHOW SOURCES`.
     ShowSources,
+    /// `CREATE SINK [IF NOT EXISTS] name FROM view WITH (option = 'value', …) [FORMAT f]`.
+    CreateSink { name: String, if_not_exists: bool, from: String, options: BTreeMap<String, String> },
+    /// `DROP SINK [IF EXISTS] name, …`.
+    DropSink { names: Vec<String>, if_exists: bool },
+    /// `SHOW SINKS`.
+    ShowSinks,
 }
 
 /// Splits `sql` into statements. Errors carry the position of the offending token.
@@ -96,6 +102,22 @@ pub fn parse(sql: &str) -> Result<VecDeque<Statement>> {
             parser.parser.next_token();
             parser.parser.next_token();
             statements.push_back(Statement::ShowSources);
+        } else if keyword == "create" && next_word(&parser.parser, 1).as_deref() == Some("sink") {
+            statements
+                .push_back(parse_create_sink(&mut parser.parser).map_err(|e| crate::error::syntax_error(&e, sql))?);
+        } else if keyword == "drop" && next_word(&parser.parser, 1).as_deref() == Some("sink") {
+            statements.push_back(
+                parse_drop_source(&mut parser.parser)
+                    .map(|dropped| match dropped {
+                        Statement::DropSource { names, if_exists, .. } => Statement::DropSink { names, if_exists },
+                        other => other,
+                    })
+                    .map_err(|e| crate::error::syntax_error(&e, sql))?,
+            );
+        } else if keyword == "show" && next_word(&parser.parser, 1).as_deref() == Some("sinks") {
+            parser.parser.next_token();
+            parser.parser.next_token();
+            statements.push_back(Statement::ShowSinks);
         } else if keyword == "declare" && declares_subscribe(&parser.parser) {
             statements.push_back(parse_declare(&mut parser.parser).map_err(|e| crate::error::syntax_error(&e, sql))?);
         } else if keyword == "fetch" {
@@ -160,35 +182,103 @@ fn parse_create_source(parser: &mut SqlParser) -> std::result::Result<Statement,
         columns = Some(text.join(" "));
     }
     let mut options = BTreeMap::new();
-    if parser.parse_keyword(Keyword::WITH) {
-        parser.expect_token(&Token::LParen)?;
-        loop {
-            let option = parser.parse_identifier()?.value.to_ascii_lowercase();
-            parser.expect_token(&Token::Eq)?;
-            let value = match parser.next_token().token {
-                Token::SingleQuotedString(s) => s,
-                Token::Number(n, _) => n,
-                Token::Word(w) => w.value,
-                other => {
-                    return Err(ParserError::ParserError(format!(
-                        "option {option} needs a value such as 'text' or 42, found {other}"
-                    )));
-                }
-            };
-            if options.insert(option.clone(), value).is_some() {
-                return Err(ParserError::ParserError(format!("option {option} is given twice")));
-            }
-            if !parser.consume_token(&Token::Comma) {
-                break;
-            }
-        }
-        parser.expect_token(&Token::RParen)?;
+    parse_include(parser, &mut options)?;
+    parse_with_options(parser, &mut options)?;
+    parse_format(parser, &mut options)?;
+    parse_include(parser, &mut options)?;
+    Ok(Statement::CreateSource { name, if_not_exists, columns, options })
+}
+
+/// `WITH (option = value, …)`, if present; option names are lower-cased.
+fn parse_with_options(
+    parser: &mut SqlParser,
+    options: &mut BTreeMap<String, String>,
+) -> std::result::Result<(), ParserError> {
+    if !parser.parse_keyword(Keyword::WITH) {
+        return Ok(());
     }
+    parser.expect_token(&Token::LParen)?;
+    loop {
+        // Dotted names pass settings through, as in `properties.security.protocol`.
+        let mut option = parser.parse_identifier()?.value.to_ascii_lowercase();
+        while parser.consume_token(&Token::Period) {
+            option = format!("{option}.{}", parser.parse_identifier()?.value.to_ascii_lowercase());
+        }
+        parser.expect_token(&Token::Eq)?;
+        let value = match parser.next_token().token {
+            Token::SingleQuotedString(s) => s,
+            Token::Number(n, _) => n,
+            Token::Word(w) => w.value,
+            other => {
+                return Err(ParserError::ParserError(format!(
+                    "option {option} needs a value such as 'text' or 42, found {other}"
+                )));
+            }
+        };
+        if options.insert(option.clone(), value).is_some() {
+            return Err(ParserError::ParserError(format!("option {option} is given twice")));
+        }
+        if !parser.consume_token(&Token::Comma) {
+            break;
+        }
+    }
+    parser.expect_token(&Token::RParen)?;
+    Ok(())
+}
+
+/// `FORMAT name`, if present, as option `format`.
+fn parse_format(
+    parser: &mut SqlParser,
+    options: &mut BTreeMap<String, String>,
+) -> std::result::Result<(), ParserError> {
     if parser.parse_keyword(Keyword::FORMAT) {
         let format = parser.parse_identifier()?.value.to_ascii_lowercase();
-        options.insert("format".into(), format);
+        if options.insert("format".into(), format).is_some() {
+            return Err(ParserError::ParserError("the format is given twice (FORMAT and format = …)".into()));
+        }
     }
-    Ok(Statement::CreateSource { name, if_not_exists, columns, options })
+    Ok(())
+}
+
+/// `INCLUDE what [AS column], …` (a Kafka source's metadata columns), if present, as
+/// option `include`.
+fn parse_include(
+    parser: &mut SqlParser,
+    options: &mut BTreeMap<String, String>,
+) -> std::result::Result<(), ParserError> {
+    if next_word(parser, 0).as_deref() != Some("include") {
+        return Ok(());
+    }
+    parser.next_token();
+    let mut items = Vec::new();
+    loop {
+        let what = parser.parse_identifier()?.value.to_ascii_lowercase();
+        match parser.parse_keyword(Keyword::AS) {
+            true => items.push(format!("{what} as {}", identifier(parser.parse_identifier()?))),
+            false => items.push(what),
+        }
+        if !parser.consume_token(&Token::Comma) {
+            break;
+        }
+    }
+    if options.insert("include".into(), items.join(",")).is_some() {
+        return Err(ParserError::ParserError("INCLUDE is given twice".into()));
+    }
+    Ok(())
+}
+
+/// `CREATE SINK [IF NOT EXISTS] name FROM view WITH (option = value, …) [FORMAT f]`.
+fn parse_create_sink(parser: &mut SqlParser) -> std::result::Result<Statement, ParserError> {
+    parser.next_token(); // CREATE
+    parser.next_token(); // SINK
+    let if_not_exists = parser.parse_keywords(&[Keyword::IF, Keyword::NOT, Keyword::EXISTS]);
+    let name = object_name(&parser.parse_object_name(false)?);
+    parser.expect_keyword(Keyword::FROM)?;
+    let from = object_name(&parser.parse_object_name(false)?);
+    let mut options = BTreeMap::new();
+    parse_with_options(parser, &mut options)?;
+    parse_format(parser, &mut options)?;
+    Ok(Statement::CreateSink { name, if_not_exists, from, options })
 }
 
 /// `DROP SOURCE [IF EXISTS] name, … [CASCADE | RESTRICT]`.
@@ -339,6 +429,10 @@ pub enum Planned {
     CreateSource { name: String, if_not_exists: bool, columns: Option<SchemaRef>, options: BTreeMap<String, String> },
     /// SHOW SOURCES.
     ShowSources,
+    /// CREATE SINK.
+    CreateSink { name: String, if_not_exists: bool, from: String, options: BTreeMap<String, String> },
+    /// SHOW SINKS.
+    ShowSinks,
 }
 
 /// The kinds of relation a user creates and drops.
@@ -350,6 +444,8 @@ pub enum RelationKind {
     MaterializedView,
     /// A plain view: a named query, inlined where it is used.
     View,
+    /// Not a relation, but named among them: writes a view's changes out.
+    Sink,
 }
 
 impl RelationKind {
@@ -360,6 +456,7 @@ impl RelationKind {
             RelationKind::Source => "source",
             RelationKind::MaterializedView => "materialized view",
             RelationKind::View => "view",
+            RelationKind::Sink => "sink",
         }
     }
 
@@ -370,6 +467,7 @@ impl RelationKind {
             RelationKind::Source => "DROP SOURCE",
             RelationKind::MaterializedView => "DROP MATERIALIZED VIEW",
             RelationKind::View => "DROP VIEW",
+            RelationKind::Sink => "DROP SINK",
         }
     }
 }
@@ -438,7 +536,9 @@ impl Planned {
     pub fn result_schema(&self) -> Option<SchemaRef> {
         match self {
             Planned::Query(plan) => Some(Arc::new(plan.schema().as_arrow().clone())),
-            Planned::ShowTables | Planned::ShowViews | Planned::ShowSources => Some(show_tables_schema()),
+            Planned::ShowTables | Planned::ShowViews | Planned::ShowSources | Planned::ShowSinks => {
+                Some(show_tables_schema())
+            }
             Planned::ExplainView(_) => Some(explain_schema()),
             Planned::Subscribe { schema, .. } => Some(schema.clone()),
             Planned::Fetch { schema, .. } => schema.clone(),
@@ -522,6 +622,23 @@ pub async fn plan(state: &SessionState, statement: &Statement, sql: &str) -> Res
             }));
         }
         Statement::ShowSources => return Ok(Planned::ShowSources),
+        Statement::CreateSink { name, if_not_exists, from, options } => {
+            return Ok(Planned::CreateSink {
+                name: name.clone(),
+                if_not_exists: *if_not_exists,
+                from: from.clone(),
+                options: options.clone(),
+            });
+        }
+        Statement::DropSink { names, if_exists } => {
+            return Ok(Planned::Drop(DropRelations {
+                kind: RelationKind::Sink,
+                names: names.clone(),
+                if_exists: *if_exists,
+                cascade: false,
+            }));
+        }
+        Statement::ShowSinks => return Ok(Planned::ShowSinks),
         Statement::Subscribe { view, snapshot } => {
             let provider = state
                 .catalog_list()

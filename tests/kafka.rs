@@ -1,0 +1,448 @@
+//! Kafka sources and sinks against a real Kafka-protocol broker (tansu, on loopback), with
+//! an independent client (kafka-python) producing what freshet reads and reading what
+//! freshet writes.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::TestServer;
+use tokio_postgres::Client;
+
+/// A tansu broker on a free loopback port, with in-memory storage; killed when dropped.
+struct Broker {
+    child: std::process::Child,
+    url: String,
+    /// `host:port`, as freshet's `brokers` option wants it.
+    address: String,
+}
+
+impl Broker {
+    async fn start() -> Broker {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("addr").port();
+        let address = format!("127.0.0.1:{port}");
+        let url = format!("tcp://{address}");
+        let child = Command::new("tansu")
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tansu runs (scripts/test installs it with cargo install tansu)");
+        let broker = Broker { child, url, address };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(&broker.address).await.is_err() {
+            assert!(tokio::time::Instant::now() < deadline, "tansu did not listen on {}", broker.address);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        broker
+    }
+
+    async fn create_topic(&self, name: &str, partitions: u32) {
+        let mut command = Command::new("tansu");
+        command.args(["topic", "create", name, "--broker", &self.url, "--partitions", &partitions.to_string()]);
+        common::stdout_of(&common::run_program(command, "tansu topic create").await, "tansu topic create");
+    }
+
+    /// Produces `records` with the independent client; each is `(partition, key, value)`.
+    async fn produce(&self, topic: &str, records: &[(Option<i32>, Option<String>, Option<String>)]) {
+        let lines: String = records
+            .iter()
+            .map(|(partition, key, value)| {
+                serde_json::json!({ "partition": partition, "key": key, "value": value }).to_string() + "\n"
+            })
+            .collect();
+        let mut command = Command::new("python3");
+        command.arg(client_script()).args(["produce", &self.address, topic]);
+        let output = tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let mut child = command
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("python3 runs (scripts/test installs kafka-python)");
+            child.stdin.take().expect("stdin").write_all(lines.as_bytes()).expect("records written");
+            child.wait_with_output().expect("producer finished")
+        })
+        .await
+        .expect("producer ran");
+        let sent = common::stdout_of(&output, "kafka-python producer");
+        assert_eq!(sent.trim(), records.len().to_string(), "every record was produced");
+    }
+
+    /// The first `n` records of `topic`, read back by the independent client.
+    async fn consume(&self, topic: &str, n: usize) -> Vec<serde_json::Value> {
+        let mut command = Command::new("python3");
+        command.arg(client_script()).args(["consume", &self.address, topic, &n.to_string()]);
+        let output = common::run_program(command, "python3").await;
+        common::stdout_of(&output, "kafka-python consumer")
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("a JSON record"))
+            .collect()
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn client_script() -> String {
+    format!("{}/tests/kafka/client.py", env!("CARGO_MANIFEST_DIR"))
+}
+
+async fn count(client: &Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {}", common::db_error(&e))).get(0)
+}
+
+/// Waits until `sql` returns `expected`.
+async fn wait_for(client: &Client, sql: &str, expected: i64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let n = count(client, sql).await;
+        if n == expected {
+            return;
+        }
+        assert!(n < expected, "{sql} overshot: {n} > {expected}");
+        assert!(tokio::time::Instant::now() < deadline, "{sql} stayed at {n}, expected {expected}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn reading(i: usize) -> (Option<i32>, Option<String>, Option<String>) {
+    let device = format!("d{}", i % 7);
+    let value = serde_json::json!({ "device": device, "seq": i, "temperature": 20.0 + (i % 10) as f64 / 2.0 });
+    (Some((i % 3) as i32), Some(device), Some(value.to_string()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kafka_source_reads_every_partition_and_resumes_exactly_after_a_restart() {
+    let broker = Broker::start().await;
+    broker.create_topic("readings", 3).await;
+    let first: Vec<_> = (0..300).map(reading).collect();
+    broker.produce("readings", &first).await;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let start = || freshet::server::Server::start(common::config(dir.path()));
+    let server = start().await.expect("starts");
+    let url = |server: &freshet::server::Server| {
+        let addr = server.pg_addr();
+        format!("host={} port={} user=freshet dbname=freshet", addr.ip(), addr.port())
+    };
+    let client = common::connect(&url(&server)).await;
+    client
+        .batch_execute(&format!(
+            "CREATE SOURCE readings (device TEXT NOT NULL, seq BIGINT NOT NULL, temperature DOUBLE PRECISION)
+                 INCLUDE partition, offset, key AS device_key, timestamp
+                 WITH (connector = 'kafka', brokers = '{}', topic = 'readings', start = 'earliest')
+                 FORMAT JSON;
+             CREATE MATERIALIZED VIEW per_device AS
+                 SELECT device, count(*) AS n, max(temperature) AS hottest FROM readings GROUP BY device",
+            broker.address
+        ))
+        .await
+        .expect("source and view");
+    wait_for(&client, "SELECT count(*) FROM readings", 300).await;
+    // Every record once, from all three partitions, with its metadata.
+    assert_eq!(count(&client, "SELECT count(DISTINCT seq) FROM readings").await, 300);
+    assert_eq!(count(&client, "SELECT count(DISTINCT _partition) FROM readings").await, 3);
+    assert_eq!(count(&client, "SELECT count(*) FROM readings WHERE _partition <> seq % 3").await, 0);
+    assert_eq!(count(&client, "SELECT count(*) FROM readings WHERE device_key <> device").await, 0);
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM readings WHERE _offset <> seq / 3").await,
+        0,
+        "offsets per partition"
+    );
+    assert_eq!(count(&client, "SELECT count(*) FROM readings WHERE _timestamp IS NULL").await, 0);
+    client.batch_execute("FLUSH").await.expect("flush");
+    assert_eq!(count(&client, "SELECT sum(n) FROM per_device").await, 300);
+    // Progress: every partition read to its end.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows = client
+            .query(
+                "SELECT partition, next_offset, lag FROM freshet_catalog.source_progress WHERE source = 'readings'",
+                &[],
+            )
+            .await
+            .expect("progress");
+        let done: Vec<(i32, i64, Option<i64>)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+        if done == [(0, 100, Some(0)), (1, 100, Some(0)), (2, 100, Some(0))] {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "progress stayed at {done:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Records produced while freshet is down are read after the restart, none twice.
+    drop(client);
+    server.shutdown().await;
+    let second: Vec<_> = (300..450).map(reading).collect();
+    broker.produce("readings", &second).await;
+    let server = start().await.expect("restarts");
+    let client = common::connect(&url(&server)).await;
+    wait_for(&client, "SELECT count(*) FROM readings", 450).await;
+    assert_eq!(count(&client, "SELECT count(DISTINCT seq) FROM readings").await, 450);
+    client.batch_execute("FLUSH").await.expect("flush");
+    let view = client.query("SELECT device, n FROM per_device ORDER BY device", &[]).await.expect("view");
+    let batch = client
+        .query("SELECT device, count(*) FROM readings GROUP BY device ORDER BY device", &[])
+        .await
+        .expect("batch");
+    let pairs =
+        |rows: &[tokio_postgres::Row]| -> Vec<(String, i64)> { rows.iter().map(|r| (r.get(0), r.get(1))).collect() };
+    assert_eq!(pairs(&view), pairs(&batch), "the view follows the source across the restart");
+
+    // Opening after a replay writes a snapshot; the offsets come back from it too.
+    drop(client);
+    server.shutdown().await;
+    let third: Vec<_> = (450..500).map(reading).collect();
+    broker.produce("readings", &third).await;
+    let server = start().await.expect("restarts again");
+    let client = common::connect(&url(&server)).await;
+    wait_for(&client, "SELECT count(*) FROM readings", 500).await;
+    assert_eq!(count(&client, "SELECT count(DISTINCT seq) FROM readings").await, 500);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_that_do_not_decode_become_dead_letters_and_the_rest_are_read() {
+    let broker = Broker::start().await;
+    broker.create_topic("dirty", 2).await;
+    let server = TestServer::start().await;
+    let client = server.connect().await;
+    client
+        .batch_execute(&format!(
+            "CREATE SOURCE dirty (id BIGINT NOT NULL, name TEXT)
+                 WITH (connector = 'kafka', brokers = '{}', topic = 'dirty') FORMAT JSON",
+            broker.address
+        ))
+        .await
+        .expect("source");
+    let record = |partition: i32, value: &str| (Some(partition), None, Some(value.to_string()));
+    broker
+        .produce(
+            "dirty",
+            &[
+                record(0, r#"{"id": 1, "name": "one"}"#),
+                record(0, r#"{"id": "two"}"#),
+                record(1, r#"{"name": "no id"}"#),
+                record(1, r#"{"id": 3}"#),
+                record(0, "not json at all"),
+                record(1, r#"{"id": 4, "name": "four"}"#),
+            ],
+        )
+        .await;
+    wait_for(&client, "SELECT count(*) FROM dirty", 3).await;
+    let ids: Vec<i64> =
+        client.query("SELECT id FROM dirty ORDER BY id", &[]).await.expect("rows").iter().map(|r| r.get(0)).collect();
+    assert_eq!(ids, [1, 3, 4]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while count(&client, "SELECT count(*) FROM freshet_catalog.dead_letters WHERE source = 'dirty'").await < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "dead letters did not appear");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let letters = client
+        .query(
+            "SELECT partition, \"offset\", error, raw FROM freshet_catalog.dead_letters WHERE source = 'dirty'
+             ORDER BY partition, \"offset\"",
+            &[],
+        )
+        .await
+        .expect("dead letters");
+    let at: Vec<(i32, i64)> = letters.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(at, [(0, 1), (0, 2), (1, 0)], "each bad record with its partition and offset");
+    let raw: Vec<String> = letters.iter().map(|r| r.get(3)).collect();
+    assert_eq!(raw, [r#"{"id": "two"}"#, "not json at all", r#"{"name": "no id"}"#]);
+    for row in &letters {
+        let error: String = row.get(2);
+        assert!(!error.is_empty(), "the error says what is wrong");
+    }
+    let dead =
+        count(&client, "SELECT sum(dead_letters) FROM freshet_catalog.source_progress WHERE source = 'dirty'").await;
+    assert_eq!(dead, 3 * 2, "each partition's row carries the source's dead-letter count");
+    server.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_error_fail_stops_the_source_at_the_bad_record() {
+    let broker = Broker::start().await;
+    broker.create_topic("strict", 1).await;
+    broker
+        .produce("strict", &[(Some(0), None, Some(r#"{"id": 1}"#.into())), (Some(0), None, Some("{broken".into()))])
+        .await;
+    let server = TestServer::start().await;
+    let client = server.connect().await;
+    client
+        .batch_execute(&format!(
+            "CREATE SOURCE strict (id BIGINT NOT NULL)
+                 WITH (connector = 'kafka', brokers = '{}', topic = 'strict', on_error = 'fail') FORMAT JSON",
+            broker.address
+        ))
+        .await
+        .expect("source");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let (status, error) = loop {
+        let row = client
+            .query_one("SELECT status, last_error FROM freshet_catalog.source_progress WHERE source = 'strict'", &[])
+            .await
+            .expect("progress");
+        let status: String = row.get(0);
+        if status == "stopped" {
+            break (status, row.get::<_, Option<String>>(1).unwrap_or_default());
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the source did not stop (status {status})");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status, "stopped");
+    assert!(error.contains("offset 1") && error.contains("on_error"), "the error names the record: {error}");
+    assert_eq!(count(&client, "SELECT count(*) FROM strict").await, 0, "nothing from the failing batch is appended");
+    server.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sinks_write_view_changes_that_an_independent_client_reads_back() {
+    let broker = Broker::start().await;
+    for topic in ["totals_upsert", "totals_cdc", "orders_append"] {
+        broker.create_topic(topic, 1).await;
+    }
+    let server = TestServer::start().await;
+    let client = server.connect().await;
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE orders (id BIGINT PRIMARY KEY, customer TEXT NOT NULL, amount BIGINT NOT NULL);
+             CREATE MATERIALIZED VIEW totals AS SELECT customer, sum(amount) AS total FROM orders GROUP BY customer;
+             CREATE MATERIALIZED VIEW all_orders AS SELECT id, customer, amount FROM orders;
+             CREATE SINK totals_upsert FROM totals
+                 WITH (connector = 'kafka', brokers = '{b}', topic = 'totals_upsert', key = 'customer', mode = 'upsert')
+                 FORMAT JSON;
+             CREATE SINK totals_cdc FROM totals
+                 WITH (connector = 'kafka', brokers = '{b}', topic = 'totals_cdc', key = 'customer', mode = 'debezium');
+             CREATE SINK orders_append FROM all_orders
+                 WITH (connector = 'kafka', brokers = '{b}', topic = 'orders_append');",
+            b = broker.address
+        ))
+        .await
+        .expect("setup");
+    let sinks: Vec<String> =
+        client.query("SHOW SINKS", &[]).await.expect("show sinks").iter().map(|r| r.get(0)).collect();
+    assert_eq!(sinks, ["orders_append", "totals_cdc", "totals_upsert"]);
+    client.batch_execute("INSERT INTO orders VALUES (1, 'ada', 10), (2, 'bob', 5)").await.expect("insert");
+    client.batch_execute("FLUSH").await.expect("flush");
+    client.batch_execute("INSERT INTO orders VALUES (3, 'ada', 7)").await.expect("insert");
+    client.batch_execute("FLUSH").await.expect("flush");
+    client.batch_execute("DELETE FROM orders WHERE customer = 'bob'").await.expect("delete");
+    client.batch_execute("FLUSH").await.expect("flush");
+
+    // Upsert: ada's latest total, and a tombstone for bob.
+    let upserts = broker.consume("totals_upsert", 4).await;
+    let mut latest: BTreeMap<String, Option<serde_json::Value>> = BTreeMap::new();
+    for record in &upserts {
+        let key = record["key"].as_str().expect("keyed").to_string();
+        let value = record["value"].as_str().map(|v| serde_json::from_str(v).expect("JSON value"));
+        latest.insert(key, value);
+    }
+    assert_eq!(latest["ada"], Some(serde_json::json!({ "customer": "ada", "total": 17 })), "{upserts:?}");
+    assert_eq!(latest["bob"], None, "bob's rows were deleted: a tombstone ({upserts:?})");
+
+    // Debezium: create, update, delete.
+    let changes = broker.consume("totals_cdc", 4).await;
+    let ops: BTreeSet<(String, String)> = changes
+        .iter()
+        .map(|r| {
+            let value: serde_json::Value = serde_json::from_str(r["value"].as_str().expect("value")).expect("JSON");
+            (r["key"].as_str().expect("key").to_string(), value["op"].as_str().expect("op").to_string())
+        })
+        .collect();
+    let expected: BTreeSet<(String, String)> = [("ada", "c"), ("bob", "c"), ("ada", "u"), ("bob", "d")]
+        .iter()
+        .map(|(k, o)| (k.to_string(), o.to_string()))
+        .collect();
+    assert_eq!(ops, expected, "{changes:?}");
+    let update = changes
+        .iter()
+        .map(|r| serde_json::from_str::<serde_json::Value>(r["value"].as_str().expect("value")).expect("JSON"))
+        .find(|v| v["op"] == "u")
+        .expect("an update");
+    assert_eq!(update["before"]["total"], 10);
+    assert_eq!(update["after"]["total"], 17);
+
+    // Append: every inserted order once; the delete is counted, not written.
+    let appended = broker.consume("orders_append", 3).await;
+    let ids: BTreeSet<i64> = appended
+        .iter()
+        .map(|r| {
+            serde_json::from_str::<serde_json::Value>(r["value"].as_str().expect("value")).expect("JSON")["id"]
+                .as_i64()
+                .expect("id")
+        })
+        .collect();
+    assert_eq!(ids, BTreeSet::from([1, 2, 3]));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while count(&client, "SELECT retractions_skipped FROM freshet_catalog.sinks WHERE sink = 'orders_append'").await
+        != 1
+    {
+        assert!(tokio::time::Instant::now() < deadline, "the skipped retraction is not counted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_statements_that_do_not_fit_are_refused_clearly() {
+    let server = TestServer::start().await;
+    let client = server.connect().await;
+    client
+        .batch_execute(
+            "CREATE TABLE t (k TEXT, v BIGINT);
+             CREATE MATERIALIZED VIEW mv AS SELECT k, sum(v) AS s FROM t GROUP BY k",
+        )
+        .await
+        .expect("setup");
+    let refused = |sql: &'static str| {
+        let client = &client;
+        async move {
+            let e = client.batch_execute(sql).await.expect_err(sql);
+            common::db_error(&e)
+        }
+    };
+    let e = refused("CREATE SOURCE s (a INT) WITH (connector = 'kafka', topic = 'x') FORMAT JSON").await;
+    assert!(e.starts_with("22023") && e.contains("brokers"), "{e}");
+    let e = refused("CREATE SOURCE s (a INT) WITH (connector = 'kafka', brokers = 'b:1', topic = 'x', start = 'soon')")
+        .await;
+    assert!(e.starts_with("22023") && e.contains("earliest"), "{e}");
+    let e = refused("CREATE SOURCE s (a INT) INCLUDE headers WITH (connector = 'kafka', brokers = 'b:1', topic = 'x')")
+        .await;
+    assert!(e.starts_with("22023") && e.contains("partition, offset, timestamp and key"), "{e}");
+    let e = refused("CREATE SOURCE s (n BIGINT) WITH (connector = 'kafka', brokers = 'b:1', topic = 'x') FORMAT TEXT")
+        .await;
+    assert!(e.starts_with("22023") && e.contains("TEXT"), "{e}");
+    let e = refused("CREATE SINK k FROM t WITH (connector = 'kafka', brokers = 'b:1', topic = 'x')").await;
+    assert!(e.starts_with("42809") && e.contains("materialized view"), "{e}");
+    let e = refused("CREATE SINK k FROM mv WITH (connector = 'kafka', brokers = 'b:1', topic = 'x', mode = 'upsert')")
+        .await;
+    assert!(e.starts_with("22023") && e.contains("key"), "{e}");
+    let e = refused(
+        "CREATE SINK k FROM mv WITH (connector = 'kafka', brokers = 'b:1', topic = 'x', key = 'nope', mode = 'upsert')",
+    )
+    .await;
+    assert!(e.starts_with("22023") && e.contains("nope"), "{e}");
+    // A sink holds its view: dropping the view needs CASCADE, which drops the sink too.
+    client
+        .batch_execute("CREATE SINK k FROM mv WITH (connector = 'kafka', brokers = '127.0.0.1:1', topic = 'x')")
+        .await
+        .expect("a sink to an unreachable broker is created; it retries");
+    let e = refused("DROP MATERIALIZED VIEW mv").await;
+    assert!(e.starts_with("2BP01") && e.contains("sink \"k\""), "{e}");
+    let e = refused("CREATE TABLE k (a INT)").await;
+    assert!(e.starts_with("42P07"), "a sink's name is taken: {e}");
+    client.batch_execute("DROP MATERIALIZED VIEW mv CASCADE").await.expect("cascade");
+    assert!(client.query("SHOW SINKS", &[]).await.expect("show").is_empty());
+    client.batch_execute("DROP SINK IF EXISTS k").await.expect("if exists");
+    server.server.shutdown().await;
+}

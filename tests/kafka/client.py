@@ -1,0 +1,71 @@
+"""An independent Kafka client for tests/kafka.rs, built on kafka-python (pure Python, no
+librdkafka), so freshet's reading and writing are checked against someone else's code.
+
+    client.py produce BROKERS TOPIC   < records   one JSON object per line:
+                                                  {"value": str | null, "key": str?, "partition": int?}
+    client.py consume BROKERS TOPIC N             prints the first N records of every partition
+                                                  together, one JSON object per line:
+                                                  {"partition", "offset", "key", "value"}
+"""
+import json
+import sys
+import time
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+
+def encode(text):
+    return None if text is None else text.encode("utf-8")
+
+
+def produce(brokers, topic):
+    producer = KafkaProducer(bootstrap_servers=brokers, linger_ms=5)
+    sent = 0
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        producer.send(topic, value=encode(record.get("value")), key=encode(record.get("key")),
+                      partition=record.get("partition"))
+        sent += 1
+    producer.flush(timeout=60)
+    producer.close()
+    print(sent)
+
+
+def consume(brokers, topic, wanted):
+    consumer = KafkaConsumer(bootstrap_servers=brokers, enable_auto_commit=False, group_id=None)
+    deadline = time.time() + 60
+    partitions = None
+    while partitions is None and time.time() < deadline:
+        partitions = consumer.partitions_for_topic(topic)
+        if partitions is None:
+            time.sleep(0.2)
+    if partitions is None:
+        sys.exit(f"topic {topic} has no partitions")
+    assigned = [TopicPartition(topic, p) for p in sorted(partitions)]
+    consumer.assign(assigned)
+    consumer.seek_to_beginning(*assigned)
+    records = []
+    while len(records) < wanted and time.time() < deadline:
+        for batch in consumer.poll(timeout_ms=500).values():
+            for m in batch:
+                records.append({
+                    "partition": m.partition,
+                    "offset": m.offset,
+                    "key": None if m.key is None else m.key.decode("utf-8"),
+                    "value": None if m.value is None else m.value.decode("utf-8"),
+                })
+    consumer.close()
+    for record in records:
+        print(json.dumps(record))
+
+
+if __name__ == "__main__":
+    command, brokers, topic = sys.argv[1:4]
+    if command == "produce":
+        produce(brokers, topic)
+    elif command == "consume":
+        consume(brokers, topic, int(sys.argv[4]))
+    else:
+        sys.exit(f"unknown command {command}")
