@@ -169,6 +169,10 @@ impl Database {
                 (options, Arc::new(Schema::new(fields)))
             }
             (ConnectorSpec::Kafka(kafka), declared) => (options, kafka.schema(declared.as_ref())?),
+            (ConnectorSpec::Mqtt(mqtt), declared) => {
+                let fields = crate::connectors::kafka::value_fields(mqtt.format, declared.as_ref(), "mqtt")?;
+                (options, Arc::new(Schema::new(fields)))
+            }
             (_, Some(schema)) => (options, schema),
             (_, None) => return Err(Error::Internal("a connector without columns".into())),
         };
@@ -226,6 +230,10 @@ impl Database {
             }
             Ok(ConnectorSpec::Kafka(spec)) => {
                 self.start_kafka(name, id, spec, progress, stop).await;
+                return;
+            }
+            Ok(ConnectorSpec::Mqtt(spec)) => {
+                self.start_mqtt(name, id, spec, progress).await;
                 return;
             }
             Ok(ConnectorSpec::Http { .. }) => {
@@ -324,6 +332,56 @@ impl Database {
             return;
         }
         let task = tokio::spawn(append_polled(self.clone_weak(), name.to_string(), id, receiver, progress));
+        if let Some(handle) = self.shared.sources().get_mut(name) {
+            handle.task = Some(task.abort_handle());
+        }
+    }
+
+    /// Starts an MQTT source: a task running the connection, and a task appending what it
+    /// receives and acknowledging the messages once durable.
+    async fn start_mqtt(
+        &self,
+        name: &str,
+        id: u64,
+        spec: crate::connectors::mqtt::MqttSource,
+        progress: Arc<Progress>,
+    ) {
+        let schema = {
+            let writer = self.shared.writer.lock().await;
+            let Some(state) = writer.tables.get(name) else { return };
+            state.def().schema.clone()
+        };
+        let (sender, mut receiver) = tokio::sync::mpsc::channel::<crate::connectors::mqtt::Received>(2);
+        let connection =
+            tokio::spawn(crate::connectors::mqtt::receive(spec, name.to_string(), schema, sender, progress.clone()));
+        let (ctx, shared) = self.clone_weak();
+        let source = name.to_string();
+        let task = tokio::spawn(async move {
+            // Ends the connection when this task ends (the source is dropped or closed).
+            let _connection = AbortOnDrop(connection.abort_handle());
+            while let Some(received) = receiver.recv().await {
+                let update = LedgerUpdate { offsets: BTreeMap::new(), dead_letters: received.dead_letters };
+                let ledger = (!update.dead_letters.is_empty()).then_some(&update);
+                loop {
+                    let Some(shared) = shared.upgrade() else { return };
+                    let db = Database { ctx: ctx.clone(), shared };
+                    match db.append_source(&source, id, ChangeBatch::inserts(received.rows.clone()), ledger).await {
+                        Ok(true) => break,
+                        Ok(false) => return,
+                        Err(e) => {
+                            progress.failed_attempt(&format!("appending to the source failed: {e}"));
+                            tokio::time::sleep(RETRY).await;
+                        }
+                    }
+                }
+                // Durable: now the broker may forget them.
+                for publish in &received.to_ack {
+                    if let Err(e) = received.client.ack(publish).await {
+                        tracing::warn!(source = %source, "mqtt acknowledgement not sent (the broker will resend): {e}");
+                    }
+                }
+            }
+        });
         if let Some(handle) = self.shared.sources().get_mut(name) {
             handle.task = Some(task.abort_handle());
         }
@@ -558,4 +616,13 @@ fn with_file(schema: &SchemaRef, rows: RecordBatch, file: &str) -> Result<Record
     let mut columns = rows.columns().to_vec();
     columns.push(Arc::new(StringArray::from(vec![file; rows.num_rows()])));
     Ok(RecordBatch::try_new(schema.clone(), columns)?)
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

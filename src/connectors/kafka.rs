@@ -168,29 +168,7 @@ impl KafkaSource {
     /// The source's columns: the declared ones (or, for TEXT and BYTES, one `value`
     /// column), then the included metadata.
     pub fn schema(&self, declared: Option<&SchemaRef>) -> Result<SchemaRef> {
-        let value = match (self.format, declared) {
-            (Format::Text, None) => vec![Field::new("value", DataType::Utf8, true)],
-            (Format::Bytes, None) => vec![Field::new("value", DataType::Binary, true)],
-            (Format::Text | Format::Bytes, Some(declared)) => {
-                let wanted = if self.format == Format::Text { DataType::Utf8 } else { DataType::Binary };
-                match declared.fields().as_ref() {
-                    [field] if *field.data_type() == wanted => vec![field.as_ref().clone()],
-                    _ => {
-                        return Err(option_error(format!(
-                            "FORMAT {} gives one column of type {}; declare one such column or none",
-                            if self.format == Format::Text { "TEXT" } else { "BYTES" },
-                            if self.format == Format::Text { "TEXT" } else { "BYTEA" },
-                        )));
-                    }
-                }
-            }
-            (_, Some(declared)) => declared.fields().iter().map(|f| f.as_ref().clone()).collect(),
-            (_, None) => {
-                return Err(option_error(
-                    "a kafka source needs its columns: CREATE SOURCE name (col TYPE, …), or FORMAT TEXT | BYTES",
-                ));
-            }
-        };
+        let value = value_fields(self.format, declared, "kafka")?;
         let mut fields = value;
         for (metadata, column) in &self.include {
             if fields.iter().any(|f| f.name() == column) {
@@ -217,6 +195,34 @@ impl KafkaSource {
         }
         config
     }
+}
+
+/// The columns a message's value gives: the declared ones, or for TEXT and BYTES one
+/// `value` column (declared or not).
+pub fn value_fields(format: Format, declared: Option<&SchemaRef>, connector: &str) -> Result<Vec<Field>> {
+    Ok(match (format, declared) {
+        (Format::Text, None) => vec![Field::new("value", DataType::Utf8, true)],
+        (Format::Bytes, None) => vec![Field::new("value", DataType::Binary, true)],
+        (Format::Text | Format::Bytes, Some(declared)) => {
+            let wanted = if format == Format::Text { DataType::Utf8 } else { DataType::Binary };
+            match declared.fields().as_ref() {
+                [field] if *field.data_type() == wanted => vec![field.as_ref().clone()],
+                _ => {
+                    return Err(option_error(format!(
+                        "FORMAT {} gives one column of type {}; declare one such column or none",
+                        if format == Format::Text { "TEXT" } else { "BYTES" },
+                        if format == Format::Text { "TEXT" } else { "BYTEA" },
+                    )));
+                }
+            }
+        }
+        (_, Some(declared)) => declared.fields().iter().map(|f| f.as_ref().clone()).collect(),
+        (_, None) => {
+            return Err(option_error(format!(
+                "a {connector} source needs its columns: CREATE SOURCE name (col TYPE, …), or FORMAT TEXT | BYTES"
+            )));
+        }
+    })
 }
 
 /// `brokers` and `topic`, both required.
@@ -368,7 +374,7 @@ fn consume_once(
     assign(&consumer, &spec.topic, offsets)?;
     progress.running(offsets);
     tracing::info!(source = %source, topic = %spec.topic, partitions = known.len(), "kafka source reading");
-    let decoder = RecordDecoder::new(spec, schema)?;
+    let decoder = RecordDecoder::new(spec.format, schema, spec.include.iter().map(|(m, _)| *m).collect());
     let mut watermarks_at = Instant::now() - WATERMARK_EVERY;
     let mut metadata_at = Instant::now();
     let mut records = Records::default();
@@ -460,7 +466,7 @@ fn consume_once(
 
 /// Polled records, copied out of the consumer into one buffer.
 #[derive(Default)]
-struct Records {
+pub(crate) struct Records {
     data: Vec<u8>,
     /// Per record: partition, offset, timestamp, key range, payload range (None = null).
     meta: Vec<RecordMeta>,
@@ -475,7 +481,7 @@ struct RecordMeta {
 }
 
 impl Records {
-    fn push(
+    pub(crate) fn push(
         &mut self,
         partition: i32,
         offset: i64,
@@ -495,19 +501,19 @@ impl Records {
         self.meta.push(RecordMeta { partition, offset, timestamp, key, payload });
     }
 
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.meta.len()
     }
 
-    fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.meta.is_empty()
     }
 
-    fn bytes(&self) -> usize {
+    pub(crate) fn bytes(&self) -> usize {
         self.data.len()
     }
 
-    fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.data.clear();
         self.meta.clear();
     }
@@ -537,7 +543,7 @@ impl Records {
 }
 
 /// Decodes polled records into the source's rows.
-struct RecordDecoder {
+pub(crate) struct RecordDecoder {
     format: Format,
     /// The columns decoded from the value.
     value_schema: SchemaRef,
@@ -546,19 +552,15 @@ struct RecordDecoder {
 }
 
 impl RecordDecoder {
-    fn new(spec: &KafkaSource, schema: &SchemaRef) -> Result<RecordDecoder> {
-        let values = schema.fields().len() - spec.include.len();
+    /// Decodes into `schema`: the value's columns, then one column per `include`.
+    pub(crate) fn new(format: Format, schema: &SchemaRef, include: Vec<Metadata>) -> RecordDecoder {
+        let values = schema.fields().len() - include.len();
         let value_schema = Arc::new(Schema::new(schema.fields()[..values].to_vec()));
-        Ok(RecordDecoder {
-            format: spec.format,
-            value_schema,
-            schema: schema.clone(),
-            include: spec.include.iter().map(|(m, _)| *m).collect(),
-        })
+        RecordDecoder { format, value_schema, schema: schema.clone(), include }
     }
 
     /// Rows for the records that decode, and a dead letter for each that does not.
-    fn decode(&self, records: &Records) -> Result<(RecordBatch, Vec<DeadLetter>)> {
+    pub(crate) fn decode(&self, records: &Records) -> Result<(RecordBatch, Vec<DeadLetter>)> {
         let all: Vec<usize> = (0..records.len()).collect();
         let mut dead = Vec::new();
         let mut good: Vec<usize> = Vec::with_capacity(all.len());
@@ -683,7 +685,7 @@ mod tests {
         ]));
         let schema = spec.schema(Some(&declared)).expect("schema");
         assert_eq!(schema.field(3).name(), "pos");
-        let decoder = RecordDecoder::new(&spec, &schema).expect("decoder");
+        let decoder = RecordDecoder::new(spec.format, &schema, spec.include.iter().map(|(m, _)| *m).collect());
         let mut records = Records::default();
         records.push(0, 10, None, None, Some(br#"{"id": 1, "name": "a"}"#));
         records.push(0, 11, None, None, Some(br#"{"id": "x"}"#));

@@ -1,7 +1,8 @@
 //! Connectors: where a source's rows come from.
 //!
 //! Today: the built-in generators (`nexmark` and `telemetry`), for demos, tests and
-//! benchmarks; `kafka` (every partition of a topic, see [`kafka`]); `http` (records
+//! benchmarks; `kafka` (every partition of a topic, see [`kafka`]); `mqtt` (a topic
+//! filter, acknowledged once durable, see [`mqtt`]); `http` (records
 //! posted to `/ingest/<source>`, decoded here from JSON lines or CSV); and `file` (local
 //! files matching a glob: CSV, JSON lines or Parquet). A source's rows are appended to the
 //! source's relation through the write-ahead log, together with the connector's position
@@ -11,6 +12,7 @@
 
 pub mod generator;
 pub mod kafka;
+pub mod mqtt;
 pub mod sink;
 
 use std::collections::BTreeMap;
@@ -45,9 +47,9 @@ pub enum Format {
     Csv { header: bool },
     /// Parquet files (file sources only); columns are matched by name.
     Parquet,
-    /// Each record is one UTF-8 text value (Kafka only).
+    /// Each record is one UTF-8 text value (Kafka and MQTT).
     Text,
-    /// Each record is one binary value (Kafka only).
+    /// Each record is one binary value (Kafka and MQTT).
     Bytes,
 }
 
@@ -63,6 +65,8 @@ pub enum ConnectorSpec {
     File { path: String, format: Format, watch: bool },
     /// Every partition of a Kafka topic.
     Kafka(kafka::KafkaSource),
+    /// Messages on an MQTT topic filter.
+    Mqtt(mqtt::MqttSource),
 }
 
 /// The column a file source adds: the file each row came from. Files are appended whole,
@@ -83,7 +87,7 @@ impl ConnectorSpec {
         }
         match options.get("connector").map(|c| c.to_ascii_lowercase()).as_deref() {
             None => Err(option_error(
-                "CREATE SOURCE needs WITH (connector = '…'); available: kafka, nexmark, telemetry, http, file",
+                "CREATE SOURCE needs WITH (connector = '…'); available: kafka, mqtt, nexmark, telemetry, http, file",
             )),
             Some("http") => {
                 if !declared {
@@ -126,9 +130,10 @@ impl ConnectorSpec {
                 Ok(ConnectorSpec::File { path, format: format(options)?, watch })
             }
             Some("kafka") => Ok(ConnectorSpec::Kafka(kafka::KafkaSource::from_options(options, format(options)?)?)),
+            Some("mqtt") => Ok(ConnectorSpec::Mqtt(mqtt::MqttSource::from_options(options, format(options)?)?)),
             Some(other) => Err(Error::NotSupported {
                 feature: format!("the {other} connector"),
-                hint: Some("connectors available today: kafka, nexmark, telemetry, http, file".into()),
+                hint: Some("connectors available today: kafka, mqtt, nexmark, telemetry, http, file".into()),
             }),
         }
     }
@@ -146,12 +151,12 @@ fn format(options: &Options) -> Result<Format> {
         None | Some("json") => Ok(Format::Json),
         Some("csv") => Ok(Format::Csv { header }),
         Some("parquet") if connector_is("file") => Ok(Format::Parquet),
-        Some("text") if connector_is("kafka") => Ok(Format::Text),
-        Some("bytes") if connector_is("kafka") => Ok(Format::Bytes),
+        Some("text") if connector_is("kafka") || connector_is("mqtt") => Ok(Format::Text),
+        Some("bytes") if connector_is("kafka") || connector_is("mqtt") => Ok(Format::Bytes),
         Some(other) => Err(Error::NotSupported {
             feature: format!("FORMAT {}", other.to_ascii_uppercase()),
             hint: Some(
-                "formats available today: JSON (one object per line), CSV, Parquet for files, TEXT and BYTES for Kafka"
+                "formats available today: JSON (one object per line), CSV, Parquet for files, TEXT and BYTES for Kafka and MQTT"
                     .into(),
             ),
         }),
