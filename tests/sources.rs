@@ -326,3 +326,66 @@ async fn file_sources_read_json_lines_and_parquet() {
         .expect_err("the file column is freshet's");
     assert_eq!(err.as_db_error().map(|d| d.code().code()), Some("22023"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_sink_writes_each_epoch_as_a_complete_parquet_file() {
+    use datafusion::arrow::array::{Int64Array, StringArray};
+    use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+    let server = TestServer::start().await;
+    let client = server.connect().await;
+    let out = tempfile::tempdir().expect("output dir");
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE orders (id BIGINT PRIMARY KEY, customer TEXT NOT NULL, amount BIGINT NOT NULL);
+             CREATE MATERIALIZED VIEW totals AS SELECT customer, sum(amount) AS total FROM orders GROUP BY customer;
+             CREATE SINK totals_files FROM totals WITH (connector = 'file', path = '{}', mode = 'changes') FORMAT PARQUET",
+            out.path().display()
+        ))
+        .await
+        .expect("setup");
+    client.batch_execute("INSERT INTO orders VALUES (1, 'ada', 10), (2, 'bob', 5); FLUSH").await.expect("epoch 1");
+    client.batch_execute("INSERT INTO orders VALUES (3, 'ada', 7); FLUSH").await.expect("epoch 2");
+    client.batch_execute("DELETE FROM orders WHERE customer = 'bob'; FLUSH").await.expect("epoch 3");
+    // Replaying every file's changes in name order rebuilds the view.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        // Files being written have a hidden temporary name; every final name is complete.
+        let mut names: Vec<String> = std::fs::read_dir(out.path())
+            .expect("listing")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|name| !name.starts_with('.'))
+            .collect();
+        names.sort();
+        let mut totals: std::collections::BTreeMap<(String, i64), i64> = Default::default();
+        for name in &names {
+            assert!(name.ends_with(".parquet"), "only Parquet files under final names: {name}");
+            let file = std::fs::File::open(out.path().join(name)).expect("open");
+            for batch in ParquetRecordBatchReaderBuilder::try_new(file).expect("parquet").build().expect("reader") {
+                let batch = batch.expect("batch");
+                let customer = batch.column(0).as_any().downcast_ref::<StringArray>().expect("customer");
+                let total = batch.column(1).as_any().downcast_ref::<Int64Array>().expect("total");
+                let diff =
+                    batch.column_by_name("_diff").expect("_diff").as_any().downcast_ref::<Int64Array>().expect("diff");
+                for i in 0..batch.num_rows() {
+                    *totals.entry((customer.value(i).to_string(), total.value(i))).or_default() += diff.value(i);
+                }
+            }
+        }
+        totals.retain(|_, n| *n != 0);
+        if totals == std::collections::BTreeMap::from([(("ada".to_string(), 17), 1)]) {
+            assert!(names.len() >= 3, "one file per epoch with changes: {names:?}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the files add up to {totals:?} ({names:?})");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let written =
+        count(&client, "SELECT messages_written FROM freshet_catalog.sinks WHERE sink = 'totals_files'").await;
+    assert_eq!(written, 5, "rows written: ada +1, bob +1, ada -1 +1, bob -1");
+    let e = client
+        .batch_execute("CREATE SINK bad FROM totals WITH (connector = 'file', path = 's3://bucket/x')")
+        .await
+        .expect_err("object store paths are not supported yet");
+    assert!(common::db_error(&e).starts_with("0A000"), "{}", common::db_error(&e));
+}

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::{Database, Outcome, Record};
-use crate::connectors::sink::{self as encode, KafkaSink};
+use crate::connectors::sink::SinkSpec;
 use crate::connectors::{Options, Progress};
 use crate::error::{Error, Result};
 
@@ -46,14 +46,14 @@ impl Database {
         from: String,
         options: BTreeMap<String, String>,
     ) -> Result<Outcome> {
-        let spec = KafkaSink::from_options(&options)?;
+        let spec = SinkSpec::from_options(&options)?;
         let writer = self.shared.writer.lock().await;
         if self.shared.exists_already(&writer, &name, if_not_exists)? {
             return Ok(Outcome::Command { tag: "CREATE SINK", rows: None });
         }
-        self.check_sink_input(&writer, &from, &spec)?;
-        // A producer that cannot be configured is an error now, not in the log later.
-        drop(spec.producer(&name)?);
+        // A sink that cannot be opened is an error now, not in the log later.
+        let schema = self.check_sink_input(&writer, &from)?;
+        drop(spec.open(&name, &schema)?);
         let id = self.shared.sinks().values().map(|s| s.id + 1).max().unwrap_or(0);
         let entries =
             vec![Record::CreateSink { name: name.clone(), from: from.clone(), options: options.clone() }.entry(None)?];
@@ -72,7 +72,7 @@ impl Database {
         from: &str,
         options: BTreeMap<String, String>,
     ) -> Result<()> {
-        let spec = KafkaSink::from_options(&options)?;
+        let spec = SinkSpec::from_options(&options)?;
         if !self.shared.views().contains_key(from) {
             return Err(Error::UndefinedTable { name: from.to_string(), position: None });
         }
@@ -80,8 +80,8 @@ impl Database {
         Ok(())
     }
 
-    /// The view a sink reads must be materialized, with the key column the sink names.
-    fn check_sink_input(&self, writer: &super::Writer, from: &str, spec: &KafkaSink) -> Result<()> {
+    /// The view a sink reads must be materialized; returns its columns.
+    fn check_sink_input(&self, writer: &super::Writer, from: &str) -> Result<datafusion::arrow::datatypes::SchemaRef> {
         match self.shared.kind_of(writer, from) {
             Some(crate::sql::RelationKind::MaterializedView) => {}
             Some(kind) => {
@@ -97,16 +97,14 @@ impl Database {
             None => return Err(Error::UndefinedTable { name: from.to_string(), position: None }),
         }
         let snapshot = self.shared.cell.committed();
-        let schema = snapshot
+        snapshot
             .views
             .get(from)
             .map(|v| v.def.schema.clone())
-            .ok_or_else(|| Error::Internal(format!("materialized view \"{from}\" has no rows published yet")))?;
-        spec.key_index(&schema)?;
-        Ok(())
+            .ok_or_else(|| Error::Internal(format!("materialized view \"{from}\" has no rows published yet")))
     }
 
-    fn start_sink(&self, id: u64, name: String, from: String, options: BTreeMap<String, String>, spec: KafkaSink) {
+    fn start_sink(&self, id: u64, name: String, from: String, options: BTreeMap<String, String>, spec: SinkSpec) {
         let progress = Arc::new(Progress::new());
         let task = tokio::spawn(run_sink(self.clone_weak(), name.clone(), from.clone(), spec, progress.clone()));
         let handle = SinkHandle { id, from, options, progress, task: Some(task.abort_handle()) };
@@ -116,42 +114,34 @@ impl Database {
     }
 }
 
-/// Follows view `from` and writes every epoch to the sink's topic, until the sink is
+/// Follows view `from` and writes every epoch through the sink, until the sink is
 /// dropped, the view goes away, or the database closes.
 async fn run_sink(
     (ctx, shared): (datafusion::prelude::SessionContext, std::sync::Weak<super::Shared>),
     name: String,
     from: String,
-    spec: KafkaSink,
+    spec: SinkSpec,
     progress: Arc<Progress>,
 ) {
-    let producer = match spec.producer(&name) {
-        Ok(producer) => producer,
-        Err(e) => {
-            progress.stopped(&e.to_string());
-            return;
-        }
-    };
     loop {
-        let subscription = {
+        let (mut subscription, writer) = {
             let Some(shared) = shared.upgrade() else { return };
             let db = Database { ctx: ctx.clone(), shared };
             let view = db.shared.views().get(&from).cloned();
-            let Some(view) = view else {
+            let schema = db.shared.cell.committed().views.get(&from).map(|v| v.def.schema.clone());
+            let (Some(view), Some(schema)) = (view, schema) else {
                 progress.stopped(&format!("materialized view \"{from}\" is gone"));
                 return;
             };
-            let schema = db.shared.cell.committed().views.get(&from).map(|v| v.def.schema.clone());
-            let key = match schema.map(|schema| spec.key_index(&schema)) {
-                Some(Ok(key)) => key,
-                Some(Err(e)) => {
+            let writer = match spec.open(&name, &schema) {
+                Ok(writer) => writer,
+                Err(e) => {
                     progress.stopped(&e.to_string());
                     return;
                 }
-                None => None,
             };
             match view.subscribers.subscribe(&from, &db.shared.cell, true) {
-                Ok(subscription) => (subscription, key),
+                Ok(subscription) => (subscription, writer),
                 Err(e) => {
                     progress.failed_attempt(&e.to_string());
                     tokio::time::sleep(BACKOFF_START).await;
@@ -159,28 +149,23 @@ async fn run_sink(
                 }
             }
         };
-        let (mut subscription, key) = subscription;
         progress.set_status("running");
-        tracing::info!(sink = %name, view = %from, topic = %spec.topic, mode = spec.mode.name(), "sink writing");
+        tracing::info!(sink = %name, view = %from, to = %spec.target(), mode = spec.mode().name(), "sink writing");
         while let Some((epoch, change)) = subscription.changes.recv().await {
-            let (messages, skipped) = match encode::encode(spec.mode, key, &change) {
-                Ok(encoded) => encoded,
-                Err(e) => {
-                    progress.stopped(&format!("epoch {epoch} could not be encoded: {e}"));
-                    tracing::error!(sink = %name, "sink stopped: epoch {epoch} could not be encoded: {e}");
-                    return;
+            let mut backoff = BACKOFF_START;
+            let written = loop {
+                match writer.write(epoch, &change).await {
+                    Ok(written) => break written,
+                    Err(e) => {
+                        progress.failed_attempt(&e.to_string());
+                        tracing::warn!(sink = %name, epoch, "sink could not write, retrying in {backoff:?}: {e}");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                    }
                 }
             };
-            let mut backoff = BACKOFF_START;
-            while let Err(e) = encode::deliver(&producer, &spec.topic, &messages).await {
-                progress.failed_attempt(&e.to_string());
-                tracing::warn!(sink = %name, epoch, "sink could not deliver, retrying in {backoff:?}: {e}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
-            }
-            let bytes = messages.iter().map(|m| m.value.as_ref().map_or(0, Vec::len)).sum::<usize>();
-            progress.read(messages.len() as u64, bytes as u64);
-            progress.skipped(skipped);
+            progress.read(written.records, written.bytes);
+            progress.skipped(written.skipped);
             progress.set_status("running");
         }
         if subscription.lagged.swap(false, Ordering::AcqRel) {

@@ -1,6 +1,7 @@
-//! Sinks: a materialized view's changes, epoch by epoch, written to Kafka.
+//! Sinks: a materialized view's changes, epoch by epoch, written to Kafka or to Parquet
+//! files.
 //!
-//! Three modes say how a change becomes messages:
+//! Three modes say how a change becomes Kafka messages:
 //! - `append`: each inserted row is one message; retractions are not written (they are
 //!   counted in `freshet_catalog.sinks`), so use it for views that only grow.
 //! - `upsert`: messages are keyed by `key = 'column'`; an inserted row is written under its
@@ -9,14 +10,22 @@
 //! - `debezium`: each change is `{"before": …, "after": …, "op": "c" | "u" | "d"}`; with a
 //!   key, a retraction and an insertion of the same key in one epoch are one update.
 //!
-//! Delivery is at least once: an epoch's messages are all acknowledged by the broker before
-//! the next epoch is written, and after a restart (or when the sink fell behind) the sink
-//! writes the view's current rows again before following its changes.
+//! A file sink writes one Parquet file per epoch into a local directory, under a temporary
+//! name first and renamed once complete, so no partly written file is ever visible under
+//! its final name. `mode = 'append'` writes inserted rows; `mode = 'changes'` writes every
+//! change with a `_diff` column (+n inserted, -n retracted).
+//!
+//! Delivery is at least once: an epoch is acknowledged by the broker (or its file renamed)
+//! before the next epoch is written, and after a restart (or when the sink fell behind) the
+//! sink writes the view's current rows again before following its changes.
 
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use datafusion::arrow::array::Array;
+use datafusion::arrow::array::{Array, Int64Array};
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use datafusion::arrow::json::WriterBuilder;
 use datafusion::arrow::json::writer::LineDelimited;
 use datafusion::arrow::record_batch::RecordBatch;
@@ -29,12 +38,14 @@ use super::{Options, option_error};
 use crate::dataflow::ChangeBatch;
 use crate::error::{Error, Result};
 
-/// How a change becomes messages.
+/// How a change becomes messages or file rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Append,
     Upsert,
     Debezium,
+    /// Files: every change, with a `_diff` column.
+    Changes,
 }
 
 impl Mode {
@@ -43,8 +54,191 @@ impl Mode {
             Mode::Append => "append",
             Mode::Upsert => "upsert",
             Mode::Debezium => "debezium",
+            Mode::Changes => "changes",
         }
     }
+}
+
+/// What a sink's options describe.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SinkSpec {
+    Kafka(KafkaSink),
+    File(FileSink),
+}
+
+impl SinkSpec {
+    pub fn from_options(options: &Options) -> Result<SinkSpec> {
+        match options.get("connector").map(|c| c.to_ascii_lowercase()).as_deref() {
+            Some("kafka") => Ok(SinkSpec::Kafka(KafkaSink::from_options(options)?)),
+            Some("file") => Ok(SinkSpec::File(FileSink::from_options(options)?)),
+            None => Err(option_error("CREATE SINK needs WITH (connector = 'kafka' | 'file', …)")),
+            Some(other) => Err(Error::NotSupported {
+                feature: format!("sinks with connector {other}"),
+                hint: Some("sinks available today: kafka, file".into()),
+            }),
+        }
+    }
+
+    pub fn mode(&self) -> Mode {
+        match self {
+            SinkSpec::Kafka(kafka) => kafka.mode,
+            SinkSpec::File(file) => file.mode,
+        }
+    }
+
+    /// Where it writes, for messages and `freshet_catalog.sinks`.
+    pub fn target(&self) -> String {
+        match self {
+            SinkSpec::Kafka(kafka) => kafka.topic.clone(),
+            SinkSpec::File(file) => file.path.display().to_string(),
+        }
+    }
+
+    /// Opens the sink for a view with columns `schema`; errors if they do not fit.
+    pub fn open(&self, sink: &str, schema: &Schema) -> Result<SinkWriter> {
+        match self {
+            SinkSpec::Kafka(kafka) => Ok(SinkWriter::Kafka {
+                producer: kafka.producer(sink)?,
+                topic: kafka.topic.clone(),
+                mode: kafka.mode,
+                key: kafka.key_index(schema)?,
+            }),
+            SinkSpec::File(file) => {
+                std::fs::create_dir_all(&file.path).map_err(|e| {
+                    option_error(format!("sink {sink}: cannot create directory {}: {e}", file.path.display()))
+                })?;
+                Ok(SinkWriter::File {
+                    dir: file.path.clone(),
+                    prefix: format!("{sink}-{}", chrono::Utc::now().timestamp_millis()),
+                    mode: file.mode,
+                })
+            }
+        }
+    }
+}
+
+/// A Parquet file sink's options.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileSink {
+    pub path: PathBuf,
+    pub mode: Mode,
+}
+
+impl FileSink {
+    pub fn from_options(options: &Options) -> Result<FileSink> {
+        let known = ["connector", "path", "mode", "format"];
+        if let Some(unknown) = options.keys().find(|k| !known.contains(&k.as_str())) {
+            return Err(option_error(format!("option {unknown} is unknown for a file sink (known: path, mode)")));
+        }
+        match options.get("format").map(|f| f.to_ascii_lowercase()).as_deref() {
+            None | Some("parquet") => {}
+            Some(other) => {
+                return Err(Error::NotSupported {
+                    feature: format!("file sinks with FORMAT {}", other.to_ascii_uppercase()),
+                    hint: Some("file sinks write FORMAT PARQUET".into()),
+                });
+            }
+        }
+        let path = options.get("path").ok_or_else(|| option_error("a file sink needs path = 'directory'"))?;
+        if path.contains("://") && !path.starts_with("file://") {
+            return Err(Error::NotSupported {
+                feature: format!("file sinks at {path}"),
+                hint: Some("file sinks write into a local directory for now".into()),
+            });
+        }
+        let mode = match options.get("mode").map(|m| m.to_ascii_lowercase()).as_deref() {
+            None | Some("append") => Mode::Append,
+            Some("changes") => Mode::Changes,
+            Some(other) => return Err(option_error(format!("mode = '{other}' must be 'append' or 'changes'"))),
+        };
+        Ok(FileSink { path: PathBuf::from(path.trim_start_matches("file://")), mode })
+    }
+}
+
+/// An open sink.
+pub enum SinkWriter {
+    Kafka {
+        producer: FutureProducer,
+        topic: String,
+        mode: Mode,
+        key: Option<usize>,
+    },
+    /// Files are named `<prefix>-<epoch>.parquet`; the prefix holds the time the sink
+    /// started, so epochs numbered again after a restart never overwrite earlier files.
+    File {
+        dir: PathBuf,
+        prefix: String,
+        mode: Mode,
+    },
+}
+
+/// What writing one epoch did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Written {
+    /// Messages or rows.
+    pub records: u64,
+    pub bytes: u64,
+    /// Retractions append mode left out.
+    pub skipped: u64,
+}
+
+impl SinkWriter {
+    /// Writes one epoch's change; returns once it is delivered (acknowledged or renamed).
+    /// Writing the same epoch again after an error is safe (at least once).
+    pub async fn write(&self, epoch: u64, change: &ChangeBatch) -> Result<Written> {
+        match self {
+            SinkWriter::Kafka { producer, topic, mode, key } => {
+                let (messages, skipped) = encode(*mode, *key, change)?;
+                deliver(producer, topic, &messages).await?;
+                let bytes = messages.iter().map(|m| m.value.as_ref().map_or(0, Vec::len)).sum::<usize>();
+                Ok(Written { records: messages.len() as u64, bytes: bytes as u64, skipped })
+            }
+            SinkWriter::File { dir, prefix, mode } => {
+                let (rows, skipped) = file_rows(*mode, change)?;
+                if rows.num_rows() == 0 {
+                    return Ok(Written { skipped, ..Written::default() });
+                }
+                let name = format!("{prefix}-{epoch:020}.parquet");
+                let (dir, records) = (dir.clone(), rows.num_rows() as u64);
+                let bytes = tokio::task::spawn_blocking(move || write_parquet(&dir, &name, &rows))
+                    .await
+                    .map_err(|e| Error::Internal(format!("the file writer panicked: {e}")))??;
+                Ok(Written { records, bytes, skipped })
+            }
+        }
+    }
+}
+
+/// The rows a file sink writes for a change.
+fn file_rows(mode: Mode, change: &ChangeBatch) -> Result<(RecordBatch, u64)> {
+    let change = change.consolidate()?;
+    if mode == Mode::Changes {
+        let batch = change.batch();
+        let mut fields: Vec<Field> = batch.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+        fields.push(Field::new("_diff", DataType::Int64, false));
+        let mut columns = batch.columns().to_vec();
+        columns.push(Arc::new(Int64Array::from(change.weights().values().to_vec())));
+        return Ok((RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?, 0));
+    }
+    let (inserts, retracts) = change.split()?;
+    Ok((inserts, retracts.num_rows() as u64))
+}
+
+/// Writes `rows` to `dir/name` through a temporary file renamed at the end; returns the
+/// file's size.
+fn write_parquet(dir: &std::path::Path, name: &str, rows: &RecordBatch) -> Result<u64> {
+    use datafusion::parquet::arrow::ArrowWriter;
+    let temporary = dir.join(format!(".{name}.tmp"));
+    let io = |e: std::io::Error| Error::Storage(format!("writing {}: {e}", temporary.display()));
+    let file = std::fs::File::create(&temporary).map_err(io)?;
+    let mut writer = ArrowWriter::try_new(file, rows.schema(), None)
+        .map_err(|e| Error::Storage(format!("writing {}: {e}", temporary.display())))?;
+    writer.write(rows).map_err(|e| Error::Storage(format!("writing {}: {e}", temporary.display())))?;
+    let file = writer.into_inner().map_err(|e| Error::Storage(format!("writing {}: {e}", temporary.display())))?;
+    file.sync_all().map_err(io)?;
+    let size = file.metadata().map_err(io)?.len();
+    std::fs::rename(&temporary, dir.join(name)).map_err(io)?;
+    Ok(size)
 }
 
 /// A Kafka sink's options.
@@ -62,16 +256,6 @@ const SINK_OPTIONS: &[&str] = &["connector", "brokers", "topic", "key", "mode", 
 
 impl KafkaSink {
     pub fn from_options(options: &Options) -> Result<KafkaSink> {
-        match options.get("connector").map(|c| c.to_ascii_lowercase()).as_deref() {
-            Some("kafka") => {}
-            None => return Err(option_error("CREATE SINK needs WITH (connector = 'kafka', …)")),
-            Some(other) => {
-                return Err(Error::NotSupported {
-                    feature: format!("sinks with connector {other}"),
-                    hint: Some("sinks available today: kafka".into()),
-                });
-            }
-        }
         if let Some(unknown) =
             options.keys().find(|k| !SINK_OPTIONS.contains(&k.as_str()) && !k.starts_with("properties."))
         {
@@ -161,7 +345,7 @@ pub fn encode(mode: Mode, key: Option<usize>, change: &ChangeBatch) -> Result<(V
     let mut messages = Vec::with_capacity(after.len() + before.len());
     let mut skipped = 0;
     match mode {
-        Mode::Append => {
+        Mode::Append | Mode::Changes => {
             skipped = before.len() as u64;
             for (k, row) in after_keys.iter().zip(after) {
                 messages.push(Message { key: bytes(k), value: Some(row.into_bytes()) });
