@@ -22,6 +22,10 @@ struct Broker {
 impl Broker {
     async fn start() -> Broker {
         let port = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("addr").port();
+        Broker::start_on(port).await
+    }
+
+    async fn start_on(port: u16) -> Broker {
         let address = format!("127.0.0.1:{port}");
         let url = format!("tcp://{address}");
         let child = Command::new("tansu")
@@ -444,5 +448,45 @@ async fn kafka_statements_that_do_not_fit_are_refused_clearly() {
     client.batch_execute("DROP MATERIALIZED VIEW mv CASCADE").await.expect("cascade");
     assert!(client.query("SHOW SINKS", &[]).await.expect("show").is_empty());
     client.batch_execute("DROP SINK IF EXISTS k").await.expect("if exists");
+    server.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_waits_for_an_unreachable_broker_and_reads_once_it_is_there() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("addr").port();
+    let server = TestServer::start().await;
+    let client = server.connect().await;
+    client
+        .batch_execute(&format!(
+            "CREATE SOURCE late (v TEXT) INCLUDE offset
+                 WITH (connector = 'kafka', brokers = '127.0.0.1:{port}', topic = 'late') FORMAT TEXT"
+        ))
+        .await
+        .expect("created while the broker is down");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let row = client
+            .query_one("SELECT status, last_error FROM freshet_catalog.source_progress WHERE source = 'late'", &[])
+            .await
+            .expect("progress");
+        let (status, error): (String, Option<String>) = (row.get(0), row.get(1));
+        if status == "retrying" && error.is_some() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the missing broker is not reported ({status}, {error:?})");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let broker = Broker::start_on(port).await;
+    broker.create_topic("late", 1).await;
+    let records: Vec<_> = (0..20).map(|i| (Some(0), None, Some(format!("event {i}")))).collect();
+    broker.produce("late", &records).await;
+    wait_for(&client, "SELECT count(*) FROM late", 20).await;
+    assert_eq!(count(&client, "SELECT count(DISTINCT _offset) FROM late").await, 20);
+    let status: String = client
+        .query_one("SELECT status FROM freshet_catalog.source_progress WHERE source = 'late'", &[])
+        .await
+        .expect("progress")
+        .get(0);
+    assert_eq!(status, "running");
     server.server.shutdown().await;
 }
