@@ -25,6 +25,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 
 pub mod view;
+pub mod windows;
 
 /// Arrow field metadata key naming the Postgres type a column was declared with, where
 /// Arrow has no type of its own for it. Its only value today is [`JSON_TYPE`].
@@ -133,7 +134,9 @@ pub fn parse(sql: &str) -> Result<VecDeque<Statement>> {
             };
             statements.push_back(Statement::Close { cursor });
         } else {
-            statements.push_back(Statement::Sql(parser.parse_statement().map_err(|e| Error::from_datafusion(e, sql))?));
+            let mut statement = parser.parse_statement().map_err(|e| Error::from_datafusion(e, sql))?;
+            windows::rewrite(&mut statement)?;
+            statements.push_back(Statement::Sql(statement));
         }
         expecting_delimiter = true;
     }
@@ -798,7 +801,8 @@ pub async fn plan_query(state: &SessionState, query: &str) -> Result<(LogicalPla
         .build()
         .and_then(|mut parser| parser.parse_statements())
         .map_err(|e| Error::from_datafusion(e, query))?;
-    let statement = statements.pop_front().ok_or_else(|| Error::Internal("a view without a query".into()))?;
+    let mut statement = statements.pop_front().ok_or_else(|| Error::Internal("a view without a query".into()))?;
+    windows::rewrite(&mut statement)?;
     let plan = state.statement_to_plan(statement).await.map_err(|e| Error::from_datafusion(e, query))?;
     let mut reads = Vec::new();
     plan.apply_with_subqueries(|node| {
