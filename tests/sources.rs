@@ -204,6 +204,47 @@ async fn http_sources_take_json_and_csv_records() {
         assert!(body.contains("line 2"), "{bad}: {body}");
     }
     assert_eq!(count(&client, "SELECT count(*) FROM events").await, 3, "rejected bodies append nothing");
+    // Every bad record is listed, with its line.
+    let (status, body) = post(
+        http,
+        "/ingest/events",
+        "{\"device\": \"x\"}\n{\"reading\": 1}\nnope\n{\"device\": \"y\", \"reading\": 2}\n",
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let response: serde_json::Value = serde_json::from_str(&body).expect("JSON error");
+    let lines: Vec<i64> =
+        response["errors"].as_array().expect("errors").iter().map(|e| e["line"].as_i64().expect("line")).collect();
+    assert_eq!(lines, [2, 3], "{body}");
+    // A JSON array works as well as JSON lines.
+    let (status, body) =
+        post(http, "/ingest/events", "[{\"device\": \"c\", \"reading\": 1}, {\"device\": \"c\", \"reading\": 2}]")
+            .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(count(&client, "SELECT count(*) FROM events").await, 5);
+    // A body over 64 MiB is refused with 413 (the sender may see the connection close early).
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let stream = tokio::net::TcpStream::connect(http).await.expect("http connects");
+        let (mut reader, mut writer) = stream.into_split();
+        let size = 65usize << 20;
+        let sending = tokio::spawn(async move {
+            let head = format!("POST /ingest/events HTTP/1.1\r\nHost: freshet\r\nContent-Length: {size}\r\n\r\n");
+            writer.write_all(head.as_bytes()).await?;
+            let chunk = vec![b' '; 1 << 20];
+            for _ in 0..65 {
+                writer.write_all(&chunk).await?;
+            }
+            Ok::<_, std::io::Error>(writer)
+        });
+        let mut response = vec![0u8; 12];
+        tokio::time::timeout(Duration::from_secs(60), reader.read_exact(&mut response))
+            .await
+            .expect("answered")
+            .expect("status line");
+        assert_eq!(String::from_utf8_lossy(&response), "HTTP/1.1 413", "bodies over 64 MiB are refused");
+        drop(sending);
+    }
 
     let (status, body) = post(http, "/ingest/rows_csv", "id,name\n1,one\n2,two\n").await;
     assert_eq!(status, 200, "{body}");

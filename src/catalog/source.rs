@@ -393,7 +393,23 @@ impl Database {
         (self.ctx.clone(), Arc::downgrade(&self.shared))
     }
 
-    /// `POST /ingest/<source>`: decodes `body` in the source's format and appends it;
+    /// The records of `body` that do not decode for http source `name`, by line (see
+    /// [`crate::connectors::bad_records`]); empty when the source is not an http source.
+    pub fn bad_records(&self, name: &str, body: &[u8]) -> Vec<(usize, String)> {
+        let Some(options) = self.shared.sources().get(name).map(|s| s.options.clone()) else { return Vec::new() };
+        let Ok(ConnectorSpec::Http { format }) = ConnectorSpec::from_options(&options, true) else { return Vec::new() };
+        let Some(schema) = self.shared.cell.committed().relation(name).map(|v| v.def.schema.clone()) else {
+            return Vec::new();
+        };
+        match crate::connectors::json_array_as_lines(body) {
+            Ok(lines) if format == Format::Json => crate::connectors::bad_records(format, &schema, &lines),
+            Ok(_) => crate::connectors::bad_records(format, &schema, body),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// `POST /ingest/<source>`: decodes `body` in the source's format (JSON lines or one
+    /// JSON array, or CSV) and appends it;
     /// returns the number of rows, durable when this returns. Nothing is appended if any
     /// record does not decode.
     pub async fn ingest(&self, name: &str, body: &[u8]) -> Result<usize> {
@@ -418,7 +434,11 @@ impl Database {
             .relation(name)
             .map(|v| v.def.schema.clone())
             .ok_or_else(|| Error::UndefinedTable { name: name.to_string(), position: None })?;
-        let batches = crate::connectors::decode(format, &schema, body)?;
+        let body = match format {
+            Format::Json => crate::connectors::json_array_as_lines(body)?,
+            _ => std::borrow::Cow::Borrowed(body),
+        };
+        let batches = crate::connectors::decode(format, &schema, &body)?;
         let rows = concat_batches(&schema, &batches)?;
         let count = rows.num_rows();
         if count > 0 && !self.append_source(name, id, ChangeBatch::inserts(rows), None).await? {

@@ -166,6 +166,73 @@ fn format(options: &Options) -> Result<Format> {
 /// JSON lines decoded together (a failing chunk is decoded line by line to name the line).
 const JSON_CHUNK: usize = 4096;
 
+/// Most bad records [`bad_records`] lists.
+pub const MAX_LISTED_ERRORS: usize = 100;
+
+/// A body that is one JSON array of objects, as JSON lines; other bodies as they are.
+pub fn json_array_as_lines(body: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>> {
+    let start = body.iter().position(|b| !b.is_ascii_whitespace());
+    if start.is_none_or(|i| body[i] != b'[') {
+        return Ok(std::borrow::Cow::Borrowed(body));
+    }
+    let values: Vec<serde_json::Value> = serde_json::from_slice(body).map_err(|e| Error::InvalidValue {
+        code: "22P02",
+        message: format!("the body is not a JSON array of objects: {e}"),
+    })?;
+    let mut lines = Vec::with_capacity(body.len());
+    for value in values {
+        serde_json::to_writer(&mut lines, &value).map_err(|e| Error::Internal(format!("re-encoding JSON: {e}")))?;
+        lines.push(b'\n');
+    }
+    Ok(std::borrow::Cow::Owned(lines))
+}
+
+/// Every record of `body` that does not decode (up to [`MAX_LISTED_ERRORS`]), as (line,
+/// error); for error responses that list them all rather than the first.
+pub fn bad_records(
+    format: Format,
+    schema: &datafusion::arrow::datatypes::SchemaRef,
+    body: &[u8],
+) -> Vec<(usize, String)> {
+    use datafusion::arrow::json::ReaderBuilder as JsonReader;
+    let mut bad = Vec::new();
+    match format {
+        Format::Json => {
+            for (i, line) in body.split(|b| *b == b'\n').enumerate() {
+                if line.iter().all(|b| b.is_ascii_whitespace()) {
+                    continue;
+                }
+                let decoded = JsonReader::new(schema.clone())
+                    .with_strict_mode(true)
+                    .build_decoder()
+                    .and_then(|mut d| d.decode(line).and_then(|_| d.flush()));
+                if let Err(e) = decoded {
+                    bad.push((i + 1, e.to_string()));
+                    if bad.len() == MAX_LISTED_ERRORS {
+                        break;
+                    }
+                }
+            }
+        }
+        Format::Csv { header } => {
+            for (i, line) in body.split(|b| *b == b'\n').enumerate().skip(usize::from(header)) {
+                if line.iter().all(|b| b.is_ascii_whitespace()) {
+                    continue;
+                }
+                if let Err(e) = decode(Format::Csv { header: false }, schema, line) {
+                    let message = e.to_string();
+                    bad.push((i + 1, message.strip_prefix("line 1: ").unwrap_or(&message).to_string()));
+                    if bad.len() == MAX_LISTED_ERRORS {
+                        break;
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    bad
+}
+
 /// Decodes `body` into rows of `schema`. A record that does not fit fails the whole body,
 /// with its line number and what is wrong, so nothing is half ingested.
 pub fn decode(

@@ -43,7 +43,8 @@ async fn metrics_text(State(state): State<HttpState>) -> impl IntoResponse {
 const MAX_INGEST_BYTES: usize = 64 << 20;
 
 /// Appends the records in the body to an http source: `200 {"rows": n}` once they are
-/// durable, or an error naming the line that does not decode (nothing is appended then).
+/// durable, or `400` listing every record that does not decode (`"errors": [{"line",
+/// "error"}]`, the first 100) with nothing appended. Bodies over 64 MiB get `413`.
 async fn ingest(State(state): State<HttpState>, Path(source): Path<String>, body: Bytes) -> impl IntoResponse {
     let json = [(header::CONTENT_TYPE, "application/json")];
     match state.db.ingest(&source, &body).await {
@@ -55,8 +56,18 @@ async fn ingest(State(state): State<HttpState>, Path(source): Path<String>, body
                 code if code.starts_with("22") || code == "0A000" => StatusCode::BAD_REQUEST,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             };
-            let body = serde_json::json!({ "source": source, "error": e.to_string(), "sqlstate": e.sqlstate() });
-            (status, json, body.to_string())
+            let mut response =
+                serde_json::json!({ "source": source, "error": e.to_string(), "sqlstate": e.sqlstate() });
+            if e.sqlstate() == "22P02" {
+                let errors: Vec<serde_json::Value> = state
+                    .db
+                    .bad_records(&source, &body)
+                    .into_iter()
+                    .map(|(line, error)| serde_json::json!({ "line": line, "error": error }))
+                    .collect();
+                response["errors"] = serde_json::Value::Array(errors);
+            }
+            (status, json, response.to_string())
         }
     }
 }
