@@ -130,7 +130,20 @@ async fn main() {
             break;
         }
         if last_report.elapsed() > Duration::from_secs(5) {
-            println!("  … {n} rows after {:.1}s", started.elapsed().as_secs_f64());
+            let progress = client
+                .query_one(
+                    "SELECT status, coalesce(last_error, ''), sum(next_offset)::BIGINT FROM freshet_catalog.source_progress GROUP BY 1, 2",
+                    &[],
+                )
+                .await
+                .expect("progress");
+            let (status, error, offsets): (String, String, Option<i64>) =
+                (progress.get(0), progress.get(1), progress.get(2));
+            println!(
+                "  … {n} rows after {:.1}s ({status} at offsets {offsets:?} {error})",
+                started.elapsed().as_secs_f64()
+            );
+            assert!(started.elapsed() < Duration::from_secs(600), "the source stalled");
             last_report = Instant::now();
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -256,10 +256,28 @@ pub fn decode(
                 .collect();
             let mut batches = Vec::new();
             for chunk in lines.chunks(JSON_CHUNK) {
-                let mut decoder = JsonReader::new(schema.clone()).with_strict_mode(true).build_decoder()?;
-                let decoded = chunk.iter().try_for_each(|(_, line)| decoder.decode(line).map(|_| ()));
-                match decoded.and_then(|_| decoder.flush()) {
-                    Ok(batch) => batches.extend(batch),
+                let mut decoder = JsonReader::new(schema.clone())
+                    .with_strict_mode(true)
+                    .with_batch_size(JSON_CHUNK)
+                    .build_decoder()?;
+                let mut decoded = Vec::new();
+                // The decoder stops taking bytes when its batch is full: flush and go on.
+                let fed = chunk.iter().try_for_each(|(_, line)| {
+                    let mut rest: &[u8] = line;
+                    while !rest.is_empty() {
+                        let taken = decoder.decode(rest)?;
+                        if taken == 0 {
+                            decoded.extend(decoder.flush()?);
+                        }
+                        rest = &rest[taken..];
+                    }
+                    Ok(())
+                });
+                match fed.and_then(|_| decoder.flush()) {
+                    Ok(batch) => {
+                        batches.extend(decoded);
+                        batches.extend(batch);
+                    }
                     Err(_) => {
                         // Find the offending line: decode the chunk's lines one by one.
                         for (number, line) in chunk {
@@ -435,6 +453,33 @@ impl Progress {
             errors: self.errors.load(Ordering::Relaxed),
             skipped: self.skipped.load(Ordering::Relaxed),
             state: self.state().clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+
+    use super::*;
+
+    #[test]
+    fn large_bodies_decode_every_record() {
+        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+        for lines in [1, 1023, 1024, 1025, 4096, 4097, 10_000] {
+            let body: String = (0..lines).map(|n| format!("{{\"n\": {n}}}\n")).collect();
+            let rows: usize =
+                decode(Format::Json, &schema, body.as_bytes()).expect("decodes").iter().map(|b| b.num_rows()).sum();
+            assert_eq!(rows, lines, "JSON lines");
+            let csv: String = (0..lines).map(|n| format!("{n}\n")).collect();
+            let rows: usize = decode(Format::Csv { header: false }, &schema, csv.as_bytes())
+                .expect("decodes")
+                .iter()
+                .map(|b| b.num_rows())
+                .sum();
+            assert_eq!(rows, lines, "CSV");
         }
     }
 }
