@@ -10,6 +10,7 @@
 //!
 //! It does not speak any wire protocol; `server` turns its [`Outcome`]s into messages.
 
+mod model;
 mod source;
 pub mod system;
 pub mod table;
@@ -103,6 +104,19 @@ enum Record {
     DropPlainView {
         name: String,
     },
+    /// A model version, stored at `model::model_path(name, version)`, became active.
+    ModelVersion {
+        name: String,
+        version: u32,
+    },
+    /// A stored model version became active again (rollback).
+    ActivateModel {
+        name: String,
+        version: u32,
+    },
+    DropModel {
+        name: String,
+    },
 }
 
 impl Record {
@@ -168,6 +182,8 @@ struct Shared {
     epoch: AtomicU64,
     /// Sources: their options and ingest tasks.
     sources: std::sync::Mutex<BTreeMap<String, source::SourceHandle>>,
+    /// Models: the registry the scoring functions read, and where model files live.
+    models: model::Models,
 }
 
 /// A plain view's definition.
@@ -348,6 +364,8 @@ impl Database {
     pub async fn open_with(store: Arc<dyn ObjectStore>, options: Options) -> Result<Database> {
         let cell = Arc::new(SnapshotCell::default());
         let ctx = new_session(cell.clone(), options.workers)?;
+        let models = model::Models::new(store.clone());
+        model::register_functions(&ctx, &models.registry);
         let (log, recovered) = Log::open(store).await?;
         let mut writer = Writer::default();
         let mut last_seq = 0;
@@ -376,12 +394,14 @@ impl Database {
                 views: std::sync::Mutex::new(BTreeMap::new()),
                 epoch: AtomicU64::new(0),
                 sources: std::sync::Mutex::new(BTreeMap::new()),
+                models,
             }),
         };
         spawn_barriers(Arc::downgrade(&db.shared), options.barrier_interval);
         for (name, (id, options)) in views.sources {
             db.shared.sources().insert(name, source::SourceHandle::new(id, options));
         }
+        db.load_models(views.models).await;
         for (materialized, name, query) in views.list {
             if let Err(e) = db.restore_view(materialized, &name, query).await {
                 tracing::error!(view = %name, "view could not be restored and is dropped: {e}");
@@ -542,6 +562,7 @@ impl Database {
             Planned::ExplainView(lines) => self.lines(sql::explain_schema(), lines),
             Planned::Subscribe { view, snapshot, schema } => self.subscribe(&view, snapshot, schema),
             Planned::CreatePlainView(view) => self.create_plain_view(view, true).await,
+            Planned::Model(statement) => self.run_model_statement(statement).await,
         };
         result.map_err(|e| place_relation(e, sql))
     }
@@ -765,7 +786,9 @@ impl Database {
     /// when restarting a view that is already in the log.
     async fn create_view(&self, create: CreateView, log: bool) -> Result<Outcome> {
         let state = self.session_state();
-        let root = sql::view::lower(&state, &create.plan)?;
+        // Model functions in the view switch versions at barriers after this one.
+        let plan = crate::ml::udf::bind_to_view(create.plan.clone(), self.shared.epochs.last_barrier())?;
+        let root = sql::view::lower(&state, &plan)?;
         let mut inputs = root.tables();
         inputs.extend(create.reads.iter().filter(|r| !inputs.contains(r)).cloned().collect::<Vec<_>>());
         let mut writer = self.shared.writer.lock().await;
@@ -968,6 +991,9 @@ impl Database {
                         entries.push(Record::Rows { table: version.def.name.clone() }.entry(Some(batch))?);
                     }
                 }
+                for record in model::snapshot_records(&shared.models.registry) {
+                    entries.push(record.entry(None)?);
+                }
                 // Views in creation order: a view may read the views before it.
                 let mut views: Vec<(u64, bool, String, String)> =
                     shared.plain_views().iter().map(|(n, v)| (v.created, false, n.clone(), v.query.clone())).collect();
@@ -1047,6 +1073,8 @@ struct RecoveredViews {
     list: Vec<(bool, String, String)>,
     /// Sources by name: id and options.
     sources: BTreeMap<String, (u64, BTreeMap<String, String>)>,
+    /// Models: their stored versions and the active one.
+    models: model::RecoveredModels,
 }
 
 fn replay(ctx: &SessionContext, writer: &mut Writer, views: &mut RecoveredViews, entries: Vec<LogEntry>) -> Result<()> {
@@ -1059,6 +1087,9 @@ fn replay(ctx: &SessionContext, writer: &mut Writer, views: &mut RecoveredViews,
                 reason: "rows are missing".into(),
             })
         };
+        if views.models.replay(&record) {
+            continue;
+        }
         match &record {
             Record::CreateTable { id, name, primary_key, defaults } => {
                 let schema = batch()?.schema();
@@ -1084,6 +1115,7 @@ fn replay(ctx: &SessionContext, writer: &mut Writer, views: &mut RecoveredViews,
                 views.list.retain(|(_, n, _)| n != name);
                 views.list.push((false, name.clone(), query.clone()));
             }
+            Record::ModelVersion { .. } | Record::ActivateModel { .. } | Record::DropModel { .. } => {}
             Record::Change { table } | Record::Rows { table } => {
                 let state = writer.tables.get(table).ok_or_else(|| Error::Corrupt {
                     location: format!("log record {record:?}"),

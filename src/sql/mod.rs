@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 
+pub mod model;
 pub mod view;
 
 /// Arrow field metadata key naming the Postgres type a column was declared with, where
@@ -54,6 +55,8 @@ pub enum Statement {
     DropSource { names: Vec<String>, if_exists: bool, cascade: bool },
     /// `SHOW SOURCES`.
     ShowSources,
+    /// CREATE / ALTER / DROP / SHOW / DESCRIBE / COPY MODEL.
+    Model(model::ModelStatement),
 }
 
 /// Splits `sql` into statements. Errors carry the position of the offending token.
@@ -80,7 +83,11 @@ pub fn parse(sql: &str) -> Result<VecDeque<Statement>> {
             Token::Word(word) if word.quote_style.is_none() => word.value.to_ascii_lowercase(),
             _ => String::new(),
         };
-        if keyword == "flush" {
+        if model::starts_model_statement(&parser.parser) {
+            statements.push_back(Statement::Model(
+                model::parse(&mut parser.parser).map_err(|e| crate::error::syntax_error(&e, sql))?,
+            ));
+        } else if keyword == "flush" {
             parser.parser.next_token();
             statements.push_back(Statement::Flush);
         } else if keyword == "subscribe" {
@@ -339,6 +346,8 @@ pub enum Planned {
     CreateSource { name: String, if_not_exists: bool, columns: Option<SchemaRef>, options: BTreeMap<String, String> },
     /// SHOW SOURCES.
     ShowSources,
+    /// A model statement; the catalog plans its training query when it runs it.
+    Model(model::ModelStatement),
 }
 
 /// The kinds of relation a user creates and drops.
@@ -442,6 +451,7 @@ impl Planned {
             Planned::ExplainView(_) => Some(explain_schema()),
             Planned::Subscribe { schema, .. } => Some(schema.clone()),
             Planned::Fetch { schema, .. } => schema.clone(),
+            Planned::Model(statement) => statement.result_schema(),
             _ => None,
         }
     }
@@ -522,6 +532,7 @@ pub async fn plan(state: &SessionState, statement: &Statement, sql: &str) -> Res
             }));
         }
         Statement::ShowSources => return Ok(Planned::ShowSources),
+        Statement::Model(statement) => return Ok(Planned::Model(statement.clone())),
         Statement::Subscribe { view, snapshot } => {
             let provider = state
                 .catalog_list()
