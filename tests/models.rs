@@ -191,3 +191,202 @@ async fn bad_input_is_refused_and_creates_nothing() {
     let (code, _) = error(&c, "ALTER MODEL m RETRAIN").await;
     assert_eq!(code, "42704");
 }
+
+/// Two versions of one model that score the same row differently: v1 centroid at 0, v2
+/// at 100 (trained on other rows), so a row's score tells which version scored it.
+async fn two_centroid_versions(c: &Client) {
+    run(
+        c,
+        "CREATE TABLE centers (x DOUBLE, era BIGINT);
+         INSERT INTO centers VALUES (0, 1), (100, 2);
+         CREATE MODEL centroid USING kmeans (k = 1) AS SELECT x FROM centers WHERE era = 1",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_view_swaps_versions_under_load_without_losing_rows() {
+    let server = TestServer::start().await;
+    let c = server.connect().await;
+    two_centroid_versions(&c).await;
+    run(
+        &c,
+        "CREATE TABLE readings (id BIGINT, x DOUBLE);
+         CREATE MATERIALIZED VIEW scored AS
+             SELECT id, x, score('centroid', x) AS s, score_version('centroid') AS v
+             FROM readings WHERE score('centroid', x) >= 0",
+    )
+    .await;
+    // A writer inserts batches of rows while the model is replaced and rolled back.
+    let writer_client = server.connect().await;
+    let writer = tokio::spawn(async move {
+        for batch in 0..60i64 {
+            let values: Vec<String> = (0..50).map(|i| format!("({}, {})", batch * 50 + i, i % 7)).collect();
+            writer_client
+                .batch_execute(&format!("INSERT INTO readings VALUES {}", values.join(", ")))
+                .await
+                .expect("insert during swaps");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    run(&c, "CREATE OR REPLACE MODEL centroid USING kmeans (k = 1) AS SELECT x FROM centers WHERE era = 2").await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    run(&c, "ALTER MODEL centroid SET VERSION 1").await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    run(&c, "ALTER MODEL centroid SET VERSION 2").await;
+    // Rows committed after this FLUSH (a barrier after the swap) are scored by version 2.
+    run(&c, "FLUSH").await;
+    let swapped_at = number(&c, "SELECT coalesce(max(id), -1) FROM readings").await as i64;
+    writer.await.expect("writer finished");
+    run(&c, "FLUSH").await;
+
+    assert_eq!(number(&c, "SELECT count(*) FROM readings").await, 3000.0);
+    assert_eq!(number(&c, "SELECT count(*) FROM scored").await, 3000.0, "no row lost across swaps");
+    // Every row's score is the one its version gives: |x − 0| for v1, |x − 100| for v2.
+    let wrong = number(&c, "SELECT count(*) FROM scored WHERE NOT ((v = 1 AND s = abs(x)) OR (v = 2 AND s = abs(x - 100)))").await;
+    assert_eq!(wrong, 0.0, "each row carries the version that scored it");
+    let versions = column(&c, "SELECT DISTINCT v FROM scored ORDER BY v").await;
+    assert_eq!(versions, vec!["1", "2"], "rows from before and after the swap");
+    let late = number(&c, &format!("SELECT count(*) FROM scored WHERE id > {swapped_at} AND v <> 2")).await;
+    assert_eq!(late, 0.0, "rows after the swap's barrier carry the new version");
+    assert!(swapped_at < 2999, "the swap happened while rows were still arriving");
+    let described = column(&c, "DESCRIBE MODEL centroid").await;
+    assert_eq!(described, vec!["1", "2"], "both versions are kept");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exported_model_scores_identically_on_another_server() {
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    let path = file.path().display().to_string();
+    let query = "SELECT x, y, round(score('shape', x, y), 12)::text, predict('shape', x, y) FROM grid ORDER BY x, y";
+    let setup = "CREATE TABLE grid (x DOUBLE, y DOUBLE);
+                 INSERT INTO grid SELECT a / 3.0, (a * 7 % 11) / 2.0 FROM generate_series(0, 200) AS g(a)";
+    let exported = {
+        let server = TestServer::start().await;
+        let c = server.connect().await;
+        run(&c, setup).await;
+        run(&c, "CREATE MODEL shape USING gaussian_mixture (components = 3, seed = 4) AS SELECT x, y FROM grid").await;
+        run(&c, &format!("COPY MODEL shape TO '{path}'")).await;
+        rows_text(&c, query).await
+    };
+    let text = std::fs::read_to_string(&path).expect("model file");
+    assert!(text.contains("\"format\": \"freshet-model\"") && text.contains("\"algorithm\": \"gaussian_mixture\""));
+    let server = TestServer::start().await;
+    let c = server.connect().await;
+    run(&c, setup).await;
+    run(&c, &format!("CREATE MODEL shape FROM '{path}'")).await;
+    assert_eq!(rows_text(&c, query).await, exported, "identical scores on the importing server");
+    let (code, _) = error(&c, "CREATE MODEL other FROM '/nonexistent/model.json'").await;
+    assert_eq!(code, "58P01");
+    std::fs::write(&path, "{\"not\": \"a model\"}").expect("overwrite");
+    let (code, message) = error(&c, &format!("CREATE MODEL other FROM '{path}'")).await;
+    assert_eq!(code, "22P02");
+    assert!(message.contains("is not a freshet model file"), "{message}");
+}
+
+async fn connect_to(server: &freshet::server::Server) -> Client {
+    let addr = server.pg_addr();
+    common::connect(&format!("host={} port={} user=freshet dbname=freshet", addr.ip(), addr.port())).await
+}
+
+/// Every row as `a|b|…` text.
+async fn rows_text(client: &Client, sql: &str) -> Vec<String> {
+    let messages = client.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {}", common::db_error(&e)));
+    messages
+        .into_iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(row) => {
+                Some((0..row.len()).map(|i| row.get(i).unwrap_or("NULL")).collect::<Vec<_>>().join("|"))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_and_their_versions_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let start = || freshet::server::Server::start(common::config(dir.path()));
+    let server = start().await.expect("starts");
+    let c = connect_to(&server).await;
+    two_centroid_versions(&c).await;
+    run(
+        &c,
+        "CREATE OR REPLACE MODEL centroid USING kmeans (k = 1) AS SELECT x FROM centers WHERE era = 2;
+         ALTER MODEL centroid RETRAIN;
+         ALTER MODEL centroid SET VERSION 2;
+         CREATE TABLE readings (id BIGINT, x DOUBLE);
+         INSERT INTO readings VALUES (1, 10);
+         CREATE MATERIALIZED VIEW scored AS SELECT id, score('centroid', x) AS s, score_version('centroid') AS v FROM readings",
+    )
+    .await;
+    assert_eq!(rows_text(&c, "SELECT * FROM scored").await, vec!["1|90.0|2"]);
+    server.shutdown().await;
+
+    let server = start().await.expect("restarts");
+    let c = connect_to(&server).await;
+    assert_eq!(rows_text(&c, "DESCRIBE MODEL centroid").await.iter().map(|r| r.split('|').take(2).collect::<Vec<_>>().join("|")).collect::<Vec<_>>(), vec!["1|f", "2|t", "3|f"]);
+    assert_eq!(rows_text(&c, "SELECT * FROM scored").await, vec!["1|90.0|2"], "the view restarts on the version it used");
+    run(&c, "INSERT INTO readings VALUES (2, 0); ALTER MODEL centroid SET VERSION 1; FLUSH; INSERT INTO readings VALUES (3, 5); FLUSH").await;
+    assert_eq!(rows_text(&c, "SELECT * FROM scored ORDER BY id").await, vec!["1|90.0|2", "2|100.0|2", "3|5.0|1"]);
+    server.shutdown().await;
+
+    // A snapshot of the log keeps the models too.
+    let server = start().await.expect("restarts again");
+    let c = connect_to(&server).await;
+    assert_eq!(rows_text(&c, "SELECT score('centroid', 1), score_version('centroid')").await, vec!["1.0|1"]);
+    run(&c, "DROP MODEL centroid CASCADE").await;
+    server.shutdown().await;
+    let server = start().await.expect("restarts after the drop");
+    let c = connect_to(&server).await;
+    assert!(rows_text(&c, "SHOW MODELS").await.is_empty());
+    assert!(!dir.path().join("models/centroid/v1.json").exists(), "a dropped model's files are deleted");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_anomaly_detection_example_finds_the_labelled_anomalies() {
+    let server = TestServer::start().await;
+    let c = server.connect().await;
+    let path = format!("{}/sql/anomaly_detection.sql", env!("CARGO_MANIFEST_DIR"));
+    let script = std::fs::read_to_string(&path).expect("example");
+    // Statements end with `;` at the end of a line; `-- wait until: QUERY = N` waits.
+    let mut statement = String::new();
+    for line in script.lines() {
+        if let Some(wait) = line.strip_prefix("-- wait until: ") {
+            let (query, expected) = wait.rsplit_once(" = ").expect("QUERY = N");
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+            while column(&c, query).await != vec![expected.to_string()] {
+                assert!(tokio::time::Instant::now() < deadline, "{query} never reached {expected}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            continue;
+        }
+        if line.trim_start().starts_with("--") {
+            continue;
+        }
+        statement.push_str(line);
+        statement.push('\n');
+        if line.trim_end().ends_with(';') {
+            run(&c, &statement).await;
+            statement.clear();
+        }
+    }
+    let counts = rows_text(
+        &c,
+        "SELECT (SELECT count(*) FROM anomalies WHERE labelled) AS tp, (SELECT count(*) FROM anomalies) AS flagged,
+                (SELECT count(*) FROM telemetry WHERE anomaly) AS actual",
+    )
+    .await;
+    let counts: Vec<f64> = counts[0].split('|').map(|v| v.parse().expect("count")).collect();
+    let (true_positives, flagged, actual) = (counts[0], counts[1], counts[2]);
+    assert!(actual >= 100.0, "enough labelled anomalies to measure ({actual})");
+    let precision = true_positives / flagged;
+    let recall = true_positives / actual;
+    eprintln!("anomaly view: precision {precision:.3}, recall {recall:.3} ({true_positives} of {flagged} flagged, {actual} labelled)");
+    assert!(precision >= 0.9, "precision {precision}");
+    assert!(recall >= 0.9, "recall {recall}");
+    let per_minute = number(&c, "SELECT sum(anomalies) FROM anomalies_per_minute").await;
+    assert_eq!(per_minute, flagged, "the dashboard view counts every anomaly");
+}

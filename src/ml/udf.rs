@@ -14,6 +14,7 @@
 //! of a view switches versions at the same barrier.
 
 use std::any::Any;
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
@@ -31,7 +32,7 @@ use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
 
 use super::epoch;
-use super::model::valid_rows;
+use super::model::{Scorer, valid_rows};
 use super::registry::{ModelEntry, ModelRegistry};
 use super::train::{is_numeric, sql_type};
 use crate::error::Error;
@@ -62,22 +63,35 @@ pub const FUNCTION_NAMES: [&str; 3] = ["score", "predict", "score_version"];
 pub struct ModelFunction {
     function: Function,
     registry: Arc<ModelRegistry>,
-    /// In a materialized view: the last barrier before the view's first rows.
-    view_start: Option<u64>,
+    /// In a materialized view: how it picks versions.
+    view: Option<ViewBinding>,
     signature: Signature,
+}
+
+/// How a model function in a materialized view picks the version for a batch.
+///
+/// Rows before the view's first barrier are scored by `initial`, the version active when
+/// the view was created; after the operator passes barrier `b`, by the version in effect
+/// after `b` ([`ModelEntry::in_effect_after`]). Every operator of the view follows the
+/// same rule on the same barriers, so they agree on every row.
+#[derive(Clone)]
+struct ViewBinding {
+    /// The last barrier sent before the view was created.
+    start: u64,
+    initial: Arc<Scorer>,
 }
 
 impl std::fmt::Debug for ModelFunction {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ModelFunction").field("function", &self.function).field("view_start", &self.view_start).finish()
+        let view = self.view.as_ref().map(|v| (v.start, v.initial.model.version));
+        f.debug_struct("ModelFunction").field("function", &self.function).field("view", &view).finish()
     }
 }
 
 impl PartialEq for ModelFunction {
     fn eq(&self, other: &Self) -> bool {
-        self.function == other.function
-            && self.view_start == other.view_start
-            && Arc::ptr_eq(&self.registry, &other.registry)
+        let view = |f: &Self| f.view.as_ref().map(|v| (v.start, Arc::as_ptr(&v.initial)));
+        self.function == other.function && view(self) == view(other) && Arc::ptr_eq(&self.registry, &other.registry)
     }
 }
 
@@ -86,15 +100,17 @@ impl Eq for ModelFunction {}
 impl Hash for ModelFunction {
     fn hash<H: Hasher>(&self, state: &mut H) {
         self.function.hash(state);
-        self.view_start.hash(state);
+        self.view.as_ref().map(|v| (v.start, Arc::as_ptr(&v.initial) as usize)).hash(state);
         (Arc::as_ptr(&self.registry) as usize).hash(state);
     }
 }
 
 impl ModelFunction {
-    fn new(function: Function, registry: Arc<ModelRegistry>, view_start: Option<u64>) -> Self {
-        // Stable: the answer may change between statements (a new version), never within one.
-        ModelFunction { function, registry, view_start, signature: Signature::variadic_any(Volatility::Stable) }
+    fn new(function: Function, registry: Arc<ModelRegistry>, view: Option<ViewBinding>) -> Self {
+        // Volatile, so that planning never folds a call into a constant (with literal
+        // features, or `score_version`): the answer changes when the version does.
+        // Materialized views accept these volatile functions (see `sql::view`).
+        ModelFunction { function, registry, view, signature: Signature::variadic_any(Volatility::Volatile) }
     }
 }
 
@@ -214,8 +230,9 @@ impl ScalarUDFImpl for ModelFunction {
             _ => model_name(self.function, None)?,
         };
         let entry = self.entry(&name)?;
-        let scorer = match (self.view_start, epoch::last_passed()) {
-            (Some(start), Some(passed)) => entry.in_effect_after(passed.max(start)),
+        let scorer = match (&self.view, epoch::last_passed()) {
+            (Some(view), Some(passed)) if passed > view.start => entry.in_effect_after(passed),
+            (Some(view), Some(_)) => view.initial.clone(),
             _ => entry.active(),
         };
         let model = &scorer.model;
@@ -273,15 +290,30 @@ impl ScalarUDFImpl for ModelFunction {
 }
 
 /// Binds every model function in a materialized view's plan to the view: `start` is the
-/// last barrier sent before the view's first rows.
+/// last barrier sent before the view's first rows (see [`ViewBinding`]).
 pub fn bind_to_view(plan: LogicalPlan, start: u64) -> crate::Result<LogicalPlan> {
+    // One initial version per model for the whole view, so all its operators agree.
+    let mut initial: HashMap<String, Arc<Scorer>> = HashMap::new();
     let bound = plan.transform_up_with_subqueries(|node| {
         node.map_expressions(|expr| {
             expr.transform_up(|e| {
                 if let Expr::ScalarFunction(call) = &e
                     && let Some(function) = (call.func.inner().as_ref() as &dyn Any).downcast_ref::<ModelFunction>()
                 {
-                    let udf = ModelFunction::new(function.function, function.registry.clone(), Some(start));
+                    let name = match call.args.first() {
+                        Some(Expr::Literal(value, _)) => model_name(function.function, Some(value))?,
+                        _ => model_name(function.function, None)?,
+                    };
+                    let scorer = match initial.get(&name) {
+                        Some(scorer) => scorer.clone(),
+                        None => {
+                            let scorer = function.entry(&name)?.active();
+                            initial.insert(name, scorer.clone());
+                            scorer
+                        }
+                    };
+                    let view = ViewBinding { start, initial: scorer };
+                    let udf = ModelFunction::new(function.function, function.registry.clone(), Some(view));
                     let args = call.args.clone();
                     return Ok(Transformed::yes(Expr::ScalarFunction(ScalarFunction::new_udf(
                         Arc::new(ScalarUDF::new_from_impl(udf)),
