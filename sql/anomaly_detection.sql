@@ -8,18 +8,18 @@
 -- Lines `-- wait until: QUERY = N` are steps to wait for: run QUERY until it returns N
 -- (tests/models.rs runs this file and waits there).
 
--- 1. History: 12,000 readings of 20 devices that maintenance confirmed normal. The
+-- 1. History: 4,000 readings of 20 devices that maintenance confirmed normal. The
 --    generator labels its anomalies, so the history keeps the normal ones only.
 CREATE SOURCE telemetry_history WITH (
     connector = 'telemetry', devices = '20', seed = '7', anomaly_rate = '0',
-    rate = '0', events = '12000', base_time = '1767225600000');
--- wait until: SELECT count(*) FROM telemetry_history = 12000
+    rate = '0', events = '4000', base_time = '1767225600000');
+-- wait until: SELECT count(*) FROM telemetry_history = 4000
 
 -- 2. The model: kmeans over temperature and vibration. Vibration is scaled by 10 so that
 --    both features span similar ranges (kmeans measures plain Euclidean distance). It is
 --    retrained from the same query every hour; views switch to each new version at the
 --    next barrier.
-CREATE MODEL normal_ops USING kmeans (k = 20, max_iter = 300, seed = 1)
+CREATE MODEL normal_ops USING kmeans (k = 20, n_runs = 3, seed = 1)
     WITH (retrain_every = '1 hour')
     AS SELECT temperature, vibration * 10 AS vibration_x10 FROM telemetry_history;
 

@@ -80,7 +80,12 @@ async fn each_algorithm_scores_its_known_good_values() {
     .await;
     assert_eq!(per_cluster, vec!["1"], "one id per labelled cluster");
     assert_eq!(column(&c, "SELECT count(DISTINCT predict('blobs', x, y)) FROM clusters").await, vec!["3"]);
-    close(number(&c, "SELECT sum(score('blobs', x, y) * score('blobs', x, y)) FROM clusters").await, 12.0, 1e-9, "inertia");
+    close(
+        number(&c, "SELECT sum(score('blobs', x, y) * score('blobs', x, y)) FROM clusters").await,
+        12.0,
+        1e-9,
+        "inertia",
+    );
 
     load(&c, "ring", "x DOUBLE, y DOUBLE", "ring.csv").await;
     run(&c, "CREATE MODEL ring_gmm USING gaussian_mixture (components = 1) AS SELECT x, y FROM ring").await;
@@ -107,7 +112,11 @@ async fn each_algorithm_scores_its_known_good_values() {
     assert_eq!(column(&c, "SELECT count(*) FROM failures WHERE predict('failure_risk', x) = failed").await, vec!["10"]);
 
     load(&c, "levels", "x DOUBLE, level TEXT", "tree.csv").await;
-    run(&c, "CREATE MODEL level_tree USING decision_tree (max_depth = 2, positive = 'high') AS SELECT x, level FROM levels").await;
+    run(
+        &c,
+        "CREATE MODEL level_tree USING decision_tree (max_depth = 2, positive = 'high') AS SELECT x, level FROM levels",
+    )
+    .await;
     assert_eq!(column(&c, "SELECT predict('level_tree', 3)").await, vec!["low"]);
     assert_eq!(column(&c, "SELECT predict('level_tree', 7)").await, vec!["high"]);
     close(number(&c, "SELECT score('level_tree', 8)").await, 1.0, 1e-12, "P(high) in the high leaf");
@@ -137,7 +146,10 @@ async fn bad_input_is_refused_and_creates_nothing() {
 
     let (code, message) = error(&c, "SELECT score('m', t) FROM r").await;
     assert_eq!(code, "42883");
-    assert!(message.contains("model \"m\" expects 2 features (t double precision, v double precision), got 1"), "{message}");
+    assert!(
+        message.contains("model \"m\" expects 2 features (t double precision, v double precision), got 1"),
+        "{message}"
+    );
     let (code, message) = error(&c, "SELECT score('m', t, device) FROM r").await;
     assert_eq!(code, "42804");
     assert!(message.contains("model \"m\"") && message.contains("got text"), "{message}");
@@ -180,7 +192,8 @@ async fn bad_input_is_refused_and_creates_nothing() {
     let (code, message) = error(&c, "DROP MODEL m").await;
     assert_eq!(code, "2BP01");
     assert!(message.contains("view \"scored\""), "{message}");
-    let (code, _) = error(&c, "CREATE OR REPLACE MODEL m USING kmeans (k = 1) AS SELECT t FROM r WHERE t IS NOT NULL").await;
+    let (code, _) =
+        error(&c, "CREATE OR REPLACE MODEL m USING kmeans (k = 1) AS SELECT t FROM r WHERE t IS NOT NULL").await;
     assert_eq!(code, "2BP01", "a running view cannot lose a feature");
     run(&c, "DROP MODEL m CASCADE").await;
     assert!(column(&c, "SHOW MATERIALIZED VIEWS").await.is_empty());
@@ -244,7 +257,9 @@ async fn a_running_view_swaps_versions_under_load_without_losing_rows() {
     assert_eq!(number(&c, "SELECT count(*) FROM readings").await, 3000.0);
     assert_eq!(number(&c, "SELECT count(*) FROM scored").await, 3000.0, "no row lost across swaps");
     // Every row's score is the one its version gives: |x − 0| for v1, |x − 100| for v2.
-    let wrong = number(&c, "SELECT count(*) FROM scored WHERE NOT ((v = 1 AND s = abs(x)) OR (v = 2 AND s = abs(x - 100)))").await;
+    let wrong =
+        number(&c, "SELECT count(*) FROM scored WHERE NOT ((v = 1 AND s = abs(x)) OR (v = 2 AND s = abs(x - 100)))")
+            .await;
     assert_eq!(wrong, 0.0, "each row carries the version that scored it");
     let versions = column(&c, "SELECT DISTINCT v FROM scored ORDER BY v").await;
     assert_eq!(versions, vec!["1", "2"], "rows from before and after the swap");
@@ -326,8 +341,19 @@ async fn models_and_their_versions_survive_a_restart() {
 
     let server = start().await.expect("restarts");
     let c = connect_to(&server).await;
-    assert_eq!(rows_text(&c, "DESCRIBE MODEL centroid").await.iter().map(|r| r.split('|').take(2).collect::<Vec<_>>().join("|")).collect::<Vec<_>>(), vec!["1|f", "2|t", "3|f"]);
-    assert_eq!(rows_text(&c, "SELECT * FROM scored").await, vec!["1|90.0|2"], "the view restarts on the version it used");
+    assert_eq!(
+        rows_text(&c, "DESCRIBE MODEL centroid")
+            .await
+            .iter()
+            .map(|r| r.split('|').take(2).collect::<Vec<_>>().join("|"))
+            .collect::<Vec<_>>(),
+        vec!["1|f", "2|t", "3|f"]
+    );
+    assert_eq!(
+        rows_text(&c, "SELECT * FROM scored").await,
+        vec!["1|90.0|2"],
+        "the view restarts on the version it used"
+    );
     run(&c, "INSERT INTO readings VALUES (2, 0); ALTER MODEL centroid SET VERSION 1; FLUSH; INSERT INTO readings VALUES (3, 5); FLUSH").await;
     assert_eq!(rows_text(&c, "SELECT * FROM scored ORDER BY id").await, vec!["1|90.0|2", "2|100.0|2", "3|5.0|1"]);
     server.shutdown().await;
@@ -384,7 +410,9 @@ async fn the_anomaly_detection_example_finds_the_labelled_anomalies() {
     assert!(actual >= 100.0, "enough labelled anomalies to measure ({actual})");
     let precision = true_positives / flagged;
     let recall = true_positives / actual;
-    eprintln!("anomaly view: precision {precision:.3}, recall {recall:.3} ({true_positives} of {flagged} flagged, {actual} labelled)");
+    eprintln!(
+        "anomaly view: precision {precision:.3}, recall {recall:.3} ({true_positives} of {flagged} flagged, {actual} labelled)"
+    );
     assert!(precision >= 0.9, "precision {precision}");
     assert!(recall >= 0.9, "recall {recall}");
     let per_minute = number(&c, "SELECT sum(anomalies) FROM anomalies_per_minute").await;

@@ -222,8 +222,7 @@ impl Database {
         tracing::info!(model = %name, "reading training rows");
         let batches = self.collect(plan, snapshot, &query).await?;
         let version = self.shared.models.registry.get(name).map_or(1, |e| e.latest_version() + 1);
-        let provenance =
-            Provenance { name: name.to_string(), version, training_query: Some(query), retrain_every };
+        let provenance = Provenance { name: name.to_string(), version, training_query: Some(query), retrain_every };
         let (name, algorithm) = (name.to_string(), algorithm.to_string());
         tokio::task::spawn_blocking(move || {
             let impute = params.get("impute").is_some_and(|v| v == "mean");
@@ -260,7 +259,11 @@ impl Database {
             .map(|(n, _)| (n.clone(), RelationKind::MaterializedView))
             .collect();
         users.extend(
-            self.shared.plain_views().iter().filter(|(_, v)| uses(&v.query)).map(|(n, _)| (n.clone(), RelationKind::View)),
+            self.shared
+                .plain_views()
+                .iter()
+                .filter(|(_, v)| uses(&v.query))
+                .map(|(n, _)| (n.clone(), RelationKind::View)),
         );
         users
     }
@@ -408,7 +411,9 @@ impl Database {
                 let db = Database { ctx: ctx.clone(), shared };
                 match db.retrain(&name).await {
                     Ok(version) => tracing::info!(model = %name, version, "scheduled retraining made a new version"),
-                    Err(e) => tracing::warn!(model = %name, "scheduled retraining failed, the active version stays: {e}"),
+                    Err(e) => {
+                        tracing::warn!(model = %name, "scheduled retraining failed, the active version stays: {e}")
+                    }
                 }
             }
         });
@@ -444,7 +449,10 @@ impl Database {
             Arc::new(StringArray::from_iter_values(versions.iter().map(|m| json(&m.params)))),
             Arc::new(StringArray::from_iter_values(versions.iter().map(|m| m.feature_list()))),
             Arc::new(StringArray::from(
-                versions.iter().map(|m| m.label.as_ref().map(|l| format!("{} {}", l.name, l.sql_type))).collect::<Vec<_>>(),
+                versions
+                    .iter()
+                    .map(|m| m.label.as_ref().map(|l| format!("{} {}", l.name, l.sql_type)))
+                    .collect::<Vec<_>>(),
             )),
             Arc::new(StringArray::from(versions.iter().map(|m| m.training_query.clone()).collect::<Vec<_>>())),
             Arc::new(Int64Array::from_iter_values(versions.iter().map(|m| m.training_rows as i64))),
@@ -483,7 +491,7 @@ fn missing_version(name: &str, version: u32) -> Error {
 async fn read_version(store: &dyn ObjectStore, name: &str, version: u32) -> Result<Scorer> {
     let path = model_path(name, version);
     let bytes = store.get(&path).await?.bytes().await?;
-    let model = Model::from_json(&bytes, &path.to_string())?;
+    let model = Model::from_json(&bytes, path.as_ref())?;
     Scorer::new(model)
 }
 

@@ -255,7 +255,7 @@ impl Scorer {
             Trained::Zscore { means, std_devs } => {
                 check_len("means", means.len())?;
                 check_len("std_devs", std_devs.len())?;
-                if std_devs.iter().any(|s| !(*s > 0.0)) {
+                if std_devs.iter().any(|s| s.is_nan() || *s <= 0.0) {
                     return Err(bad("a standard deviation is not positive".into()));
                 }
                 Kernel::Zscore { means: means.clone(), inv_std: std_devs.iter().map(|s| 1.0 / s).collect() }
@@ -462,9 +462,8 @@ fn gaussian_log_probs(components: &[Component], features: &[&[f64]], row: usize,
         let mut mahalanobis = 0.0;
         for i in 0..d {
             let mut v = features[i][row] - component.mean[i];
-            for j in 0..i {
-                v -= component.cholesky[i][j] * z[j];
-            }
+            let row_of_l = &component.cholesky[i];
+            v -= row_of_l[..i].iter().zip(&z[..i]).map(|(l, z)| l * z).sum::<f64>();
             z[i] = v / component.cholesky[i][i];
             mahalanobis += z[i] * z[i];
         }
@@ -527,12 +526,10 @@ fn cholesky(a: &[Vec<f64>]) -> Option<Vec<Vec<f64>>> {
     let mut l = vec![vec![0.0; d]; d];
     for i in 0..d {
         for j in 0..=i {
-            let mut sum = a[i][j];
-            for k in 0..j {
-                sum -= l[i][k] * l[j][k];
-            }
+            let sum = a[i][j] - l[i][..j].iter().zip(&l[j][..j]).map(|(x, y)| x * y).sum::<f64>();
             if i == j {
-                if !(sum > 0.0) {
+                // Also refuses NaN.
+                if sum.is_nan() || sum <= 0.0 {
                     return None;
                 }
                 l[i][i] = sum.sqrt();
@@ -603,7 +600,9 @@ mod tests {
             name: "m".into(),
             version: 1,
             params: BTreeMap::new(),
-            features: (0..features).map(|i| Column { name: format!("f{i}"), sql_type: "double precision".into() }).collect(),
+            features: (0..features)
+                .map(|i| Column { name: format!("f{i}"), sql_type: "double precision".into() })
+                .collect(),
             label: None,
             training_query: None,
             training_rows: 0,

@@ -17,12 +17,12 @@ use ndarray::{Array1, Array2};
 use rand_xoshiro::Xoshiro256Plus;
 use rand_xoshiro::rand_core::SeedableRng;
 
-use super::model::{Column, FORMAT, FORMAT_VERSION, Label, Model, Scorer, TreeNode, Trained, valid_rows};
+use super::model::{Column, FORMAT, FORMAT_VERSION, Label, Model, Scorer, Trained, TreeNode, valid_rows};
 use crate::error::{Error, Result};
 
 /// The algorithms `CREATE MODEL … USING` accepts, with the parameters each takes.
 pub const ALGORITHMS: &[(&str, &[&str])] = &[
-    ("kmeans", &["k", "max_iter", "seed", "impute"]),
+    ("kmeans", &["k", "max_iter", "n_runs", "seed", "impute"]),
     ("gaussian_mixture", &["components", "max_iter", "seed", "impute"]),
     ("zscore", &["impute"]),
     ("linear_regression", &["impute"]),
@@ -114,7 +114,11 @@ impl TrainingSet {
         let width = schema.fields().len();
         let feature_count = if supervised(algorithm) { width.saturating_sub(1) } else { width };
         if feature_count == 0 {
-            let needs = if supervised(algorithm) { "at least one feature column and a label column last" } else { "at least one feature column" };
+            let needs = if supervised(algorithm) {
+                "at least one feature column and a label column last"
+            } else {
+                "at least one feature column"
+            };
             return Err(plan_error("42601", format!("model \"{name}\": {algorithm} needs {needs}")));
         }
         let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
@@ -224,17 +228,21 @@ pub fn train(
     let int_param = |key: &str, default: u64| -> Result<u64> {
         match params.get(key) {
             None => Ok(default),
-            Some(v) => v.trim().parse::<u64>().map_err(|_| {
-                plan_error("22023", format!("model \"{name}\": {key} = '{v}' is not a whole number"))
-            }),
+            Some(v) => v
+                .trim()
+                .parse::<u64>()
+                .map_err(|_| plan_error("22023", format!("model \"{name}\": {key} = '{v}' is not a whole number"))),
         }
     };
     let float_param = |key: &str, default: f64| -> Result<f64> {
         match params.get(key) {
             None => Ok(default),
-            Some(v) => v.trim().parse::<f64>().ok().filter(|f| f.is_finite()).ok_or_else(|| {
-                plan_error("22023", format!("model \"{name}\": {key} = '{v}' is not a number"))
-            }),
+            Some(v) => v
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|f| f.is_finite())
+                .ok_or_else(|| plan_error("22023", format!("model \"{name}\": {key} = '{v}' is not a number"))),
         }
     };
     let seed = int_param("seed", 0)?;
@@ -252,6 +260,7 @@ pub fn train(
             let dataset = DatasetBase::from(data.x.clone());
             let fitted = linfa_clustering::KMeans::params_with_rng(k, Xoshiro256Plus::seed_from_u64(seed))
                 .max_n_iterations(int_param("max_iter", 300)?)
+                .n_runs(int_param("n_runs", 10)?.max(1) as usize)
                 .fit(&dataset)
                 .map_err(|e| failed(e.to_string()))?;
             Trained::Kmeans { centroids: rows_of(fitted.centroids()) }
@@ -267,17 +276,15 @@ pub fn train(
                 ));
             }
             let dataset = DatasetBase::from(data.x.clone());
-            let fitted =
-                linfa_clustering::GaussianMixtureModel::params_with_rng(components, Xoshiro256Plus::seed_from_u64(seed))
-                    .max_n_iterations(int_param("max_iter", 100)?)
-                    .fit(&dataset)
-                    .map_err(|e| failed(e.to_string()))?;
+            let fitted = linfa_clustering::GaussianMixtureModel::params_with_rng(
+                components,
+                Xoshiro256Plus::seed_from_u64(seed),
+            )
+            .max_n_iterations(int_param("max_iter", 100)?)
+            .fit(&dataset)
+            .map_err(|e| failed(e.to_string()))?;
             let covariances = fitted.covariances().outer_iter().map(|m| rows_of(&m.to_owned())).collect();
-            Trained::GaussianMixture {
-                weights: fitted.weights().to_vec(),
-                means: rows_of(fitted.means()),
-                covariances,
-            }
+            Trained::GaussianMixture { weights: fitted.weights().to_vec(), means: rows_of(fitted.means()), covariances }
         }
         "zscore" => {
             if rows < 2 {

@@ -168,9 +168,9 @@ impl ScalarUDFImpl for ModelFunction {
         match self.function {
             Function::Score => Ok(DataType::Float64),
             Function::ScoreVersion => Ok(DataType::Int64),
-            Function::Predict => {
-                Err(DataFusionError::Internal("predict() has its type from its model: use return_field_from_args".into()))
-            }
+            Function::Predict => Err(DataFusionError::Internal(
+                "predict() has its type from its model: use return_field_from_args".into(),
+            )),
         }
     }
 
@@ -266,7 +266,8 @@ impl ScalarUDFImpl for ModelFunction {
         let result: ArrayRef = match self.function {
             Function::Score => Arc::new(scorer.score(&slices, valid.as_ref(), n)),
             _ => {
-                let predicted = scorer.predict(&slices, valid.as_ref(), n).map_err(|e| DataFusionError::External(Box::new(e)))?;
+                let predicted =
+                    scorer.predict(&slices, valid.as_ref(), n).map_err(|e| DataFusionError::External(Box::new(e)))?;
                 let wanted = args.return_field.data_type();
                 if predicted.data_type() != wanted {
                     return Err(error(

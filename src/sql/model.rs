@@ -288,7 +288,9 @@ mod tests {
     #[test]
     fn parses_every_model_statement() {
         assert_eq!(
-            one("CREATE OR REPLACE MODEL m USING kmeans (k = 4, impute = 'mean') WITH (retrain_every = '1 hour') AS SELECT a, b FROM t"),
+            one(
+                "CREATE OR REPLACE MODEL m USING kmeans (k = 4, impute = 'mean') WITH (retrain_every = '1 hour') AS SELECT a, b FROM t"
+            ),
             ModelStatement::Create {
                 name: "m".into(),
                 or_replace: true,
@@ -313,7 +315,12 @@ mod tests {
         );
         assert_eq!(
             one("CREATE MODEL m FROM '/tmp/m.json'"),
-            ModelStatement::Import { name: "m".into(), or_replace: false, if_not_exists: false, path: "/tmp/m.json".into() }
+            ModelStatement::Import {
+                name: "m".into(),
+                or_replace: false,
+                if_not_exists: false,
+                path: "/tmp/m.json".into()
+            }
         );
         let statements = parse_sql("CREATE MODEL m USING zscore AS SELECT a FROM t; SELECT 1").expect("parses");
         assert_eq!(statements.len(), 2);
