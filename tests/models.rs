@@ -418,3 +418,35 @@ async fn the_anomaly_detection_example_finds_the_labelled_anomalies() {
     let per_minute = number(&c, "SELECT sum(anomalies) FROM anomalies_per_minute").await;
     assert_eq!(per_minute, flagged, "the dashboard view counts every anomaly");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_is_retrained_on_its_schedule_from_new_rows() {
+    let server = TestServer::start().await;
+    let c = server.connect().await;
+    run(
+        &c,
+        "CREATE TABLE level (x DOUBLE); INSERT INTO level VALUES (1), (3);
+         CREATE MODEL mean_level USING kmeans (k = 1) WITH (retrain_every = '300ms') AS SELECT x FROM level;
+         INSERT INTO level VALUES (20)",
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    // The new rows move the centroid from 2 to 8 once a scheduled retraining ran.
+    while (number(&c, "SELECT score('mean_level', 0)").await - 8.0).abs() > 1e-3 {
+        assert!(tokio::time::Instant::now() < deadline, "no scheduled retraining");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let described = rows_text(&c, "DESCRIBE MODEL mean_level").await;
+    assert!(described.len() >= 2, "retraining adds versions: {described:?}");
+    assert!(described[1].contains("|300ms|"), "the schedule is kept: {}", described[1]);
+    // Replacing the model without a schedule stops it.
+    run(&c, "CREATE OR REPLACE MODEL mean_level USING kmeans (k = 1) AS SELECT x FROM level WHERE x < 10").await;
+    let versions = rows_text(&c, "DESCRIBE MODEL mean_level").await.len();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        rows_text(&c, "DESCRIBE MODEL mean_level").await.len(),
+        versions,
+        "no retraining after the schedule ended"
+    );
+    close(number(&c, "SELECT score('mean_level', 0)").await, 2.0, 1e-3, "the replacement's centroid");
+}
