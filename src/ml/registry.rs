@@ -37,7 +37,7 @@ pub struct ModelEntry {
 
 struct EntryState {
     versions: BTreeMap<u32, Arc<Scorer>>,
-    active: u32,
+    active: Arc<Scorer>,
     /// `(after, version)`: rows after barrier `after` are scored by `version` in views.
     /// Ordered by `after`; the first entry has `after == 0`.
     effective: Vec<(u64, Arc<Scorer>)>,
@@ -79,12 +79,12 @@ impl ModelRegistry {
             Some(entry) => {
                 let mut state = write(&entry.state);
                 state.versions.insert(version, scorer.clone());
-                state.activate(version, scorer, last_barrier);
+                state.activate(scorer, last_barrier);
             }
             None => {
                 let state = EntryState {
                     versions: BTreeMap::from([(version, scorer.clone())]),
-                    active: version,
+                    active: scorer.clone(),
                     effective: vec![(0, scorer)],
                 };
                 models.insert(
@@ -106,7 +106,7 @@ impl ModelRegistry {
         let Some(entry) = self.get(name) else { return false };
         let mut state = write(&entry.state);
         let Some(scorer) = state.versions.get(&version).cloned() else { return false };
-        state.activate(version, scorer, last_barrier);
+        state.activate(scorer, last_barrier);
         true
     }
 
@@ -117,8 +117,8 @@ impl ModelRegistry {
 }
 
 impl EntryState {
-    fn activate(&mut self, version: u32, scorer: Arc<Scorer>, last_barrier: u64) {
-        self.active = version;
+    fn activate(&mut self, scorer: Arc<Scorer>, last_barrier: u64) {
+        self.active = scorer.clone();
         let after = last_barrier + 1;
         // A later activation before that barrier replaces this one.
         self.effective.retain(|(a, _)| *a < after);
@@ -129,26 +129,22 @@ impl EntryState {
 impl ModelEntry {
     /// The active version: what ad-hoc queries score with.
     pub fn active(&self) -> Arc<Scorer> {
-        let state = read(&self.state);
-        state.versions.get(&state.active).cloned().unwrap_or_else(|| {
-            // `active` always names a stored version; fall back to the newest just in case.
-            state.effective.last().map(|(_, s)| s.clone()).expect("a model always has a version")
-        })
+        read(&self.state).active.clone()
     }
 
     /// The version in effect for rows after barrier `passed` (what a view scores with).
     pub fn in_effect_after(&self, passed: u64) -> Arc<Scorer> {
-        let state = read(&self.state);
-        let found = state.effective.iter().rev().find(|(after, _)| *after <= passed);
-        match found.or(state.effective.first()) {
-            Some((_, scorer)) => scorer.clone(),
-            None => drop_and_active(state, self),
-        }
+        let found = {
+            let state = read(&self.state);
+            let found = state.effective.iter().rev().find(|(after, _)| *after <= passed);
+            found.or(state.effective.first()).map(|(_, scorer)| scorer.clone())
+        };
+        found.unwrap_or_else(|| self.active())
     }
 
     /// The active version number.
     pub fn active_version(&self) -> u32 {
-        read(&self.state).active
+        read(&self.state).active.model.version
     }
 
     /// Every stored version, oldest first.
@@ -168,11 +164,6 @@ impl ModelEntry {
             self.null_scores.fetch_add(nulls as u64, Ordering::Relaxed);
         }
     }
-}
-
-fn drop_and_active(state: RwLockReadGuard<'_, EntryState>, entry: &ModelEntry) -> Arc<Scorer> {
-    drop(state);
-    entry.active()
 }
 
 #[cfg(test)]

@@ -542,13 +542,11 @@ fn metrics(model: &Model, data: &TrainingSet) -> Result<BTreeMap<String, f64>> {
             }
         }
         Trained::LogisticRegression { .. } | Trained::DecisionTree { .. } => {
-            let (_, targets) = class_targets(&model.name, data)?;
             let predicted = scorer.predict(&slices, None, n)?;
             let truth = data.y.as_ref().ok_or_else(|| Error::Internal("classifier without a label".into()))?;
             let truth = cast(truth, predicted.data_type())?;
             let equal = datafusion::arrow::compute::kernels::cmp::eq(&predicted, &truth)?;
             out.insert("accuracy".into(), equal.true_count() as f64 / n as f64);
-            let _ = targets;
         }
     }
     Ok(out)
