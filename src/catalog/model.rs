@@ -250,7 +250,7 @@ impl Database {
 
     /// The views (materialized or plain) whose query calls a model function on `name`.
     fn model_users(&self, name: &str) -> Vec<(String, RelationKind)> {
-        let uses = |query: &str| models_named_in(query).iter().any(|m| m == name);
+        let uses = |query: &str| models_named_in(query).iter().any(|m| m == name || m.to_ascii_lowercase() == name);
         let mut users: Vec<(String, RelationKind)> = self
             .shared
             .views()

@@ -58,9 +58,11 @@ fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 }
 
 impl ModelRegistry {
-    /// The model called `name`, if there is one.
+    /// The model called `name`, if there is one. Model names are identifiers, folded to
+    /// lower case unless quoted; a name in a string literal matches either way.
     pub fn get(&self, name: &str) -> Option<Arc<ModelEntry>> {
-        read(&self.models).get(name).cloned()
+        let models = read(&self.models);
+        models.get(name).or_else(|| models.get(&name.to_ascii_lowercase())).cloned()
     }
 
     /// Names of all models, sorted.
