@@ -10,6 +10,8 @@
 //! - [`state`]: durable storage over `object_store`: the write-ahead log and snapshots.
 //! - [`dataflow`]: change batches (rows with +1/−1 weights), the operator trait, the task
 //!   runtime that aligns barriers, and the incremental operators.
+//! - [`ml`]: models: training with linfa, the versioned registry, and the `score()`,
+//!   `predict()` and `score_version()` functions.
 //! - [`sql`]: parsing (Postgres dialect), planning statements with DataFusion, and
 //!   lowering a view's plan to a dataflow.
 //! - [`connectors`]: where sources' rows come from (generators, HTTP posts, files).
@@ -24,6 +26,7 @@ pub mod catalog;
 pub mod connectors;
 pub mod dataflow;
 pub mod error;
+pub mod ml;
 pub mod server;
 pub mod sql;
 pub mod state;

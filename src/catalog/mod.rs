@@ -3,13 +3,15 @@
 //!
 //! `Database` owns the DataFusion session (planning and batch queries), the tables and
 //! sources, the running materialized views (`view`), the ingest tasks of sources
-//! (`source`), the system catalog clients introspect (`system`), and the durable log. Statement execution follows one rule: a change is applied in memory
+//! (`source`), the models and their versions (`model`), the system catalog clients
+//! introspect (`system`), and the durable log. Statement execution follows one rule: a change is applied in memory
 //! under the writer lock, queued to the log in that same order, and becomes visible to
 //! readers only when the log has stored it (the log's committer publishes the snapshot).
 //! A statement that fails changes nothing.
 //!
 //! It does not speak any wire protocol; `server` turns its [`Outcome`]s into messages.
 
+mod model;
 mod sink;
 mod source;
 mod status;
@@ -122,6 +124,19 @@ enum Record {
     DropSink {
         name: String,
     },
+    /// A model version, stored at `model::model_path(name, version)`, became active.
+    ModelVersion {
+        name: String,
+        version: u32,
+    },
+    /// A stored model version became active again (rollback).
+    ActivateModel {
+        name: String,
+        version: u32,
+    },
+    DropModel {
+        name: String,
+    },
 }
 
 impl Record {
@@ -209,6 +224,8 @@ struct Shared {
     sources: std::sync::Mutex<BTreeMap<String, source::SourceHandle>>,
     /// Sinks: their options and tasks.
     sinks: std::sync::Mutex<BTreeMap<String, sink::SinkHandle>>,
+    /// Models: the registry the scoring functions read, and where model files live.
+    models: model::Models,
 }
 
 /// A plain view's definition.
@@ -403,6 +420,8 @@ impl Database {
     pub async fn open_with(store: Arc<dyn ObjectStore>, options: Options) -> Result<Database> {
         let cell = Arc::new(SnapshotCell::default());
         let ctx = new_session(cell.clone(), options.workers)?;
+        let models = model::Models::new(store.clone());
+        model::register_functions(&ctx, &models.registry);
         let (log, recovered) = Log::open(store).await?;
         let mut writer = Writer::default();
         let mut last_seq = 0;
@@ -432,6 +451,7 @@ impl Database {
                 epoch: AtomicU64::new(0),
                 sources: std::sync::Mutex::new(BTreeMap::new()),
                 sinks: std::sync::Mutex::new(BTreeMap::new()),
+                models,
             }),
         };
         status::install(&db.ctx, Arc::downgrade(&db.shared))?;
@@ -439,6 +459,7 @@ impl Database {
         for (name, (id, options)) in views.sources {
             db.shared.sources().insert(name, source::SourceHandle::new(id, options));
         }
+        db.load_models(views.models).await;
         for (materialized, name, query) in views.list {
             if let Err(e) = db.restore_view(materialized, &name, query).await {
                 tracing::error!(view = %name, "view could not be restored and is dropped: {e}");
@@ -611,6 +632,7 @@ impl Database {
             Planned::ExplainView(lines) => self.lines(sql::explain_schema(), lines),
             Planned::Subscribe { view, snapshot, schema } => self.subscribe(&view, snapshot, schema),
             Planned::CreatePlainView(view) => self.create_plain_view(view, true).await,
+            Planned::Model(statement) => self.run_model_statement(statement).await,
         };
         result.map_err(|e| place_relation(e, sql))
     }
@@ -834,7 +856,9 @@ impl Database {
     /// when restarting a view that is already in the log.
     async fn create_view(&self, create: CreateView, log: bool) -> Result<Outcome> {
         let state = self.session_state();
-        let root = sql::view::lower(&state, &create.plan)?;
+        // Model functions in the view switch versions at barriers after this one.
+        let plan = crate::ml::udf::bind_to_view(create.plan.clone(), self.shared.epochs.last_barrier())?;
+        let root = sql::view::lower(&state, &plan)?;
         let mut inputs = root.tables();
         inputs.extend(create.reads.iter().filter(|r| !inputs.contains(r)).cloned().collect::<Vec<_>>());
         let mut writer = self.shared.writer.lock().await;
@@ -1051,6 +1075,9 @@ impl Database {
                         entries.push(record.entry(Some(source::dead_letter_batch(ledger.dead_letters.iter())?))?);
                     }
                 }
+                for record in model::snapshot_records(&shared.models.registry) {
+                    entries.push(record.entry(None)?);
+                }
                 // Views in creation order: a view may read the views before it.
                 let mut views: Vec<(u64, bool, String, String)> =
                     shared.plain_views().iter().map(|(n, v)| (v.created, false, n.clone(), v.query.clone())).collect();
@@ -1138,6 +1165,8 @@ struct RecoveredViews {
     sources: BTreeMap<String, (u64, BTreeMap<String, String>)>,
     /// Sinks in creation order: (order, name, view, options).
     sinks: Vec<(u64, String, String, BTreeMap<String, String>)>,
+    /// Models: their stored versions and the active one.
+    models: model::RecoveredModels,
 }
 
 fn replay(ctx: &SessionContext, writer: &mut Writer, views: &mut RecoveredViews, entries: Vec<LogEntry>) -> Result<()> {
@@ -1150,6 +1179,9 @@ fn replay(ctx: &SessionContext, writer: &mut Writer, views: &mut RecoveredViews,
                 reason: "rows are missing".into(),
             })
         };
+        if views.models.replay(&record) {
+            continue;
+        }
         match &record {
             Record::CreateTable { id, name, primary_key, defaults } => {
                 let schema = batch()?.schema();
@@ -1185,6 +1217,7 @@ fn replay(ctx: &SessionContext, writer: &mut Writer, views: &mut RecoveredViews,
                 views.list.retain(|(_, n, _)| n != name);
                 views.list.push((false, name.clone(), query.clone()));
             }
+            Record::ModelVersion { .. } | Record::ActivateModel { .. } | Record::DropModel { .. } => {}
             Record::Change { table } | Record::Rows { table } => {
                 let state = writer.tables.get(table).ok_or_else(|| Error::Corrupt {
                     location: format!("log record {record:?}"),

@@ -68,7 +68,8 @@ impl PartitionKey {
 
 /// Starts the task that routes `input` to `outputs` (one per instance) by `key`.
 pub fn spawn(key: PartitionKey, mut input: EdgeReceiver, outputs: Vec<EdgeSender>, failures: Arc<FailureSlot>) {
-    tokio::spawn(async move {
+    // An epoch scope, like every operator's: the key may call a model function.
+    tokio::spawn(crate::ml::epoch::scope(async move {
         while let Some(message) = input.recv().await {
             match message {
                 Message::Data(change) => {
@@ -87,11 +88,14 @@ pub fn spawn(key: PartitionKey, mut input: EdgeReceiver, outputs: Vec<EdgeSender
                     }
                 }
                 other => {
+                    if let Message::Barrier(barrier) = &other {
+                        crate::ml::epoch::passed(barrier.epoch);
+                    }
                     for output in &outputs {
                         let _ = output.send(other.clone()).await;
                     }
                 }
             }
         }
-    });
+    }));
 }

@@ -59,7 +59,9 @@ pub fn spawn(
     tokio::spawn(async move {
         let name = operator.name().to_string();
         // A panic is a bug, but it must still mark the view failed rather than stall it.
-        let outcome = std::panic::AssertUnwindSafe(run(operator.as_mut(), inputs, &outputs)).catch_unwind().await;
+        // Inside an epoch scope, so model functions score with the version of its epoch.
+        let running = crate::ml::epoch::scope(run(operator.as_mut(), inputs, &outputs));
+        let outcome = std::panic::AssertUnwindSafe(running).catch_unwind().await;
         let failure = match outcome {
             Ok(Ok(())) => return,
             Ok(Err(e)) => e.to_string(),
@@ -126,6 +128,7 @@ async fn run(operator: &mut dyn Operator, mut inputs: Vec<EdgeReceiver>, outputs
         let aligned = (0..ports).all(|p| closed[p] || waiting[p]);
         if aligned && let Some(barrier) = pending.take() {
             operator.on_barrier(&barrier, &mut out).await?;
+            crate::ml::epoch::passed(barrier.epoch);
             let stop = barrier.mutation == Some(Mutation::Stop);
             let mut messages = out.take_messages();
             messages.push(Message::Barrier(barrier));

@@ -553,6 +553,7 @@ fn is_read(planned: &Planned) -> bool {
             | Planned::DeclareSubscribe { .. }
             | Planned::Fetch { .. }
             | Planned::Close { .. }
+            | Planned::Model(sql::model::ModelStatement::Show | sql::model::ModelStatement::Describe { .. })
     )
 }
 

@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 
+pub mod model;
 pub mod view;
 pub mod windows;
 
@@ -61,6 +62,8 @@ pub enum Statement {
     DropSink { names: Vec<String>, if_exists: bool },
     /// `SHOW SINKS`.
     ShowSinks,
+    /// CREATE / ALTER / DROP / SHOW / DESCRIBE / COPY MODEL.
+    Model(model::ModelStatement),
 }
 
 /// Splits `sql` into statements. Errors carry the position of the offending token.
@@ -87,7 +90,11 @@ pub fn parse(sql: &str) -> Result<VecDeque<Statement>> {
             Token::Word(word) if word.quote_style.is_none() => word.value.to_ascii_lowercase(),
             _ => String::new(),
         };
-        if keyword == "flush" {
+        if model::starts_model_statement(&parser.parser) {
+            statements.push_back(Statement::Model(
+                model::parse(&mut parser.parser).map_err(|e| crate::error::syntax_error(&e, sql))?,
+            ));
+        } else if keyword == "flush" {
             parser.parser.next_token();
             statements.push_back(Statement::Flush);
         } else if keyword == "subscribe" {
@@ -436,6 +443,8 @@ pub enum Planned {
     CreateSink { name: String, if_not_exists: bool, from: String, options: BTreeMap<String, String> },
     /// SHOW SINKS.
     ShowSinks,
+    /// A model statement; the catalog plans its training query when it runs it.
+    Model(model::ModelStatement),
 }
 
 /// The kinds of relation a user creates and drops.
@@ -545,6 +554,7 @@ impl Planned {
             Planned::ExplainView(_) => Some(explain_schema()),
             Planned::Subscribe { schema, .. } => Some(schema.clone()),
             Planned::Fetch { schema, .. } => schema.clone(),
+            Planned::Model(statement) => statement.result_schema(),
             _ => None,
         }
     }
@@ -642,6 +652,7 @@ pub async fn plan(state: &SessionState, statement: &Statement, sql: &str) -> Res
             }));
         }
         Statement::ShowSinks => return Ok(Planned::ShowSinks),
+        Statement::Model(statement) => return Ok(Planned::Model(statement.clone())),
         Statement::Subscribe { view, snapshot } => {
             let provider = state
                 .catalog_list()

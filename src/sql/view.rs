@@ -97,7 +97,10 @@ pub fn check_deterministic(plan: &LogicalPlan) -> Result<()> {
         for expr in node.expressions() {
             expr.apply(|e| {
                 if let Expr::ScalarFunction(f) = e
-                    && (NON_DETERMINISTIC.contains(&f.name()) || e.is_volatile())
+                    // Model functions are volatile only so that planning never folds them
+                    // into constants: in a view they follow the model's versions at barriers.
+                    && (NON_DETERMINISTIC.contains(&f.name())
+                        || (e.is_volatile() && !crate::ml::udf::FUNCTION_NAMES.contains(&f.name())))
                 {
                     found = Some(f.name().to_string());
                     return Ok(TreeNodeRecursion::Stop);

@@ -2,6 +2,8 @@
 //! real Postgres clients to it.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod kafka;
+
 use freshet::server::{Config, Security, Server};
 use tokio_postgres::{Client, NoTls};
 
