@@ -100,7 +100,7 @@ async fn sources_refuse_what_does_not_fit() {
     let server = TestServer::start().await;
     let client = server.connect().await;
     for (sql, code) in [
-        ("CREATE SOURCE s WITH (connector = 'kafka', topic = 't')", "0A000"),
+        ("CREATE SOURCE s WITH (connector = 'kinesis', stream = 't')", "0A000"),
         ("CREATE SOURCE s WITH (connector = 'nexmark', kind = 'bids')", "22023"),
         ("CREATE SOURCE s WITH (connector = 'telemetry', devices = 'many')", "22023"),
         ("CREATE SOURCE s WITH (connector = 'telemetry', speed = '3')", "22023"),

@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 
 /// The schema's name.
 pub const SCHEMA: &str = "freshet_catalog";
-const TABLES: [&str; 3] = ["source_progress", "dead_letters", "sinks"];
+pub(super) const TABLES: [&str; 3] = ["source_progress", "dead_letters", "sinks"];
 
 pub fn install(ctx: &SessionContext, shared: Weak<Shared>) -> Result<()> {
     let catalog =

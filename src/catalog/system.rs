@@ -630,7 +630,7 @@ type Hidden = Arc<RwLock<KnownOids>>;
 
 #[derive(Debug, Default)]
 struct KnownOids {
-    /// Relations not on the search path (information_schema's): `pg_table_is_visible`
+    /// Relations not on the search path (information_schema's and freshet_catalog's): `pg_table_is_visible`
     /// answers false for them.
     hidden: HashSet<i32>,
     /// Plain views by OID, for `pg_get_viewdef`.
@@ -759,7 +759,9 @@ impl Correction for RelationKinds {
                 let (Some(oid), Some(name)) = (oid, name) else { continue };
                 if snapshot.plain_views.contains_key(name) {
                     known.plain_views.insert(oid, name.to_string());
-                } else if INFORMATION_SCHEMA_TABLES.contains(&name) && snapshot.relation(name).is_none() {
+                } else if (INFORMATION_SCHEMA_TABLES.contains(&name) || super::status::TABLES.contains(&name))
+                    && snapshot.relation(name).is_none()
+                {
                     known.hidden.insert(oid);
                 }
             }
