@@ -995,6 +995,7 @@ impl Database {
                 Some(sql::RelationKind::MaterializedView) => {
                     let removed = self.shared.views().remove(&name);
                     if let Some(view) = removed {
+                        view.subscribers.close_view();
                         self.shared.epochs.remove_view(&name, view.id, &self.shared.feeds, &self.shared.cell);
                         self.shared.cell.publish_view(&name, None);
                     }

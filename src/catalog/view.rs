@@ -186,6 +186,9 @@ impl EpochSink for ViewSink {
             // Publishing under the subscribers' lock: a new subscriber's starting rows and
             // the changes it is sent afterwards never overlap or leave a gap.
             let mut subscribers = self.subscribers.lock();
+            if subscribers.dropped {
+                return Ok(());
+            }
             self.cell.publish_view(&self.name, Some(version.clone()));
             subscribers.epoch = barrier.epoch;
             // Views reading this one: the epoch's change, then its barrier (barriers up to
@@ -240,6 +243,8 @@ pub struct SubscribersInner {
     downstream: Vec<Downstream>,
     /// The last epoch the view committed.
     epoch: u64,
+    /// The view was dropped: its last epochs are not published any more.
+    dropped: bool,
 }
 
 /// The feed of a materialized view reading another.
@@ -268,6 +273,12 @@ impl Subscribers {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
         }
+    }
+
+    /// The view is being dropped: an epoch it commits from now on is not published, so it
+    /// cannot reappear after the drop removed it (call before removing it from the cell).
+    pub fn close_view(&self) {
+        self.lock().dropped = true;
     }
 
     /// Connects a materialized view reading this one (`view`): its committed rows first,
