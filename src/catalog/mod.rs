@@ -3,8 +3,10 @@
 //!
 //! `Database` owns the DataFusion session (planning and batch queries), the tables and
 //! sources, the running materialized views (`view`), the ingest tasks of sources
-//! (`source`), the models and their versions (`model`), the system catalog clients
-//! introspect (`system`), and the durable log. Statement execution follows one rule: a change is applied in memory
+//! (`source`, with their connector positions and dead letters), the sinks writing views
+//! out (`sink`), the models and their versions (`model`), the system catalog clients
+//! introspect (`system`), the connector status relations of `freshet_catalog` (`status`),
+//! and the durable log. Statement execution follows one rule: a change is applied in memory
 //! under the writer lock, queued to the log in that same order, and becomes visible to
 //! readers only when the log has stored it (the log's committer publishes the snapshot).
 //! A statement that fails changes nothing.
