@@ -17,6 +17,10 @@ struct Mosquitto {
 impl Mosquitto {
     async fn start() -> Mosquitto {
         let port = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("addr").port();
+        Mosquitto::start_on(port).await
+    }
+
+    async fn start_on(port: u16) -> Mosquitto {
         // Debian installs the broker in /usr/sbin, which is not on every PATH.
         let program =
             if std::path::Path::new("/usr/sbin/mosquitto").exists() { "/usr/sbin/mosquitto" } else { "mosquitto" };
@@ -160,17 +164,7 @@ async fn an_unreachable_mqtt_broker_is_retried_and_reported() {
     let sql = "SELECT count(*) FROM freshet_catalog.source_progress WHERE source = 'lonely' AND status = 'retrying' AND last_error IS NOT NULL";
     wait_until(&client, sql, 1).await;
     // When the broker appears, the source connects and reads.
-    let child = Command::new(if std::path::Path::new("/usr/sbin/mosquitto").exists() {
-        "/usr/sbin/mosquitto"
-    } else {
-        "mosquitto"
-    })
-    .args(["-p", &port.to_string()])
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .spawn()
-    .expect("mosquitto runs");
-    let broker = Mosquitto { child, port };
+    let broker = Mosquitto::start_on(port).await;
     wait_subscribed(&client, "lonely").await;
     broker.publish("t", &["hello".to_string(), "world".to_string()]).await;
     wait_until(&client, "SELECT count(*) FROM lonely", 2).await;

@@ -372,7 +372,7 @@ fn consume_once(
         }
     }
     assign(&consumer, &spec.topic, offsets)?;
-    progress.running(offsets);
+    progress.set_status("running");
     tracing::info!(source = %source, topic = %spec.topic, partitions = known.len(), "kafka source reading");
     let decoder = RecordDecoder::new(spec.format, schema, spec.include.iter().map(|(m, _)| *m).collect());
     let mut watermarks_at = Instant::now() - WATERMARK_EVERY;
@@ -431,7 +431,7 @@ fn consume_once(
             if out.blocking_send(Polled { rows, dead_letters, offsets: offsets.clone() }).is_err() {
                 return Ok(());
             }
-            progress.running(offsets);
+            progress.set_status("running");
         }
         if watermarks_at.elapsed() >= WATERMARK_EVERY {
             watermarks_at = Instant::now();
@@ -561,10 +561,9 @@ impl RecordDecoder {
 
     /// Rows for the records that decode, and a dead letter for each that does not.
     pub(crate) fn decode(&self, records: &Records) -> Result<(RecordBatch, Vec<DeadLetter>)> {
-        let all: Vec<usize> = (0..records.len()).collect();
         let mut dead = Vec::new();
-        let mut good: Vec<usize> = Vec::with_capacity(all.len());
-        for &i in &all {
+        let mut good: Vec<usize> = Vec::with_capacity(records.len());
+        for i in 0..records.len() {
             if records.payload(i).is_none() {
                 dead.push(records.dead_letter(i, "the record has no value (a tombstone)".into()));
             } else {

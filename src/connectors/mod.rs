@@ -373,8 +373,8 @@ pub struct ProgressState {
     /// starting, running, retrying, stopped, finished.
     pub status: String,
     pub last_error: Option<String>,
-    /// Kafka: the next offset per partition, and the partition's high watermark.
-    pub offsets: BTreeMap<i32, i64>,
+    /// Kafka: each partition's high watermark (the durable next offsets are in the
+    /// source's ledger).
     pub highs: BTreeMap<i32, i64>,
 }
 
@@ -408,16 +408,6 @@ impl Progress {
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
-    /// Working normally; for Kafka, at `offsets`.
-    pub fn running(&self, offsets: &BTreeMap<i32, i64>) {
-        let mut state = self.state();
-        state.status = "running".into();
-        if !offsets.is_empty() {
-            state.offsets = offsets.clone();
-        }
-    }
-
-    /// Working normally, with nothing to say about offsets.
     pub fn set_status(&self, status: &str) {
         self.state().status = status.into();
     }
