@@ -4,46 +4,12 @@
 
 mod common;
 
+use common::process::Process;
+
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-/// The freshet binary running as a child process.
-struct Process {
-    child: Child,
-    connection_string: String,
-}
-
-impl Process {
-    fn start(data_dir: &Path, extra: &[&str]) -> Process {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_freshet"))
-            .args(["serve", "--pg-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("freshet starts");
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let mut lines = BufReader::new(stdout).lines();
-        let ready = lines.next().expect("freshet prints a ready line").expect("stdout is readable");
-        // "freshet ready: postgres on 127.0.0.1:PORT (psql …), http on …"
-        let addr = ready
-            .strip_prefix("freshet ready: postgres on ")
-            .and_then(|rest| rest.split_whitespace().next())
-            .unwrap_or_else(|| panic!("unexpected ready line: {ready}"));
-        let (host, port) = addr.rsplit_once(':').expect("host:port");
-        Process { child, connection_string: format!("host={host} port={port} user=freshet dbname=freshet") }
-    }
-
-    fn kill_9(mut self) {
-        self.child.kill().expect("SIGKILL sent");
-        self.child.wait().expect("reaped");
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_inserts_survive_kill_9() {
@@ -112,11 +78,11 @@ async fn sigterm_shuts_down_cleanly_and_keeps_data() {
         .batch_execute("CREATE TABLE t (id INT PRIMARY KEY, v TEXT); INSERT INTO t VALUES (1, 'a'), (2, 'b'); UPDATE t SET v = 'B' WHERE id = 2; DELETE FROM t WHERE id = 1")
         .await
         .expect("writes");
-    let mut child = server.child;
-    let pid = child.id().to_string();
+    let mut server = server;
+    let pid = server.child.id().to_string();
     let status = Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs");
     assert!(status.success());
-    let exit = tokio::task::spawn_blocking(move || child.wait()).await.expect("join").expect("exits");
+    let exit = tokio::task::spawn_blocking(move || server.child.wait()).await.expect("join").expect("exits");
     assert!(exit.success(), "graceful shutdown exits 0, got {exit:?}");
 
     let server = Process::start(dir.path(), &[]);

@@ -7,28 +7,9 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use common::TestServer;
-use tokio_postgres::Client;
+use common::{TestServer, count, wait_for};
 
 use common::kafka::Broker;
-
-async fn count(client: &Client, sql: &str) -> i64 {
-    client.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {}", common::db_error(&e))).get(0)
-}
-
-/// Waits until `sql` returns `expected`.
-async fn wait_for(client: &Client, sql: &str, expected: i64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let n = count(client, sql).await;
-        if n == expected {
-            return;
-        }
-        assert!(n < expected, "{sql} overshot: {n} > {expected}");
-        assert!(tokio::time::Instant::now() < deadline, "{sql} stayed at {n}, expected {expected}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 fn reading(i: usize) -> (Option<i32>, Option<String>, Option<String>) {
     let device = format!("d{}", i % 7);

@@ -6,6 +6,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::{count, wait_for};
 use tokio_postgres::Client;
 
 /// Mosquitto on a free loopback port; killed when dropped.
@@ -68,27 +69,11 @@ impl Drop for Mosquitto {
     }
 }
 
-async fn count(client: &Client, sql: &str) -> i64 {
-    client.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {}", common::db_error(&e))).get(0)
-}
-
-async fn wait_until(client: &Client, sql: &str, expected: i64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let n = count(client, sql).await;
-        if n == expected {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{sql} stayed at {n}, expected {expected}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 async fn wait_subscribed(client: &Client, source: &str) {
     let sql = format!(
         "SELECT count(*) FROM freshet_catalog.source_progress WHERE source = '{source}' AND status = 'running'"
     );
-    wait_until(client, &sql, 1).await;
+    wait_for(client, &sql, 1).await;
 }
 
 fn readings(device: &str, seqs: std::ops::Range<i64>) -> Vec<String> {
@@ -121,9 +106,9 @@ async fn an_mqtt_source_reads_a_topic_filter_and_keeps_what_arrives_while_it_is_
     b.push("{not json".into());
     broker.publish("plant/b/telemetry", &b).await;
     broker.publish("elsewhere/c/telemetry", &readings("c", 0..10)).await;
-    wait_until(&client, "SELECT count(DISTINCT device || seq) FROM plant", 150).await;
+    wait_for(&client, "SELECT count(DISTINCT device || seq) FROM plant", 150).await;
     assert_eq!(count(&client, "SELECT count(*) FROM plant WHERE device = 'c'").await, 0, "the filter holds");
-    wait_until(&client, "SELECT count(*) FROM freshet_catalog.dead_letters WHERE source = 'plant'", 1).await;
+    wait_for(&client, "SELECT count(*) FROM freshet_catalog.dead_letters WHERE source = 'plant'", 1).await;
     let error: String = client
         .query_one("SELECT error FROM freshet_catalog.dead_letters WHERE source = 'plant'", &[])
         .await
@@ -137,7 +122,7 @@ async fn an_mqtt_source_reads_a_topic_filter_and_keeps_what_arrives_while_it_is_
     broker.publish("plant/a/telemetry", &readings("a", 100..160)).await;
     let server = start().await.expect("restarts");
     let client = common::connect(&url(&server)).await;
-    wait_until(&client, "SELECT count(DISTINCT device || seq) FROM plant", 210).await;
+    wait_for(&client, "SELECT count(DISTINCT device || seq) FROM plant", 210).await;
     client.batch_execute("FLUSH").await.expect("flush");
     let per_device: Vec<(String, i64)> = client
         .query("SELECT device, readings FROM per_device ORDER BY device", &[])
@@ -162,12 +147,12 @@ async fn an_unreachable_mqtt_broker_is_retried_and_reported() {
         .await
         .expect("created; the broker may come later");
     let sql = "SELECT count(*) FROM freshet_catalog.source_progress WHERE source = 'lonely' AND status = 'retrying' AND last_error IS NOT NULL";
-    wait_until(&client, sql, 1).await;
+    wait_for(&client, sql, 1).await;
     // When the broker appears, the source connects and reads.
     let broker = Mosquitto::start_on(port).await;
     wait_subscribed(&client, "lonely").await;
     broker.publish("t", &["hello".to_string(), "world".to_string()]).await;
-    wait_until(&client, "SELECT count(*) FROM lonely", 2).await;
+    wait_for(&client, "SELECT count(*) FROM lonely", 2).await;
     let e = client
         .batch_execute(
             "CREATE SOURCE bad (v TEXT) WITH (connector = 'mqtt', url = 'mqtt://x', topic = 'a/#/b') FORMAT TEXT",

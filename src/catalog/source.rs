@@ -18,6 +18,7 @@ use datafusion::arrow::compute::concat_batches;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
 
+use crate::connectors::files::FileSet;
 use crate::connectors::generator::GeneratorSpec;
 use crate::connectors::{ConnectorSpec, DeadLetter, FILE_COLUMN, Format, Options, Progress, option_error};
 use crate::dataflow::ChangeBatch;
@@ -545,15 +546,23 @@ async fn read_files(
     };
     drop(first);
     let declared = Arc::new(Schema::new(schema.fields()[..schema.fields().len() - 1].to_vec()));
+    let files = match FileSet::open(&path) {
+        Ok(files) => files,
+        Err(e) => {
+            progress.stopped(&e.to_string());
+            tracing::error!(source = %name, "{e}");
+            return;
+        }
+    };
     loop {
-        let mut paths: Vec<String> = match glob::glob(&path) {
-            Ok(paths) => {
-                paths.filter_map(|p| p.ok()).filter(|p| p.is_file()).map(|p| p.display().to_string()).collect()
-            }
+        let mut paths = match files.list().await {
+            Ok(paths) => paths,
             Err(e) => {
-                progress.stopped(&format!("path {path} is not a valid glob: {e}"));
-                tracing::error!(source = %name, "path {path} is not a valid glob: {e}");
-                return;
+                // An object store that is away is retried; the progress view says why.
+                progress.failed_attempt(&e.to_string());
+                tracing::warn!(source = %name, "listing files failed, retrying: {e}");
+                tokio::time::sleep(RETRY).await;
+                continue;
             }
         };
         paths.retain(|f| !done.contains(f) && !failed.contains(f));
@@ -561,15 +570,21 @@ async fn read_files(
         if paths.is_empty() && progress.report().state.status == "starting" {
             progress.set_status("running");
         }
+        let mut unfinished = false;
         for file in paths {
-            let mut size = 0;
-            let rows = match tokio::fs::read(&file).await {
-                Ok(bytes) => crate::connectors::decode(format, &declared, {
-                    size = bytes.len() as u64;
-                    &bytes
-                })
-                .and_then(|batches| Ok(concat_batches(&declared, &batches)?)),
-                Err(e) => Err(Error::Storage(format!("reading {file}: {e}"))),
+            let (rows, size) = match files.read(&file).await {
+                Ok(bytes) => (
+                    crate::connectors::decode(format, &declared, &bytes)
+                        .and_then(|batches| Ok(concat_batches(&declared, &batches)?)),
+                    bytes.len() as u64,
+                ),
+                Err(e) => {
+                    // Unreadable now (a store that is away) is retried, not skipped.
+                    progress.failed_attempt(&e.to_string());
+                    tracing::warn!(source = %name, "{e}; retrying");
+                    unfinished = true;
+                    break;
+                }
             };
             let rows = match rows.and_then(|rows| with_file(&schema, rows, &file)) {
                 Ok(rows) => rows,
@@ -600,15 +615,17 @@ async fn read_files(
                 }
                 Ok(false) => return,
                 Err(e) => {
+                    // Files are appended in name order, so the rest wait for this one.
                     tracing::warn!(source = %name, file = %file, "appending the file failed, retrying: {e}");
-                    tokio::time::sleep(RETRY).await;
+                    unfinished = true;
+                    break;
                 }
             }
         }
-        if !watch {
+        if !watch && !unfinished {
             return;
         }
-        tokio::time::sleep(WATCH_INTERVAL).await;
+        tokio::time::sleep(if unfinished { RETRY } else { WATCH_INTERVAL }).await;
     }
 }
 

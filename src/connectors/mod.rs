@@ -10,6 +10,7 @@
 //! durable event: nothing is lost and nothing is read twice. Sinks ([`sink`]) write a
 //! materialized view's changes out.
 
+pub mod files;
 pub mod generator;
 pub mod kafka;
 pub mod mqtt;
@@ -60,8 +61,8 @@ pub enum ConnectorSpec {
     Generator(generator::GeneratorSpec),
     /// `POST /ingest/<source>` on the HTTP listener: records in the body, in `format`.
     Http { format: Format },
-    /// Files matching `path` (a glob), each read whole; with `watch`, new files are picked
-    /// up as they appear.
+    /// Files matching `path` (a glob, local or an `s3://` URL), each read whole; with
+    /// `watch`, new files are picked up as they appear.
     File { path: String, format: Format, watch: bool },
     /// Every partition of a Kafka topic.
     Kafka(kafka::KafkaSource),
@@ -113,15 +114,8 @@ impl ConnectorSpec {
                 }
                 let path =
                     options.get("path").cloned().ok_or_else(|| option_error("a file source needs path = '…'"))?;
-                if path.contains("://") && !path.starts_with("file://") {
-                    return Err(Error::NotSupported {
-                        feature: format!("file sources at {path}"),
-                        hint: Some("file sources read local paths (globs allowed) for now".into()),
-                    });
-                }
-                let path = path.trim_start_matches("file://").to_string();
-                glob::Pattern::new(&path)
-                    .map_err(|e| option_error(format!("path = '{path}' is not a valid glob: {e}")))?;
+                // Checks the glob and, for an object-store URL, its scheme and bucket.
+                files::FileSet::open(&path)?;
                 let watch = match options.get("watch").map(|w| w.to_ascii_lowercase()).as_deref() {
                     None | Some("false") => false,
                     Some("true") => true,

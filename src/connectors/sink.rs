@@ -10,8 +10,9 @@
 //! - `debezium`: each change is `{"before": …, "after": …, "op": "c" | "u" | "d"}`; with a
 //!   key, a retraction and an insertion of the same key in one epoch are one update.
 //!
-//! A file sink writes one Parquet file per epoch into a local directory, under a temporary
-//! name first and renamed once complete, so no partly written file is ever visible under
+//! A file sink writes one Parquet file per epoch into a local directory (under a temporary
+//! name first, synced and renamed once complete) or under an object-store prefix
+//! (`s3://bucket/prefix`, one PUT per file), so no partly written file is ever visible under
 //! its final name. `mode = 'append'` writes inserted rows; `mode = 'changes'` writes every
 //! change with a `_diff` column (+n inserted, -n retracted).
 //!
@@ -30,6 +31,8 @@ use datafusion::arrow::json::WriterBuilder;
 use datafusion::arrow::json::writer::LineDelimited;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::util::display::array_value_to_string;
+use object_store::path::Path as StorePath;
+use object_store::{ObjectStore, ObjectStoreExt};
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -90,7 +93,7 @@ impl SinkSpec {
     pub fn target(&self) -> String {
         match self {
             SinkSpec::Kafka(kafka) => kafka.topic.clone(),
-            SinkSpec::File(file) => file.path.display().to_string(),
+            SinkSpec::File(file) => file.path.clone(),
         }
     }
 
@@ -104,11 +107,18 @@ impl SinkSpec {
                 key: kafka.key_index(schema)?,
             }),
             SinkSpec::File(file) => {
-                std::fs::create_dir_all(&file.path).map_err(|e| {
-                    option_error(format!("sink {sink}: cannot create directory {}: {e}", file.path.display()))
-                })?;
+                let dir = if crate::state::is_url(&file.path) {
+                    let (store, key) = crate::state::open_url(&file.path)?;
+                    Directory::Store { store, key, url: file.path.trim_end_matches('/').to_string() }
+                } else {
+                    let path = PathBuf::from(file.path.trim_start_matches("file://"));
+                    std::fs::create_dir_all(&path).map_err(|e| {
+                        option_error(format!("sink {sink}: cannot create directory {}: {e}", path.display()))
+                    })?;
+                    Directory::Local(path)
+                };
                 Ok(SinkWriter::File {
-                    dir: file.path.clone(),
+                    dir,
                     prefix: format!("{sink}-{}", chrono::Utc::now().timestamp_millis()),
                     mode: file.mode,
                 })
@@ -120,7 +130,8 @@ impl SinkSpec {
 /// A Parquet file sink's options.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FileSink {
-    pub path: PathBuf,
+    /// A local directory or an object-store prefix (`s3://bucket/prefix`).
+    pub path: String,
     pub mode: Mode,
 }
 
@@ -140,18 +151,16 @@ impl FileSink {
             }
         }
         let path = options.get("path").ok_or_else(|| option_error("a file sink needs path = 'directory'"))?;
-        if path.contains("://") && !path.starts_with("file://") {
-            return Err(Error::NotSupported {
-                feature: format!("file sinks at {path}"),
-                hint: Some("file sinks write into a local directory for now".into()),
-            });
+        if crate::state::is_url(path) {
+            // Checks the scheme and bucket now rather than at the first epoch.
+            crate::state::open_url(path)?;
         }
         let mode = match options.get("mode").map(|m| m.to_ascii_lowercase()).as_deref() {
             None | Some("append") => Mode::Append,
             Some("changes") => Mode::Changes,
             Some(other) => return Err(option_error(format!("mode = '{other}' must be 'append' or 'changes'"))),
         };
-        Ok(FileSink { path: PathBuf::from(path.trim_start_matches("file://")), mode })
+        Ok(FileSink { path: path.clone(), mode })
     }
 }
 
@@ -166,10 +175,18 @@ pub enum SinkWriter {
     /// Files are named `<prefix>-<epoch>.parquet`; the prefix holds the time the sink
     /// started, so epochs numbered again after a restart never overwrite earlier files.
     File {
-        dir: PathBuf,
+        dir: Directory,
         prefix: String,
         mode: Mode,
     },
+}
+
+/// Where a file sink writes.
+pub enum Directory {
+    /// Each file is written under a hidden temporary name, synced, then renamed.
+    Local(PathBuf),
+    /// Each file is one PUT, which makes it visible whole or not at all.
+    Store { store: Arc<dyn ObjectStore>, key: String, url: String },
 }
 
 /// What writing one epoch did.
@@ -199,10 +216,27 @@ impl SinkWriter {
                     return Ok(Written { skipped, ..Written::default() });
                 }
                 let name = format!("{prefix}-{epoch:020}.parquet");
-                let (dir, records) = (dir.clone(), rows.num_rows() as u64);
-                let bytes = tokio::task::spawn_blocking(move || write_parquet(&dir, &name, &rows))
-                    .await
-                    .map_err(|e| Error::Internal(format!("the file writer panicked: {e}")))??;
+                let records = rows.num_rows() as u64;
+                let bytes = match dir {
+                    Directory::Local(dir) => {
+                        let dir = dir.clone();
+                        tokio::task::spawn_blocking(move || write_parquet(&dir, &name, &rows))
+                            .await
+                            .map_err(|e| Error::Internal(format!("the file writer panicked: {e}")))??
+                    }
+                    Directory::Store { store, key, url } => {
+                        let file =
+                            parquet_bytes(&rows).map_err(|e| Error::Storage(format!("writing {url}/{name}: {e}")))?;
+                        let size = file.len() as u64;
+                        let location =
+                            StorePath::from(if key.is_empty() { name.clone() } else { format!("{key}/{name}") });
+                        store
+                            .put(&location, file.into())
+                            .await
+                            .map_err(|e| Error::Storage(format!("writing {url}/{name}: {e}")))?;
+                        size
+                    }
+                };
                 Ok(Written { records, bytes, skipped })
             }
         }
@@ -222,6 +256,13 @@ fn file_rows(mode: Mode, change: &ChangeBatch) -> Result<(RecordBatch, u64)> {
     }
     let (inserts, retracts) = change.split()?;
     Ok((inserts, retracts.num_rows() as u64))
+}
+
+/// `rows` as a Parquet file in memory.
+fn parquet_bytes(rows: &RecordBatch) -> datafusion::parquet::errors::Result<Vec<u8>> {
+    let mut writer = datafusion::parquet::arrow::ArrowWriter::try_new(Vec::new(), rows.schema(), None)?;
+    writer.write(rows)?;
+    writer.into_inner()
 }
 
 /// Writes `rows` to `dir/name` through a temporary file renamed at the end; returns the

@@ -23,3 +23,37 @@ pub fn open_local_store(data_dir: &Path) -> Result<Arc<dyn ObjectStore>> {
         .map_err(|e| Error::Storage(format!("cannot open data directory {}: {e}", data_dir.display())))?;
     Ok(Arc::new(store))
 }
+
+/// Whether `path` names an object store (`s3://…`) rather than the local file system
+/// (a plain path or `file://…`).
+pub fn is_url(path: &str) -> bool {
+    path.contains("://") && !path.starts_with("file://")
+}
+
+/// Opens the object store a URL names and returns it with the key inside it (which may
+/// hold glob characters; it is returned as written). Only `s3://bucket/key` is known: an
+/// S3-compatible store whose credentials, region and endpoint come from the standard AWS
+/// environment variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
+/// `AWS_ENDPOINT_URL`); an `http://` endpoint is allowed without further settings.
+pub fn open_url(url: &str) -> Result<(Arc<dyn ObjectStore>, String)> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(Error::Storage(format!("{url} is not a URL (expected s3://bucket/key)")));
+    };
+    if !scheme.eq_ignore_ascii_case("s3") {
+        return Err(Error::NotSupported {
+            feature: format!("the object store scheme {scheme}://"),
+            hint: Some("object-store paths are s3://bucket/key (any S3-compatible store)".into()),
+        });
+    }
+    let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() {
+        return Err(Error::Storage(format!("{url} names no bucket (expected s3://bucket/key)")));
+    }
+    let mut builder = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+    let endpoint = std::env::var("AWS_ENDPOINT_URL").or_else(|_| std::env::var("AWS_ENDPOINT"));
+    if endpoint.is_ok_and(|e| e.starts_with("http://")) {
+        builder = builder.with_allow_http(true);
+    }
+    let store = builder.build().map_err(|e| Error::Storage(format!("cannot open {url}: {e}")))?;
+    Ok((Arc::new(store), key.trim_matches('/').to_string()))
+}

@@ -3,6 +3,8 @@
 #![allow(dead_code)] // each test binary uses a different part of this module
 
 pub mod kafka;
+pub mod process;
+pub mod s3;
 
 use freshet::server::{Config, Security, Server};
 use tokio_postgres::{Client, NoTls};
@@ -93,4 +95,24 @@ pub fn stdout_of(output: &std::process::Output, what: &str) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The single integer `sql` returns; panics with the server's error.
+pub async fn count(client: &Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {}", db_error(&e))).get(0)
+}
+
+/// Waits (up to a minute) until `sql` returns `expected`; a count that passes it fails at
+/// once (sources and views fill in the background and only grow in these tests).
+pub async fn wait_for(client: &Client, sql: &str, expected: i64) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let n = count(client, sql).await;
+        if n == expected {
+            return;
+        }
+        assert!(n < expected, "{sql} overshot: {n} > {expected}");
+        assert!(tokio::time::Instant::now() < deadline, "{sql} stayed at {n}, expected {expected}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
