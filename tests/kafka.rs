@@ -383,3 +383,83 @@ async fn a_source_waits_for_an_unreachable_broker_and_reads_once_it_is_there() {
     assert_eq!(status, "running");
     server.server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn avro_values_written_by_fastavro_are_read_and_bad_ones_dead_lettered() {
+    let broker = Broker::start().await;
+    broker.create_topic("avro_readings", 1).await;
+    let schema = r#"{"type": "record", "name": "Reading", "namespace": "plant", "fields": [
+        {"name": "device", "type": "string"},
+        {"name": "seq", "type": "long"},
+        {"name": "temperature", "type": ["null", "double"], "default": null},
+        {"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+        {"name": "ok", "type": "boolean"}]}"#;
+    let mut values: Vec<serde_json::Value> = (0..40)
+        .map(|i| {
+            let temperature =
+                if i % 10 == 0 { serde_json::Value::Null } else { serde_json::json!(20.0 + i as f64 / 4.0) };
+            serde_json::json!({ "device": format!("d{}", i % 4), "seq": i, "temperature": temperature,
+                                "at": 1_790_000_000_000i64 + i * 1000, "ok": i % 2 == 0 })
+        })
+        .collect();
+    // Not Avro of this schema: a string length running past the end.
+    values.insert(17, serde_json::json!({ "raw_hex": "7f6162" }));
+    broker.produce_avro("avro_readings", schema, &values).await;
+
+    let server = TestServer::start().await;
+    let client = server.connect().await;
+    client
+        .batch_execute(&format!(
+            "CREATE SOURCE readings (seq BIGINT NOT NULL, device TEXT, temperature DOUBLE PRECISION,
+                                     at TIMESTAMP WITH TIME ZONE, ok BOOLEAN)
+                 INCLUDE offset
+                 WITH (connector = 'kafka', brokers = '{}', topic = 'avro_readings', avro.schema = '{schema}')
+                 FORMAT AVRO;
+             CREATE MATERIALIZED VIEW per_device AS
+                 SELECT device, count(*) AS n, count(temperature) AS measured FROM readings GROUP BY device",
+            broker.address
+        ))
+        .await
+        .expect("avro source");
+    wait_for(&client, "SELECT count(*) FROM readings", 40).await;
+    wait_for(&client, "SELECT count(*) FROM freshet_catalog.dead_letters WHERE source = 'readings'", 1).await;
+    let letter = client
+        .query_one("SELECT \"offset\", error FROM freshet_catalog.dead_letters WHERE source = 'readings'", &[])
+        .await
+        .expect("dead letter");
+    assert_eq!(letter.get::<_, Option<i64>>(0), Some(17), "the bad record's offset");
+    assert!(letter.get::<_, String>(1).contains("Avro"), "{}", letter.get::<_, String>(1));
+
+    let row = client
+        .query_one("SELECT device, temperature, at, ok, _offset FROM readings WHERE seq = 21", &[])
+        .await
+        .expect("a row");
+    assert_eq!(row.get::<_, String>(0), "d1");
+    assert_eq!(row.get::<_, Option<f64>>(1), Some(25.25));
+    let at = chrono::DateTime::from_timestamp_millis(1_790_000_021_000).expect("a time");
+    assert_eq!(row.get::<_, chrono::DateTime<chrono::Utc>>(2), at, "timestamp-millis arrives as that instant");
+    assert!(!row.get::<_, bool>(3));
+    assert_eq!(row.get::<_, i64>(4), 22, "offsets count the bad record too");
+    assert_eq!(count(&client, "SELECT count(*) FROM readings WHERE temperature IS NULL").await, 4);
+    client.batch_execute("FLUSH").await.expect("flush");
+    assert_eq!(count(&client, "SELECT sum(n) FROM per_device").await, 40);
+    assert_eq!(count(&client, "SELECT sum(measured) FROM per_device").await, 36);
+
+    // Columns the schema cannot give are refused when the source is created.
+    let refused = |sql: String| {
+        let client = &client;
+        async move { common::db_error(&client.batch_execute(&sql).await.expect_err(&sql)) }
+    };
+    let with = |columns: &str, options: &str| {
+        format!(
+            "CREATE SOURCE bad ({columns}) WITH (connector = 'kafka', brokers = '{}', topic = 'avro_readings'{options}) FORMAT AVRO",
+            broker.address
+        )
+    };
+    let e = refused(with("pressure DOUBLE PRECISION", &format!(", avro.schema = '{schema}'"))).await;
+    assert!(e.starts_with("22023") && e.contains("pressure is not a field"), "{e}");
+    let e = refused(with("seq BIGINT", "")).await;
+    assert!(e.contains("needs the writer schema"), "{e}");
+    let e = refused(with("seq BIGINT", ", schema.registry = 'http://127.0.0.1:8081'")).await;
+    assert!(e.starts_with("0A000"), "{e}");
+}

@@ -23,6 +23,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
+use super::avro::AvroValues;
 use super::{DeadLetter, Format, Options, Progress, option_error};
 use crate::error::{Error, Result};
 
@@ -97,6 +98,8 @@ pub struct KafkaSource {
     pub group: Option<String>,
     pub format: Format,
     /// Metadata columns, in the order they follow the declared columns.
+    /// The writer schema of FORMAT AVRO values.
+    pub avro_schema: Option<String>,
     pub include: Vec<(Metadata, String)>,
     pub on_error: OnError,
     /// `properties.<name>` options, passed to librdkafka as `<name>`.
@@ -104,18 +107,34 @@ pub struct KafkaSource {
 }
 
 const SOURCE_OPTIONS: &[&str] =
-    &["connector", "brokers", "topic", "start", "group", "format", "header", "include", "on_error"];
+    &["connector", "brokers", "topic", "start", "group", "format", "header", "include", "on_error", "avro.schema"];
 
 impl KafkaSource {
     pub fn from_options(options: &Options, format: Format) -> Result<KafkaSource> {
         if let Some(unknown) =
             options.keys().find(|k| !SOURCE_OPTIONS.contains(&k.as_str()) && !k.starts_with("properties."))
         {
+            if unknown.starts_with("schema.registry") {
+                return Err(Error::NotSupported {
+                    feature: "Avro schemas from a schema registry".into(),
+                    hint: Some("give the writer schema inline with avro.schema = '{\"type\": \"record\", …}'".into()),
+                });
+            }
             return Err(option_error(format!(
-                "option {unknown} is unknown for the kafka connector (known: brokers, topic, start, group, on_error, properties.<librdkafka setting>)"
+                "option {unknown} is unknown for the kafka connector (known: brokers, topic, start, group, on_error, avro.schema, properties.<librdkafka setting>)"
             )));
         }
         let (brokers, topic) = brokers_and_topic(options, "source")?;
+        let avro_schema = options.get("avro.schema").cloned();
+        match (format, &avro_schema) {
+            (Format::Avro, None) => {
+                return Err(option_error(
+                    "FORMAT AVRO needs the writer schema: avro.schema = '{\"type\": \"record\", …}'",
+                ));
+            }
+            (Format::Avro, Some(_)) | (_, None) => {}
+            (_, Some(_)) => return Err(option_error("avro.schema is for FORMAT AVRO")),
+        }
         let start = match options.get("start").map(|s| s.trim().to_ascii_lowercase()) {
             None => Start::Earliest,
             Some(s) if s == "earliest" => Start::Earliest,
@@ -159,6 +178,7 @@ impl KafkaSource {
             start,
             group: options.get("group").cloned(),
             format,
+            avro_schema,
             include,
             on_error,
             properties,
@@ -169,6 +189,9 @@ impl KafkaSource {
     /// column), then the included metadata.
     pub fn schema(&self, declared: Option<&SchemaRef>) -> Result<SchemaRef> {
         let value = value_fields(self.format, declared, "kafka")?;
+        if let Some(avro) = &self.avro_schema {
+            AvroValues::new(avro, &Arc::new(Schema::new(value.clone())))?;
+        }
         let mut fields = value;
         for (metadata, column) in &self.include {
             if fields.iter().any(|f| f.name() == column) {
@@ -374,7 +397,10 @@ fn consume_once(
     assign(&consumer, &spec.topic, offsets)?;
     progress.set_status("running");
     tracing::info!(source = %source, topic = %spec.topic, partitions = known.len(), "kafka source reading");
-    let decoder = RecordDecoder::new(spec.format, schema, spec.include.iter().map(|(m, _)| *m).collect());
+    let mut decoder = RecordDecoder::new(spec.format, schema, spec.include.iter().map(|(m, _)| *m).collect());
+    if let Some(avro) = &spec.avro_schema {
+        decoder = decoder.with_avro(avro)?;
+    }
     let mut watermarks_at = Instant::now() - WATERMARK_EVERY;
     let mut metadata_at = Instant::now();
     let mut records = Records::default();
@@ -549,6 +575,7 @@ pub(crate) struct RecordDecoder {
     value_schema: SchemaRef,
     schema: SchemaRef,
     include: Vec<Metadata>,
+    avro: Option<AvroValues>,
 }
 
 impl RecordDecoder {
@@ -556,7 +583,13 @@ impl RecordDecoder {
     pub(crate) fn new(format: Format, schema: &SchemaRef, include: Vec<Metadata>) -> RecordDecoder {
         let values = schema.fields().len() - include.len();
         let value_schema = Arc::new(Schema::new(schema.fields()[..values].to_vec()));
-        RecordDecoder { format, value_schema, schema: schema.clone(), include }
+        RecordDecoder { format, value_schema, schema: schema.clone(), include, avro: None }
+    }
+
+    /// Decodes FORMAT AVRO values written with `schema`.
+    pub(crate) fn with_avro(mut self, schema: &str) -> Result<RecordDecoder> {
+        self.avro = Some(AvroValues::new(schema, &self.value_schema)?);
+        Ok(self)
     }
 
     /// Rows for the records that decode, and a dead letter for each that does not.
@@ -648,6 +681,10 @@ impl RecordDecoder {
                 let batches = super::decode(format, schema, &body)?;
                 concat_batches(schema, &batches)?
             }
+            Format::Avro => match &self.avro {
+                Some(avro) => avro.decode(which.iter().map(|&i| records.payload(i).unwrap_or_default()))?,
+                None => return Err(Error::Internal("FORMAT AVRO without a schema".into())),
+            },
             Format::Parquet => return Err(Error::not_supported("FORMAT PARQUET for Kafka records")),
         };
         if batch.num_rows() != which.len() {

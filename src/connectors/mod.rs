@@ -10,6 +10,7 @@
 //! durable event: nothing is lost and nothing is read twice. Sinks ([`sink`]) write a
 //! materialized view's changes out.
 
+pub mod avro;
 pub mod files;
 pub mod generator;
 pub mod kafka;
@@ -52,6 +53,8 @@ pub enum Format {
     Text,
     /// Each record is one binary value (Kafka and MQTT).
     Bytes,
+    /// Each record is one Avro datum of the schema in `avro.schema` (Kafka).
+    Avro,
 }
 
 /// What a source's options describe.
@@ -147,10 +150,11 @@ fn format(options: &Options) -> Result<Format> {
         Some("parquet") if connector_is("file") => Ok(Format::Parquet),
         Some("text") if connector_is("kafka") || connector_is("mqtt") => Ok(Format::Text),
         Some("bytes") if connector_is("kafka") || connector_is("mqtt") => Ok(Format::Bytes),
+        Some("avro") if connector_is("kafka") => Ok(Format::Avro),
         Some(other) => Err(Error::NotSupported {
             feature: format!("FORMAT {}", other.to_ascii_uppercase()),
             hint: Some(
-                "formats available today: JSON (one object per line), CSV, Parquet for files, TEXT and BYTES for Kafka and MQTT"
+                "formats available today: JSON (one object per line), CSV, Parquet for files, TEXT and BYTES for Kafka and MQTT, AVRO for Kafka"
                     .into(),
             ),
         }),
@@ -306,7 +310,9 @@ pub fn decode(
             }
             Ok(batches)
         }
-        Format::Text | Format::Bytes => Err(Error::not_supported("FORMAT TEXT and BYTES outside Kafka sources")),
+        Format::Text | Format::Bytes | Format::Avro => {
+            Err(Error::not_supported("FORMAT TEXT, BYTES and AVRO outside Kafka sources"))
+        }
         Format::Csv { header } => {
             let reader = CsvReader::new(schema.clone()).with_header(header).build(std::io::Cursor::new(body))?;
             let mut batches = Vec::new();

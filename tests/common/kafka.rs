@@ -45,14 +45,24 @@ impl Broker {
 
     /// Produces `records` with the independent client; each is `(partition, key, value)`.
     pub async fn produce(&self, topic: &str, records: &[(Option<i32>, Option<String>, Option<String>)]) {
-        let lines: String = records
+        let records: Vec<serde_json::Value> = records
             .iter()
-            .map(|(partition, key, value)| {
-                serde_json::json!({ "partition": partition, "key": key, "value": value }).to_string() + "\n"
-            })
+            .map(|(partition, key, value)| serde_json::json!({ "partition": partition, "key": key, "value": value }))
             .collect();
+        self.run_producer(&["produce", &self.address, topic], &records).await;
+    }
+
+    /// Produces each of `values` (a JSON object) as one Avro datum of `schema`, written by
+    /// fastavro; `{"raw_hex": "…"}` produces those bytes instead.
+    pub async fn produce_avro(&self, topic: &str, schema: &str, values: &[serde_json::Value]) {
+        let records: Vec<serde_json::Value> = values.iter().map(|v| serde_json::json!({ "value": v })).collect();
+        self.run_producer(&["produce-avro", &self.address, topic, schema], &records).await;
+    }
+
+    async fn run_producer(&self, args: &[&str], records: &[serde_json::Value]) {
+        let lines: String = records.iter().map(|r| r.to_string() + "\n").collect();
         let mut command = Command::new("python3");
-        command.arg(client_script()).args(["produce", &self.address, topic]);
+        command.arg(client_script()).args(args);
         let output = tokio::task::spawn_blocking(move || {
             use std::io::Write;
             let mut child = command

@@ -3,6 +3,10 @@ librdkafka), so freshet's reading and writing are checked against someone else's
 
     client.py produce BROKERS TOPIC   < records   one JSON object per line:
                                                   {"value": str | null, "key": str?, "partition": int?}
+    client.py produce-avro BROKERS TOPIC SCHEMA < records
+                                                  the same, but each "value" is an object written
+                                                  as one Avro datum of the JSON schema SCHEMA (with
+                                                  fastavro), or {"raw_hex": "…"} for other bytes
     client.py consume BROKERS TOPIC N             prints the first N records of every partition
                                                   together, one JSON object per line:
                                                   {"partition", "offset", "key", "value"}
@@ -18,14 +22,30 @@ def encode(text):
     return None if text is None else text.encode("utf-8")
 
 
-def produce(brokers, topic):
+def avro_encoder(schema_text):
+    import io
+    import fastavro
+
+    schema = fastavro.parse_schema(json.loads(schema_text))
+
+    def encode_avro(value):
+        if "raw_hex" in value:
+            return bytes.fromhex(value["raw_hex"])
+        out = io.BytesIO()
+        fastavro.schemaless_writer(out, schema, value)
+        return out.getvalue()
+    return encode_avro
+
+
+def produce(brokers, topic, encode_value=encode):
     producer = KafkaProducer(bootstrap_servers=brokers, linger_ms=5)
     sent = 0
     for line in sys.stdin:
         if not line.strip():
             continue
         record = json.loads(line)
-        producer.send(topic, value=encode(record.get("value")), key=encode(record.get("key")),
+        value = record.get("value")
+        producer.send(topic, value=None if value is None else encode_value(value), key=encode(record.get("key")),
                       partition=record.get("partition"))
         sent += 1
     producer.flush(timeout=60)
@@ -65,6 +85,8 @@ if __name__ == "__main__":
     command, brokers, topic = sys.argv[1:4]
     if command == "produce":
         produce(brokers, topic)
+    elif command == "produce-avro":
+        produce(brokers, topic, avro_encoder(sys.argv[4]))
     elif command == "consume":
         consume(brokers, topic, int(sys.argv[4]))
     else:
