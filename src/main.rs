@@ -31,6 +31,11 @@ struct ServeArgs {
     /// Directory for the catalog, the write-ahead log and snapshots.
     #[arg(long, env = "FRESHET_DATA_DIR", default_value = "./freshet-data")]
     data_dir: PathBuf,
+    /// Keep the durable state in an S3-compatible object store instead of --data-dir, e.g.
+    /// `s3://bucket/freshet` (credentials, region and endpoint from the standard AWS_*
+    /// environment variables). A new machine pointed at the same URL starts from that state.
+    #[arg(long, env = "FRESHET_STORE")]
+    store: Option<String>,
     /// Address for Postgres clients (psql -h HOST -p PORT -U freshet -d freshet).
     #[arg(long, env = "FRESHET_PG_LISTEN", default_value = "127.0.0.1:6543")]
     pg_listen: String,
@@ -81,6 +86,7 @@ fn main() -> anyhow::Result<()> {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = Config {
         data_dir: args.data_dir,
+        store: args.store.filter(|s| !s.is_empty()),
         pg_listen: args.pg_listen,
         http_listen: args.http_listen,
         init: args.init,

@@ -107,3 +107,61 @@ async fn a_missing_bucket_is_retried_and_reported_until_it_exists() {
     let e = refused("CREATE SOURCE g (a INT) WITH (connector = 'file', path = 's3:///x.csv') FORMAT CSV").await;
     assert!(e.contains("names no bucket"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_kept_in_s3_restores_onto_an_empty_data_dir_and_damage_is_refused() {
+    let s3 = S3::start().await;
+    s3.create_bucket("state").await;
+    let store = ["--store", "s3://state/prod"];
+    let first_disk = tempfile::tempdir().expect("temp dir");
+    let server = Process::start_with_env(first_disk.path(), &store, &s3.env());
+    let client = common::connect(&server.connection_string).await;
+    client
+        .batch_execute(
+            "CREATE TABLE orders (id INT PRIMARY KEY, customer TEXT NOT NULL, amount BIGINT NOT NULL);
+             INSERT INTO orders SELECT i, 'c' || CAST(i % 7 AS TEXT), i * 10 FROM generate_series(1, 500) AS g(i);
+             UPDATE orders SET amount = 0 WHERE id % 50 = 0;
+             DELETE FROM orders WHERE id > 490;
+             CREATE MATERIALIZED VIEW per_customer AS
+                 SELECT customer, count(*) AS n, sum(amount) AS total FROM orders GROUP BY customer",
+        )
+        .await
+        .expect("writes");
+    let query = "SELECT customer, n, total FROM per_customer ORDER BY customer";
+    client.batch_execute("FLUSH").await.expect("flush");
+    let rows = |rows: Vec<tokio_postgres::Row>| -> Vec<(String, i64, i64)> {
+        rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect()
+    };
+    let before = rows(client.query(query, &[]).await.expect("view"));
+    assert_eq!(before.iter().map(|r| r.1).sum::<i64>(), 490);
+    server.kill_9();
+    assert!(!s3.list("state", "prod/log/").await.is_empty(), "the log is in the bucket");
+    let local: Vec<_> = std::fs::read_dir(first_disk.path()).expect("data dir").collect();
+    assert!(local.is_empty(), "nothing durable is kept on the local disk: {local:?}");
+
+    // Another machine: an empty data directory, the same store.
+    let second_disk = tempfile::tempdir().expect("temp dir");
+    let server = Process::start_with_env(second_disk.path(), &store, &s3.env());
+    let client = common::connect(&server.connection_string).await;
+    client.batch_execute("FLUSH").await.expect("flush");
+    assert_eq!(rows(client.query(query, &[]).await.expect("view")), before, "the view is the same");
+    assert_eq!(count(&client, "SELECT count(*) FROM orders WHERE amount = 0").await, 9);
+    client.batch_execute("INSERT INTO orders VALUES (1000, 'c1', 5)").await.expect("writes go on");
+    server.kill_9();
+
+    // A damaged log object is refused at start, naming it; nothing starts from a guess.
+    let segments = s3.list("state", "prod/log/").await;
+    let newest = segments.last().expect("segments");
+    s3.put("state", newest, "not a segment").await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_freshet"))
+        .args(["serve", "--pg-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(second_disk.path())
+        .args(store)
+        .envs(s3.env())
+        .output()
+        .expect("freshet runs");
+    assert!(!out.status.success(), "a damaged store stops startup");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let name = newest.rsplit('/').next().expect("file name");
+    assert!(stderr.contains(name), "the message names the damaged object: {stderr}");
+}

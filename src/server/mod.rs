@@ -33,8 +33,11 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Where a server keeps its data and where it listens.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Root of the durable state (catalog, log, snapshots).
+    /// Root of the durable state (catalog, log, snapshots) unless `store` is given.
     pub data_dir: PathBuf,
+    /// An object-store URL (`s3://bucket/prefix`) that holds the durable state instead of
+    /// `data_dir`, so a machine with an empty disk starts from it.
+    pub store: Option<String>,
     /// Address of the Postgres wire protocol listener.
     pub pg_listen: String,
     /// Address of the HTTP listener (`/health`, `/metrics`).
@@ -51,6 +54,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             data_dir: PathBuf::from("./freshet-data"),
+            store: None,
             pg_listen: "127.0.0.1:6543".into(),
             http_listen: "127.0.0.1:6544".into(),
             init: None,
@@ -81,7 +85,10 @@ impl Server {
     /// Like [`Server::start`], with authentication and TLS as `security` says.
     pub async fn start_secured(config: Config, security: Security) -> Result<Server> {
         let tls = security.tls.as_ref().map(auth::tls_acceptor).transpose()?;
-        let store = crate::state::open_local_store(&config.data_dir)?;
+        let store = match &config.store {
+            Some(url) => crate::state::open_prefix(url)?,
+            None => crate::state::open_local_store(&config.data_dir)?,
+        };
         let options = crate::catalog::Options { barrier_interval: config.barrier_interval, workers: config.workers };
         let db = Database::open_with(store, options).await?;
         if let Some(path) = &config.init {
@@ -112,7 +119,8 @@ impl Server {
                 tracing::error!("http listener failed: {e}");
             }
         });
-        tracing::info!(%pg_addr, %http_addr, data_dir = %config.data_dir.display(), "freshet is ready");
+        let storage = config.store.clone().unwrap_or_else(|| config.data_dir.display().to_string());
+        tracing::info!(%pg_addr, %http_addr, %storage, "freshet is ready");
         Ok(Server { db, metrics, pg_addr, http_addr, stop, tasks: vec![pg_task, http_task] })
     }
 

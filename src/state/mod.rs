@@ -57,3 +57,13 @@ pub fn open_url(url: &str) -> Result<(Arc<dyn ObjectStore>, String)> {
     let store = builder.build().map_err(|e| Error::Storage(format!("cannot open {url}: {e}")))?;
     Ok((Arc::new(store), key.trim_matches('/').to_string()))
 }
+
+/// The object store at an object-store URL as the root of the durable state: everything is
+/// stored under the URL's key, which is the store's root from freshet's point of view.
+pub fn open_prefix(url: &str) -> Result<Arc<dyn ObjectStore>> {
+    let (store, key) = open_url(url)?;
+    if key.is_empty() {
+        return Ok(store);
+    }
+    Ok(Arc::new(object_store::prefix::PrefixStore::new(store, key.as_str())))
+}
