@@ -79,6 +79,22 @@ async fn psql_meta_commands_describe_tables_and_views() {
     let matview = psql_out(&server, &["-c", r"\d per_device"]).await;
     assert!(matview.contains("Materialized view \"public.per_device\""), "{matview}");
     assert!(matview.contains("avg_temp|double precision") && matview.contains("n|bigint"), "{matview}");
+    // psql shows a materialized view's query, as it does a plain view's.
+    let matview = psql_out(&server, &["-c", r"\d+ per_device"]).await;
+    assert!(
+        matview.contains(
+            "View definition:\nSELECT device, avg(temperature) AS avg_temp, count(*) AS n FROM readings GROUP BY device"
+        ),
+        "{matview}"
+    );
+    // The primary key is an index of the table, and the DEFAULT column shows defaults.
+    let keyed = psql_out(
+        &server,
+        &["-c", "CREATE TABLE sites (id INT PRIMARY KEY, name TEXT NOT NULL DEFAULT 'unnamed')", "-c", r"\d sites"],
+    )
+    .await;
+    assert!(keyed.contains("Indexes:\n    \"sites_pkey\" PRIMARY KEY, btree (id)"), "{keyed}");
+    assert!(keyed.contains("name|text||not null|'unnamed'"), "{keyed}");
 
     let databases = psql_out(&server, &["-c", r"\l"]).await;
     assert!(databases.lines().any(|l| l.starts_with("freshet|freshet|")), "{databases}");
@@ -121,6 +137,9 @@ async fn pgjdbc_lists_tables_and_columns_and_runs_prepared_statements() {
         "column device text 12 nullable=NO",
         "column temperature float8 8 nullable=YES",
         "column at timestamp 93 nullable=YES",
+        "primary key readings id 1 readings_pkey",
+        "primary key columns readings 1",
+        "primary key columns per_device 0",
         "row d-1 21.5",
         "inserted 1",
         "in transaction count 2",

@@ -5,7 +5,7 @@
 //! sources, the running materialized views (`view`), the ingest tasks of sources
 //! (`source`, with their connector positions and dead letters), the sinks writing views
 //! out (`sink`), the models and their versions (`model`), the system catalog clients
-//! introspect (`system`), the connector status relations of `freshet_catalog` (`status`),
+//! introspect (`system`, with primary keys and defaults in `keys`), the connector status relations of `freshet_catalog` (`status`),
 //! and the durable log. Statement execution follows one rule: a change is applied in memory
 //! under the writer lock, queued to the log in that same order, and becomes visible to
 //! readers only when the log has stored it (the log's committer publishes the snapshot).
@@ -13,6 +13,7 @@
 //!
 //! It does not speak any wire protocol; `server` turns its [`Outcome`]s into messages.
 
+mod keys;
 mod model;
 mod sink;
 mod source;
@@ -457,6 +458,11 @@ impl Database {
             }),
         };
         status::install(&db.ctx, Arc::downgrade(&db.shared))?;
+        let shared = Arc::downgrade(&db.shared);
+        system::serve_view_queries(
+            &db.ctx,
+            Arc::new(move |name: &str| shared.upgrade()?.views().get(name).map(|view| view.query.clone())),
+        )?;
         spawn_barriers(Arc::downgrade(&db.shared), options.barrier_interval);
         for (name, (id, options)) in views.sources {
             db.shared.sources().insert(name, source::SourceHandle::new(id, options));

@@ -13,7 +13,7 @@
 //! the Postgres-only syntax clients use (`'t'::regclass`, `OPERATOR(pg_catalog.~)`, …) into
 //! SQL DataFusion plans. Nothing here changes data.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::ops::ControlFlow;
 use std::sync::{Arc, LazyLock, RwLock};
 
@@ -52,9 +52,16 @@ pub fn install(ctx: &SessionContext, cell: Arc<SnapshotCell>) -> Result<()> {
         ctx.catalog(CATALOG_NAME).ok_or_else(|| Error::Internal("the freshet catalog is not registered".into()))?;
     let inner = catalog.schema("pg_catalog").ok_or_else(|| Error::Internal("pg_catalog was not registered".into()))?;
     let hidden = Hidden::default();
+    let view_queries = ViewQueries::default();
     catalog.register_schema(
         "pg_catalog",
-        Arc::new(PgCatalog { inner, cell: cell.clone(), user, hidden: hidden.clone() }),
+        Arc::new(PgCatalog {
+            inner: inner.clone(),
+            cell: cell.clone(),
+            user,
+            hidden: hidden.clone(),
+            view_queries: view_queries.clone(),
+        }),
     )?;
     // information_schema is not on the search path, so its relations are not visible.
     let known = hidden.clone();
@@ -64,18 +71,23 @@ pub fn install(ctx: &SessionContext, cell: Arc<SnapshotCell>) -> Result<()> {
         let visible: BooleanArray = oids.iter().map(|oid| oid.map(|oid| !known.hidden.contains(&oid))).collect();
         Ok(Arc::new(visible))
     }));
-    // A plain view's query text; NULL for anything else (a materialized view's query lives
-    // with its dataflow, not in the snapshot).
+    // A view's query text (plain or materialized); NULL for anything else.
     let view_cell = cell.clone();
+    let known_views = hidden.clone();
+    let queries = view_queries.clone();
     ctx.register_udf(TextFunction::udf("pg_get_viewdef", move |arrays, rows| {
         let Some(oids) = arrays.first() else { return null_text(arrays, rows) };
         let oids = datafusion::common::cast::as_int32_array(oids)?;
-        let known = read(&hidden);
+        let known = read(&known_views);
         let snapshot = view_cell.current();
         let definitions: StringArray = oids
             .iter()
             .map(|oid| {
-                let view = snapshot.plain_views.get(known.plain_views.get(&oid?)?)?;
+                let oid = oid?;
+                if let Some(name) = known.matviews.get(&oid) {
+                    return queries.query(name);
+                }
+                let view = snapshot.plain_views.get(known.plain_views.get(&oid)?)?;
                 (view.as_ref() as &dyn std::any::Any)
                     .downcast_ref::<datafusion::catalog::view::ViewTable>()
                     .and_then(|v| v.definition().cloned())
@@ -83,8 +95,12 @@ pub fn install(ctx: &SessionContext, cell: Arc<SnapshotCell>) -> Result<()> {
             .collect();
         Ok(Arc::new(definitions))
     }));
+    register_key_functions(ctx, hidden.clone());
     let information_schema = InformationSchemaProvider::new(ctx.state().catalog_list().clone());
-    catalog.register_schema("information_schema", Arc::new(InformationSchema { inner: information_schema, cell }))?;
+    catalog.register_schema(
+        "information_schema",
+        Arc::new(InformationSchema { inner: information_schema, cell, catalogs: ctx.state().catalog_list().clone() }),
+    )?;
     ctx.register_udf(constant_text_udf("version", VERSION));
     register_user_functions(ctx, DEFAULT_USER);
     register_functions(ctx);
@@ -100,6 +116,7 @@ fn register_functions(ctx: &SessionContext) {
         }));
     }
     ctx.register_udf(TextFunction::udf("json_build_object", json_build_object));
+    register_unsupported_subquery(ctx);
     ctx.register_udf(TextFunction::udf("format", pg_format));
     // Descriptions, comments and definitions freshet does not keep: NULL, as in Postgres
     // for an object without a comment.
@@ -107,7 +124,6 @@ fn register_functions(ctx: &SessionContext) {
         "obj_description",
         "col_description",
         "shobj_description",
-        "pg_get_indexdef",
         "pg_get_triggerdef",
         "pg_get_function_result",
         "pg_get_function_arguments",
@@ -191,11 +207,12 @@ fn pretty_size(bytes: i64) -> String {
     format!("{value} PB")
 }
 
-/// A catalog function of any arguments that returns text: one type for the functions
-/// below, which differ only in how they compute their value.
+/// A catalog function of any arguments that returns text (or `returns`): one type for the
+/// functions below, which differ only in how they compute their value.
 struct TextFunction {
     name: &'static str,
     signature: datafusion::logical_expr::Signature,
+    returns: DataType,
     /// Computes `rows` values from the argument columns.
     body: Box<TextBody>,
 }
@@ -207,8 +224,16 @@ impl TextFunction {
         name: &'static str,
         body: impl Fn(&[ArrayRef], usize) -> DfResult<ArrayRef> + Send + Sync + 'static,
     ) -> ScalarUDF {
+        Self::typed_udf(name, DataType::Utf8, body)
+    }
+
+    fn typed_udf(
+        name: &'static str,
+        returns: DataType,
+        body: impl Fn(&[ArrayRef], usize) -> DfResult<ArrayRef> + Send + Sync + 'static,
+    ) -> ScalarUDF {
         let signature = datafusion::logical_expr::Signature::variadic_any(Volatility::Stable);
-        ScalarUDF::new_from_impl(TextFunction { name, signature, body: Box::new(body) })
+        ScalarUDF::new_from_impl(TextFunction { name, signature, returns, body: Box::new(body) })
     }
 }
 
@@ -251,7 +276,7 @@ impl datafusion::logical_expr::ScalarUDFImpl for TextFunction {
     }
 
     fn return_type(&self, _: &[DataType]) -> DfResult<DataType> {
-        Ok(DataType::Utf8)
+        Ok(self.returns.clone())
     }
 
     fn invoke_with_args(&self, args: datafusion::logical_expr::ScalarFunctionArgs) -> DfResult<ColumnarValue> {
@@ -263,6 +288,98 @@ impl datafusion::logical_expr::ScalarUDFImpl for TextFunction {
 /// NULL whatever the arguments: for comments and definitions freshet does not keep.
 fn null_text(_: &[ArrayRef], rows: usize) -> DfResult<ArrayRef> {
     Ok(datafusion::arrow::array::new_null_array(&DataType::Utf8, rows))
+}
+
+/// The functions that describe primary keys and column defaults by OID, from what the
+/// last `pg_class` scan learnt (`known`).
+fn register_key_functions(ctx: &SessionContext, known: Hidden) {
+    // pg_get_indexdef(index) is the CREATE INDEX statement; pg_get_indexdef(index, column,
+    // pretty) names the key's column-th column (0 again means the whole statement).
+    let indexes = known.clone();
+    ctx.register_udf(TextFunction::udf("pg_get_indexdef", move |arrays, rows| {
+        let Some(oids) = arrays.first() else { return null_text(arrays, rows) };
+        let oids = datafusion::arrow::compute::cast(oids, &DataType::Int32)?;
+        let oids = datafusion::common::cast::as_int32_array(&oids)?;
+        let columns = match arrays.get(1) {
+            Some(c) => Some(datafusion::arrow::compute::cast(c, &DataType::Int32)?),
+            None => None,
+        };
+        let columns = columns.as_ref().map(|c| datafusion::common::cast::as_int32_array(c)).transpose()?;
+        let known = read(&indexes);
+        let definitions: StringArray = (0..oids.len())
+            .map(|row| {
+                let key = known.keys.iter().find(|k| oids.is_valid(row) && k.index_oid() == oids.value(row))?;
+                match columns.filter(|c| c.is_valid(row)).map(|c| c.value(row)).unwrap_or(0) {
+                    0 => Some(key.index_definition()),
+                    column => {
+                        let (_, name) = key.columns.get(usize::try_from(column - 1).ok()?)?;
+                        Some(quote_ident(name))
+                    }
+                }
+            })
+            .collect();
+        Ok(Arc::new(definitions))
+    }));
+    ctx.register_udf(TextFunction::udf("pg_get_constraintdef", move |arrays, rows| {
+        let Some(oids) = arrays.first() else { return null_text(arrays, rows) };
+        let oids = datafusion::arrow::compute::cast(oids, &DataType::Int32)?;
+        let oids = datafusion::common::cast::as_int32_array(&oids)?;
+        let known = read(&known);
+        let definitions: StringArray = oids
+            .iter()
+            .map(|oid| known.keys.iter().find(|k| Some(k.constraint_oid()) == oid).map(|k| k.constraint_definition()))
+            .collect();
+        Ok(Arc::new(definitions))
+    }));
+    // freshet's pg_attrdef.adbin holds the expression's SQL text, so that is its
+    // decompiled form; NULL stays NULL (no expression).
+    ctx.register_udf(TextFunction::udf("pg_get_expr", |arrays, rows| {
+        let Some(expressions) = arrays.first() else { return null_text(arrays, rows) };
+        Ok(datafusion::arrow::compute::cast(expressions, &DataType::Utf8)?)
+    }));
+    let expanded =
+        DataType::List(Arc::new(Field::new_list_field(DataType::Struct(super::keys::expanded_fields()), true)));
+    ctx.register_udf(TextFunction::typed_udf(EXPAND_ARRAY, expanded, super::keys::expand_array));
+}
+
+/// The name the catalog rewrite gives `information_schema._pg_expandarray` (inside `unnest`).
+const EXPAND_ARRAY: &str = "_pg_expandarray";
+
+/// How the catalog finds a materialized view's query text, which lives with its
+/// dataflow rather than in the snapshot. Set once the database is open.
+#[derive(Clone, Default)]
+struct ViewQueries(Arc<std::sync::OnceLock<ViewQuery>>);
+
+/// A materialized view's query text by name.
+pub type ViewQuery = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+impl ViewQueries {
+    fn query(&self, name: &str) -> Option<String> {
+        self.0.get().and_then(|lookup| lookup(name))
+    }
+}
+
+impl std::fmt::Debug for ViewQueries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ViewQueries")
+    }
+}
+
+/// Makes `pg_get_viewdef` and `pg_matviews.definition` answer materialized views' queries
+/// through `lookup`.
+pub fn serve_view_queries(ctx: &SessionContext, lookup: ViewQuery) -> Result<()> {
+    let schema = ctx
+        .catalog(CATALOG_NAME)
+        .and_then(|c| c.schema("pg_catalog"))
+        .ok_or_else(|| Error::Internal("pg_catalog is not registered".into()))?;
+    let pg_catalog = (schema.as_ref() as &dyn std::any::Any)
+        .downcast_ref::<PgCatalog>()
+        .ok_or_else(|| Error::Internal("pg_catalog is not freshet's".into()))?;
+    pg_catalog
+        .view_queries
+        .0
+        .set(lookup)
+        .map_err(|_| Error::Internal("materialized view queries are served already".into()))
 }
 
 /// `json_build_object(key, value, …)` as JSON text (SQLAlchemy's column inspection uses it).
@@ -359,7 +476,7 @@ fn pg_format(arrays: &[ArrayRef], rows: usize) -> DfResult<ArrayRef> {
 
 /// An identifier as Postgres quotes it: bare when it is lower-case letters, digits and
 /// underscores (not starting with a digit), double-quoted otherwise.
-fn quote_ident(ident: &str) -> String {
+pub(super) fn quote_ident(ident: &str) -> String {
     let plain = ident.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
         && ident.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
     if plain { ident.to_string() } else { format!("\"{}\"", ident.replace('"', "\"\"")) }
@@ -422,6 +539,7 @@ pub fn parse(text: &str, setting: &dyn Fn(&str) -> Result<String>) -> Result<Vec
         Ok(statements) => Ok(statements
             .into_iter()
             .map(|mut s| {
+                let _ = VisitMut::visit(&mut s, &mut CompositeValues);
                 let _ = VisitMut::visit(&mut s, &mut NullCaseSubqueries);
                 Statement::Sql(DFStatement::Statement(Box::new(s)))
             })
@@ -430,24 +548,183 @@ pub fn parse(text: &str, setting: &dyn Fn(&str) -> Result<String>) -> Result<Vec
     }
 }
 
-/// Replaces a CASE expression that contains a scalar subquery with NULL. Clients use
-/// these to fetch what freshet has none of (identity sequences, collations, column
-/// defaults from `pg_attrdef`, which is empty), and DataFusion cannot plan such correlated
-/// subqueries.
+/// Postgres' composite values, as pgjdbc's `getPrimaryKeys` uses them:
+/// `information_schema._pg_expandarray(a)` returns a set of `(x, n)` records, and
+/// `(record).field` reads a field. They become `unnest` of a list of structs and
+/// `get_field(record, 'field')`, which DataFusion plans; several `unnest`s in one select
+/// list step together, as several set-returning functions do in Postgres.
+///
+/// Also: `obj_description`, `col_description` and `shobj_description` become NULL before
+/// their arguments are planned. freshet keeps no comments, so NULL is their value for any
+/// object, and clients name the object with casts DataFusion cannot evaluate (Metabase:
+/// `format('%I.%I', schema, table)::regclass::oid`).
+struct CompositeValues;
+
+impl VisitorMut for CompositeValues {
+    type Break = ();
+
+    // After the children, so a replacement is not visited (and wrapped) again.
+    fn post_visit_expr(&mut self, expr: &mut SqlExpr) -> ControlFlow<()> {
+        let replacement = match expr {
+            SqlExpr::Function(f)
+                if f.name
+                    .0
+                    .last()
+                    .and_then(|p| p.as_ident())
+                    .is_some_and(|i| i.value.eq_ignore_ascii_case(EXPAND_ARRAY)) =>
+            {
+                let args = match &f.args {
+                    datafusion::sql::sqlparser::ast::FunctionArguments::List(list) => list
+                        .args
+                        .iter()
+                        .map(|arg| match arg {
+                            datafusion::sql::sqlparser::ast::FunctionArg::Unnamed(
+                                datafusion::sql::sqlparser::ast::FunctionArgExpr::Expr(e),
+                            ) => Some(e.clone()),
+                            _ => None,
+                        })
+                        .collect::<Option<Vec<_>>>(),
+                    _ => None,
+                };
+                args.and_then(|args| call(EXPAND_ARRAY, args)).and_then(|inner| call("unnest", vec![inner]))
+            }
+            SqlExpr::Function(f)
+                if f.name.0.last().and_then(|p| p.as_ident()).is_some_and(|i| {
+                    ["obj_description", "col_description", "shobj_description"]
+                        .contains(&i.value.to_ascii_lowercase().as_str())
+                }) =>
+            {
+                Some(SqlExpr::Value(SqlValue::Null.with_empty_span()))
+            }
+            SqlExpr::CompoundFieldAccess { root, access_chain } => {
+                let mut value = Some((**root).clone());
+                for access in access_chain.iter() {
+                    value = match (value, access) {
+                        (Some(v), datafusion::sql::sqlparser::ast::AccessExpr::Dot(SqlExpr::Identifier(field))) => {
+                            call(
+                                "get_field",
+                                vec![
+                                    v,
+                                    SqlExpr::Value(SqlValue::SingleQuotedString(field.value.clone()).with_empty_span()),
+                                ],
+                            )
+                        }
+                        _ => None,
+                    };
+                }
+                value
+            }
+            _ => None,
+        };
+        if let Some(replacement) = replacement {
+            *expr = replacement;
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// A call of the function `name` with `args`.
+fn call(name: &str, args: Vec<SqlExpr>) -> Option<SqlExpr> {
+    use datafusion::sql::sqlparser::ast::{FunctionArg, FunctionArgExpr, FunctionArguments};
+    let template = format!("{name}({})", vec!["NULL"; args.len()].join(", "));
+    let dialect = datafusion::sql::sqlparser::dialect::PostgreSqlDialect {};
+    let mut parsed =
+        datafusion::sql::sqlparser::parser::Parser::new(&dialect).try_with_sql(&template).ok()?.parse_expr().ok()?;
+    let SqlExpr::Function(f) = &mut parsed else { return None };
+    let FunctionArguments::List(list) = &mut f.args else { return None };
+    list.args = args.into_iter().map(|a| FunctionArg::Unnamed(FunctionArgExpr::Expr(a))).collect();
+    Some(parsed)
+}
+
+/// Correlated scalar subqueries inside CASE, which DataFusion cannot plan unless they
+/// aggregate (then they are left alone). Clients use them to fetch what freshet has none
+/// of (identity sequences, collations):
+///
+/// - a subquery in a THEN or ELSE result becomes [`UNSUPPORTED_SUBQUERY`], which is NULL
+///   where the branch is not taken and refuses (0A000) where it is, so the answer is
+///   never silently wrong;
+/// - a CASE whose conditions hold a subquery becomes NULL. Clients send these only for
+///   collations (SQLAlchemy: `attcollation != 0 AND (SELECT typcollation …) != …`), and
+///   freshet's columns have none (`attcollation` is 0), so no branch would be taken.
 struct NullCaseSubqueries;
 
 impl VisitorMut for NullCaseSubqueries {
     type Break = ();
 
     fn pre_visit_expr(&mut self, expr: &mut SqlExpr) -> ControlFlow<()> {
-        if matches!(expr, SqlExpr::Case { .. }) {
-            let found = Visit::visit(&*expr, &mut FindSubquery);
-            if found.is_break() {
-                *expr = SqlExpr::Value(SqlValue::Null.with_empty_span());
+        let SqlExpr::Case { operand, conditions, else_result, .. } = expr else { return ControlFlow::Continue(()) };
+        let in_conditions = operand.iter().any(|e| has_unplannable_subquery(e))
+            || conditions.iter().any(|when| has_unplannable_subquery(&when.condition));
+        if in_conditions {
+            *expr = SqlExpr::Value(SqlValue::Null.with_empty_span());
+            return ControlFlow::Continue(());
+        }
+        let mut nested = false;
+        let results =
+            conditions.iter_mut().map(|when| &mut when.result).chain(else_result.iter_mut().map(|e| &mut **e));
+        for result in results {
+            if let SqlExpr::Subquery(query) = &*result {
+                if aggregates(query) {
+                    continue;
+                }
+                let text = SqlExpr::Value(SqlValue::SingleQuotedString(query.to_string()).with_empty_span());
+                if let Some(refusal) = call(UNSUPPORTED_SUBQUERY, vec![text]) {
+                    *result = refusal;
+                    continue;
+                }
             }
+            nested |= has_unplannable_subquery(result);
+        }
+        // A subquery deeper inside a result (not the whole result): give up on the CASE.
+        if nested {
+            *expr = SqlExpr::Value(SqlValue::Null.with_empty_span());
         }
         ControlFlow::Continue(())
     }
+}
+
+/// A function that refuses (0A000) to compute a value for any row: what a subquery
+/// freshet cannot plan becomes in a CASE branch. Volatile, so it is never folded away.
+const UNSUPPORTED_SUBQUERY: &str = "freshet_unsupported_subquery";
+
+fn register_unsupported_subquery(ctx: &SessionContext) {
+    let refuse = |args: &[ColumnarValue]| -> DfResult<ColumnarValue> {
+        let arrays = ColumnarValue::values_to_arrays(args)?;
+        let Some(query) = arrays.first().filter(|a| !a.is_empty()) else {
+            return Ok(ColumnarValue::Array(datafusion::arrow::array::new_null_array(&DataType::Utf8, 0)));
+        };
+        let text = datafusion::arrow::util::display::array_value_to_string(query, 0)?;
+        Err(datafusion::error::DataFusionError::External(Box::new(Error::NotSupported {
+            feature: format!("the correlated subquery ({text}) in a catalog query"),
+            hint: Some("freshet answers it only where the CASE branch holding it is not taken".into()),
+        })))
+    };
+    ctx.register_udf(create_udf(
+        UNSUPPORTED_SUBQUERY,
+        vec![DataType::Utf8],
+        DataType::Utf8,
+        Volatility::Volatile,
+        Arc::new(refuse),
+    ));
+}
+
+/// Whether a subquery computes one aggregate (`SELECT max(…) FROM …`), the form of
+/// correlated scalar subquery DataFusion plans.
+fn aggregates(query: &datafusion::sql::sqlparser::ast::Query) -> bool {
+    use datafusion::sql::sqlparser::ast::{SelectItem, SetExpr};
+    let SetExpr::Select(select) = query.body.as_ref() else { return false };
+    let [item] = select.projection.as_slice() else { return false };
+    let (SelectItem::UnnamedExpr(SqlExpr::Function(f)) | SelectItem::ExprWithAlias { expr: SqlExpr::Function(f), .. }) =
+        item
+    else {
+        return false;
+    };
+    let name = f.name.to_string().to_ascii_lowercase();
+    ["max", "min", "count", "bool_and", "bool_or", "string_agg", "array_agg"].contains(&name.as_str())
+}
+
+fn has_unplannable_subquery(expr: &SqlExpr) -> bool {
+    Visit::visit(expr, &mut FindSubquery).is_break()
 }
 
 struct FindSubquery;
@@ -456,13 +733,31 @@ impl Visitor for FindSubquery {
     type Break = ();
 
     fn pre_visit_expr(&mut self, expr: &SqlExpr) -> ControlFlow<()> {
-        if matches!(expr, SqlExpr::Subquery(_)) { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+        match expr {
+            SqlExpr::Subquery(query) if !aggregates(query) => ControlFlow::Break(()),
+            _ => ControlFlow::Continue(()),
+        }
     }
 }
 
 /// Fragments of known client queries that DataFusion cannot plan, and what they become.
 /// Each replacement keeps the column the client reads, with the value it has in freshet.
+///
+/// Column defaults are read with a correlated subquery over `pg_attrdef`, which has at
+/// most one row per (adrelid, adnum); as `max(…)` over that row, behind the client's own
+/// `atthasdef` test, DataFusion plans it and the value is the same.
 const CLIENT_REWRITES: &[(&str, &str)] = &[
+    // psql 15/16 `\d name`: the Default column.
+    (
+        "(SELECT pg_catalog.pg_get_expr(d.adbin, d.adrelid, true) FROM pg_catalog.pg_attrdef d WHERE d.adrelid = a.attrelid AND d.adnum = a.attnum AND a.atthasdef)",
+        "CASE WHEN a.atthasdef THEN (SELECT max(pg_catalog.pg_get_expr(d.adbin, d.adrelid, true)) FROM pg_catalog.pg_attrdef d WHERE d.adrelid = a.attrelid AND d.adnum = a.attnum) END",
+    ),
+    // SQLAlchemy 2 `Inspector.get_columns` (dialects/postgresql/base.py, _columns_query):
+    // the `default` column, already inside CASE WHEN atthasdef.
+    (
+        "(SELECT pg_catalog.pg_get_expr(pg_catalog.pg_attrdef.adbin, pg_catalog.pg_attrdef.adrelid) AS pg_get_expr_1 FROM pg_catalog.pg_attrdef WHERE pg_catalog.pg_attribute.atthasdef AND pg_catalog.pg_attrdef.adrelid = pg_catalog.pg_attribute.attrelid AND pg_catalog.pg_attrdef.adnum = pg_catalog.pg_attribute.attnum)",
+        "(SELECT max(pg_catalog.pg_get_expr(pg_catalog.pg_attrdef.adbin, pg_catalog.pg_attrdef.adrelid)) FROM pg_catalog.pg_attrdef WHERE pg_catalog.pg_attrdef.adrelid = pg_catalog.pg_attribute.attrelid AND pg_catalog.pg_attrdef.adnum = pg_catalog.pg_attribute.attnum)",
+    ),
     // psql 15/16 `\d+ name`: table storage options (freshet has none). ARRAY(subquery)
     // is not supported by DataFusion.
     (
@@ -635,6 +930,10 @@ struct KnownOids {
     hidden: HashSet<i32>,
     /// Plain views by OID, for `pg_get_viewdef`.
     plain_views: std::collections::HashMap<i32, String>,
+    /// Materialized views by OID, for `pg_get_viewdef`.
+    matviews: std::collections::HashMap<i32, String>,
+    /// Primary keys, for `pg_get_indexdef` and `pg_get_constraintdef`.
+    keys: Vec<super::keys::PrimaryKey>,
 }
 
 /// `pg_catalog` as the crate builds it, with the relations freshet knows better replaced.
@@ -644,6 +943,7 @@ struct PgCatalog {
     cell: Arc<SnapshotCell>,
     user: Arc<RwLock<String>>,
     hidden: Hidden,
+    view_queries: ViewQueries,
 }
 
 #[async_trait]
@@ -657,7 +957,21 @@ impl SchemaProvider for PgCatalog {
         match name.to_ascii_lowercase().as_str() {
             "pg_class" => {
                 let Some(inner) = self.inner.table(name).await? else { return Ok(None) };
-                let correction = RelationKinds { cell: self.cell.clone(), hidden: self.hidden.clone() };
+                let correction = RelationKinds {
+                    pg_catalog: self.inner.clone(),
+                    cell: self.cell.clone(),
+                    hidden: self.hidden.clone(),
+                };
+                Ok(Some(Arc::new(Corrected { inner, correction })))
+            }
+            table @ ("pg_index" | "pg_constraint" | "pg_attrdef") => {
+                let Some(inner) = self.inner.table(name).await? else { return Ok(None) };
+                let table = match table {
+                    "pg_index" => KeyTable::Index,
+                    "pg_constraint" => KeyTable::Constraint,
+                    _ => KeyTable::Default,
+                };
+                let correction = KeyRows { table, pg_catalog: self.inner.clone(), cell: self.cell.clone() };
                 Ok(Some(Arc::new(Corrected { inner, correction })))
             }
             "pg_attribute" => {
@@ -667,10 +981,18 @@ impl SchemaProvider for PgCatalog {
                 };
                 Ok(Some(Arc::new(Corrected { inner, correction: ColumnFacts { classes, cell: self.cell.clone() } })))
             }
-            "pg_views" => Ok(Some(Arc::new(ViewList { kind: ViewKind::Plain, owner, cell: self.cell.clone() }))),
-            "pg_matviews" => {
-                Ok(Some(Arc::new(ViewList { kind: ViewKind::Materialized, owner, cell: self.cell.clone() })))
-            }
+            "pg_views" => Ok(Some(Arc::new(ViewList {
+                kind: ViewKind::Plain,
+                owner,
+                cell: self.cell.clone(),
+                queries: self.view_queries.clone(),
+            }))),
+            "pg_matviews" => Ok(Some(Arc::new(ViewList {
+                kind: ViewKind::Materialized,
+                owner,
+                cell: self.cell.clone(),
+                queries: self.view_queries.clone(),
+            }))),
             _ => self.inner.table(name).await,
         }
     }
@@ -691,7 +1013,13 @@ struct Corrected<C> {
 /// How freshet corrects the rows of one of the crate's catalog tables.
 #[async_trait]
 trait Correction: std::fmt::Debug + Send + Sync + 'static {
-    /// The rows clients should see instead of `rows` (all of the table, of `schema`).
+    /// The schema of the corrected table; the crate's unless the correction changes it.
+    fn schema(&self, inner: SchemaRef) -> SchemaRef {
+        inner
+    }
+
+    /// The rows clients should see instead of `rows` (all of the table, of `schema`, the
+    /// crate's schema); they have the corrected [`Correction::schema`].
     async fn correct(
         &self,
         state: &dyn Session,
@@ -703,7 +1031,7 @@ trait Correction: std::fmt::Debug + Send + Sync + 'static {
 #[async_trait]
 impl<C: Correction> TableProvider for Corrected<C> {
     fn schema(&self) -> SchemaRef {
-        self.inner.schema()
+        self.correction.schema(self.inner.schema())
     }
 
     fn table_type(&self) -> TableType {
@@ -720,14 +1048,17 @@ impl<C: Correction> TableProvider for Corrected<C> {
         let schema = self.inner.schema();
         let rows = scan_all(self.inner.as_ref(), state).await?;
         let rows = self.correction.correct(state, &schema, rows).await?;
-        Ok(MemorySourceConfig::try_new_exec(&[rows], schema, projection.cloned())?)
+        Ok(MemorySourceConfig::try_new_exec(&[rows], self.schema(), projection.cloned())?)
     }
 }
 
 /// `pg_class`: `relkind = 'm'` for materialized views (the crate only knows DataFusion's
-/// base tables and views), and which relations `pg_table_is_visible`.
+/// base tables and views), the index relations of primary keys, and which relations
+/// `pg_table_is_visible`.
 #[derive(Debug)]
 struct RelationKinds {
+    /// The crate's `pg_catalog`, for the OIDs of `public` and its relations.
+    pg_catalog: Arc<dyn SchemaProvider>,
     cell: Arc<SnapshotCell>,
     hidden: Hidden,
 }
@@ -736,14 +1067,23 @@ struct RelationKinds {
 impl Correction for RelationKinds {
     async fn correct(
         &self,
-        _state: &dyn Session,
+        state: &dyn Session,
         schema: &SchemaRef,
         batches: Vec<RecordBatch>,
     ) -> DfResult<Vec<RecordBatch>> {
         let snapshot = self.cell.current();
+        let public = super::keys::public_oids(self.pg_catalog.as_ref(), state).await?;
+        let keys = super::keys::primary_keys(&snapshot, &public);
         let materialized: HashSet<String> = snapshot.views.keys().cloned().collect();
-        let patched =
-            batches.into_iter().map(|batch| mark_materialized(&batch, &materialized)).collect::<DfResult<Vec<_>>>()?;
+        let keyed: HashSet<i32> = keys.iter().map(|k| k.table_oid).collect();
+        let mut patched = Vec::with_capacity(batches.len() + 1);
+        for batch in batches {
+            let batch = mark_indexed(&mark_materialized(&batch, &materialized)?, &keyed)?;
+            if let Some(indexes) = super::keys::index_classes(&batch, &keys)? {
+                patched.push(indexes);
+            }
+            patched.push(batch);
+        }
         let mut known = KnownOids::default();
         for batch in &patched {
             let oids = schema
@@ -759,18 +1099,94 @@ impl Correction for RelationKinds {
                 let (Some(oid), Some(name)) = (oid, name) else { continue };
                 if snapshot.plain_views.contains_key(name) {
                     known.plain_views.insert(oid, name.to_string());
-                } else if (INFORMATION_SCHEMA_TABLES.contains(&name) || super::status::TABLES.contains(&name))
+                } else if materialized.contains(name) && public.relations.get(name) == Some(&oid) {
+                    known.matviews.insert(oid, name.to_string());
+                } else if (INFORMATION_SCHEMA_TABLES.contains(&name)
+                    || KEY_RELATIONS.contains(&name)
+                    || super::status::TABLES.contains(&name))
                     && snapshot.relation(name).is_none()
                 {
                     known.hidden.insert(oid);
                 }
             }
         }
+        known.keys = keys;
         match self.hidden.write() {
             Ok(mut guard) => *guard = known,
             Err(poisoned) => *poisoned.into_inner() = known,
         }
         Ok(patched)
+    }
+}
+
+/// `relhasindex` is true for the tables in `keyed` (those with a primary key).
+fn mark_indexed(batch: &RecordBatch, keyed: &HashSet<i32>) -> DfResult<RecordBatch> {
+    use datafusion::arrow::array::Int32Array;
+    let schema = batch.schema();
+    let (Ok(oid_at), Ok(index_at)) = (schema.index_of("oid"), schema.index_of("relhasindex")) else {
+        return Ok(batch.clone());
+    };
+    let oids = batch.column(oid_at).as_any().downcast_ref::<Int32Array>();
+    let flags = batch.column(index_at).as_any().downcast_ref::<BooleanArray>();
+    let (Some(oids), Some(flags)) = (oids, flags) else { return Ok(batch.clone()) };
+    let patched: BooleanArray = oids
+        .iter()
+        .zip(flags.iter())
+        .map(|(oid, flag)| if oid.is_some_and(|o| keyed.contains(&o)) { Some(true) } else { flag })
+        .collect();
+    let mut columns = batch.columns().to_vec();
+    columns[index_at] = Arc::new(patched);
+    Ok(RecordBatch::try_new(schema, columns)?)
+}
+
+#[derive(Debug, Clone, Copy)]
+enum KeyTable {
+    Index,
+    Constraint,
+    Default,
+}
+
+/// `pg_index`, `pg_constraint` and `pg_attrdef`: the crate's rows (Postgres' own system
+/// catalogs) plus those of freshet's primary keys and column defaults.
+#[derive(Debug)]
+struct KeyRows {
+    table: KeyTable,
+    /// The crate's `pg_catalog`, for the OIDs of `public` and its relations.
+    pg_catalog: Arc<dyn SchemaProvider>,
+    cell: Arc<SnapshotCell>,
+}
+
+#[async_trait]
+impl Correction for KeyRows {
+    fn schema(&self, inner: SchemaRef) -> SchemaRef {
+        match self.table {
+            KeyTable::Constraint => super::keys::constraint_schema(&inner),
+            KeyTable::Index | KeyTable::Default => inner,
+        }
+    }
+
+    async fn correct(
+        &self,
+        state: &dyn Session,
+        schema: &SchemaRef,
+        batches: Vec<RecordBatch>,
+    ) -> DfResult<Vec<RecordBatch>> {
+        let snapshot = self.cell.current();
+        let oids = super::keys::public_oids(self.pg_catalog.as_ref(), state).await?;
+        let keys = super::keys::primary_keys(&snapshot, &oids);
+        let schema = self.schema(schema.clone());
+        let mut rows = match self.table {
+            KeyTable::Constraint => {
+                batches.iter().map(|b| super::keys::convert_constraints(b, &schema)).collect::<DfResult<Vec<_>>>()?
+            }
+            KeyTable::Index | KeyTable::Default => batches,
+        };
+        rows.push(match self.table {
+            KeyTable::Index => super::keys::index_rows(&schema, &keys)?,
+            KeyTable::Constraint => super::keys::constraint_rows(&schema, &keys)?,
+            KeyTable::Default => super::keys::default_rows(&schema, &snapshot, &oids)?,
+        });
+        Ok(rows)
     }
 }
 
@@ -814,8 +1230,8 @@ impl Correction for ColumnFacts {
             }
         }
         let at = |name: &str| schema.index_of(name).ok();
-        let (Some(rel_at), Some(name_at), Some(type_at), Some(notnull_at)) =
-            (at("attrelid"), at("attname"), at("atttypid"), at("attnotnull"))
+        let (Some(rel_at), Some(name_at), Some(type_at), Some(notnull_at), Some(hasdef_at)) =
+            (at("attrelid"), at("attname"), at("atttypid"), at("attnotnull"), at("atthasdef"))
         else {
             return Ok(batches);
         };
@@ -831,6 +1247,8 @@ impl Correction for ColumnFacts {
             };
             let mut new_types = Vec::with_capacity(batch.num_rows());
             let mut new_notnulls = Vec::with_capacity(batch.num_rows());
+            let mut has_defaults = Vec::with_capacity(batch.num_rows());
+            let hasdefs = batch.column(hasdef_at).as_any().downcast_ref::<BooleanArray>().cloned();
             for row in 0..batch.num_rows() {
                 let def = rels.is_valid(row).then(|| relations.get(&rels.value(row))).flatten();
                 let column = def.and_then(|def| def.schema.index_of(names.value(row)).ok().map(|i| (def, i)));
@@ -843,16 +1261,19 @@ impl Correction for ColumnFacts {
                         let field = def.schema.field(i);
                         new_types.push(if sql::is_json(field) { Some(JSON_OID) } else { typ });
                         new_notnulls.push(Some(!field.is_nullable() || def.primary_key.contains(&i)));
+                        has_defaults.push(Some(def.default_texts.iter().any(|(c, _)| c == field.name())));
                     }
                     None => {
                         new_types.push(typ);
                         new_notnulls.push(notnull);
+                        has_defaults.push(hasdefs.as_ref().and_then(|h| h.is_valid(row).then(|| h.value(row))));
                     }
                 }
             }
             let mut arrays = batch.columns().to_vec();
             arrays[type_at] = Arc::new(Int32Array::from(new_types));
             arrays[notnull_at] = Arc::new(BooleanArray::from(new_notnulls));
+            arrays[hasdef_at] = Arc::new(BooleanArray::from(has_defaults));
             patched.push(RecordBatch::try_new(schema.clone(), arrays)?);
         }
         Ok(patched)
@@ -889,51 +1310,115 @@ fn mark_materialized(batch: &RecordBatch, materialized: &HashSet<String>) -> DfR
     Ok(RecordBatch::try_new(schema, columns)?)
 }
 
-/// DataFusion's `information_schema`, with `columns.data_type` spelled the way Postgres
-/// spells it (`integer`, `timestamp without time zone`, …) for freshet's relations, since
-/// BI tools read column types from there.
+/// DataFusion's `information_schema`, with `columns` as Postgres describes columns
+/// (`data_type` spelled `integer`, `timestamp without time zone`, …, `udt_name`,
+/// defaults) since BI tools read column types from there, and the primary keys in
+/// `table_constraints` and `key_column_usage`.
 #[derive(Debug)]
 struct InformationSchema {
     inner: InformationSchemaProvider,
     cell: Arc<SnapshotCell>,
+    /// Every catalog, to find the fields of relations outside `public`.
+    catalogs: Arc<dyn datafusion::catalog::CatalogProviderList>,
 }
+
+/// The relations freshet adds to DataFusion's `information_schema`.
+const KEY_RELATIONS: [&str; 2] = ["table_constraints", "key_column_usage"];
 
 #[async_trait]
 impl SchemaProvider for InformationSchema {
     fn table_names(&self) -> Vec<String> {
-        self.inner.table_names()
+        let mut names = self.inner.table_names();
+        names.extend(KEY_RELATIONS.iter().map(|n| n.to_string()));
+        names
     }
 
     async fn table(&self, name: &str) -> DfResult<Option<Arc<dyn TableProvider>>> {
+        let lower = name.to_ascii_lowercase();
+        if KEY_RELATIONS.contains(&lower.as_str()) {
+            let snapshot = self.cell.current();
+            let batch = if lower == "table_constraints" {
+                super::keys::table_constraints(&snapshot)?
+            } else {
+                super::keys::key_column_usage(&snapshot)?
+            };
+            return Ok(Some(Arc::new(datafusion::datasource::MemTable::try_new(batch.schema(), vec![vec![batch]])?)));
+        }
         let Some(table) = self.inner.table(name).await? else { return Ok(None) };
-        if name.eq_ignore_ascii_case("columns") {
+        if lower == "columns" {
             return Ok(Some(Arc::new(Corrected {
                 inner: table,
-                correction: PgColumnTypes { cell: self.cell.clone() },
+                correction: PgColumnTypes { cell: self.cell.clone(), catalogs: self.catalogs.clone() },
             })));
         }
         Ok(Some(table))
     }
 
     fn table_exist(&self, name: &str) -> bool {
-        self.inner.table_exist(name)
+        KEY_RELATIONS.contains(&name.to_ascii_lowercase().as_str()) || self.inner.table_exist(name)
     }
 }
 
-/// `information_schema.columns`: Postgres type names, and primary keys are not nullable.
+/// `information_schema.columns`: Postgres type names (`data_type` and `udt_name`),
+/// primary keys are not nullable, defaults as written, and no identity or generated
+/// columns (freshet has neither).
 #[derive(Debug)]
 struct PgColumnTypes {
     cell: Arc<SnapshotCell>,
+    catalogs: Arc<dyn datafusion::catalog::CatalogProviderList>,
+}
+
+/// The columns Postgres has in `information_schema.columns` that DataFusion's lacks.
+const PG_ONLY_COLUMNS: [&str; 6] =
+    ["udt_catalog", "udt_schema", "udt_name", "is_identity", "is_generated", "is_updatable"];
+
+impl PgColumnTypes {
+    /// The Arrow field of every column outside `public` (information_schema, freshet_catalog, …).
+    async fn other_fields(&self, batch: &RecordBatch) -> HashMap<(String, String, String), Field> {
+        let mut fields = HashMap::new();
+        let text = |name: &str| {
+            batch
+                .schema()
+                .index_of(name)
+                .ok()
+                .and_then(|i| batch.column(i).as_any().downcast_ref::<StringArray>().cloned())
+        };
+        let (Some(catalogs), Some(schemas), Some(tables)) =
+            (text("table_catalog"), text("table_schema"), text("table_name"))
+        else {
+            return fields;
+        };
+        let mut seen = HashSet::new();
+        for row in 0..batch.num_rows() {
+            let key = (catalogs.value(row).to_string(), schemas.value(row).to_string(), tables.value(row).to_string());
+            if key.1 == SCHEMA_NAME || !seen.insert(key.clone()) {
+                continue;
+            }
+            let Some(schema) = self.catalogs.catalog(&key.0).and_then(|c| c.schema(&key.1)) else { continue };
+            let Ok(Some(table)) = schema.table(&key.2).await else { continue };
+            for field in table.schema().fields() {
+                fields.insert((key.1.clone(), key.2.clone(), field.name().clone()), field.as_ref().clone());
+            }
+        }
+        fields
+    }
 }
 
 #[async_trait]
 impl Correction for PgColumnTypes {
+    fn schema(&self, inner: SchemaRef) -> SchemaRef {
+        let mut fields: Vec<Field> = inner.fields().iter().map(|f| f.as_ref().clone()).collect();
+        fields.extend(PG_ONLY_COLUMNS.iter().map(|name| Field::new(*name, DataType::Utf8, true)));
+        Arc::new(Schema::new(fields))
+    }
+
     async fn correct(
         &self,
         _state: &dyn Session,
         schema: &SchemaRef,
         batches: Vec<RecordBatch>,
     ) -> DfResult<Vec<RecordBatch>> {
+        let corrected = self.schema(schema.clone());
         let snapshot = self.cell.current();
         // The column's field, and whether it may hold NULL (primary keys may not).
         let field_of = |table: &str, column: &str| -> Option<(Field, bool)> {
@@ -946,42 +1431,89 @@ impl Correction for PgColumnTypes {
             let nullable = field.is_nullable() && !key.contains(&i);
             Some((field, nullable))
         };
+        // The column's default as written, for freshet's tables.
+        let default_of = |table: &str, column: &str| -> Option<String> {
+            let version = snapshot.tables.get(table)?;
+            version.def.default_texts.iter().find(|(c, _)| c == column).map(|(_, text)| text.clone())
+        };
         let mut patched = Vec::with_capacity(batches.len());
         for batch in batches {
-            let text = |name: &str| {
-                schema.index_of(name).ok().and_then(|i| batch.column(i).as_any().downcast_ref::<StringArray>().cloned())
+            let others = self.other_fields(&batch).await;
+            let text = |name: &str| -> DfResult<(usize, StringArray)> {
+                let i = schema.index_of(name)?;
+                let array = batch.column(i).as_any().downcast_ref::<StringArray>().cloned().ok_or_else(|| {
+                    datafusion::error::DataFusionError::Internal(format!(
+                        "information_schema.columns.{name} is not text"
+                    ))
+                })?;
+                Ok((i, array))
             };
-            let (Some(schemas), Some(tables), Some(columns), Some(types), Some(nullables)) =
-                (text("table_schema"), text("table_name"), text("column_name"), text("data_type"), text("is_nullable"))
-            else {
-                patched.push(batch);
-                continue;
-            };
-            let (Ok(type_at), Ok(nullable_at)) = (schema.index_of("data_type"), schema.index_of("is_nullable")) else {
-                patched.push(batch);
-                continue;
-            };
-            let mut renamed = Vec::with_capacity(batch.num_rows());
-            let mut is_nullable = Vec::with_capacity(batch.num_rows());
-            for row in 0..batch.num_rows() {
-                let ours = schemas.is_valid(row) && schemas.value(row) == SCHEMA_NAME;
-                match if ours { field_of(tables.value(row), columns.value(row)) } else { None } {
+            let ((_, schemas), (_, tables), (_, columns)) =
+                (text("table_schema")?, text("table_name")?, text("column_name")?);
+            let ((type_at, types), (nullable_at, nullables), (default_at, defaults)) =
+                (text("data_type")?, text("is_nullable")?, text("column_default")?);
+            let n = batch.num_rows();
+            let (mut renamed, mut is_nullable, mut column_default) =
+                (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+            let mut udt_names = Vec::with_capacity(n);
+            for row in 0..n {
+                let value = |array: &StringArray| array.is_valid(row).then(|| array.value(row).to_string());
+                let (table, column) = (tables.value(row), columns.value(row));
+                let ours = schemas.value(row) == SCHEMA_NAME;
+                let found = if ours {
+                    field_of(table, column)
+                } else {
+                    others
+                        .get(&(schemas.value(row).to_string(), table.to_string(), column.to_string()))
+                        .map(|field| (field.clone(), field.is_nullable()))
+                };
+                match found {
                     Some((field, nullable)) => {
                         renamed.push(Some(pg_type_name(&field)));
+                        udt_names.push(Some(pg_udt_name(&field)));
                         is_nullable.push(Some(if nullable { "YES" } else { "NO" }.to_string()));
                     }
                     None => {
-                        renamed.push(types.is_valid(row).then(|| types.value(row).to_string()));
-                        is_nullable.push(nullables.is_valid(row).then(|| nullables.value(row).to_string()));
+                        renamed.push(value(&types));
+                        udt_names.push(None);
+                        is_nullable.push(value(&nullables));
                     }
                 }
+                column_default.push(if ours { default_of(table, column) } else { value(&defaults) });
             }
             let mut arrays = batch.columns().to_vec();
             arrays[type_at] = Arc::new(StringArray::from(renamed));
             arrays[nullable_at] = Arc::new(StringArray::from(is_nullable));
-            patched.push(RecordBatch::try_new(schema.clone(), arrays)?);
+            arrays[default_at] = Arc::new(StringArray::from(column_default));
+            // DataFusion counts columns from 0; Postgres (and every client) from 1.
+            let position_at = schema.index_of("ordinal_position")?;
+            let positions = datafusion::common::cast::as_uint64_array(&arrays[position_at])?;
+            arrays[position_at] = Arc::new(datafusion::arrow::compute::kernels::numeric::add(
+                positions,
+                &datafusion::arrow::array::UInt64Array::new_scalar(1),
+            )?);
+            let catalogs = text("table_catalog")?.1;
+            arrays.push(Arc::new(catalogs));
+            arrays.push(Arc::new(StringArray::from(vec!["pg_catalog"; n])));
+            arrays.push(Arc::new(StringArray::from(udt_names)));
+            arrays.push(Arc::new(StringArray::from(vec!["NO"; n])));
+            arrays.push(Arc::new(StringArray::from(vec!["NEVER"; n])));
+            arrays.push(Arc::new(StringArray::from(vec![None::<&str>; n])));
+            patched.push(RecordBatch::try_new(corrected.clone(), arrays)?);
         }
         Ok(patched)
+    }
+}
+
+/// The name of the type Postgres reports in `udt_name` (`pg_type.typname`) for `field`.
+fn pg_udt_name(field: &Field) -> String {
+    use datafusion_postgres::arrow_pg::datatypes::into_pg_type;
+    if sql::is_json(field) {
+        return "json".into();
+    }
+    match into_pg_type(field.data_type()) {
+        Ok(pg) => pg.name().to_string(),
+        Err(_) => field.data_type().to_string(),
     }
 }
 
@@ -1029,6 +1561,8 @@ struct ViewList {
     kind: ViewKind,
     owner: String,
     cell: Arc<SnapshotCell>,
+    /// Materialized views' query texts.
+    queries: ViewQueries,
 }
 
 impl ViewList {
@@ -1061,9 +1595,9 @@ impl ViewList {
                     (name.clone(), definition)
                 })
                 .unzip(),
-            // The query text of a materialized view lives with its dataflow, not in the
-            // snapshot; clients list matviews by name, so the definition stays NULL.
-            ViewKind::Materialized => snapshot.views.keys().map(|name| (name.clone(), None)).unzip(),
+            ViewKind::Materialized => {
+                snapshot.views.keys().map(|name| (name.clone(), self.queries.query(name))).unzip()
+            }
         };
         let n = names.len();
         let schemas: ArrayRef = Arc::new(StringArray::from(vec![SCHEMA_NAME; n]));

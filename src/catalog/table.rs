@@ -60,6 +60,11 @@ impl TableDef {
         TableDef { id, name, schema, primary_key, default_texts, defaults, constraints }
     }
 
+    /// The name of the primary key constraint (and of its index in the system catalog).
+    pub fn primary_key_name(&self) -> String {
+        format!("{}_pkey", self.name)
+    }
+
     /// The columns that identify a row: the primary key, or every column without one.
     fn identity_columns(&self) -> Vec<usize> {
         if self.primary_key.is_empty() { (0..self.schema.fields().len()).collect() } else { self.primary_key.clone() }
@@ -447,7 +452,7 @@ impl TableState {
             .map(|&i| array_value_to_string(rows.column(i), row).unwrap_or_else(|_| "?".into()))
             .collect();
         Error::UniqueViolation {
-            constraint: format!("{}_pkey", self.def.name),
+            constraint: self.def.primary_key_name(),
             detail: format!("Key ({})=({}) already exists.", names.join(", "), values.join(", ")),
         }
     }

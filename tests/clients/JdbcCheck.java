@@ -1,5 +1,5 @@
 // Drives freshet with pgjdbc the way an application does: connect, list tables and views
-// through DatabaseMetaData, list columns with their JDBC types, and run a prepared
+// through DatabaseMetaData, list columns with their JDBC types and primary keys, and run a prepared
 // statement with parameters. Prints one line per fact; tests/clients.rs checks them.
 //
 // Usage: java -cp postgresql.jar:DIR JdbcCheck JDBC_URL USER PASSWORD
@@ -20,6 +20,17 @@ public class JdbcCheck {
                 while (rs.next()) {
                     System.out.println("column " + rs.getString("COLUMN_NAME") + " " + rs.getString("TYPE_NAME")
                         + " " + rs.getInt("DATA_TYPE") + " nullable=" + rs.getString("IS_NULLABLE"));
+                }
+            }
+            for (String table : new String[]{"readings", "per_device"}) {
+                try (ResultSet rs = meta.getPrimaryKeys(null, "public", table)) {
+                    int keys = 0;
+                    while (rs.next()) {
+                        keys++;
+                        System.out.println("primary key " + rs.getString("TABLE_NAME") + " " + rs.getString("COLUMN_NAME")
+                            + " " + rs.getInt("KEY_SEQ") + " " + rs.getString("PK_NAME"));
+                    }
+                    System.out.println("primary key columns " + table + " " + keys);
                 }
             }
             try (PreparedStatement ps = conn.prepareStatement(

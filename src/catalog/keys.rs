@@ -1,0 +1,503 @@
+//! Primary keys and column defaults as Postgres' catalogs describe them, for the clients
+//! that read them there: pgjdbc's `getPrimaryKeys` (`pg_index`), psql's `\d` (index
+//! relations in `pg_class`, `pg_get_indexdef`, `pg_get_constraintdef`), Metabase's field
+//! sync (`information_schema.table_constraints` and `key_column_usage`) and SQLAlchemy's
+//! column defaults (`pg_attrdef`).
+//!
+//! Every freshet table declared with a PRIMARY KEY has, as in Postgres, a unique index
+//! relation `<table>_pkey` (relkind `i`, btree) and a constraint of the same name
+//! (contype `p`). Neither exists as an object in freshet: the rows here are derived from
+//! the table definitions of the current snapshot whenever a catalog is read, with OIDs
+//! computed from the table's OID so that they stay stable between queries. Other
+//! constraint kinds (UNIQUE, FOREIGN KEY, CHECK) do not exist in freshet, so they have no
+//! rows. Nothing here changes data.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    Array, ArrayRef, BooleanArray, Int16Array, Int32Array, ListArray, RecordBatch, StringArray, StructArray,
+    UInt64Array, new_null_array,
+};
+use datafusion::arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef};
+use datafusion::catalog::{SchemaProvider, Session, TableProvider};
+use datafusion::error::Result as DfResult;
+
+use super::SCHEMA_NAME;
+use super::table::Snapshot;
+
+/// Index relations get `table OID + INDEX_OID_OFFSET`, constraints `+ CONSTRAINT_OID_OFFSET`
+/// and column defaults `ATTRDEF_OID_BASE + …`. The crate hands out relation OIDs counting
+/// up from 16384, so these ranges stay clear of them for any realistic number of relations.
+const INDEX_OID_OFFSET: i32 = 0x2000_0000;
+const CONSTRAINT_OID_OFFSET: i32 = 0x3000_0000;
+const ATTRDEF_OID_BASE: i32 = 0x4000_0000;
+/// The OID of the btree access method in `pg_am`.
+pub(super) const BTREE_AM_OID: i32 = 403;
+
+/// The OIDs the crate gave the `public` namespace and the relations in it.
+#[derive(Debug, Default)]
+pub(super) struct PublicOids {
+    pub namespace: i32,
+    pub relations: HashMap<String, i32>,
+}
+
+/// Reads the OIDs of `public` and its relations from the crate's own `pg_namespace` and
+/// `pg_class` (`pg_catalog` before freshet's corrections).
+pub(super) async fn public_oids(pg_catalog: &dyn SchemaProvider, state: &dyn Session) -> DfResult<PublicOids> {
+    let mut oids = PublicOids::default();
+    if let Some(namespaces) = pg_catalog.table("pg_namespace").await? {
+        for batch in scan_all(namespaces.as_ref(), state).await? {
+            let (Some(ids), Some(names)) = (int32_column(&batch, "oid"), text_column(&batch, "nspname")) else {
+                continue;
+            };
+            for (id, name) in ids.iter().zip(names.iter()) {
+                if let (Some(id), Some(SCHEMA_NAME)) = (id, name) {
+                    oids.namespace = id;
+                }
+            }
+        }
+    }
+    if let Some(classes) = pg_catalog.table("pg_class").await? {
+        for batch in scan_all(classes.as_ref(), state).await? {
+            let (Some(ids), Some(names), Some(spaces)) =
+                (int32_column(&batch, "oid"), text_column(&batch, "relname"), int32_column(&batch, "relnamespace"))
+            else {
+                continue;
+            };
+            for row in 0..batch.num_rows() {
+                if ids.is_valid(row)
+                    && names.is_valid(row)
+                    && spaces.is_valid(row)
+                    && spaces.value(row) == oids.namespace
+                {
+                    oids.relations.insert(names.value(row).to_string(), ids.value(row));
+                }
+            }
+        }
+    }
+    Ok(oids)
+}
+
+/// One table's primary key, named as Postgres names it.
+#[derive(Debug, Clone)]
+pub(super) struct PrimaryKey {
+    pub table: String,
+    pub table_oid: i32,
+    pub namespace_oid: i32,
+    /// `<table>_pkey`: the name of both the index and the constraint.
+    pub name: String,
+    /// `(attnum, column name)` in key order; attnums count from 1.
+    pub columns: Vec<(i16, String)>,
+}
+
+impl PrimaryKey {
+    pub fn index_oid(&self) -> i32 {
+        self.table_oid.wrapping_add(INDEX_OID_OFFSET)
+    }
+
+    pub fn constraint_oid(&self) -> i32 {
+        self.table_oid.wrapping_add(CONSTRAINT_OID_OFFSET)
+    }
+
+    fn column_list(&self) -> String {
+        self.columns.iter().map(|(_, name)| super::system::quote_ident(name)).collect::<Vec<_>>().join(", ")
+    }
+
+    /// What `pg_get_indexdef(oid)` answers.
+    pub fn index_definition(&self) -> String {
+        format!(
+            "CREATE UNIQUE INDEX {} ON {}.{} USING btree ({})",
+            super::system::quote_ident(&self.name),
+            SCHEMA_NAME,
+            super::system::quote_ident(&self.table),
+            self.column_list()
+        )
+    }
+
+    /// What `pg_get_constraintdef(oid)` answers.
+    pub fn constraint_definition(&self) -> String {
+        format!("PRIMARY KEY ({})", self.column_list())
+    }
+}
+
+/// The primary keys of the tables in `snapshot`, with the OIDs in `oids`.
+pub(super) fn primary_keys(snapshot: &Snapshot, oids: &PublicOids) -> Vec<PrimaryKey> {
+    snapshot
+        .tables
+        .values()
+        .filter(|version| !version.def.primary_key.is_empty())
+        .filter_map(|version| {
+            let def = &version.def;
+            let table_oid = *oids.relations.get(&def.name)?;
+            let columns = def.primary_key.iter().map(|&i| (attnum(i), def.schema.field(i).name().clone())).collect();
+            Some(PrimaryKey {
+                table: def.name.clone(),
+                table_oid,
+                namespace_oid: oids.namespace,
+                name: def.primary_key_name(),
+                columns,
+            })
+        })
+        .collect()
+}
+
+/// A column's attnum: its 1-based position (freshet tables never drop columns).
+fn attnum(index: usize) -> i16 {
+    i16::try_from(index + 1).unwrap_or(i16::MAX)
+}
+
+/// `pg_class` rows for the index relations behind `keys`, cloned from the row of each
+/// key's table in `batch` (rows of other relations are ignored).
+pub(super) fn index_classes(batch: &RecordBatch, keys: &[PrimaryKey]) -> DfResult<Option<RecordBatch>> {
+    let Some(ids) = int32_column(batch, "oid") else { return Ok(None) };
+    let mut rows = Vec::new();
+    for key in keys {
+        let Some(row) = (0..batch.num_rows()).find(|&r| ids.is_valid(r) && ids.value(r) == key.table_oid) else {
+            continue;
+        };
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns());
+        for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
+            let replaced: Option<ArrayRef> = match field.name().as_str() {
+                "oid" | "relfilenode" => Some(Arc::new(Int32Array::from(vec![key.index_oid()]))),
+                "relname" => Some(Arc::new(StringArray::from(vec![key.name.clone()]))),
+                "relkind" => Some(Arc::new(StringArray::from(vec!["i"]))),
+                "relam" => Some(Arc::new(Int32Array::from(vec![BTREE_AM_OID]))),
+                "relnatts" => Some(Arc::new(Int16Array::from(vec![attnum(key.columns.len() - 1)]))),
+                "reltype" | "reltoastrelid" => Some(Arc::new(Int32Array::from(vec![0]))),
+                "relhasindex" => Some(Arc::new(BooleanArray::from(vec![false]))),
+                _ => None,
+            };
+            columns.push(match replaced {
+                Some(array) if array.data_type() == field.data_type() => array,
+                _ => column.slice(row, 1),
+            });
+        }
+        rows.push(RecordBatch::try_new(batch.schema(), columns)?);
+    }
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(datafusion::arrow::compute::concat_batches(&batch.schema(), &rows)?))
+}
+
+/// Rows for `pg_index` (schema `schema`), one per primary key.
+pub(super) fn index_rows(schema: &SchemaRef, keys: &[PrimaryKey]) -> DfResult<RecordBatch> {
+    let n = keys.len();
+    let natts: Vec<i16> = keys.iter().map(|k| attnum(k.columns.len() - 1)).collect();
+    let repeat = |value: &str, k: &PrimaryKey| vec![value; k.columns.len()].join(" ");
+    build_rows(schema, n, |name| -> Option<ArrayRef> {
+        Some(match name {
+            "indexrelid" => Arc::new(Int32Array::from_iter_values(keys.iter().map(PrimaryKey::index_oid))),
+            "indrelid" => Arc::new(Int32Array::from_iter_values(keys.iter().map(|k| k.table_oid))),
+            "indnatts" | "indnkeyatts" => Arc::new(Int16Array::from(natts.clone())),
+            "indisunique" | "indisprimary" | "indimmediate" | "indisvalid" | "indisready" | "indislive" => {
+                Arc::new(BooleanArray::from(vec![true; n]))
+            }
+            "indnullsnotdistinct" | "indisexclusion" | "indisclustered" | "indcheckxmin" | "indisreplident" => {
+                Arc::new(BooleanArray::from(vec![false; n]))
+            }
+            // int2vector and oidvector columns, in their text form ("1 2").
+            "indkey" => Arc::new(StringArray::from_iter_values(
+                keys.iter().map(|k| k.columns.iter().map(|(n, _)| n.to_string()).collect::<Vec<_>>().join(" ")),
+            )),
+            "indcollation" | "indoption" => {
+                Arc::new(StringArray::from_iter_values(keys.iter().map(|k| repeat("0", k))))
+            }
+            _ => return None,
+        })
+    })
+}
+
+/// Rows for `pg_constraint` (schema `schema`, whose `conkey` is a list of int2), one per
+/// primary key.
+pub(super) fn constraint_rows(schema: &SchemaRef, keys: &[PrimaryKey]) -> DfResult<RecordBatch> {
+    let n = keys.len();
+    build_rows(schema, n, |name| -> Option<ArrayRef> {
+        Some(match name {
+            "oid" => Arc::new(Int32Array::from_iter_values(keys.iter().map(PrimaryKey::constraint_oid))),
+            "conname" => Arc::new(StringArray::from_iter_values(keys.iter().map(|k| k.name.clone()))),
+            "connamespace" => Arc::new(Int32Array::from_iter_values(keys.iter().map(|k| k.namespace_oid))),
+            "contype" => Arc::new(StringArray::from(vec!["p"; n])),
+            "condeferrable" | "condeferred" | "connoinherit" => Arc::new(BooleanArray::from(vec![false; n])),
+            "convalidated" | "conislocal" => Arc::new(BooleanArray::from(vec![true; n])),
+            "conrelid" => Arc::new(Int32Array::from_iter_values(keys.iter().map(|k| k.table_oid))),
+            "contypid" | "conparentid" | "confrelid" => Arc::new(Int32Array::from(vec![0; n])),
+            "conindid" => Arc::new(Int32Array::from_iter_values(keys.iter().map(PrimaryKey::index_oid))),
+            "coninhcount" => Arc::new(Int16Array::from(vec![0; n])),
+            "confupdtype" | "confdeltype" | "confmatchtype" => Arc::new(StringArray::from(vec![" "; n])),
+            "conkey" => Arc::new(int2_lists(keys.iter().map(|k| Some(k.columns.iter().map(|(n, _)| *n).collect())))),
+            _ => return None,
+        })
+    })
+}
+
+/// `pg_constraint` with `conkey` and `confkey` as int2 arrays, as in Postgres (the crate
+/// keeps them as text), so that `attnum = ANY(conkey)` plans.
+pub(super) fn constraint_schema(inner: &SchemaRef) -> SchemaRef {
+    let fields: Vec<Field> = inner
+        .fields()
+        .iter()
+        .map(|f| match f.name().as_str() {
+            "conkey" | "confkey" => Field::new(f.name(), int2_list_type(), true),
+            _ => f.as_ref().clone(),
+        })
+        .collect();
+    Arc::new(Schema::new(fields))
+}
+
+/// The crate's `pg_constraint` rows converted to [`constraint_schema`].
+pub(super) fn convert_constraints(batch: &RecordBatch, schema: &SchemaRef) -> DfResult<RecordBatch> {
+    let mut columns = Vec::with_capacity(batch.num_columns());
+    for (field, column) in schema.fields().iter().zip(batch.columns()) {
+        if field.data_type() == column.data_type() {
+            columns.push(column.clone());
+            continue;
+        }
+        let text = column.as_any().downcast_ref::<StringArray>();
+        let lists = match text {
+            Some(text) => int2_lists(text.iter().map(|t| t.map(parse_int_list))),
+            None => int2_lists((0..column.len()).map(|_| None)),
+        };
+        columns.push(Arc::new(lists) as ArrayRef);
+    }
+    Ok(RecordBatch::try_new(schema.clone(), columns)?)
+}
+
+fn int2_list_type() -> DataType {
+    DataType::List(Arc::new(Field::new_list_field(DataType::Int16, true)))
+}
+
+fn int2_lists(lists: impl Iterator<Item = Option<Vec<i16>>>) -> ListArray {
+    ListArray::from_iter_primitive::<datafusion::arrow::datatypes::Int16Type, _, _>(
+        lists.map(|list| list.map(|values| values.into_iter().map(Some).collect::<Vec<_>>())),
+    )
+}
+
+/// The integers of an array or vector in any of the text forms catalogs use:
+/// `1 2` (int2vector), `{1,2}` (Postgres arrays), `[1, 2]`.
+pub(super) fn parse_int_list(text: &str) -> Vec<i16> {
+    text.split(|c: char| c.is_whitespace() || matches!(c, ',' | '{' | '}' | '[' | ']'))
+        .filter_map(|part| part.parse().ok())
+        .collect()
+}
+
+/// `pg_attrdef` rows (schema `schema`) for the DEFAULT expressions of freshet's tables;
+/// `adbin` holds the expression as the user wrote it, which `pg_get_expr` returns.
+pub(super) fn default_rows(schema: &SchemaRef, snapshot: &Snapshot, oids: &PublicOids) -> DfResult<RecordBatch> {
+    let mut rows: Vec<(i32, i32, i16, String)> = Vec::new();
+    for version in snapshot.tables.values() {
+        let def = &version.def;
+        let Some(&table_oid) = oids.relations.get(&def.name) else { continue };
+        for (column, text) in &def.default_texts {
+            let Ok(i) = def.schema.index_of(column) else { continue };
+            let number = attnum(i);
+            let oid = table_oid.saturating_sub(16384).saturating_mul(1600).saturating_add(ATTRDEF_OID_BASE);
+            rows.push((oid.saturating_add(i32::from(number)), table_oid, number, text.clone()));
+        }
+    }
+    build_rows(schema, rows.len(), |name| -> Option<ArrayRef> {
+        Some(match name {
+            "oid" => Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.0))),
+            "adrelid" => Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.1))),
+            "adnum" => Arc::new(Int16Array::from_iter_values(rows.iter().map(|r| r.2))),
+            "adbin" => Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.3.clone()))),
+            _ => return None,
+        })
+    })
+}
+
+/// A batch of `n` rows of `schema`: each column from `column(name)` when it gives one of
+/// the right type, NULL (or the type's zero value where NULL is not allowed) otherwise.
+fn build_rows(schema: &SchemaRef, n: usize, column: impl Fn(&str) -> Option<ArrayRef>) -> DfResult<RecordBatch> {
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|field| match column(field.name()) {
+            Some(array) if array.data_type() == field.data_type() => Ok(array),
+            _ if field.is_nullable() => Ok(new_null_array(field.data_type(), n)),
+            // Columns the crate declares NOT NULL get the type's zero value ("", 0, false).
+            _ => datafusion::scalar::ScalarValue::new_default(field.data_type())?.to_array_of_size(n),
+        })
+        .collect::<DfResult<Vec<_>>>()?;
+    Ok(RecordBatch::try_new_with_options(
+        schema.clone(),
+        columns,
+        &datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(n)),
+    )?)
+}
+
+/// `information_schema.table_constraints`: one PRIMARY KEY row per keyed table.
+pub(super) fn table_constraints(snapshot: &Snapshot) -> DfResult<RecordBatch> {
+    let keyed: Vec<_> = snapshot.tables.values().filter(|v| !v.def.primary_key.is_empty()).collect();
+    let n = keyed.len();
+    let text = |name: &str| Field::new(name, DataType::Utf8, true);
+    let schema = Arc::new(Schema::new(vec![
+        text("constraint_catalog"),
+        text("constraint_schema"),
+        text("constraint_name"),
+        text("table_catalog"),
+        text("table_schema"),
+        text("table_name"),
+        text("constraint_type"),
+        text("is_deferrable"),
+        text("initially_deferred"),
+        text("enforced"),
+        text("nulls_distinct"),
+    ]));
+    let constant = |value: &str| -> ArrayRef { Arc::new(StringArray::from(vec![value; n])) };
+    let columns: Vec<ArrayRef> = vec![
+        constant(super::CATALOG_NAME),
+        constant(SCHEMA_NAME),
+        Arc::new(StringArray::from_iter_values(keyed.iter().map(|v| v.def.primary_key_name()))),
+        constant(super::CATALOG_NAME),
+        constant(SCHEMA_NAME),
+        Arc::new(StringArray::from_iter_values(keyed.iter().map(|v| v.def.name.clone()))),
+        constant("PRIMARY KEY"),
+        constant("NO"),
+        constant("NO"),
+        constant("YES"),
+        Arc::new(StringArray::from(vec![None::<&str>; n])),
+    ];
+    Ok(RecordBatch::try_new(schema, columns)?)
+}
+
+/// `information_schema.key_column_usage`: one row per primary-key column.
+pub(super) fn key_column_usage(snapshot: &Snapshot) -> DfResult<RecordBatch> {
+    let mut rows: Vec<(String, String, String, u64)> = Vec::new();
+    for version in snapshot.tables.values() {
+        let def = &version.def;
+        for (position, &i) in def.primary_key.iter().enumerate() {
+            rows.push((
+                def.primary_key_name(),
+                def.name.clone(),
+                def.schema.field(i).name().clone(),
+                position as u64 + 1,
+            ));
+        }
+    }
+    let n = rows.len();
+    let text = |name: &str| Field::new(name, DataType::Utf8, true);
+    let schema = Arc::new(Schema::new(vec![
+        text("constraint_catalog"),
+        text("constraint_schema"),
+        text("constraint_name"),
+        text("table_catalog"),
+        text("table_schema"),
+        text("table_name"),
+        text("column_name"),
+        Field::new("ordinal_position", DataType::UInt64, true),
+        Field::new("position_in_unique_constraint", DataType::UInt64, true),
+    ]));
+    let constant = |value: &str| -> ArrayRef { Arc::new(StringArray::from(vec![value; n])) };
+    let columns: Vec<ArrayRef> = vec![
+        constant(super::CATALOG_NAME),
+        constant(SCHEMA_NAME),
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0.clone()))),
+        constant(super::CATALOG_NAME),
+        constant(SCHEMA_NAME),
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.1.clone()))),
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.2.clone()))),
+        Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.3))),
+        Arc::new(UInt64Array::from(vec![None; n])),
+    ];
+    Ok(RecordBatch::try_new(schema, columns)?)
+}
+
+/// `information_schema._pg_expandarray(array)`: the elements of an array or int2vector
+/// with their 1-based positions, as a list of `(x, n)` structs. The catalog rewrite wraps
+/// each call in `unnest`, which makes it the set-returning function pgjdbc expects.
+pub(super) fn expand_array(arrays: &[ArrayRef], rows: usize) -> DfResult<ArrayRef> {
+    let Some(input) = arrays.first() else {
+        return Err(datafusion::error::DataFusionError::Plan("_pg_expandarray needs an array".into()));
+    };
+    let lists: Vec<Option<Vec<i16>>> = if let Some(text) = input.as_any().downcast_ref::<StringArray>() {
+        text.iter().map(|t| t.map(parse_int_list)).collect()
+    } else if let Some(list) = input.as_any().downcast_ref::<ListArray>() {
+        let values = datafusion::arrow::compute::cast(list.values(), &DataType::Int16)?;
+        let values = datafusion::common::cast::as_int16_array(&values)?;
+        (0..list.len())
+            .map(|row| {
+                list.is_valid(row).then(|| {
+                    let (start, end) = (list.value_offsets()[row] as usize, list.value_offsets()[row + 1] as usize);
+                    (start..end).map(|i| values.value(i)).collect()
+                })
+            })
+            .collect()
+    } else {
+        return Err(datafusion::error::DataFusionError::Plan(format!(
+            "_pg_expandarray of {} is not supported",
+            input.data_type()
+        )));
+    };
+    let fields = expanded_fields();
+    let mut offsets = vec![0i32];
+    let (mut xs, mut ns, mut valid) = (Vec::new(), Vec::new(), Vec::new());
+    for row in 0..rows {
+        let list = lists.get(row).cloned().flatten();
+        valid.push(list.is_some());
+        for (position, x) in list.unwrap_or_default().into_iter().enumerate() {
+            xs.push(x);
+            ns.push(i32::try_from(position + 1).unwrap_or(i32::MAX));
+        }
+        offsets.push(i32::try_from(xs.len()).unwrap_or(i32::MAX));
+    }
+    let structs = StructArray::try_new(
+        fields.clone(),
+        vec![Arc::new(Int16Array::from(xs)), Arc::new(Int32Array::from(ns))],
+        None,
+    )?;
+    let list = ListArray::try_new(
+        Arc::new(Field::new_list_field(DataType::Struct(fields), true)),
+        datafusion::arrow::buffer::OffsetBuffer::new(offsets.into()),
+        Arc::new(structs),
+        Some(valid.into()),
+    )?;
+    Ok(Arc::new(list))
+}
+
+/// The fields of what `_pg_expandarray` returns: the element `x` and its position `n`.
+pub(super) fn expanded_fields() -> Fields {
+    Fields::from(vec![Field::new("x", DataType::Int16, true), Field::new("n", DataType::Int32, true)])
+}
+
+async fn scan_all(table: &dyn TableProvider, state: &dyn Session) -> DfResult<Vec<RecordBatch>> {
+    let plan = table.scan(state, None, &[], None).await?;
+    datafusion::physical_plan::collect(plan, state.task_ctx()).await
+}
+
+fn int32_column(batch: &RecordBatch, name: &str) -> Option<Int32Array> {
+    let i = batch.schema().index_of(name).ok()?;
+    batch.column(i).as_any().downcast_ref::<Int32Array>().cloned()
+}
+
+fn text_column(batch: &RecordBatch, name: &str) -> Option<StringArray> {
+    let i = batch.schema().index_of(name).ok()?;
+    batch.column(i).as_any().downcast_ref::<StringArray>().cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn integer_lists_parse_in_every_catalog_spelling() {
+        assert_eq!(parse_int_list("1 2"), vec![1, 2]);
+        assert_eq!(parse_int_list("{3,1}"), vec![3, 1]);
+        assert_eq!(parse_int_list("[2, 20, 3]"), vec![2, 20, 3]);
+        assert_eq!(parse_int_list(""), Vec::<i16>::new());
+    }
+
+    #[test]
+    fn expanded_arrays_number_their_elements_from_one() {
+        let input: ArrayRef = Arc::new(StringArray::from(vec![Some("2 1"), None]));
+        let out = expand_array(&[input], 2).expect("expands");
+        let list = out.as_any().downcast_ref::<ListArray>().expect("a list");
+        assert!(list.is_null(1));
+        let first = list.value(0);
+        let pairs = first.as_any().downcast_ref::<StructArray>().expect("structs");
+        let xs = pairs.column(0).as_any().downcast_ref::<Int16Array>().expect("x");
+        let ns = pairs.column(1).as_any().downcast_ref::<Int32Array>().expect("n");
+        assert_eq!((xs.values().to_vec(), ns.values().to_vec()), (vec![2, 1], vec![1, 2]));
+    }
+}
