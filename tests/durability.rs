@@ -132,3 +132,33 @@ async fn init_file_runs_before_clients_connect() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("init.sql") && stderr.contains("42601"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_are_listed_and_a_damaged_newest_one_falls_back_to_the_one_before() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = Process::start(dir.path(), &[]);
+    let client = common::connect(&server.connection_string).await;
+    client.batch_execute("CREATE TABLE t (id INT PRIMARY KEY)").await.expect("create");
+    // One commit per statement: two snapshots' worth of log segments (one every 2048).
+    let inserts: String = (0..4200).map(|i| format!("INSERT INTO t VALUES ({i});")).collect();
+    client.batch_execute(&inserts).await.expect("inserts");
+    let ok = "SELECT count(*) FROM freshet_catalog.snapshots WHERE status = 'ok' AND bytes > 0 AND rows > 2000";
+    common::wait_for(&client, ok, 2).await;
+    let failed = "SELECT count(*) FROM freshet_catalog.snapshots WHERE status <> 'ok' OR error IS NOT NULL";
+    assert_eq!(common::count(&client, failed).await, 0);
+    server.kill_9();
+
+    let mut snapshots: Vec<_> = std::fs::read_dir(dir.path().join("snapshot"))
+        .expect("snapshot directory")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    snapshots.sort();
+    assert_eq!(snapshots.len(), 2, "the newest two are kept: {snapshots:?}");
+    std::fs::write(snapshots.last().expect("newest"), b"damaged").expect("damaged");
+
+    let server = Process::start(dir.path(), &[]);
+    let client = common::connect(&server.connection_string).await;
+    assert_eq!(common::count(&client, "SELECT count(*) FROM t").await, 4200, "nothing lost");
+    assert_eq!(common::count(&client, "SELECT count(DISTINCT id) FROM t").await, 4200);
+    server.kill_9();
+}

@@ -216,6 +216,8 @@ struct Shared {
     writer: tokio::sync::Mutex<Writer>,
     log: Log,
     snapshot_running: AtomicBool,
+    /// The snapshots written or attempted since the server started, newest last.
+    snapshots: std::sync::Mutex<std::collections::VecDeque<status::SnapshotRecord>>,
     feeds: Arc<Feeds>,
     epochs: Arc<view::Epochs>,
     /// Plain views: query text, relations read, and creation order (for the log snapshot).
@@ -447,6 +449,7 @@ impl Database {
                 writer: tokio::sync::Mutex::new(writer),
                 log,
                 snapshot_running: AtomicBool::new(false),
+                snapshots: std::sync::Mutex::new(std::collections::VecDeque::new()),
                 feeds: Arc::new(Feeds::default()),
                 epochs: Arc::new(view::Epochs::default()),
                 plain_views: std::sync::Mutex::new(BTreeMap::new()),
@@ -1059,6 +1062,7 @@ impl Database {
         let shared = self.shared.clone();
         tokio::spawn(async move {
             let snapshot = shared.cell.committed();
+            let started = (chrono::Utc::now(), std::time::Instant::now());
             let result = async {
                 let mut entries = Vec::new();
                 let sources =
@@ -1109,10 +1113,26 @@ impl Database {
                 shared.log.write_snapshot(snapshot.seq, &entries).await
             }
             .await;
-            match result {
-                Ok(()) => tracing::info!(seq = snapshot.seq, "snapshot written"),
-                Err(e) => tracing::warn!(seq = snapshot.seq, "snapshot failed, the log is kept: {e}"),
+            match &result {
+                Ok(bytes) => tracing::info!(seq = snapshot.seq, bytes, "snapshot written"),
+                Err(e) => tracing::warn!(
+                    seq = snapshot.seq,
+                    "snapshot failed, the log is kept (tried again after the next commits): {e}"
+                ),
             }
+            let record = status::SnapshotRecord {
+                seq: snapshot.seq,
+                started_at: started.0,
+                duration: started.1.elapsed(),
+                rows: snapshot.tables.values().map(|t| t.num_rows() as u64).sum(),
+                result: result.map_err(|e| e.to_string()),
+            };
+            let mut history = shared.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+            if history.len() == status::SNAPSHOT_HISTORY {
+                history.pop_front();
+            }
+            history.push_back(record);
+            drop(history);
             shared.snapshot_running.store(false, Ordering::Release);
         });
     }

@@ -8,6 +8,9 @@
 //!   [`super::source::DEAD_LETTERS_KEPT`] per source), with where they came from and why.
 //! - `sinks`: per sink, messages and bytes written, retractions left out by append mode,
 //!   errors, status and the last error.
+//! - `snapshots`: the state snapshots written (or attempted) since the server started: the
+//!   log position each covers, when, how long it took, its size, the rows it holds, and the
+//!   error of a failed one.
 //!
 //! Each relation is computed when a query plans it.
 
@@ -27,7 +30,22 @@ use crate::error::{Error, Result};
 
 /// The schema's name.
 pub const SCHEMA: &str = "freshet_catalog";
-pub(super) const TABLES: [&str; 3] = ["source_progress", "dead_letters", "sinks"];
+pub(super) const TABLES: [&str; 4] = ["source_progress", "dead_letters", "sinks", "snapshots"];
+
+/// Most snapshot attempts `snapshots` remembers.
+pub(super) const SNAPSHOT_HISTORY: usize = 100;
+
+/// One snapshot attempt.
+pub(super) struct SnapshotRecord {
+    /// The log segment it covers up to.
+    pub seq: u64,
+    pub started_at: chrono::DateTime<chrono::Utc>,
+    pub duration: std::time::Duration,
+    /// Rows of tables and sources it holds.
+    pub rows: u64,
+    /// Its size in bytes, or why it failed.
+    pub result: std::result::Result<u64, String>,
+}
 
 pub fn install(ctx: &SessionContext, shared: Weak<Shared>) -> Result<()> {
     let catalog =
@@ -59,6 +77,7 @@ impl SchemaProvider for Status {
             "source_progress" => source_progress(&shared),
             "dead_letters" => dead_letters(&shared),
             "sinks" => sinks(&shared),
+            "snapshots" => snapshots(&shared),
             _ => return Ok(None),
         }
         .map_err(|e| DataFusionError::External(Box::new(e)))?;
@@ -231,6 +250,32 @@ fn sinks(shared: &Shared) -> Result<RecordBatch> {
         Arc::new(Int64Array::from_iter_values(list.iter().map(|(_, _, r)| r.errors as i64))),
         Arc::new(StringArray::from_iter_values(list.iter().map(|(_, _, r)| r.state.status.clone()))),
         Arc::new(StringArray::from_iter(list.iter().map(|(_, _, r)| r.state.last_error.clone()))),
+    ];
+    Ok(RecordBatch::try_new(schema, columns)?)
+}
+
+fn snapshots(shared: &Shared) -> Result<RecordBatch> {
+    let schema: SchemaRef = Arc::new(Schema::new(vec![
+        big("log_position", false),
+        Field::new("started_at", DataType::Timestamp(TimeUnit::Millisecond, Some("+00:00".into())), false),
+        big("duration_ms", false),
+        big("bytes", true),
+        big("rows", false),
+        text("status", false),
+        text("error", true),
+    ]));
+    let history = shared.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(Int64Array::from_iter_values(history.iter().map(|r| r.seq as i64))),
+        Arc::new(
+            TimestampMillisecondArray::from_iter_values(history.iter().map(|r| r.started_at.timestamp_millis()))
+                .with_timezone("+00:00"),
+        ),
+        Arc::new(Int64Array::from_iter_values(history.iter().map(|r| r.duration.as_millis() as i64))),
+        Arc::new(Int64Array::from_iter(history.iter().map(|r| r.result.as_ref().ok().map(|b| *b as i64)))),
+        Arc::new(Int64Array::from_iter_values(history.iter().map(|r| r.rows as i64))),
+        Arc::new(StringArray::from_iter_values(history.iter().map(|r| if r.result.is_ok() { "ok" } else { "failed" }))),
+        Arc::new(StringArray::from_iter(history.iter().map(|r| r.result.as_ref().err().cloned()))),
     ];
     Ok(RecordBatch::try_new(schema, columns)?)
 }

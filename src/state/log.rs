@@ -13,7 +13,8 @@
 //!
 //! Layout under the store root (owned by [`segment_path`] and [`snapshot_path`]):
 //! `log/<seq>.seg` for segments and `snapshot/<seq>.snap` for snapshots, where a snapshot
-//! with sequence `S` contains everything in segments `1..=S`. Each object is written with
+//! with sequence `S` contains everything in segments `1..=S`. The newest two snapshots are
+//! kept, with every segment after the older one, so a damaged newest snapshot is survived. Each object is written with
 //! a single `put`, which object stores make atomic, and carries a CRC32 trailer so that a
 //! damaged file is detected rather than half-read.
 
@@ -38,6 +39,9 @@ const SNAPSHOT_MAGIC: &[u8; 8] = b"FRSHSNP1";
 const MAX_APPENDS_PER_SEGMENT: usize = 4096;
 /// Appends waiting for the committer before writers feel backpressure.
 const QUEUE_DEPTH: usize = 8192;
+/// Snapshots kept (with the log after the oldest of them): recovery falls back to an
+/// older one when the newest is damaged.
+pub const SNAPSHOTS_KEPT: usize = 2;
 
 /// One record in the log: what it is (`header`, meaningful to the caller) and its rows.
 #[derive(Debug, Clone)]
@@ -108,18 +112,36 @@ fn seq_of(path: &Path, suffix: &str) -> Option<u64> {
 }
 
 impl Log {
-    /// Reads what storage holds and starts the committer. Fails if any stored object is
-    /// damaged or a segment is missing: recovering past a hole would silently lose data.
+    /// Reads what storage holds and starts the committer. A damaged or unreadable newest
+    /// snapshot is reported and the one before it used (with the longer log after it).
+    /// Fails if a segment the chosen snapshot needs is damaged or missing: recovering past
+    /// a hole would silently lose data.
     pub async fn open(store: Arc<dyn ObjectStore>) -> Result<(Log, Recovered)> {
         let snapshot_seqs = list_seqs(&store, "snapshot", ".snap").await?;
-        let snapshot = match snapshot_seqs.last() {
-            Some(&seq) => {
-                let path = snapshot_path(seq);
-                let bytes = store.get(&path).await?.bytes().await?;
-                Some((seq, decode(&bytes, SNAPSHOT_MAGIC, &path)?))
+        let first_segment = list_seqs(&store, "log", ".seg").await?.first().copied();
+        let mut snapshot = None;
+        let mut damaged = Vec::new();
+        for &seq in snapshot_seqs.iter().rev() {
+            let path = snapshot_path(seq);
+            let read = async { Ok::<_, Error>(store.get(&path).await?.bytes().await?) }.await;
+            match read.and_then(|bytes| decode(&bytes, SNAPSHOT_MAGIC, &path)) {
+                Ok(entries) => {
+                    snapshot = Some((seq, entries));
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!("snapshot {path} is unusable ({e}); trying the one before it");
+                    damaged.push(e);
+                }
             }
-            None => None,
-        };
+        }
+        if snapshot.is_none() && !damaged.is_empty() && first_segment != Some(1) {
+            // Without a snapshot the log must go back to its first segment.
+            return Err(damaged.remove(0));
+        }
+        if let (Some((seq, _)), false) = (&snapshot, damaged.is_empty()) {
+            tracing::warn!("recovering from the older snapshot {seq} and the log after it");
+        }
         let base = snapshot.as_ref().map_or(0, |(seq, _)| *seq);
         let mut segments = Vec::new();
         let mut expected = base + 1;
@@ -162,25 +184,30 @@ impl Log {
         Ok(Ack(acked))
     }
 
-    /// Stores a snapshot of everything up to and including segment `seq`, then deletes the
-    /// segments and snapshots it makes redundant.
-    pub async fn write_snapshot(&self, seq: u64, entries: &[LogEntry]) -> Result<()> {
+    /// Stores a snapshot of everything up to and including segment `seq`; returns its size.
+    /// Then deletes what is no longer needed to recover from any of the newest
+    /// [`SNAPSHOTS_KEPT`] snapshots: older snapshots, and the segments up to the oldest
+    /// kept one (so a damaged newest snapshot still leaves a way back).
+    pub async fn write_snapshot(&self, seq: u64, entries: &[LogEntry]) -> Result<u64> {
         let bytes = encode(entries, SNAPSHOT_MAGIC)?;
         let size = bytes.len() as u64;
         self.store.put(&snapshot_path(seq), bytes.into()).await?;
         self.stats.bytes_written.fetch_add(size, Ordering::Relaxed);
         self.stats.snapshot_seq.store(seq, Ordering::Relaxed);
-        for old in list_seqs(&self.store, "snapshot", ".snap").await? {
-            if old < seq {
+        let snapshots = list_seqs(&self.store, "snapshot", ".snap").await?;
+        let kept = &snapshots[snapshots.len().saturating_sub(SNAPSHOTS_KEPT)..];
+        let oldest_kept = kept.first().copied().unwrap_or(seq);
+        for &old in &snapshots {
+            if old < oldest_kept {
                 self.store.delete(&snapshot_path(old)).await?;
             }
         }
         for old in list_seqs(&self.store, "log", ".seg").await? {
-            if old <= seq {
+            if old <= oldest_kept {
                 self.store.delete(&segment_path(old)).await?;
             }
         }
-        Ok(())
+        Ok(size)
     }
 
     /// Counters for metrics.
@@ -424,5 +451,40 @@ mod tests {
         assert_eq!(snap.len(), 1);
         assert_eq!(recovered.segments.len(), 1);
         assert_eq!(recovered.segments[0].1[0].header, b"later");
+    }
+
+    #[tokio::test]
+    async fn a_damaged_newest_snapshot_falls_back_to_the_one_before() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new_with_prefix(dir.path()).expect("store"));
+        let (log, _) = Log::open(store.clone()).await.expect("opens");
+        let append = |tag: &'static str| {
+            let log = &log;
+            async move {
+                let ack = log.enqueue(vec![entry(tag, None)], Box::new(|_| {})).await.expect("queued");
+                ack.durable().await.expect("durable")
+            }
+        };
+        let first = append("a1").await;
+        log.write_snapshot(first, &[entry("upto-a1", None)]).await.expect("snapshot");
+        append("a2").await;
+        let third = append("a3").await;
+        log.write_snapshot(third, &[entry("upto-a3", None)]).await.expect("snapshot");
+        append("a4").await;
+        drop(log);
+
+        // The newest snapshot is damaged: the older one and the log after it give the same state.
+        store.put(&snapshot_path(third), Bytes::from_static(b"garbage").into()).await.expect("damaged");
+        let (log, recovered) = Log::open(store.clone()).await.expect("falls back");
+        let (seq, entries) = recovered.snapshot.expect("the older snapshot");
+        assert_eq!((seq, entries[0].header.as_slice()), (first, b"upto-a1".as_slice()));
+        let tags: Vec<&[u8]> = recovered.segments.iter().map(|(_, e)| e[0].header.as_slice()).collect();
+        assert_eq!(tags, [b"a2".as_slice(), b"a3", b"a4"]);
+        drop(log);
+
+        // Both damaged and the log's start gone: refused, naming the newest snapshot.
+        store.put(&snapshot_path(first), Bytes::from_static(b"garbage").into()).await.expect("damaged");
+        let err = Log::open(store).await.err().expect("nothing usable");
+        assert!(err.to_string().contains(&snapshot_path(third).to_string()), "{err}");
     }
 }
