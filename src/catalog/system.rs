@@ -554,6 +554,10 @@ pub fn parse(text: &str, setting: &dyn Fn(&str) -> Result<String>) -> Result<Vec
 /// `get_field(record, 'field')`, which DataFusion plans; several `unnest`s in one select
 /// list step together, as several set-returning functions do in Postgres.
 ///
+/// `generate_subscripts(array, dim)`, the positions of an array's elements as a set
+/// (SQLAlchemy numbers primary-key columns with it next to `unnest(indkey)`), becomes
+/// `unnest` of the list of those positions, so that it steps together with that `unnest`.
+///
 /// Also: `obj_description`, `col_description` and `shobj_description` become NULL before
 /// their arguments are planned. freshet keeps no comments, so NULL is their value for any
 /// object, and clients name the object with casts DataFusion cannot evaluate (Metabase:
@@ -573,20 +577,21 @@ impl VisitorMut for CompositeValues {
                     .and_then(|p| p.as_ident())
                     .is_some_and(|i| i.value.eq_ignore_ascii_case(EXPAND_ARRAY)) =>
             {
-                let args = match &f.args {
-                    datafusion::sql::sqlparser::ast::FunctionArguments::List(list) => list
-                        .args
-                        .iter()
-                        .map(|arg| match arg {
-                            datafusion::sql::sqlparser::ast::FunctionArg::Unnamed(
-                                datafusion::sql::sqlparser::ast::FunctionArgExpr::Expr(e),
-                            ) => Some(e.clone()),
-                            _ => None,
-                        })
-                        .collect::<Option<Vec<_>>>(),
+                function_args(f).and_then(|args| call(EXPAND_ARRAY, args)).and_then(|inner| call("unnest", vec![inner]))
+            }
+            SqlExpr::Function(f)
+                if f.name
+                    .0
+                    .last()
+                    .and_then(|p| p.as_ident())
+                    .is_some_and(|i| i.value.eq_ignore_ascii_case("generate_subscripts")) =>
+            {
+                match function_args(f).as_deref() {
+                    Some([array, dimension]) => {
+                        parse_expr(&format!("unnest(range(1, CAST(array_length({array}, {dimension}) AS BIGINT) + 1))"))
+                    }
                     _ => None,
-                };
-                args.and_then(|args| call(EXPAND_ARRAY, args)).and_then(|inner| call("unnest", vec![inner]))
+                }
             }
             SqlExpr::Function(f)
                 if f.name.0.last().and_then(|p| p.as_ident()).is_some_and(|i| {
@@ -621,6 +626,25 @@ impl VisitorMut for CompositeValues {
         }
         ControlFlow::Continue(())
     }
+}
+
+/// The arguments of a call, when all are plain expressions (no names, no `*`).
+fn function_args(f: &datafusion::sql::sqlparser::ast::Function) -> Option<Vec<SqlExpr>> {
+    use datafusion::sql::sqlparser::ast::{FunctionArg, FunctionArgExpr, FunctionArguments};
+    let FunctionArguments::List(list) = &f.args else { return None };
+    list.args
+        .iter()
+        .map(|arg| match arg {
+            FunctionArg::Unnamed(FunctionArgExpr::Expr(e)) => Some(e.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// An expression from its Postgres SQL text.
+fn parse_expr(text: &str) -> Option<SqlExpr> {
+    let dialect = datafusion::sql::sqlparser::dialect::PostgreSqlDialect {};
+    datafusion::sql::sqlparser::parser::Parser::new(&dialect).try_with_sql(text).ok()?.parse_expr().ok()
 }
 
 /// A call of the function `name` with `args`.
@@ -1160,8 +1184,9 @@ struct KeyRows {
 impl Correction for KeyRows {
     fn schema(&self, inner: SchemaRef) -> SchemaRef {
         match self.table {
-            KeyTable::Constraint => super::keys::constraint_schema(&inner),
-            KeyTable::Index | KeyTable::Default => inner,
+            KeyTable::Constraint => super::keys::with_int2_arrays(&inner, super::keys::CONSTRAINT_ARRAYS),
+            KeyTable::Index => super::keys::with_int2_arrays(&inner, super::keys::INDEX_ARRAYS),
+            KeyTable::Default => inner,
         }
     }
 
@@ -1176,10 +1201,10 @@ impl Correction for KeyRows {
         let keys = super::keys::primary_keys(&snapshot, &oids);
         let schema = self.schema(schema.clone());
         let mut rows = match self.table {
-            KeyTable::Constraint => {
-                batches.iter().map(|b| super::keys::convert_constraints(b, &schema)).collect::<DfResult<Vec<_>>>()?
+            KeyTable::Constraint | KeyTable::Index => {
+                batches.iter().map(|b| super::keys::convert_int2_arrays(b, &schema)).collect::<DfResult<Vec<_>>>()?
             }
-            KeyTable::Index | KeyTable::Default => batches,
+            KeyTable::Default => batches,
         };
         rows.push(match self.table {
             KeyTable::Index => super::keys::index_rows(&schema, &keys)?,
