@@ -171,6 +171,11 @@ fn classify(root: &DataFusionError, sql: &str) -> Error {
                 Error::Plan { code: "42702", message, position: None }
             }
         }
+        DataFusionError::NotImplemented(message) | DataFusionError::Plan(message)
+            if let Some(refusal) = unplannable_subquery(message) =>
+        {
+            refusal
+        }
         DataFusionError::NotImplemented(message) => Error::NotSupported { feature: message.clone(), hint: None },
         DataFusionError::Plan(message) => classify_plan_message(message),
         DataFusionError::ArrowError(arrow_error, _) => classify_arrow_message(&arrow_error.to_string()),
@@ -193,6 +198,25 @@ fn clone_freshet_error(e: &Error) -> Error {
         Error::Canceled => Error::Canceled,
         other => Error::Plan { code: other.sqlstate(), message: other.to_string(), position: other.position() },
     }
+}
+
+/// DataFusion's refusals of a correlated subquery it cannot turn into a join, as what the
+/// user can change. DataFusion decorrelates a subquery whose outer references are
+/// equalities in its WHERE clause; a scalar one must also compute one aggregate.
+fn unplannable_subquery(message: &str) -> Option<Error> {
+    let feature = if message.starts_with("Physical plan does not support logical expression")
+        && ["ScalarSubquery", "Exists", "InSubquery"].iter().any(|kind| message.contains(kind))
+    {
+        "a correlated subquery that refers to the outer query other than by equalities in its WHERE clause (e.g. `inner.x <> outer.y`, or outer columns in its select list)"
+    } else if message.contains("Correlated scalar subquery must be aggregated") {
+        "a correlated scalar subquery that is neither a plain `SELECT expression FROM … WHERE …` nor one aggregate (e.g. with GROUP BY, DISTINCT, UNION or LIMIT n)"
+    } else {
+        return None;
+    };
+    Some(Error::NotSupported {
+        feature: feature.into(),
+        hint: Some("correlate the subquery by equalities (inner.x = outer.y), or join the relation instead".into()),
+    })
 }
 
 fn classify_plan_message(message: &str) -> Error {
@@ -322,6 +346,20 @@ mod tests {
         assert_eq!(e.sqlstate(), "42601");
         assert_eq!(e.position(), Some(8));
         assert!(e.to_string().starts_with("syntax error: Expected"), "{e}");
+    }
+
+    #[test]
+    fn subqueries_datafusion_cannot_decorrelate_are_0a000() {
+        for refusal in [
+            DataFusionError::NotImplemented(
+                "Physical plan does not support logical expression ScalarSubquery(<subquery>)".into(),
+            ),
+            DataFusionError::Plan("Correlated scalar subquery must be aggregated to return at most one row".into()),
+        ] {
+            let e = classify(&refusal, "");
+            assert_eq!(e.sqlstate(), "0A000", "{e}");
+            assert!(e.to_string().starts_with("a correlated"), "{e}");
+        }
     }
 
     #[test]

@@ -10,7 +10,8 @@ use std::process::Command;
 
 use common::{TestServer, run_program, stdout_of};
 
-/// A table, a materialized view over it and a plain view, with rows.
+/// A table, a materialized view over it and a plain view, with rows; and a table whose
+/// primary key lists its columns out of table order, with a column DEFAULT.
 async fn server_with_catalog() -> TestServer {
     let server = TestServer::start().await;
     let client = server.connect().await;
@@ -22,6 +23,7 @@ async fn server_with_catalog() -> TestServer {
              CREATE MATERIALIZED VIEW per_device AS
                SELECT device, avg(temperature) AS avg_temp, count(*) AS n FROM readings GROUP BY device;
              CREATE VIEW hot AS SELECT id, device FROM readings WHERE temperature > 20;
+             CREATE TABLE stations (region TEXT, id INT, name TEXT NOT NULL DEFAULT 'unnamed', PRIMARY KEY (id, region));
              FLUSH;",
         )
         .await
@@ -140,6 +142,11 @@ async fn pgjdbc_lists_tables_and_columns_and_runs_prepared_statements() {
         "primary key readings id 1 readings_pkey",
         "primary key columns readings 1",
         "primary key columns per_device 0",
+        // getIndexInfo: the primary-key index, unique, its columns in key order.
+        "index readings readings_pkey unique 1 id A",
+        "index stations stations_pkey unique 1 id A",
+        "index stations stations_pkey unique 2 region A",
+        "index columns stations 2",
         "row d-1 21.5",
         "inserted 1",
         "in transaction count 2",
@@ -167,13 +174,18 @@ async fn psycopg_sqlalchemy_and_pandas_read_the_catalog_and_a_view() {
     for expected in [
         "row d-1 21.5",
         "inserted 1",
-        "tables ['readings']",
+        "tables ['readings', 'stations']",
         "views ['hot']",
         "matviews ['per_device']",
         "column id INTEGER not null",
         "column device TEXT not null",
         "column temperature DOUBLE PRECISION nullable",
         "column at TIMESTAMP nullable",
+        // get_pk_constraint: the key's name and its columns in key order, not table order.
+        "pk stations stations_pkey ['id', 'region']",
+        "pk readings readings_pkey ['id']",
+        "default stations region None",
+        "default stations name 'unnamed'",
         "frame d-1 20.25 2",
         "frame d-2 30.0 1",
         "frame d-8 2.5 1",

@@ -197,13 +197,11 @@ pub(super) fn index_rows(schema: &SchemaRef, keys: &[PrimaryKey]) -> DfResult<Re
             "indnullsnotdistinct" | "indisexclusion" | "indisclustered" | "indcheckxmin" | "indisreplident" => {
                 Arc::new(BooleanArray::from(vec![false; n]))
             }
-            // int2vector and oidvector columns, in their text form ("1 2").
-            "indkey" => Arc::new(StringArray::from_iter_values(
-                keys.iter().map(|k| k.columns.iter().map(|(n, _)| n.to_string()).collect::<Vec<_>>().join(" ")),
-            )),
-            "indcollation" | "indoption" => {
-                Arc::new(StringArray::from_iter_values(keys.iter().map(|k| repeat("0", k))))
-            }
+            "indkey" => Arc::new(int2_lists(keys.iter().map(|k| Some(k.columns.iter().map(|(n, _)| *n).collect())))),
+            // Every key column sorts ascending, NULLs last: option bits 0.
+            "indoption" => Arc::new(int2_lists(keys.iter().map(|k| Some(vec![0; k.columns.len()])))),
+            // An oidvector, in its text form ("0 0"): no collations.
+            "indcollation" => Arc::new(StringArray::from_iter_values(keys.iter().map(|k| repeat("0", k)))),
             _ => return None,
         })
     })
@@ -232,22 +230,38 @@ pub(super) fn constraint_rows(schema: &SchemaRef, keys: &[PrimaryKey]) -> DfResu
     })
 }
 
-/// `pg_constraint` with `conkey` and `confkey` as int2 arrays, as in Postgres (the crate
-/// keeps them as text), so that `attnum = ANY(conkey)` plans.
-pub(super) fn constraint_schema(inner: &SchemaRef) -> SchemaRef {
+/// The columns of `pg_constraint` that are int2 arrays in Postgres and text in the crate.
+pub(super) const CONSTRAINT_ARRAYS: &[&str] = &["conkey", "confkey"];
+/// The columns of `pg_index` that are int2vectors in Postgres and text in the crate.
+pub(super) const INDEX_ARRAYS: &[&str] = &["indkey", "indoption"];
+
+/// `inner` with the `arrays` columns as int2 arrays, as in Postgres (the crate keeps them
+/// as text), so that clients' `attnum = ANY(conkey)`, `unnest(indkey)` and
+/// `indoption[i]` plan.
+///
+/// An int2vector (`indkey`, `indoption`) becomes an int2 array: its elements and order
+/// are the same, but it counts from 1 where an int2vector counts from 0, and it prints as
+/// `{1,2}` rather than `1 2`. Clients read these through `unnest`, `_pg_expandarray` or
+/// `generate_subscripts` (order only); pgjdbc's `indoption[position - 1]` reads NULL for
+/// the first column and option 0 for the others, and decides "ascending" either way,
+/// which every freshet key column is.
+pub(super) fn with_int2_arrays(inner: &SchemaRef, arrays: &[&str]) -> SchemaRef {
     let fields: Vec<Field> = inner
         .fields()
         .iter()
-        .map(|f| match f.name().as_str() {
-            "conkey" | "confkey" => Field::new(f.name(), int2_list_type(), true),
-            _ => f.as_ref().clone(),
+        .map(|f| {
+            if arrays.contains(&f.name().as_str()) {
+                Field::new(f.name(), int2_list_type(), true)
+            } else {
+                f.as_ref().clone()
+            }
         })
         .collect();
     Arc::new(Schema::new(fields))
 }
 
-/// The crate's `pg_constraint` rows converted to [`constraint_schema`].
-pub(super) fn convert_constraints(batch: &RecordBatch, schema: &SchemaRef) -> DfResult<RecordBatch> {
+/// The crate's rows converted to `schema` (from [`with_int2_arrays`]).
+pub(super) fn convert_int2_arrays(batch: &RecordBatch, schema: &SchemaRef) -> DfResult<RecordBatch> {
     let mut columns = Vec::with_capacity(batch.num_columns());
     for (field, column) in schema.fields().iter().zip(batch.columns()) {
         if field.data_type() == column.data_type() {

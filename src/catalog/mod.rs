@@ -5,7 +5,8 @@
 //! sources, the running materialized views (`view`), the ingest tasks of sources
 //! (`source`, with their connector positions and dead letters), the sinks writing views
 //! out (`sink`), the models and their versions (`model`), the system catalog clients
-//! introspect (`system`, with primary keys and defaults in `keys`), the connector status relations of `freshet_catalog` (`status`),
+//! introspect (`system`, with primary keys and defaults in `keys` and select-list subqueries
+//! in `subqueries`), the connector status relations of `freshet_catalog` (`status`),
 //! and the durable log. Statement execution follows one rule: a change is applied in memory
 //! under the writer lock, queued to the log in that same order, and becomes visible to
 //! readers only when the log has stored it (the log's committer publishes the snapshot).
@@ -18,6 +19,7 @@ mod model;
 mod sink;
 mod source;
 mod status;
+mod subqueries;
 pub mod system;
 pub mod table;
 pub mod view;

@@ -9,13 +9,14 @@
 //! of `pg_matviews`, plain views are rows of `pg_views`, and `pg_roles` names the user
 //! clients log in as.
 //!
-//! [`parse`] sends catalog queries through the same crate's rewriting parser, which turns
+//! [`parse`] sends catalog queries through the same crate's rewriting rules, which turn
 //! the Postgres-only syntax clients use (`'t'::regclass`, `OPERATOR(pg_catalog.~)`, …) into
-//! SQL DataFusion plans. Nothing here changes data.
+//! SQL DataFusion plans; `subqueries` answers the scalar subqueries of select lists in
+//! place of the crate's rule that makes them NULL. Nothing here changes data.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ops::ControlFlow;
-use std::sync::{Arc, LazyLock, RwLock};
+use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, StringArray};
@@ -30,7 +31,6 @@ use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::{Expr as SqlExpr, Value as SqlValue, Visit, VisitMut, Visitor, VisitorMut};
 use datafusion_pg_catalog::pg_catalog::context::{PgCatalogContextProvider, Role};
-use datafusion_pg_catalog::sql::PostgresCompatibilityParser;
 
 use super::table::SnapshotCell;
 use super::{CATALOG_NAME, SCHEMA_NAME};
@@ -117,6 +117,7 @@ fn register_functions(ctx: &SessionContext) {
     }
     ctx.register_udf(TextFunction::udf("json_build_object", json_build_object));
     register_unsupported_subquery(ctx);
+    super::subqueries::register(ctx);
     ctx.register_udf(TextFunction::udf("format", pg_format));
     // Descriptions, comments and definitions freshet does not keep: NULL, as in Postgres
     // for an object without a comment.
@@ -525,7 +526,6 @@ fn constant_text_udf(name: &str, value: &str) -> ScalarUDF {
 /// `current_setting('name')` is replaced by the value `setting` gives for `name` (the
 /// session's settings live with the connection, not in the planner).
 pub fn parse(text: &str, setting: &dyn Fn(&str) -> Result<String>) -> Result<VecDeque<Statement>> {
-    static PARSER: LazyLock<PostgresCompatibilityParser> = LazyLock::new(PostgresCompatibilityParser::new);
     if !is_catalog_query(text) {
         return sql::parse(text);
     }
@@ -535,7 +535,7 @@ pub fn parse(text: &str, setting: &dyn Fn(&str) -> Result<String>) -> Result<Vec
     }
     let text = inline_settings(&text, setting)?;
     let text = text.as_str();
-    match PARSER.parse(text) {
+    match super::subqueries::rewrite(text) {
         Ok(statements) => Ok(statements
             .into_iter()
             .map(|mut s| {
@@ -553,6 +553,10 @@ pub fn parse(text: &str, setting: &dyn Fn(&str) -> Result<String>) -> Result<Vec
 /// `(record).field` reads a field. They become `unnest` of a list of structs and
 /// `get_field(record, 'field')`, which DataFusion plans; several `unnest`s in one select
 /// list step together, as several set-returning functions do in Postgres.
+///
+/// `generate_subscripts(array, dim)`, the positions of an array's elements as a set
+/// (SQLAlchemy numbers primary-key columns with it next to `unnest(indkey)`), becomes
+/// `unnest` of the list of those positions, so that it steps together with that `unnest`.
 ///
 /// Also: `obj_description`, `col_description` and `shobj_description` become NULL before
 /// their arguments are planned. freshet keeps no comments, so NULL is their value for any
@@ -573,20 +577,21 @@ impl VisitorMut for CompositeValues {
                     .and_then(|p| p.as_ident())
                     .is_some_and(|i| i.value.eq_ignore_ascii_case(EXPAND_ARRAY)) =>
             {
-                let args = match &f.args {
-                    datafusion::sql::sqlparser::ast::FunctionArguments::List(list) => list
-                        .args
-                        .iter()
-                        .map(|arg| match arg {
-                            datafusion::sql::sqlparser::ast::FunctionArg::Unnamed(
-                                datafusion::sql::sqlparser::ast::FunctionArgExpr::Expr(e),
-                            ) => Some(e.clone()),
-                            _ => None,
-                        })
-                        .collect::<Option<Vec<_>>>(),
+                function_args(f).and_then(|args| call(EXPAND_ARRAY, args)).and_then(|inner| call("unnest", vec![inner]))
+            }
+            SqlExpr::Function(f)
+                if f.name
+                    .0
+                    .last()
+                    .and_then(|p| p.as_ident())
+                    .is_some_and(|i| i.value.eq_ignore_ascii_case("generate_subscripts")) =>
+            {
+                match function_args(f).as_deref() {
+                    Some([array, dimension]) => {
+                        parse_expr(&format!("unnest(range(1, CAST(array_length({array}, {dimension}) AS BIGINT) + 1))"))
+                    }
                     _ => None,
-                };
-                args.and_then(|args| call(EXPAND_ARRAY, args)).and_then(|inner| call("unnest", vec![inner]))
+                }
             }
             SqlExpr::Function(f)
                 if f.name.0.last().and_then(|p| p.as_ident()).is_some_and(|i| {
@@ -621,6 +626,25 @@ impl VisitorMut for CompositeValues {
         }
         ControlFlow::Continue(())
     }
+}
+
+/// The arguments of a call, when all are plain expressions (no names, no `*`).
+fn function_args(f: &datafusion::sql::sqlparser::ast::Function) -> Option<Vec<SqlExpr>> {
+    use datafusion::sql::sqlparser::ast::{FunctionArg, FunctionArgExpr, FunctionArguments};
+    let FunctionArguments::List(list) = &f.args else { return None };
+    list.args
+        .iter()
+        .map(|arg| match arg {
+            FunctionArg::Unnamed(FunctionArgExpr::Expr(e)) => Some(e.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// An expression from its Postgres SQL text.
+fn parse_expr(text: &str) -> Option<SqlExpr> {
+    let dialect = datafusion::sql::sqlparser::dialect::PostgreSqlDialect {};
+    datafusion::sql::sqlparser::parser::Parser::new(&dialect).try_with_sql(text).ok()?.parse_expr().ok()
 }
 
 /// A call of the function `name` with `args`.
@@ -664,7 +688,7 @@ impl VisitorMut for NullCaseSubqueries {
             conditions.iter_mut().map(|when| &mut when.result).chain(else_result.iter_mut().map(|e| &mut **e));
         for result in results {
             if let SqlExpr::Subquery(query) = &*result {
-                if aggregates(query) {
+                if super::subqueries::aggregates(query) {
                     continue;
                 }
                 let text = SqlExpr::Value(SqlValue::SingleQuotedString(query.to_string()).with_empty_span());
@@ -708,21 +732,6 @@ fn register_unsupported_subquery(ctx: &SessionContext) {
     ));
 }
 
-/// Whether a subquery computes one aggregate (`SELECT max(…) FROM …`), the form of
-/// correlated scalar subquery DataFusion plans.
-fn aggregates(query: &datafusion::sql::sqlparser::ast::Query) -> bool {
-    use datafusion::sql::sqlparser::ast::{SelectItem, SetExpr};
-    let SetExpr::Select(select) = query.body.as_ref() else { return false };
-    let [item] = select.projection.as_slice() else { return false };
-    let (SelectItem::UnnamedExpr(SqlExpr::Function(f)) | SelectItem::ExprWithAlias { expr: SqlExpr::Function(f), .. }) =
-        item
-    else {
-        return false;
-    };
-    let name = f.name.to_string().to_ascii_lowercase();
-    ["max", "min", "count", "bool_and", "bool_or", "string_agg", "array_agg"].contains(&name.as_str())
-}
-
 fn has_unplannable_subquery(expr: &SqlExpr) -> bool {
     Visit::visit(expr, &mut FindSubquery).is_break()
 }
@@ -734,7 +743,7 @@ impl Visitor for FindSubquery {
 
     fn pre_visit_expr(&mut self, expr: &SqlExpr) -> ControlFlow<()> {
         match expr {
-            SqlExpr::Subquery(query) if !aggregates(query) => ControlFlow::Break(()),
+            SqlExpr::Subquery(query) if !super::subqueries::aggregates(query) => ControlFlow::Break(()),
             _ => ControlFlow::Continue(()),
         }
     }
@@ -757,6 +766,14 @@ const CLIENT_REWRITES: &[(&str, &str)] = &[
     (
         "(SELECT pg_catalog.pg_get_expr(pg_catalog.pg_attrdef.adbin, pg_catalog.pg_attrdef.adrelid) AS pg_get_expr_1 FROM pg_catalog.pg_attrdef WHERE pg_catalog.pg_attribute.atthasdef AND pg_catalog.pg_attrdef.adrelid = pg_catalog.pg_attribute.attrelid AND pg_catalog.pg_attrdef.adnum = pg_catalog.pg_attribute.attnum)",
         "(SELECT max(pg_catalog.pg_get_expr(pg_catalog.pg_attrdef.adbin, pg_catalog.pg_attrdef.adrelid)) FROM pg_catalog.pg_attrdef WHERE pg_catalog.pg_attrdef.adrelid = pg_catalog.pg_attribute.attrelid AND pg_catalog.pg_attrdef.adnum = pg_catalog.pg_attribute.attnum)",
+    ),
+    // psql 15/16 `\d name`: the Collation column. The subquery compares the outer
+    // column with `<>`, which DataFusion cannot decorrelate; behind `attcollation <> 0`
+    // (no collation has OID 0, so the answer is the same) it is refused only where a
+    // column has a collation, and freshet's have none.
+    (
+        "(SELECT c.collname FROM pg_catalog.pg_collation c, pg_catalog.pg_type t WHERE c.oid = a.attcollation AND t.oid = a.atttypid AND a.attcollation <> t.typcollation) AS attcollation",
+        "CASE WHEN a.attcollation <> 0 THEN (SELECT c.collname FROM pg_catalog.pg_collation c, pg_catalog.pg_type t WHERE c.oid = a.attcollation AND t.oid = a.atttypid AND a.attcollation <> t.typcollation) END AS attcollation",
     ),
     // psql 15/16 `\d+ name`: table storage options (freshet has none). ARRAY(subquery)
     // is not supported by DataFusion.
@@ -1160,8 +1177,9 @@ struct KeyRows {
 impl Correction for KeyRows {
     fn schema(&self, inner: SchemaRef) -> SchemaRef {
         match self.table {
-            KeyTable::Constraint => super::keys::constraint_schema(&inner),
-            KeyTable::Index | KeyTable::Default => inner,
+            KeyTable::Constraint => super::keys::with_int2_arrays(&inner, super::keys::CONSTRAINT_ARRAYS),
+            KeyTable::Index => super::keys::with_int2_arrays(&inner, super::keys::INDEX_ARRAYS),
+            KeyTable::Default => inner,
         }
     }
 
@@ -1176,10 +1194,10 @@ impl Correction for KeyRows {
         let keys = super::keys::primary_keys(&snapshot, &oids);
         let schema = self.schema(schema.clone());
         let mut rows = match self.table {
-            KeyTable::Constraint => {
-                batches.iter().map(|b| super::keys::convert_constraints(b, &schema)).collect::<DfResult<Vec<_>>>()?
+            KeyTable::Constraint | KeyTable::Index => {
+                batches.iter().map(|b| super::keys::convert_int2_arrays(b, &schema)).collect::<DfResult<Vec<_>>>()?
             }
-            KeyTable::Index | KeyTable::Default => batches,
+            KeyTable::Default => batches,
         };
         rows.push(match self.table {
             KeyTable::Index => super::keys::index_rows(&schema, &keys)?,

@@ -1,5 +1,5 @@
 // Drives freshet with pgjdbc the way an application does: connect, list tables and views
-// through DatabaseMetaData, list columns with their JDBC types and primary keys, and run a prepared
+// through DatabaseMetaData, list columns with their JDBC types, primary keys and indexes, and run a prepared
 // statement with parameters. Prints one line per fact; tests/clients.rs checks them.
 //
 // Usage: java -cp postgresql.jar:DIR JdbcCheck JDBC_URL USER PASSWORD
@@ -31,6 +31,18 @@ public class JdbcCheck {
                             + " " + rs.getInt("KEY_SEQ") + " " + rs.getString("PK_NAME"));
                     }
                     System.out.println("primary key columns " + table + " " + keys);
+                }
+            }
+            for (String table : new String[]{"readings", "stations"}) {
+                try (ResultSet rs = meta.getIndexInfo(null, "public", table, false, false)) {
+                    int columns = 0;
+                    while (rs.next()) {
+                        columns++;
+                        System.out.println("index " + rs.getString("TABLE_NAME") + " " + rs.getString("INDEX_NAME")
+                            + " " + (rs.getBoolean("NON_UNIQUE") ? "non-unique" : "unique") + " "
+                            + rs.getInt("ORDINAL_POSITION") + " " + rs.getString("COLUMN_NAME") + " " + rs.getString("ASC_OR_DESC"));
+                    }
+                    System.out.println("index columns " + table + " " + columns);
                 }
             }
             try (PreparedStatement ps = conn.prepareStatement(

@@ -1,5 +1,5 @@
 """Drives freshet with Python's Postgres stack the way an analyst does: psycopg 3 with
-parameters, SQLAlchemy 2 inspection, and pandas.read_sql of a view. Prints one line per
+parameters, SQLAlchemy 2 inspection (tables, views, columns with defaults, primary keys), and pandas.read_sql of a view. Prints one line per
 fact; tests/clients.rs checks them.
 
 Usage: python3 python_check.py HOST PORT USER PASSWORD
@@ -35,6 +35,11 @@ print("views", sorted(inspector.get_view_names()))
 print("matviews", sorted(inspector.get_materialized_view_names()))
 for column in inspector.get_columns("readings"):
     print("column", column["name"], str(column["type"]), "nullable" if column["nullable"] else "not null")
+for table in ("stations", "readings"):
+    pk = inspector.get_pk_constraint(table)
+    print("pk", table, pk["name"], pk["constrained_columns"])
+for column in inspector.get_columns("stations"):
+    print("default stations", column["name"], column["default"])
 
 with engine.connect() as conn:
     frame = pandas.read_sql("SELECT * FROM per_device ORDER BY device", conn)

@@ -1,0 +1,275 @@
+//! Scalar subqueries in the select list of catalog queries, which clients use to fetch one
+//! fact per row (a column's default, collation or sequence).
+//!
+//! datafusion-pg-catalog's rewriting parser replaces every such subquery it thinks is
+//! correlated with NULL (`RemoveSubqueryFromProjection`) and stamps `LIMIT 1` on the rest,
+//! so a subquery DataFusion cannot plan silently answers NULL, and one that returns several
+//! rows answers its first. freshet runs the crate's other rules itself ([`rewrite`]) and
+//! puts [`SelectListSubqueries`] in that one's place: a subquery that is a select-list
+//! item is turned into the one-aggregate form DataFusion decorrelates, with the same
+//! answer as in Postgres (NULL for no row, the value for one, 21000 for more), or left
+//! for DataFusion to plan or refuse (0A000, see `error`). Nothing here changes data.
+
+use std::ops::ControlFlow;
+use std::sync::{Arc, LazyLock};
+
+use datafusion::arrow::datatypes::DataType;
+use datafusion::error::Result as DfResult;
+use datafusion::logical_expr::{ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility};
+use datafusion::prelude::SessionContext;
+use datafusion::sql::sqlparser::ast::{
+    Expr as SqlExpr, GroupByExpr, LimitClause, OrderBy, OrderByKind, Query, SelectItem, SetExpr,
+    Statement as SqlStatement, Value as SqlValue, VisitMut, VisitorMut,
+};
+use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
+use datafusion::sql::sqlparser::parser::{Parser, ParserError};
+use datafusion_pg_catalog::sql::PostgresCompatibilityParser;
+use datafusion_pg_catalog::sql::rules::{
+    AliasDuplicatedProjectionRewrite, CurrentUserVariableToSessionUserFunctionCall, FixArrayLiteral,
+    FixVersionColumnName, PrependUnqualifiedPgTableName, ResolveUnqualifiedIdentifier, RewriteArrayAnyAllOperation,
+    RewritePgCatalogOperator, RewriteRegCastToSubquery, SqlStatementRewriteRule, StripCallableQualifier, StripCollate,
+};
+
+use crate::error::Error;
+
+/// The crate's parser: its whole-query replacements of known client queries, and the
+/// reference for [`rewrite`].
+static PARSER: LazyLock<PostgresCompatibilityParser> = LazyLock::new(PostgresCompatibilityParser::new);
+
+/// The crate's rewrite rules (`PostgresCompatibilityParser::new`, datafusion-pg-catalog
+/// 0.19) in the crate's order, without `RemoveSubqueryFromProjection`.
+static RULES: LazyLock<Vec<Arc<dyn SqlStatementRewriteRule>>> = LazyLock::new(|| {
+    vec![
+        Arc::new(AliasDuplicatedProjectionRewrite),
+        Arc::new(ResolveUnqualifiedIdentifier),
+        Arc::new(RewriteArrayAnyAllOperation),
+        Arc::new(PrependUnqualifiedPgTableName),
+        Arc::new(StripCallableQualifier),
+        Arc::new(FixArrayLiteral),
+        Arc::new(CurrentUserVariableToSessionUserFunctionCall),
+        Arc::new(StripCollate),
+        Arc::new(RewritePgCatalogOperator),
+        Arc::new(RewriteRegCastToSubquery::new()),
+        Arc::new(FixVersionColumnName),
+    ]
+});
+
+/// Parses a catalog query as the crate's parser does, but with [`SelectListSubqueries`]
+/// in place of the crate's rule for select-list subqueries.
+///
+/// A query the crate replaces wholesale (its list of known client queries it answers
+/// with an empty stub, e.g. psql's `\d` publication lookup) keeps the crate's result:
+/// when the crate's rules over the plain parse do not reproduce the crate's answer, a
+/// replacement happened.
+pub(super) fn rewrite(text: &str) -> Result<Vec<SqlStatement>, ParserError> {
+    let crates = PARSER.parse(text)?;
+    let Ok(plain) = Parser::parse_sql(&PostgreSqlDialect {}, text) else { return Ok(crates) };
+    let replaced =
+        plain.len() != crates.len() || plain.iter().cloned().map(|s| PARSER.rewrite(s)).ne(crates.iter().cloned());
+    if replaced {
+        return Ok(crates);
+    }
+    Ok(plain
+        .into_iter()
+        .map(|statement| {
+            let mut statement = RULES.iter().fold(statement, |s, rule| rule.rewrite(s));
+            let _ = VisitMut::visit(&mut statement, &mut SelectListSubqueries);
+            statement
+        })
+        .collect())
+}
+
+/// Turns a scalar subquery that is an item of a select list into one DataFusion plans
+/// with Postgres' answer. `(SELECT e FROM … WHERE …)` becomes
+/// `(SELECT freshet_single_row(count(*), first_value(e)) FROM … WHERE …)`: NULL when no
+/// row matches, `e` when one does, and 21000 when several do, as in Postgres; DataFusion
+/// decorrelates it like any one-aggregate subquery. `… LIMIT 1` (with or without ORDER BY)
+/// becomes `first_value(e [ORDER BY …])`.
+///
+/// A subquery that already aggregates, or has any other shape (GROUP BY, DISTINCT, UNION,
+/// OFFSET, …), is left as written: DataFusion answers it if it is uncorrelated (and
+/// refuses more than one row), and refuses it otherwise, which `error` reports as 0A000.
+pub(super) struct SelectListSubqueries;
+
+impl VisitorMut for SelectListSubqueries {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, query: &mut Query) -> ControlFlow<()> {
+        let SetExpr::Select(select) = query.body.as_mut() else { return ControlFlow::Continue(()) };
+        for item in &mut select.projection {
+            if let SelectItem::UnnamedExpr(SqlExpr::Subquery(subquery))
+            | SelectItem::ExprWithAlias { expr: SqlExpr::Subquery(subquery), .. } = item
+            {
+                answer_one_row(subquery);
+            }
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// Rewrites `query` to the one-aggregate form (see [`SelectListSubqueries`]) when it has
+/// the plain shape `SELECT e FROM … [WHERE …] [ORDER BY …] [LIMIT 1]`.
+fn answer_one_row(query: &mut Query) {
+    let limit_one = match &query.limit_clause {
+        None => false,
+        Some(LimitClause::LimitOffset { limit: Some(SqlExpr::Value(v)), offset: None, limit_by })
+            if limit_by.is_empty() && matches!(&v.value, SqlValue::Number(n, _) if n == "1") =>
+        {
+            true
+        }
+        Some(_) => return,
+    };
+    if query.with.is_some() || query.fetch.is_some() || !query.locks.is_empty() || aggregates(query) {
+        return;
+    }
+    let SetExpr::Select(select) = query.body.as_mut() else { return };
+    let ungrouped = matches!(&select.group_by, GroupByExpr::Expressions(keys, modifiers) if keys.is_empty() && modifiers.is_empty());
+    if select.distinct.is_some()
+        || !ungrouped
+        || select.having.is_some()
+        || !select.named_window.is_empty()
+        || select.qualify.is_some()
+    {
+        return;
+    }
+    let [item] = select.projection.as_mut_slice() else { return };
+    let (SelectItem::UnnamedExpr(value) | SelectItem::ExprWithAlias { expr: value, .. }) = item else { return };
+    let Some(order_by) = aggregate_order(query.order_by.as_ref(), value) else { return };
+    let text = if limit_one {
+        format!("first_value({value}{order_by})")
+    } else {
+        format!("{SINGLE_ROW}(count(*), first_value({value}))")
+    };
+    let Ok(one_row) = Parser::new(&PostgreSqlDialect {}).try_with_sql(&text).and_then(|mut p| p.parse_expr()) else {
+        return;
+    };
+    *value = one_row;
+    query.order_by = None;
+    query.limit_clause = None;
+}
+
+/// A subquery's ORDER BY as the ORDER BY of an aggregate over its one select-list item
+/// `value` (" ORDER BY …", or "" without one): `ORDER BY 1` names that item. None when it
+/// names an item by another number.
+fn aggregate_order(order_by: Option<&OrderBy>, value: &SqlExpr) -> Option<String> {
+    let Some(order_by) = order_by else { return Some(String::new()) };
+    let OrderByKind::Expressions(keys) = &order_by.kind else { return None };
+    let mut keys = keys.clone();
+    for key in &mut keys {
+        if let SqlExpr::Value(v) = &key.expr
+            && let SqlValue::Number(n, _) = &v.value
+        {
+            if n != "1" {
+                return None;
+            }
+            key.expr = value.clone();
+        }
+    }
+    Some(format!(" ORDER BY {}", keys.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")))
+}
+
+/// Whether a subquery computes one aggregate (`SELECT max(…) FROM …`, no GROUP BY), the
+/// form of correlated scalar subquery DataFusion plans.
+pub(super) fn aggregates(query: &Query) -> bool {
+    let SetExpr::Select(select) = query.body.as_ref() else { return false };
+    if !matches!(&select.group_by, GroupByExpr::Expressions(keys, _) if keys.is_empty()) {
+        return false;
+    }
+    let [item] = select.projection.as_slice() else { return false };
+    let (SelectItem::UnnamedExpr(SqlExpr::Function(f)) | SelectItem::ExprWithAlias { expr: SqlExpr::Function(f), .. }) =
+        item
+    else {
+        return false;
+    };
+    let name = f.name.to_string().to_ascii_lowercase();
+    ["max", "min", "count", "sum", "bool_and", "bool_or", "string_agg", "array_agg", "first_value"]
+        .contains(&name.as_str())
+}
+
+/// `freshet_single_row(rows, value)`: `value`, or 21000 when `rows` (the number of rows a
+/// scalar subquery found) is more than one.
+const SINGLE_ROW: &str = "freshet_single_row";
+
+/// Registers [`SINGLE_ROW`].
+pub(super) fn register(ctx: &SessionContext) {
+    ctx.register_udf(ScalarUDF::new_from_impl(SingleRow { signature: Signature::any(2, Volatility::Volatile) }));
+}
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct SingleRow {
+    signature: Signature,
+}
+
+impl ScalarUDFImpl for SingleRow {
+    fn name(&self) -> &str {
+        SINGLE_ROW
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, arg_types: &[DataType]) -> DfResult<DataType> {
+        Ok(arg_types.get(1).cloned().unwrap_or(DataType::Null))
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+        let [rows, value] = args.args.as_slice() else {
+            return Err(datafusion::error::DataFusionError::Internal(format!("{SINGLE_ROW} takes two arguments")));
+        };
+        let rows = rows.to_array(args.number_rows)?;
+        let rows = datafusion::arrow::compute::cast(&rows, &DataType::Int64)?;
+        let rows = datafusion::common::cast::as_int64_array(&rows)?;
+        if rows.iter().flatten().any(|n| n > 1) {
+            return Err(datafusion::error::DataFusionError::External(Box::new(Error::InvalidValue {
+                code: "21000",
+                message: "more than one row returned by a subquery used as an expression".into(),
+            })));
+        }
+        Ok(value.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rewritten(sql: &str) -> String {
+        rewrite(sql).expect("parses").iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    }
+
+    #[test]
+    fn other_queries_are_rewritten_as_the_crate_does() {
+        for sql in [
+            "SELECT c.relname FROM pg_class c WHERE c.relnamespace = 'public'::regnamespace",
+            "SELECT n.nspname FROM pg_namespace n WHERE n.nspname OPERATOR(pg_catalog.~) '^(public)$'",
+            "select version()",
+        ] {
+            let crates = PARSER.parse(sql).expect("parses").iter().map(ToString::to_string).collect::<Vec<_>>();
+            assert_eq!(rewritten(sql), crates.join("; "), "{sql}");
+        }
+    }
+
+    #[test]
+    fn select_list_subqueries_answer_one_row_or_refuse() {
+        let sql = "SELECT a.attname, (SELECT d.adbin FROM pg_attrdef d WHERE d.adrelid = a.attrelid) AS def FROM pg_attribute a";
+        assert!(
+            rewritten(sql)
+                .contains("(SELECT freshet_single_row(count(*), first_value(d.adbin)) FROM pg_catalog.pg_attrdef d"),
+            "{}",
+            rewritten(sql)
+        );
+        let sql =
+            "SELECT (SELECT c.relname FROM pg_class c WHERE c.oid = a.attrelid ORDER BY 1 LIMIT 1) FROM pg_attribute a";
+        assert!(
+            rewritten(sql).contains("(SELECT first_value(c.relname ORDER BY c.relname) FROM"),
+            "{}",
+            rewritten(sql)
+        );
+        // Shapes with no one-row form stay as written for DataFusion to plan or refuse.
+        let sql = "SELECT (SELECT c.relname FROM pg_class c WHERE c.oid = a.attrelid LIMIT 2) FROM pg_attribute a";
+        assert!(rewritten(sql).contains("LIMIT 2)"), "{}", rewritten(sql));
+        let sql = "SELECT (SELECT max(c.relname) FROM pg_class c WHERE c.oid = a.attrelid) FROM pg_attribute a";
+        assert!(rewritten(sql).contains("(SELECT max(c.relname) FROM"), "{}", rewritten(sql));
+    }
+}
