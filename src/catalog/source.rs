@@ -6,7 +6,7 @@
 //! source's [`Ledger`], written to the log with the rows they belong to, together with the
 //! records that did not decode (dead letters).
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
@@ -144,7 +144,7 @@ pub struct LedgerUpdate {
 
 /// The relation of source `name`.
 pub fn relation(id: u64, name: &str, schema: SchemaRef) -> Arc<TableDef> {
-    Arc::new(TableDef::new(id, name.to_string(), schema, vec![], vec![], HashMap::new()))
+    Arc::new(TableDef::append_only(id, name.to_string(), schema))
 }
 
 impl Database {

@@ -40,6 +40,8 @@ pub struct TableDef {
     /// The same defaults, planned.
     pub defaults: HashMap<String, Expr>,
     pub constraints: Constraints,
+    /// Rows are only ever added (a source's relation): they are kept without an index.
+    pub append_only: bool,
 }
 
 impl TableDef {
@@ -57,7 +59,13 @@ impl TableDef {
         } else {
             Constraints::new_unverified(vec![Constraint::PrimaryKey(primary_key.clone())])
         };
-        TableDef { id, name, schema, primary_key, default_texts, defaults, constraints }
+        TableDef { id, name, schema, primary_key, default_texts, defaults, constraints, append_only: false }
+    }
+
+    /// The definition of a relation whose rows are only ever appended: no primary key and
+    /// no index, so an append costs a copy of the rows and nothing per row.
+    pub fn append_only(id: u64, name: String, schema: SchemaRef) -> Self {
+        TableDef { append_only: true, ..TableDef::new(id, name, schema, vec![], vec![], HashMap::new()) }
     }
 
     /// The name of the primary key constraint (and of its index in the system catalog).
@@ -307,6 +315,17 @@ impl TableState {
         self.check_values(&inserts)?;
         let inserts = RecordBatch::try_new(self.def.schema.clone(), inserts.columns().to_vec())
             .map_err(|e| Error::Internal(format!("rows do not match table \"{}\": {e}", self.def.name)))?;
+        if self.def.append_only {
+            if retracts.num_rows() > 0 {
+                return Err(Error::Internal(format!("\"{}\" only takes appended rows", self.def.name)));
+            }
+            if inserts.num_rows() > 0 {
+                let id = self.next_chunk;
+                self.next_chunk += 1;
+                self.chunks.push(Chunk::new(id, inserts));
+            }
+            return self.compact();
+        }
         let retracted = self.identity_rows(&retracts)?;
         let inserted = self.identity_rows(&inserts)?;
         // Validate everything before changing anything.
@@ -405,6 +424,9 @@ impl TableState {
             parts.push(chunk.live_batch()?);
         }
         let batch = concat_batches(&self.def.schema, &parts)?;
+        if self.def.append_only {
+            return Ok(Chunk::new(id, batch));
+        }
         for row in self.identity_rows(&batch)?.iter() {
             let copies = self.index.get_mut(row.data()).expect("every live row is indexed");
             for location in copies.iter_mut() {
@@ -672,5 +694,22 @@ mod tests {
         }
         assert_eq!(contents(&state).len(), 1000);
         assert!(state.chunks.len() <= 12, "{} chunks", state.chunks.len());
+    }
+
+    #[test]
+    fn append_only_relations_keep_every_row_without_an_index() {
+        let d = def(vec![]);
+        let d = Arc::new(TableDef::append_only(2, "s".into(), d.schema.clone()));
+        let mut state = TableState::new(d.clone()).expect("state");
+        for i in 0..1000 {
+            // Duplicates are rows like any other: an append-only relation is a multiset.
+            state.apply(&ChangeBatch::inserts(rows(&d, &[(i % 500, Some("x"))]))).expect("append");
+        }
+        assert_eq!(contents(&state).len(), 1000);
+        assert!(state.index.is_empty(), "no identity index is kept");
+        assert!(state.chunks.len() <= 12, "{} chunks", state.chunks.len());
+        let retract = ChangeBatch::retracts(rows(&d, &[(1, Some("x"))]));
+        assert!(state.apply(&retract).is_err(), "rows are never taken away");
+        assert_eq!(contents(&state).len(), 1000, "a refused change changes nothing");
     }
 }

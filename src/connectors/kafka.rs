@@ -410,11 +410,19 @@ fn consume_once(
         }
         let deadline = Instant::now() + LINGER;
         while records.len() < MAX_RECORDS {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            match consumer.poll(left) {
+            // What is already fetched is taken without waiting (and without reading the
+            // clock per record); only an empty queue waits, until the linger deadline.
+            let polled = match consumer.poll(Duration::ZERO) {
+                Some(polled) => Some(polled),
+                None => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    consumer.poll(left)
+                }
+            };
+            match polled {
                 None => break,
                 Some(Ok(message)) => {
                     records.push(
