@@ -162,3 +162,37 @@ async fn snapshots_are_listed_and_a_damaged_newest_one_falls_back_to_the_one_bef
     assert_eq!(common::count(&client, "SELECT count(DISTINCT id) FROM t").await, 4200);
     server.kill_9();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_snapshots_back_off_while_writes_go_on_and_succeed_once_storage_recovers() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = Process::start(dir.path(), &[]);
+    let client = common::connect(&server.connection_string).await;
+    client.batch_execute("CREATE TABLE t (id INT PRIMARY KEY)").await.expect("create");
+    // A file where the snapshot directory should be: every snapshot write fails.
+    let blocker = dir.path().join("snapshot");
+    std::fs::write(&blocker, b"in the way").expect("blocker");
+    let inserts: String = (0..2200).map(|i| format!("INSERT INTO t VALUES ({i});")).collect();
+    client.batch_execute(&inserts).await.expect("writes go on while snapshots fail");
+    let failed = "SELECT count(*) FROM freshet_catalog.snapshots WHERE status = 'failed' AND error IS NOT NULL";
+    common::wait_for(&client, failed, 1).await;
+    let attempts = common::count(&client, failed).await;
+    assert!(attempts <= 3, "failures back off instead of retrying on every commit: {attempts}");
+
+    // Storage recovers: a later commit's snapshot succeeds.
+    std::fs::remove_file(&blocker).expect("blocker removed");
+    let ok = "SELECT count(*) FROM freshet_catalog.snapshots WHERE status = 'ok'";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    let mut next = 2200;
+    while common::count(&client, ok).await == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no snapshot succeeded after the store recovered");
+        client.execute(&format!("INSERT INTO t VALUES ({next})"), &[]).await.expect("insert");
+        next += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.kill_9();
+    let server = Process::start(dir.path(), &[]);
+    let client = common::connect(&server.connection_string).await;
+    assert_eq!(common::count(&client, "SELECT count(*) FROM t").await, next as i64, "nothing committed is lost");
+    server.kill_9();
+}

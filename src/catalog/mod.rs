@@ -58,6 +58,9 @@ pub const CATALOG_NAME: &str = "freshet";
 pub const SCHEMA_NAME: &str = "public";
 /// Log segments written after the last snapshot before a new snapshot is taken.
 const SNAPSHOT_EVERY_SEGMENTS: u64 = 2048;
+/// The wait after a failed snapshot, doubled after each further failure up to the maximum.
+const SNAPSHOT_RETRY_FIRST: Duration = Duration::from_secs(1);
+const SNAPSHOT_RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// What a statement produced.
 pub enum Outcome {
@@ -218,6 +221,8 @@ struct Shared {
     writer: tokio::sync::Mutex<Writer>,
     log: Log,
     snapshot_running: AtomicBool,
+    /// After failed snapshots: how many in a row, and when the next may start.
+    snapshot_backoff: std::sync::Mutex<(u32, Option<std::time::Instant>)>,
     /// The snapshots written or attempted since the server started, newest last.
     snapshots: std::sync::Mutex<std::collections::VecDeque<status::SnapshotRecord>>,
     feeds: Arc<Feeds>,
@@ -451,6 +456,7 @@ impl Database {
                 writer: tokio::sync::Mutex::new(writer),
                 log,
                 snapshot_running: AtomicBool::new(false),
+                snapshot_backoff: std::sync::Mutex::new((0, None)),
                 snapshots: std::sync::Mutex::new(std::collections::VecDeque::new()),
                 feeds: Arc::new(Feeds::default()),
                 epochs: Arc::new(view::Epochs::default()),
@@ -1058,6 +1064,10 @@ impl Database {
     /// Writes a snapshot of the committed state in the background (one at a time), so the
     /// log stays short and restarts stay fast.
     fn start_snapshot(&self) {
+        let backoff = self.shared.snapshot_backoff.lock().unwrap_or_else(|p| p.into_inner()).1;
+        if backoff.is_some_and(|at| std::time::Instant::now() < at) {
+            return;
+        }
         if self.shared.snapshot_running.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -1115,12 +1125,24 @@ impl Database {
                 shared.log.write_snapshot(snapshot.seq, &entries).await
             }
             .await;
-            match &result {
-                Ok(bytes) => tracing::info!(seq = snapshot.seq, bytes, "snapshot written"),
-                Err(e) => tracing::warn!(
-                    seq = snapshot.seq,
-                    "snapshot failed, the log is kept (tried again after the next commits): {e}"
-                ),
+            {
+                // Failures back off exponentially (1 s doubling to a minute) so a store that
+                // is away is not hammered on every commit; the log keeps everything meanwhile.
+                let mut backoff = shared.snapshot_backoff.lock().unwrap_or_else(|p| p.into_inner());
+                match &result {
+                    Ok(bytes) => {
+                        tracing::info!(seq = snapshot.seq, bytes, "snapshot written");
+                        *backoff = (0, None);
+                    }
+                    Err(e) => {
+                        let wait = (SNAPSHOT_RETRY_FIRST * 2u32.pow(backoff.0.min(6))).min(SNAPSHOT_RETRY_MAX);
+                        tracing::warn!(
+                            seq = snapshot.seq,
+                            "snapshot failed, the log is kept; next try in {wait:?}: {e}"
+                        );
+                        *backoff = (backoff.0 + 1, Some(std::time::Instant::now() + wait));
+                    }
+                }
             }
             let record = status::SnapshotRecord {
                 seq: snapshot.seq,
