@@ -150,7 +150,7 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
                         .map(|&i| Arc::new(ColumnExpr::new(schema.field(i).name(), i)) as Arc<dyn PhysicalExpr>)
                         .collect();
                     let schema: SchemaRef = Arc::new(scan.projected_schema.as_arrow().clone());
-                    Ok(Node::Operator(Box::new(ProjectFilterOperator::new(None, Some(exprs), schema)), vec![source]))
+                    Ok(Node::Operator(Box::new(ProjectFilterOperator::new(None, Some(exprs), schema)?), vec![source]))
                 }
                 _ => Ok(source),
             }
@@ -163,7 +163,7 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
                 .map(|e| state.create_physical_expr(e.clone(), projection.input.schema()))
                 .collect::<datafusion::error::Result<Vec<_>>>()?;
             let schema: SchemaRef = Arc::new(projection.schema.as_arrow().clone());
-            Ok(Node::Operator(Box::new(ProjectFilterOperator::new(None, Some(exprs), schema)), vec![input]))
+            Ok(Node::Operator(Box::new(ProjectFilterOperator::new(None, Some(exprs), schema)?), vec![input]))
         }
         LogicalPlan::Filter(filter) => {
             if let Some(node) = top_n_per_group(state, filter)? {
@@ -172,7 +172,7 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
             let input = lower(state, &filter.input)?;
             let predicate = state.create_physical_expr(filter.predicate.clone(), filter.input.schema())?;
             let schema: SchemaRef = Arc::new(filter.input.schema().as_arrow().clone());
-            Ok(Node::Operator(Box::new(ProjectFilterOperator::new(Some(predicate), None, schema)), vec![input]))
+            Ok(Node::Operator(Box::new(ProjectFilterOperator::new(Some(predicate), None, schema)?), vec![input]))
         }
         LogicalPlan::SubqueryAlias(alias) => lower(state, &alias.input),
         LogicalPlan::Aggregate(aggregate) => {
@@ -454,12 +454,12 @@ fn top_n_per_group(state: &SessionState, filter: &datafusion::logical_expr::Filt
             .map(|e| state.create_physical_expr(e.clone(), p.input.schema()))
             .collect::<datafusion::error::Result<Vec<_>>>()?;
         let schema: SchemaRef = Arc::new(p.schema.as_arrow().clone());
-        node = Node::Operator(Box::new(ProjectFilterOperator::new(None, Some(exprs), schema)), vec![node]);
+        node = Node::Operator(Box::new(ProjectFilterOperator::new(None, Some(exprs), schema)?), vec![node]);
     }
     if let Some(predicate) = datafusion::logical_expr::utils::conjunction(rest) {
         let predicate = state.create_physical_expr(predicate, input_schema)?;
         let schema: SchemaRef = Arc::new(input_schema.as_arrow().clone());
-        node = Node::Operator(Box::new(ProjectFilterOperator::new(Some(predicate), None, schema)), vec![node]);
+        node = Node::Operator(Box::new(ProjectFilterOperator::new(Some(predicate), None, schema)?), vec![node]);
     }
     Ok(Some(node))
 }

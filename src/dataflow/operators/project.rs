@@ -1,16 +1,26 @@
-//! [`ProjectFilterOperator`]: stateless; keeps the rows a predicate accepts and computes
-//! new columns. Weights pass through unchanged, which is why it is retraction-correct.
+//! [`ProjectFilterOperator`]: keeps the rows a predicate accepts and computes new columns.
+//! Weights pass through unchanged, which is why it is retraction-correct when its
+//! expressions give a row the same result every time: it is then stateless.
+//!
+//! Expressions that may answer differently later (model functions, whose version changes
+//! at a barrier) are remembered instead: the operator keeps, per live input row, what each
+//! copy produced (its output row, or that the predicate dropped it), and a retraction takes
+//! back exactly that. So a row scored by version 1 and deleted after a swap to version 2 is
+//! retracted with its version-1 score, as rows already emitted keep the scores they had.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use datafusion::arrow::array::BooleanArray;
+use datafusion::arrow::array::{Array, BooleanArray, Int64Array, UInt32Array};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::physical_expr::ScalarFunctionExpr;
 use datafusion::physical_plan::PhysicalExpr;
 
-use crate::dataflow::ChangeBatch;
 use crate::dataflow::operator::{Operator, Output};
+use crate::dataflow::{ChangeBatch, FastMap};
 use crate::error::{Error, Result};
 
 /// `SELECT exprs FROM input WHERE predicate`, on change batches.
@@ -19,6 +29,21 @@ pub struct ProjectFilterOperator {
     /// `None` keeps the input columns as they are.
     exprs: Option<Vec<Arc<dyn PhysicalExpr>>>,
     schema: SchemaRef,
+    /// What each live input row produced, when the expressions may change their answer.
+    memo: Option<Memo>,
+}
+
+/// Copies of one input row that produced the same output: how many, and the output row
+/// in row format (`None`: the predicate dropped them).
+type Copies = (i64, Option<Box<[u8]>>);
+
+/// Per live input row (by value), each copy's output row (`None`: filtered out) with its
+/// multiplicity, in the order they arrived.
+struct Memo {
+    /// Built at the first batch, from its columns.
+    inputs: Option<RowConverter>,
+    outputs: RowConverter,
+    emitted: FastMap<Box<[u8]>, Vec<Copies>>,
 }
 
 impl ProjectFilterOperator {
@@ -28,29 +53,35 @@ impl ProjectFilterOperator {
         predicate: Option<Arc<dyn PhysicalExpr>>,
         exprs: Option<Vec<Arc<dyn PhysicalExpr>>>,
         schema: SchemaRef,
-    ) -> Self {
-        ProjectFilterOperator { predicate, exprs, schema }
-    }
-}
-
-#[async_trait]
-impl Operator for ProjectFilterOperator {
-    fn name(&self) -> &str {
-        match (&self.predicate, &self.exprs) {
-            (Some(_), Some(_)) => "project_filter",
-            (Some(_), None) => "filter",
-            _ => "project",
-        }
+    ) -> Result<Self> {
+        let remembers = predicate.iter().chain(exprs.iter().flatten()).any(calls_model);
+        let memo = if remembers {
+            let fields = schema.fields().iter().map(|f| SortField::new(f.data_type().clone())).collect();
+            Some(Memo { inputs: None, outputs: RowConverter::new(fields)?, emitted: FastMap::default() })
+        } else {
+            None
+        };
+        Ok(ProjectFilterOperator { predicate, exprs, schema, memo })
     }
 
-    async fn process(&mut self, _port: usize, input: ChangeBatch, out: &mut Output) -> Result<()> {
-        let mut input = input;
+    /// The rows of `input` the predicate keeps, projected; with, per input row, the
+    /// position of its output row (`None`: filtered out).
+    fn evaluate(&self, input: &ChangeBatch) -> Result<(ChangeBatch, Vec<Option<usize>>)> {
+        let mut input = input.clone();
+        let mut kept: Vec<Option<usize>> = (0..input.num_rows()).map(Some).collect();
         if let Some(predicate) = &self.predicate {
             let mask = predicate.evaluate(input.batch())?.into_array(input.num_rows())?;
             let mask = mask
                 .as_any()
                 .downcast_ref::<BooleanArray>()
                 .ok_or_else(|| Error::Internal("filter predicate is not boolean".into()))?;
+            let mut next = 0;
+            for (i, slot) in kept.iter_mut().enumerate() {
+                *slot = (mask.is_valid(i) && mask.value(i)).then(|| {
+                    next += 1;
+                    next - 1
+                });
+            }
             input = input.filter(mask)?;
         }
         let (mut batch, weights) = (input.batch().clone(), input.weights().clone());
@@ -65,7 +96,136 @@ impl Operator for ProjectFilterOperator {
                 &datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
             )?;
         }
-        out.push(ChangeBatch::try_new(batch, weights)?);
+        Ok((ChangeBatch::try_new(batch, weights)?, kept))
+    }
+
+    /// The remembering path: insertions are evaluated and remembered; retractions take
+    /// back what the same input row produced before (evaluated afresh only if unknown).
+    fn process_remembering(&mut self, input: ChangeBatch, out: &mut Output) -> Result<()> {
+        let (inserted, retracted): (Vec<u32>, Vec<u32>) =
+            (0..input.num_rows() as u32).partition(|&i| input.weights().value(i as usize) > 0);
+        let take = |rows: &[u32]| -> Result<ChangeBatch> {
+            let indices = UInt32Array::from(rows.to_vec());
+            let columns = input
+                .batch()
+                .columns()
+                .iter()
+                .map(|c| datafusion::arrow::compute::take(c, &indices, None))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let batch = RecordBatch::try_new_with_options(
+                input.batch().schema(),
+                columns,
+                &datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(rows.len())),
+            )?;
+            let weights = datafusion::arrow::compute::take(input.weights(), &indices, None)?;
+            let weights = weights
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .cloned()
+                .ok_or_else(|| Error::Internal("weights are not BIGINT".into()))?;
+            ChangeBatch::try_new(batch, weights)
+        };
+        let memo = self.memo.as_mut().expect("the remembering path has a memo");
+        if memo.inputs.is_none() {
+            let fields =
+                input.batch().schema().fields().iter().map(|f| SortField::new(f.data_type().clone())).collect();
+            memo.inputs = Some(RowConverter::new(fields)?);
+        }
+        let identities = memo.inputs.as_ref().expect("set above").convert_columns(input.batch().columns())?;
+
+        // Retractions first: what the same row produced, newest copies first.
+        let mut taken_back = Vec::new();
+        let mut unknown = Vec::new();
+        for &i in &retracted {
+            let key = identities.row(i as usize);
+            let mut wanted = -input.weights().value(i as usize);
+            let copies = memo.emitted.get_mut(key.data());
+            let Some(copies) = copies else {
+                unknown.push(i);
+                continue;
+            };
+            while wanted > 0 {
+                let Some((count, output)) = copies.last_mut() else { break };
+                let n = (*count).min(wanted);
+                if let Some(output) = output {
+                    taken_back.push((output.clone(), -n));
+                }
+                *count -= n;
+                wanted -= n;
+                if *count == 0 {
+                    copies.pop();
+                }
+            }
+            if copies.is_empty() {
+                memo.emitted.remove(key.data());
+            }
+            if wanted > 0 {
+                return Err(Error::Internal(format!("{}: a retracted row was never inserted", self.name())));
+            }
+        }
+        if !taken_back.is_empty() {
+            let parser = memo.outputs.parser();
+            let rows: Vec<_> = taken_back.iter().map(|(bytes, _)| parser.parse(bytes)).collect();
+            let columns = memo.outputs.convert_rows(rows)?;
+            let batch = RecordBatch::try_new_with_options(
+                self.schema.clone(),
+                columns,
+                &datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(taken_back.len())),
+            )?;
+            let weights = Int64Array::from_iter_values(taken_back.iter().map(|(_, w)| *w));
+            out.push(ChangeBatch::try_new(batch, weights)?);
+        }
+        if !unknown.is_empty() {
+            let (evaluated, _) = self.evaluate(&take(&unknown)?)?;
+            out.push(evaluated);
+        }
+
+        if !inserted.is_empty() {
+            let (evaluated, kept) = self.evaluate(&take(&inserted)?)?;
+            let memo = self.memo.as_mut().expect("the remembering path has a memo");
+            let outputs = memo.outputs.convert_columns(evaluated.batch().columns())?;
+            for (&i, slot) in inserted.iter().zip(&kept) {
+                let output = slot.map(|j| Box::<[u8]>::from(outputs.row(j).data()));
+                let key = identities.row(i as usize);
+                memo.emitted.entry(key.data().into()).or_default().push((input.weights().value(i as usize), output));
+            }
+            out.push(evaluated);
+        }
+        Ok(())
+    }
+}
+
+/// Whether `expr` calls a model function (`score`, `predict`, `score_version`).
+fn calls_model(expr: &Arc<dyn PhysicalExpr>) -> bool {
+    let mut found = false;
+    let _ = expr.apply(|e| {
+        if let Some(function) = (e.as_ref() as &dyn std::any::Any).downcast_ref::<ScalarFunctionExpr>()
+            && crate::ml::udf::FUNCTION_NAMES.contains(&function.name())
+        {
+            found = true;
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    found
+}
+
+#[async_trait]
+impl Operator for ProjectFilterOperator {
+    fn name(&self) -> &str {
+        match (&self.predicate, &self.exprs) {
+            (Some(_), Some(_)) => "project_filter",
+            (Some(_), None) => "filter",
+            _ => "project",
+        }
+    }
+
+    async fn process(&mut self, _port: usize, input: ChangeBatch, out: &mut Output) -> Result<()> {
+        if self.memo.is_some() {
+            return self.process_remembering(input, out);
+        }
+        let (evaluated, _) = self.evaluate(&input)?;
+        out.push(evaluated);
         Ok(())
     }
 }
