@@ -494,3 +494,32 @@ async fn rows_deleted_after_a_swap_are_taken_back_with_the_scores_they_were_give
     assert_eq!(number(&c, "SELECT n FROM near_total").await, 4.0);
     assert_eq!(number(&c, "SELECT s FROM near_total").await, 28.0, "the aggregate over the view agrees");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aggregate_over_scores_takes_back_the_scores_rows_were_given() {
+    let server = TestServer::start().await;
+    let c = server.connect().await;
+    two_centroid_versions(&c).await;
+    run(
+        &c,
+        "CREATE TABLE readings (id BIGINT, site TEXT, x DOUBLE);
+         CREATE MATERIALIZED VIEW per_site AS
+             SELECT site, count(*) AS n, sum(score('centroid', x)) AS total, max(score_version('centroid')) AS v
+             FROM readings GROUP BY site;
+         INSERT INTO readings VALUES (1, 'a', 1), (2, 'a', 2), (3, 'b', 3), (4, 'b', 4);
+         FLUSH",
+    )
+    .await;
+    assert_eq!(number(&c, "SELECT total FROM per_site WHERE site = 'a'").await, 3.0);
+    run(&c, "CREATE OR REPLACE MODEL centroid USING kmeans (k = 1) AS SELECT x FROM centers WHERE era = 2; FLUSH")
+        .await;
+    // Row 1 leaves with the score it was added with (1, by version 1); row 5 joins with
+    // version 2's score |5 − 100| = 95.
+    run(&c, "DELETE FROM readings WHERE id = 1; INSERT INTO readings VALUES (5, 'b', 5); FLUSH").await;
+    let rows = column(
+        &c,
+        "SELECT site || ':' || CAST(n AS TEXT) || ':' || CAST(CAST(total AS BIGINT) AS TEXT) || ':v' || CAST(v AS TEXT) FROM per_site ORDER BY site",
+    )
+    .await;
+    assert_eq!(rows, vec!["a:1:2:v1", "b:3:102:v2"]);
+}

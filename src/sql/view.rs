@@ -176,6 +176,9 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
         }
         LogicalPlan::SubqueryAlias(alias) => lower(state, &alias.input),
         LogicalPlan::Aggregate(aggregate) => {
+            if let Some(hoisted) = hoist_model_calls(aggregate)? {
+                return lower(state, &hoisted);
+            }
             let input_schema = aggregate.input.schema();
             let input = lower(state, &aggregate.input)?;
             let mut groups = Vec::new();
@@ -462,6 +465,56 @@ fn top_n_per_group(state: &SessionState, filter: &datafusion::logical_expr::Filt
         node = Node::Operator(Box::new(ProjectFilterOperator::new(Some(predicate), None, schema)?), vec![node]);
     }
     Ok(Some(node))
+}
+
+/// An aggregate whose expressions call model functions, rewritten so that a projection
+/// below computes each call as a column and the aggregate reads the columns (keeping its
+/// output names). The projection remembers what each row was given (see
+/// `ProjectFilterOperator`), so a retraction after a model swap takes back the score the
+/// row was aggregated with. `None` when no expression calls a model.
+fn hoist_model_calls(aggregate: &datafusion::logical_expr::Aggregate) -> Result<Option<LogicalPlan>> {
+    use datafusion::common::tree_node::Transformed;
+    let mut calls: Vec<Expr> = Vec::new();
+    let column = |i: usize| format!("__freshet_model_{i}");
+    let mut rewrite = |expr: &Expr| -> Result<Expr> {
+        let rewritten = expr.clone().transform_up(|e| {
+            if let Expr::ScalarFunction(f) = &e
+                && crate::ml::udf::FUNCTION_NAMES.contains(&f.name())
+            {
+                let i = calls.iter().position(|c| *c == e).unwrap_or_else(|| {
+                    calls.push(e.clone());
+                    calls.len() - 1
+                });
+                return Ok(Transformed::yes(Expr::Column(datafusion::common::Column::from_name(column(i)))));
+            }
+            Ok(Transformed::no(e))
+        })?;
+        Ok(rewritten.data)
+    };
+    let fields = aggregate.schema.fields();
+    let mut renamed = |exprs: &[Expr], offset: usize| -> Result<Vec<Expr>> {
+        let mut out = Vec::with_capacity(exprs.len());
+        for (i, expr) in exprs.iter().enumerate() {
+            let rewritten = rewrite(expr)?;
+            out.push(if rewritten == *expr {
+                rewritten
+            } else {
+                rewritten.unalias_nested().data.alias(fields[offset + i].name())
+            });
+        }
+        Ok(out)
+    };
+    let groups = renamed(&aggregate.group_expr, 0)?;
+    let aggregates = renamed(&aggregate.aggr_expr, aggregate.group_expr.len())?;
+    if calls.is_empty() {
+        return Ok(None);
+    }
+    let mut exprs: Vec<Expr> = aggregate.input.schema().columns().into_iter().map(Expr::Column).collect();
+    exprs.extend(calls.into_iter().enumerate().map(|(i, call)| call.alias(column(i))));
+    let projection = datafusion::logical_expr::Projection::try_new(exprs, aggregate.input.clone())?;
+    let input = Arc::new(LogicalPlan::Projection(projection));
+    let hoisted = datafusion::logical_expr::Aggregate::try_new(input, groups, aggregates)?;
+    Ok(Some(LogicalPlan::Aggregate(hoisted)))
 }
 
 fn aggregate_spec(
