@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use datafusion::arrow::array::{Array, BooleanArray, Int64Array, UInt32Array};
+use datafusion::arrow::array::{Array, BooleanArray, Int64Array};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{RowConverter, SortField};
@@ -104,26 +104,11 @@ impl ProjectFilterOperator {
     fn process_remembering(&mut self, input: ChangeBatch, out: &mut Output) -> Result<()> {
         let (inserted, retracted): (Vec<u32>, Vec<u32>) =
             (0..input.num_rows() as u32).partition(|&i| input.weights().value(i as usize) > 0);
+        // The rows at `rows` (ascending), with their weights.
         let take = |rows: &[u32]| -> Result<ChangeBatch> {
-            let indices = UInt32Array::from(rows.to_vec());
-            let columns = input
-                .batch()
-                .columns()
-                .iter()
-                .map(|c| datafusion::arrow::compute::take(c, &indices, None))
-                .collect::<std::result::Result<Vec<_>, _>>()?;
-            let batch = RecordBatch::try_new_with_options(
-                input.batch().schema(),
-                columns,
-                &datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(rows.len())),
-            )?;
-            let weights = datafusion::arrow::compute::take(input.weights(), &indices, None)?;
-            let weights = weights
-                .as_any()
-                .downcast_ref::<Int64Array>()
-                .cloned()
-                .ok_or_else(|| Error::Internal("weights are not BIGINT".into()))?;
-            ChangeBatch::try_new(batch, weights)
+            let mut mask = vec![false; input.num_rows()];
+            rows.iter().for_each(|&i| mask[i as usize] = true);
+            input.filter(&BooleanArray::from(mask))
         };
         let memo = self.memo.as_mut().expect("the remembering path has a memo");
         if memo.inputs.is_none() {
