@@ -257,6 +257,8 @@ struct ViewHandle {
     inputs: Vec<String>,
     failures: Arc<FailureSlot>,
     subscribers: Arc<view::Subscribers>,
+    /// Late rows dropped by its inputs with watermarks.
+    late: Vec<Arc<crate::dataflow::operators::LateCounter>>,
 }
 
 impl Shared {
@@ -509,7 +511,14 @@ impl Database {
         } else {
             let (plan, reads) =
                 SnapshotCell::scope(self.shared.cell.committed(), sql::plan_query(&state, &query)).await?;
-            let create = sql::CreateView { name: name.to_string(), if_not_exists: false, plan, query, reads };
+            let create = sql::CreateView {
+                name: name.to_string(),
+                if_not_exists: false,
+                plan,
+                query,
+                reads,
+                emit_on_window_close: false,
+            };
             self.create_plain_view(create, false).await
         }
     }
@@ -618,8 +627,8 @@ impl Database {
             Planned::Write(plan) => self.write(plan, sql).await,
             Planned::CreateTable(create) => self.create_table(create, sql).await,
             Planned::Drop(drop) => self.drop_relations(drop).await,
-            Planned::CreateSource { name, if_not_exists, columns, options } => {
-                self.create_source(name, if_not_exists, columns, options).await
+            Planned::CreateSource { name, if_not_exists, columns, watermark, options } => {
+                self.create_source(name, if_not_exists, columns, watermark, options).await
             }
             Planned::ShowSources => {
                 let names = self.shared.sources().keys().cloned().collect();
@@ -732,6 +741,12 @@ impl Database {
             writer.tables.get(&name).ok_or_else(|| Error::UndefinedTable { name: name.clone(), position: None })?;
         let def = state.def().clone();
         check_target(&dml, &def)?;
+        if def.append_only && !matches!(dml.op, WriteOp::Insert(_)) {
+            return Err(Error::NotSupported {
+                feature: format!("{} on table \"{name}\", which has a WATERMARK", dml.op),
+                hint: Some("a table with a watermark only takes appended rows (INSERT)".into()),
+            });
+        }
         let schema = def.schema.clone();
         let working = self.writer_snapshot(&writer);
         let (tag, change) = match dml.op {
@@ -877,7 +892,22 @@ impl Database {
         let state = self.session_state();
         // Model functions in the view switch versions at barriers after this one.
         let plan = crate::ml::udf::bind_to_view(create.plan.clone(), self.shared.epochs.last_barrier())?;
-        let root = sql::view::lower(&state, &plan)?;
+        let mut root = sql::view::lower(&state, &plan)?;
+        if create.emit_on_window_close {
+            // Rows are held back by the first column with a watermark (a window bound).
+            let Some(column) = sql::view::watermarked(&plan).iter().position(|w| *w) else {
+                return Err(Error::NotSupported {
+                    feature: "EMIT ON WINDOW CLOSE on a view without an event-time column".into(),
+                    hint: Some(
+                        "group by window_start or window_end of TUMBLE or HOP over a source or table with a WATERMARK"
+                            .into(),
+                    ),
+                });
+            };
+            let schema = Arc::new(plan.schema().as_arrow().clone());
+            let operator = crate::dataflow::operators::EmitOnCloseOperator::new(column, schema)?;
+            root = sql::view::Node::Operator(Box::new(operator), vec![root]);
+        }
         let mut inputs = root.tables();
         inputs.extend(create.reads.iter().filter(|r| !inputs.contains(r)).cloned().collect::<Vec<_>>());
         let mut writer = self.shared.writer.lock().await;
@@ -886,7 +916,7 @@ impl Database {
         }
         let id = writer.next_id;
         writer.next_id += 1;
-        let schema = relaxed(&Arc::new(create.plan.schema().as_arrow().clone()));
+        let schema = sql::without_watermark(&relaxed(&Arc::new(create.plan.schema().as_arrow().clone())));
         let def = Arc::new(TableDef::new(id, create.name.clone(), schema, vec![], vec![], HashMap::new()));
         let subscribers = Arc::new(view::Subscribers::default());
         let sink = ViewSink::new(
@@ -900,14 +930,16 @@ impl Database {
         let failures = Arc::new(FailureSlot::default());
         tracing::info!(view = %create.name, "starting materialized view:\n{}", root.describe());
         let mut pending = view::spawn(id, root, sink, &self.shared.feeds, &failures);
+        let late = pending.late.clone();
         for (name, upstream) in self.shared.views().iter() {
             if inputs.contains(name) {
                 pending.reads_view(name, upstream.subscribers.clone());
             }
         }
-        self.shared
-            .views()
-            .insert(create.name.clone(), ViewHandle { id, query: create.query.clone(), inputs, failures, subscribers });
+        self.shared.views().insert(
+            create.name.clone(),
+            ViewHandle { id, query: create.query.clone(), inputs, failures, subscribers, late },
+        );
         let entries = if log {
             vec![Record::CreateView { name: create.name.clone(), query: create.query }.entry(None)?]
         } else {

@@ -155,6 +155,7 @@ impl Database {
         name: String,
         if_not_exists: bool,
         columns: Option<SchemaRef>,
+        watermark: Option<crate::sql::WatermarkClause>,
         options: BTreeMap<String, String>,
     ) -> Result<Outcome> {
         let (options, schema) = match (ConnectorSpec::from_options(&options, columns.is_some())?, columns) {
@@ -176,6 +177,11 @@ impl Database {
             }
             (_, Some(schema)) => (options, schema),
             (_, None) => return Err(Error::Internal("a connector without columns".into())),
+        };
+        // A declared watermark replaces a generator's default one.
+        let schema = match &watermark {
+            Some(clause) => crate::sql::with_watermark(&schema, clause)?,
+            None => schema,
         };
         let mut writer = self.shared.writer.lock().await;
         if self.shared.exists_already(&writer, &name, if_not_exists)? {

@@ -11,6 +11,9 @@
 //! - `snapshots`: the state snapshots written (or attempted) since the server started: the
 //!   log position each covers, when, how long it took, its size, the rows it holds, and the
 //!   error of a failed one.
+//! - `late_events`: per materialized view and input with a watermark, the rows dropped as
+//!   late (event time below the watermark), the input's current watermark and the event
+//!   time of the last late row.
 //!
 //! Each relation is computed when a query plans it.
 
@@ -30,7 +33,7 @@ use crate::error::{Error, Result};
 
 /// The schema's name.
 pub const SCHEMA: &str = "freshet_catalog";
-pub(super) const TABLES: [&str; 4] = ["source_progress", "dead_letters", "sinks", "snapshots"];
+pub(super) const TABLES: [&str; 5] = ["source_progress", "dead_letters", "sinks", "snapshots", "late_events"];
 
 /// Most snapshot attempts `snapshots` remembers.
 pub(super) const SNAPSHOT_HISTORY: usize = 100;
@@ -78,6 +81,7 @@ impl SchemaProvider for Status {
             "dead_letters" => dead_letters(&shared),
             "sinks" => sinks(&shared),
             "snapshots" => snapshots(&shared),
+            "late_events" => late_events(&shared),
             _ => return Ok(None),
         }
         .map_err(|e| DataFusionError::External(Box::new(e)))?;
@@ -276,6 +280,42 @@ fn snapshots(shared: &Shared) -> Result<RecordBatch> {
         Arc::new(Int64Array::from_iter_values(history.iter().map(|r| r.rows as i64))),
         Arc::new(StringArray::from_iter_values(history.iter().map(|r| if r.result.is_ok() { "ok" } else { "failed" }))),
         Arc::new(StringArray::from_iter(history.iter().map(|r| r.result.as_ref().err().cloned()))),
+    ];
+    Ok(RecordBatch::try_new(schema, columns)?)
+}
+
+fn late_events(shared: &Shared) -> Result<RecordBatch> {
+    let time = |name: &str| Field::new(name, DataType::Timestamp(TimeUnit::Millisecond, Some("+00:00".into())), true);
+    let schema: SchemaRef = Arc::new(Schema::new(vec![
+        text("source", false),
+        text("view", false),
+        big("late_rows", false),
+        time("watermark"),
+        time("last_late_event_time"),
+    ]));
+    // A view that reads an input twice (a self-join, HOP's shifted windows) has a counter
+    // per read; each sees the same rows, so they are one line.
+    type Line = (u64, Option<i64>, Option<i64>);
+    let mut lines: std::collections::BTreeMap<(String, String), Line> = std::collections::BTreeMap::new();
+    for counter in shared.views().values().flat_map(|v| v.late.iter().cloned()) {
+        let line = (counter.rows(), counter.watermark(), counter.last_late());
+        lines
+            .entry((counter.input.clone(), counter.view.clone()))
+            .and_modify(|(rows, watermark, last)| {
+                *rows = (*rows).max(line.0);
+                *watermark = (*watermark).min(line.1);
+                *last = (*last).max(line.2);
+            })
+            .or_insert(line);
+    }
+    let timestamps =
+        |values: Vec<Option<i64>>| Arc::new(TimestampMillisecondArray::from(values).with_timezone("+00:00"));
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(lines.keys().map(|(input, _)| input.clone()))),
+        Arc::new(StringArray::from_iter_values(lines.keys().map(|(_, view)| view.clone()))),
+        Arc::new(Int64Array::from_iter_values(lines.values().map(|l| l.0 as i64))),
+        timestamps(lines.values().map(|l| l.1).collect()),
+        timestamps(lines.values().map(|l| l.2).collect()),
     ];
     Ok(RecordBatch::try_new(schema, columns)?)
 }

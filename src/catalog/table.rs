@@ -59,7 +59,9 @@ impl TableDef {
         } else {
             Constraints::new_unverified(vec![Constraint::PrimaryKey(primary_key.clone())])
         };
-        TableDef { id, name, schema, primary_key, default_texts, defaults, constraints, append_only: false }
+        // A relation with a watermark only takes appended rows.
+        let append_only = crate::sql::watermark_of(&schema).is_some();
+        TableDef { id, name, schema, primary_key, default_texts, defaults, constraints, append_only }
     }
 
     /// The definition of a relation whose rows are only ever appended: no primary key and

@@ -16,7 +16,7 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use super::table::{Snapshot, SnapshotCell, TableState, TableVersion};
 use crate::dataflow::exchange;
-use crate::dataflow::operators::{EpochSink, MaterializeOperator, MergeOperator};
+use crate::dataflow::operators::{EpochSink, EventTimeOperator, LateCounter, MaterializeOperator, MergeOperator};
 use crate::dataflow::runtime::{self, EdgeReceiver, FailureSlot};
 use crate::dataflow::{Barrier, ChangeBatch, Message};
 use crate::error::Result;
@@ -126,6 +126,8 @@ pub struct Pending {
     /// The materialized views among the inputs, by name.
     upstream: HashMap<String, Arc<Subscribers>>,
     failures: Arc<FailureSlot>,
+    /// The late rows its inputs with watermarks dropped.
+    pub late: Vec<Arc<LateCounter>>,
 }
 
 impl Pending {
@@ -435,6 +437,7 @@ pub fn spawn(view: u64, root: Node, sink: ViewSink, feeds: &Arc<Feeds>, failures
         inputs: Vec::new(),
         upstream: HashMap::new(),
         failures: failures.clone(),
+        late: Vec::new(),
     };
     let input = spawn_node(root, feeds, failures, &mut pending);
     let materialize = MaterializeOperator::new(schema, Box::new(sink));
@@ -471,6 +474,15 @@ fn spawn_node(node: Node, feeds: &Arc<Feeds>, failures: &Arc<FailureSlot>, pendi
             pending.inputs.push((name, feed));
             receiver
         }
+        Node::EventTime { table, column, delay_ms, units_per_ms } => {
+            let input = spawn_node(Node::Table(table.clone()), feeds, failures, pending);
+            let late = Arc::new(LateCounter::new(table, pending.name.clone(), units_per_ms));
+            pending.late.push(late.clone());
+            let operator = EventTimeOperator::new(column, delay_ms.saturating_mul(units_per_ms), late);
+            let (sender, receiver) = runtime::edge();
+            runtime::spawn(Box::new(operator), vec![input], vec![sender], failures.clone());
+            receiver
+        }
         Node::Operator(operator, inputs) => {
             let receivers = inputs.into_iter().map(|n| spawn_node(n, feeds, failures, pending)).collect();
             let (sender, receiver) = runtime::edge();
@@ -497,7 +509,12 @@ fn spawn_node(node: Node, feeds: &Arc<Feeds>, failures: &Arc<FailureSlot>, pendi
                 merge_inputs.push(receiver);
             }
             let (sender, receiver) = runtime::edge();
-            runtime::spawn(Box::new(MergeOperator), merge_inputs, vec![sender], failures.clone());
+            runtime::spawn(
+                Box::new(MergeOperator::new(merge_inputs.len())),
+                merge_inputs,
+                vec![sender],
+                failures.clone(),
+            );
             receiver
         }
     }

@@ -156,6 +156,19 @@ impl GeneratorSpec {
                 Field::new("anomaly", DataType::Boolean, false),
             ],
         };
+        // Default watermarks: nexmark's date_time minus 4 seconds (as in Flink's Nexmark
+        // setup), telemetry's ts minus 5 seconds; a WATERMARK clause replaces them.
+        let (time_column, delay_ms) = match self.kind {
+            GeneratorKind::Nexmark(_) => ("date_time", 4_000),
+            GeneratorKind::Telemetry { .. } => ("ts", 5_000),
+        };
+        let fields = fields
+            .into_iter()
+            .map(|f| match f.name() == time_column {
+                true => f.with_metadata([(crate::sql::WATERMARK_KEY.to_string(), delay_ms.to_string())].into()),
+                false => f,
+            })
+            .collect::<Vec<_>>();
         Arc::new(Schema::new(fields))
     }
 

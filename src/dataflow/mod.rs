@@ -12,6 +12,7 @@ pub mod exchange;
 pub mod operator;
 pub mod operators;
 pub mod runtime;
+pub mod watermark;
 
 pub use change::ChangeBatch;
 pub use operator::{Barrier, Message, Mutation, Operator, Output, Watermark};

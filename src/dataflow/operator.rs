@@ -78,8 +78,10 @@ pub trait Operator: Send {
     /// Input `port` delivered a change batch; push any output into `out`.
     async fn process(&mut self, port: usize, input: ChangeBatch, out: &mut Output) -> Result<()>;
 
-    /// The watermark passed on all inputs. Default: forward it.
-    async fn on_watermark(&mut self, watermark: Watermark, out: &mut Output) -> Result<()> {
+    /// Input `port` delivered a watermark. Default: forward it, which is right for an
+    /// operator with one input whose output keeps its input's columns and never holds
+    /// changes back past a watermark. Others override it (see [`super::watermark`]).
+    async fn on_watermark(&mut self, _port: usize, watermark: Watermark, out: &mut Output) -> Result<()> {
         out.watermark(watermark);
         Ok(())
     }

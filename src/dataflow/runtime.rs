@@ -109,7 +109,7 @@ async fn run(operator: &mut dyn Operator, mut inputs: Vec<EdgeReceiver>, outputs
             match message {
                 None => closed[port] = true,
                 Some(Message::Data(batch)) => operator.process(port, batch, &mut out).await?,
-                Some(Message::Watermark(watermark)) => operator.on_watermark(watermark, &mut out).await?,
+                Some(Message::Watermark(watermark)) => operator.on_watermark(port, watermark, &mut out).await?,
                 Some(Message::Barrier(barrier)) => {
                     if let Some(p) = &pending
                         && p.epoch != barrier.epoch

@@ -19,6 +19,7 @@ use datafusion::sql::sqlparser::ast::{
 };
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use datafusion::sql::sqlparser::keywords::Keyword;
+use datafusion::sql::sqlparser::parser::Parser;
 use datafusion::sql::sqlparser::tokenizer::Token;
 use std::sync::Arc;
 
@@ -34,11 +35,167 @@ pub const PG_TYPE_KEY: &str = "freshet.pg_type";
 /// `JSON` and `JSONB` columns are stored as UTF-8 text tagged with this value.
 pub const JSON_TYPE: &str = "json";
 
+/// Arrow field metadata key marking a source's or table's event-time column: its value is
+/// the watermark delay in milliseconds (`WATERMARK FOR ts AS ts - INTERVAL '5 seconds'`).
+pub const WATERMARK_KEY: &str = "freshet.watermark_delay_ms";
+
+/// The text that ends a view whose windows are emitted once, when they close.
+const EMIT_ON_WINDOW_CLOSE: &str = "EMIT ON WINDOW CLOSE";
+
+/// The event-time column of a relation and its watermark delay in milliseconds.
+pub fn watermark_of(schema: &Schema) -> Option<(usize, i64)> {
+    schema
+        .fields()
+        .iter()
+        .enumerate()
+        .find_map(|(i, f)| f.metadata().get(WATERMARK_KEY).and_then(|d| d.parse().ok()).map(|d| (i, d)))
+}
+
+/// `WATERMARK FOR column AS expression` in a column list, as written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatermarkClause {
+    pub column: String,
+    pub expression: String,
+}
+
+/// `schema` with `clause` as its one watermark: the column must be a timestamp and the
+/// expression the column itself or the column minus a constant interval.
+pub fn with_watermark(schema: &SchemaRef, clause: &WatermarkClause) -> Result<SchemaRef> {
+    let usage = "WATERMARK FOR ts AS ts - INTERVAL '5 seconds'";
+    let invalid = |message: String| Error::Plan { code: "42P17", message, position: None };
+    let (index, field) = schema.column_with_name(&clause.column).ok_or_else(|| {
+        let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        Error::Plan {
+            code: "42703",
+            message: format!("WATERMARK FOR {}: no such column (the columns are {})", clause.column, names.join(", ")),
+            position: None,
+        }
+    })?;
+    if !crate::dataflow::watermark::carries_watermark(field.data_type()) {
+        return Err(invalid(format!(
+            "WATERMARK FOR {}: the column is {}, but event time must be a TIMESTAMP",
+            clause.column,
+            field.data_type()
+        )));
+    }
+    let expression = Parser::new(&PostgreSqlDialect {})
+        .try_with_sql(&clause.expression)
+        .and_then(|mut parser| parser.parse_expr())
+        .map_err(|e| invalid(format!("WATERMARK FOR {}: {e}", clause.column)))?;
+    let is_column = |e: &datafusion::sql::sqlparser::ast::Expr| matches!(e, datafusion::sql::sqlparser::ast::Expr::Identifier(ident) if identifier(ident.clone()) == clause.column);
+    let delay = match &expression {
+        e if is_column(e) => Some(0),
+        datafusion::sql::sqlparser::ast::Expr::BinaryOp {
+            left,
+            op: datafusion::sql::sqlparser::ast::BinaryOperator::Minus,
+            right,
+        } if is_column(left) => windows::interval_millis(right).filter(|d| *d >= 0),
+        _ => None,
+    };
+    let delay = delay.ok_or_else(|| {
+        invalid(format!(
+            "WATERMARK FOR {} AS {}: the watermark must be the column minus a constant interval, as in {usage}",
+            clause.column, clause.expression
+        ))
+    })?;
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let mut metadata = f.metadata().clone();
+            metadata.remove(WATERMARK_KEY);
+            if i == index {
+                metadata.insert(WATERMARK_KEY.to_string(), delay.to_string());
+            }
+            f.as_ref().clone().with_metadata(metadata)
+        })
+        .collect();
+    Ok(Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone())))
+}
+
+/// `schema` without watermarks (a view's own columns have none).
+pub fn without_watermark(schema: &SchemaRef) -> SchemaRef {
+    if watermark_of(schema).is_none() {
+        return schema.clone();
+    }
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            let mut metadata = f.metadata().clone();
+            metadata.remove(WATERMARK_KEY);
+            f.as_ref().clone().with_metadata(metadata)
+        })
+        .collect();
+    Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()))
+}
+
+/// Takes `WATERMARK FOR column AS expression` out of the tokens of a column list (inside
+/// its parentheses), if it is there.
+fn take_watermark(tokens: Vec<Token>) -> std::result::Result<(Vec<Token>, Option<WatermarkClause>), ParserError> {
+    // Split into elements at top-level commas.
+    let mut elements: Vec<Vec<Token>> = vec![Vec::new()];
+    let mut depth = 0;
+    for token in tokens {
+        match token {
+            Token::LParen => depth += 1,
+            Token::RParen => depth -= 1,
+            Token::Comma if depth == 0 => {
+                elements.push(Vec::new());
+                continue;
+            }
+            _ => {}
+        }
+        elements.last_mut().expect("one element at least").push(token);
+    }
+    let word = |t: Option<&Token>, w: &str| matches!(t, Some(Token::Word(word)) if word.quote_style.is_none() && word.value.eq_ignore_ascii_case(w));
+    let mut clause = None;
+    let mut kept = Vec::new();
+    for element in elements {
+        let significant: Vec<Token> = element.iter().filter(|t| !matches!(t, Token::Whitespace(_))).cloned().collect();
+        if word(significant.first(), "watermark") && word(significant.get(1), "for") {
+            if clause.is_some() {
+                return Err(ParserError::ParserError("a relation has at most one WATERMARK".into()));
+            }
+            let column = match significant.get(2) {
+                Some(Token::Word(w)) => identifier(datafusion::sql::sqlparser::ast::Ident {
+                    value: w.value.clone(),
+                    quote_style: w.quote_style,
+                    span: datafusion::sql::sqlparser::tokenizer::Span::empty(),
+                }),
+                _ => return Err(ParserError::ParserError("WATERMARK FOR needs a column name".into())),
+            };
+            if !word(significant.get(3), "as") || significant.len() < 5 {
+                return Err(ParserError::ParserError(format!(
+                    "WATERMARK FOR {column} needs AS and an expression, as in WATERMARK FOR {column} AS {column} - INTERVAL '5 seconds'"
+                )));
+            }
+            let expression = significant[4..].iter().map(|t| t.to_string()).collect::<Vec<_>>().join(" ");
+            clause = Some(WatermarkClause { column, expression });
+        } else {
+            kept.push(element);
+        }
+    }
+    let mut tokens = Vec::new();
+    for (i, element) in kept.into_iter().enumerate() {
+        if i > 0 {
+            tokens.push(Token::Comma);
+        }
+        tokens.extend(element);
+    }
+    Ok((tokens, clause))
+}
+
 /// One parsed statement, ready to plan.
 #[derive(Debug, Clone)]
 pub enum Statement {
     /// Anything DataFusion's parser understands.
     Sql(DFStatement),
+    /// `CREATE MATERIALIZED VIEW … EMIT ON WINDOW CLOSE`.
+    EmitOnWindowClose(DFStatement),
+    /// `CREATE TABLE` with a `WATERMARK` in its column list (taken out of the statement).
+    CreateTableWithWatermark(DFStatement, WatermarkClause),
     /// `FLUSH`: wait until every materialized view includes all writes committed so far.
     Flush,
     /// `SUBSCRIBE [TO] view [WITH (snapshot = false)]`: stream every change to a view.
@@ -51,7 +208,13 @@ pub enum Statement {
     /// `CLOSE cursor` or `CLOSE ALL` (`None`).
     Close { cursor: Option<String> },
     /// `CREATE SOURCE [IF NOT EXISTS] name [(columns…)] WITH (option = 'value', …) [FORMAT f]`.
-    CreateSource { name: String, if_not_exists: bool, columns: Option<String>, options: BTreeMap<String, String> },
+    CreateSource {
+        name: String,
+        if_not_exists: bool,
+        columns: Option<String>,
+        watermark: Option<WatermarkClause>,
+        options: BTreeMap<String, String>,
+    },
     /// `DROP SOURCE [IF EXISTS] name, … [CASCADE]`.
     DropSource { names: Vec<String>, if_exists: bool, cascade: bool },
     /// `SHOW SOURCES`.
@@ -140,10 +303,29 @@ pub fn parse(sql: &str) -> Result<VecDeque<Statement>> {
                 }
             };
             statements.push_back(Statement::Close { cursor });
+        } else if keyword == "create"
+            && next_word(&parser.parser, 1).as_deref() == Some("table")
+            && has_watermark(&parser.parser)
+        {
+            statements.push_back(parse_create_table_with_watermark(&mut parser.parser, sql)?);
         } else {
             let mut statement = parser.parse_statement().map_err(|e| Error::from_datafusion(e, sql))?;
             windows::rewrite(&mut statement)?;
-            statements.push_back(Statement::Sql(statement));
+            let is_materialized_view = matches!(&statement,
+                DFStatement::Statement(inner) if matches!(inner.as_ref(), SqlStatement::CreateView(c) if c.materialized));
+            if is_materialized_view
+                && ["emit", "on", "window", "close"]
+                    .iter()
+                    .enumerate()
+                    .all(|(i, w)| next_word(&parser.parser, i).as_deref() == Some(*w))
+            {
+                (0..4).for_each(|_| {
+                    parser.parser.next_token();
+                });
+                statements.push_back(Statement::EmitOnWindowClose(statement));
+            } else {
+                statements.push_back(Statement::Sql(statement));
+            }
         }
         expecting_delimiter = true;
     }
@@ -165,6 +347,66 @@ fn next_word(parser: &SqlParser, n: usize) -> Option<String> {
     }
 }
 
+/// Whether the statement ahead (up to `;`) has `WATERMARK FOR` in a column list.
+fn has_watermark(parser: &SqlParser) -> bool {
+    let mut depth = 0;
+    for n in 0.. {
+        match parser.peek_nth_token(n).token {
+            Token::EOF => return false,
+            Token::SemiColon if depth == 0 => return false,
+            Token::LParen => depth += 1,
+            Token::RParen => depth -= 1,
+            Token::Word(w) if depth == 1 && w.quote_style.is_none() && w.value.eq_ignore_ascii_case("watermark") => {
+                if next_word(parser, n + 1).as_deref() == Some("for") {
+                    return true;
+                }
+            }
+            _ => {}
+        }
+    }
+    false
+}
+
+/// `CREATE TABLE name (columns…, WATERMARK FOR column AS expression) …`: the statement
+/// without the watermark, parsed by DataFusion, and the watermark.
+fn parse_create_table_with_watermark(parser: &mut SqlParser, sql: &str) -> Result<Statement> {
+    let mut before = Vec::new();
+    while !matches!(parser.peek_token().token, Token::LParen | Token::EOF | Token::SemiColon) {
+        before.push(parser.next_token().token);
+    }
+    parser.next_token(); // (
+    let mut list = Vec::new();
+    let mut depth = 1;
+    loop {
+        let token = parser.next_token().token;
+        match token {
+            Token::LParen => depth += 1,
+            Token::RParen => depth -= 1,
+            Token::EOF => return Err(Error::Syntax { message: "unclosed column list".into(), position: None }),
+            _ => {}
+        }
+        if depth == 0 {
+            break;
+        }
+        list.push(token);
+    }
+    let mut after = Vec::new();
+    while !matches!(parser.peek_token().token, Token::EOF | Token::SemiColon) {
+        after.push(parser.next_token().token);
+    }
+    let (list, clause) = take_watermark(list).map_err(|e| crate::error::syntax_error(&e, sql))?;
+    let clause = clause.ok_or_else(|| Error::Internal("a watermark was found and then lost".into()))?;
+    let text = |tokens: &[Token]| tokens.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(" ");
+    let rebuilt = format!("{} ({}) {}", text(&before), text(&list), text(&after));
+    let mut statements = DFParserBuilder::new(rebuilt.as_str())
+        .with_dialect(&PostgreSqlDialect {})
+        .build()
+        .and_then(|mut parser| parser.parse_statements())
+        .map_err(|e| Error::from_datafusion(e, &rebuilt).with_position(None))?;
+    let statement = statements.pop_front().ok_or_else(|| Error::Internal("CREATE TABLE went missing".into()))?;
+    Ok(Statement::CreateTableWithWatermark(statement, clause))
+}
+
 /// `CREATE SOURCE [IF NOT EXISTS] name [(columns…)] WITH (option = value, …) [FORMAT f]`.
 fn parse_create_source(parser: &mut SqlParser) -> std::result::Result<Statement, ParserError> {
     parser.next_token(); // CREATE
@@ -172,9 +414,10 @@ fn parse_create_source(parser: &mut SqlParser) -> std::result::Result<Statement,
     let if_not_exists = parser.parse_keywords(&[Keyword::IF, Keyword::NOT, Keyword::EXISTS]);
     let name = object_name(&parser.parse_object_name(false)?);
     let mut columns = None;
+    let mut watermark = None;
     if parser.consume_token(&Token::LParen) {
         // Declared columns, as text: planned like a CREATE TABLE's.
-        let mut text = Vec::new();
+        let mut tokens = Vec::new();
         let mut depth = 1;
         loop {
             let token = parser.next_token().token;
@@ -187,16 +430,20 @@ fn parse_create_source(parser: &mut SqlParser) -> std::result::Result<Statement,
             if depth == 0 {
                 break;
             }
-            text.push(token.to_string());
+            tokens.push(token);
         }
-        columns = Some(text.join(" "));
+        let (tokens, clause) = take_watermark(tokens)?;
+        watermark = clause;
+        if !tokens.is_empty() {
+            columns = Some(tokens.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(" "));
+        }
     }
     let mut options = BTreeMap::new();
     parse_include(parser, &mut options)?;
     parse_with_options(parser, &mut options)?;
     parse_format(parser, &mut options)?;
     parse_include(parser, &mut options)?;
-    Ok(Statement::CreateSource { name, if_not_exists, columns, options })
+    Ok(Statement::CreateSource { name, if_not_exists, columns, watermark, options })
 }
 
 /// `WITH (option = value, …)`, if present; option names are lower-cased.
@@ -436,7 +683,13 @@ pub enum Planned {
     /// CLOSE a cursor (`None`: all of them).
     Close { cursor: Option<String> },
     /// CREATE SOURCE, with the declared columns if any.
-    CreateSource { name: String, if_not_exists: bool, columns: Option<SchemaRef>, options: BTreeMap<String, String> },
+    CreateSource {
+        name: String,
+        if_not_exists: bool,
+        columns: Option<SchemaRef>,
+        watermark: Option<WatermarkClause>,
+        options: BTreeMap<String, String>,
+    },
     /// SHOW SOURCES.
     ShowSources,
     /// CREATE SINK.
@@ -506,6 +759,8 @@ pub struct CreateView {
     pub query: String,
     /// Relations the query names (tables, materialized and plain views).
     pub reads: Vec<String>,
+    /// `EMIT ON WINDOW CLOSE`: the view holds each row back until its window closes.
+    pub emit_on_window_close: bool,
 }
 
 /// A planned CREATE TABLE.
@@ -614,7 +869,7 @@ pub async fn plan(state: &SessionState, statement: &Statement, sql: &str) -> Res
             return Ok(Planned::Fetch { cursor: cursor.clone(), count: *count, timeout: *timeout, schema: None });
         }
         Statement::Close { cursor } => return Ok(Planned::Close { cursor: cursor.clone() }),
-        Statement::CreateSource { name, if_not_exists, columns, options } => {
+        Statement::CreateSource { name, if_not_exists, columns, watermark, options } => {
             let columns = match columns {
                 None => None,
                 Some(text) => Some(declared_columns(state, text).await?),
@@ -623,8 +878,37 @@ pub async fn plan(state: &SessionState, statement: &Statement, sql: &str) -> Res
                 name: name.clone(),
                 if_not_exists: *if_not_exists,
                 columns,
+                watermark: watermark.clone(),
                 options: options.clone(),
             });
+        }
+        Statement::EmitOnWindowClose(statement) => {
+            let DFStatement::Statement(inner) = statement else {
+                return Err(Error::Internal("EMIT ON WINDOW CLOSE on something other than a view".into()));
+            };
+            let SqlStatement::CreateView(create) = inner.as_ref() else {
+                return Err(Error::Internal("EMIT ON WINDOW CLOSE on something other than a view".into()));
+            };
+            let query = format!("{} {EMIT_ON_WINDOW_CLOSE}", create.query);
+            return plan_view(state, object_name(&create.name), create.if_not_exists, &query).await;
+        }
+        Statement::CreateTableWithWatermark(statement, clause) => {
+            let Planned::CreateTable(mut create) =
+                Box::pin(plan(state, &Statement::Sql(statement.clone()), sql)).await?
+            else {
+                return Err(Error::Internal("CREATE TABLE planned as something else".into()));
+            };
+            if !create.primary_key.is_empty() {
+                return Err(Error::NotSupported {
+                    feature: "a PRIMARY KEY on a table with a WATERMARK".into(),
+                    hint: Some("a table with a watermark only takes appended rows; leave out the key".into()),
+                });
+            }
+            if create.source.is_some() {
+                return Err(Error::not_supported("CREATE TABLE … AS with a WATERMARK"));
+            }
+            create.schema = with_watermark(&create.schema, clause)?;
+            return Ok(Planned::CreateTable(create));
         }
         Statement::DropSource { names, if_exists, cascade } => {
             return Ok(Planned::Drop(DropRelations {
@@ -707,6 +991,7 @@ pub async fn plan(state: &SessionState, statement: &Statement, sql: &str) -> Res
                     plan,
                     query,
                     reads,
+                    emit_on_window_close: false,
                 }));
             }
             SqlStatement::Drop { object_type, if_exists, names, cascade, .. }
@@ -755,7 +1040,8 @@ pub async fn plan(state: &SessionState, statement: &Statement, sql: &str) -> Res
             _ => Err(Error::not_supported(first_words(statement))),
         },
         LogicalPlan::Ddl(DdlStatement::CreateMemoryTable(create)) => {
-            let schema = tag_json_columns(create.input.schema().as_arrow(), &json_columns);
+            // A table's watermark is its own (CREATE TABLE … AS does not copy a source's).
+            let schema = without_watermark(&tag_json_columns(create.input.schema().as_arrow(), &json_columns));
             let primary_key = create
                 .constraints
                 .iter()
@@ -797,10 +1083,24 @@ pub async fn plan(state: &SessionState, statement: &Statement, sql: &str) -> Res
 
 /// Plans a materialized view's query (`query` is its SQL text).
 pub async fn plan_view(state: &SessionState, name: String, if_not_exists: bool, query: &str) -> Result<Planned> {
-    let (plan, reads) = plan_query(state, query).await?;
+    let trimmed = query.trim_end();
+    let (select, emit_on_window_close) = match trimmed.len().checked_sub(EMIT_ON_WINDOW_CLOSE.len()) {
+        Some(at) if trimmed.is_char_boundary(at) && trimmed[at..].eq_ignore_ascii_case(EMIT_ON_WINDOW_CLOSE) => {
+            (&trimmed[..at], true)
+        }
+        _ => (query, false),
+    };
+    let (plan, reads) = plan_query(state, select).await?;
     view::check_deterministic(&plan)?;
-    let plan = state.optimize(&plan).map_err(|e| Error::from_datafusion(e, query))?;
-    Ok(Planned::CreateView(CreateView { name, if_not_exists, plan, query: query.to_string(), reads }))
+    let plan = state.optimize(&plan).map_err(|e| Error::from_datafusion(e, select))?;
+    Ok(Planned::CreateView(CreateView {
+        name,
+        if_not_exists,
+        plan,
+        query: query.to_string(),
+        reads,
+        emit_on_window_close,
+    }))
 }
 
 /// Plans a view's query text (unoptimised) and lists the relations it names, plain views

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use datafusion::arrow::compute::SortOptions;
-use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
 use datafusion::arrow::row::SortField;
 use datafusion::common::NullEquality;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
@@ -28,6 +28,9 @@ use crate::error::{Error, Result};
 pub enum Node {
     /// The change stream of a table (backfilled with its contents when the view starts).
     Table(String),
+    /// The change stream of a table with a `WATERMARK`: late rows dropped, watermarks
+    /// emitted on `column` (see [`crate::dataflow::operators::EventTimeOperator`]).
+    EventTime { table: String, column: usize, delay_ms: i64, units_per_ms: i64 },
     /// An operator over its inputs, in port order.
     Operator(Box<dyn Operator>, Vec<Node>),
     /// A stateful operator run as several instances; each input is hash-partitioned by its
@@ -39,7 +42,7 @@ impl Node {
     /// The tables this tree reads, in leaf order.
     pub fn tables(&self) -> Vec<String> {
         match self {
-            Node::Table(name) => vec![name.clone()],
+            Node::Table(name) | Node::EventTime { table: name, .. } => vec![name.clone()],
             Node::Operator(_, inputs) | Node::Parallel { inputs, .. } => {
                 inputs.iter().flat_map(|n| n.tables()).collect()
             }
@@ -52,6 +55,10 @@ impl Node {
             let pad = "  ".repeat(depth);
             match node {
                 Node::Table(name) => out.push_str(&format!("{pad}table {name}\n")),
+                Node::EventTime { table, column, delay_ms, .. } => {
+                    out.push_str(&format!("{pad}event_time (column {column}, delay {delay_ms} ms; drops late rows)\n"));
+                    out.push_str(&format!("{pad}  table {table}\n"));
+                }
                 Node::Operator(op, inputs) => {
                     out.push_str(&format!("{pad}{}\n", op.name()));
                     for input in inputs {
@@ -140,7 +147,22 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
             if !scan.filters.is_empty() || scan.fetch.is_some() {
                 return Err(Error::Internal("table scan with pushed-down filters or limit in a view".into()));
             }
-            let source = Node::Table(scan.table_name.table().to_string());
+            let table = scan.table_name.table().to_string();
+            let source = match super::watermark_of(&scan.source.schema()) {
+                Some((column, delay_ms)) => {
+                    let units_per_ms = match scan.source.schema().field(column).data_type() {
+                        DataType::Timestamp(TimeUnit::Second, _) => {
+                            return Err(Error::not_supported("a watermark on a TIMESTAMP(0) column"));
+                        }
+                        DataType::Timestamp(TimeUnit::Millisecond, _) => 1,
+                        DataType::Timestamp(TimeUnit::Microsecond, _) => 1_000,
+                        DataType::Timestamp(TimeUnit::Nanosecond, _) => 1_000_000,
+                        other => return Err(Error::Internal(format!("a watermark on a {other} column"))),
+                    };
+                    Node::EventTime { table, column, delay_ms, units_per_ms }
+                }
+                None => Node::Table(table),
+            };
             let width = scan.source.schema().fields().len();
             match &scan.projection {
                 Some(columns) if *columns != (0..width).collect::<Vec<_>>() => {
@@ -150,7 +172,9 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
                         .map(|&i| Arc::new(ColumnExpr::new(schema.field(i).name(), i)) as Arc<dyn PhysicalExpr>)
                         .collect();
                     let schema: SchemaRef = Arc::new(scan.projected_schema.as_arrow().clone());
-                    Ok(Node::Operator(Box::new(ProjectFilterOperator::new(None, Some(exprs), schema)?), vec![source]))
+                    let operator =
+                        ProjectFilterOperator::new(None, Some(exprs), schema)?.with_watermarks_from(scan.source.schema());
+                    Ok(Node::Operator(Box::new(operator), vec![source]))
                 }
                 _ => Ok(source),
             }
@@ -163,7 +187,9 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
                 .map(|e| state.create_physical_expr(e.clone(), projection.input.schema()))
                 .collect::<datafusion::error::Result<Vec<_>>>()?;
             let schema: SchemaRef = Arc::new(projection.schema.as_arrow().clone());
-            Ok(Node::Operator(Box::new(ProjectFilterOperator::new(None, Some(exprs), schema)?), vec![input]))
+            let input_schema: SchemaRef = Arc::new(projection.input.schema().as_arrow().clone());
+            let operator = ProjectFilterOperator::new(None, Some(exprs), schema)?.with_watermarks_from(input_schema);
+            Ok(Node::Operator(Box::new(operator), vec![input]))
         }
         LogicalPlan::Filter(filter) => {
             if let Some(node) = top_n_per_group(state, filter)? {
@@ -198,8 +224,15 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
             }
             let schema: SchemaRef = Arc::new(output.clone());
             let key = PartitionKey { exprs: groups.clone(), types: group_types.clone() };
+            // The first group column with a watermark closes groups.
+            let event_time = watermarked(plan).iter().take(groups.len()).position(|w| *w);
+            let input_arrow: SchemaRef = Arc::new(input_schema.as_arrow().clone());
             let make = || -> Result<Box<dyn Operator>> {
-                let operator = AggregateOperator::new(groups.clone(), group_types.clone(), specs.clone(), schema.clone())?;
+                let mut operator =
+                    AggregateOperator::new(groups.clone(), group_types.clone(), specs.clone(), schema.clone())?;
+                if let Some(group) = event_time {
+                    operator = operator.with_event_time(group, input_arrow.clone());
+                }
                 Ok(Box::new(operator))
             };
             stateful(workers(state), make, vec![key], vec![input])
@@ -236,7 +269,7 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
         LogicalPlan::Union(union) => {
             let inputs = union.inputs.iter().map(|input| lower(state, input)).collect::<Result<Vec<_>>>()?;
             let schema: SchemaRef = Arc::new(union.schema.as_arrow().clone());
-            Ok(Node::Operator(Box::new(UnionOperator::new(schema)), inputs))
+            Ok(Node::Operator(Box::new(UnionOperator::new(schema, inputs.len())), inputs))
         }
         LogicalPlan::Join(join) => {
             if join.null_equality != NullEquality::NullEqualsNothing || join.null_aware {
@@ -301,6 +334,70 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
             feature: format!("{} in a materialized view", construct_name(other)),
             hint: Some("views support projections, WHERE, joins, subqueries, UNION, DISTINCT, GROUP BY, top-N and top-N per group (row_number() <= n)".into()),
         }),
+    }
+}
+
+/// Which output columns of `plan` carry watermarks: the same rules the operators follow
+/// at run time (see [`crate::dataflow::watermark`]), worked out on the plan so a view can
+/// be checked before it starts.
+pub fn watermarked(plan: &LogicalPlan) -> Vec<bool> {
+    let width = plan.schema().fields().len();
+    let timestamp = |i: usize| crate::dataflow::watermark::carries_watermark(plan.schema().field(i).data_type());
+    let derived = |exprs: &[Expr], input: &LogicalPlan| -> Vec<bool> {
+        let marked = watermarked(input);
+        exprs
+            .iter()
+            .enumerate()
+            .map(|(i, e)| timestamp(i) && monotone_input(e, input.schema()).is_some_and(|c| marked[c]))
+            .collect()
+    };
+    let mut columns = match plan {
+        LogicalPlan::TableScan(scan) => {
+            let source = scan.source.schema();
+            let marked = super::watermark_of(&source).map(|(c, _)| c);
+            match &scan.projection {
+                Some(columns) => columns.iter().map(|&i| marked == Some(i)).collect(),
+                None => (0..source.fields().len()).map(|i| marked == Some(i)).collect(),
+            }
+        }
+        LogicalPlan::Projection(projection) => derived(&projection.expr, &projection.input),
+        LogicalPlan::Aggregate(aggregate) => derived(&aggregate.group_expr, &aggregate.input),
+        LogicalPlan::Filter(filter) if !matches!(filter.input.as_ref(), LogicalPlan::Window(_)) => {
+            watermarked(&filter.input)
+        }
+        LogicalPlan::SubqueryAlias(alias) => watermarked(&alias.input),
+        LogicalPlan::Sort(sort) if sort.fetch.is_none() => watermarked(&sort.input),
+        LogicalPlan::Union(union) => {
+            let inputs: Vec<Vec<bool>> = union.inputs.iter().map(|i| watermarked(i)).collect();
+            (0..width).map(|c| inputs.iter().all(|marks| marks.get(c).copied().unwrap_or(false))).collect()
+        }
+        _ => Vec::new(),
+    };
+    columns.resize(width, false);
+    columns
+}
+
+/// The input column `expr` is a non-decreasing function of (the logical twin of
+/// [`crate::dataflow::watermark::monotone_input`]).
+fn monotone_input(expr: &Expr, schema: &datafusion::common::DFSchema) -> Option<usize> {
+    use crate::dataflow::watermark::is_time_or_integer;
+    use datafusion::logical_expr::Operator as BinaryOp;
+    let constant = |e: &Expr| matches!(e, Expr::Literal(..));
+    match expr {
+        Expr::Column(column) => schema.index_of_column(column).ok(),
+        Expr::Alias(alias) => monotone_input(&alias.expr, schema),
+        Expr::Cast(cast) if is_time_or_integer(cast.field.data_type()) => monotone_input(&cast.expr, schema),
+        Expr::TryCast(cast) if is_time_or_integer(cast.field.data_type()) => monotone_input(&cast.expr, schema),
+        Expr::BinaryExpr(b) => match b.op {
+            BinaryOp::Plus if constant(&b.left) => monotone_input(&b.right, schema),
+            BinaryOp::Plus | BinaryOp::Minus if constant(&b.right) => monotone_input(&b.left, schema),
+            _ => None,
+        },
+        Expr::ScalarFunction(f) if matches!(f.name(), "date_bin" | "date_trunc") => {
+            let others_constant = f.args.iter().enumerate().all(|(i, a)| i == 1 || constant(a));
+            if others_constant { f.args.get(1).and_then(|a| monotone_input(a, schema)) } else { None }
+        }
+        _ => None,
     }
 }
 

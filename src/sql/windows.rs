@@ -137,7 +137,7 @@ fn window_query(function: &str, args: &[FunctionArg], alias: Option<&TableAlias>
 
 /// An interval literal in milliseconds: `INTERVAL '1 minute'`, `INTERVAL '10' SECOND`,
 /// `INTERVAL '1 hour 30 minutes'`.
-fn interval_millis(expr: &Expr) -> Option<i64> {
+pub(crate) fn interval_millis(expr: &Expr) -> Option<i64> {
     let Expr::Interval(interval) = expr else { return None };
     let Expr::Value(value) = interval.value.as_ref() else { return None };
     let text = match &value.value {

@@ -26,7 +26,8 @@ use datafusion::arrow::row::{OwnedRow, RowConverter, Rows, SortField};
 use datafusion::physical_plan::PhysicalExpr;
 
 use crate::dataflow::operator::{Barrier, Operator, Output};
-use crate::dataflow::{ChangeBatch, FastMap};
+use crate::dataflow::watermark::Derivation;
+use crate::dataflow::{ChangeBatch, FastMap, Watermark};
 use crate::error::{Error, Result};
 
 /// The aggregate functions the operator maintains.
@@ -175,6 +176,22 @@ pub struct AggregateOperator {
     free: Vec<usize>,
     /// Ids of groups changed since the last barrier.
     dirty: Vec<usize>,
+    /// Groups keyed by event time, closed and forgotten as its watermark passes.
+    event_time: Option<EventTime>,
+}
+
+/// A group column that is a non-decreasing function of an input column with watermarks
+/// (such as `window_start`): once the watermark passes a group's value there, no change
+/// can reach the group again, so its state is freed (its output row stays emitted).
+struct EventTime {
+    /// The group position.
+    group: usize,
+    /// Output watermarks of the group columns from input watermarks.
+    derivation: Derivation,
+    /// Group keys (encoded) by their value in the event-time column.
+    groups_by_time: BTreeMap<i64, Vec<Box<[u8]>>>,
+    /// Watermarks received since the last barrier, by output column.
+    pending: BTreeMap<usize, i64>,
 }
 
 impl AggregateOperator {
@@ -209,12 +226,40 @@ impl AggregateOperator {
             state: Vec::new(),
             free: Vec::new(),
             dirty: Vec::new(),
+            event_time: None,
         };
         if operator.groups.is_empty() {
             // The global aggregate's one group exists from the start.
             operator.insert_group(Box::from([] as [u8; 0]), None);
         }
         Ok(operator)
+    }
+
+    /// Closes groups by their column `group`, whose watermarks follow from those of the
+    /// columns of `input` (the input's schema).
+    pub fn with_event_time(mut self, group: usize, input: SchemaRef) -> Self {
+        let groups = self.schema.fields()[..self.groups.len()].to_vec();
+        let output = Arc::new(datafusion::arrow::datatypes::Schema::new(groups));
+        let derivation = Derivation::new(input, output, &self.groups);
+        self.event_time =
+            Some(EventTime { group, derivation, groups_by_time: BTreeMap::new(), pending: BTreeMap::new() });
+        self
+    }
+
+    /// Frees the groups whose event time is below `watermark`: no change can reach them.
+    fn close_groups(&mut self, watermark: i64) {
+        let Some(event_time) = &mut self.event_time else { return };
+        let open = event_time.groups_by_time.split_off(&watermark);
+        let closed = std::mem::replace(&mut event_time.groups_by_time, open);
+        for key in closed.into_values().flatten() {
+            if let Some(id) = self.index.remove(&key) {
+                let group = &mut self.state[id];
+                group.key = None;
+                group.emitted = None;
+                group.accumulators = Vec::new();
+                self.free.push(id);
+            }
+        }
     }
 
     fn insert_group(&mut self, bytes: Box<[u8]>, key: Option<OwnedRow>) -> usize {
@@ -550,6 +595,10 @@ impl Operator for AggregateOperator {
             .map(|e| e.evaluate(batch).and_then(|v| v.into_array(batch.num_rows())))
             .collect::<datafusion::error::Result<Vec<_>>>()?;
         let key_rows = if self.groups.is_empty() { None } else { Some(self.key_converter.convert_columns(&keys)?) };
+        let key_times = match &self.event_time {
+            Some(event_time) => Some(event_times(&keys[event_time.group])?),
+            None => None,
+        };
         let arguments = self.evaluate_arguments(batch)?;
         for i in 0..batch.num_rows() {
             let w = weights.value(i);
@@ -559,7 +608,18 @@ impl Operator for AggregateOperator {
                     let row = rows.row(i);
                     match self.index.get(row.as_ref()) {
                         Some(&id) => id,
-                        None => self.insert_group(Box::from(row.as_ref()), Some(row.owned())),
+                        None => {
+                            if let (Some(times), Some(event_time)) = (&key_times, &mut self.event_time)
+                                && times.is_valid(i)
+                            {
+                                event_time
+                                    .groups_by_time
+                                    .entry(times.value(i))
+                                    .or_default()
+                                    .push(Box::from(row.as_ref()));
+                            }
+                            self.insert_group(Box::from(row.as_ref()), Some(row.owned()))
+                        }
                     }
                 }
             };
@@ -688,8 +748,36 @@ impl Operator for AggregateOperator {
             )?
         };
         out.push(ChangeBatch::replace(old, inserted)?.consolidate()?);
+        // Watermarks go after the changes they close.
+        if let Some(event_time) = &mut self.event_time {
+            let pending = std::mem::take(&mut event_time.pending);
+            if let Some(&watermark) = pending.get(&event_time.group) {
+                self.close_groups(watermark);
+            }
+            for (column, value) in pending {
+                out.watermark(Watermark { column, value });
+            }
+        }
         Ok(())
     }
+
+    /// Watermarks of group columns wait for the barrier, so they follow the changes of
+    /// the epoch; others stop here (aggregates have no watermark).
+    async fn on_watermark(&mut self, _port: usize, watermark: Watermark, _out: &mut Output) -> Result<()> {
+        if let Some(event_time) = &mut self.event_time {
+            for derived in event_time.derivation.derive(watermark)? {
+                let value = event_time.pending.entry(derived.column).or_insert(derived.value);
+                *value = (*value).max(derived.value);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A group column's values as integers (event times in their unit).
+fn event_times(column: &ArrayRef) -> Result<Int64Array> {
+    let ints = cast(column, &DataType::Int64)?;
+    downcast::<Int64Array>(&ints).cloned()
 }
 
 #[cfg(test)]

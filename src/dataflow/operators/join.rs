@@ -20,7 +20,7 @@ use datafusion::arrow::row::{RowConverter, Rows, SortField};
 use datafusion::physical_plan::PhysicalExpr;
 
 use crate::dataflow::operator::{Operator, Output};
-use crate::dataflow::{ChangeBatch, FastMap};
+use crate::dataflow::{ChangeBatch, FastMap, Watermark};
 use crate::error::{Error, Result};
 
 /// Which rows a join produces.
@@ -370,6 +370,12 @@ impl Operator for JoinOperator {
             JoinKind::LeftSemi => "semi_join",
             JoinKind::LeftAnti => "anti_join",
         }
+    }
+
+    /// A join's output may pair a new row with an old one from the other side, so no
+    /// input watermark bounds its output: watermarks stop here.
+    async fn on_watermark(&mut self, _port: usize, _watermark: Watermark, _out: &mut Output) -> Result<()> {
+        Ok(())
     }
 
     async fn process(&mut self, port: usize, input: ChangeBatch, out: &mut Output) -> Result<()> {

@@ -2,6 +2,7 @@
 //! answer; see each type's docs for how it treats weights.
 
 pub mod aggregate;
+pub mod event_time;
 pub mod join;
 pub mod materialize;
 pub mod project;
@@ -9,6 +10,7 @@ pub mod topn;
 pub mod union;
 
 pub use aggregate::{AggregateFunction, AggregateOperator, AggregateSpec};
+pub use event_time::{EmitOnCloseOperator, EventTimeOperator, LateCounter};
 pub use join::{JoinKind, JoinOperator};
 pub use materialize::{EpochSink, MaterializeOperator};
 pub use project::ProjectFilterOperator;

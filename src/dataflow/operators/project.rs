@@ -20,7 +20,8 @@ use datafusion::physical_expr::ScalarFunctionExpr;
 use datafusion::physical_plan::PhysicalExpr;
 
 use crate::dataflow::operator::{Operator, Output};
-use crate::dataflow::{ChangeBatch, FastMap};
+use crate::dataflow::watermark::Derivation;
+use crate::dataflow::{ChangeBatch, FastMap, Watermark};
 use crate::error::{Error, Result};
 
 /// `SELECT exprs FROM input WHERE predicate`, on change batches.
@@ -31,6 +32,9 @@ pub struct ProjectFilterOperator {
     schema: SchemaRef,
     /// What each live input row produced, when the expressions may change their answer.
     memo: Option<Memo>,
+    /// How output columns get watermarks from input columns; `None` drops watermarks
+    /// (unless there is no projection, which keeps the columns and their watermarks).
+    derivation: Option<Derivation>,
 }
 
 /// Copies of one input row that produced the same output: how many, and the output row
@@ -61,7 +65,15 @@ impl ProjectFilterOperator {
         } else {
             None
         };
-        Ok(ProjectFilterOperator { predicate, exprs, schema, memo })
+        Ok(ProjectFilterOperator { predicate, exprs, schema, memo, derivation: None })
+    }
+
+    /// Derives watermarks of output columns from those of `input` (the input's schema).
+    pub fn with_watermarks_from(mut self, input: SchemaRef) -> Self {
+        if let Some(exprs) = &self.exprs {
+            self.derivation = Some(Derivation::new(input, self.schema.clone(), exprs));
+        }
+        self
     }
 
     /// The rows of `input` the predicate keeps, projected; with, per input row, the
@@ -211,6 +223,15 @@ impl Operator for ProjectFilterOperator {
         }
         let (evaluated, _) = self.evaluate(&input)?;
         out.push(evaluated);
+        Ok(())
+    }
+
+    async fn on_watermark(&mut self, _port: usize, watermark: Watermark, out: &mut Output) -> Result<()> {
+        match (&self.exprs, &self.derivation) {
+            (None, _) => out.watermark(watermark),
+            (Some(_), Some(derivation)) => derivation.derive(watermark)?.into_iter().for_each(|w| out.watermark(w)),
+            (Some(_), None) => {}
+        }
         Ok(())
     }
 }

@@ -19,7 +19,7 @@ use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::physical_plan::PhysicalExpr;
 
 use crate::dataflow::operator::{Barrier, Operator, Output};
-use crate::dataflow::{ChangeBatch, FastMap, FastSet};
+use crate::dataflow::{ChangeBatch, FastMap, FastSet, Watermark};
 use crate::error::{Error, Result};
 
 /// Key of the ordered multiset: encoded sort key, then the encoded row.
@@ -144,6 +144,12 @@ impl Operator for TopNOperator {
             }
             self.dirty.insert(group_key);
         }
+        Ok(())
+    }
+
+    /// A row can leave the top N at any time, whatever its event time: watermarks stop
+    /// here.
+    async fn on_watermark(&mut self, _port: usize, _watermark: Watermark, _out: &mut Output) -> Result<()> {
         Ok(())
     }
 

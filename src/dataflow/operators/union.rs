@@ -8,18 +8,21 @@ use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 
-use crate::dataflow::ChangeBatch;
 use crate::dataflow::operator::{Operator, Output};
+use crate::dataflow::watermark::MinimumOverInputs;
+use crate::dataflow::{ChangeBatch, Watermark};
 use crate::error::Result;
 
-/// Passes every input's changes through, cast to the union's column types.
+/// Passes every input's changes through, cast to the union's column types. A column's
+/// watermark is the least of its inputs'.
 pub struct UnionOperator {
     schema: SchemaRef,
+    watermarks: MinimumOverInputs,
 }
 
 impl UnionOperator {
-    pub fn new(schema: SchemaRef) -> Self {
-        UnionOperator { schema }
+    pub fn new(schema: SchemaRef, inputs: usize) -> Self {
+        UnionOperator { schema, watermarks: MinimumOverInputs::new(inputs) }
     }
 }
 
@@ -42,11 +45,27 @@ impl Operator for UnionOperator {
         out.push(ChangeBatch::try_new(batch, input.weights().clone())?);
         Ok(())
     }
+
+    async fn on_watermark(&mut self, port: usize, watermark: Watermark, out: &mut Output) -> Result<()> {
+        if let Some(least) = self.watermarks.update(port, watermark) {
+            out.watermark(least);
+        }
+        Ok(())
+    }
 }
 
 /// Merges the outputs of an operator's parallel instances into one stream. The runtime
-/// aligns the instances' barriers, so downstream sees each barrier once.
-pub struct MergeOperator;
+/// aligns the instances' barriers, so downstream sees each barrier once, and a watermark
+/// moves once every instance has passed it.
+pub struct MergeOperator {
+    watermarks: MinimumOverInputs,
+}
+
+impl MergeOperator {
+    pub fn new(instances: usize) -> Self {
+        MergeOperator { watermarks: MinimumOverInputs::new(instances) }
+    }
+}
 
 #[async_trait]
 impl Operator for MergeOperator {
@@ -56,6 +75,13 @@ impl Operator for MergeOperator {
 
     async fn process(&mut self, _port: usize, input: ChangeBatch, out: &mut Output) -> Result<()> {
         out.push(input);
+        Ok(())
+    }
+
+    async fn on_watermark(&mut self, port: usize, watermark: Watermark, out: &mut Output) -> Result<()> {
+        if let Some(least) = self.watermarks.update(port, watermark) {
+            out.watermark(least);
+        }
         Ok(())
     }
 }

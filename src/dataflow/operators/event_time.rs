@@ -1,0 +1,238 @@
+//! Event time at the edges of a view's dataflow.
+//!
+//! [`EventTimeOperator`] stands right after an input with a `WATERMARK FOR ts AS ts - delay`.
+//! It reads the rows in order and keeps the greatest event time seen; a row whose time is
+//! below that maximum minus the delay is late: it is dropped, and counted in its
+//! [`LateCounter`]. After each batch it emits the watermark `maximum - delay` if that
+//! moved. Because lateness is decided row by row in input order, not per batch, a view
+//! rebuilt from the same rows (after a restart, or created later over the same source)
+//! drops exactly the same rows.
+//!
+//! [`EmitOnCloseOperator`] is the last operator of a view with `EMIT ON WINDOW CLOSE`. It
+//! holds each row's net change until the watermark of its event-time column passes the
+//! row's value, then emits it once: the view only ever gains rows, each final.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use datafusion::arrow::array::{Array, Int64Array, RecordBatchOptions};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::arrow::row::{OwnedRow, RowConverter, SortField};
+
+use crate::dataflow::operator::{Operator, Output};
+use crate::dataflow::{ChangeBatch, FastMap, Watermark};
+use crate::error::{Error, Result};
+
+/// Late rows of one input of one view, shared with the system view that lists them.
+#[derive(Debug)]
+pub struct LateCounter {
+    /// The relation the rows came from.
+    pub input: String,
+    /// The view that dropped them.
+    pub view: String,
+    /// Event-time units per millisecond (the values below are in milliseconds).
+    units_per_ms: i64,
+    rows: AtomicU64,
+    /// The watermark (in the event-time column's unit), `i64::MIN` before the first.
+    watermark: AtomicI64,
+    /// The event time of the last late row, `i64::MIN` before the first.
+    last_late: AtomicI64,
+}
+
+impl LateCounter {
+    pub fn new(input: String, view: String, units_per_ms: i64) -> Self {
+        LateCounter {
+            input,
+            view,
+            units_per_ms: units_per_ms.max(1),
+            rows: AtomicU64::new(0),
+            watermark: AtomicI64::new(i64::MIN),
+            last_late: AtomicI64::new(i64::MIN),
+        }
+    }
+
+    /// Rows dropped as late so far.
+    pub fn rows(&self) -> u64 {
+        self.rows.load(Ordering::Relaxed)
+    }
+
+    /// The current watermark in milliseconds since the epoch, if any.
+    pub fn watermark(&self) -> Option<i64> {
+        Some(self.watermark.load(Ordering::Relaxed)).filter(|w| *w != i64::MIN)
+    }
+
+    /// The event time of the latest late row in milliseconds since the epoch, if any.
+    pub fn last_late(&self) -> Option<i64> {
+        Some(self.last_late.load(Ordering::Relaxed)).filter(|w| *w != i64::MIN)
+    }
+}
+
+/// Drops late rows of an input and emits its watermarks.
+pub struct EventTimeOperator {
+    column: usize,
+    /// The delay in the column's unit.
+    delay: i64,
+    /// The greatest event time seen.
+    maximum: Option<i64>,
+    emitted: Option<i64>,
+    late: Arc<LateCounter>,
+}
+
+impl EventTimeOperator {
+    /// `column` holds the event time; `delay` is in its unit.
+    pub fn new(column: usize, delay: i64, late: Arc<LateCounter>) -> Self {
+        EventTimeOperator { column, delay, maximum: None, emitted: None, late }
+    }
+}
+
+/// A timestamp column as integers in its unit.
+fn times(input: &ChangeBatch, column: usize) -> Result<Int64Array> {
+    let array = input
+        .batch()
+        .columns()
+        .get(column)
+        .ok_or_else(|| Error::Internal("the event-time column is missing from its input".into()))?;
+    let ints = cast(array, &DataType::Int64)?;
+    ints.as_any()
+        .downcast_ref::<Int64Array>()
+        .cloned()
+        .ok_or_else(|| Error::Internal("event times did not cast to integers".into()))
+}
+
+#[async_trait]
+impl Operator for EventTimeOperator {
+    fn name(&self) -> &str {
+        "event_time (drops late rows, emits watermarks)"
+    }
+
+    async fn process(&mut self, _port: usize, input: ChangeBatch, out: &mut Output) -> Result<()> {
+        let times = times(&input, self.column)?;
+        let weights = input.weights();
+        let mut keep = Vec::with_capacity(input.num_rows());
+        let mut late = 0;
+        for i in 0..input.num_rows() {
+            // Rows without an event time belong to no window; they pass.
+            if !times.is_valid(i) {
+                keep.push(true);
+                continue;
+            }
+            let time = times.value(i);
+            let watermark = self.maximum.map(|m| m.saturating_sub(self.delay));
+            if weights.value(i) > 0 && watermark.is_some_and(|w| time < w) {
+                keep.push(false);
+                late += 1;
+                self.late.last_late.store(time.div_euclid(self.late.units_per_ms), Ordering::Relaxed);
+                continue;
+            }
+            keep.push(true);
+            self.maximum = Some(self.maximum.map_or(time, |m| m.max(time)));
+        }
+        if late > 0 {
+            self.late.rows.fetch_add(late, Ordering::Relaxed);
+            out.push(input.filter(&keep.into())?);
+        } else {
+            out.push(input);
+        }
+        if let Some(watermark) = self.maximum.map(|m| m.saturating_sub(self.delay))
+            && self.emitted.is_none_or(|e| watermark > e)
+        {
+            self.emitted = Some(watermark);
+            self.late.watermark.store(watermark.div_euclid(self.late.units_per_ms), Ordering::Relaxed);
+            out.watermark(Watermark { column: self.column, value: watermark });
+        }
+        Ok(())
+    }
+
+    async fn on_watermark(&mut self, _port: usize, _watermark: Watermark, _out: &mut Output) -> Result<()> {
+        // Watermarks start here.
+        Ok(())
+    }
+}
+
+/// Holds a view's changes until the watermark of `column` passes them, then emits each
+/// row's net change once.
+pub struct EmitOnCloseOperator {
+    column: usize,
+    schema: SchemaRef,
+    converter: RowConverter,
+    /// Event time → row → net weight, for rows not yet final.
+    pending: BTreeMap<i64, FastMap<OwnedRow, i64>>,
+    /// The latest watermark of `column`.
+    watermark: Option<i64>,
+}
+
+impl EmitOnCloseOperator {
+    pub fn new(column: usize, schema: SchemaRef) -> Result<Self> {
+        let fields = schema.fields().iter().map(|f| SortField::new(f.data_type().clone())).collect();
+        let converter = RowConverter::new(fields)?;
+        Ok(EmitOnCloseOperator { column, schema, converter, pending: BTreeMap::new(), watermark: None })
+    }
+
+    /// Emits `rows`, each with its net weight (rows that cancelled out are left out).
+    fn emit(&self, rows: Vec<(OwnedRow, i64)>, out: &mut Output) -> Result<()> {
+        let rows: Vec<(OwnedRow, i64)> = rows.into_iter().filter(|(_, w)| *w != 0).collect();
+        if rows.is_empty() {
+            return Ok(());
+        }
+        if let Some((_, weight)) = rows.iter().find(|(_, w)| *w < 0) {
+            return Err(Error::Internal(format!(
+                "a row was retracted ({weight}) from a closed window; its input changed below the watermark"
+            )));
+        }
+        let columns = self.converter.convert_rows(rows.iter().map(|(r, _)| r.row()))?;
+        let options = RecordBatchOptions::new().with_row_count(Some(rows.len()));
+        let batch = RecordBatch::try_new_with_options(self.schema.clone(), columns, &options)?;
+        let weights = Int64Array::from(rows.iter().map(|(_, w)| *w).collect::<Vec<_>>());
+        out.push(ChangeBatch::try_new(batch, weights)?);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Operator for EmitOnCloseOperator {
+    fn name(&self) -> &str {
+        "emit_on_window_close"
+    }
+
+    async fn process(&mut self, _port: usize, input: ChangeBatch, out: &mut Output) -> Result<()> {
+        let times = times(&input, self.column)?;
+        let rows = self.converter.convert_columns(input.batch().columns())?;
+        let mut unbounded = Vec::new();
+        for i in 0..input.num_rows() {
+            let weight = input.weights().value(i);
+            if !times.is_valid(i) {
+                // No event time: the row belongs to no window and is final as it is.
+                unbounded.push((rows.row(i).owned(), weight));
+                continue;
+            }
+            let time = times.value(i);
+            if self.watermark.is_some_and(|w| time < w) {
+                return Err(Error::Internal(format!(
+                    "a change at event time {time} arrived after the watermark {} had closed it",
+                    self.watermark.unwrap_or_default()
+                )));
+            }
+            let slot = self.pending.entry(time).or_default();
+            let net = slot.entry(rows.row(i).owned()).or_insert(0);
+            *net += weight;
+        }
+        self.emit(unbounded, out)
+    }
+
+    async fn on_watermark(&mut self, _port: usize, watermark: Watermark, out: &mut Output) -> Result<()> {
+        if watermark.column != self.column || self.watermark.is_some_and(|w| w >= watermark.value) {
+            return Ok(());
+        }
+        self.watermark = Some(watermark.value);
+        let open = self.pending.split_off(&watermark.value);
+        let closed = std::mem::replace(&mut self.pending, open);
+        let rows = closed.into_values().flat_map(|rows| rows.into_iter()).collect();
+        self.emit(rows, out)?;
+        out.watermark(watermark);
+        Ok(())
+    }
+}
