@@ -310,8 +310,9 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
                 schema.fields().iter().map(|f| f.data_type().clone()).collect()
             };
             let schema: SchemaRef = Arc::new(join.schema.as_arrow().clone());
+            let event_time = window_join_columns(join);
             let make = || -> Result<Box<dyn Operator>> {
-                let operator = JoinOperator::new(
+                let mut operator = JoinOperator::new(
                     kind,
                     left_keys.clone(),
                     right_keys.clone(),
@@ -321,6 +322,9 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
                     filter.clone(),
                     schema.clone(),
                 )?;
+                if let Some((left, right)) = event_time {
+                    operator = operator.with_event_time(left, right);
+                }
                 Ok(Box::new(operator))
             };
             let keys = vec![
@@ -367,6 +371,16 @@ pub fn watermarked(plan: &LogicalPlan) -> Vec<bool> {
         }
         LogicalPlan::SubqueryAlias(alias) => watermarked(&alias.input),
         LogicalPlan::Sort(sort) if sort.fetch.is_none() => watermarked(&sort.input),
+        LogicalPlan::Join(join) => {
+            let mut columns = vec![false; width];
+            if let Some((left, right)) = window_join_columns(join) {
+                columns[left] = true;
+                if !matches!(join.join_type, JoinType::LeftSemi | JoinType::LeftAnti) {
+                    columns[join.left.schema().fields().len() + right] = true;
+                }
+            }
+            columns
+        }
         LogicalPlan::Union(union) => {
             let inputs: Vec<Vec<bool>> = union.inputs.iter().map(|i| watermarked(i)).collect();
             (0..width).map(|c| inputs.iter().all(|marks| marks.get(c).copied().unwrap_or(false))).collect()
@@ -375,6 +389,25 @@ pub fn watermarked(plan: &LogicalPlan) -> Vec<bool> {
     };
     columns.resize(width, false);
     columns
+}
+
+/// A window join's event-time columns (left input column, right input column): the first
+/// key pair that equates two plain columns of one timestamp type with watermarks.
+fn window_join_columns(join: &datafusion::logical_expr::Join) -> Option<(usize, usize)> {
+    if !matches!(
+        join.join_type,
+        JoinType::Inner | JoinType::Left | JoinType::Right | JoinType::Full | JoinType::LeftSemi | JoinType::LeftAnti
+    ) {
+        return None;
+    }
+    let (left_marks, right_marks) = (watermarked(&join.left), watermarked(&join.right));
+    join.on.iter().find_map(|(l, r)| {
+        let (Expr::Column(l), Expr::Column(r)) = (l, r) else { return None };
+        let left = join.left.schema().index_of_column(l).ok()?;
+        let right = join.right.schema().index_of_column(r).ok()?;
+        let same_type = join.left.schema().field(left).data_type() == join.right.schema().field(right).data_type();
+        (same_type && left_marks[left] && right_marks[right]).then_some((left, right))
+    })
 }
 
 /// The input column `expr` is a non-decreasing function of (the logical twin of

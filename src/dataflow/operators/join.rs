@@ -8,6 +8,11 @@
 //! other side moves between zero and non-zero. Rows with a NULL in their key never match.
 //! With a condition beyond key equality, outer, semi and anti joins keep per row the weight
 //! of its matches that satisfy the condition instead (see `process_with_condition`).
+//!
+//! A window join (keys include the same event-time column on both sides, as in
+//! `a.window_start = b.window_start`) forwards the lesser of the two sides' watermarks on
+//! that column, and forgets every key below both: no change can reach such a key on
+//! either side again, so it can never match or be retracted.
 
 use std::sync::Arc;
 
@@ -112,6 +117,22 @@ pub struct JoinOperator {
     /// Left then right columns: what `filter` is evaluated over.
     pair_schema: SchemaRef,
     schema: SchemaRef,
+    left_width: usize,
+    event_time: Option<JoinEventTime>,
+}
+
+/// The event-time column in a window join's keys, and the keys held by its time.
+struct JoinEventTime {
+    /// The column in each input (left, right).
+    columns: [usize; 2],
+    /// The output columns that carry it (the left one, and the right one if output).
+    outputs: Vec<usize>,
+    /// Each input's latest watermark on its column.
+    watermarks: [Option<i64>; 2],
+    forwarded: Option<i64>,
+    /// Per side, the keys held, by event time, and each key's time.
+    by_time: [std::collections::BTreeMap<i64, Vec<Box<[u8]>>>; 2],
+    known: [FastMap<Box<[u8]>, i64>; 2],
 }
 
 impl JoinOperator {
@@ -138,6 +159,7 @@ impl JoinOperator {
                 matched: FastMap::default(),
             })
         };
+        let left_types_len = left_types.len();
         let pair_schema = Arc::new(Schema::new(
             left_types
                 .iter()
@@ -155,7 +177,69 @@ impl JoinOperator {
             filter,
             pair_schema,
             schema,
+            left_width: left_types_len,
+            event_time: None,
         })
+    }
+
+    /// Makes this a window join on event-time columns `left` and `right` (input column
+    /// indices), which are equal in every match.
+    pub fn with_event_time(mut self, left: usize, right: usize) -> Self {
+        let mut outputs = vec![left];
+        if self.kind.pairs() {
+            outputs.push(self.left_width + right);
+        }
+        self.event_time = Some(JoinEventTime {
+            columns: [left, right],
+            outputs,
+            watermarks: [None, None],
+            forwarded: None,
+            by_time: Default::default(),
+            known: Default::default(),
+        });
+        self
+    }
+
+    /// Notes the event time of keys first seen on side `port`.
+    fn remember_times(&mut self, port: usize, batch: &RecordBatch, keys: &EncodedKeys) -> Result<()> {
+        let Some(event_time) = &mut self.event_time else { return Ok(()) };
+        let column = batch
+            .columns()
+            .get(event_time.columns[port])
+            .ok_or_else(|| Error::Internal("a window join's time column is missing".into()))?;
+        let times = cast(column, &DataType::Int64)?;
+        let times = times
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .ok_or_else(|| Error::Internal("event times did not cast to integers".into()))?;
+        for (i, key) in keys.iter().enumerate() {
+            if let Some(key) = key
+                && times.is_valid(i)
+                && !event_time.known[port].contains_key(key)
+            {
+                event_time.known[port].insert(key.clone(), times.value(i));
+                event_time.by_time[port].entry(times.value(i)).or_default().push(key.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets, on both sides, every key whose event time is below `watermark`.
+    fn forget_before(&mut self, watermark: i64) {
+        let Some(event_time) = &mut self.event_time else { return };
+        for (port, side) in [&mut self.left, &mut self.right].into_iter().enumerate() {
+            let open = event_time.by_time[port].split_off(&watermark);
+            let closed = std::mem::replace(&mut event_time.by_time[port], open);
+            for key in closed.into_values().flatten() {
+                event_time.known[port].remove(&key);
+                if let Some(rows) = side.by_key.remove(&key) {
+                    for row in rows.keys() {
+                        side.matched.remove(row);
+                    }
+                }
+                side.weight.remove(&key);
+            }
+        }
     }
 
     /// Encoded keys of a batch (None where a key column is NULL) and encoded rows.
@@ -220,6 +304,7 @@ impl JoinOperator {
     /// anti join) changes exactly when that weight moves between zero and non-zero.
     fn process_with_condition(&mut self, port: usize, input: ChangeBatch, out: &mut Output) -> Result<()> {
         let (keys, rows) = self.encode(port, input.batch())?;
+        self.remember_times(port, input.batch(), &keys)?;
         let kind = self.kind;
         let weights = input.weights();
         let rows: Vec<Box<[u8]>> = (0..input.num_rows()).map(|i| Box::from(rows.row(i).as_ref())).collect();
@@ -372,9 +457,25 @@ impl Operator for JoinOperator {
         }
     }
 
-    /// A join's output may pair a new row with an old one from the other side, so no
-    /// input watermark bounds its output: watermarks stop here.
-    async fn on_watermark(&mut self, _port: usize, _watermark: Watermark, _out: &mut Output) -> Result<()> {
+    /// A join's output may pair a new row with an old one from the other side, so only a
+    /// window join's time column gets a watermark: the lesser of its two sides'.
+    async fn on_watermark(&mut self, port: usize, watermark: Watermark, out: &mut Output) -> Result<()> {
+        let Some(event_time) = &mut self.event_time else { return Ok(()) };
+        if port > 1 || watermark.column != event_time.columns[port] {
+            return Ok(());
+        }
+        let slot = &mut event_time.watermarks[port];
+        *slot = Some(slot.map_or(watermark.value, |w| w.max(watermark.value)));
+        let [Some(left), Some(right)] = event_time.watermarks else { return Ok(()) };
+        let least = left.min(right);
+        if event_time.forwarded.is_some_and(|f| f >= least) {
+            return Ok(());
+        }
+        event_time.forwarded = Some(least);
+        for &column in &event_time.outputs {
+            out.watermark(Watermark { column, value: least });
+        }
+        self.forget_before(least);
         Ok(())
     }
 
@@ -383,6 +484,7 @@ impl Operator for JoinOperator {
             return self.process_with_condition(port, input, out);
         }
         let (keys, rows) = self.encode(port, input.batch())?;
+        self.remember_times(port, input.batch(), &keys)?;
         let kind = self.kind;
         let mut pieces: Vec<Piece> = Vec::new();
         // Keys whose weight on this side changes, with the weight before the change.
