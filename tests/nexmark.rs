@@ -27,16 +27,38 @@ async fn rows(client: &tokio_postgres::Client, sql: &str) -> Vec<Vec<Option<Stri
 async fn windowed_nexmark_queries_as_views_equal_their_batch_results() {
     let server = TestServer::start().await;
     let client = server.connect().await;
-    // One event stream, split by kind: 1 person, 3 auctions and 46 bids per 50 events.
+    // One event stream, split by kind: 1 person, 3 auctions and 46 bids per 50 events,
+    // spanning 100 seconds of event time (500 events per second) and generated over a few
+    // seconds of wall time, so the views below see them arrive batch by batch, with the
+    // generators' default watermarks (date_time minus 4 seconds) closing windows.
     let sources = [("person", 1_000), ("auction", 3_000), ("bid", 46_000)];
     for (kind, events) in sources {
         client
             .batch_execute(&format!(
-                "CREATE SOURCE {kind} WITH (connector = 'nexmark', kind = '{kind}', rate = '0', events = '{events}',
+                "CREATE SOURCE {kind} WITH (connector = 'nexmark', kind = '{kind}', rate = '15000', event_rate = '500', events = '{events}',
                                             base_time = '1700000000000')"
             ))
             .await
             .expect("source");
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/nexmark");
+    let mut files: Vec<_> = std::fs::read_dir(&dir).expect("sql/nexmark").map(|e| e.expect("entry").path()).collect();
+    files.retain(|f| f.extension().is_some_and(|e| e == "sql"));
+    files.sort();
+    assert!(files.len() >= 4, "the windowed queries are there: {files:?}");
+    let mut queries = Vec::new();
+    for file in files {
+        let name = file.file_stem().expect("name").to_string_lossy().into_owned();
+        let query = std::fs::read_to_string(&file).expect("query");
+        client
+            .batch_execute(&format!("CREATE MATERIALIZED VIEW nexmark_{name} AS {query}"))
+            .await
+            .unwrap_or_else(|e| panic!("{name} as a view: {}", common::db_error(&e)));
+        // Queries whose output has a window column also run with EMIT ON WINDOW CLOSE.
+        let closed = client
+            .batch_execute(&format!("CREATE MATERIALIZED VIEW nexmark_{name}_closed AS {query} EMIT ON WINDOW CLOSE"))
+            .await;
+        queries.push((name, query, closed.is_ok()));
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
@@ -48,22 +70,50 @@ async fn windowed_nexmark_queries_as_views_equal_their_batch_results() {
         assert!(tokio::time::Instant::now() < deadline, "the generators did not finish: {finished:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/nexmark");
-    let mut files: Vec<_> = std::fs::read_dir(&dir).expect("sql/nexmark").map(|e| e.expect("entry").path()).collect();
-    files.retain(|f| f.extension().is_some_and(|e| e == "sql"));
-    files.sort();
-    assert!(files.len() >= 3, "the windowed queries are there: {files:?}");
-    for file in files {
-        let name = file.file_stem().expect("name").to_string_lossy().into_owned();
-        let query = std::fs::read_to_string(&file).expect("query");
-        client
-            .batch_execute(&format!("CREATE MATERIALIZED VIEW nexmark_{name} AS {query}"))
-            .await
-            .unwrap_or_else(|e| panic!("{name} as a view: {}", common::db_error(&e)));
-        client.batch_execute("FLUSH").await.expect("flush");
+    client.batch_execute("FLUSH").await.expect("flush");
+    for (name, query, closed) in &queries {
         let view = rows(&client, &format!("SELECT * FROM nexmark_{name}")).await;
-        let batch = rows(&client, &query).await;
+        let batch = rows(&client, query).await;
         assert!(!batch.is_empty(), "{name} has an answer over these events");
         assert_eq!(view, batch, "{name}: the view equals the batch query");
+        if !closed {
+            continue;
+        }
+        // With EMIT ON WINDOW CLOSE: exactly the rows of the windows the watermark passed,
+        // which are all windows but the last few seconds' (the generators stopped).
+        let emitted = rows(&client, &format!("SELECT * FROM nexmark_{name}_closed")).await;
+        let time = window_column(&client, &format!("nexmark_{name}")).await;
+        let last_closed = emitted.iter().map(|r| r[time].clone()).max().flatten();
+        assert!(last_closed.is_some(), "{name}: windows closed as the watermark passed them");
+        let expected: Vec<_> = view.iter().filter(|r| r[time] <= last_closed).cloned().collect();
+        assert_eq!(emitted, expected, "{name}: the closed windows, each complete");
+        let open: Vec<_> = view.iter().filter(|r| r[time] > last_closed).collect();
+        assert!(open.len() < view.len() / 3, "{name}: only the last windows are still open ({} rows)", open.len());
     }
+    assert!(queries.iter().filter(|q| q.2).count() >= 3, "q5, q8 and q12 run with EMIT ON WINDOW CLOSE");
+    // The generator emits events in time order: nothing is late.
+    let late = rows(&client, "SELECT view FROM freshet_catalog.late_events WHERE late_rows > 0").await;
+    assert!(late.is_empty(), "no late events: {late:?}");
+    let watermarks = rows(&client, "SELECT DISTINCT source FROM freshet_catalog.late_events WHERE watermark IS NOT NULL").await;
+    assert_eq!(watermarks.len(), 3, "every source has a watermark: {watermarks:?}");
+}
+
+/// The position of the first window column (named like `…start…` or `window_…`) of `view`.
+async fn window_column(client: &tokio_postgres::Client, view: &str) -> usize {
+    let columns = rows(
+        client,
+        &format!("SELECT ordinal_position, column_name FROM information_schema.columns WHERE table_name = '{view}'"),
+    )
+    .await;
+    let mut columns: Vec<(i64, String)> = columns
+        .into_iter()
+        .map(|c| (c[0].as_deref().unwrap_or("0").parse().expect("position"), c[1].clone().unwrap_or_default()))
+        .collect();
+    columns.sort();
+    let position = columns
+        .iter()
+        .find(|(_, name)| name.contains("start") || name.starts_with("window_"))
+        .unwrap_or_else(|| panic!("{view} has a window column: {columns:?}"))
+        .0;
+    usize::try_from(position - 1).expect("1-based")
 }

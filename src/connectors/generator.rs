@@ -12,6 +12,10 @@
 //! `base_time` (event time of the first event, in milliseconds since the Unix epoch;
 //! default: the time the source was created, recorded so a restart continues the same
 //! sequence).
+//!
+//! Nexmark also takes `event_rate`: events per second of event time over the whole
+//! stream (all kinds), so a short run can span minutes of windows. By default event time
+//! advances at `rate` when throttled and at 10,000 events per second otherwise.
 
 use std::sync::Arc;
 
@@ -35,6 +39,8 @@ pub struct GeneratorSpec {
     pub events: Option<u64>,
     /// Event time of the first event, ms since the Unix epoch.
     pub base_time: i64,
+    /// Nexmark: events per second of event time (`None`: follow `rate`).
+    pub event_rate: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -59,7 +65,7 @@ impl GeneratorSpec {
                         )));
                     }
                 };
-                (GeneratorKind::Nexmark(kind), &["kind"])
+                (GeneratorKind::Nexmark(kind), &["kind", "event_rate"])
             }
             "telemetry" => {
                 let devices = number::<u64>(options, "devices")?.unwrap_or(100);
@@ -89,11 +95,16 @@ impl GeneratorSpec {
             Some(t) => t,
             None => chrono::Utc::now().timestamp_millis(),
         };
+        let event_rate = number::<u64>(options, "event_rate")?;
+        if event_rate == Some(0) {
+            return Err(option_error("event_rate must be at least 1 event per second of event time"));
+        }
         Ok(Some(GeneratorSpec {
             kind,
             rate: number::<u64>(options, "rate")?.unwrap_or(1000),
             events: number::<u64>(options, "events")?,
             base_time,
+            event_rate,
         }))
     }
 
@@ -172,15 +183,21 @@ impl GeneratorSpec {
         Arc::new(Schema::new(fields))
     }
 
+    /// Events per second of event time: `event_rate`, else the wall-clock rate when
+    /// throttled, else 10,000.
+    fn nexmark_event_rate(&self) -> usize {
+        let rate = self.event_rate.unwrap_or(if self.rate > 0 { self.rate } else { 10_000 });
+        usize::try_from(rate).unwrap_or(usize::MAX)
+    }
+
     /// A generator positioned after `position` events.
     pub fn open(&self, position: u64) -> Generator {
         let events = match self.kind {
             GeneratorKind::Nexmark(kind) => {
                 let config = nexmark::config::NexmarkConfig {
                     base_time: u64::try_from(self.base_time).unwrap_or(0),
-                    // Event time advances at the wall-clock rate when throttled.
-                    first_rate: if self.rate > 0 { self.rate as usize } else { 10_000 },
-                    next_rate: if self.rate > 0 { self.rate as usize } else { 10_000 },
+                    first_rate: self.nexmark_event_rate(),
+                    next_rate: self.nexmark_event_rate(),
                     ..Default::default()
                 };
                 Events::Nexmark(

@@ -87,7 +87,7 @@ pub fn first_value(array: &ArrayRef) -> Result<Option<i64>> {
         .as_any()
         .downcast_ref::<Int64Array>()
         .ok_or_else(|| Error::Internal("a watermark value is not an integer".into()))?;
-    Ok((ints.len() > 0 && ints.is_valid(0)).then(|| ints.value(0)))
+    Ok((!ints.is_empty() && ints.is_valid(0)).then(|| ints.value(0)))
 }
 
 /// The watermarks of a projection's outputs, derived from its input's.

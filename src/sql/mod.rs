@@ -356,10 +356,13 @@ fn has_watermark(parser: &SqlParser) -> bool {
             Token::SemiColon if depth == 0 => return false,
             Token::LParen => depth += 1,
             Token::RParen => depth -= 1,
-            Token::Word(w) if depth == 1 && w.quote_style.is_none() && w.value.eq_ignore_ascii_case("watermark") => {
-                if next_word(parser, n + 1).as_deref() == Some("for") {
-                    return true;
-                }
+            Token::Word(w)
+                if depth == 1
+                    && w.quote_style.is_none()
+                    && w.value.eq_ignore_ascii_case("watermark")
+                    && next_word(parser, n + 1).as_deref() == Some("for") =>
+            {
+                return true;
             }
             _ => {}
         }
