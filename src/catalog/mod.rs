@@ -743,7 +743,10 @@ impl Database {
         check_target(&dml, &def)?;
         if def.append_only && !matches!(dml.op, WriteOp::Insert(_)) {
             return Err(Error::NotSupported {
-                feature: format!("{} on table \"{name}\", which has a WATERMARK", dml.op),
+                feature: format!(
+                    "{} on \"{name}\", a table with a WATERMARK,",
+                    if matches!(dml.op, WriteOp::Delete) { "DELETE" } else { "UPDATE" }
+                ),
                 hint: Some("a table with a watermark only takes appended rows (INSERT)".into()),
             });
         }
