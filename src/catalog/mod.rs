@@ -16,6 +16,7 @@
 
 mod keys;
 mod model;
+pub mod session_window;
 mod sink;
 mod source;
 mod status;
@@ -471,6 +472,10 @@ impl Database {
             }),
         };
         status::install(&db.ctx, Arc::downgrade(&db.shared))?;
+        db.ctx.register_udtf(
+            session_window::FUNCTION,
+            Arc::new(session_window::SessionFunction { cell: db.shared.cell.clone() }),
+        );
         let shared = Arc::downgrade(&db.shared);
         system::serve_view_queries(
             &db.ctx,

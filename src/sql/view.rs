@@ -16,11 +16,12 @@ use datafusion::logical_expr::{Expr, ExprSchemable, FetchType, JoinType, Logical
 use datafusion::physical_expr::expressions::Column as ColumnExpr;
 use datafusion::physical_plan::PhysicalExpr;
 
+use crate::catalog::session_window::SessionTable;
 use crate::dataflow::Operator;
 use crate::dataflow::exchange::PartitionKey;
 use crate::dataflow::operators::{
-    AggregateFunction, AggregateOperator, AggregateSpec, JoinKind, JoinOperator, ProjectFilterOperator, TopNOperator,
-    TopNSpec, UnionOperator,
+    AggregateFunction, AggregateOperator, AggregateSpec, JoinKind, JoinOperator, ProjectFilterOperator,
+    SessionOperator, TopNOperator, TopNSpec, UnionOperator,
 };
 use crate::error::{Error, Result};
 
@@ -147,21 +148,9 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
             if !scan.filters.is_empty() || scan.fetch.is_some() {
                 return Err(Error::Internal("table scan with pushed-down filters or limit in a view".into()));
             }
-            let table = scan.table_name.table().to_string();
-            let source = match super::watermark_of(&scan.source.schema()) {
-                Some((column, delay_ms)) => {
-                    let units_per_ms = match scan.source.schema().field(column).data_type() {
-                        DataType::Timestamp(TimeUnit::Second, _) => {
-                            return Err(Error::not_supported("a watermark on a TIMESTAMP(0) column"));
-                        }
-                        DataType::Timestamp(TimeUnit::Millisecond, _) => 1,
-                        DataType::Timestamp(TimeUnit::Microsecond, _) => 1_000,
-                        DataType::Timestamp(TimeUnit::Nanosecond, _) => 1_000_000,
-                        other => return Err(Error::Internal(format!("a watermark on a {other} column"))),
-                    };
-                    Node::EventTime { table, column, delay_ms, units_per_ms }
-                }
-                None => Node::Table(table),
+            let source = match session_window(scan) {
+                Some(session) => lower_session(state, session)?,
+                None => table_input(scan.table_name.table(), &scan.source.schema())?,
             };
             let width = scan.source.schema().fields().len();
             match &scan.projection {
@@ -358,7 +347,11 @@ pub fn watermarked(plan: &LogicalPlan) -> Vec<bool> {
     let mut columns = match plan {
         LogicalPlan::TableScan(scan) => {
             let source = scan.source.schema();
-            let marked = super::watermark_of(&source).map(|(c, _)| c);
+            // A session window's end carries its input's watermark.
+            let marked = match session_window(scan) {
+                Some(session) => super::watermark_of(&session.input_schema).map(|_| source.fields().len() - 1),
+                None => super::watermark_of(&source).map(|(c, _)| c),
+            };
             match &scan.projection {
                 Some(columns) => columns.iter().map(|&i| marked == Some(i)).collect(),
                 None => (0..source.fields().len()).map(|i| marked == Some(i)).collect(),
@@ -432,6 +425,51 @@ fn monotone_input(expr: &Expr, schema: &datafusion::common::DFSchema) -> Option<
         }
         _ => None,
     }
+}
+
+/// The change stream of relation `table`: with its watermark, if it has one.
+fn table_input(table: &str, schema: &SchemaRef) -> Result<Node> {
+    let table = table.to_string();
+    let Some((column, delay_ms)) = super::watermark_of(schema) else { return Ok(Node::Table(table)) };
+    let units_per_ms = match schema.field(column).data_type() {
+        DataType::Timestamp(TimeUnit::Millisecond, _) => 1,
+        DataType::Timestamp(TimeUnit::Microsecond, _) => 1_000,
+        DataType::Timestamp(TimeUnit::Nanosecond, _) => 1_000_000,
+        DataType::Timestamp(TimeUnit::Second, _) => {
+            return Err(Error::not_supported("a watermark on a TIMESTAMP(0) column"));
+        }
+        other => return Err(Error::Internal(format!("a watermark on a {other} column"))),
+    };
+    Ok(Node::EventTime { table, column, delay_ms, units_per_ms })
+}
+
+/// The SESSION window a scan reads, if it reads one.
+fn session_window(scan: &datafusion::logical_expr::TableScan) -> Option<SessionTable> {
+    let provider = datafusion::datasource::source_as_provider(&scan.source).ok()?;
+    (provider.as_ref() as &dyn std::any::Any).downcast_ref::<SessionTable>().cloned()
+}
+
+/// Session windows over their input's change stream, one instance per key hash.
+fn lower_session(state: &SessionState, session: SessionTable) -> Result<Node> {
+    let input = table_input(&session.input, &session.input_schema)?;
+    let schema = datafusion::catalog::TableProvider::schema(&session);
+    let key_exprs: Vec<Arc<dyn PhysicalExpr>> = session
+        .keys
+        .iter()
+        .map(|&k| Arc::new(ColumnExpr::new(session.input_schema.field(k).name(), k)) as Arc<dyn PhysicalExpr>)
+        .collect();
+    let key_types = session.keys.iter().map(|&k| session.input_schema.field(k).data_type().clone()).collect();
+    let make = || -> Result<Box<dyn Operator>> {
+        let operator = SessionOperator::new(
+            session.time,
+            session.gap_in_units(),
+            session.keys.clone(),
+            session.input_schema.clone(),
+            schema.clone(),
+        )?;
+        Ok(Box::new(operator))
+    };
+    stateful(workers(state), make, vec![PartitionKey { exprs: key_exprs, types: key_types }], vec![input])
 }
 
 /// How many instances a stateful operator runs as.

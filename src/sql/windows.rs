@@ -7,14 +7,19 @@
 //!   `size` starting every `slide` that contain it (`size` must be a multiple of `slide`):
 //!   a `UNION ALL` of one shifted tumble per window a row falls in.
 //!
-//! Both add `window_start` and `window_end` columns after the input's. A window's result
-//! updates as its rows arrive; watermarks and `EMIT ON WINDOW CLOSE` are not there yet.
+//! - `SESSION(input, ts, gap)`: per key (the query's other GROUP BY columns), events closer
+//!   than `gap` form one session `[first, last + gap)`. It becomes the table function
+//!   `freshet_session('input', 'ts', gap_ms, 'key,…')` (see
+//!   [`crate::catalog::session_window`]), since no plain query assigns sessions.
+//!
+//! All add `window_start` and `window_end` columns after the input's.
 
 use std::ops::ControlFlow;
 
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::{
-    Expr, FunctionArg, FunctionArgExpr, Query, TableAlias, TableFactor, Value, VisitMut, VisitorMut,
+    Expr, FunctionArg, FunctionArgExpr, GroupByExpr, Ident, ObjectName, Query, Select, SelectItem, SetExpr, TableAlias,
+    TableFactor, Value, VisitMut, VisitorMut,
 };
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use datafusion::sql::sqlparser::parser::Parser;
@@ -46,6 +51,22 @@ struct Rewriter;
 impl VisitorMut for Rewriter {
     type Break = Error;
 
+    fn pre_visit_query(&mut self, query: &mut Query) -> ControlFlow<Error> {
+        let SetExpr::Select(select) = query.body.as_mut() else { return ControlFlow::Continue(()) };
+        let keys = match session_keys(select) {
+            Ok(keys) => keys,
+            Err(e) => return ControlFlow::Break(e),
+        };
+        for table in &mut select.from {
+            for factor in std::iter::once(&mut table.relation).chain(table.joins.iter_mut().map(|j| &mut j.relation)) {
+                if let Err(e) = session_call(factor, &keys) {
+                    return ControlFlow::Break(e);
+                }
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
     fn pre_visit_table_factor(&mut self, factor: &mut TableFactor) -> ControlFlow<Error> {
         let TableFactor::Table { name, alias, args: Some(args), .. } = factor else { return ControlFlow::Continue(()) };
         let function = name.to_string().to_ascii_lowercase();
@@ -60,6 +81,77 @@ impl VisitorMut for Rewriter {
             Err(e) => ControlFlow::Break(e),
         }
     }
+}
+
+/// The GROUP BY columns of `select` other than the window bounds: what sessions are per.
+fn session_keys(select: &Select) -> Result<Vec<String>> {
+    let GroupByExpr::Expressions(exprs, _) = &select.group_by else { return Ok(Vec::new()) };
+    let mut keys = Vec::new();
+    for expr in exprs {
+        let expr = match expr {
+            Expr::Value(value) => match &value.value {
+                Value::Number(n, _) => {
+                    let position: usize = n.parse().unwrap_or(0);
+                    match position.checked_sub(1).and_then(|i| select.projection.get(i)) {
+                        Some(SelectItem::UnnamedExpr(e)) | Some(SelectItem::ExprWithAlias { expr: e, .. }) => e,
+                        _ => continue,
+                    }
+                }
+                _ => continue,
+            },
+            other => other,
+        };
+        let name = match expr {
+            Expr::Identifier(ident) => ident.value.to_ascii_lowercase(),
+            Expr::CompoundIdentifier(idents) => idents.last().map(|i| i.value.to_ascii_lowercase()).unwrap_or_default(),
+            _ => continue,
+        };
+        if name != "window_start" && name != "window_end" && !keys.contains(&name) {
+            keys.push(name);
+        }
+    }
+    Ok(keys)
+}
+
+/// Turns a `SESSION(input, ts, gap)` factor into `freshet_session('input', 'ts', gap_ms, 'keys')`.
+fn session_call(factor: &mut TableFactor, keys: &[String]) -> Result<()> {
+    let TableFactor::Table { name, alias, args: Some(args), .. } = factor else { return Ok(()) };
+    if !name.to_string().eq_ignore_ascii_case("session") {
+        return Ok(());
+    }
+    let usage = "SESSION(input, time_column, INTERVAL 'gap')";
+    let exprs: Vec<&Expr> = args
+        .args
+        .iter()
+        .filter_map(|arg| match arg {
+            FunctionArg::Unnamed(FunctionArgExpr::Expr(expr)) => Some(expr),
+            _ => None,
+        })
+        .collect();
+    let [input, time, gap] = exprs.as_slice() else {
+        return Err(window_error(format!("SESSION takes 3 arguments: {usage}")));
+    };
+    let input = match input {
+        Expr::Identifier(ident) => ident.value.to_ascii_lowercase(),
+        other => {
+            return Err(window_error(format!("{usage}: the input must name a table, source or view, not {other}")));
+        }
+    };
+    let time = match time {
+        Expr::Identifier(ident) => ident.value.to_ascii_lowercase(),
+        other => return Err(window_error(format!("{usage}: the time must be a column of the input, not {other}"))),
+    };
+    let gap = interval_millis(gap).filter(|ms| *ms > 0).ok_or_else(|| {
+        window_error(format!("{usage}: {gap} is not a positive interval such as INTERVAL '30 seconds'"))
+    })?;
+    let text = |s: String| FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::value(Value::SingleQuotedString(s))));
+    let number = FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::value(Value::Number(gap.to_string(), false))));
+    args.args = vec![text(input.clone()), text(time), number, text(keys.join(","))];
+    *name = ObjectName::from(vec![Ident::new(crate::catalog::session_window::FUNCTION)]);
+    if alias.is_none() {
+        *alias = Some(TableAlias { explicit: true, name: Ident::new(input), columns: Vec::new(), at: None });
+    }
+    Ok(())
 }
 
 fn window_error(message: String) -> Error {
@@ -80,12 +172,7 @@ fn window_query(function: &str, args: &[FunctionArg], alias: Option<&TableAlias>
     let usage = match function {
         "tumble" => "TUMBLE(input, time_column, INTERVAL 'size')",
         "hop" => "HOP(input, time_column, INTERVAL 'slide', INTERVAL 'size')",
-        _ => {
-            return Err(Error::NotSupported {
-                feature: "SESSION windows".into(),
-                hint: Some("TUMBLE and HOP windows work today".into()),
-            });
-        }
+        _ => return Err(window_error("SESSION(input, time_column, INTERVAL 'gap') takes plain arguments".into())),
     };
     let wanted = if function == "tumble" { 3 } else { 4 };
     if exprs.len() != wanted {

@@ -6,6 +6,7 @@ pub mod event_time;
 pub mod join;
 pub mod materialize;
 pub mod project;
+pub mod session;
 pub mod topn;
 pub mod union;
 
@@ -14,5 +15,6 @@ pub use event_time::{EmitOnCloseOperator, EventTimeOperator, LateCounter};
 pub use join::{JoinKind, JoinOperator};
 pub use materialize::{EpochSink, MaterializeOperator};
 pub use project::ProjectFilterOperator;
+pub use session::SessionOperator;
 pub use topn::{TopNOperator, TopNSpec};
 pub use union::{MergeOperator, UnionOperator};
