@@ -26,6 +26,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 
 pub mod model;
+pub mod temporal;
 pub mod view;
 pub mod windows;
 
@@ -1094,6 +1095,7 @@ pub async fn plan_view(state: &SessionState, name: String, if_not_exists: bool, 
         _ => (query, false),
     };
     let (plan, reads) = plan_query(state, select).await?;
+    let plan = temporal::rewrite(plan)?;
     view::check_deterministic(&plan)?;
     let plan = state.optimize(&plan).map_err(|e| Error::from_datafusion(e, select))?;
     Ok(Planned::CreateView(CreateView {

@@ -21,7 +21,7 @@ use crate::dataflow::Operator;
 use crate::dataflow::exchange::PartitionKey;
 use crate::dataflow::operators::{
     AggregateFunction, AggregateOperator, AggregateSpec, JoinKind, JoinOperator, ProjectFilterOperator,
-    SessionOperator, TopNOperator, TopNSpec, UnionOperator,
+    SessionOperator, TemporalFilterOperator, TopNOperator, TopNSpec, UnionOperator,
 };
 use crate::error::{Error, Result};
 
@@ -107,6 +107,8 @@ pub fn check_deterministic(plan: &LogicalPlan) -> Result<()> {
                 if let Expr::ScalarFunction(f) = e
                     // Model functions are volatile only so that planning never folds them
                     // into constants: in a view they follow the model's versions at barriers.
+                    // The temporal filter marker stands for `ts > now() - window`.
+                    && f.name() != super::temporal::FUNCTION
                     && (NON_DETERMINISTIC.contains(&f.name())
                         || (e.is_volatile() && !crate::ml::udf::FUNCTION_NAMES.contains(&f.name())))
                 {
@@ -121,7 +123,10 @@ pub fn check_deterministic(plan: &LogicalPlan) -> Result<()> {
     match found {
         Some(name) => Err(Error::NotSupported {
             feature: format!("{name}() in a materialized view"),
-            hint: Some("a view must be deterministic; compute the value in the table instead".into()),
+            hint: Some(
+                "a view must be deterministic; compute the value in the table instead (now() is allowed only as a                  temporal filter, WHERE ts > now() - INTERVAL '1 hour')"
+                    .into(),
+            ),
         }),
         None => Ok(()),
     }
@@ -184,10 +189,27 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
             if let Some(node) = top_n_per_group(state, filter)? {
                 return Ok(node);
             }
-            let input = lower(state, &filter.input)?;
-            let predicate = state.create_physical_expr(filter.predicate.clone(), filter.input.schema())?;
+            let mut node = lower(state, &filter.input)?;
             let schema: SchemaRef = Arc::new(filter.input.schema().as_arrow().clone());
-            Ok(Node::Operator(Box::new(ProjectFilterOperator::new(Some(predicate), None, schema)?), vec![input]))
+            let (temporal, rest) = super::temporal::split(&filter.predicate)?;
+            if let Some(rest) = rest {
+                let predicate = state.create_physical_expr(rest, filter.input.schema())?;
+                node = Node::Operator(Box::new(ProjectFilterOperator::new(Some(predicate), None, schema.clone())?), vec![node]);
+            }
+            if let Some((column, window_ms)) = temporal {
+                let Expr::Column(column) = column.unalias() else {
+                    return Err(Error::not_supported("now() compared with a computed value in a materialized view"));
+                };
+                let index = filter.input.schema().index_of_column(&column)?;
+                let data_type = schema.field(index).data_type();
+                let scale = super::temporal::micros_per_unit(data_type).ok_or_else(|| Error::NotSupported {
+                    feature: format!("comparing now() with a {data_type} column in a materialized view"),
+                    hint: Some("a temporal filter compares a TIMESTAMP column: WHERE ts > now() - INTERVAL '1 hour'".into()),
+                })?;
+                let operator = TemporalFilterOperator::new(index, scale, window_ms, schema)?;
+                node = Node::Operator(Box::new(operator), vec![node]);
+            }
+            Ok(node)
         }
         LogicalPlan::SubqueryAlias(alias) => lower(state, &alias.input),
         LogicalPlan::Aggregate(aggregate) => {

@@ -7,6 +7,7 @@ pub mod join;
 pub mod materialize;
 pub mod project;
 pub mod session;
+pub mod temporal;
 pub mod topn;
 pub mod union;
 
@@ -16,5 +17,6 @@ pub use join::{JoinKind, JoinOperator};
 pub use materialize::{EpochSink, MaterializeOperator};
 pub use project::ProjectFilterOperator;
 pub use session::SessionOperator;
+pub use temporal::TemporalFilterOperator;
 pub use topn::{TopNOperator, TopNSpec};
 pub use union::{MergeOperator, UnionOperator};
