@@ -51,7 +51,7 @@ pub fn rewrite(plan: LogicalPlan) -> Result<LogicalPlan> {
 }
 
 /// `(ts, window)` when `expr` is `ts > now() - window` or one of its spellings.
-fn recent(expr: &Expr) -> Option<(Expr, i64)> {
+fn recent(expr: &Expr) -> Option<Recent> {
     let Expr::BinaryExpr(b) = expr else { return None };
     let (column, bound) = match b.op {
         Operator::Gt | Operator::GtEq => (b.left.as_ref(), b.right.as_ref()),
@@ -83,9 +83,12 @@ fn interval_ms(value: &ScalarValue) -> Option<i64> {
     .filter(|ms| *ms >= 0)
 }
 
-/// A filter's conjuncts split into the temporal one, as (column expression, window in ms),
-/// and the rest. More than one temporal conjunct is refused.
-pub fn split(predicate: &Expr) -> Result<(Option<(Expr, i64)>, Option<Expr>)> {
+/// A temporal condition: the compared column's expression and the window in milliseconds.
+pub type Recent = (Expr, i64);
+
+/// A filter's conjuncts split into the temporal one and the rest. More than one temporal
+/// conjunct is refused.
+pub fn split(predicate: &Expr) -> Result<(Option<Recent>, Option<Expr>)> {
     let mut temporal = None;
     let mut rest = Vec::new();
     for conjunct in split_conjunction(predicate) {
@@ -118,16 +121,16 @@ pub fn micros_per_unit(data_type: &DataType) -> Option<f64> {
 
 /// The marker function.
 pub fn marker() -> Arc<ScalarUDF> {
-    Arc::new(ScalarUDF::new_from_impl(Recent { signature: Signature::any(2, Volatility::Volatile) }))
+    Arc::new(ScalarUDF::new_from_impl(RecentFunction { signature: Signature::any(2, Volatility::Volatile) }))
 }
 
 /// `freshet_recent(ts, window_ms)`: `ts > now() - window`, evaluated with the clock.
 #[derive(Debug, PartialEq, Eq, Hash)]
-struct Recent {
+struct RecentFunction {
     signature: Signature,
 }
 
-impl ScalarUDFImpl for Recent {
+impl ScalarUDFImpl for RecentFunction {
     fn name(&self) -> &str {
         FUNCTION
     }
