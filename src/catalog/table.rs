@@ -495,6 +495,11 @@ impl FreshetTable {
     pub fn id(&self) -> u64 {
         self.def.id
     }
+
+    /// Whether the relation only ever gains rows (sources, tables with a watermark).
+    pub fn append_only(&self) -> bool {
+        self.def.append_only
+    }
 }
 
 #[async_trait]

@@ -231,7 +231,7 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
             let mut specs = Vec::new();
             for (i, expr) in aggregate.aggr_expr.iter().enumerate() {
                 let output_type = output.field(aggregate.group_expr.len() + i).data_type().clone();
-                specs.push(aggregate_spec(state, expr, input_schema, output_type)?);
+                specs.push(aggregate_spec(state, expr, &aggregate.input, output_type)?);
             }
             let schema: SchemaRef = Arc::new(output.clone());
             let key = PartitionKey { exprs: groups.clone(), types: group_types.clone() };
@@ -707,12 +707,76 @@ fn hoist_model_calls(aggregate: &datafusion::logical_expr::Aggregate) -> Result<
     Ok(Some(LogicalPlan::Aggregate(hoisted)))
 }
 
+/// Whether `plan` only ever gains rows: it reads append-only relations (sources, tables
+/// with a watermark) through projections, filters, unions and inner joins.
+fn append_only(plan: &LogicalPlan) -> bool {
+    match plan {
+        LogicalPlan::TableScan(scan) => {
+            session_window(scan).is_none()
+                && datafusion::datasource::source_as_provider(&scan.source).is_ok_and(|provider| {
+                    (provider.as_ref() as &dyn std::any::Any)
+                        .downcast_ref::<crate::catalog::table::FreshetTable>()
+                        .is_some_and(|table| table.append_only())
+                })
+        }
+        LogicalPlan::Projection(p) => append_only(&p.input),
+        LogicalPlan::Filter(f) => {
+            let temporal = super::temporal::split(&f.predicate).map(|(t, _)| t.is_some()).unwrap_or(true);
+            !temporal && append_only(&f.input)
+        }
+        LogicalPlan::SubqueryAlias(a) => append_only(&a.input),
+        LogicalPlan::Union(u) => u.inputs.iter().all(|i| append_only(i)),
+        LogicalPlan::Join(j) if j.join_type == JoinType::Inner => append_only(&j.left) && append_only(&j.right),
+        _ => false,
+    }
+}
+
+/// An aggregate freshet has no accumulator of its own for, run with DataFusion's.
+fn datafusion_aggregate(
+    state: &SessionState,
+    expr: &Expr,
+    input: &LogicalPlan,
+    output_type: DataType,
+) -> Result<AggregateSpec> {
+    let name = match expr {
+        Expr::AggregateFunction(f) => f.func.name().to_string(),
+        _ => expr.to_string(),
+    };
+    let physical_input = input.schema().as_arrow();
+    let planning = datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext::default();
+    let lowered = datafusion::physical_expr::aggregate::LoweredAggregateBuilder::new(
+        expr,
+        input.schema(),
+        physical_input,
+        state.execution_props(),
+        &planning,
+    )
+    .with_name(name.clone())
+    .build()?;
+    let (aggregate, filter) = (lowered.aggregate, lowered.filter);
+    if filter.is_some() {
+        return Err(Error::not_supported(format!("{name}(…) FILTER (WHERE …) in a materialized view")));
+    }
+    if !aggregate.create_accumulator()?.supports_retract_batch() && !append_only(input) {
+        return Err(Error::NotSupported {
+            feature: format!("{name}() over rows that can be updated or deleted, in a materialized view"),
+            hint: Some(format!(
+                "{name} cannot take a row back; read an append-only input (a source, or a table with a WATERMARK)"
+            )),
+        });
+    }
+    let mut spec = AggregateSpec::new(AggregateFunction::DataFusion, None, output_type);
+    spec.datafusion = Some(aggregate);
+    Ok(spec)
+}
+
 fn aggregate_spec(
     state: &SessionState,
     expr: &Expr,
-    input_schema: &datafusion::common::DFSchema,
+    input: &LogicalPlan,
     output_type: DataType,
 ) -> Result<AggregateSpec> {
+    let input_schema = input.schema().as_ref();
     let expr = match expr {
         Expr::Alias(alias) => alias.expr.as_ref(),
         other => other,
@@ -721,6 +785,29 @@ fn aggregate_spec(
         return Err(Error::not_supported(format!("aggregate expression {expr} in a materialized view")));
     };
     let name = aggregate.func.name().to_ascii_lowercase();
+    const BUILT_IN: &[&str] = &[
+        "count",
+        "sum",
+        "avg",
+        "bool_and",
+        "bool_or",
+        "min",
+        "max",
+        "var",
+        "var_samp",
+        "var_sample",
+        "variance",
+        "var_pop",
+        "var_population",
+        "stddev",
+        "stddev_samp",
+        "stddev_pop",
+        "string_agg",
+        "array_agg",
+    ];
+    if !BUILT_IN.contains(&name.as_str()) {
+        return datafusion_aggregate(state, expr, input, output_type);
+    }
     let params = &aggregate.params;
     if params.distinct && name != "count" {
         return Err(Error::not_supported(format!("{name}(DISTINCT …) in a materialized view")));
@@ -806,7 +893,16 @@ fn aggregate_spec(
         (AggregateFunction::CountRows, _) | (_, None) => None,
         (_, Some(arg)) => Some(state.create_physical_expr(arg.clone(), input_schema)?),
     };
-    Ok(AggregateSpec { function, argument, output_type, delimiter, descending, nulls_first, argument_type })
+    Ok(AggregateSpec {
+        function,
+        argument,
+        output_type,
+        delimiter,
+        descending,
+        nulls_first,
+        argument_type,
+        datafusion: None,
+    })
 }
 
 fn construct_name(plan: &LogicalPlan) -> &'static str {

@@ -58,6 +58,11 @@ pub enum AggregateFunction {
     StringAgg,
     /// `array_agg(x)`: every value, NULLs included, in value order.
     ArrayAgg,
+    /// Any other DataFusion aggregate (`approx_percentile_cont`, `percentile_cont`,
+    /// `median`, `approx_distinct`, …), run with its own accumulator per group; rows can be
+    /// taken back only where the accumulator supports it (else the input must be
+    /// append-only, which lowering checks).
+    DataFusion,
 }
 
 /// One aggregate of the query: its function, argument and the type of its result.
@@ -75,6 +80,9 @@ pub struct AggregateSpec {
     pub nulls_first: bool,
     /// The argument's type, where the accumulator encodes values (`count(DISTINCT x)`).
     pub argument_type: Option<DataType>,
+    /// For [`AggregateFunction::DataFusion`]: the aggregate, which makes accumulators and
+    /// names its argument expressions.
+    pub datafusion: Option<Arc<datafusion::physical_expr::aggregate::AggregateFunctionExpr>>,
 }
 
 impl AggregateSpec {
@@ -87,6 +95,7 @@ impl AggregateSpec {
             descending: false,
             nulls_first: false,
             argument_type: None,
+            datafusion: None,
         }
     }
 
@@ -103,8 +112,10 @@ impl AggregateSpec {
 }
 
 /// Per-aggregate state of one group.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 enum Accumulator {
+    /// A DataFusion aggregate's own accumulator.
+    DataFusion(Box<dyn datafusion::logical_expr::Accumulator>),
     Count(i64),
     SumInt {
         sum: i128,
@@ -157,6 +168,8 @@ enum Argument {
     Rows(Rows, ArrayRef),
     Bools(BooleanArray),
     Any(ArrayRef),
+    /// A DataFusion aggregate's argument columns (its rows go in per group, after the loop).
+    Columns(Vec<ArrayRef>),
 }
 
 /// GROUP BY `groups` computing `aggregates`; output columns are the groups, then the
@@ -230,7 +243,7 @@ impl AggregateOperator {
         };
         if operator.groups.is_empty() {
             // The global aggregate's one group exists from the start.
-            operator.insert_group(Box::from([] as [u8; 0]), None);
+            operator.insert_group(Box::from([] as [u8; 0]), None)?;
         }
         Ok(operator)
     }
@@ -262,26 +275,35 @@ impl AggregateOperator {
         }
     }
 
-    fn insert_group(&mut self, bytes: Box<[u8]>, key: Option<OwnedRow>) -> usize {
+    fn insert_group(&mut self, bytes: Box<[u8]>, key: Option<OwnedRow>) -> Result<usize> {
         let accumulators = self
             .aggregates
             .iter()
             .map(|a| match (a.function, &a.output_type) {
-                (AggregateFunction::CountRows | AggregateFunction::Count, _) => Accumulator::Count(0),
-                (AggregateFunction::Sum, DataType::Int64) => Accumulator::SumInt { sum: 0, values: 0 },
-                (AggregateFunction::Sum | AggregateFunction::Avg, _) => Accumulator::SumFloat { sum: 0.0, values: 0 },
-                (AggregateFunction::Min | AggregateFunction::Max, _) => Accumulator::Extreme(BTreeMap::new()),
+                (AggregateFunction::DataFusion, _) => {
+                    let aggregate = a
+                        .datafusion
+                        .as_ref()
+                        .ok_or_else(|| Error::Internal("a DataFusion aggregate without its expression".into()))?;
+                    Ok(Accumulator::DataFusion(aggregate.create_accumulator()?))
+                }
+                (AggregateFunction::CountRows | AggregateFunction::Count, _) => Ok(Accumulator::Count(0)),
+                (AggregateFunction::Sum, DataType::Int64) => Ok(Accumulator::SumInt { sum: 0, values: 0 }),
+                (AggregateFunction::Sum | AggregateFunction::Avg, _) => {
+                    Ok(Accumulator::SumFloat { sum: 0.0, values: 0 })
+                }
+                (AggregateFunction::Min | AggregateFunction::Max, _) => Ok(Accumulator::Extreme(BTreeMap::new())),
                 (AggregateFunction::BoolAnd | AggregateFunction::BoolOr, _) => {
-                    Accumulator::Bools { trues: 0, falses: 0 }
+                    Ok(Accumulator::Bools { trues: 0, falses: 0 })
                 }
                 (AggregateFunction::Variance { .. }, _) => {
-                    Accumulator::Moments { n: 0, sum: 0.0, squares: 0.0, exact: Some((0, 0)) }
+                    Ok(Accumulator::Moments { n: 0, sum: 0.0, squares: 0.0, exact: Some((0, 0)) })
                 }
                 (AggregateFunction::StringAgg | AggregateFunction::ArrayAgg | AggregateFunction::CountDistinct, _) => {
-                    Accumulator::Values { values: BTreeMap::new(), nulls: 0 }
+                    Ok(Accumulator::Values { values: BTreeMap::new(), nulls: 0 })
                 }
             })
-            .collect();
+            .collect::<Result<Vec<_>>>()?;
         let group = Group { key, weight: 0, accumulators, emitted: None, dirty: true };
         let id = match self.free.pop() {
             Some(id) => {
@@ -295,7 +317,7 @@ impl AggregateOperator {
         };
         self.index.insert(bytes, id);
         self.dirty.push(id);
-        id
+        Ok(id)
     }
 
     fn evaluate_arguments(&self, batch: &RecordBatch) -> Result<Vec<Argument>> {
@@ -303,6 +325,14 @@ impl AggregateOperator {
             .iter()
             .zip(&self.value_converters)
             .map(|(spec, converter)| {
+                if let Some(aggregate) = &spec.datafusion {
+                    let columns = aggregate
+                        .expressions()
+                        .iter()
+                        .map(|e| e.evaluate(batch).and_then(|v| v.into_array(batch.num_rows())))
+                        .collect::<datafusion::error::Result<Vec<_>>>()?;
+                    return Ok(Argument::Columns(columns));
+                }
                 let Some(expr) = &spec.argument else { return Ok(Argument::None) };
                 let values = expr.evaluate(batch)?.into_array(batch.num_rows())?;
                 Ok(match (spec.function, converter) {
@@ -334,13 +364,32 @@ impl AggregateOperator {
     }
 
     /// Builds the current output row of each group in `ids` (groups with rows only).
-    fn output_rows(&self, ids: &[usize]) -> Result<RecordBatch> {
+    fn output_rows(&mut self, ids: &[usize]) -> Result<RecordBatch> {
         let keys: Vec<_> = ids.iter().filter_map(|&id| self.state[id].key.as_ref().map(|k| k.row())).collect();
         let mut columns: Vec<ArrayRef> =
             if self.groups.is_empty() { Vec::new() } else { self.key_converter.convert_rows(keys)? };
         for (a, (spec, converter)) in self.aggregates.iter().zip(&self.value_converters).enumerate() {
+            if spec.function == AggregateFunction::DataFusion {
+                let mut values = Vec::with_capacity(ids.len());
+                for &id in ids {
+                    let Accumulator::DataFusion(acc) = &mut self.state[id].accumulators[a] else {
+                        return Err(Error::Internal("aggregate state does not match its function".into()));
+                    };
+                    values.push(acc.evaluate()?);
+                }
+                let column = if values.is_empty() {
+                    datafusion::arrow::array::new_empty_array(&spec.output_type)
+                } else {
+                    cast(&datafusion::common::ScalarValue::iter_to_array(values)?, &spec.output_type)?
+                };
+                columns.push(column);
+                continue;
+            }
             let accumulators = ids.iter().map(|&id| &self.state[id].accumulators[a]);
             let column: ArrayRef = match spec.function {
+                AggregateFunction::DataFusion => {
+                    return Err(Error::Internal("a DataFusion aggregate reached the built-in path".into()));
+                }
                 AggregateFunction::CountRows | AggregateFunction::Count | AggregateFunction::CountDistinct => {
                     let mut b = Int64Builder::with_capacity(ids.len());
                     for acc in accumulators {
@@ -600,6 +649,9 @@ impl Operator for AggregateOperator {
             None => None,
         };
         let arguments = self.evaluate_arguments(batch)?;
+        // Rows for DataFusion aggregates, per group: (row, weight), fed after the loop.
+        let mut fed: FastMap<usize, Vec<(u32, i64)>> = FastMap::default();
+        let feeds = arguments.iter().any(|a| matches!(a, Argument::Columns(_)));
         for i in 0..batch.num_rows() {
             let w = weights.value(i);
             let id = match &key_rows {
@@ -618,7 +670,7 @@ impl Operator for AggregateOperator {
                                     .or_default()
                                     .push(Box::from(row.as_ref()));
                             }
-                            self.insert_group(Box::from(row.as_ref()), Some(row.owned()))
+                            self.insert_group(Box::from(row.as_ref()), Some(row.owned()))?
                         }
                     }
                 }
@@ -628,6 +680,9 @@ impl Operator for AggregateOperator {
             if !group.dirty {
                 group.dirty = true;
                 self.dirty.push(id);
+            }
+            if feeds {
+                fed.entry(id).or_default().push((i as u32, w));
             }
             for (acc, argument) in group.accumulators.iter_mut().zip(&arguments) {
                 match (acc, argument) {
@@ -700,7 +755,35 @@ impl Operator for AggregateOperator {
                             }
                         }
                     }
+                    (Accumulator::DataFusion(_), Argument::Columns(_)) => {}
                     _ => return Err(Error::Internal("aggregate state does not match its argument".into())),
+                }
+            }
+        }
+        for (id, rows) in fed {
+            // A row of weight w goes in w times; negative weights are taken back.
+            let mut added = Vec::new();
+            let mut removed = Vec::new();
+            for (row, w) in rows {
+                let list = if w > 0 { &mut added } else { &mut removed };
+                list.extend(std::iter::repeat_n(row, w.unsigned_abs() as usize));
+            }
+            for (acc, argument) in self.state[id].accumulators.iter_mut().zip(&arguments) {
+                let (Accumulator::DataFusion(acc), Argument::Columns(columns)) = (acc, argument) else { continue };
+                let take_rows = |rows: &[u32]| -> Result<Vec<ArrayRef>> {
+                    let indices = UInt32Array::from(rows.to_vec());
+                    Ok(columns.iter().map(|c| take(c, &indices, None)).collect::<std::result::Result<Vec<_>, _>>()?)
+                };
+                if !added.is_empty() {
+                    acc.update_batch(&take_rows(&added)?)?;
+                }
+                if !removed.is_empty() {
+                    if !acc.supports_retract_batch() {
+                        return Err(Error::Internal(
+                            "an aggregate that cannot take rows back was given a retraction".into(),
+                        ));
+                    }
+                    acc.retract_batch(&take_rows(&removed)?)?;
                 }
             }
         }
