@@ -286,14 +286,32 @@ mod tests {
     }
 
     #[test]
+    fn sessions_become_the_table_function_keyed_by_the_other_group_columns() {
+        let sql = rewritten(
+            "SELECT b.bidder, count(*), window_start FROM SESSION(bid, date_time, INTERVAL '10' SECOND) AS b \
+             GROUP BY b.bidder, window_start, window_end",
+        )
+        .expect("session");
+        assert!(sql.contains("freshet_session('bid', 'date_time', 10000, 'bidder') AS b"), "{sql}");
+        // Positional GROUP BY and no keys at all.
+        let sql = rewritten(
+            "SELECT channel, window_end, count(*) FROM SESSION(bid, date_time, INTERVAL '1 minute') GROUP BY 1, 2",
+        )
+        .expect("session");
+        assert!(sql.contains("freshet_session('bid', 'date_time', 60000, 'channel') AS bid"), "{sql}");
+        let sql = rewritten("SELECT * FROM SESSION(bid, date_time, INTERVAL '1 minute')").expect("session");
+        assert!(sql.contains("freshet_session('bid', 'date_time', 60000, '')"), "{sql}");
+    }
+
+    #[test]
     fn windows_that_do_not_fit_are_refused() {
         let e = rewritten("SELECT * FROM HOP(t, ts, INTERVAL '3 seconds', INTERVAL '10 seconds')")
             .expect_err("not a multiple");
         assert!(e.to_string().contains("multiple"), "{e}");
         let e = rewritten("SELECT * FROM TUMBLE(t, ts, INTERVAL '1 fortnight')").expect_err("unknown unit");
         assert!(e.to_string().contains("positive interval"), "{e}");
-        let e = rewritten("SELECT * FROM SESSION(t, ts, INTERVAL '1 minute')").expect_err("session");
-        assert!(e.to_string().contains("SESSION"), "{e}");
+        let e = rewritten("SELECT * FROM SESSION(t, ts, INTERVAL '0 seconds')").expect_err("empty gap");
+        assert!(e.to_string().contains("positive interval"), "{e}");
         let e = rewritten("SELECT * FROM TUMBLE(t, ts)").expect_err("arity");
         assert!(e.to_string().contains("3 arguments"), "{e}");
     }
