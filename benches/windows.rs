@@ -295,7 +295,7 @@ impl Generator {
             let on_time = START_MS + (i * 1000 / self.rate) as i64;
             let r = self.random();
             let device = (r % self.devices) as i64;
-            let jitter = (if (r >> 20) % 100 == 0 { (r >> 32) % 3_001 } else { (r >> 32) % 51 }) as i64;
+            let jitter = (if (r >> 20).is_multiple_of(100) { (r >> 32) % 3_001 } else { (r >> 32) % 51 }) as i64;
             let late = i % LATE_EVERY == LATE_EVERY / 2;
             let time = on_time - jitter - if late { LATE_BY_MS } else { 0 };
             if late {
