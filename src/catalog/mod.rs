@@ -476,6 +476,9 @@ impl Database {
             session_window::FUNCTION,
             Arc::new(session_window::SessionFunction { cell: db.shared.cell.clone() }),
         );
+        // `approx_percentile(x, 0.99)`, as other streaming databases spell it.
+        let percentile = datafusion::functions_aggregate::approx_percentile_cont::approx_percentile_cont_udaf();
+        db.ctx.register_udaf(percentile.as_ref().clone().with_aliases(["approx_percentile"]));
         let shared = Arc::downgrade(&db.shared);
         system::serve_view_queries(
             &db.ctx,

@@ -72,7 +72,8 @@ fn recent(expr: &Expr) -> Option<Recent> {
     Some((column.clone(), window))
 }
 
-fn interval_ms(value: &ScalarValue) -> Option<i64> {
+/// A constant interval in milliseconds (months are not a fixed length: `None`).
+pub(crate) fn interval_ms(value: &ScalarValue) -> Option<i64> {
     match value {
         ScalarValue::IntervalMonthDayNano(Some(v)) if v.months == 0 => {
             Some(i64::from(v.days) * 86_400_000 + v.nanoseconds / 1_000_000)

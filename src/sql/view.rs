@@ -322,6 +322,7 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
             };
             let schema: SchemaRef = Arc::new(join.schema.as_arrow().clone());
             let event_time = window_join_columns(join);
+            let interval = interval_join(join);
             let make = || -> Result<Box<dyn Operator>> {
                 let mut operator = JoinOperator::new(
                     kind,
@@ -335,6 +336,9 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
                 )?;
                 if let Some((left, right)) = event_time {
                     operator = operator.with_event_time(left, right);
+                }
+                if let Some(bounds) = &interval {
+                    operator = operator.with_interval(bounds.left, bounds.right, bounds.right_after_left, bounds.left_after_right);
                 }
                 Ok(Box::new(operator))
             };
@@ -422,6 +426,109 @@ fn window_join_columns(join: &datafusion::logical_expr::Join) -> Option<(usize, 
         let right = join.right.schema().index_of_column(r).ok()?;
         let same_type = join.left.schema().field(left).data_type() == join.right.schema().field(right).data_type();
         (same_type && left_marks[left] && right_marks[right]).then_some((left, right))
+    })
+}
+
+/// An interval join's event-time columns and how far apart matches can be, in the
+/// columns' unit (see `JoinOperator::with_interval`).
+struct IntervalBounds {
+    left: usize,
+    right: usize,
+    right_after_left: Option<i64>,
+    left_after_right: Option<i64>,
+}
+
+/// The interval an inner join's condition puts between a watermarked time column of each
+/// side: conjuncts such as `r.ts >= l.ts - INTERVAL '1 minute'`, `r.ts <= l.ts + INTERVAL '1
+/// hour'` or `r.ts BETWEEN l.ts AND l.ts + INTERVAL '1 hour'`.
+fn interval_join(join: &datafusion::logical_expr::Join) -> Option<IntervalBounds> {
+    use datafusion::logical_expr::Operator as Cmp;
+    if join.join_type != JoinType::Inner {
+        return None;
+    }
+    let filter = join.filter.as_ref()?;
+    let (left_marks, right_marks) = (watermarked(&join.left), watermarked(&join.right));
+    // (side: 0 left / 1 right, column) of a watermarked time column.
+    let column = |e: &Expr| -> Option<(usize, usize)> {
+        let Expr::Column(c) = e else { return None };
+        if let Ok(i) = join.left.schema().index_of_column(c) {
+            return left_marks[i].then_some((0, i));
+        }
+        let i = join.right.schema().index_of_column(c).ok()?;
+        right_marks[i].then_some((1, i))
+    };
+    // A column plus a constant (in ms).
+    let shifted = |e: &Expr| -> Option<((usize, usize), i64)> {
+        match e {
+            Expr::BinaryExpr(b) if matches!(b.op, Cmp::Plus | Cmp::Minus) => {
+                let Expr::Literal(value, _) = b.right.as_ref() else { return None };
+                let ms = super::temporal::interval_ms(value)?;
+                Some((column(&b.left)?, if b.op == Cmp::Plus { ms } else { -ms }))
+            }
+            other => Some((column(other)?, 0)),
+        }
+    };
+    // Constraints x - y <= c, as ((x side, x col), (y side, y col), c).
+    let mut constraints = Vec::new();
+    // (A strict `<` is the same bound: the bound only has to hold, not be tight.)
+    let mut at_most = |x: ((usize, usize), i64), y: ((usize, usize), i64)| {
+        // x.col + x.c <= y.col + y.c  ⇒  x.col - y.col <= y.c - x.c
+        constraints.push((x.0, y.0, y.1 - x.1));
+    };
+    for conjunct in datafusion::logical_expr::utils::split_conjunction(filter) {
+        match conjunct {
+            Expr::BinaryExpr(b) => {
+                let (Some(l), Some(r)) = (shifted(&b.left), shifted(&b.right)) else { continue };
+                match b.op {
+                    Cmp::LtEq | Cmp::Lt => at_most(l, r),
+                    Cmp::GtEq | Cmp::Gt => at_most(r, l),
+                    _ => {}
+                }
+            }
+            Expr::Between(between) if !between.negated => {
+                let (Some(x), Some(low), Some(high)) =
+                    (shifted(&between.expr), shifted(&between.low), shifted(&between.high))
+                else {
+                    continue;
+                };
+                at_most(low, x);
+                at_most(x, high);
+            }
+            _ => {}
+        }
+    }
+    // The first pair of a left and a right time column, and its bounds.
+    let pair = constraints.iter().find_map(|(x, y, _)| match (x.0, y.0) {
+        (0, 1) => Some((x.1, y.1)),
+        (1, 0) => Some((y.1, x.1)),
+        _ => None,
+    })?;
+    let (left, right) = pair;
+    let (left_type, right_type) =
+        (join.left.schema().field(left).data_type(), join.right.schema().field(right).data_type());
+    if left_type != right_type {
+        return None;
+    }
+    let units = match left_type {
+        DataType::Timestamp(TimeUnit::Millisecond, _) => 1,
+        DataType::Timestamp(TimeUnit::Microsecond, _) => 1_000,
+        DataType::Timestamp(TimeUnit::Nanosecond, _) => 1_000_000,
+        _ => return None,
+    };
+    let (mut right_after_left, mut left_after_right): (Option<i64>, Option<i64>) = (None, None);
+    for (x, y, c) in constraints {
+        let c = c.saturating_mul(units);
+        if x == (1, right) && y == (0, left) {
+            right_after_left = Some(right_after_left.map_or(c, |b| b.min(c)));
+        } else if x == (0, left) && y == (1, right) {
+            left_after_right = Some(left_after_right.map_or(c, |b| b.min(c)));
+        }
+    }
+    (right_after_left.is_some() || left_after_right.is_some()).then_some(IntervalBounds {
+        left,
+        right,
+        right_after_left,
+        left_after_right,
     })
 }
 

@@ -13,6 +13,11 @@
 //! `a.window_start = b.window_start`) forwards the lesser of the two sides' watermarks on
 //! that column, and forgets every key below both: no change can reach such a key on
 //! either side again, so it can never match or be retracted.
+//!
+//! An interval join (an inner join whose condition bounds one side's event time by the
+//! other's, as in `b.ts BETWEEN a.ts AND a.ts + INTERVAL '1 hour'`) forgets a row once no
+//! future row of the other side can fall in its interval and its own side's watermark
+//! has passed it (so it cannot be retracted either). Its output has no watermark.
 
 use std::sync::Arc;
 
@@ -119,6 +124,19 @@ pub struct JoinOperator {
     schema: SchemaRef,
     left_width: usize,
     event_time: Option<JoinEventTime>,
+    interval: Option<IntervalJoin>,
+}
+
+/// How far apart in event time an interval join's matches can be, and its rows by time.
+struct IntervalJoin {
+    /// The event-time column of each input (left, right).
+    columns: [usize; 2],
+    /// Most a match's right time exceeds its left time, and the reverse (`None`: unbounded).
+    right_after_left: Option<i64>,
+    left_after_right: Option<i64>,
+    watermarks: [Option<i64>; 2],
+    /// Per side, (key, row) by event time.
+    by_time: [std::collections::BTreeMap<i64, Vec<(Box<[u8]>, Box<[u8]>)>>; 2],
 }
 
 /// The event-time column in a window join's keys, and the keys held by its time.
@@ -179,7 +197,53 @@ impl JoinOperator {
             schema,
             left_width: left_types_len,
             event_time: None,
+            interval: None,
         })
+    }
+
+    /// Makes this an interval join on event-time columns `left` and `right` (input column
+    /// indices, same unit): a match's right time is at most `right_after_left` after its left
+    /// time, and its left time at most `left_after_right` after its right time.
+    pub fn with_interval(
+        mut self,
+        left: usize,
+        right: usize,
+        right_after_left: Option<i64>,
+        left_after_right: Option<i64>,
+    ) -> Self {
+        if self.kind == JoinKind::Inner {
+            self.interval = Some(IntervalJoin {
+                columns: [left, right],
+                right_after_left,
+                left_after_right,
+                watermarks: [None, None],
+                by_time: Default::default(),
+            });
+        }
+        self
+    }
+
+    /// Forgets the rows of an interval join no future change can match or retract.
+    fn forget_unreachable(&mut self) {
+        let Some(interval) = &mut self.interval else { return };
+        let [Some(left_wm), Some(right_wm)] = interval.watermarks else { return };
+        // A left row at t matches right rows up to t + right_after_left; right rows to come
+        // are at right_wm or later.
+        let bounds = [
+            interval.right_after_left.map(|d| left_wm.min(right_wm.saturating_sub(d))),
+            interval.left_after_right.map(|d| right_wm.min(left_wm.saturating_sub(d))),
+        ];
+        for (port, side) in [&mut self.left, &mut self.right].into_iter().enumerate() {
+            let Some(bound) = bounds[port] else { continue };
+            let open = interval.by_time[port].split_off(&bound);
+            let closed = std::mem::replace(&mut interval.by_time[port], open);
+            for (key, row) in closed.into_values().flatten() {
+                let count = side.count_of(&key, &row);
+                if count != 0 {
+                    side.add(&key, &row, -count);
+                }
+            }
+        }
     }
 
     /// Makes this a window join on event-time columns `left` and `right` (input column
@@ -447,6 +511,15 @@ fn decode_side(converter: &RowConverter, rows: &[Option<Box<[u8]>>]) -> Result<V
 #[async_trait]
 impl Operator for JoinOperator {
     fn name(&self) -> &str {
+        if self.interval.is_some() {
+            return "interval_join (forgets rows out of reach)";
+        }
+        if self.event_time.is_some() {
+            return match self.kind {
+                JoinKind::Inner => "window_join",
+                _ => "window_join (outer, semi or anti)",
+            };
+        }
         match self.kind {
             JoinKind::Inner => "join",
             JoinKind::Left => "left_join",
@@ -460,6 +533,14 @@ impl Operator for JoinOperator {
     /// A join's output may pair a new row with an old one from the other side, so only a
     /// window join's time column gets a watermark: the lesser of its two sides'.
     async fn on_watermark(&mut self, port: usize, watermark: Watermark, out: &mut Output) -> Result<()> {
+        if let Some(interval) = &mut self.interval
+            && port < 2
+            && watermark.column == interval.columns[port]
+        {
+            let slot = &mut interval.watermarks[port];
+            *slot = Some(slot.map_or(watermark.value, |w| w.max(watermark.value)));
+            self.forget_unreachable();
+        }
         let Some(event_time) = &mut self.event_time else { return Ok(()) };
         if port > 1 || watermark.column != event_time.columns[port] {
             return Ok(());
@@ -485,6 +566,19 @@ impl Operator for JoinOperator {
         }
         let (keys, rows) = self.encode(port, input.batch())?;
         self.remember_times(port, input.batch(), &keys)?;
+        let interval_times = match &self.interval {
+            Some(interval) => {
+                let times = cast(input.batch().column(interval.columns[port]), &DataType::Int64)?;
+                Some(
+                    times
+                        .as_any()
+                        .downcast_ref::<Int64Array>()
+                        .cloned()
+                        .ok_or_else(|| Error::Internal("event times did not cast to integers".into()))?,
+                )
+            }
+            None => None,
+        };
         let kind = self.kind;
         let mut pieces: Vec<Piece> = Vec::new();
         // Keys whose weight on this side changes, with the weight before the change.
@@ -523,6 +617,12 @@ impl Operator for JoinOperator {
             }
             before.entry(key.clone()).or_insert_with(|| this.weight_of(key));
             this.add(key, &row, w);
+            if let (Some(times), Some(interval)) = (&interval_times, &mut self.interval)
+                && times.is_valid(i)
+                && w > 0
+            {
+                interval.by_time[port].entry(times.value(i)).or_default().push((key.clone(), row.clone()));
+            }
         }
         // The other side's unmatched rows appear or disappear as this side's keys go between
         // zero and non-zero weight.
