@@ -136,8 +136,11 @@ struct IntervalJoin {
     left_after_right: Option<i64>,
     watermarks: [Option<i64>; 2],
     /// Per side, (key, row) by event time.
-    by_time: [std::collections::BTreeMap<i64, Vec<(Box<[u8]>, Box<[u8]>)>>; 2],
+    by_time: [RowsByTime; 2],
 }
+
+/// Encoded (key, row) pairs by event time.
+type RowsByTime = std::collections::BTreeMap<i64, Vec<(Box<[u8]>, Box<[u8]>)>>;
 
 /// The event-time column in a window join's keys, and the keys held by its time.
 struct JoinEventTime {
