@@ -903,22 +903,7 @@ impl Database {
         let state = self.session_state();
         // Model functions in the view switch versions at barriers after this one.
         let plan = crate::ml::udf::bind_to_view(create.plan.clone(), self.shared.epochs.last_barrier())?;
-        let mut root = sql::view::lower(&state, &plan)?;
-        if create.emit_on_window_close {
-            // Rows are held back by the first column with a watermark (a window bound).
-            let Some(column) = sql::view::watermarked(&plan).iter().position(|w| *w) else {
-                return Err(Error::NotSupported {
-                    feature: "EMIT ON WINDOW CLOSE on a view without an event-time column".into(),
-                    hint: Some(
-                        "group by window_start or window_end of TUMBLE or HOP over a source or table with a WATERMARK"
-                            .into(),
-                    ),
-                });
-            };
-            let schema = Arc::new(plan.schema().as_arrow().clone());
-            let operator = crate::dataflow::operators::EmitOnCloseOperator::new(column, schema)?;
-            root = sql::view::Node::Operator(Box::new(operator), vec![root]);
-        }
+        let root = sql::view::lower_view(&state, &plan, create.emit_on_window_close)?;
         let mut inputs = root.tables();
         inputs.extend(create.reads.iter().filter(|r| !inputs.contains(r)).cloned().collect::<Vec<_>>());
         let mut writer = self.shared.writer.lock().await;

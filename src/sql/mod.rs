@@ -312,8 +312,11 @@ pub fn parse(sql: &str) -> Result<VecDeque<Statement>> {
         } else {
             let mut statement = parser.parse_statement().map_err(|e| Error::from_datafusion(e, sql))?;
             windows::rewrite(&mut statement)?;
-            let is_materialized_view = matches!(&statement,
-                DFStatement::Statement(inner) if matches!(inner.as_ref(), SqlStatement::CreateView(c) if c.materialized));
+            let creates_view = |s: &DFStatement| matches!(s, DFStatement::Statement(inner) if matches!(inner.as_ref(), SqlStatement::CreateView(c) if c.materialized));
+            let is_materialized_view = match &statement {
+                DFStatement::Explain(explain) => creates_view(&explain.statement),
+                other => creates_view(other),
+            };
             if is_materialized_view
                 && ["emit", "on", "window", "close"]
                     .iter()
@@ -887,14 +890,25 @@ pub async fn plan(state: &SessionState, statement: &Statement, sql: &str) -> Res
             });
         }
         Statement::EmitOnWindowClose(statement) => {
-            let DFStatement::Statement(inner) = statement else {
+            let (explain, inner) = match statement {
+                DFStatement::Explain(explain) => (true, explain.statement.as_ref()),
+                other => (false, other),
+            };
+            let DFStatement::Statement(inner) = inner else {
                 return Err(Error::Internal("EMIT ON WINDOW CLOSE on something other than a view".into()));
             };
             let SqlStatement::CreateView(create) = inner.as_ref() else {
                 return Err(Error::Internal("EMIT ON WINDOW CLOSE on something other than a view".into()));
             };
             let query = format!("{} {EMIT_ON_WINDOW_CLOSE}", create.query);
-            return plan_view(state, object_name(&create.name), create.if_not_exists, &query).await;
+            let planned = plan_view(state, object_name(&create.name), create.if_not_exists, &query).await?;
+            return match (explain, planned) {
+                (true, Planned::CreateView(view)) => {
+                    let root = view::lower_view(state, &view.plan, view.emit_on_window_close)?;
+                    Ok(Planned::ExplainView(root.describe().lines().map(str::to_string).collect()))
+                }
+                (_, planned) => Ok(planned),
+            };
         }
         Statement::CreateTableWithWatermark(statement, clause) => {
             let Planned::CreateTable(mut create) =
@@ -1028,7 +1042,11 @@ pub async fn plan(state: &SessionState, statement: &Statement, sql: &str) -> Res
         else {
             return Err(Error::Internal("a view query planned as something else".into()));
         };
-        let lines = view::lower(state, &view.plan)?.describe().lines().map(str::to_string).collect();
+        let lines = view::lower_view(state, &view.plan, view.emit_on_window_close)?
+            .describe()
+            .lines()
+            .map(str::to_string)
+            .collect();
         return Ok(Planned::ExplainView(lines));
     }
     if let DFStatement::CreateExternalTable(_) | DFStatement::CopyTo(_) | DFStatement::Reset(_) = statement {

@@ -145,6 +145,27 @@ where
     Ok(Node::Parallel { instances, keys, inputs })
 }
 
+/// Lowers a materialized view's optimised plan; with `EMIT ON WINDOW CLOSE`, rows are held
+/// back at the root by the first output column with a watermark (a window bound).
+pub fn lower_view(state: &SessionState, plan: &LogicalPlan, emit_on_window_close: bool) -> Result<Node> {
+    let root = lower(state, plan)?;
+    if !emit_on_window_close {
+        return Ok(root);
+    }
+    let Some(column) = watermarked(plan).iter().position(|w| *w) else {
+        return Err(Error::NotSupported {
+            feature: "EMIT ON WINDOW CLOSE on a view without an event-time column".into(),
+            hint: Some(
+                "group by window_start or window_end of TUMBLE, HOP or SESSION over a source or table with a WATERMARK"
+                    .into(),
+            ),
+        });
+    };
+    let schema = Arc::new(plan.schema().as_arrow().clone());
+    let operator = crate::dataflow::operators::EmitOnCloseOperator::new(column, schema)?;
+    Ok(Node::Operator(Box::new(operator), vec![root]))
+}
+
 /// Lowers an optimised plan into a dataflow tree. Stateful operators run as
 /// `target_partitions` instances (freshet's `--workers`).
 pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
