@@ -77,9 +77,28 @@ pub fn install(ctx: &SessionContext, cell: Arc<SnapshotCell>) -> Result<()> {
     let queries = view_queries.clone();
     ctx.register_udf(TextFunction::udf("pg_get_viewdef", move |arrays, rows| {
         let Some(oids) = arrays.first() else { return null_text(arrays, rows) };
+        let snapshot = view_cell.current();
+        let plain_definition = |name: &str| {
+            let view = snapshot.plain_views.get(name)?;
+            (view.as_ref() as &dyn std::any::Any)
+                .downcast_ref::<datafusion::catalog::view::ViewTable>()
+                .and_then(|v| v.definition().cloned())
+        };
+        // `pg_get_viewdef('name')`: the older form, by (optionally schema-qualified) name.
+        if matches!(oids.data_type(), DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8) {
+            let names = datafusion::arrow::compute::cast(oids, &DataType::Utf8)?;
+            let names = datafusion::common::cast::as_string_array(&names)?;
+            let definitions: StringArray = names
+                .iter()
+                .map(|name| {
+                    let name = name?.trim_start_matches("public.").trim_matches('"');
+                    queries.query(name).or_else(|| plain_definition(name))
+                })
+                .collect();
+            return Ok(Arc::new(definitions));
+        }
         let oids = datafusion::common::cast::as_int32_array(oids)?;
         let known = read(&known_views);
-        let snapshot = view_cell.current();
         let definitions: StringArray = oids
             .iter()
             .map(|oid| {
