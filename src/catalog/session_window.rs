@@ -45,7 +45,11 @@ pub struct SessionTable {
 impl SessionTable {
     /// The gap in the event-time column's unit.
     pub fn gap_in_units(&self) -> i64 {
-        self.gap_ms.saturating_mul(units_per_ms(self.input_schema.field(self.time).data_type()))
+        // The time column is a timestamp: whole seconds when it has no smaller unit.
+        match crate::dataflow::watermark::units_per_ms(self.input_schema.field(self.time).data_type()) {
+            Some(units) => self.gap_ms.saturating_mul(units),
+            None => self.gap_ms / 1_000,
+        }
     }
 
     /// The input's rows with their sessions.
@@ -80,16 +84,6 @@ impl SessionTable {
         columns.push(cast(&(Arc::new(Int64Array::from(starts)) as ArrayRef), time_type)?);
         columns.push(cast(&(Arc::new(Int64Array::from(ends)) as ArrayRef), time_type)?);
         Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
-    }
-}
-
-/// Event-time units per millisecond of a timestamp type.
-fn units_per_ms(data_type: &DataType) -> i64 {
-    use datafusion::arrow::datatypes::TimeUnit;
-    match data_type {
-        DataType::Timestamp(TimeUnit::Microsecond, _) => 1_000,
-        DataType::Timestamp(TimeUnit::Nanosecond, _) => 1_000_000,
-        _ => 1,
     }
 }
 

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, BooleanArray, Int64Array, RecordBatchOptions, UInt32Array};
+use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, Int64Array, RecordBatchOptions, UInt32Array};
 use datafusion::arrow::compute::kernels::cmp::{gt, lt};
 use datafusion::arrow::compute::take;
 use datafusion::arrow::compute::{concat_batches, filter, filter_record_batch, prep_null_mask_filter};
@@ -58,6 +58,14 @@ impl ChangeBatch {
             std::iter::repeat_n(-1, old.num_rows()).chain(std::iter::repeat_n(1, new.num_rows())).collect();
         let old = RecordBatch::try_new(schema.clone(), old.columns().to_vec())?;
         let batch = concat_batches(&schema, [&old, &new])?;
+        ChangeBatch::try_new(batch, Int64Array::from(weights))
+    }
+
+    /// Rows given as `columns` of `schema`, with their weights (also right for a schema
+    /// without columns).
+    pub fn from_columns(schema: SchemaRef, columns: Vec<ArrayRef>, weights: Vec<i64>) -> Result<Self> {
+        let options = RecordBatchOptions::new().with_row_count(Some(weights.len()));
+        let batch = RecordBatch::try_new_with_options(schema, columns, &options)?;
         ChangeBatch::try_new(batch, Int64Array::from(weights))
     }
 

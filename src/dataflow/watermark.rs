@@ -70,6 +70,18 @@ pub fn is_time_or_integer(data_type: &DataType) -> bool {
     matches!(data_type, DataType::Timestamp(..) | DataType::Date32 | DataType::Date64) || data_type.is_integer()
 }
 
+/// Units of a timestamp type per millisecond (`None` for seconds, which a millisecond
+/// delay cannot be counted in, and for other types).
+pub fn units_per_ms(data_type: &DataType) -> Option<i64> {
+    use datafusion::arrow::datatypes::TimeUnit;
+    match data_type {
+        DataType::Timestamp(TimeUnit::Millisecond, _) => Some(1),
+        DataType::Timestamp(TimeUnit::Microsecond, _) => Some(1_000),
+        DataType::Timestamp(TimeUnit::Nanosecond, _) => Some(1_000_000),
+        _ => None,
+    }
+}
+
 /// Whether a column of this type can carry a watermark.
 pub fn carries_watermark(data_type: &DataType) -> bool {
     matches!(data_type, DataType::Timestamp(..))
@@ -115,27 +127,28 @@ impl Derivation {
     /// The output watermarks that follow from `watermark` on the input.
     pub fn derive(&self, watermark: Watermark) -> Result<Vec<Watermark>> {
         let mut derived = Vec::new();
-        for (output, input, expr) in &self.monotone {
-            if *input != watermark.column {
-                continue;
-            }
-            // The expression at the watermark: every other column is NULL, and the
-            // expression reads none of them.
-            let columns = self
-                .input
-                .fields()
-                .iter()
-                .enumerate()
-                .map(|(i, f)| {
-                    if i == watermark.column {
-                        value_array(watermark.value, f.data_type())
-                    } else {
-                        Ok(new_null_array(f.data_type(), 1))
-                    }
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let options = RecordBatchOptions::new().with_row_count(Some(1));
-            let batch = RecordBatch::try_new_with_options(self.input.clone(), columns, &options)?;
+        let affected: Vec<_> = self.monotone.iter().filter(|(_, input, _)| *input == watermark.column).collect();
+        if affected.is_empty() {
+            return Ok(derived);
+        }
+        // The expressions at the watermark: every other column is NULL, and the
+        // expressions read none of them.
+        let columns = self
+            .input
+            .fields()
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                if i == watermark.column {
+                    value_array(watermark.value, f.data_type())
+                } else {
+                    Ok(new_null_array(f.data_type(), 1))
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let options = RecordBatchOptions::new().with_row_count(Some(1));
+        let batch = RecordBatch::try_new_with_options(self.input.clone(), columns, &options)?;
+        for (output, _, expr) in affected {
             let value = expr.evaluate(&batch)?.into_array(1)?;
             let value = cast(&value, self.output.field(*output).data_type())?;
             if let Some(value) = first_value(&value)? {

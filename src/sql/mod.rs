@@ -351,6 +351,25 @@ fn next_word(parser: &SqlParser, n: usize) -> Option<String> {
     }
 }
 
+/// The tokens of a column list, after its `(` up to its matching `)` (consumed).
+fn column_list(parser: &mut SqlParser) -> std::result::Result<Vec<Token>, ParserError> {
+    let mut tokens = Vec::new();
+    let mut depth = 1;
+    loop {
+        let token = parser.next_token().token;
+        match token {
+            Token::LParen => depth += 1,
+            Token::RParen => depth -= 1,
+            Token::EOF => return Err(ParserError::ParserError("unclosed column list".into())),
+            _ => {}
+        }
+        if depth == 0 {
+            return Ok(tokens);
+        }
+        tokens.push(token);
+    }
+}
+
 /// Whether the statement ahead (up to `;`) has `WATERMARK FOR` in a column list.
 fn has_watermark(parser: &SqlParser) -> bool {
     let mut depth = 0;
@@ -382,21 +401,7 @@ fn parse_create_table_with_watermark(parser: &mut SqlParser, sql: &str) -> Resul
         before.push(parser.next_token().token);
     }
     parser.next_token(); // (
-    let mut list = Vec::new();
-    let mut depth = 1;
-    loop {
-        let token = parser.next_token().token;
-        match token {
-            Token::LParen => depth += 1,
-            Token::RParen => depth -= 1,
-            Token::EOF => return Err(Error::Syntax { message: "unclosed column list".into(), position: None }),
-            _ => {}
-        }
-        if depth == 0 {
-            break;
-        }
-        list.push(token);
-    }
+    let list = column_list(parser).map_err(|e| crate::error::syntax_error(&e, sql))?;
     let mut after = Vec::new();
     while !matches!(parser.peek_token().token, Token::EOF | Token::SemiColon) {
         after.push(parser.next_token().token);
@@ -424,22 +429,7 @@ fn parse_create_source(parser: &mut SqlParser) -> std::result::Result<Statement,
     let mut watermark = None;
     if parser.consume_token(&Token::LParen) {
         // Declared columns, as text: planned like a CREATE TABLE's.
-        let mut tokens = Vec::new();
-        let mut depth = 1;
-        loop {
-            let token = parser.next_token().token;
-            match token {
-                Token::LParen => depth += 1,
-                Token::RParen => depth -= 1,
-                Token::EOF => return Err(ParserError::ParserError("unclosed column list".into())),
-                _ => {}
-            }
-            if depth == 0 {
-                break;
-            }
-            tokens.push(token);
-        }
-        let (tokens, clause) = take_watermark(tokens)?;
+        let (tokens, clause) = take_watermark(column_list(parser)?)?;
         watermark = clause;
         if !tokens.is_empty() {
             columns = Some(tokens.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(" "));

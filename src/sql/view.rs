@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use datafusion::arrow::compute::SortOptions;
-use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::arrow::row::SortField;
 use datafusion::common::NullEquality;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
@@ -530,12 +530,7 @@ fn interval_join(join: &datafusion::logical_expr::Join) -> Option<IntervalBounds
     if left_type != right_type {
         return None;
     }
-    let units = match left_type {
-        DataType::Timestamp(TimeUnit::Millisecond, _) => 1,
-        DataType::Timestamp(TimeUnit::Microsecond, _) => 1_000,
-        DataType::Timestamp(TimeUnit::Nanosecond, _) => 1_000_000,
-        _ => return None,
-    };
+    let units = crate::dataflow::watermark::units_per_ms(left_type)?;
     let (mut right_after_left, mut left_after_right): (Option<i64>, Option<i64>) = (None, None);
     for (x, y, c) in constraints {
         let c = c.saturating_mul(units);
@@ -581,15 +576,8 @@ fn monotone_input(expr: &Expr, schema: &datafusion::common::DFSchema) -> Option<
 fn table_input(table: &str, schema: &SchemaRef) -> Result<Node> {
     let table = table.to_string();
     let Some((column, delay_ms)) = super::watermark_of(schema) else { return Ok(Node::Table(table)) };
-    let units_per_ms = match schema.field(column).data_type() {
-        DataType::Timestamp(TimeUnit::Millisecond, _) => 1,
-        DataType::Timestamp(TimeUnit::Microsecond, _) => 1_000,
-        DataType::Timestamp(TimeUnit::Nanosecond, _) => 1_000_000,
-        DataType::Timestamp(TimeUnit::Second, _) => {
-            return Err(Error::not_supported("a watermark on a TIMESTAMP(0) column"));
-        }
-        other => return Err(Error::Internal(format!("a watermark on a {other} column"))),
-    };
+    let units_per_ms = crate::dataflow::watermark::units_per_ms(schema.field(column).data_type())
+        .ok_or_else(|| Error::not_supported(format!("a watermark on a {} column", schema.field(column).data_type())))?;
     Ok(Node::EventTime { table, column, delay_ms, units_per_ms })
 }
 

@@ -17,10 +17,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use async_trait::async_trait;
-use datafusion::arrow::array::{Array, Int64Array, RecordBatchOptions};
+use datafusion::arrow::array::{Array, Int64Array};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
-use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{OwnedRow, RowConverter, SortField};
 
 use crate::dataflow::operator::{Operator, Output};
@@ -184,10 +183,8 @@ impl EmitOnCloseOperator {
             )));
         }
         let columns = self.converter.convert_rows(rows.iter().map(|(r, _)| r.row()))?;
-        let options = RecordBatchOptions::new().with_row_count(Some(rows.len()));
-        let batch = RecordBatch::try_new_with_options(self.schema.clone(), columns, &options)?;
-        let weights = Int64Array::from(rows.iter().map(|(_, w)| *w).collect::<Vec<_>>());
-        out.push(ChangeBatch::try_new(batch, weights)?);
+        let weights = rows.iter().map(|(_, w)| *w).collect();
+        out.push(ChangeBatch::from_columns(self.schema.clone(), columns, weights)?);
         Ok(())
     }
 }

@@ -13,10 +13,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use datafusion::arrow::array::{Array, ArrayRef, Int64Array, RecordBatchOptions};
+use datafusion::arrow::array::{Array, ArrayRef, Int64Array};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
-use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{OwnedRow, RowConverter, SortField};
 
 use crate::dataflow::operator::{Operator, Output};
@@ -96,10 +95,8 @@ impl SessionOperator {
         };
         columns.push(bound(pieces.iter().map(|p| p.2).collect())?);
         columns.push(bound(pieces.iter().map(|p| p.3).collect())?);
-        let options = RecordBatchOptions::new().with_row_count(Some(pieces.len()));
-        let batch = RecordBatch::try_new_with_options(self.schema.clone(), columns, &options)?;
-        let weights = Int64Array::from(pieces.iter().map(|p| p.1).collect::<Vec<_>>());
-        ChangeBatch::try_new(batch, weights)?.consolidate()
+        let weights = pieces.iter().map(|p| p.1).collect();
+        ChangeBatch::from_columns(self.schema.clone(), columns, weights)?.consolidate()
     }
 }
 
@@ -166,10 +163,8 @@ impl Operator for SessionOperator {
                 .collect::<std::result::Result<Vec<_>, _>>()?;
             columns.push(datafusion::arrow::array::new_null_array(&self.time_type, timeless.len()));
             columns.push(datafusion::arrow::array::new_null_array(&self.time_type, timeless.len()));
-            let options = RecordBatchOptions::new().with_row_count(Some(timeless.len()));
-            let batch = RecordBatch::try_new_with_options(self.schema.clone(), columns, &options)?;
-            let weights = Int64Array::from(timeless.iter().map(|(_, w)| *w).collect::<Vec<_>>());
-            out.push(ChangeBatch::try_new(batch, weights)?);
+            let weights = timeless.iter().map(|(_, w)| *w).collect();
+            out.push(ChangeBatch::from_columns(self.schema.clone(), columns, weights)?);
         }
         Ok(())
     }
