@@ -237,6 +237,7 @@ fn flatten(node: Node, operators: &mut Vec<Box<dyn Operator>>) -> Arc<LateCounte
             late
         }
         Node::Table(name) => panic!("{name} lowered without its event-time operator"),
+        Node::Constant { what, .. } => panic!("{what}: the bench drives a chain over one source"),
         Node::Parallel { .. } => panic!("a parallel operator: the session must have target_partitions = 1"),
     }
 }

@@ -910,6 +910,20 @@ impl Database {
         if self.shared.exists_already(&writer, &create.name, create.if_not_exists)? {
             return Ok(Outcome::Command { tag: "CREATE MATERIALIZED VIEW", rows: None });
         }
+        // Every leaf must be a relation whose changes reach views: a system catalog never
+        // sends any, and the view would stay empty.
+        let committed = self.shared.cell.committed();
+        let views = self.shared.views().keys().cloned().collect::<HashSet<_>>();
+        if let Some(missing) = root.tables().into_iter().find(|t| committed.relation(t).is_none() && !views.contains(t))
+        {
+            return Err(Error::NotSupported {
+                feature: format!("reading \"{missing}\" in a materialized view"),
+                hint: Some(
+                    "views read tables, sources, materialized views and table functions; system catalogs are not maintained incrementally"
+                        .into(),
+                ),
+            });
+        }
         let id = writer.next_id;
         writer.next_id += 1;
         let schema = sql::without_watermark(&relaxed(&Arc::new(create.plan.schema().as_arrow().clone())));

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use datafusion::arrow::compute::concat_batches;
+use datafusion::arrow::record_batch::RecordBatch;
 use tokio::sync::{Notify, mpsc, watch};
 
 use super::table::{Snapshot, SnapshotCell, TableState, TableVersion};
@@ -21,6 +22,9 @@ use crate::dataflow::runtime::{self, EdgeReceiver, FailureSlot};
 use crate::dataflow::{Barrier, ChangeBatch, Message};
 use crate::error::Result;
 use crate::sql::view::Node;
+
+/// The feed name under which a view's constant inputs receive barriers: no table has it.
+const CONSTANT_FEED: &str = "\0constant";
 
 /// Rows queued in feeds before writers wait for the views to catch up.
 const MAX_QUEUED_ROWS: usize = 1 << 20;
@@ -123,6 +127,8 @@ pub struct Pending {
     view: u64,
     name: String,
     inputs: Vec<(String, mpsc::UnboundedSender<Message>)>,
+    /// Inputs that never change, with their rows.
+    constants: Vec<(Vec<RecordBatch>, mpsc::UnboundedSender<Message>)>,
     /// The materialized views among the inputs, by name.
     upstream: HashMap<String, Arc<Subscribers>>,
     failures: Arc<FailureSlot>,
@@ -142,6 +148,13 @@ impl Pending {
     pub fn connect(self, feeds: &Feeds, epochs: &Epochs, cell: &SnapshotCell) {
         let snapshot = cell.committed();
         let last_barrier = epochs.last_barrier();
+        for (rows, sender) in self.constants {
+            for batch in rows {
+                feeds.send_data(&sender, ChangeBatch::inserts(batch));
+            }
+            // Barriers reach it as they reach every table feed; no change ever will.
+            feeds.register(self.view, CONSTANT_FEED, sender);
+        }
         for (input, sender) in self.inputs {
             if let Some(upstream) = self.upstream.get(&input) {
                 if let Err(e) = upstream.follow(&input, self.view, sender, last_barrier, feeds, cell) {
@@ -435,6 +448,7 @@ pub fn spawn(view: u64, root: Node, sink: ViewSink, feeds: &Arc<Feeds>, failures
         view,
         name: sink.name.clone(),
         inputs: Vec::new(),
+        constants: Vec::new(),
         upstream: HashMap::new(),
         failures: failures.clone(),
         late: Vec::new(),
@@ -448,30 +462,13 @@ pub fn spawn(view: u64, root: Node, sink: ViewSink, feeds: &Arc<Feeds>, failures
 fn spawn_node(node: Node, feeds: &Arc<Feeds>, failures: &Arc<FailureSlot>, pending: &mut Pending) -> EdgeReceiver {
     match node {
         Node::Table(name) => {
-            let (feed, mut from_feed) = mpsc::unbounded_channel();
-            let (to_dataflow, receiver) = runtime::edge();
-            let feeds = feeds.clone();
-            // The table source: moves the feed into the bounded dataflow edge.
-            tokio::spawn(async move {
-                while let Some(message) = from_feed.recv().await {
-                    let rows = match &message {
-                        Message::Data(change) => change.num_rows(),
-                        _ => 0,
-                    };
-                    let delivered = to_dataflow.send(message).await.is_ok();
-                    feeds.consumed(rows);
-                    if !delivered {
-                        break;
-                    }
-                }
-                // The dataflow is gone: keep the writers' budget right for what is left.
-                while let Some(message) = from_feed.recv().await {
-                    if let Message::Data(change) = message {
-                        feeds.consumed(change.num_rows());
-                    }
-                }
-            });
+            let (feed, receiver) = spawn_feed(feeds);
             pending.inputs.push((name, feed));
+            receiver
+        }
+        Node::Constant { rows, .. } => {
+            let (feed, receiver) = spawn_feed(feeds);
+            pending.constants.push((rows, feed));
             receiver
         }
         Node::EventTime { table, column, delay_ms, units_per_ms } => {
@@ -518,4 +515,32 @@ fn spawn_node(node: Node, feeds: &Arc<Feeds>, failures: &Arc<FailureSlot>, pendi
             receiver
         }
     }
+}
+
+/// A feed for one input of a view and the dataflow edge it moves into (bounded, so a slow
+/// view holds its writers back through [`Feeds::wait_for_room`]).
+fn spawn_feed(feeds: &Arc<Feeds>) -> (mpsc::UnboundedSender<Message>, EdgeReceiver) {
+    let (feed, mut from_feed) = mpsc::unbounded_channel();
+    let (to_dataflow, receiver) = runtime::edge();
+    let feeds = feeds.clone();
+    tokio::spawn(async move {
+        while let Some(message) = from_feed.recv().await {
+            let rows = match &message {
+                Message::Data(change) => change.num_rows(),
+                _ => 0,
+            };
+            let delivered = to_dataflow.send(message).await.is_ok();
+            feeds.consumed(rows);
+            if !delivered {
+                break;
+            }
+        }
+        // The dataflow is gone: keep the writers' budget right for what is left.
+        while let Some(message) = from_feed.recv().await {
+            if let Message::Data(change) = message {
+                feeds.consumed(change.num_rows());
+            }
+        }
+    });
+    (feed, receiver)
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use datafusion::arrow::compute::SortOptions;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::SortField;
 use datafusion::common::NullEquality;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
@@ -37,7 +38,14 @@ pub enum Node {
     /// A stateful operator run as several instances; each input is hash-partitioned by its
     /// key, so each key lives in one instance.
     Parallel { instances: Vec<Box<dyn Operator>>, keys: Vec<PartitionKey>, inputs: Vec<Node> },
+    /// A relation that never changes (a table function such as `range(10)`, or `VALUES`),
+    /// computed when the view is lowered: its rows arrive once, as the view's starting point.
+    Constant { what: String, rows: Vec<RecordBatch> },
 }
+
+/// The most rows a constant relation in a view may have: it is computed whole and kept in
+/// the view's starting point.
+const MAX_CONSTANT_ROWS: usize = 1_000_000;
 
 impl Node {
     /// The tables this tree reads, in leaf order.
@@ -47,6 +55,7 @@ impl Node {
             Node::Operator(_, inputs) | Node::Parallel { inputs, .. } => {
                 inputs.iter().flat_map(|n| n.tables()).collect()
             }
+            Node::Constant { .. } => Vec::new(),
         }
     }
 
@@ -56,6 +65,10 @@ impl Node {
             let pad = "  ".repeat(depth);
             match node {
                 Node::Table(name) => out.push_str(&format!("{pad}table {name}\n")),
+                Node::Constant { what, rows } => {
+                    let n: usize = rows.iter().map(RecordBatch::num_rows).sum();
+                    out.push_str(&format!("{pad}constant {what} ({n} rows)\n"));
+                }
                 Node::EventTime { table, column, delay_ms, .. } => {
                     out.push_str(&format!("{pad}event_time (column {column}, delay {delay_ms} ms; drops late rows)\n"));
                     out.push_str(&format!("{pad}  table {table}\n"));
@@ -173,6 +186,9 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
         LogicalPlan::TableScan(scan) => {
             if !scan.filters.is_empty() || scan.fetch.is_some() {
                 return Err(Error::Internal("table scan with pushed-down filters or limit in a view".into()));
+            }
+            if table_function(state, scan) {
+                return constant(state, plan, scan.table_name.table());
             }
             let source = match session_window(scan) {
                 Some(session) => lower_session(state, session)?,
@@ -370,6 +386,8 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
             let inputs = vec![lower(state, &join.left)?, lower(state, &join.right)?];
             stateful(workers(state), make, keys, inputs)
         }
+        LogicalPlan::Values(_) => constant(state, plan, "VALUES"),
+        LogicalPlan::EmptyRelation(_) => constant(state, plan, "a query that reads no table"),
         other => Err(Error::NotSupported {
             feature: format!("{} in a materialized view", construct_name(other)),
             hint: Some("views support projections, WHERE, joins, subqueries, UNION, DISTINCT, GROUP BY, top-N and top-N per group (row_number() <= n)".into()),
@@ -579,6 +597,50 @@ fn table_input(table: &str, schema: &SchemaRef) -> Result<Node> {
     let units_per_ms = crate::dataflow::watermark::units_per_ms(schema.field(column).data_type())
         .ok_or_else(|| Error::not_supported(format!("a watermark on a {} column", schema.field(column).data_type())))?;
     Ok(Node::EventTime { table, column, delay_ms, units_per_ms })
+}
+
+/// The catalog relation (table, source or materialized view) a scan reads, if it reads one.
+fn relation(scan: &datafusion::logical_expr::TableScan) -> Option<Arc<dyn datafusion::catalog::TableProvider>> {
+    let provider = datafusion::datasource::source_as_provider(&scan.source).ok()?;
+    (provider.as_ref() as &dyn std::any::Any)
+        .downcast_ref::<crate::catalog::table::FreshetTable>()
+        .is_some()
+        .then_some(provider)
+}
+
+/// Whether a scan reads the result of a table function (`range(…)`, `generate_series(…)`)
+/// other than SESSION: a relation fixed by its arguments.
+fn table_function(state: &SessionState, scan: &datafusion::logical_expr::TableScan) -> bool {
+    scan.table_name.schema().is_none()
+        && session_window(scan).is_none()
+        && relation(scan).is_none()
+        && scan.table_name.table().split('(').next().is_some_and(|name| state.table_functions().contains_key(name))
+}
+
+/// A relation that never changes, computed now by the batch engine (on a thread of its own,
+/// as lowering is synchronous).
+fn constant(state: &SessionState, plan: &LogicalPlan, what: &str) -> Result<Node> {
+    let limited = datafusion::logical_expr::LogicalPlanBuilder::from(plan.clone())
+        .limit(0, Some(MAX_CONSTANT_ROWS + 1))?
+        .build()?;
+    let run = || -> Result<Vec<RecordBatch>> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .map_err(|e| Error::Internal(format!("a runtime to compute {what}: {e}")))?;
+        runtime.block_on(async {
+            let physical = state.create_physical_plan(&limited).await?;
+            Ok(datafusion::physical_plan::collect(physical, state.task_ctx()).await?)
+        })
+    };
+    let rows = std::thread::scope(|scope| scope.spawn(run).join())
+        .map_err(|_| Error::Internal(format!("computing {what} for a view panicked")))??;
+    if rows.iter().map(RecordBatch::num_rows).sum::<usize>() > MAX_CONSTANT_ROWS {
+        return Err(Error::NotSupported {
+            feature: format!("{what} with more than {MAX_CONSTANT_ROWS} rows in a materialized view"),
+            hint: Some("put the rows in a table and read the table".into()),
+        });
+    }
+    Ok(Node::Constant { what: what.to_string(), rows })
 }
 
 /// The SESSION window a scan reads, if it reads one.
@@ -829,12 +891,14 @@ fn append_only(plan: &LogicalPlan) -> bool {
     match plan {
         LogicalPlan::TableScan(scan) => {
             session_window(scan).is_none()
-                && datafusion::datasource::source_as_provider(&scan.source).is_ok_and(|provider| {
+                && relation(scan).is_none_or(|provider| {
                     (provider.as_ref() as &dyn std::any::Any)
                         .downcast_ref::<crate::catalog::table::FreshetTable>()
                         .is_some_and(|table| table.append_only())
                 })
         }
+        // A constant relation never retracts a row.
+        LogicalPlan::Values(_) | LogicalPlan::EmptyRelation(_) => true,
         LogicalPlan::Projection(p) => append_only(&p.input),
         LogicalPlan::Filter(f) => {
             let temporal = super::temporal::split(&f.predicate).map(|(t, _)| t.is_some()).unwrap_or(true);
@@ -928,15 +992,28 @@ fn aggregate_spec(
     if params.distinct && name != "count" {
         return Err(Error::not_supported(format!("{name}(DISTINCT …) in a materialized view")));
     }
-    if params.filter.is_some() {
-        return Err(Error::not_supported(format!("{name}(…) FILTER (WHERE …) in a materialized view")));
-    }
     let collects = matches!(name.as_str(), "string_agg" | "array_agg");
     let argument = match (params.args.as_slice(), name.as_str()) {
         ([], _) => None,
         ([arg], _) | ([arg, _], "string_agg") => Some(arg),
         _ => return Err(Error::not_supported(format!("{name} with several arguments in a materialized view"))),
     };
+    // `agg(x) FILTER (WHERE p)` is `agg(CASE WHEN p THEN x END)` for every aggregate that
+    // skips NULLs (all but array_agg); `count(*) FILTER (WHERE p)` counts `CASE WHEN p THEN 1 END`.
+    let filtered = match &params.filter {
+        None => None,
+        Some(_) if name == "array_agg" => {
+            return Err(Error::not_supported("array_agg(…) FILTER (WHERE …) in a materialized view"));
+        }
+        Some(predicate) => {
+            let value = match argument {
+                None | Some(Expr::Literal(..)) => datafusion::logical_expr::lit(1i64),
+                Some(arg) => arg.clone(),
+            };
+            Some(datafusion::logical_expr::when(predicate.as_ref().clone(), value).end()?)
+        }
+    };
+    let argument = filtered.as_ref().or(argument);
     // ORDER BY inside string_agg/array_agg: only by the aggregated value itself.
     let uncast = |e: &Expr| -> Expr {
         match e {
