@@ -53,14 +53,16 @@ const ROUND: u64 = 10_000;
 const ROUNDS_PER_BARRIER: u64 = 10;
 const KINDS: [(&str, u64); 3] = [("person", 1), ("auction", 3), ("bid", 46)];
 
-/// CPU seconds this process has used (user + system, all threads).
+/// CPU seconds this process has used (user + system, all threads, exited ones included).
 fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name (in parentheses): utime is the 12th, stime the 13th.
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
+    // SAFETY: getrusage only writes the struct it is given.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }
 
 /// Peak resident memory of this process so far, in bytes (VmHWM).
@@ -379,7 +381,7 @@ async fn run_query(name: &str, events: u64, workers: usize) {
     let stream = generate(events);
     let (engine, engine_rows) = engine_alone(name, &sql, events, &stream).await;
     let batch = batch(&sql, &stream).await;
-    let per_cpu = |t: &Timed| events as f64 / t.cpu_seconds.max(0.01);
+    let per_cpu = |t: &Timed| events as f64 / t.cpu_seconds.max(1e-6);
     let engine_rate = per_cpu(&engine);
     let batch_rate = batch.as_ref().map(|(t, _)| per_cpu(t));
     let result = json!({
@@ -414,7 +416,7 @@ fn run_generator(events: u64) {
         "events": events,
         "seconds": timed.seconds,
         "events_per_second": events as f64 / timed.seconds,
-        "events_per_cpu_second": events as f64 / timed.cpu_seconds.max(0.01),
+        "events_per_cpu_second": events as f64 / timed.cpu_seconds.max(1e-6),
         "peak_rss_bytes": peak_rss_bytes(),
     });
     println!("RESULT {result}");

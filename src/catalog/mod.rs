@@ -927,7 +927,12 @@ impl Database {
         let id = writer.next_id;
         writer.next_id += 1;
         let schema = sql::without_watermark(&relaxed(&Arc::new(create.plan.schema().as_arrow().clone())));
-        let def = Arc::new(TableDef::new(id, create.name.clone(), schema, vec![], vec![], HashMap::new()));
+        // A view that only ever gains rows keeps them without an index, as a source does.
+        let def = match sql::view::append_only(&create.plan) {
+            true => TableDef::append_only(id, create.name.clone(), schema),
+            false => TableDef::new(id, create.name.clone(), schema, vec![], vec![], HashMap::new()),
+        };
+        let def = Arc::new(def);
         let subscribers = Arc::new(view::Subscribers::default());
         let sink = ViewSink::new(
             create.name.clone(),

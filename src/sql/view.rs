@@ -887,7 +887,7 @@ fn hoist_model_calls(aggregate: &datafusion::logical_expr::Aggregate) -> Result<
 
 /// Whether `plan` only ever gains rows: it reads append-only relations (sources, tables
 /// with a watermark) through projections, filters, unions and inner joins.
-fn append_only(plan: &LogicalPlan) -> bool {
+pub fn append_only(plan: &LogicalPlan) -> bool {
     match plan {
         LogicalPlan::TableScan(scan) => {
             session_window(scan).is_none()
