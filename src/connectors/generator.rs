@@ -238,7 +238,7 @@ impl Generator {
     /// The next `n` events.
     pub fn next_batch(&mut self, n: usize) -> Result<RecordBatch> {
         let columns = match &mut self.events {
-            Events::Nexmark(events) => events.columns(self.position, n),
+            Events::Nexmark(events) => events.columns(self.position, n)?,
             Events::Telemetry { devices, seed, anomaly_rate, base_time } => {
                 telemetry_columns(self.position, n, *devices, *seed, *anomaly_rate, *base_time)
             }
@@ -367,7 +367,18 @@ mod throughput {
         ns as f64 / 1e9
     }
 
-    /// Events per CPU-second of `next_batch(8192)`, per kind. Run with
+    /// Events per CPU-second over 2 CPU-seconds of `produce` making batches of 8192.
+    fn events_per_cpu_second(mut produce: impl FnMut() -> usize) -> f64 {
+        produce();
+        let (start, mut events) = (thread_cpu_seconds(), 0);
+        while thread_cpu_seconds() - start < 2.0 {
+            events += produce();
+        }
+        events as f64 / (thread_cpu_seconds() - start)
+    }
+
+    /// Events per CPU-second of `next_batch(8192)` per kind, and of the nexmark crate's
+    /// events turned into the same columns. Run with
     /// `cargo test --release --lib generator_throughput -- --ignored --nocapture`.
     #[test]
     #[ignore = "a measurement, not a check"]
@@ -381,13 +392,20 @@ mod throughput {
                 event_rate: None,
             };
             let mut generator = spec.open(0);
-            generator.next_batch(8192).expect("warm up");
-            let (start, mut events) = (thread_cpu_seconds(), 0u64);
-            while thread_cpu_seconds() - start < 2.0 {
-                events += generator.next_batch(8192).expect("rows").num_rows() as u64;
-            }
-            let rate = events as f64 / (thread_cpu_seconds() - start);
-            println!("{kind:?}: {:.2}M events per CPU-second", rate / 1e6);
+            let ours = events_per_cpu_second(|| generator.next_batch(8192).expect("rows").num_rows());
+            let config = nexmark::config::NexmarkConfig {
+                base_time: 1_700_000_000_000,
+                first_rate: 10_000,
+                next_rate: 10_000,
+                ..Default::default()
+            };
+            let mut offset = 0;
+            let crates = events_per_cpu_second(|| {
+                let columns = super::super::nexmark_columns::tests::crate_columns(config.clone(), kind, offset, 8192);
+                offset += 8192;
+                columns[0].len()
+            });
+            println!("{kind:?}: {:.2}M events per CPU-second (the crate's events: {:.2}M)", ours / 1e6, crates / 1e6);
         }
     }
 }

@@ -17,11 +17,14 @@
 
 use std::sync::{Arc, OnceLock};
 
-use datafusion::arrow::array::{ArrayRef, Int64Array, StringBuilder, TimestampMillisecondArray};
+use datafusion::arrow::array::{ArrayRef, Int64Array, StringArray, TimestampMillisecondArray};
+use datafusion::arrow::buffer::{Buffer, OffsetBuffer, ScalarBuffer};
 use nexmark::config::NexmarkConfig;
 use nexmark::event::EventType;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+
+use crate::error::{Error, Result};
 
 /// One in this many people (auctions) is a hot seller or bidder (hot auction), as in the
 /// crate.
@@ -112,7 +115,7 @@ impl NexmarkColumns {
 
     /// The columns of this kind's events `offset .. offset + n`, in the order of
     /// `GeneratorSpec::schema`.
-    pub(super) fn columns(&self, offset: u64, n: usize) -> Vec<ArrayRef> {
+    pub(super) fn columns(&self, offset: u64, n: usize) -> Result<Vec<ArrayRef>> {
         match self.kind {
             EventType::Person => self.people(offset, n),
             EventType::Auction => self.auctions(offset, n),
@@ -174,16 +177,15 @@ impl NexmarkColumns {
         min_auction + rng.gen_range(0..max_auction - min_auction + 1 + self.auction_id_lead)
     }
 
-    fn people(&self, offset: u64, n: usize) -> Vec<ArrayRef> {
+    fn people(&self, offset: u64, n: usize) -> Result<Vec<ArrayRef>> {
         let mut ids = Vec::with_capacity(n);
         let mut times = Vec::with_capacity(n);
-        let mut name = StringBuilder::with_capacity(n, n * 12);
-        let mut email = StringBuilder::with_capacity(n, n * 17);
-        let mut card = StringBuilder::with_capacity(n, n * 19);
-        let mut city = StringBuilder::with_capacity(n, n * 8);
-        let mut state = StringBuilder::with_capacity(n, n * 2);
-        let mut extra = StringBuilder::with_capacity(n, n * self.avg_person_byte_size.saturating_sub(60));
-        let mut text = String::with_capacity(self.avg_person_byte_size);
+        let mut name = TextColumn::with_capacity(n, 12);
+        let mut email = TextColumn::with_capacity(n, 17);
+        let mut card = TextColumn::with_capacity(n, 19);
+        let mut city = TextColumn::with_capacity(n, 8);
+        let mut state = TextColumn::with_capacity(n, 2);
+        let mut extra = TextColumn::with_capacity(n, self.avg_person_byte_size.saturating_sub(60));
         for i in 0..n as u64 {
             let event_number = self.event_number(offset + i);
             let event_id = self.first_event_id + event_number;
@@ -191,73 +193,58 @@ impl NexmarkColumns {
             ids.push(int(self.last_person_id(event_id) + self.first_person_id));
             times.push(int(self.timestamp(event_number)));
 
-            let first = &self.first_names[choose(rng, self.first_names.len())];
-            let last = &self.last_names[choose(rng, self.last_names.len())];
-            text.clear();
-            text.push_str(first);
-            text.push(' ');
-            text.push_str(last);
-            name.append_value(&text);
-            let mut size = 8 + text.len();
+            name.push_str(&self.first_names[choose(rng, self.first_names.len())]);
+            name.push_str(" ");
+            name.push_str(&self.last_names[choose(rng, self.last_names.len())]);
 
-            text.clear();
-            push_letters(rng, 7, &mut text);
-            text.push('@');
-            push_letters(rng, 5, &mut text);
-            text.push_str(".com");
-            email.append_value(&text);
-            size += text.len();
+            email.push_letters(rng, 7);
+            email.push_str("@");
+            email.push_letters(rng, 5);
+            email.push_str(".com");
 
             // Four groups of four digits: "{:04} {:04} {:04} {:04}".
-            text.clear();
             for group in 0..4 {
                 if group > 0 {
-                    text.push(' ');
+                    card.push_str(" ");
                 }
                 let digits: i32 = rng.gen_range(0..10000);
-                for place in [1000, 100, 10, 1] {
-                    text.push(char::from(b'0' + (digits / place % 10) as u8));
-                }
+                card.push_digits(digits as u32, 4);
             }
-            card.append_value(&text);
-            size += text.len();
 
-            let home = &self.cities[choose(rng, self.cities.len())];
-            let home_state = &self.states[choose(rng, self.states.len())];
-            city.append_value(home);
-            state.append_value(home_state);
-            size += home.len() + home_state.len();
+            city.push_str(&self.cities[choose(rng, self.cities.len())]);
+            state.push_str(&self.states[choose(rng, self.states.len())]);
 
-            text.clear();
-            push_extra(rng, size, self.avg_person_byte_size, &mut text);
-            extra.append_value(&text);
+            let size = 8 + [&name, &email, &card, &city, &state].iter().map(|c| c.value_len()).sum::<usize>();
+            extra.push_extra(rng, size, self.avg_person_byte_size);
+            for column in [&mut name, &mut email, &mut card, &mut city, &mut state, &mut extra] {
+                column.end_value();
+            }
         }
-        vec![
+        Ok(vec![
             Arc::new(Int64Array::from(ids)),
-            Arc::new(name.finish()),
-            Arc::new(email.finish()),
-            Arc::new(card.finish()),
-            Arc::new(city.finish()),
-            Arc::new(state.finish()),
+            name.finish()?,
+            email.finish()?,
+            card.finish()?,
+            city.finish()?,
+            state.finish()?,
             Arc::new(TimestampMillisecondArray::from(times)),
-            Arc::new(extra.finish()),
-        ]
+            extra.finish()?,
+        ])
     }
 
-    fn auctions(&self, offset: u64, n: usize) -> Vec<ArrayRef> {
+    fn auctions(&self, offset: u64, n: usize) -> Result<Vec<ArrayRef>> {
         // Id, item name (20 letters), description (100 letters) and five numbers.
         const SIZE: usize = 8 + 20 + 100 + 8 + 8 + 8 + 8 + 8;
         let mut ids = Vec::with_capacity(n);
-        let mut item_name = StringBuilder::with_capacity(n, n * 20);
-        let mut description = StringBuilder::with_capacity(n, n * 100);
+        let mut item_name = TextColumn::with_capacity(n, 20);
+        let mut description = TextColumn::with_capacity(n, 100);
         let mut initial_bids = Vec::with_capacity(n);
         let mut reserves = Vec::with_capacity(n);
         let mut times = Vec::with_capacity(n);
         let mut expires = Vec::with_capacity(n);
         let mut sellers = Vec::with_capacity(n);
         let mut categories = Vec::with_capacity(n);
-        let mut extra = StringBuilder::with_capacity(n, n * self.avg_auction_byte_size.saturating_sub(SIZE));
-        let mut text = String::with_capacity(self.avg_auction_byte_size);
+        let mut extra = TextColumn::with_capacity(n, self.avg_auction_byte_size.saturating_sub(SIZE));
         for i in 0..n as u64 {
             let event_number = self.event_number(offset + i);
             let event_id = self.first_event_id + event_number;
@@ -266,12 +253,10 @@ impl NexmarkColumns {
             ids.push(int(self.last_auction_id(event_id) + self.first_auction_id));
             times.push(int(time));
 
-            text.clear();
-            push_letters(rng, 20, &mut text);
-            item_name.append_value(&text);
-            text.clear();
-            push_letters(rng, 100, &mut text);
-            description.append_value(&text);
+            item_name.push_letters(rng, 20);
+            item_name.end_value();
+            description.push_letters(rng, 100);
+            description.end_value();
 
             let initial_bid = price(rng);
             initial_bids.push(int(initial_bid));
@@ -289,36 +274,34 @@ impl NexmarkColumns {
             sellers.push(int(seller + self.first_person_id));
             categories.push(int(self.first_category_id + rng.gen_range(0..self.num_categories)));
 
-            text.clear();
-            push_extra(rng, SIZE, self.avg_auction_byte_size, &mut text);
-            extra.append_value(&text);
+            extra.push_extra(rng, SIZE, self.avg_auction_byte_size);
+            extra.end_value();
         }
-        vec![
+        Ok(vec![
             Arc::new(Int64Array::from(ids)),
-            Arc::new(item_name.finish()),
-            Arc::new(description.finish()),
+            item_name.finish()?,
+            description.finish()?,
             Arc::new(Int64Array::from(initial_bids)),
             Arc::new(Int64Array::from(reserves)),
             Arc::new(TimestampMillisecondArray::from(times)),
             Arc::new(TimestampMillisecondArray::from(expires)),
             Arc::new(Int64Array::from(sellers)),
             Arc::new(Int64Array::from(categories)),
-            Arc::new(extra.finish()),
-        ]
+            extra.finish()?,
+        ])
     }
 
-    fn bids(&self, offset: u64, n: usize) -> Vec<ArrayRef> {
+    fn bids(&self, offset: u64, n: usize) -> Result<Vec<ArrayRef>> {
         // Auction, bidder, price and time.
         const SIZE: usize = 8 + 8 + 8 + 8;
         let channels = channels();
         let mut auctions = Vec::with_capacity(n);
         let mut bidders = Vec::with_capacity(n);
         let mut prices = Vec::with_capacity(n);
-        let mut channel = StringBuilder::with_capacity(n, n * 12);
-        let mut url = StringBuilder::with_capacity(n, n * 80);
+        let mut channel = TextColumn::with_capacity(n, 12);
+        let mut url = TextColumn::with_capacity(n, 80);
         let mut times = Vec::with_capacity(n);
-        let mut extra = StringBuilder::with_capacity(n, n * self.avg_bid_byte_size.saturating_sub(SIZE));
-        let mut text = String::with_capacity(self.avg_bid_byte_size);
+        let mut extra = TextColumn::with_capacity(n, self.avg_bid_byte_size.saturating_sub(SIZE));
         for i in 0..n as u64 {
             let event_number = self.event_number(offset + i);
             let event_id = self.first_event_id + event_number;
@@ -346,22 +329,94 @@ impl NexmarkColumns {
             } else {
                 &channels[choose(rng, channels.len())]
             };
-            channel.append_value(name);
-            url.append_value(address);
+            channel.push_str(name);
+            channel.end_value();
+            url.push_str(address);
+            url.end_value();
 
-            text.clear();
-            push_extra(rng, SIZE, self.avg_bid_byte_size, &mut text);
-            extra.append_value(&text);
+            extra.push_extra(rng, SIZE, self.avg_bid_byte_size);
+            extra.end_value();
         }
-        vec![
+        Ok(vec![
             Arc::new(Int64Array::from(auctions)),
             Arc::new(Int64Array::from(bidders)),
             Arc::new(Int64Array::from(prices)),
-            Arc::new(channel.finish()),
-            Arc::new(url.finish()),
+            channel.finish()?,
+            url.finish()?,
             Arc::new(TimestampMillisecondArray::from(times)),
-            Arc::new(extra.finish()),
-        ]
+            extra.finish()?,
+        ])
+    }
+}
+
+/// A string column being written: its bytes and value offsets. Cheaper than a
+/// `StringBuilder` for values written a letter at a time: the letters go into a plain
+/// byte vector, and UTF-8 is checked once per column in [`TextColumn::finish`].
+struct TextColumn {
+    values: Vec<u8>,
+    /// Where each finished value ends (the first offset is 0).
+    offsets: Vec<i32>,
+    /// Where the value being written starts.
+    start: usize,
+}
+
+impl TextColumn {
+    /// Room for `n` values of about `average` bytes.
+    fn with_capacity(n: usize, average: usize) -> TextColumn {
+        let mut offsets = Vec::with_capacity(n + 1);
+        offsets.push(0);
+        TextColumn { values: Vec::with_capacity(n * average), offsets, start: 0 }
+    }
+
+    fn push_str(&mut self, text: &str) {
+        self.values.extend_from_slice(text.as_bytes());
+    }
+
+    /// `len` random lowercase letters.
+    fn push_letters(&mut self, rng: &mut SmallRng, len: usize) {
+        self.values.extend((0..len).map(|_| rng.gen_range(b'a'..=b'z')));
+    }
+
+    /// `value` in decimal, zero-padded to `width` digits.
+    fn push_digits(&mut self, value: u32, width: u32) {
+        for place in (0..width).rev() {
+            self.values.push(b'0' + (value / 10u32.pow(place) % 10) as u8);
+        }
+    }
+
+    /// The `extra` padding that brings an event of `size` bytes to `average` bytes on
+    /// average: letters, within 20% either side of the missing size.
+    fn push_extra(&mut self, rng: &mut SmallRng, size: usize, average: usize) {
+        if size > average {
+            return;
+        }
+        let missing = average - size;
+        let delta = (missing + 2) / 5;
+        let len = missing - delta + if delta == 0 { 0 } else { rng.gen_range(0..2 * delta) };
+        self.push_letters(rng, len);
+    }
+
+    /// Bytes written to the current value so far.
+    fn value_len(&self) -> usize {
+        self.values.len() - self.start
+    }
+
+    /// Ends the current value; what is written next starts a new one.
+    fn end_value(&mut self) {
+        self.start = self.values.len();
+        // Lengths past i32::MAX are refused in `finish`, so no offset is ever cut short.
+        self.offsets.push(self.start as i32);
+    }
+
+    fn finish(self) -> Result<ArrayRef> {
+        if i32::try_from(self.values.len()).is_err() {
+            return Err(Error::Internal(format!(
+                "a nexmark batch of {} events has more than 2 GiB in one string column",
+                self.offsets.len() - 1
+            )));
+        }
+        let offsets = OffsetBuffer::new(ScalarBuffer::from(self.offsets));
+        Ok(Arc::new(StringArray::try_new(offsets, Buffer::from_vec(self.values), None)?))
     }
 }
 
@@ -373,26 +428,6 @@ fn int<T: TryInto<i64>>(value: T) -> i64 {
 /// The index `SliceRandom::choose` picks in a slice of `len` (not empty) elements.
 fn choose(rng: &mut SmallRng, len: usize) -> usize {
     rng.gen_range(0..len as u32) as usize
-}
-
-/// `len` random lowercase letters.
-fn push_letters(rng: &mut SmallRng, len: usize, out: &mut String) {
-    out.reserve(len);
-    for _ in 0..len {
-        out.push(char::from(rng.gen_range(b'a'..=b'z')));
-    }
-}
-
-/// The `extra` padding that brings an event of `size` bytes to `average` bytes on
-/// average: letters, within 20% either side of the missing size.
-fn push_extra(rng: &mut SmallRng, size: usize, average: usize, out: &mut String) {
-    if size > average {
-        return;
-    }
-    let missing = average - size;
-    let delta = (missing + 2) / 5;
-    let len = missing - delta + if delta == 0 { 0 } else { rng.gen_range(0..2 * delta) };
-    push_letters(rng, len, out);
 }
 
 /// A price in cents, log-uniform from $1 to $1,000,000 (rounded as the crate rounds, in
@@ -443,7 +478,7 @@ fn base_url(seed: u64) -> String {
 
 #[cfg(test)]
 pub(super) mod tests {
-    use datafusion::arrow::array::{Array, Int64Builder, TimestampMillisecondBuilder};
+    use datafusion::arrow::array::{Array, Int64Builder, StringBuilder, TimestampMillisecondBuilder};
     use datafusion::arrow::util::display::array_value_to_string;
     use nexmark::event::Event;
 
@@ -549,7 +584,7 @@ pub(super) mod tests {
         ];
         for kind in [EventType::Bid, EventType::Auction, EventType::Person] {
             for (name, config, offset) in &cases {
-                let ours = NexmarkColumns::new(config, kind).columns(*offset, 20_000);
+                let ours = NexmarkColumns::new(config, kind).columns(*offset, 20_000).expect("columns");
                 let theirs = crate_columns(config.clone(), kind, *offset, 20_000);
                 assert_same(&ours, &theirs, kind, &format!("{name}, from offset {offset}"));
             }
@@ -566,7 +601,7 @@ pub(super) mod tests {
             for len in [1, 12_344, 8192, 9463] {
                 let slices: Vec<ArrayRef> = theirs.iter().map(|c| c.slice(start, len)).collect();
                 let case = format!("events {start}..{}", start + len);
-                assert_same(&columns.columns(start as u64, len), &slices, kind, &case);
+                assert_same(&columns.columns(start as u64, len).expect("columns"), &slices, kind, &case);
                 start += len;
             }
             assert_eq!(start, 30_000);
