@@ -2,12 +2,11 @@
 //!
 //! [`NexmarkColumns`] produces the person, auction and bid columns that the `nexmark`
 //! crate's `EventGenerator` (with a type filter and an offset) yields for the same
-//! `NexmarkConfig`, value for value: every event seeds a generator with its event id as
-//! the crate does (`rand` 0.8's `SmallRng`, replicated here as [`EventRng`]) and draws the
-//! same values in the same order. What it leaves out is the crate's cost per row: no
-//! `Event` with owned Strings, no `format!`, no cloned channel and url; the config's
-//! tables are prepared once, strings go straight into one byte buffer per column, and the
-//! `extra` padding letters of several events are drawn side by side ([`PendingLetters`]).
+//! `NexmarkConfig`, value for value: every event seeds `SmallRng` with its event id, as the
+//! crate does, and draws the same values in the same order, with the same `rand` 0.8
+//! samplers. What it leaves out is the crate's cost per row: no `Event` with owned
+//! Strings, no `format!`, no cloned channel and url; the config's tables are prepared once
+//! and strings go straight into the column builders.
 //!
 //! It must not change a draw: moving, adding or skipping one changes every later value of
 //! that event. The tests below compare every column with the crate's own events.
@@ -22,6 +21,8 @@ use datafusion::arrow::array::{ArrayRef, Int64Array, StringArray, TimestampMilli
 use datafusion::arrow::buffer::{Buffer, OffsetBuffer, ScalarBuffer};
 use nexmark::config::NexmarkConfig;
 use nexmark::event::EventType;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
 
@@ -163,17 +164,17 @@ impl NexmarkColumns {
     }
 
     /// A random recent person id (from 0).
-    fn next_person_id(&self, event_id: usize, rng: &mut EventRng) -> usize {
+    fn next_person_id(&self, event_id: usize, rng: &mut SmallRng) -> usize {
         let people = self.last_person_id(event_id) + 1;
         let active = people.min(self.active_people);
-        people - active + rng.below(active + self.person_id_lead)
+        people - active + rng.gen_range(0..active + self.person_id_lead)
     }
 
     /// A random in-flight auction id (from 0).
-    fn next_auction_id(&self, event_id: usize, rng: &mut EventRng) -> usize {
+    fn next_auction_id(&self, event_id: usize, rng: &mut SmallRng) -> usize {
         let max_auction = self.last_auction_id(event_id);
         let min_auction = max_auction.saturating_sub(self.in_flight_auctions);
-        min_auction + rng.below(max_auction - min_auction + 1 + self.auction_id_lead)
+        min_auction + rng.gen_range(0..max_auction - min_auction + 1 + self.auction_id_lead)
     }
 
     fn people(&self, offset: u64, n: usize) -> Result<Vec<ArrayRef>> {
@@ -185,11 +186,10 @@ impl NexmarkColumns {
         let mut city = TextColumn::with_capacity(n, 8);
         let mut state = TextColumn::with_capacity(n, 2);
         let mut extra = TextColumn::with_capacity(n, self.avg_person_byte_size.saturating_sub(60));
-        let mut extras = PendingLetters::new();
         for i in 0..n as u64 {
             let event_number = self.event_number(offset + i);
             let event_id = self.first_event_id + event_number;
-            let rng = &mut EventRng::seeded(event_id as u64);
+            let rng = &mut SmallRng::seed_from_u64(event_id as u64);
             ids.push(int(self.last_person_id(event_id) + self.first_person_id));
             times.push(int(self.timestamp(event_number)));
 
@@ -207,21 +207,19 @@ impl NexmarkColumns {
                 if group > 0 {
                     card.push_str(" ");
                 }
-                let digits = rng.below_u32(10000);
-                card.push_digits(digits, 4);
+                let digits: i32 = rng.gen_range(0..10000);
+                card.push_digits(digits as u32, 4);
             }
 
             city.push_str(&self.cities[choose(rng, self.cities.len())]);
             state.push_str(&self.states[choose(rng, self.states.len())]);
 
             let size = 8 + [&name, &email, &card, &city, &state].iter().map(|c| c.value_len()).sum::<usize>();
-            let len = extra_len(rng, size, self.avg_person_byte_size);
-            extras.push(rng, len, &mut extra);
-            for column in [&mut name, &mut email, &mut card, &mut city, &mut state] {
+            extra.push_extra(rng, size, self.avg_person_byte_size);
+            for column in [&mut name, &mut email, &mut card, &mut city, &mut state, &mut extra] {
                 column.end_value();
             }
         }
-        extras.flush(&mut extra);
         Ok(vec![
             Arc::new(Int64Array::from(ids)),
             name.finish()?,
@@ -247,11 +245,10 @@ impl NexmarkColumns {
         let mut sellers = Vec::with_capacity(n);
         let mut categories = Vec::with_capacity(n);
         let mut extra = TextColumn::with_capacity(n, self.avg_auction_byte_size.saturating_sub(SIZE));
-        let mut extras = PendingLetters::new();
         for i in 0..n as u64 {
             let event_number = self.event_number(offset + i);
             let event_id = self.first_event_id + event_number;
-            let rng = &mut EventRng::seeded(event_id as u64);
+            let rng = &mut SmallRng::seed_from_u64(event_id as u64);
             let time = self.timestamp(event_number);
             ids.push(int(self.last_auction_id(event_id) + self.first_auction_id));
             times.push(int(time));
@@ -266,21 +263,20 @@ impl NexmarkColumns {
             reserves.push(int(initial_bid + price(rng)));
 
             let horizon = self.timestamp(event_number + self.events_for_auctions) - time;
-            expires.push(int(time + 1 + rng.below_u64((horizon * 2).max(1))));
+            expires.push(int(time + 1 + rng.gen_range(0..(horizon * 2).max(1))));
 
             // Most auctions are by the hot seller of the latest block of people.
-            let seller = if rng.below(self.hot_seller_ratio) > 0 {
+            let seller = if rng.gen_range(0..self.hot_seller_ratio) > 0 {
                 self.last_person_id(event_id) / HOT_BLOCK * HOT_BLOCK
             } else {
                 self.next_person_id(event_id, rng)
             };
             sellers.push(int(seller + self.first_person_id));
-            categories.push(int(self.first_category_id + rng.below(self.num_categories)));
+            categories.push(int(self.first_category_id + rng.gen_range(0..self.num_categories)));
 
-            let len = extra_len(rng, SIZE, self.avg_auction_byte_size);
-            extras.push(rng, len, &mut extra);
+            extra.push_extra(rng, SIZE, self.avg_auction_byte_size);
+            extra.end_value();
         }
-        extras.flush(&mut extra);
         Ok(vec![
             Arc::new(Int64Array::from(ids)),
             item_name.finish()?,
@@ -306,22 +302,21 @@ impl NexmarkColumns {
         let mut url = TextColumn::with_capacity(n, 80);
         let mut times = Vec::with_capacity(n);
         let mut extra = TextColumn::with_capacity(n, self.avg_bid_byte_size.saturating_sub(SIZE));
-        let mut extras = PendingLetters::new();
         for i in 0..n as u64 {
             let event_number = self.event_number(offset + i);
             let event_id = self.first_event_id + event_number;
-            let rng = &mut EventRng::seeded(event_id as u64);
+            let rng = &mut SmallRng::seed_from_u64(event_id as u64);
             times.push(int(self.timestamp(event_number)));
 
             // Most bids are for the hot auction of the latest block of auctions, and by
             // the hot bidder (the block's second person) of the latest block of people.
-            let auction = if 0 < rng.below(self.hot_auction_ratio) {
+            let auction = if 0 < rng.gen_range(0..self.hot_auction_ratio) {
                 self.last_auction_id(event_id) / HOT_BLOCK * HOT_BLOCK
             } else {
                 self.next_auction_id(event_id, rng)
             };
             auctions.push(int(auction + self.first_auction_id));
-            let bidder = if 0 < rng.below(self.hot_bidder_ratio) {
+            let bidder = if 0 < rng.gen_range(0..self.hot_bidder_ratio) {
                 self.last_person_id(event_id) / HOT_BLOCK * HOT_BLOCK + 1
             } else {
                 self.next_person_id(event_id, rng)
@@ -329,8 +324,8 @@ impl NexmarkColumns {
             bidders.push(int(bidder + self.first_person_id));
             prices.push(int(price(rng)));
 
-            let (name, address) = if rng.below(self.hot_channel_ratio) > 0 {
-                &self.hot_channels[rng.below(self.hot_channels.len())]
+            let (name, address) = if rng.gen_range(0..self.hot_channel_ratio) > 0 {
+                &self.hot_channels[rng.gen_range(0..self.hot_channels.len())]
             } else {
                 &channels[choose(rng, channels.len())]
             };
@@ -339,10 +334,9 @@ impl NexmarkColumns {
             url.push_str(address);
             url.end_value();
 
-            let len = extra_len(rng, SIZE, self.avg_bid_byte_size);
-            extras.push(rng, len, &mut extra);
+            extra.push_extra(rng, SIZE, self.avg_bid_byte_size);
+            extra.end_value();
         }
-        extras.flush(&mut extra);
         Ok(vec![
             Arc::new(Int64Array::from(auctions)),
             Arc::new(Int64Array::from(bidders)),
@@ -379,8 +373,8 @@ impl TextColumn {
     }
 
     /// `len` random lowercase letters.
-    fn push_letters(&mut self, rng: &mut EventRng, len: usize) {
-        self.values.extend((0..len).map(|_| rng.letter()));
+    fn push_letters(&mut self, rng: &mut SmallRng, len: usize) {
+        self.values.extend((0..len).map(|_| rng.gen_range(b'a'..=b'z')));
     }
 
     /// `value` in decimal, zero-padded to `width` digits.
@@ -388,6 +382,18 @@ impl TextColumn {
         for place in (0..width).rev() {
             self.values.push(b'0' + (value / 10u32.pow(place) % 10) as u8);
         }
+    }
+
+    /// The `extra` padding that brings an event of `size` bytes to `average` bytes on
+    /// average: letters, within 20% either side of the missing size.
+    fn push_extra(&mut self, rng: &mut SmallRng, size: usize, average: usize) {
+        if size > average {
+            return;
+        }
+        let missing = average - size;
+        let delta = (missing + 2) / 5;
+        let len = missing - delta + if delta == 0 { 0 } else { rng.gen_range(0..2 * delta) };
+        self.push_letters(rng, len);
     }
 
     /// Bytes written to the current value so far.
@@ -414,220 +420,20 @@ impl TextColumn {
     }
 }
 
-/// How many `extra` letters pad an event of `size` bytes to `average` bytes on average:
-/// the missing size, give or take 20%.
-fn extra_len(rng: &mut EventRng, size: usize, average: usize) -> usize {
-    if size > average {
-        return 0;
-    }
-    let missing = average - size;
-    let delta = (missing + 2) / 5;
-    missing - delta + if delta == 0 { 0 } else { rng.below(2 * delta) }
-}
-
-/// How many events' letters [`PendingLetters`] draws side by side.
-const LANES: usize = 4;
-
-/// Events whose `extra` letters are still to be drawn. Each event's letters come from its
-/// own generator, so the letters of [`LANES`] events can be drawn side by side: one
-/// xoshiro step per lane in each round, which the compiler turns into vector
-/// instructions. Drawing letters one event at a time is the cost that dominates Nexmark
-/// generation otherwise (about 70 letters per bid, 330 per auction).
-struct PendingLetters {
-    /// Each queued event's generator, positioned at its first letter.
-    rngs: [EventRng; LANES],
-    lens: [usize; LANES],
-    queued: usize,
-    /// Round `j`'s letter of every lane.
-    rounds: Vec<[u8; LANES]>,
-}
-
-impl PendingLetters {
-    fn new() -> PendingLetters {
-        PendingLetters {
-            rngs: std::array::from_fn(|_| EventRng { s: [0; 4] }),
-            lens: [0; LANES],
-            queued: 0,
-            rounds: Vec::new(),
-        }
-    }
-
-    /// Queues `len` letters drawn from `rng` as the next value of `column`; they are
-    /// written, in queue order, once `LANES` are queued or on [`PendingLetters::flush`].
-    fn push(&mut self, rng: &EventRng, len: usize, column: &mut TextColumn) {
-        self.rngs[self.queued] = rng.clone();
-        self.lens[self.queued] = len;
-        self.queued += 1;
-        if self.queued == LANES {
-            self.flush(column);
-        }
-    }
-
-    /// Draws the queued events' letters and writes them to `column`, one value each.
-    fn flush(&mut self, column: &mut TextColumn) {
-        let queued = self.queued;
-        if queued == 0 {
-            return;
-        }
-        self.lens[queued..].fill(0);
-        let longest = self.lens.iter().copied().max().unwrap_or(0);
-        self.rounds.clear();
-        self.rounds.resize(longest, [0; LANES]);
-        // State word `w` of lane `l` is `s[w][l]`, so each step is a few whole-array ops.
-        let mut s: [[u64; LANES]; 4] = std::array::from_fn(|w| std::array::from_fn(|l| self.rngs[l].s[w]));
-        // A lane with a letter to redraw (about 5 in a billion draws) is drawn again on its own.
-        let mut redraw = [false; LANES];
-        for (j, round) in self.rounds.iter_mut().enumerate() {
-            let mut out = [0u64; LANES];
-            for l in 0..LANES {
-                out[l] = s[0][l].wrapping_add(s[3][l]).rotate_left(23).wrapping_add(s[0][l]);
-                let t = s[1][l] << 17;
-                s[2][l] ^= s[0][l];
-                s[3][l] ^= s[1][l];
-                s[1][l] ^= s[2][l];
-                s[0][l] ^= s[3][l];
-                s[2][l] ^= t;
-                s[3][l] = s[3][l].rotate_left(45);
-            }
-            for l in 0..LANES {
-                let product = (out[l] >> 32) * 26;
-                redraw[l] |= (product as u32 > LETTER_ZONE) & (j < self.lens[l]);
-                round[l] = b'a' + (product >> 32) as u8;
-            }
-        }
-        for l in 0..queued {
-            if redraw[l] {
-                column.push_letters(&mut self.rngs[l], self.lens[l]);
-            } else {
-                column.values.extend(self.rounds[..self.lens[l]].iter().map(|round| round[l]));
-            }
-            column.end_value();
-        }
-        self.queued = 0;
-    }
-}
-
 /// A column value: ids, prices and times fit an i64 by far; saturate rather than wrap.
 fn int<T: TryInto<i64>>(value: T) -> i64 {
     value.try_into().unwrap_or(i64::MAX)
 }
 
-/// The random numbers of one event: `rand` 0.8's `SmallRng` (xoshiro256++) seeded with
-/// the event id, and `rand` 0.8's ways of drawing from it, which the `nexmark` crate uses.
-/// Its own copy rather than `SmallRng` itself because the letter lanes below need the
-/// state; the tests check it against `SmallRng` draw for draw.
-#[derive(Clone)]
-struct EventRng {
-    s: [u64; 4],
-}
-
-/// Of the 2^32 values `letter` draws from, those above this are redrawn, so that each of
-/// the 26 letters is equally likely (`rand`'s exact zone for 8-bit ranges).
-const LETTER_ZONE: u32 = u32::MAX - ((1u64 << 32) % 26) as u32;
-
-impl EventRng {
-    /// `SmallRng::seed_from_u64(seed)`: `SmallRng` keeps `rand_core`'s default, eight
-    /// PCG32 outputs (little-endian pairs make the four state words).
-    fn seeded(mut seed: u64) -> EventRng {
-        let mut pcg32 = || {
-            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(11_634_580_027_462_260_723);
-            let xorshifted = (((seed >> 18) ^ seed) >> 27) as u32;
-            u64::from(xorshifted.rotate_right((seed >> 59) as u32))
-        };
-        let s = std::array::from_fn(|_| {
-            let low = pcg32();
-            low | pcg32() << 32
-        });
-        // xoshiro refuses the all-zero state (it would only yield zeros) and seeds itself
-        // from 0 with SplitMix64 instead.
-        if s == [0; 4] {
-            return EventRng::from_split_mix(0);
-        }
-        EventRng { s }
-    }
-
-    /// xoshiro256++'s own `seed_from_u64`: four SplitMix64 outputs.
-    fn from_split_mix(mut seed: u64) -> EventRng {
-        EventRng {
-            s: std::array::from_fn(|_| {
-                seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-                let mut z = seed;
-                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-                z ^ (z >> 31)
-            }),
-        }
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        let s = &mut self.s;
-        let result = s[0].wrapping_add(s[3]).rotate_left(23).wrapping_add(s[0]);
-        let t = s[1] << 17;
-        s[2] ^= s[0];
-        s[3] ^= s[1];
-        s[1] ^= s[2];
-        s[0] ^= s[3];
-        s[2] ^= t;
-        s[3] = s[3].rotate_left(45);
-        result
-    }
-
-    fn next_u32(&mut self) -> u32 {
-        (self.next_u64() >> 32) as u32
-    }
-
-    /// `gen_range(0..range)` for a 32-bit type (i32, u32; `choose`): multiply and keep
-    /// the high half, redrawing low halves above rand's conservative zone.
-    fn below_u32(&mut self, range: u32) -> u32 {
-        let zone = (range << range.leading_zeros()).wrapping_sub(1);
-        loop {
-            let product = u64::from(self.next_u32()) * u64::from(range);
-            if product as u32 <= zone {
-                return (product >> 32) as u32;
-            }
-        }
-    }
-
-    /// `gen_range(0..range)` for u64 (and usize, 64 bits wide where freshet runs).
-    fn below_u64(&mut self, range: u64) -> u64 {
-        let zone = (range << range.leading_zeros()).wrapping_sub(1);
-        loop {
-            let product = u128::from(self.next_u64()) * u128::from(range);
-            if product as u64 <= zone {
-                return (product >> 64) as u64;
-            }
-        }
-    }
-
-    fn below(&mut self, range: usize) -> usize {
-        self.below_u64(range as u64) as usize
-    }
-
-    /// `gen_range(b'a'..=b'z')`.
-    fn letter(&mut self) -> u8 {
-        loop {
-            let product = u64::from(self.next_u32()) * 26;
-            if product as u32 <= LETTER_ZONE {
-                return b'a' + (product >> 32) as u8;
-            }
-        }
-    }
-
-    /// `gen::<f32>()`: 24 random bits in [0, 1).
-    fn unit_f32(&mut self) -> f32 {
-        (self.next_u32() >> 8) as f32 * (1.0 / (1u32 << 24) as f32)
-    }
-}
-
 /// The index `SliceRandom::choose` picks in a slice of `len` (not empty) elements.
-fn choose(rng: &mut EventRng, len: usize) -> usize {
-    rng.below_u32(len as u32) as usize
+fn choose(rng: &mut SmallRng, len: usize) -> usize {
+    rng.gen_range(0..len as u32) as usize
 }
 
 /// A price in cents, log-uniform from $1 to $1,000,000 (rounded as the crate rounds, in
 /// f32).
-fn price(rng: &mut EventRng) -> usize {
-    (10.0_f32.powf(rng.unit_f32() * 6.0) * 100.0).round() as usize
+fn price(rng: &mut SmallRng) -> usize {
+    (10.0_f32.powf(rng.r#gen::<f32>() * 6.0) * 100.0).round() as usize
 }
 
 /// The crate's channel map: `channel-{i}` and its url, for i below [`CHANNELS`]; built
@@ -639,8 +445,8 @@ fn channels() -> &'static [(String, String)] {
             .map(|i| {
                 let mut url = base_url(i as u64);
                 // Nine in ten channels carry their id in the url.
-                let mut rng = EventRng::seeded(i as u64);
-                if rng.below_u32(10) > 0 {
+                let mut rng = SmallRng::seed_from_u64(i as u64);
+                if rng.gen_range(0..10) > 0 {
                     url.push_str("&channel_id=");
                     url.push_str(&i64::abs((i as i32).reverse_bits() as i64).to_string());
                 }
@@ -652,17 +458,17 @@ fn channels() -> &'static [(String, String)] {
 
 /// An item url with three random path segments, from `seed`.
 fn base_url(seed: u64) -> String {
-    let mut rng = EventRng::seeded(seed);
+    let mut rng = SmallRng::seed_from_u64(seed);
     let mut url = String::from("https://www.nexmark.com");
     for _ in 0..3 {
         url.push('/');
         // 3 or 4 characters, each a letter or (one in 13) an underscore.
-        let len = 3 + rng.below(2);
+        let len = rng.gen_range(3..5usize);
         for _ in 0..len {
-            if rng.below_u32(13) == 0 {
+            if rng.gen_range(0..13) == 0 {
                 url.push('_');
             } else {
-                url.push(char::from(rng.letter()));
+                url.push(char::from(rng.gen_range(b'a'..=b'z')));
             }
         }
     }
@@ -676,61 +482,8 @@ pub(super) mod tests {
     use datafusion::arrow::util::display::array_value_to_string;
     use nexmark::event::Event;
 
-    use rand::rngs::SmallRng;
-    use rand::{Rng, SeedableRng};
-
     use super::*;
     use crate::connectors::generator::{GeneratorKind, GeneratorSpec};
-
-    #[test]
-    fn event_rng_draws_what_small_rng_draws() {
-        for seed in (0..2_000).chain([u64::MAX, 1 << 40, 0x9e37_79b9_7f4a_7c15]) {
-            let (mut ours, mut theirs) = (EventRng::seeded(seed), SmallRng::seed_from_u64(seed));
-            for round in 0..50usize {
-                let range = 1 + round * round * 7919;
-                assert_eq!(ours.below(range), theirs.gen_range(0..range), "seed {seed}");
-                assert_eq!(ours.below_u64(range as u64 * 1_000_003), theirs.gen_range(0..range as u64 * 1_000_003));
-                assert_eq!(ours.below_u32(10_000) as i32, theirs.gen_range(0..10_000), "seed {seed}");
-                assert_eq!(ours.below_u32(13) as i32, theirs.gen_range(0..13), "seed {seed}");
-                assert_eq!(ours.below_u32(round as u32 + 1), theirs.gen_range(0..round as u32 + 1), "seed {seed}");
-                assert_eq!(ours.letter(), theirs.gen_range(b'a'..=b'z'), "seed {seed}");
-                assert_eq!(ours.unit_f32().to_bits(), theirs.r#gen::<f32>().to_bits(), "seed {seed}");
-            }
-        }
-    }
-
-    #[test]
-    fn letters_drawn_side_by_side_equal_letters_drawn_one_event_at_a_time() {
-        // A state whose first draw falls outside the letter zone, so `letter` draws again:
-        // with s[0] = 0 the output is s[3] rotated left by 23, and 165_191_049 * 26 is
-        // 2^32 - 22, just past the zone.
-        let redrawn =
-            EventRng { s: [0, 0x1234_5678_9abc_def0, 0x0fed_cba9_8765_4321, (165_191_049u64 << 32).rotate_right(23)] };
-        let mut twice = redrawn.clone();
-        twice.next_u64();
-        twice.next_u64();
-        let mut once = redrawn.clone();
-        once.letter();
-        assert_eq!(once.s, twice.s, "the first draw of this state is redrawn");
-
-        for (rngs, lens) in [
-            (vec![EventRng::seeded(1), EventRng::seeded(2), redrawn.clone(), EventRng::seeded(3)], vec![68, 0, 70, 1]),
-            (vec![redrawn.clone(), EventRng::seeded(7)], vec![3, 400]),
-            (vec![EventRng::seeded(9); 9], vec![5, 6, 7, 8, 9, 10, 11, 12, 13]),
-        ] {
-            let (mut side_by_side, mut one_by_one) = (TextColumn::with_capacity(0, 0), TextColumn::with_capacity(0, 0));
-            let mut pending = PendingLetters::new();
-            for (rng, &len) in rngs.iter().zip(&lens) {
-                pending.push(rng, len, &mut side_by_side);
-                one_by_one.push_letters(&mut rng.clone(), len);
-                one_by_one.end_value();
-            }
-            pending.flush(&mut side_by_side);
-            let (side_by_side, one_by_one) =
-                (side_by_side.finish().expect("utf-8"), one_by_one.finish().expect("utf-8"));
-            assert_eq!(&side_by_side, &one_by_one, "{lens:?}");
-        }
-    }
 
     /// The columns of the crate's own events: this kind's events `offset .. offset + n`.
     pub(in crate::connectors) fn crate_columns(
