@@ -2,8 +2,9 @@
 //! generator is always the same row, so a generator resumes at any position and two runs
 //! with the same options produce the same data.
 //!
-//! - `nexmark` (`kind = 'bid' | 'auction' | 'person'`): the Nexmark benchmark's events, from
-//!   the `nexmark` crate, with the columns of the Flink/RisingWave Nexmark setups.
+//! - `nexmark` (`kind = 'bid' | 'auction' | 'person'`): the Nexmark benchmark's events, the
+//!   same values as the `nexmark` crate's generator but written straight into Arrow columns
+//!   (`super::nexmark_columns`), with the columns of the Flink/RisingWave Nexmark setups.
 //! - `telemetry`: devices reporting timestamp, device id, temperature, vibration and
 //!   pressure once per second of event time, with a fraction of labelled anomalies.
 //!
@@ -19,13 +20,12 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{
-    ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, StringBuilder, TimestampMillisecondBuilder,
-};
+use datafusion::arrow::array::{ArrayRef, BooleanBuilder, Float64Builder, StringBuilder, TimestampMillisecondBuilder};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::arrow::record_batch::RecordBatch;
-use nexmark::event::{Event, EventType};
+use nexmark::event::EventType;
 
+use super::nexmark_columns::NexmarkColumns;
 use super::{Options, number, option_error};
 use crate::error::Result;
 
@@ -200,10 +200,7 @@ impl GeneratorSpec {
                     next_rate: self.nexmark_event_rate(),
                     ..Default::default()
                 };
-                Events::Nexmark(
-                    Box::new(nexmark::EventGenerator::new(config).with_type_filter(kind).with_offset(position)),
-                    kind,
-                )
+                Events::Nexmark(Box::new(NexmarkColumns::new(&config, kind)))
             }
             GeneratorKind::Telemetry { devices, seed, anomaly_rate } => {
                 Events::Telemetry { devices, seed, anomaly_rate, base_time: self.base_time }
@@ -222,14 +219,10 @@ pub struct Generator {
 
 /// Where a generator's events come from.
 enum Events {
-    Nexmark(Box<nexmark::EventGenerator>, EventType),
+    /// Nexmark events are a pure function of the kind's offset, too.
+    Nexmark(Box<NexmarkColumns>),
     /// Telemetry is a pure function of the event number.
-    Telemetry {
-        devices: u64,
-        seed: u64,
-        anomaly_rate: f64,
-        base_time: i64,
-    },
+    Telemetry { devices: u64, seed: u64, anomaly_rate: f64, base_time: i64 },
 }
 
 impl Generator {
@@ -245,67 +238,13 @@ impl Generator {
     /// The next `n` events.
     pub fn next_batch(&mut self, n: usize) -> Result<RecordBatch> {
         let columns = match &mut self.events {
-            Events::Nexmark(events, kind) => nexmark_columns(events, *kind, n),
+            Events::Nexmark(events) => events.columns(self.position, n)?,
             Events::Telemetry { devices, seed, anomaly_rate, base_time } => {
                 telemetry_columns(self.position, n, *devices, *seed, *anomaly_rate, *base_time)
             }
         };
         self.position += n as u64;
         Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
-    }
-}
-
-fn nexmark_columns(events: &mut nexmark::EventGenerator, kind: EventType, n: usize) -> Vec<ArrayRef> {
-    let as_i64 = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
-    let ms = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-    let mut ints: Vec<Int64Builder> = (0..5).map(|_| Int64Builder::with_capacity(n)).collect();
-    let mut texts: Vec<StringBuilder> = (0..6).map(|_| StringBuilder::new()).collect();
-    let mut times: Vec<TimestampMillisecondBuilder> =
-        (0..2).map(|_| TimestampMillisecondBuilder::with_capacity(n)).collect();
-    for event in events.take(n) {
-        match event {
-            Event::Bid(b) => {
-                ints[0].append_value(as_i64(b.auction));
-                ints[1].append_value(as_i64(b.bidder));
-                ints[2].append_value(as_i64(b.price));
-                texts[0].append_value(&b.channel);
-                texts[1].append_value(&b.url);
-                times[0].append_value(ms(b.date_time));
-                texts[2].append_value(&b.extra);
-            }
-            Event::Auction(a) => {
-                ints[0].append_value(as_i64(a.id));
-                texts[0].append_value(&a.item_name);
-                texts[1].append_value(&a.description);
-                ints[1].append_value(as_i64(a.initial_bid));
-                ints[2].append_value(as_i64(a.reserve));
-                times[0].append_value(ms(a.date_time));
-                times[1].append_value(ms(a.expires));
-                ints[3].append_value(as_i64(a.seller));
-                ints[4].append_value(as_i64(a.category));
-                texts[2].append_value(&a.extra);
-            }
-            Event::Person(p) => {
-                ints[0].append_value(as_i64(p.id));
-                texts[0].append_value(&p.name);
-                texts[1].append_value(&p.email_address);
-                texts[2].append_value(&p.credit_card);
-                texts[3].append_value(&p.city);
-                texts[4].append_value(&p.state);
-                times[0].append_value(ms(p.date_time));
-                texts[5].append_value(&p.extra);
-            }
-        }
-    }
-    let mut int = |i: usize| Arc::new(ints[i].finish()) as ArrayRef;
-    let mut text = |i: usize| Arc::new(texts[i].finish()) as ArrayRef;
-    let mut time = |i: usize| Arc::new(times[i].finish()) as ArrayRef;
-    match kind {
-        EventType::Bid => vec![int(0), int(1), int(2), text(0), text(1), time(0), text(2)],
-        EventType::Auction => {
-            vec![int(0), text(0), text(1), int(1), int(2), time(0), time(1), int(3), int(4), text(2)]
-        }
-        EventType::Person => vec![int(0), text(0), text(1), text(2), text(3), text(4), time(0), text(5)],
     }
 }
 
@@ -414,5 +353,59 @@ mod tests {
             [("connector", "telemetry"), ("speed", "3")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let err = GeneratorSpec::from_options(&options).expect_err("unknown option");
         assert!(err.to_string().contains("speed"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod throughput {
+    use super::*;
+
+    /// CPU time this thread has used, in seconds (Linux: /proc/thread-self/schedstat).
+    fn thread_cpu_seconds() -> f64 {
+        let stat = std::fs::read_to_string("/proc/thread-self/schedstat").expect("linux schedstat");
+        let ns: u64 = stat.split_whitespace().next().and_then(|v| v.parse().ok()).expect("run time in ns");
+        ns as f64 / 1e9
+    }
+
+    /// Events per CPU-second over 2 CPU-seconds of `produce` making batches of 8192.
+    fn events_per_cpu_second(mut produce: impl FnMut() -> usize) -> f64 {
+        produce();
+        let (start, mut events) = (thread_cpu_seconds(), 0);
+        while thread_cpu_seconds() - start < 2.0 {
+            events += produce();
+        }
+        events as f64 / (thread_cpu_seconds() - start)
+    }
+
+    /// Events per CPU-second of `next_batch(8192)` per kind, and of the nexmark crate's
+    /// events turned into the same columns. Run with
+    /// `cargo test --release --lib generator_throughput -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn generator_throughput() {
+        for kind in [EventType::Bid, EventType::Auction, EventType::Person] {
+            let spec = GeneratorSpec {
+                kind: GeneratorKind::Nexmark(kind),
+                rate: 0,
+                events: None,
+                base_time: 1_700_000_000_000,
+                event_rate: None,
+            };
+            let mut generator = spec.open(0);
+            let ours = events_per_cpu_second(|| generator.next_batch(8192).expect("rows").num_rows());
+            let config = nexmark::config::NexmarkConfig {
+                base_time: 1_700_000_000_000,
+                first_rate: 10_000,
+                next_rate: 10_000,
+                ..Default::default()
+            };
+            let mut offset = 0;
+            let crates = events_per_cpu_second(|| {
+                let columns = super::super::nexmark_columns::tests::crate_columns(config.clone(), kind, offset, 8192);
+                offset += 8192;
+                columns[0].len()
+            });
+            println!("{kind:?}: {:.2}M events per CPU-second (the crate's events: {:.2}M)", ours / 1e6, crates / 1e6);
+        }
     }
 }

@@ -15,6 +15,7 @@ pub mod files;
 pub mod generator;
 pub mod kafka;
 pub mod mqtt;
+mod nexmark_columns;
 pub mod sink;
 
 use std::collections::BTreeMap;
