@@ -315,10 +315,16 @@ async fn engine_alone(name: &str, sql: &str, events: u64, stream: &[(&'static st
         panic!("{name} plans as a view")
     };
     let root = lower_view(&state, &view.plan, view.emit_on_window_close).expect("the view lowers");
+    // The view's arrangement as the server defines it: nullable columns, no watermark,
+    // and no index when the view only gains rows.
     let fields: Vec<Field> =
-        view.plan.schema().fields().iter().map(|f| f.as_ref().clone().with_nullable(true)).collect();
+        view.plan.schema().fields().iter().map(|f| Field::new(f.name(), f.data_type().clone(), true)).collect();
     let schema: SchemaRef = Arc::new(Schema::new(fields));
-    let def = Arc::new(TableDef::new(1, name.into(), schema.clone(), vec![], vec![], HashMap::new()));
+    let def = match freshet::sql::view::append_only(&view.plan) {
+        true => TableDef::append_only(1, name.into(), schema.clone()),
+        false => TableDef::new(1, name.into(), schema.clone(), vec![], vec![], HashMap::new()),
+    };
+    let def = Arc::new(def);
     let arrangement = Arc::new(std::sync::Mutex::new(TableState::new(def).expect("arrangement")));
     let materialize = MaterializeOperator::new(schema, Box::new(Arrangement(arrangement.clone())));
     let mut driven = Driven::Operator { operator: Box::new(materialize), inputs: vec![Driven::new(root)] };
