@@ -297,7 +297,13 @@ fn encode(entries: &[LogEntry], magic: &[u8; 8]) -> Result<Bytes> {
 
 /// `magic | (header_len u32 | header | has_batch u8 | [ipc_len u64 | ipc])* | crc32 u32`
 fn encode_refs(entries: &[&LogEntry], magic: &[u8; 8]) -> Result<Bytes> {
-    let mut out = BytesMut::with_capacity(256);
+    // Sized up front from the batches' data, so the buffer is not grown (and copied) as
+    // the IPC streams are written into it.
+    let data = |batch: &RecordBatch| -> usize {
+        batch.columns().iter().map(|c| c.to_data().get_slice_memory_size().unwrap_or(0)).sum()
+    };
+    let capacity = entries.iter().map(|e| 1024 + e.header.len() + e.batch.as_ref().map_or(0, data)).sum::<usize>();
+    let mut out = BytesMut::with_capacity(magic.len() + capacity + 4);
     out.put_slice(magic);
     for entry in entries {
         out.put_u32(entry.header.len() as u32);
@@ -306,14 +312,16 @@ fn encode_refs(entries: &[&LogEntry], magic: &[u8; 8]) -> Result<Bytes> {
             None => out.put_u8(0),
             Some(batch) => {
                 out.put_u8(1);
-                let mut ipc = Vec::new();
+                // The stream goes straight after its length, which is filled in after.
+                let at = out.len();
+                out.put_u64(0);
                 {
-                    let mut writer = StreamWriter::try_new(&mut ipc, &batch.schema())?;
+                    let mut writer = StreamWriter::try_new((&mut out).writer(), &batch.schema())?;
                     writer.write(batch)?;
                     writer.finish()?;
                 }
-                out.put_u64(ipc.len() as u64);
-                out.put_slice(&ipc);
+                let len = (out.len() - at - 8) as u64;
+                out[at..at + 8].copy_from_slice(&len.to_be_bytes());
             }
         }
     }

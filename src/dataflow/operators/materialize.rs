@@ -46,7 +46,12 @@ impl Operator for MaterializeOperator {
         let weights: Vec<i64> = self.buffered.iter().flat_map(|c| c.weights().values().iter().copied()).collect();
         self.buffered.clear();
         let batch = concat_batches(&self.schema, &batches)?;
-        let change = ChangeBatch::try_new(batch, Int64Array::from(weights))?.consolidate()?;
+        let change = ChangeBatch::try_new(batch, Int64Array::from(weights))?;
+        // Only retractions can cancel out: an epoch of insertions is already its own net
+        // change (a row inserted twice is two rows either way), so it skips the row
+        // encoding consolidation costs.
+        let retracts = change.weights().values().iter().any(|&w| w < 0);
+        let change = if retracts { change.consolidate()? } else { change };
         self.sink.commit(barrier, change)
     }
 }
