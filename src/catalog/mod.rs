@@ -7,7 +7,8 @@
 //! out (`sink`), the models and their versions (`model`), the system catalog clients
 //! introspect (`system`, with primary keys and defaults in `keys` and select-list subqueries
 //! in `subqueries`), the connector status relations of `freshet_catalog` (`status`),
-//! and the durable log. Statement execution follows one rule: a change is applied in memory
+//! point lookups by key answered from an index instead of a plan (`lookup`), and the
+//! durable log. Statement execution follows one rule: a change is applied in memory
 //! under the writer lock, queued to the log in that same order, and becomes visible to
 //! readers only when the log has stored it (the log's committer publishes the snapshot).
 //! A statement that fails changes nothing.
@@ -15,6 +16,7 @@
 //! It does not speak any wire protocol; `server` turns its [`Outcome`]s into messages.
 
 mod keys;
+mod lookup;
 mod model;
 pub mod session_window;
 mod sink;
@@ -36,7 +38,6 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::catalog::{CatalogProvider, MemoryCatalogProvider};
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{Column, DFSchema};
-use datafusion::datasource::source_as_provider;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::context::SessionState;
 use datafusion::logical_expr::{DmlStatement, Expr, LogicalPlan, LogicalPlanBuilder, WriteOp};
@@ -51,7 +52,7 @@ use crate::dataflow::runtime::FailureSlot;
 use crate::error::{Error, Result};
 use crate::sql::{self, CreateTable, CreateView, Planned, Statement};
 use crate::state::log::{Ack, Log, LogEntry, LogStats};
-use table::{FreshetSchema, FreshetTable, Snapshot, SnapshotCell, TableDef, TableState};
+use table::{FreshetSchema, Snapshot, SnapshotCell, TableDef, TableState};
 use view::{Feeds, ViewSink};
 
 /// The catalog name clients see (`current_database()`), and the one schema in it.
@@ -697,6 +698,11 @@ impl Database {
         // Queries over views read the last epoch every view finished, tables included, so
         // everything they read agrees; queries over tables alone read the latest commit.
         let snapshot = if self.reads_views(&plan)? { self.shared.cell.serving() } else { self.shared.cell.committed() };
+        // A lookup by key skips DataFusion's planning and the scan.
+        if let Some((schema, batch)) = lookup::answer(&plan, &snapshot)? {
+            let stream = RecordBatchStreamAdapter::new(schema.clone(), futures::stream::iter([Ok(batch)]));
+            return Ok(Outcome::Rows { schema, stream: Box::pin(stream) });
+        }
         let ctx = &self.ctx;
         SnapshotCell::scope(snapshot, async move {
             let frame = ctx.execute_logical_plan(plan).await?;
@@ -932,6 +938,7 @@ impl Database {
             true => TableDef::append_only(id, create.name.clone(), schema),
             false => TableDef::new(id, create.name.clone(), schema, vec![], vec![], HashMap::new()),
         };
+        let def = def.with_lookup_key(lookup::view_key(&create.plan));
         let def = Arc::new(def);
         let subscribers = Arc::new(view::Subscribers::default());
         let sink = ViewSink::new(
@@ -1358,10 +1365,7 @@ fn plan_defaults(ctx: &SessionContext, texts: &[(String, String)]) -> Result<Has
 
 /// A prepared write must still target the table it was planned against.
 fn check_target(dml: &DmlStatement, def: &TableDef) -> Result<()> {
-    let planned_id = source_as_provider(&dml.target)
-        .ok()
-        .and_then(|provider| (provider.as_ref() as &dyn std::any::Any).downcast_ref::<FreshetTable>().map(|t| t.id()));
-    match planned_id {
+    match table::planned_table_id(&dml.target) {
         Some(id) if id == def.id => Ok(()),
         _ => Err(Error::Plan {
             code: "0A000",

@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
-use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, StringArray};
-use datafusion::arrow::compute::{concat_batches, filter_record_batch};
+use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, StringArray, UInt32Array};
+use datafusion::arrow::compute::{concat_batches, filter_record_batch, take_record_batch};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{RowConverter, SortField};
@@ -42,6 +42,11 @@ pub struct TableDef {
     pub constraints: Constraints,
     /// Rows are only ever added (a source's relation): they are kept without an index.
     pub append_only: bool,
+    /// The columns an equality lookup (`WHERE k = $1`) is answered by index on: a table's
+    /// primary key, or the key a view's query guarantees (its GROUP BY columns). Empty:
+    /// such queries scan. Unlike `primary_key` it changes nothing about how rows are
+    /// stored or matched, so a key that is not unique only costs a longer chain.
+    pub lookup_key: Vec<usize>,
 }
 
 impl TableDef {
@@ -61,7 +66,13 @@ impl TableDef {
         };
         // A relation with a watermark only takes appended rows.
         let append_only = crate::sql::watermark_of(&schema).is_some();
-        TableDef { id, name, schema, primary_key, default_texts, defaults, constraints, append_only }
+        let lookup_key = primary_key.clone();
+        TableDef { id, name, schema, primary_key, default_texts, defaults, constraints, append_only, lookup_key }
+    }
+
+    /// The same definition, answering equality lookups on `columns` by index.
+    pub fn with_lookup_key(self, columns: Vec<usize>) -> Self {
+        TableDef { lookup_key: columns, ..self }
     }
 
     /// The definition of a relation whose rows are only ever appended: no primary key and
@@ -73,6 +84,16 @@ impl TableDef {
     /// The name of the primary key constraint (and of its index in the system catalog).
     pub fn primary_key_name(&self) -> String {
         format!("{}_pkey", self.name)
+    }
+
+    /// Encodes lookup keys; `None` without a lookup key.
+    fn lookup_converter(&self) -> Result<Option<RowConverter>> {
+        if self.lookup_key.is_empty() {
+            return Ok(None);
+        }
+        let fields =
+            self.lookup_key.iter().map(|&i| SortField::new(self.schema.field(i).data_type().clone())).collect();
+        Ok(Some(RowConverter::new(fields)?))
     }
 
     /// The columns that identify a row: the primary key, or every column without one.
@@ -93,6 +114,44 @@ pub struct TableVersion {
 impl TableVersion {
     pub fn num_rows(&self) -> usize {
         self.chunks.iter().map(|c| c.live_rows()).sum()
+    }
+
+    /// The live rows whose lookup key equals `key` (one single-row array per column of
+    /// `def.lookup_key`, of those columns' types), or `None` when the relation has no
+    /// lookup key. A key with a NULL matches nothing, as `k = NULL` does in SQL.
+    ///
+    /// Each chunk's index is built on the first lookup that reaches it and shared by every
+    /// later version holding the chunk; chunks only ever merge into new chunks, so most
+    /// rows are indexed O(log n) times over their life.
+    pub fn lookup(&self, key: &[ArrayRef]) -> Result<Option<RecordBatch>> {
+        let Some(converter) = self.def.lookup_converter()? else { return Ok(None) };
+        if key.iter().any(|column| column.len() != 1) {
+            return Err(Error::Internal("a lookup key has one value per column".into()));
+        }
+        if key.iter().any(|column| column.is_null(0)) {
+            return Ok(Some(RecordBatch::new_empty(self.def.schema.clone())));
+        }
+        let probe = converter.convert_columns(key)?;
+        let probe = probe.row(0);
+        let mut parts = Vec::new();
+        for chunk in self.chunks.iter() {
+            let index = match chunk.key_index.get() {
+                Some(index) => index,
+                None => {
+                    let built = KeyIndex::build(&self.def, &converter, &chunk.batch)?;
+                    chunk.key_index.get_or_init(|| built)
+                }
+            };
+            let rows: Vec<u32> = index.rows(probe.as_ref()).filter(|&row| chunk.is_live(row as usize)).collect();
+            if !rows.is_empty() {
+                parts.push(take_record_batch(&chunk.batch, &UInt32Array::from(rows))?);
+            }
+        }
+        Ok(Some(match parts.len() {
+            0 => RecordBatch::new_empty(self.def.schema.clone()),
+            1 => parts.swap_remove(0),
+            _ => concat_batches(&self.def.schema, &parts)?,
+        }))
     }
 
     /// The live rows, as batches. Each chunk's live rows are computed once per version.
@@ -243,11 +302,18 @@ struct Chunk {
     dead: usize,
     /// The live rows as readers see them, built on first read of a version.
     published: Arc<std::sync::OnceLock<RecordBatch>>,
+    /// Where each lookup key is in `batch` (dead rows included), built on the first lookup.
+    /// `batch` never changes, so deletions keep it valid.
+    key_index: Arc<std::sync::OnceLock<KeyIndex>>,
 }
 
 impl Chunk {
     fn new(id: u64, batch: RecordBatch) -> Self {
-        Chunk { id, batch, live: None, dead: 0, published: Arc::default() }
+        Chunk { id, batch, live: None, dead: 0, published: Arc::default(), key_index: Arc::default() }
+    }
+
+    fn is_live(&self, row: usize) -> bool {
+        self.live.as_ref().is_none_or(|live| live[row])
     }
 
     fn live_rows(&self) -> usize {
@@ -267,6 +333,40 @@ impl Chunk {
             None => Ok(self.batch.clone()),
             Some(live) => Ok(filter_record_batch(&self.batch, &BooleanArray::from(live.as_ref().clone()))?),
         }
+    }
+}
+
+/// The rows of one chunk by lookup key: the first row with each key, and a chain from each
+/// row to the next with the same key.
+#[derive(Debug)]
+struct KeyIndex {
+    first: FastMap<Box<[u8]>, u32>,
+    /// `NO_ROW` ends a chain.
+    next: Vec<u32>,
+}
+
+const NO_ROW: u32 = u32::MAX;
+
+impl KeyIndex {
+    fn build(def: &TableDef, converter: &RowConverter, batch: &RecordBatch) -> Result<KeyIndex> {
+        let columns: Vec<ArrayRef> = def.lookup_key.iter().map(|&i| batch.column(i).clone()).collect();
+        let keys = converter.convert_columns(&columns)?;
+        let mut first: FastMap<Box<[u8]>, u32> = FastMap::default();
+        first.reserve(keys.num_rows());
+        let mut next = vec![NO_ROW; keys.num_rows()];
+        // Backwards, so each chain runs in row order.
+        for row in (0..keys.num_rows()).rev() {
+            if let Some(previous) = first.insert(keys.row(row).as_ref().into(), row as u32) {
+                next[row] = previous;
+            }
+        }
+        Ok(KeyIndex { first, next })
+    }
+
+    /// The rows with `key`, dead or alive.
+    fn rows<'a>(&'a self, key: &[u8]) -> impl Iterator<Item = u32> + 'a {
+        let start = self.first.get(key).copied();
+        std::iter::successors(start, |&row| Some(self.next[row as usize]).filter(|&next| next != NO_ROW))
     }
 }
 
@@ -429,7 +529,7 @@ impl TableState {
             let chunk = &self.chunks[p];
             let mut positions = vec![u32::MAX; chunk.batch.num_rows()];
             for (row, position) in positions.iter_mut().enumerate() {
-                if chunk.live.as_ref().is_none_or(|live| live[row]) {
+                if chunk.is_live(row) {
                     *position = next_row;
                     next_row += 1;
                 }
@@ -550,6 +650,13 @@ impl TableProvider for FreshetTable {
         let exec = MemorySourceConfig::try_new_exec(&partitions, self.def.schema.clone(), projection.cloned())?;
         Ok(exec)
     }
+}
+
+/// The id of the table or view a plan's table source was resolved to; `None` if the
+/// source is not one of freshet's.
+pub fn planned_table_id(source: &Arc<dyn datafusion::logical_expr::TableSource>) -> Option<u64> {
+    let provider = datafusion::datasource::source_as_provider(source).ok()?;
+    (provider.as_ref() as &dyn std::any::Any).downcast_ref::<FreshetTable>().map(|t| t.id())
 }
 
 /// The `public` schema: every table of the statement's snapshot.
