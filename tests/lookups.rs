@@ -63,6 +63,8 @@ async fn assert_lookups(client: &Client, model: &Model, step: &str) {
     }
 }
 
+/// A statement and what it does to the model.
+type Step = (&'static str, fn(&mut Model));
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lookups_by_key_answer_what_a_scan_would() {
     let server = TestServer::start().await;
@@ -79,7 +81,7 @@ async fn lookups_by_key_answer_what_a_scan_would() {
     let mut model = Model::new();
     assert_lookups(&client, &model, "creating empty").await;
 
-    let steps: [(&str, fn(&mut Model)); 4] = [
+    let steps: [Step; 4] = [
         ("INSERT INTO t VALUES (0, 'a', 1), (1, 'a', 2), (2, 'b', 3), (3, NULL, 4), (4, 'c', 5), (5, 'a', 6)", |m| {
             for (id, k, v) in [
                 (0, Some("a"), 1),
