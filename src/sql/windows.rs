@@ -196,11 +196,18 @@ fn window_query(function: &str, args: &[FunctionArg], alias: Option<&TableAlias>
         columns: Vec::new(),
         at: None,
     });
+    // Offsets are durations, not intervals: a timestamp minus a duration is integer
+    // arithmetic, where minus an interval goes through calendar code per row (a fifth of
+    // q5's CPU in perf). Both keep the timestamp's type; constants fold to literals, so
+    // watermarks still pass (see `dataflow::watermark::monotone_input`).
+    let duration = |ms: i64| format!("arrow_cast({ms}, 'Duration(Millisecond)')");
     let shifted = |shift: i64, size: i64, bin: i64| {
-        let start = format!("date_bin(INTERVAL '{bin} milliseconds', {time}) - INTERVAL '{shift} milliseconds'");
-        format!(
-            "SELECT *, {start} AS window_start, {start} + INTERVAL '{size} milliseconds' AS window_end FROM {input}"
-        )
+        let mut start = format!("date_bin(INTERVAL '{bin} milliseconds', {time})");
+        if shift != 0 {
+            start = format!("{start} - {}", duration(shift));
+        }
+        let end = duration(size);
+        format!("SELECT *, {start} AS window_start, {start} + {end} AS window_end FROM {input}")
     };
     let sql = if function == "tumble" {
         let size = millis(exprs[2])?;
@@ -282,7 +289,7 @@ mod tests {
         let sql = rewritten("SELECT * FROM HOP(bid, date_time, INTERVAL '2 seconds', INTERVAL '6 seconds') AS h")
             .expect("hop");
         assert_eq!(sql.matches("UNION ALL").count(), 2, "{sql}");
-        assert!(sql.contains("INTERVAL '4000 milliseconds'") && sql.ends_with("AS h"), "{sql}");
+        assert!(sql.contains("arrow_cast(4000, 'Duration(Millisecond)')") && sql.ends_with("AS h"), "{sql}");
     }
 
     #[test]
