@@ -602,18 +602,6 @@ pub struct FreshetTable {
     cell: Arc<SnapshotCell>,
 }
 
-impl FreshetTable {
-    /// The id of the table definition this provider was resolved to.
-    pub fn id(&self) -> u64 {
-        self.def.id
-    }
-
-    /// Whether the relation only ever gains rows (sources, tables with a watermark).
-    pub fn append_only(&self) -> bool {
-        self.def.append_only
-    }
-}
-
 #[async_trait]
 impl TableProvider for FreshetTable {
     fn schema(&self) -> SchemaRef {
@@ -652,11 +640,16 @@ impl TableProvider for FreshetTable {
     }
 }
 
-/// The id of the table or view a plan's table source was resolved to; `None` if the
-/// source is not one of freshet's.
-pub fn planned_table_id(source: &Arc<dyn datafusion::logical_expr::TableSource>) -> Option<u64> {
+/// The definition of the table, source or view a plan's table source was resolved to;
+/// `None` if the source is not one of freshet's relations.
+pub fn planned_def(source: &Arc<dyn datafusion::logical_expr::TableSource>) -> Option<Arc<TableDef>> {
     let provider = datafusion::datasource::source_as_provider(source).ok()?;
-    (provider.as_ref() as &dyn std::any::Any).downcast_ref::<FreshetTable>().map(|t| t.id())
+    (provider.as_ref() as &dyn std::any::Any).downcast_ref::<FreshetTable>().map(|t| t.def.clone())
+}
+
+/// The id of the table or view a plan's table source was resolved to.
+pub fn planned_table_id(source: &Arc<dyn datafusion::logical_expr::TableSource>) -> Option<u64> {
+    planned_def(source).map(|def| def.id)
 }
 
 /// The `public` schema: every table of the statement's snapshot.

@@ -599,21 +599,12 @@ fn table_input(table: &str, schema: &SchemaRef) -> Result<Node> {
     Ok(Node::EventTime { table, column, delay_ms, units_per_ms })
 }
 
-/// The catalog relation (table, source or materialized view) a scan reads, if it reads one.
-fn relation(scan: &datafusion::logical_expr::TableScan) -> Option<Arc<dyn datafusion::catalog::TableProvider>> {
-    let provider = datafusion::datasource::source_as_provider(&scan.source).ok()?;
-    (provider.as_ref() as &dyn std::any::Any)
-        .downcast_ref::<crate::catalog::table::FreshetTable>()
-        .is_some()
-        .then_some(provider)
-}
-
 /// Whether a scan reads the result of a table function (`range(…)`, `generate_series(…)`)
 /// other than SESSION: a relation fixed by its arguments.
 fn table_function(state: &SessionState, scan: &datafusion::logical_expr::TableScan) -> bool {
     scan.table_name.schema().is_none()
         && session_window(scan).is_none()
-        && relation(scan).is_none()
+        && crate::catalog::table::planned_def(&scan.source).is_none()
         && scan.table_name.table().split('(').next().is_some_and(|name| state.table_functions().contains_key(name))
 }
 
@@ -891,11 +882,8 @@ pub fn append_only(plan: &LogicalPlan) -> bool {
     match plan {
         LogicalPlan::TableScan(scan) => {
             session_window(scan).is_none()
-                && relation(scan).is_none_or(|provider| {
-                    (provider.as_ref() as &dyn std::any::Any)
-                        .downcast_ref::<crate::catalog::table::FreshetTable>()
-                        .is_some_and(|table| table.append_only())
-                })
+                // Constant relations (table functions) never retract either.
+                && crate::catalog::table::planned_def(&scan.source).is_none_or(|def| def.append_only)
         }
         // A constant relation never retracts a row.
         LogicalPlan::Values(_) | LogicalPlan::EmptyRelation(_) => true,
