@@ -1,4 +1,4 @@
-//! Kafka ingest: JSON records of about 100 bytes, produced to a real broker (tansu on
+//! Kafka ingest: JSON records of 100 bytes on average, produced to a real broker (tansu on
 //! loopback, in-memory storage), read by a freshet Kafka source into a GROUP BY view.
 //!
 //!     cargo bench --bench kafka -- [--records N] [--partitions P]
@@ -70,8 +70,9 @@ async fn main() {
     let mut bytes = 0usize;
     for i in 0..records {
         let value = format!(
-            r#"{{"device":"device-{:05}","seq":{i},"temperature":{:.2},"vibration":{:.3},"ok":true}}"#,
+            r#"{{"device":"device-{:05}","site":"plant-{:02}","seq":{i},"temperature":{:.2},"vibration":{:.3},"ok":true}}"#,
             i % 10_000,
+            i % 37,
             20.0 + (i % 100) as f64 / 10.0,
             (i % 1000) as f64 / 1000.0
         );
@@ -116,7 +117,7 @@ async fn main() {
     let started = Instant::now();
     client
         .batch_execute(&format!(
-            "CREATE SOURCE readings (device TEXT, seq BIGINT, temperature DOUBLE PRECISION, vibration DOUBLE PRECISION, ok BOOLEAN)
+            "CREATE SOURCE readings (device TEXT, site TEXT, seq BIGINT, temperature DOUBLE PRECISION, vibration DOUBLE PRECISION, ok BOOLEAN)
                  WITH (connector = 'kafka', brokers = '{address}', topic = 'bench') FORMAT JSON;
              CREATE MATERIALIZED VIEW per_device AS SELECT device, count(*) AS n, max(temperature) AS hottest
                  FROM readings GROUP BY device"
