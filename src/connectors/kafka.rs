@@ -269,6 +269,8 @@ pub struct Polled {
 
 /// Most records decoded and appended together.
 const MAX_RECORDS: usize = 16_384;
+/// Fewest records per decode thread: smaller batches are decoded on the consumer thread.
+const PARALLEL_SLICE: usize = 4096;
 /// Longest a poll round waits to fill a batch.
 const LINGER: Duration = Duration::from_millis(50);
 /// How often partition high watermarks (for the lag) and new partitions are looked up.
@@ -670,21 +672,36 @@ impl RecordDecoder {
                 good.push(i);
             }
         }
-        // Decode together; if that fails, find the records at fault one by one.
-        let values = match self.decode_values(records, &good) {
-            Ok(values) => values,
-            Err(_) => {
-                let mut kept = Vec::with_capacity(good.len());
-                for &i in &good {
-                    match self.decode_values(records, &[i]) {
-                        Ok(_) => kept.push(i),
-                        Err(e) => dead.push(records.dead_letter(i, e.to_string())),
-                    }
-                }
-                good = kept;
-                self.decode_values(records, &good)?
-            }
+        // Large batches are decoded in slices on as many threads as there are cores (the
+        // consumer thread's own slice included); rows keep the records' order.
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let slices = (good.len() / PARALLEL_SLICE).clamp(1, threads);
+        let decoded: Vec<Result<(RecordBatch, Vec<usize>, Vec<DeadLetter>)>> = if slices == 1 {
+            vec![self.decode_slice(records, good)]
+        } else {
+            let size = good.len().div_ceil(slices);
+            std::thread::scope(|scope| {
+                let mut parts = good.chunks(size);
+                let first = parts.next().unwrap_or_default();
+                let others: Vec<_> = parts
+                    .map(|part| scope.spawn(move || self.decode_slice(records, part.to_vec())))
+                    .collect();
+                let mut decoded = vec![self.decode_slice(records, first.to_vec())];
+                decoded.extend(others.into_iter().map(|handle| {
+                    handle.join().unwrap_or_else(|_| Err(Error::Internal("a kafka decode thread panicked".into())))
+                }));
+                decoded
+            })
         };
+        let mut parts = Vec::with_capacity(decoded.len());
+        good = Vec::with_capacity(records.len());
+        for result in decoded {
+            let (values, kept, bad) = result?;
+            parts.push(values);
+            good.extend(kept);
+            dead.extend(bad);
+        }
+        let values = concat_batches(&self.value_schema, &parts)?;
         let mut columns: Vec<ArrayRef> = values.columns().to_vec();
         for metadata in &self.include {
             columns.push(match metadata {
@@ -706,6 +723,24 @@ impl RecordDecoder {
             });
         }
         Ok((RecordBatch::try_new(self.schema.clone(), columns)?, dead))
+    }
+
+    /// Decodes the values of records `which` together; if that fails, finds the records at
+    /// fault one by one. Returns the values, the records they came from, and the dead
+    /// letters.
+    fn decode_slice(&self, records: &Records, which: Vec<usize>) -> Result<(RecordBatch, Vec<usize>, Vec<DeadLetter>)> {
+        if let Ok(values) = self.decode_values(records, &which) {
+            return Ok((values, which, Vec::new()));
+        }
+        let mut kept = Vec::with_capacity(which.len());
+        let mut dead = Vec::new();
+        for i in which {
+            match self.decode_values(records, &[i]) {
+                Ok(_) => kept.push(i),
+                Err(e) => dead.push(records.dead_letter(i, e.to_string())),
+            }
+        }
+        Ok((self.decode_values(records, &kept)?, kept, dead))
     }
 
     /// The value columns of records `which`, exactly one row per record.
@@ -807,6 +842,29 @@ mod tests {
             at.contains(&(Some(0), Some(11))) && at.contains(&(Some(1), Some(5))) && at.contains(&(Some(2), Some(0)))
         );
         assert_eq!(records.last_offsets(), BTreeMap::from([(0, 11), (1, 6), (2, 0)]));
+    }
+
+    #[test]
+    fn a_large_batch_decodes_on_several_threads_in_record_order() {
+        let spec = spec(Format::Json, "offset");
+        let declared = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false)]));
+        let schema = spec.schema(Some(&declared)).expect("schema");
+        let decoder = RecordDecoder::new(spec.format, &schema, vec![Metadata::Offset]);
+        let mut records = Records::default();
+        let total = 5 * PARALLEL_SLICE as i64;
+        // Every 1000th record is bad, so every slice holds some.
+        for i in 0..total {
+            let value = if i % 1000 == 999 { format!("{{\"id\": \"bad {i}\"}}") } else { format!("{{\"id\": {i}}}") };
+            records.push((i % 3) as i32, i, None, None, Some(value.as_bytes()));
+        }
+        let (rows, dead) = decoder.decode(&records).expect("decoded");
+        let expected: Vec<i64> = (0..total).filter(|i| i % 1000 != 999).collect();
+        let ids = rows.column(0).as_any().downcast_ref::<Int64Array>().expect("ids");
+        assert_eq!(ids.values().as_ref(), expected.as_slice());
+        let offsets = rows.column(1).as_any().downcast_ref::<Int64Array>().expect("offsets");
+        assert_eq!(offsets.values().as_ref(), expected.as_slice());
+        let bad: Vec<i64> = dead.iter().filter_map(|d| d.offset).collect();
+        assert_eq!(bad, (0..total).filter(|i| i % 1000 == 999).collect::<Vec<_>>());
     }
 
     #[test]
