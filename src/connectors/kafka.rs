@@ -683,9 +683,8 @@ impl RecordDecoder {
             std::thread::scope(|scope| {
                 let mut parts = good.chunks(size);
                 let first = parts.next().unwrap_or_default();
-                let others: Vec<_> = parts
-                    .map(|part| scope.spawn(move || self.decode_slice(records, part.to_vec())))
-                    .collect();
+                let others: Vec<_> =
+                    parts.map(|part| scope.spawn(move || self.decode_slice(records, part.to_vec()))).collect();
                 let mut decoded = vec![self.decode_slice(records, first.to_vec())];
                 decoded.extend(others.into_iter().map(|handle| {
                     handle.join().unwrap_or_else(|_| Err(Error::Internal("a kafka decode thread panicked".into())))
