@@ -5,12 +5,12 @@
 //! correlated with NULL (`RemoveSubqueryFromProjection`) and stamps `LIMIT 1` on the rest,
 //! so a subquery DataFusion cannot plan silently answers NULL, and one that returns several
 //! rows answers its first. freshet runs the crate's other rules itself ([`rewrite`]) and
-//! puts [`ScalarSubqueries`] in that one's place: a subquery that is a select-list item or
-//! part of a CASE condition is turned into the one-aggregate form DataFusion decorrelates,
-//! with the same answer as in Postgres (NULL for no row, the value for one, 21000 for
-//! more), or left for DataFusion to plan or refuse (0A000, see `error`); one in a CASE
-//! result that DataFusion could not plan is refused only where its branch is taken. No
-//! subquery is ever answered with a NULL it did not compute. Nothing here changes data.
+//! puts [`ScalarSubqueries`] in that one's place: a scalar subquery is turned into the
+//! one-aggregate form DataFusion decorrelates, with the same answer as in Postgres (NULL
+//! for no row, the value for one, 21000 for more), or left for DataFusion to plan or refuse
+//! (0A000, see `error`); one in a CASE result that does not aggregate is refused only where
+//! its branch is taken. No subquery is ever answered with a NULL it did not compute.
+//! Nothing here changes data.
 
 use std::ops::ControlFlow;
 use std::sync::{Arc, LazyLock};
@@ -92,15 +92,15 @@ pub(super) fn rewrite(text: &str) -> Result<Vec<SqlStatement>, ParserError> {
         .collect())
 }
 
-/// Turns a scalar subquery that is an item of a select list, or part of a CASE condition
-/// (operand or WHEN), into one DataFusion plans with Postgres' answer.
+/// Turns a scalar subquery into one DataFusion plans with Postgres' answer.
 /// `(SELECT e FROM … WHERE …)` becomes
 /// `(SELECT freshet_single_row(count(*), first_value(e)) FROM … WHERE …)`: NULL when no
 /// row matches, `e` when one does, and 21000 when several do, as in Postgres; DataFusion
-/// decorrelates it like any one-aggregate subquery. `… LIMIT 1` (with or without ORDER BY)
-/// becomes `first_value(e [ORDER BY …])`. SQLAlchemy's collation test
-/// (`attcollation != 0 AND (SELECT typcollation FROM pg_type WHERE oid = atttypid) !=
-/// attcollation`) is answered this way.
+/// decorrelates it like any one-aggregate subquery, in a select list, a WHERE clause (pgjdbc's
+/// `getTypeInfo`: `typrelid = 0 OR (SELECT c.relkind = 'c' FROM pg_class c WHERE c.oid =
+/// t.typrelid)`) or a CASE condition (SQLAlchemy's collation test: `attcollation != 0 AND
+/// (SELECT typcollation FROM pg_type WHERE oid = atttypid) != attcollation`).
+/// `… LIMIT 1` (with or without ORDER BY) becomes `first_value(e [ORDER BY …])`.
 ///
 /// A subquery that already aggregates, or has any other shape (GROUP BY, DISTINCT, UNION,
 /// OFFSET, …), is left as written: DataFusion answers it if it is uncorrelated (and
@@ -118,41 +118,19 @@ pub(super) struct ScalarSubqueries;
 impl VisitorMut for ScalarSubqueries {
     type Break = ();
 
-    fn pre_visit_query(&mut self, query: &mut Query) -> ControlFlow<()> {
-        let SetExpr::Select(select) = query.body.as_mut() else { return ControlFlow::Continue(()) };
-        for item in &mut select.projection {
-            if let SelectItem::UnnamedExpr(SqlExpr::Subquery(subquery))
-            | SelectItem::ExprWithAlias { expr: SqlExpr::Subquery(subquery), .. } = item
-            {
-                answer_one_row(subquery);
+    // Before the children: a CASE's results are dealt with before the subqueries in them
+    // are reached as subqueries.
+    fn pre_visit_expr(&mut self, expr: &mut SqlExpr) -> ControlFlow<()> {
+        match expr {
+            SqlExpr::Subquery(query) => answer_one_row(query),
+            SqlExpr::Case { conditions, else_result, .. } => {
+                let results =
+                    conditions.iter_mut().map(|when| &mut when.result).chain(else_result.iter_mut().map(|e| &mut **e));
+                for result in results {
+                    let _ = VisitMut::visit(result, &mut RefuseWhereTaken::default());
+                }
             }
-        }
-        ControlFlow::Continue(())
-    }
-
-    fn pre_visit_expr(&mut self, expr: &mut SqlExpr) -> ControlFlow<()> {
-        let SqlExpr::Case { operand, conditions, else_result, .. } = expr else { return ControlFlow::Continue(()) };
-        for condition in operand.iter_mut().map(|e| &mut **e).chain(conditions.iter_mut().map(|w| &mut w.condition)) {
-            let _ = VisitMut::visit(condition, &mut OneRowEverywhere);
-        }
-        let results =
-            conditions.iter_mut().map(|when| &mut when.result).chain(else_result.iter_mut().map(|e| &mut **e));
-        for result in results {
-            let _ = VisitMut::visit(result, &mut RefuseWhereTaken::default());
-        }
-        ControlFlow::Continue(())
-    }
-}
-
-/// Rewrites every scalar subquery of an expression to the one-aggregate form where it has one.
-struct OneRowEverywhere;
-
-impl VisitorMut for OneRowEverywhere {
-    type Break = ();
-
-    fn pre_visit_expr(&mut self, expr: &mut SqlExpr) -> ControlFlow<()> {
-        if let SqlExpr::Subquery(query) = expr {
-            answer_one_row(query);
+            _ => {}
         }
         ControlFlow::Continue(())
     }
@@ -208,6 +186,10 @@ fn answer_one_row(query: &mut Query) {
         return;
     }
     let SetExpr::Select(select) = query.body.as_mut() else { return };
+    // Without FROM there is one row, and nothing to decorrelate.
+    if select.from.is_empty() {
+        return;
+    }
     let ungrouped = matches!(&select.group_by, GroupByExpr::Expressions(keys, modifiers) if keys.is_empty() && modifiers.is_empty());
     if select.distinct.is_some()
         || !ungrouped
@@ -348,7 +330,7 @@ mod tests {
     #[test]
     fn other_queries_are_rewritten_as_the_crate_does() {
         for sql in [
-            "SELECT c.relname FROM pg_class c WHERE c.relnamespace = 'public'::regnamespace",
+            "SELECT c.relname FROM pg_class c WHERE c.relkind = ANY(ARRAY['r', 'v'])",
             "SELECT n.nspname FROM pg_namespace n WHERE n.nspname OPERATOR(pg_catalog.~) '^(public)$'",
             "select version()",
         ] {
@@ -378,6 +360,22 @@ mod tests {
         assert!(rewritten(sql).contains("LIMIT 2)"), "{}", rewritten(sql));
         let sql = "SELECT (SELECT max(c.relname) FROM pg_class c WHERE c.oid = a.attrelid) FROM pg_attribute a";
         assert!(rewritten(sql).contains("(SELECT max(c.relname) FROM"), "{}", rewritten(sql));
+    }
+
+    #[test]
+    fn where_clause_subqueries_answer_one_row() {
+        // pgjdbc's getTypeInfo.
+        let sql = "SELECT t.typname,t.oid FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n ON (t.typnamespace = n.oid) WHERE n.nspname != 'pg_toast' AND (t.typrelid = 0 OR (SELECT c.relkind = 'c' FROM pg_catalog.pg_class c WHERE c.oid = t.typrelid))";
+        let out = rewritten(sql);
+        assert!(out.contains("OR (SELECT freshet_single_row(count(*), first_value(c.relkind = 'c')) FROM"), "{out}");
+        // `'name'::regclass` is a subquery by name, which must find one relation.
+        let out = rewritten("SELECT relname FROM pg_class WHERE oid = 'readings'::regclass");
+        assert!(
+            out.contains("oid = (SELECT freshet_single_row(count(*), first_value(c.oid)) FROM pg_catalog.pg_class c"),
+            "{out}"
+        );
+        // Without FROM there is nothing to decorrelate.
+        assert!(rewritten("SELECT (SELECT 1) FROM pg_class").contains("(SELECT 1)"));
     }
 
     #[test]

@@ -599,6 +599,7 @@ pub fn parse(text: &str, setting: &dyn Fn(&str) -> Result<String>) -> Result<Vec
             .into_iter()
             .map(|mut s| {
                 let _ = VisitMut::visit(&mut s, &mut CompositeValues);
+                let _ = VisitMut::visit(&mut s, &mut UnnamedLiterals);
                 Statement::Sql(DFStatement::Statement(Box::new(s)))
             })
             .collect()),
@@ -798,6 +799,35 @@ fn backslash_escaped(pattern: &str, escape: char) -> String {
     out
 }
 
+/// Literals without a name in a select list (pgjdbc's `getProcedures` selects `NULL, NULL,
+/// NULL` for columns Postgres does not fill). Postgres names each `?column?`; DataFusion
+/// names them by their text and refuses two of the same name, so each gets the name
+/// `?column?`, numbered from the second on. Clients read these columns by position.
+struct UnnamedLiterals;
+
+impl VisitorMut for UnnamedLiterals {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, query: &mut datafusion::sql::sqlparser::ast::Query) -> ControlFlow<()> {
+        use datafusion::sql::sqlparser::ast::{Ident, SelectItem, SetExpr};
+        let SetExpr::Select(select) = query.body.as_mut() else { return ControlFlow::Continue(()) };
+        let literals =
+            select.projection.iter().filter(|i| matches!(i, SelectItem::UnnamedExpr(SqlExpr::Value(_)))).count();
+        if literals < 2 {
+            return ControlFlow::Continue(());
+        }
+        let mut numbered = 0;
+        for item in &mut select.projection {
+            if let SelectItem::UnnamedExpr(expr @ SqlExpr::Value(_)) = item {
+                let name = if numbered == 0 { "?column?".to_string() } else { format!("?column?{numbered}") };
+                numbered += 1;
+                *item = SelectItem::ExprWithAlias { expr: expr.clone(), alias: Ident::with_quote('"', name) };
+            }
+        }
+        ControlFlow::Continue(())
+    }
+}
+
 /// The arguments of a call, when all are plain expressions (no names, no `*`).
 fn function_args(f: &datafusion::sql::sqlparser::ast::Function) -> Option<Vec<SqlExpr>> {
     use datafusion::sql::sqlparser::ast::{FunctionArg, FunctionArgExpr, FunctionArguments};
@@ -861,6 +891,10 @@ const CLIENT_REWRITES: &[(&str, &str)] = &[
     // int2vector Postgres numbers from 0. Through the alias I_INDOPTION the catalog
     // rewrite cannot tell it is one, so the subscript is shifted here.
     ("tmp.I_INDOPTION[tmp.ORDINAL_POSITION - 1]", "tmp.I_INDOPTION[tmp.ORDINAL_POSITION]"),
+    // pgjdbc's TypeInfoCache (getTypeInfo, getColumns of unknown types): whether a type is
+    // an array. The crate's `pg_type.typinput` holds the function's name, as Postgres
+    // displays a regproc, so the name is compared rather than the function's OID.
+    ("typinput='pg_catalog.array_in'::regproc", "typinput='array_in'"),
     // psql 15/16 `\d+ name`: table storage options (freshet has none). ARRAY(subquery)
     // is not supported by DataFusion.
     (
@@ -1089,6 +1123,10 @@ impl SchemaProvider for PgCatalog {
                 let correction = ColumnFacts { classes, pg_catalog: self.inner.clone(), cell: self.cell.clone() };
                 Ok(Some(Arc::new(Corrected { inner, correction })))
             }
+            "pg_settings" => {
+                let Some(inner) = self.inner.table(name).await? else { return Ok(None) };
+                Ok(Some(Arc::new(Corrected { inner, correction: PresetSettings })))
+            }
             "pg_views" => Ok(Some(Arc::new(ViewList {
                 kind: ViewKind::Plain,
                 owner,
@@ -1173,6 +1211,21 @@ struct RelationKinds {
 
 #[async_trait]
 impl Correction for RelationKinds {
+    /// The crate's columns and `reloptions` (a text array, NULL: freshet relations take no
+    /// storage parameters), which SQLAlchemy's `get_indexes` reads.
+    fn schema(&self, inner: SchemaRef) -> SchemaRef {
+        if inner.index_of(RELOPTIONS).is_ok() {
+            return inner;
+        }
+        let mut fields: Vec<Field> = inner.fields().iter().map(|f| f.as_ref().clone()).collect();
+        fields.push(Field::new(
+            RELOPTIONS,
+            DataType::List(Arc::new(Field::new_list_field(DataType::Utf8, true))),
+            true,
+        ));
+        Arc::new(Schema::new(fields))
+    }
+
     async fn correct(
         &self,
         state: &dyn Session,
@@ -1185,12 +1238,13 @@ impl Correction for RelationKinds {
         let materialized: HashSet<String> = snapshot.views.keys().cloned().collect();
         let keyed: HashSet<i32> = keys.iter().map(|k| k.table_oid).collect();
         let mut patched = Vec::with_capacity(batches.len() + 1);
+        let corrected = self.schema(schema.clone());
         for batch in batches {
             let batch = mark_indexed(&mark_materialized(&batch, &materialized)?, &keyed)?;
             if let Some(indexes) = super::keys::index_classes(&batch, &keys)? {
-                patched.push(indexes);
+                patched.push(with_null_columns(&indexes, &corrected)?);
             }
-            patched.push(batch);
+            patched.push(with_null_columns(&batch, &corrected)?);
         }
         let mut known = KnownOids::default();
         for batch in &patched {
@@ -1226,6 +1280,75 @@ impl Correction for RelationKinds {
             Err(poisoned) => *poisoned.into_inner() = known,
         }
         Ok(patched)
+    }
+}
+
+/// `pg_class.reloptions`, which the crate does not have.
+const RELOPTIONS: &str = "reloptions";
+
+/// `batch` with the columns of `schema` it lacks (at the end), all NULL.
+fn with_null_columns(batch: &RecordBatch, schema: &SchemaRef) -> DfResult<RecordBatch> {
+    let mut columns = batch.columns().to_vec();
+    for field in schema.fields().iter().skip(columns.len()) {
+        columns.push(datafusion::arrow::array::new_null_array(field.data_type(), batch.num_rows()));
+    }
+    Ok(RecordBatch::try_new(schema.clone(), columns)?)
+}
+
+/// `pg_settings`: the crate's rows and Postgres' preset options, which describe how the
+/// server was built and never change (pgjdbc's `getMaxIndexKeys` reads `max_index_keys`).
+/// The values are Postgres 16's defaults, the limits freshet's catalog follows.
+#[derive(Debug)]
+struct PresetSettings;
+
+/// `(name, setting, vartype, short_desc)` of a preset option.
+type Preset = (&'static str, &'static str, &'static str, &'static str);
+
+const PRESET_SETTINGS: [Preset; 5] = [
+    ("max_index_keys", "32", "integer", "Shows the maximum number of index keys."),
+    ("max_identifier_length", "63", "integer", "Shows the maximum identifier length."),
+    ("max_function_args", "100", "integer", "Shows the maximum number of function arguments."),
+    ("block_size", "8192", "integer", "Shows the size of a disk block."),
+    ("server_encoding", "UTF8", "string", "Shows the server (database) character set encoding."),
+];
+
+#[async_trait]
+impl Correction for PresetSettings {
+    async fn correct(&self, _: &dyn Session, schema: &SchemaRef, rows: Vec<RecordBatch>) -> DfResult<Vec<RecordBatch>> {
+        let named: HashSet<String> = rows
+            .iter()
+            .filter_map(|b| b.column_by_name("name")?.as_any().downcast_ref::<StringArray>().cloned())
+            .flat_map(|names| names.iter().flatten().map(str::to_string).collect::<Vec<_>>())
+            .collect();
+        let presets: Vec<&Preset> = PRESET_SETTINGS.iter().filter(|(name, ..)| !named.contains(*name)).collect();
+        let n = presets.len();
+        let columns = schema
+            .fields()
+            .iter()
+            .map(|field| {
+                let text = |value: &dyn Fn(&Preset) -> &'static str| -> ArrayRef {
+                    Arc::new(StringArray::from_iter_values(presets.iter().map(|p| value(p))))
+                };
+                let column: Option<ArrayRef> = match field.name().as_str() {
+                    "name" => Some(text(&|p| p.0)),
+                    "setting" | "reset_val" => Some(text(&|p| p.1)),
+                    "vartype" => Some(text(&|p| p.2)),
+                    "short_desc" => Some(text(&|p| p.3)),
+                    "category" => Some(text(&|_| "Preset Options")),
+                    "context" => Some(text(&|_| "internal")),
+                    "source" => Some(text(&|_| "default")),
+                    "pending_restart" => Some(Arc::new(BooleanArray::from(vec![false; n]))),
+                    _ => None,
+                };
+                match column {
+                    Some(column) if column.data_type() == field.data_type() => column,
+                    _ => datafusion::arrow::array::new_null_array(field.data_type(), n),
+                }
+            })
+            .collect();
+        let mut rows = rows;
+        rows.push(RecordBatch::try_new(schema.clone(), columns)?);
+        Ok(rows)
     }
 }
 
