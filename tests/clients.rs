@@ -98,8 +98,28 @@ async fn psql_meta_commands_describe_tables_and_views() {
     assert!(keyed.contains("Indexes:\n    \"sites_pkey\" PRIMARY KEY, btree (id)"), "{keyed}");
     assert!(keyed.contains("name|text||not null|'unnamed'"), "{keyed}");
 
+    // An index relation describes its key columns, in key order.
+    let index = psql_out(&server, &["-c", r"\d stations_pkey"]).await;
+    assert!(index.contains("Index \"public.stations_pkey\""), "{index}");
+    assert!(index.contains("id|integer|yes|id\nregion|text|yes|region"), "{index}");
+    assert!(index.contains("primary key, btree, for table \"public.stations\""), "{index}");
+
+    // Sizes are the bytes of the rows held in memory: a table with rows has some, one
+    // without and a view have none.
+    let sizes = psql_out(&server, &["-c", r"\dt+"]).await;
+    let size_of = |listing: &str, name: &str| -> Option<i64> {
+        let line = listing.lines().find(|l| l.starts_with(&format!("public|{name}|")))?;
+        line.split('|').find_map(|field| field.strip_suffix(" bytes").or(field.strip_suffix(" kB"))?.parse().ok())
+    };
+    assert!(size_of(&sizes, "readings").is_some_and(|bytes| bytes > 0), "{sizes}");
+    assert_eq!(size_of(&sizes, "stations"), Some(0), "{sizes}");
+    let views = psql_out(&server, &["-c", r"\dv+"]).await;
+    assert_eq!(size_of(&views, "hot"), Some(0), "{views}");
+
     let databases = psql_out(&server, &["-c", r"\l"]).await;
     assert!(databases.lines().any(|l| l.starts_with("freshet|freshet|")), "{databases}");
+    let databases = psql_out(&server, &["-c", r"\l+"]).await;
+    assert!(databases.lines().any(|l| l.starts_with("freshet|freshet|") && l.contains(" bytes|")), "{databases}");
     let schemas = psql_out(&server, &["-c", r"\dn"]).await;
     assert!(schemas.contains("public|freshet"), "{schemas}");
     let roles = psql_out(&server, &["-c", r"\du"]).await;

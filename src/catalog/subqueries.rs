@@ -118,6 +118,16 @@ pub(super) struct ScalarSubqueries;
 impl VisitorMut for ScalarSubqueries {
     type Break = ();
 
+    fn pre_visit_query(&mut self, query: &mut Query) -> ControlFlow<()> {
+        let SetExpr::Select(select) = query.body.as_mut() else { return ControlFlow::Continue(()) };
+        for item in &mut select.projection {
+            if let SelectItem::UnnamedExpr(expr) | SelectItem::ExprWithAlias { expr, .. } = item {
+                let _ = VisitMut::visit(expr, &mut ExistsAsCount::default());
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
     // Before the children: a CASE's results are dealt with before the subqueries in them
     // are reached as subqueries.
     fn pre_visit_expr(&mut self, expr: &mut SqlExpr) -> ControlFlow<()> {
@@ -131,6 +141,58 @@ impl VisitorMut for ScalarSubqueries {
                 }
             }
             _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// `[NOT] EXISTS (SELECT … FROM … WHERE …)` in a select list, which DataFusion plans
+/// only in a WHERE clause, becomes `[NOT] ((SELECT count(*) FROM … WHERE …) > 0)`: the
+/// same truth value, and a one-aggregate subquery DataFusion decorrelates (psql's `\d`
+/// of an index asks whether its constraint is deferrable this way). Other shapes, and
+/// EXISTS inside a nested query (`depth` > 0), are left as written.
+#[derive(Default)]
+struct ExistsAsCount {
+    depth: usize,
+}
+
+impl VisitorMut for ExistsAsCount {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, _: &mut Query) -> ControlFlow<()> {
+        self.depth += 1;
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_query(&mut self, _: &mut Query) -> ControlFlow<()> {
+        self.depth -= 1;
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(&mut self, expr: &mut SqlExpr) -> ControlFlow<()> {
+        let SqlExpr::Exists { subquery, negated } = expr else { return ControlFlow::Continue(()) };
+        if self.depth > 0 || subquery.with.is_some() || subquery.limit_clause.is_some() || subquery.fetch.is_some() {
+            return ControlFlow::Continue(());
+        }
+        let SetExpr::Select(select) = subquery.body.as_ref() else { return ControlFlow::Continue(()) };
+        let ungrouped = matches!(&select.group_by, GroupByExpr::Expressions(keys, modifiers) if keys.is_empty() && modifiers.is_empty());
+        if select.from.is_empty() || !ungrouped || select.having.is_some() || select.distinct.is_some() {
+            return ControlFlow::Continue(());
+        }
+        let mut counted = subquery.clone();
+        counted.order_by = None;
+        let SetExpr::Select(counting) = counted.body.as_mut() else { return ControlFlow::Continue(()) };
+        let Ok(count) = Parser::new(&PostgreSqlDialect {}).try_with_sql("count(*)").and_then(|mut p| p.parse_expr())
+        else {
+            return ControlFlow::Continue(());
+        };
+        counting.projection = vec![SelectItem::UnnamedExpr(count)];
+        let not = if *negated { "NOT " } else { "" };
+        if let Ok(replacement) = Parser::new(&PostgreSqlDialect {})
+            .try_with_sql(&format!("{not}(({counted}) > 0)"))
+            .and_then(|mut p| p.parse_expr())
+        {
+            *expr = replacement;
         }
         ControlFlow::Continue(())
     }
@@ -376,6 +438,24 @@ mod tests {
         );
         // Without FROM there is nothing to decorrelate.
         assert!(rewritten("SELECT (SELECT 1) FROM pg_class").contains("(SELECT 1)"));
+    }
+
+    #[test]
+    fn exists_in_a_select_list_counts() {
+        // psql 15 `\d index`.
+        let sql = "SELECT (NOT i.indimmediate) AND EXISTS (SELECT 1 FROM pg_catalog.pg_constraint WHERE conrelid = i.indrelid AND conindid = i.indexrelid AND contype IN ('p','u','x') AND condeferrable) AS condeferrable, NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = i.indrelid) FROM pg_catalog.pg_index i WHERE EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = i.indexrelid)";
+        let out = rewritten(sql);
+        assert!(
+            out.contains(
+                "(NOT i.indimmediate) AND ((SELECT count(*) FROM pg_catalog.pg_constraint WHERE conrelid = i.indrelid"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains("NOT ((SELECT count(*) FROM pg_catalog.pg_class c WHERE c.oid = i.indrelid) > 0)"),
+            "{out}"
+        );
+        assert!(out.contains("WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class c"), "a WHERE clause's stays: {out}");
     }
 
     #[test]

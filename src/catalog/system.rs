@@ -118,6 +118,7 @@ pub fn install(ctx: &SessionContext, cell: Arc<SnapshotCell>) -> Result<()> {
     }));
     register_key_functions(ctx, hidden.clone());
     register_size_functions(ctx, cell.clone(), hidden.clone());
+    register_database_size(ctx, cell.clone());
     let information_schema = InformationSchemaProvider::new(ctx.state().catalog_list().clone());
     catalog.register_schema(
         "information_schema",
@@ -400,6 +401,43 @@ fn register_size_functions(ctx: &SessionContext, cell: Arc<SnapshotCell>, known:
             Ok(Arc::new(sizes))
         }));
     }
+}
+
+/// `pg_database_size(name)`: the bytes of every table's, source's and materialized view's
+/// rows (see [`register_size_functions`]) for freshet's database, 0 for the other
+/// databases `pg_database` lists, which hold no rows (other DataFusion catalogs, and the
+/// `postgres` entry datafusion-pg-catalog always adds), 3D000 for a name it does not
+/// list, as in Postgres. By OID it is refused (0A000).
+fn register_database_size(ctx: &SessionContext, cell: Arc<SnapshotCell>) {
+    let catalogs = ctx.state().catalog_list().clone();
+    ctx.register_udf(TextFunction::typed_udf("pg_database_size", DataType::Int64, move |arrays, rows| {
+        let Some(names) = arrays.first() else {
+            return Ok(datafusion::arrow::array::new_null_array(&DataType::Int64, rows));
+        };
+        if !matches!(names.data_type(), DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8) {
+            return Err(datafusion::error::DataFusionError::External(Box::new(Error::not_supported(
+                "pg_database_size by OID (name the database instead)".to_string(),
+            ))));
+        }
+        let names = datafusion::arrow::compute::cast(names, &DataType::Utf8)?;
+        let names = datafusion::common::cast::as_string_array(&names)?;
+        let snapshot = cell.current();
+        let total: usize = snapshot.tables.values().chain(snapshot.views.values()).map(|v| v.memory_bytes()).sum();
+        let sizes = names
+            .iter()
+            .map(|name| match name {
+                None => Ok(None),
+                Some(CATALOG_NAME) => Ok(Some(i64::try_from(total).unwrap_or(i64::MAX))),
+                Some(other) if other == "postgres" || catalogs.catalog(other).is_some() => Ok(Some(0)),
+                Some(other) => Err(datafusion::error::DataFusionError::External(Box::new(Error::Plan {
+                    code: "3D000",
+                    message: format!("database \"{other}\" does not exist"),
+                    position: None,
+                }))),
+            })
+            .collect::<DfResult<datafusion::arrow::array::Int64Array>>()?;
+        Ok(Arc::new(sizes))
+    }));
 }
 
 /// The name the catalog rewrite gives `information_schema._pg_expandarray` (inside `unnest`).
