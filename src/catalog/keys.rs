@@ -1,6 +1,7 @@
 //! Primary keys and column defaults as Postgres' catalogs describe them, for the clients
 //! that read them there: pgjdbc's `getPrimaryKeys` (`pg_index`), psql's `\d` (index
-//! relations in `pg_class`, `pg_get_indexdef`, `pg_get_constraintdef`), Metabase's field
+//! relations in `pg_class` and their key columns in `pg_attribute`, `pg_get_indexdef`,
+//! `pg_get_constraintdef`), Metabase's field
 //! sync (`information_schema.table_constraints` and `key_column_usage`) and SQLAlchemy's
 //! column defaults (`pg_attrdef`).
 //!
