@@ -122,7 +122,7 @@ impl VisitorMut for ScalarSubqueries {
         let SetExpr::Select(select) = query.body.as_mut() else { return ControlFlow::Continue(()) };
         for item in &mut select.projection {
             if let SelectItem::UnnamedExpr(expr) | SelectItem::ExprWithAlias { expr, .. } = item {
-                let _ = VisitMut::visit(expr, &mut ExistsAsCount::default());
+                outside_subqueries(expr, exists_as_count);
             }
         }
         ControlFlow::Continue(())
@@ -137,7 +137,8 @@ impl VisitorMut for ScalarSubqueries {
                 let results =
                     conditions.iter_mut().map(|when| &mut when.result).chain(else_result.iter_mut().map(|e| &mut **e));
                 for result in results {
-                    let _ = VisitMut::visit(result, &mut RefuseWhereTaken::default());
+                    // Subqueries inside one that aggregates are left to this visitor's later steps.
+                    outside_subqueries(result, refuse_where_taken);
                 }
             }
             _ => {}
@@ -146,89 +147,80 @@ impl VisitorMut for ScalarSubqueries {
     }
 }
 
+/// Applies `rewrite` to every expression of a tree that is not inside a query nested in
+/// it (the expression itself first, then what it contains).
+fn outside_subqueries(expr: &mut SqlExpr, rewrite: impl FnMut(&mut SqlExpr)) {
+    let _ = VisitMut::visit(expr, &mut OutsideSubqueries { depth: 0, rewrite });
+}
+
+struct OutsideSubqueries<F> {
+    /// How many queries deep the visit is.
+    depth: usize,
+    rewrite: F,
+}
+
+impl<F: FnMut(&mut SqlExpr)> VisitorMut for OutsideSubqueries<F> {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, _: &mut Query) -> ControlFlow<()> {
+        self.depth += 1;
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_query(&mut self, _: &mut Query) -> ControlFlow<()> {
+        self.depth -= 1;
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(&mut self, expr: &mut SqlExpr) -> ControlFlow<()> {
+        if self.depth == 0 {
+            (self.rewrite)(expr);
+        }
+        ControlFlow::Continue(())
+    }
+}
+
 /// `[NOT] EXISTS (SELECT … FROM … WHERE …)` in a select list, which DataFusion plans
 /// only in a WHERE clause, becomes `[NOT] ((SELECT count(*) FROM … WHERE …) > 0)`: the
 /// same truth value, and a one-aggregate subquery DataFusion decorrelates (psql's `\d`
-/// of an index asks whether its constraint is deferrable this way). Other shapes, and
-/// EXISTS inside a nested query (`depth` > 0), are left as written.
-#[derive(Default)]
-struct ExistsAsCount {
-    depth: usize,
-}
-
-impl VisitorMut for ExistsAsCount {
-    type Break = ();
-
-    fn pre_visit_query(&mut self, _: &mut Query) -> ControlFlow<()> {
-        self.depth += 1;
-        ControlFlow::Continue(())
+/// of an index asks whether its constraint is deferrable this way). Other shapes are left
+/// as written.
+fn exists_as_count(expr: &mut SqlExpr) {
+    let SqlExpr::Exists { subquery, negated } = expr else { return };
+    if subquery.with.is_some() || subquery.limit_clause.is_some() || subquery.fetch.is_some() {
+        return;
     }
-
-    fn post_visit_query(&mut self, _: &mut Query) -> ControlFlow<()> {
-        self.depth -= 1;
-        ControlFlow::Continue(())
+    let SetExpr::Select(select) = subquery.body.as_ref() else { return };
+    let ungrouped = matches!(&select.group_by, GroupByExpr::Expressions(keys, modifiers) if keys.is_empty() && modifiers.is_empty());
+    if select.from.is_empty() || !ungrouped || select.having.is_some() || select.distinct.is_some() {
+        return;
     }
-
-    fn pre_visit_expr(&mut self, expr: &mut SqlExpr) -> ControlFlow<()> {
-        let SqlExpr::Exists { subquery, negated } = expr else { return ControlFlow::Continue(()) };
-        if self.depth > 0 || subquery.with.is_some() || subquery.limit_clause.is_some() || subquery.fetch.is_some() {
-            return ControlFlow::Continue(());
-        }
-        let SetExpr::Select(select) = subquery.body.as_ref() else { return ControlFlow::Continue(()) };
-        let ungrouped = matches!(&select.group_by, GroupByExpr::Expressions(keys, modifiers) if keys.is_empty() && modifiers.is_empty());
-        if select.from.is_empty() || !ungrouped || select.having.is_some() || select.distinct.is_some() {
-            return ControlFlow::Continue(());
-        }
-        let mut counted = subquery.clone();
-        counted.order_by = None;
-        let SetExpr::Select(counting) = counted.body.as_mut() else { return ControlFlow::Continue(()) };
-        let Ok(count) = Parser::new(&PostgreSqlDialect {}).try_with_sql("count(*)").and_then(|mut p| p.parse_expr())
-        else {
-            return ControlFlow::Continue(());
-        };
-        counting.projection = vec![SelectItem::UnnamedExpr(count)];
-        let not = if *negated { "NOT " } else { "" };
-        if let Ok(replacement) = Parser::new(&PostgreSqlDialect {})
-            .try_with_sql(&format!("{not}(({counted}) > 0)"))
-            .and_then(|mut p| p.parse_expr())
-        {
-            *expr = replacement;
-        }
-        ControlFlow::Continue(())
+    let mut counted = subquery.clone();
+    counted.order_by = None;
+    let SetExpr::Select(counting) = counted.body.as_mut() else { return };
+    let Ok(count) = Parser::new(&PostgreSqlDialect {}).try_with_sql("count(*)").and_then(|mut p| p.parse_expr()) else {
+        return;
+    };
+    counting.projection = vec![SelectItem::UnnamedExpr(count)];
+    let not = if *negated { "NOT " } else { "" };
+    if let Ok(replacement) = Parser::new(&PostgreSqlDialect {})
+        .try_with_sql(&format!("{not}(({counted}) > 0)"))
+        .and_then(|mut p| p.parse_expr())
+    {
+        *expr = replacement;
     }
 }
 
-/// Replaces every scalar subquery of a CASE result that does not aggregate with
-/// [`UNSUPPORTED_SUBQUERY`] (see [`ScalarSubqueries`]). Subqueries inside one that
-/// aggregates (`depth` > 0) are that subquery's business, left to [`ScalarSubqueries`].
-#[derive(Default)]
-struct RefuseWhereTaken {
-    depth: usize,
-}
-
-impl VisitorMut for RefuseWhereTaken {
-    type Break = ();
-
-    fn pre_visit_query(&mut self, _: &mut Query) -> ControlFlow<()> {
-        self.depth += 1;
-        ControlFlow::Continue(())
+/// A scalar subquery of a CASE result that does not aggregate becomes
+/// [`UNSUPPORTED_SUBQUERY`] (see [`ScalarSubqueries`]).
+fn refuse_where_taken(expr: &mut SqlExpr) {
+    let SqlExpr::Subquery(query) = expr else { return };
+    if aggregates(query) {
+        return;
     }
-
-    fn post_visit_query(&mut self, _: &mut Query) -> ControlFlow<()> {
-        self.depth -= 1;
-        ControlFlow::Continue(())
-    }
-
-    fn pre_visit_expr(&mut self, expr: &mut SqlExpr) -> ControlFlow<()> {
-        let SqlExpr::Subquery(query) = expr else { return ControlFlow::Continue(()) };
-        if self.depth > 0 || aggregates(query) {
-            return ControlFlow::Continue(());
-        }
-        let text = SqlExpr::Value(SqlValue::SingleQuotedString(query.to_string()).with_empty_span());
-        if let Some(refusal) = super::system::call(UNSUPPORTED_SUBQUERY, vec![text]) {
-            *expr = refusal;
-        }
-        ControlFlow::Continue(())
+    let text = SqlExpr::Value(SqlValue::SingleQuotedString(query.to_string()).with_empty_span());
+    if let Some(refusal) = super::system::call(UNSUPPORTED_SUBQUERY, vec![text]) {
+        *expr = refusal;
     }
 }
 
