@@ -236,6 +236,15 @@ fn classify_plan_message(message: &str) -> Error {
     {
         return Error::TypeMismatch { message: message.to_string(), position: None };
     }
+    if let Some(name) = missing_catalog_function(message) {
+        return Error::NotSupported {
+            feature: format!("the Postgres catalog function {name}"),
+            hint: Some(
+                "freshet's catalog has the functions psql, pgjdbc, SQLAlchemy and BI tools' catalog queries use (see the README's Compatibility section)"
+                    .into(),
+            ),
+        };
+    }
     if lower.contains("invalid function") || lower.contains("function") && lower.contains("not found") {
         return Error::Plan { code: "42883", message: message.to_string(), position: None };
     }
@@ -254,6 +263,16 @@ fn classify_arrow_message(message: &str) -> Error {
         "22000"
     };
     Error::InvalidValue { code, message: message.to_string() }
+}
+
+/// A Postgres system function (`pg_…`) freshet does not have, from DataFusion's "Invalid
+/// function 'pg_catalog.pg_x'": what a client's catalog query freshet cannot answer
+/// runs into, so 0A000 rather than 42883 (freshet has no user-defined functions, so a
+/// `pg_` name is never a user's typo for one of theirs).
+fn missing_catalog_function(message: &str) -> Option<String> {
+    let name = message.strip_prefix("Invalid function '")?.split('\'').next()?;
+    let bare = name.strip_prefix("pg_catalog.").unwrap_or(name);
+    bare.starts_with("pg_").then(|| bare.to_string())
 }
 
 /// DataFusion reports a missing table as "table 'freshet.public.t' not found".
@@ -360,6 +379,17 @@ mod tests {
             assert_eq!(e.sqlstate(), "0A000", "{e}");
             assert!(e.to_string().starts_with("a correlated"), "{e}");
         }
+    }
+
+    #[test]
+    fn missing_catalog_functions_are_0a000() {
+        let e = classify_plan_message(
+            "Invalid function 'pg_catalog.pg_tablespace_location'.\nDid you mean 'pg_table_size'?",
+        );
+        assert_eq!(e.sqlstate(), "0A000", "{e}");
+        assert!(e.to_string().contains("the Postgres catalog function pg_tablespace_location"), "{e}");
+        let e = classify_plan_message("Invalid function 'frobnicate'.\nDid you mean 'format'?");
+        assert_eq!(e.sqlstate(), "42883", "{e}");
     }
 
     #[test]

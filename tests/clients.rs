@@ -98,8 +98,28 @@ async fn psql_meta_commands_describe_tables_and_views() {
     assert!(keyed.contains("Indexes:\n    \"sites_pkey\" PRIMARY KEY, btree (id)"), "{keyed}");
     assert!(keyed.contains("name|text||not null|'unnamed'"), "{keyed}");
 
+    // An index relation describes its key columns, in key order.
+    let index = psql_out(&server, &["-c", r"\d stations_pkey"]).await;
+    assert!(index.contains("Index \"public.stations_pkey\""), "{index}");
+    assert!(index.contains("id|integer|yes|id\nregion|text|yes|region"), "{index}");
+    assert!(index.contains("primary key, btree, for table \"public.stations\""), "{index}");
+
+    // Sizes are the bytes of the rows held in memory: a table with rows has some, one
+    // without and a view have none.
+    let sizes = psql_out(&server, &["-c", r"\dt+"]).await;
+    let size_of = |listing: &str, name: &str| -> Option<i64> {
+        let line = listing.lines().find(|l| l.starts_with(&format!("public|{name}|")))?;
+        line.split('|').find_map(|field| field.strip_suffix(" bytes").or(field.strip_suffix(" kB"))?.parse().ok())
+    };
+    assert!(size_of(&sizes, "readings").is_some_and(|bytes| bytes > 0), "{sizes}");
+    assert_eq!(size_of(&sizes, "stations"), Some(0), "{sizes}");
+    let views = psql_out(&server, &["-c", r"\dv+"]).await;
+    assert_eq!(size_of(&views, "hot"), Some(0), "{views}");
+
     let databases = psql_out(&server, &["-c", r"\l"]).await;
     assert!(databases.lines().any(|l| l.starts_with("freshet|freshet|")), "{databases}");
+    let databases = psql_out(&server, &["-c", r"\l+"]).await;
+    assert!(databases.lines().any(|l| l.starts_with("freshet|freshet|") && l.contains(" bytes|")), "{databases}");
     let schemas = psql_out(&server, &["-c", r"\dn"]).await;
     assert!(schemas.contains("public|freshet"), "{schemas}");
     let roles = psql_out(&server, &["-c", r"\du"]).await;
@@ -151,6 +171,21 @@ async fn pgjdbc_lists_tables_and_columns_and_runs_prepared_statements() {
         "inserted 1",
         "in transaction count 2",
         "application_name jdbc-check",
+        // getSchemas, getCatalogs and getTypeInfo: freshet's schema, database and types.
+        "schema public",
+        "schema pg_catalog",
+        "schema information_schema",
+        "catalog freshet",
+        "type int4 4",
+        "type int8 -5",
+        "type text 12",
+        "type float8 8",
+        "type timestamp 93",
+        "type bool -7",
+        // freshet has no foreign keys or procedures: empty, as Postgres answers without them.
+        "foreign keys readings imported 0 exported 0",
+        "foreign keys stations imported 0 exported 0",
+        "procedures public 0",
     ] {
         assert!(lines.contains(&expected), "pgjdbc printed {expected:?}:\n{out}");
     }
@@ -184,8 +219,25 @@ async fn psycopg_sqlalchemy_and_pandas_read_the_catalog_and_a_view() {
         // get_pk_constraint: the key's name and its columns in key order, not table order.
         "pk stations stations_pkey ['id', 'region']",
         "pk readings readings_pkey ['id']",
-        "default stations region None",
-        "default stations name 'unnamed'",
+        // The default, and the collation SQLAlchemy tests with a subquery in a CASE
+        // condition: computed (freshet's columns have no collation of their own), not a
+        // NULL stamped on the unplannable.
+        "default stations region None collation None",
+        "default stations name 'unnamed' collation None",
+        "schemas ['freshet_catalog', 'information_schema', 'public']",
+        "has_table readings True",
+        "has_table hot True",
+        "has_table per_device True",
+        "has_table nope False",
+        // A primary key's index is the key's, which get_indexes leaves out, as on Postgres;
+        // freshet has no other indexes and no unique, foreign-key or check constraints.
+        "indexes readings []",
+        "indexes stations []",
+        "unique stations []",
+        "foreign keys stations []",
+        "checks stations []",
+        "view definition hot SELECT id, device FROM readings WHERE temperature > 20",
+        "view definition per_device SELECT device, avg(temperature) AS avg_temp, count(*) AS n FROM readings GROUP BY device",
         "frame d-1 20.25 2",
         "frame d-2 30.0 1",
         "frame d-8 2.5 1",

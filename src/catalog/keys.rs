@@ -1,6 +1,7 @@
 //! Primary keys and column defaults as Postgres' catalogs describe them, for the clients
 //! that read them there: pgjdbc's `getPrimaryKeys` (`pg_index`), psql's `\d` (index
-//! relations in `pg_class`, `pg_get_indexdef`, `pg_get_constraintdef`), Metabase's field
+//! relations in `pg_class` and their key columns in `pg_attribute`, `pg_get_indexdef`,
+//! `pg_get_constraintdef`), Metabase's field
 //! sync (`information_schema.table_constraints` and `key_column_usage`) and SQLAlchemy's
 //! column defaults (`pg_attrdef`).
 //!
@@ -89,6 +90,8 @@ pub(super) struct PrimaryKey {
     pub name: String,
     /// `(attnum, column name)` in key order; attnums count from 1.
     pub columns: Vec<(i16, String)>,
+    /// The OID of each key column's type (as `pg_attribute.atttypid` has it), in key order.
+    pub types: Vec<i32>,
 }
 
 impl PrimaryKey {
@@ -131,15 +134,71 @@ pub(super) fn primary_keys(snapshot: &Snapshot, oids: &PublicOids) -> Vec<Primar
             let def = &version.def;
             let table_oid = *oids.relations.get(&def.name)?;
             let columns = def.primary_key.iter().map(|&i| (attnum(i), def.schema.field(i).name().clone())).collect();
+            let types = def.primary_key.iter().map(|&i| type_oid(def.schema.field(i))).collect();
             Some(PrimaryKey {
                 table: def.name.clone(),
                 table_oid,
                 namespace_oid: oids.namespace,
                 name: def.primary_key_name(),
                 columns,
+                types,
             })
         })
         .collect()
+}
+
+/// The OID of the Postgres type the wire protocol sends for `field` (0 when it has none).
+fn type_oid(field: &Field) -> i32 {
+    if crate::sql::is_json(field) {
+        return JSON_TYPE_OID;
+    }
+    datafusion_postgres::arrow_pg::datatypes::into_pg_type(field.data_type())
+        .ok()
+        .and_then(|t| i32::try_from(t.oid()).ok())
+        .unwrap_or(0)
+}
+
+/// The OID of Postgres' `json` type.
+pub(super) const JSON_TYPE_OID: i32 = 114;
+
+/// The default btree operator class of each type (`pg_opclass.opcintype` → `oid`), read
+/// from the crate's `pg_opclass`: what `pg_index.indclass` lists for a key column.
+pub(super) async fn default_btree_opclasses(
+    pg_catalog: &dyn SchemaProvider,
+    state: &dyn Session,
+) -> DfResult<HashMap<i32, i32>> {
+    let mut classes = HashMap::new();
+    let Some(table) = pg_catalog.table("pg_opclass").await? else { return Ok(classes) };
+    for batch in scan_all(table.as_ref(), state).await? {
+        let column = |name: &str, to: &DataType| -> DfResult<Option<ArrayRef>> {
+            let Ok(i) = batch.schema().index_of(name) else { return Ok(None) };
+            Ok(Some(datafusion::arrow::compute::cast(batch.column(i), to)?))
+        };
+        let (Some(oids), Some(methods), Some(types), Some(defaults)) = (
+            column("oid", &DataType::Int32)?,
+            column("opcmethod", &DataType::Int32)?,
+            column("opcintype", &DataType::Int32)?,
+            column("opcdefault", &DataType::Boolean)?,
+        ) else {
+            continue;
+        };
+        let oids = datafusion::common::cast::as_int32_array(&oids)?;
+        let methods = datafusion::common::cast::as_int32_array(&methods)?;
+        let types = datafusion::common::cast::as_int32_array(&types)?;
+        let defaults = datafusion::common::cast::as_boolean_array(&defaults)?;
+        for row in 0..batch.num_rows() {
+            if methods.is_valid(row)
+                && methods.value(row) == BTREE_AM_OID
+                && defaults.is_valid(row)
+                && defaults.value(row)
+                && types.is_valid(row)
+                && oids.is_valid(row)
+            {
+                classes.insert(types.value(row), oids.value(row));
+            }
+        }
+    }
+    Ok(classes)
 }
 
 /// A column's attnum: its 1-based position (freshet tables never drop columns).
@@ -181,11 +240,57 @@ pub(super) fn index_classes(batch: &RecordBatch, keys: &[PrimaryKey]) -> DfResul
     Ok(Some(datafusion::arrow::compute::concat_batches(&batch.schema(), &rows)?))
 }
 
-/// Rows for `pg_index` (schema `schema`), one per primary key.
-pub(super) fn index_rows(schema: &SchemaRef, keys: &[PrimaryKey]) -> DfResult<RecordBatch> {
+/// `pg_attribute` rows for the index relations behind `keys`, one per key column,
+/// numbered from 1 in key order and otherwise copied from the table's row for that column
+/// in `batches` (its name and type), as Postgres describes an index's columns. As there,
+/// `attnotnull` and `atthasdef` are false: they belong to the table's columns.
+pub(super) fn index_attributes(batches: &[RecordBatch], keys: &[PrimaryKey]) -> DfResult<Option<RecordBatch>> {
+    let Some(schema) = batches.first().map(RecordBatch::schema) else { return Ok(None) };
+    let mut rows = Vec::new();
+    for key in keys {
+        for (position, (_, column)) in key.columns.iter().enumerate() {
+            let found = batches.iter().find_map(|batch| {
+                let (relations, names) = (int32_column(batch, "attrelid")?, text_column(batch, "attname")?);
+                let row = (0..batch.num_rows()).find(|&r| {
+                    relations.is_valid(r)
+                        && relations.value(r) == key.table_oid
+                        && names.is_valid(r)
+                        && names.value(r) == column
+                })?;
+                Some((batch, row))
+            });
+            let Some((batch, row)) = found else { continue };
+            let mut columns: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns());
+            for (field, array) in schema.fields().iter().zip(batch.columns()) {
+                let replaced: Option<ArrayRef> = match field.name().as_str() {
+                    "attrelid" => Some(Arc::new(Int32Array::from(vec![key.index_oid()]))),
+                    "attnum" => Some(Arc::new(Int16Array::from(vec![attnum(position)]))),
+                    "attnotnull" | "atthasdef" => Some(Arc::new(BooleanArray::from(vec![false]))),
+                    _ => None,
+                };
+                columns.push(match replaced {
+                    Some(replaced) if replaced.data_type() == field.data_type() => replaced,
+                    _ => array.slice(row, 1),
+                });
+            }
+            rows.push(RecordBatch::try_new(schema.clone(), columns)?);
+        }
+    }
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(datafusion::arrow::compute::concat_batches(&schema, &rows)?))
+}
+
+/// Rows for `pg_index` (schema `schema`), one per primary key; `opclasses` are the
+/// default btree operator classes by type ([`default_btree_opclasses`]).
+pub(super) fn index_rows(
+    schema: &SchemaRef,
+    keys: &[PrimaryKey],
+    opclasses: &HashMap<i32, i32>,
+) -> DfResult<RecordBatch> {
     let n = keys.len();
     let natts: Vec<i16> = keys.iter().map(|k| attnum(k.columns.len() - 1)).collect();
-    let repeat = |value: &str, k: &PrimaryKey| vec![value; k.columns.len()].join(" ");
     build_rows(schema, n, |name| -> Option<ArrayRef> {
         Some(match name {
             "indexrelid" => Arc::new(Int32Array::from_iter_values(keys.iter().map(PrimaryKey::index_oid))),
@@ -200,8 +305,11 @@ pub(super) fn index_rows(schema: &SchemaRef, keys: &[PrimaryKey]) -> DfResult<Re
             "indkey" => Arc::new(int2_lists(keys.iter().map(|k| Some(k.columns.iter().map(|(n, _)| *n).collect())))),
             // Every key column sorts ascending, NULLs last: option bits 0.
             "indoption" => Arc::new(int2_lists(keys.iter().map(|k| Some(vec![0; k.columns.len()])))),
-            // An oidvector, in its text form ("0 0"): no collations.
-            "indcollation" => Arc::new(StringArray::from_iter_values(keys.iter().map(|k| repeat("0", k)))),
+            // No collations, as `pg_attribute.attcollation` says of freshet's columns.
+            "indcollation" => Arc::new(oid_lists(keys.iter().map(|k| Some(vec![0; k.columns.len()])))),
+            "indclass" => Arc::new(oid_lists(
+                keys.iter().map(|k| Some(k.types.iter().map(|t| opclasses.get(t).copied().unwrap_or(0)).collect())),
+            )),
             _ => return None,
         })
     })
@@ -231,37 +339,40 @@ pub(super) fn constraint_rows(schema: &SchemaRef, keys: &[PrimaryKey]) -> DfResu
 }
 
 /// The columns of `pg_constraint` that are int2 arrays in Postgres and text in the crate.
-pub(super) const CONSTRAINT_ARRAYS: &[&str] = &["conkey", "confkey"];
-/// The columns of `pg_index` that are int2vectors in Postgres and text in the crate.
-pub(super) const INDEX_ARRAYS: &[&str] = &["indkey", "indoption"];
+pub(super) const CONSTRAINT_ARRAYS: &[(&str, DataType)] = &[("conkey", DataType::Int16), ("confkey", DataType::Int16)];
+/// The columns of `pg_index` that are int2vectors (`indkey`, `indoption`) or oidvectors
+/// (`indclass`, `indcollation`) in Postgres and text in the crate.
+pub(super) const INDEX_ARRAYS: &[(&str, DataType)] = &[
+    ("indkey", DataType::Int16),
+    ("indoption", DataType::Int16),
+    ("indclass", DataType::Int32),
+    ("indcollation", DataType::Int32),
+];
 
-/// `inner` with the `arrays` columns as int2 arrays, as in Postgres (the crate keeps them
-/// as text), so that clients' `attnum = ANY(conkey)`, `unnest(indkey)` and
-/// `indoption[i]` plan.
+/// `inner` with the `arrays` columns as arrays of their element types, as in Postgres
+/// (the crate keeps them as text), so that clients' `attnum = ANY(conkey)`,
+/// `unnest(indkey)` and `indoption[i]` plan.
 ///
-/// An int2vector (`indkey`, `indoption`) becomes an int2 array: its elements and order
-/// are the same, but it counts from 1 where an int2vector counts from 0, and it prints as
-/// `{1,2}` rather than `1 2`. Clients read these through `unnest`, `_pg_expandarray` or
-/// `generate_subscripts` (order only); pgjdbc's `indoption[position - 1]` reads NULL for
-/// the first column and option 0 for the others, and decides "ascending" either way,
-/// which every freshet key column is.
-pub(super) fn with_int2_arrays(inner: &SchemaRef, arrays: &[&str]) -> SchemaRef {
+/// An int2vector or oidvector becomes an array of the same elements in the same order.
+/// Postgres numbers a vector's elements from 0 where an array counts from 1; the catalog
+/// rewrite ([`super::system::parse`]) shifts subscripts and `generate_subscripts` of
+/// these columns by one, so clients read the elements they mean.
+pub(super) fn with_arrays(inner: &SchemaRef, arrays: &[(&str, DataType)]) -> SchemaRef {
     let fields: Vec<Field> = inner
         .fields()
         .iter()
-        .map(|f| {
-            if arrays.contains(&f.name().as_str()) {
-                Field::new(f.name(), int2_list_type(), true)
-            } else {
-                f.as_ref().clone()
+        .map(|f| match arrays.iter().find(|(name, _)| name == f.name()) {
+            Some((_, element)) => {
+                Field::new(f.name(), DataType::List(Arc::new(Field::new_list_field(element.clone(), true))), true)
             }
+            None => f.as_ref().clone(),
         })
         .collect();
     Arc::new(Schema::new(fields))
 }
 
-/// The crate's rows converted to `schema` (from [`with_int2_arrays`]).
-pub(super) fn convert_int2_arrays(batch: &RecordBatch, schema: &SchemaRef) -> DfResult<RecordBatch> {
+/// The crate's rows converted to `schema` (from [`with_arrays`]).
+pub(super) fn convert_arrays(batch: &RecordBatch, schema: &SchemaRef) -> DfResult<RecordBatch> {
     let mut columns = Vec::with_capacity(batch.num_columns());
     for (field, column) in schema.fields().iter().zip(batch.columns()) {
         if field.data_type() == column.data_type() {
@@ -270,16 +381,12 @@ pub(super) fn convert_int2_arrays(batch: &RecordBatch, schema: &SchemaRef) -> Df
         }
         let text = column.as_any().downcast_ref::<StringArray>();
         let lists = match text {
-            Some(text) => int2_lists(text.iter().map(|t| t.map(parse_int_list))),
-            None => int2_lists((0..column.len()).map(|_| None)),
+            Some(text) => int_lists(text.iter().map(|t| t.map(parse_ints::<i64>))),
+            None => int_lists((0..column.len()).map(|_| None)),
         };
-        columns.push(Arc::new(lists) as ArrayRef);
+        columns.push(datafusion::arrow::compute::cast(&lists, field.data_type())?);
     }
     Ok(RecordBatch::try_new(schema.clone(), columns)?)
-}
-
-fn int2_list_type() -> DataType {
-    DataType::List(Arc::new(Field::new_list_field(DataType::Int16, true)))
 }
 
 fn int2_lists(lists: impl Iterator<Item = Option<Vec<i16>>>) -> ListArray {
@@ -288,9 +395,25 @@ fn int2_lists(lists: impl Iterator<Item = Option<Vec<i16>>>) -> ListArray {
     )
 }
 
+fn oid_lists(lists: impl Iterator<Item = Option<Vec<i32>>>) -> ListArray {
+    ListArray::from_iter_primitive::<datafusion::arrow::datatypes::Int32Type, _, _>(
+        lists.map(|list| list.map(|values| values.into_iter().map(Some).collect::<Vec<_>>())),
+    )
+}
+
+fn int_lists(lists: impl Iterator<Item = Option<Vec<i64>>>) -> ListArray {
+    ListArray::from_iter_primitive::<datafusion::arrow::datatypes::Int64Type, _, _>(
+        lists.map(|list| list.map(|values| values.into_iter().map(Some).collect::<Vec<_>>())),
+    )
+}
+
 /// The integers of an array or vector in any of the text forms catalogs use:
 /// `1 2` (int2vector), `{1,2}` (Postgres arrays), `[1, 2]`.
 pub(super) fn parse_int_list(text: &str) -> Vec<i16> {
+    parse_ints(text)
+}
+
+fn parse_ints<T: std::str::FromStr>(text: &str) -> Vec<T> {
     text.split(|c: char| c.is_whitespace() || matches!(c, ',' | '{' | '}' | '[' | ']'))
         .filter_map(|part| part.parse().ok())
         .collect()

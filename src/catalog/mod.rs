@@ -5,7 +5,7 @@
 //! sources, the running materialized views (`view`), the ingest tasks of sources
 //! (`source`, with their connector positions and dead letters), the sinks writing views
 //! out (`sink`), the models and their versions (`model`), the system catalog clients
-//! introspect (`system`, with primary keys and defaults in `keys` and select-list subqueries
+//! introspect (`system`, with primary keys and defaults in `keys` and scalar subqueries
 //! in `subqueries`), the connector status relations of `freshet_catalog` (`status`),
 //! point lookups by key answered from an index instead of a plan (`lookup`), and the
 //! durable log. Statement execution follows one rule: a change is applied in memory

@@ -11,8 +11,8 @@
 //!
 //! [`parse`] sends catalog queries through the same crate's rewriting rules, which turn
 //! the Postgres-only syntax clients use (`'t'::regclass`, `OPERATOR(pg_catalog.~)`, …) into
-//! SQL DataFusion plans; `subqueries` answers the scalar subqueries of select lists in
-//! place of the crate's rule that makes them NULL. Nothing here changes data.
+//! SQL DataFusion plans; `subqueries` answers the scalar subqueries of select lists and
+//! CASE expressions in place of the crate's rule that makes them NULL. Nothing here changes data.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ops::ControlFlow;
@@ -29,7 +29,9 @@ use datafusion::logical_expr::{ColumnarValue, Expr, ScalarUDF, TableType, Volati
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::Statement as DFStatement;
-use datafusion::sql::sqlparser::ast::{Expr as SqlExpr, Value as SqlValue, Visit, VisitMut, Visitor, VisitorMut};
+use datafusion::sql::sqlparser::ast::{
+    AccessExpr, Expr as SqlExpr, Subscript, Value as SqlValue, VisitMut, VisitorMut,
+};
 use datafusion_pg_catalog::pg_catalog::context::{PgCatalogContextProvider, Role};
 
 use super::table::SnapshotCell;
@@ -115,6 +117,8 @@ pub fn install(ctx: &SessionContext, cell: Arc<SnapshotCell>) -> Result<()> {
         Ok(Arc::new(definitions))
     }));
     register_key_functions(ctx, hidden.clone());
+    register_size_functions(ctx, cell.clone(), hidden.clone());
+    register_database_size(ctx, cell.clone());
     let information_schema = InformationSchemaProvider::new(ctx.state().catalog_list().clone());
     catalog.register_schema(
         "information_schema",
@@ -135,9 +139,9 @@ fn register_functions(ctx: &SessionContext) {
         }));
     }
     ctx.register_udf(TextFunction::udf("json_build_object", json_build_object));
-    register_unsupported_subquery(ctx);
     super::subqueries::register(ctx);
     ctx.register_udf(TextFunction::udf("format", pg_format));
+    register_like_escape(ctx);
     // Descriptions, comments and definitions freshet does not keep: NULL, as in Postgres
     // for an object without a comment.
     for name in [
@@ -156,10 +160,6 @@ fn register_functions(ctx: &SessionContext) {
         let names = datafusion::common::cast::as_string_array(names)?;
         let oids: datafusion::arrow::array::Int32Array = names.iter().map(|n| n.and_then(type_oid)).collect();
         Ok(Arc::new(oids))
-    }));
-    // Sizes: freshet keeps no per-relation byte counts, so they are unknown (NULL).
-    ctx.register_udf(unary_udf("pg_table_size", DataType::Int32, DataType::Int64, |oids| {
-        Ok(datafusion::arrow::array::new_null_array(&DataType::Int64, oids.len()))
     }));
     ctx.register_udf(unary_udf("pg_size_pretty", DataType::Int64, DataType::Utf8, |sizes| {
         let sizes = datafusion::common::cast::as_int64_array(sizes)?;
@@ -362,6 +362,84 @@ fn register_key_functions(ctx: &SessionContext, known: Hidden) {
     ctx.register_udf(TextFunction::typed_udf(EXPAND_ARRAY, expanded, super::keys::expand_array));
 }
 
+/// `pg_relation_size`, `pg_table_size`, `pg_total_relation_size` and `pg_indexes_size`
+/// by OID, from what the last `pg_class` scan learnt (`known`) and the current snapshot.
+///
+/// freshet keeps a relation's rows as Arrow arrays in memory (the durable copy is the log
+/// and snapshots in object storage), so a table's, source's or materialized view's size is
+/// the bytes of those arrays ([`super::table::TableVersion::memory_bytes`]), and all four
+/// functions report the same number for it but `pg_indexes_size`, which is 0: the key
+/// index a lookup builds is not counted. Relations that hold no rows of their own (plain
+/// views, primary-key indexes, system catalogs) are 0; an OID no relation has is NULL, as
+/// in Postgres.
+fn register_size_functions(ctx: &SessionContext, cell: Arc<SnapshotCell>, known: Hidden) {
+    for name in ["pg_relation_size", "pg_table_size", "pg_total_relation_size", "pg_indexes_size"] {
+        let (cell, known) = (cell.clone(), known.clone());
+        let indexes_only = name == "pg_indexes_size";
+        ctx.register_udf(TextFunction::typed_udf(name, DataType::Int64, move |arrays, rows| {
+            let Some(oids) = arrays.first() else {
+                return Ok(datafusion::arrow::array::new_null_array(&DataType::Int64, rows));
+            };
+            let oids = datafusion::arrow::compute::cast(oids, &DataType::Int32)?;
+            let oids = datafusion::common::cast::as_int32_array(&oids)?;
+            let snapshot = cell.current();
+            let known = read(&known);
+            let sizes: datafusion::arrow::array::Int64Array = oids
+                .iter()
+                .map(|oid| {
+                    let oid = oid?;
+                    if !known.relations.contains(&oid) {
+                        return None;
+                    }
+                    let held = known.public.get(&oid).and_then(|name| snapshot.relation(name));
+                    Some(match held {
+                        Some(version) if !indexes_only => i64::try_from(version.memory_bytes()).unwrap_or(i64::MAX),
+                        _ => 0,
+                    })
+                })
+                .collect();
+            Ok(Arc::new(sizes))
+        }));
+    }
+}
+
+/// `pg_database_size(name)`: the bytes of every table's, source's and materialized view's
+/// rows (see [`register_size_functions`]) for freshet's database, 0 for the other
+/// databases `pg_database` lists, which hold no rows (other DataFusion catalogs, and the
+/// `postgres` entry datafusion-pg-catalog always adds), 3D000 for a name it does not
+/// list, as in Postgres. By OID it is refused (0A000).
+fn register_database_size(ctx: &SessionContext, cell: Arc<SnapshotCell>) {
+    let catalogs = ctx.state().catalog_list().clone();
+    ctx.register_udf(TextFunction::typed_udf("pg_database_size", DataType::Int64, move |arrays, rows| {
+        let Some(names) = arrays.first() else {
+            return Ok(datafusion::arrow::array::new_null_array(&DataType::Int64, rows));
+        };
+        if !matches!(names.data_type(), DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8) {
+            return Err(datafusion::error::DataFusionError::External(Box::new(Error::not_supported(
+                "pg_database_size by OID (name the database instead)".to_string(),
+            ))));
+        }
+        let names = datafusion::arrow::compute::cast(names, &DataType::Utf8)?;
+        let names = datafusion::common::cast::as_string_array(&names)?;
+        let snapshot = cell.current();
+        let total: usize = snapshot.tables.values().chain(snapshot.views.values()).map(|v| v.memory_bytes()).sum();
+        let sizes = names
+            .iter()
+            .map(|name| match name {
+                None => Ok(None),
+                Some(CATALOG_NAME) => Ok(Some(i64::try_from(total).unwrap_or(i64::MAX))),
+                Some(other) if other == "postgres" || catalogs.catalog(other).is_some() => Ok(Some(0)),
+                Some(other) => Err(datafusion::error::DataFusionError::External(Box::new(Error::Plan {
+                    code: "3D000",
+                    message: format!("database \"{other}\" does not exist"),
+                    position: None,
+                }))),
+            })
+            .collect::<DfResult<datafusion::arrow::array::Int64Array>>()?;
+        Ok(Arc::new(sizes))
+    }));
+}
+
 /// The name the catalog rewrite gives `information_schema._pg_expandarray` (inside `unnest`).
 const EXPAND_ARRAY: &str = "_pg_expandarray";
 
@@ -559,7 +637,7 @@ pub fn parse(text: &str, setting: &dyn Fn(&str) -> Result<String>) -> Result<Vec
             .into_iter()
             .map(|mut s| {
                 let _ = VisitMut::visit(&mut s, &mut CompositeValues);
-                let _ = VisitMut::visit(&mut s, &mut NullCaseSubqueries);
+                let _ = VisitMut::visit(&mut s, &mut UnnamedLiterals);
                 Statement::Sql(DFStatement::Statement(Box::new(s)))
             })
             .collect()),
@@ -606,11 +684,42 @@ impl VisitorMut for CompositeValues {
                     .is_some_and(|i| i.value.eq_ignore_ascii_case("generate_subscripts")) =>
             {
                 match function_args(f).as_deref() {
+                    // A vector's subscripts start at 0, an array's at 1.
                     Some([array, dimension]) => {
-                        parse_expr(&format!("unnest(range(1, CAST(array_length({array}, {dimension}) AS BIGINT) + 1))"))
+                        let first = if is_vector_column(array) { 0 } else { 1 };
+                        parse_expr(&format!(
+                            "unnest(range({first}, CAST(array_length({array}, {dimension}) AS BIGINT) + {first}))"
+                        ))
                     }
                     _ => None,
                 }
+            }
+            // `vector[i]` reads the element Postgres numbers i, which the array holds at i + 1.
+            SqlExpr::CompoundFieldAccess { root, access_chain } if vector_subscript(root, access_chain).is_some() => {
+                let mut access_chain = access_chain.clone();
+                if let Some(AccessExpr::Subscript(Subscript::Index { index })) = access_chain.last_mut()
+                    && let Some(shifted) = parse_expr(&format!("({index}) + 1"))
+                {
+                    *index = shifted;
+                }
+                Some(SqlExpr::CompoundFieldAccess { root: root.clone(), access_chain })
+            }
+            // DataFusion's LIKE escapes with backslash only (Postgres' default); another
+            // escape character is turned into backslashes in the pattern, when it is known.
+            SqlExpr::Like { pattern, escape_char: escape @ Some(_), .. }
+            | SqlExpr::ILike { pattern, escape_char: escape @ Some(_), .. } => {
+                let other = match escape.as_ref().map(|e| &e.value) {
+                    Some(SqlValue::SingleQuotedString(c)) if c != "\\" => Some(c.clone()),
+                    _ => None,
+                };
+                if let Some(c) = other {
+                    let c = SqlExpr::Value(SqlValue::SingleQuotedString(c).with_empty_span());
+                    if let Some(converted) = call(LIKE_ESCAPE, vec![(**pattern).clone(), c]) {
+                        **pattern = converted;
+                        *escape = None;
+                    }
+                }
+                None
             }
             SqlExpr::Function(f)
                 if f.name.0.last().and_then(|p| p.as_ident()).is_some_and(|i| {
@@ -647,6 +756,116 @@ impl VisitorMut for CompositeValues {
     }
 }
 
+/// The columns that are int2vectors or oidvectors in Postgres (`pg_index`'s), whose
+/// elements Postgres numbers from 0; freshet holds them as arrays, numbered from 1 (see
+/// [`super::keys::with_arrays`]). pgjdbc's `getIndexInfo` reads `indoption[position - 1]`.
+const VECTOR_COLUMNS: [&str; 4] = ["indkey", "indoption", "indclass", "indcollation"];
+
+/// Whether `expr` names one of the [`VECTOR_COLUMNS`] (`indoption`, `i.indoption`, …).
+fn is_vector_column(expr: &SqlExpr) -> bool {
+    let name = match expr {
+        SqlExpr::Identifier(ident) => ident,
+        SqlExpr::CompoundIdentifier(parts) => match parts.last() {
+            Some(ident) => ident,
+            None => return false,
+        },
+        _ => return false,
+    };
+    VECTOR_COLUMNS.iter().any(|c| name.value.eq_ignore_ascii_case(c))
+}
+
+/// The subscript of `root[access…][i]` when what it subscripts is one of the
+/// [`VECTOR_COLUMNS`] (`i.indoption[0]` parses as a root and one subscript, or as a root
+/// and a field access before the subscript).
+fn vector_subscript<'a>(root: &SqlExpr, chain: &'a [AccessExpr]) -> Option<&'a SqlExpr> {
+    let (AccessExpr::Subscript(Subscript::Index { index }), before) = chain.split_last()? else { return None };
+    let vector = match before.last() {
+        None => is_vector_column(root),
+        Some(AccessExpr::Dot(field)) => is_vector_column(field),
+        Some(_) => false,
+    };
+    vector.then_some(index)
+}
+
+/// `freshet_like_escape(pattern, escape)`: a LIKE pattern written with `escape` as its
+/// escape character, rewritten with backslash as the escape character.
+const LIKE_ESCAPE: &str = "freshet_like_escape";
+
+/// Registers [`LIKE_ESCAPE`].
+fn register_like_escape(ctx: &SessionContext) {
+    ctx.register_udf(TextFunction::udf(LIKE_ESCAPE, |arrays, rows| {
+        use datafusion::arrow::util::display::array_value_to_string;
+        let [pattern, escape] = arrays else {
+            return Err(datafusion::error::DataFusionError::Plan(format!("{LIKE_ESCAPE} takes two arguments")));
+        };
+        let mut out = Vec::with_capacity(rows);
+        for row in 0..rows {
+            if pattern.is_null(row) || escape.is_null(row) {
+                out.push(None);
+                continue;
+            }
+            let escape = array_value_to_string(escape, row)?;
+            let mut escape_chars = escape.chars();
+            let (Some(escape), None) = (escape_chars.next(), escape_chars.next()) else {
+                return Err(datafusion::error::DataFusionError::External(Box::new(Error::InvalidValue {
+                    code: "22025",
+                    message: "invalid escape string: escape string must be empty or one character".into(),
+                })));
+            };
+            out.push(Some(backslash_escaped(&array_value_to_string(pattern, row)?, escape)));
+        }
+        Ok(Arc::new(StringArray::from(out)))
+    }));
+}
+
+/// `pattern`, whose escape character is `escape`, with backslash as its escape character.
+fn backslash_escaped(pattern: &str, escape: char) -> String {
+    let mut out = String::with_capacity(pattern.len() + 2);
+    let mut chars = pattern.chars();
+    while let Some(c) = chars.next() {
+        if c == escape {
+            if let Some(next) = chars.next() {
+                out.push('\\');
+                out.push(next);
+            }
+        } else if c == '\\' {
+            out.push_str("\\\\");
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Literals without a name in a select list (pgjdbc's `getProcedures` selects `NULL, NULL,
+/// NULL` for columns Postgres does not fill). Postgres names each `?column?`; DataFusion
+/// names them by their text and refuses two of the same name, so each gets the name
+/// `?column?`, numbered from the second on. Clients read these columns by position.
+struct UnnamedLiterals;
+
+impl VisitorMut for UnnamedLiterals {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, query: &mut datafusion::sql::sqlparser::ast::Query) -> ControlFlow<()> {
+        use datafusion::sql::sqlparser::ast::{Ident, SelectItem, SetExpr};
+        let SetExpr::Select(select) = query.body.as_mut() else { return ControlFlow::Continue(()) };
+        let literals =
+            select.projection.iter().filter(|i| matches!(i, SelectItem::UnnamedExpr(SqlExpr::Value(_)))).count();
+        if literals < 2 {
+            return ControlFlow::Continue(());
+        }
+        let mut numbered = 0;
+        for item in &mut select.projection {
+            if let SelectItem::UnnamedExpr(expr @ SqlExpr::Value(_)) = item {
+                let name = if numbered == 0 { "?column?".to_string() } else { format!("?column?{numbered}") };
+                numbered += 1;
+                *item = SelectItem::ExprWithAlias { expr: expr.clone(), alias: Ident::with_quote('"', name) };
+            }
+        }
+        ControlFlow::Continue(())
+    }
+}
+
 /// The arguments of a call, when all are plain expressions (no names, no `*`).
 fn function_args(f: &datafusion::sql::sqlparser::ast::Function) -> Option<Vec<SqlExpr>> {
     use datafusion::sql::sqlparser::ast::{FunctionArg, FunctionArgExpr, FunctionArguments};
@@ -667,7 +886,7 @@ fn parse_expr(text: &str) -> Option<SqlExpr> {
 }
 
 /// A call of the function `name` with `args`.
-fn call(name: &str, args: Vec<SqlExpr>) -> Option<SqlExpr> {
+pub(super) fn call(name: &str, args: Vec<SqlExpr>) -> Option<SqlExpr> {
     use datafusion::sql::sqlparser::ast::{FunctionArg, FunctionArgExpr, FunctionArguments};
     let template = format!("{name}({})", vec!["NULL"; args.len()].join(", "));
     let dialect = datafusion::sql::sqlparser::dialect::PostgreSqlDialect {};
@@ -677,95 +896,6 @@ fn call(name: &str, args: Vec<SqlExpr>) -> Option<SqlExpr> {
     let FunctionArguments::List(list) = &mut f.args else { return None };
     list.args = args.into_iter().map(|a| FunctionArg::Unnamed(FunctionArgExpr::Expr(a))).collect();
     Some(parsed)
-}
-
-/// Correlated scalar subqueries inside CASE, which DataFusion cannot plan unless they
-/// aggregate (then they are left alone). Clients use them to fetch what freshet has none
-/// of (identity sequences, collations):
-///
-/// - a subquery in a THEN or ELSE result becomes [`UNSUPPORTED_SUBQUERY`], which is NULL
-///   where the branch is not taken and refuses (0A000) where it is, so the answer is
-///   never silently wrong;
-/// - a CASE whose conditions hold a subquery becomes NULL. Clients send these only for
-///   collations (SQLAlchemy: `attcollation != 0 AND (SELECT typcollation …) != …`), and
-///   freshet's columns have none (`attcollation` is 0), so no branch would be taken.
-struct NullCaseSubqueries;
-
-impl VisitorMut for NullCaseSubqueries {
-    type Break = ();
-
-    fn pre_visit_expr(&mut self, expr: &mut SqlExpr) -> ControlFlow<()> {
-        let SqlExpr::Case { operand, conditions, else_result, .. } = expr else { return ControlFlow::Continue(()) };
-        let in_conditions = operand.iter().any(|e| has_unplannable_subquery(e))
-            || conditions.iter().any(|when| has_unplannable_subquery(&when.condition));
-        if in_conditions {
-            *expr = SqlExpr::Value(SqlValue::Null.with_empty_span());
-            return ControlFlow::Continue(());
-        }
-        let mut nested = false;
-        let results =
-            conditions.iter_mut().map(|when| &mut when.result).chain(else_result.iter_mut().map(|e| &mut **e));
-        for result in results {
-            if let SqlExpr::Subquery(query) = &*result {
-                if super::subqueries::aggregates(query) {
-                    continue;
-                }
-                let text = SqlExpr::Value(SqlValue::SingleQuotedString(query.to_string()).with_empty_span());
-                if let Some(refusal) = call(UNSUPPORTED_SUBQUERY, vec![text]) {
-                    *result = refusal;
-                    continue;
-                }
-            }
-            nested |= has_unplannable_subquery(result);
-        }
-        // A subquery deeper inside a result (not the whole result): give up on the CASE.
-        if nested {
-            *expr = SqlExpr::Value(SqlValue::Null.with_empty_span());
-        }
-        ControlFlow::Continue(())
-    }
-}
-
-/// A function that refuses (0A000) to compute a value for any row: what a subquery
-/// freshet cannot plan becomes in a CASE branch. Volatile, so it is never folded away.
-const UNSUPPORTED_SUBQUERY: &str = "freshet_unsupported_subquery";
-
-fn register_unsupported_subquery(ctx: &SessionContext) {
-    let refuse = |args: &[ColumnarValue]| -> DfResult<ColumnarValue> {
-        let arrays = ColumnarValue::values_to_arrays(args)?;
-        let Some(query) = arrays.first().filter(|a| !a.is_empty()) else {
-            return Ok(ColumnarValue::Array(datafusion::arrow::array::new_null_array(&DataType::Utf8, 0)));
-        };
-        let text = datafusion::arrow::util::display::array_value_to_string(query, 0)?;
-        Err(datafusion::error::DataFusionError::External(Box::new(Error::NotSupported {
-            feature: format!("the correlated subquery ({text}) in a catalog query"),
-            hint: Some("freshet answers it only where the CASE branch holding it is not taken".into()),
-        })))
-    };
-    ctx.register_udf(create_udf(
-        UNSUPPORTED_SUBQUERY,
-        vec![DataType::Utf8],
-        DataType::Utf8,
-        Volatility::Volatile,
-        Arc::new(refuse),
-    ));
-}
-
-fn has_unplannable_subquery(expr: &SqlExpr) -> bool {
-    Visit::visit(expr, &mut FindSubquery).is_break()
-}
-
-struct FindSubquery;
-
-impl Visitor for FindSubquery {
-    type Break = ();
-
-    fn pre_visit_expr(&mut self, expr: &SqlExpr) -> ControlFlow<()> {
-        match expr {
-            SqlExpr::Subquery(query) if !super::subqueries::aggregates(query) => ControlFlow::Break(()),
-            _ => ControlFlow::Continue(()),
-        }
-    }
 }
 
 /// Fragments of known client queries that DataFusion cannot plan, and what they become.
@@ -794,6 +924,15 @@ const CLIENT_REWRITES: &[(&str, &str)] = &[
         "(SELECT c.collname FROM pg_catalog.pg_collation c, pg_catalog.pg_type t WHERE c.oid = a.attcollation AND t.oid = a.atttypid AND a.attcollation <> t.typcollation) AS attcollation",
         "CASE WHEN a.attcollation <> 0 THEN (SELECT c.collname FROM pg_catalog.pg_collation c, pg_catalog.pg_type t WHERE c.oid = a.attcollation AND t.oid = a.atttypid AND a.attcollation <> t.typcollation) END AS attcollation",
     ),
+    // pgjdbc `DatabaseMetaData.getIndexInfo` (PgDatabaseMetaData): ASC_OR_DESC reads the
+    // option of key column ORDINAL_POSITION (counted from 1) from `indoption`, an
+    // int2vector Postgres numbers from 0. Through the alias I_INDOPTION the catalog
+    // rewrite cannot tell it is one, so the subscript is shifted here.
+    ("tmp.I_INDOPTION[tmp.ORDINAL_POSITION - 1]", "tmp.I_INDOPTION[tmp.ORDINAL_POSITION]"),
+    // pgjdbc's TypeInfoCache (getTypeInfo, getColumns of unknown types): whether a type is
+    // an array. The crate's `pg_type.typinput` holds the function's name, as Postgres
+    // displays a regproc, so the name is compared rather than the function's OID.
+    ("typinput='pg_catalog.array_in'::regproc", "typinput='array_in'"),
     // psql 15/16 `\d+ name`: table storage options (freshet has none). ARRAY(subquery)
     // is not supported by DataFusion.
     (
@@ -970,6 +1109,10 @@ struct KnownOids {
     matviews: std::collections::HashMap<i32, String>,
     /// Primary keys, for `pg_get_indexdef` and `pg_get_constraintdef`.
     keys: Vec<super::keys::PrimaryKey>,
+    /// Every relation's OID, for the size functions.
+    relations: HashSet<i32>,
+    /// The relations of `public` by OID, for the size functions.
+    public: HashMap<i32, String>,
 }
 
 /// `pg_catalog` as the crate builds it, with the relations freshet knows better replaced.
@@ -1015,7 +1158,12 @@ impl SchemaProvider for PgCatalog {
                 else {
                     return Ok(None);
                 };
-                Ok(Some(Arc::new(Corrected { inner, correction: ColumnFacts { classes, cell: self.cell.clone() } })))
+                let correction = ColumnFacts { classes, pg_catalog: self.inner.clone(), cell: self.cell.clone() };
+                Ok(Some(Arc::new(Corrected { inner, correction })))
+            }
+            "pg_settings" => {
+                let Some(inner) = self.inner.table(name).await? else { return Ok(None) };
+                Ok(Some(Arc::new(Corrected { inner, correction: PresetSettings })))
             }
             "pg_views" => Ok(Some(Arc::new(ViewList {
                 kind: ViewKind::Plain,
@@ -1101,6 +1249,21 @@ struct RelationKinds {
 
 #[async_trait]
 impl Correction for RelationKinds {
+    /// The crate's columns and `reloptions` (a text array, NULL: freshet relations take no
+    /// storage parameters), which SQLAlchemy's `get_indexes` reads.
+    fn schema(&self, inner: SchemaRef) -> SchemaRef {
+        if inner.index_of(RELOPTIONS).is_ok() {
+            return inner;
+        }
+        let mut fields: Vec<Field> = inner.fields().iter().map(|f| f.as_ref().clone()).collect();
+        fields.push(Field::new(
+            RELOPTIONS,
+            DataType::List(Arc::new(Field::new_list_field(DataType::Utf8, true))),
+            true,
+        ));
+        Arc::new(Schema::new(fields))
+    }
+
     async fn correct(
         &self,
         state: &dyn Session,
@@ -1113,12 +1276,13 @@ impl Correction for RelationKinds {
         let materialized: HashSet<String> = snapshot.views.keys().cloned().collect();
         let keyed: HashSet<i32> = keys.iter().map(|k| k.table_oid).collect();
         let mut patched = Vec::with_capacity(batches.len() + 1);
+        let corrected = self.schema(schema.clone());
         for batch in batches {
             let batch = mark_indexed(&mark_materialized(&batch, &materialized)?, &keyed)?;
             if let Some(indexes) = super::keys::index_classes(&batch, &keys)? {
-                patched.push(indexes);
+                patched.push(with_null_columns(&indexes, &corrected)?);
             }
-            patched.push(batch);
+            patched.push(with_null_columns(&batch, &corrected)?);
         }
         let mut known = KnownOids::default();
         for batch in &patched {
@@ -1133,6 +1297,7 @@ impl Correction for RelationKinds {
             let (Some(oids), Some(names)) = (oids, names) else { continue };
             for (oid, name) in oids.iter().zip(names.iter()) {
                 let (Some(oid), Some(name)) = (oid, name) else { continue };
+                known.relations.insert(oid);
                 if snapshot.plain_views.contains_key(name) {
                     known.plain_views.insert(oid, name.to_string());
                 } else if materialized.contains(name) && public.relations.get(name) == Some(&oid) {
@@ -1147,11 +1312,81 @@ impl Correction for RelationKinds {
             }
         }
         known.keys = keys;
+        known.public = public.relations.iter().map(|(name, &oid)| (oid, name.clone())).collect();
         match self.hidden.write() {
             Ok(mut guard) => *guard = known,
             Err(poisoned) => *poisoned.into_inner() = known,
         }
         Ok(patched)
+    }
+}
+
+/// `pg_class.reloptions`, which the crate does not have.
+const RELOPTIONS: &str = "reloptions";
+
+/// `batch` with the columns of `schema` it lacks (at the end), all NULL.
+fn with_null_columns(batch: &RecordBatch, schema: &SchemaRef) -> DfResult<RecordBatch> {
+    let mut columns = batch.columns().to_vec();
+    for field in schema.fields().iter().skip(columns.len()) {
+        columns.push(datafusion::arrow::array::new_null_array(field.data_type(), batch.num_rows()));
+    }
+    Ok(RecordBatch::try_new(schema.clone(), columns)?)
+}
+
+/// `pg_settings`: the crate's rows and Postgres' preset options, which describe how the
+/// server was built and never change (pgjdbc's `getMaxIndexKeys` reads `max_index_keys`).
+/// The values are Postgres 16's defaults, the limits freshet's catalog follows.
+#[derive(Debug)]
+struct PresetSettings;
+
+/// `(name, setting, vartype, short_desc)` of a preset option.
+type Preset = (&'static str, &'static str, &'static str, &'static str);
+
+const PRESET_SETTINGS: [Preset; 5] = [
+    ("max_index_keys", "32", "integer", "Shows the maximum number of index keys."),
+    ("max_identifier_length", "63", "integer", "Shows the maximum identifier length."),
+    ("max_function_args", "100", "integer", "Shows the maximum number of function arguments."),
+    ("block_size", "8192", "integer", "Shows the size of a disk block."),
+    ("server_encoding", "UTF8", "string", "Shows the server (database) character set encoding."),
+];
+
+#[async_trait]
+impl Correction for PresetSettings {
+    async fn correct(&self, _: &dyn Session, schema: &SchemaRef, rows: Vec<RecordBatch>) -> DfResult<Vec<RecordBatch>> {
+        let named: HashSet<String> = rows
+            .iter()
+            .filter_map(|b| b.column_by_name("name")?.as_any().downcast_ref::<StringArray>().cloned())
+            .flat_map(|names| names.iter().flatten().map(str::to_string).collect::<Vec<_>>())
+            .collect();
+        let presets: Vec<&Preset> = PRESET_SETTINGS.iter().filter(|(name, ..)| !named.contains(*name)).collect();
+        let n = presets.len();
+        let columns = schema
+            .fields()
+            .iter()
+            .map(|field| {
+                let text = |value: &dyn Fn(&Preset) -> &'static str| -> ArrayRef {
+                    Arc::new(StringArray::from_iter_values(presets.iter().map(|p| value(p))))
+                };
+                let column: Option<ArrayRef> = match field.name().as_str() {
+                    "name" => Some(text(&|p| p.0)),
+                    "setting" | "reset_val" => Some(text(&|p| p.1)),
+                    "vartype" => Some(text(&|p| p.2)),
+                    "short_desc" => Some(text(&|p| p.3)),
+                    "category" => Some(text(&|_| "Preset Options")),
+                    "context" => Some(text(&|_| "internal")),
+                    "source" => Some(text(&|_| "default")),
+                    "pending_restart" => Some(Arc::new(BooleanArray::from(vec![false; n]))),
+                    _ => None,
+                };
+                match column {
+                    Some(column) if column.data_type() == field.data_type() => column,
+                    _ => datafusion::arrow::array::new_null_array(field.data_type(), n),
+                }
+            })
+            .collect();
+        let mut rows = rows;
+        rows.push(RecordBatch::try_new(schema.clone(), columns)?);
+        Ok(rows)
     }
 }
 
@@ -1196,8 +1431,8 @@ struct KeyRows {
 impl Correction for KeyRows {
     fn schema(&self, inner: SchemaRef) -> SchemaRef {
         match self.table {
-            KeyTable::Constraint => super::keys::with_int2_arrays(&inner, super::keys::CONSTRAINT_ARRAYS),
-            KeyTable::Index => super::keys::with_int2_arrays(&inner, super::keys::INDEX_ARRAYS),
+            KeyTable::Constraint => super::keys::with_arrays(&inner, super::keys::CONSTRAINT_ARRAYS),
+            KeyTable::Index => super::keys::with_arrays(&inner, super::keys::INDEX_ARRAYS),
             KeyTable::Default => inner,
         }
     }
@@ -1214,12 +1449,15 @@ impl Correction for KeyRows {
         let schema = self.schema(schema.clone());
         let mut rows = match self.table {
             KeyTable::Constraint | KeyTable::Index => {
-                batches.iter().map(|b| super::keys::convert_int2_arrays(b, &schema)).collect::<DfResult<Vec<_>>>()?
+                batches.iter().map(|b| super::keys::convert_arrays(b, &schema)).collect::<DfResult<Vec<_>>>()?
             }
             KeyTable::Default => batches,
         };
         rows.push(match self.table {
-            KeyTable::Index => super::keys::index_rows(&schema, &keys)?,
+            KeyTable::Index => {
+                let opclasses = super::keys::default_btree_opclasses(self.pg_catalog.as_ref(), state).await?;
+                super::keys::index_rows(&schema, &keys, &opclasses)?
+            }
             KeyTable::Constraint => super::keys::constraint_rows(&schema, &keys)?,
             KeyTable::Default => super::keys::default_rows(&schema, &snapshot, &oids)?,
         });
@@ -1227,12 +1465,14 @@ impl Correction for KeyRows {
     }
 }
 
-/// `pg_attribute`: primary-key and NOT NULL columns are `attnotnull`, and JSON columns
-/// have the json type, as on the wire.
+/// `pg_attribute`: primary-key and NOT NULL columns are `attnotnull`, JSON columns have
+/// the json type, as on the wire, and primary-key indexes have their key columns.
 #[derive(Debug)]
 struct ColumnFacts {
     /// The crate's `pg_class`, to name the relation of each `attrelid`.
     classes: Arc<dyn TableProvider>,
+    /// The crate's `pg_catalog`, for the OIDs of `public` and its relations.
+    pg_catalog: Arc<dyn SchemaProvider>,
     cell: Arc<SnapshotCell>,
 }
 
@@ -1296,7 +1536,7 @@ impl Correction for ColumnFacts {
                 match column {
                     Some((def, i)) => {
                         let field = def.schema.field(i);
-                        new_types.push(if sql::is_json(field) { Some(JSON_OID) } else { typ });
+                        new_types.push(if sql::is_json(field) { Some(super::keys::JSON_TYPE_OID) } else { typ });
                         new_notnulls.push(Some(!field.is_nullable() || def.primary_key.contains(&i)));
                         has_defaults.push(Some(def.default_texts.iter().any(|(c, _)| c == field.name())));
                     }
@@ -1313,12 +1553,14 @@ impl Correction for ColumnFacts {
             arrays[hasdef_at] = Arc::new(BooleanArray::from(has_defaults));
             patched.push(RecordBatch::try_new(schema.clone(), arrays)?);
         }
+        let public = super::keys::public_oids(self.pg_catalog.as_ref(), state).await?;
+        let keys = super::keys::primary_keys(&snapshot, &public);
+        if let Some(indexes) = super::keys::index_attributes(&patched, &keys)? {
+            patched.push(indexes);
+        }
         Ok(patched)
     }
 }
-
-/// The OID of Postgres' `json` type.
-const JSON_OID: i32 = 114;
 
 /// All rows of `table` (catalog tables are small, and the wrappers here patch them whole).
 async fn scan_all(table: &dyn TableProvider, state: &dyn Session) -> DfResult<Vec<RecordBatch>> {
@@ -1696,6 +1938,38 @@ mod tests {
         // Freshet's own statements still parse when they appear in a catalog-looking string.
         let statements = parse("SUBSCRIBE TO pg_stats_view", &no_settings).expect("parses");
         assert!(matches!(statements[0], Statement::Subscribe { .. }));
+    }
+
+    fn catalog_sql(text: &str) -> String {
+        let no_settings = |name: &str| -> Result<String> { Err(Error::not_supported(name.to_string())) };
+        let statements = parse(text, &no_settings).expect("parses");
+        statements
+            .iter()
+            .map(|s| match s {
+                Statement::Sql(s) => s.to_string(),
+                _ => panic!("a catalog query is SQL"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn vectors_are_subscripted_from_zero() {
+        let out = catalog_sql("SELECT i.indoption[0], indkey[k.n - 1], i.conkey[1] FROM pg_index i, k");
+        assert!(out.contains("i.indoption[(0) + 1]") && out.contains("indkey[(k.n - 1) + 1]"), "{out}");
+        assert!(out.contains("i.conkey[1]"), "an int2 array counts from 1: {out}");
+        let out = catalog_sql(
+            "SELECT generate_subscripts(pg_index.indkey, 1), generate_subscripts(c.conkey, 1) FROM pg_index, c",
+        );
+        assert!(out.contains("range(0, CAST(array_length(pg_index.indkey, 1) AS BIGINT) + 0)"), "{out}");
+        assert!(out.contains("range(1, CAST(array_length(c.conkey, 1) AS BIGINT) + 1)"), "{out}");
+    }
+
+    #[test]
+    fn like_escapes_become_backslashes() {
+        assert_eq!(backslash_escaped("pg/_%", '/'), "pg\\_%");
+        assert_eq!(backslash_escaped("a//b\\c", '/'), "a\\/b\\\\c");
+        let out = catalog_sql("SELECT nspname FROM pg_namespace WHERE nspname NOT LIKE 'pg/_' || '%' ESCAPE '/'");
+        assert!(out.contains("NOT LIKE freshet_like_escape('pg/_' || '%', '/')") && !out.contains("ESCAPE"), "{out}");
     }
 
     #[test]

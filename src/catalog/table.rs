@@ -154,6 +154,12 @@ impl TableVersion {
         }))
     }
 
+    /// The bytes of Arrow memory the rows hold (rows deleted but not yet merged away
+    /// included; key indexes and published copies not): what `pg_relation_size` reports.
+    pub fn memory_bytes(&self) -> usize {
+        self.chunks.iter().map(|c| c.batch.get_array_memory_size()).sum()
+    }
+
     /// The live rows, as batches. Each chunk's live rows are computed once per version.
     pub fn batches(&self) -> Result<Vec<RecordBatch>> {
         self.chunks

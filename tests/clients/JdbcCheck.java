@@ -1,5 +1,6 @@
 // Drives freshet with pgjdbc the way an application does: connect, list tables and views
-// through DatabaseMetaData, list columns with their JDBC types, primary keys and indexes, and run a prepared
+// through DatabaseMetaData, list columns with their JDBC types, primary keys and indexes, schemas,
+// catalogs, types, foreign keys and procedures (freshet has none of either), and run a prepared
 // statement with parameters. Prints one line per fact; tests/clients.rs checks them.
 //
 // Usage: java -cp postgresql.jar:DIR JdbcCheck JDBC_URL USER PASSWORD
@@ -44,6 +45,43 @@ public class JdbcCheck {
                     }
                     System.out.println("index columns " + table + " " + columns);
                 }
+            }
+            try (ResultSet rs = meta.getSchemas()) {
+                while (rs.next()) {
+                    System.out.println("schema " + rs.getString("TABLE_SCHEM"));
+                }
+            }
+            try (ResultSet rs = meta.getCatalogs()) {
+                while (rs.next()) {
+                    System.out.println("catalog " + rs.getString("TABLE_CAT"));
+                }
+            }
+            try (ResultSet rs = meta.getTypeInfo()) {
+                while (rs.next()) {
+                    System.out.println("type " + rs.getString("TYPE_NAME") + " " + rs.getInt("DATA_TYPE"));
+                }
+            }
+            for (String table : new String[]{"readings", "stations"}) {
+                int imported = 0;
+                try (ResultSet rs = meta.getImportedKeys(null, "public", table)) {
+                    while (rs.next()) {
+                        imported++;
+                    }
+                }
+                int exported = 0;
+                try (ResultSet rs = meta.getExportedKeys(null, "public", table)) {
+                    while (rs.next()) {
+                        exported++;
+                    }
+                }
+                System.out.println("foreign keys " + table + " imported " + imported + " exported " + exported);
+            }
+            try (ResultSet rs = meta.getProcedures(null, "public", "%")) {
+                int procedures = 0;
+                while (rs.next()) {
+                    procedures++;
+                }
+                System.out.println("procedures public " + procedures);
             }
             try (PreparedStatement ps = conn.prepareStatement(
                     "SELECT device, temperature FROM readings WHERE device = ? AND temperature > ? ORDER BY temperature")) {

@@ -1,5 +1,7 @@
 """Drives freshet with Python's Postgres stack the way an analyst does: psycopg 3 with
-parameters, SQLAlchemy 2 inspection (tables, views, columns with defaults, primary keys), and pandas.read_sql of a view. Prints one line per
+parameters, SQLAlchemy 2 inspection (schemas, tables, views and their definitions, columns
+with defaults and collations, primary keys, indexes and the constraints freshet does not
+have), and pandas.read_sql of a view. Prints one line per
 fact; tests/clients.rs checks them.
 
 Usage: python3 python_check.py HOST PORT USER PASSWORD
@@ -39,7 +41,17 @@ for table in ("stations", "readings"):
     pk = inspector.get_pk_constraint(table)
     print("pk", table, pk["name"], pk["constrained_columns"])
 for column in inspector.get_columns("stations"):
-    print("default stations", column["name"], column["default"])
+    print("default stations", column["name"], column["default"], "collation", column.get("collation"))
+print("schemas", inspector.get_schema_names())
+for table in ("readings", "hot", "per_device", "nope"):
+    print("has_table", table, inspector.has_table(table))
+for table in ("readings", "stations"):
+    print("indexes", table, inspector.get_indexes(table))
+    print("unique", table, inspector.get_unique_constraints(table))
+    print("foreign keys", table, inspector.get_foreign_keys(table))
+    print("checks", table, inspector.get_check_constraints(table))
+for view in ("hot", "per_device"):
+    print("view definition", view, inspector.get_view_definition(view))
 
 with engine.connect() as conn:
     frame = pandas.read_sql("SELECT * FROM per_device ORDER BY device", conn)
