@@ -1,7 +1,8 @@
 //! Nexmark: the queries of `sql/nexmark/` measured the way other streaming engines report
 //! them.
 //!
-//! `cargo bench --bench nexmark -- [--query q0,q5,…] [--events N] [--workers W] [--json FILE]`
+//! `cargo bench --bench nexmark -- [--query q0,q5,…] [--events N] [--workers W] [--json FILE]
+//! [--barrier-interval MS]` (the end-to-end server's barrier interval; default the server's)
 //!
 //! For each query, in a fresh process of its own (so peak memory is the query's):
 //! - **end to end, generator included**: an in-process server (durable, on a temporary data
@@ -263,6 +264,9 @@ async fn end_to_end(sql: &str, events: u64, workers: usize) -> (Timed, u64) {
         pg_listen: "127.0.0.1:0".into(),
         http_listen: "127.0.0.1:0".into(),
         workers,
+        barrier_interval: value_of("--barrier-interval").map_or(freshet::catalog::DEFAULT_BARRIER_INTERVAL, |ms| {
+            Duration::from_millis(ms.parse().expect("--barrier-interval takes milliseconds"))
+        }),
         ..Config::default()
     };
     let server = Server::start(config).await.expect("server starts");
@@ -431,11 +435,12 @@ fn run_generator(events: u64) {
 /// Runs `--child what` in a process of its own and returns its result.
 fn child(what: &str, events: u64, workers: usize) -> Option<serde_json::Value> {
     let exe = std::env::current_exe().expect("this bench's path");
-    let output = std::process::Command::new(exe)
-        .args(["--child", what, "--events", &events.to_string(), "--workers", &workers.to_string()])
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .expect("the bench runs itself");
+    let mut command = std::process::Command::new(exe);
+    command.args(["--child", what, "--events", &events.to_string(), "--workers", &workers.to_string()]);
+    if let Some(ms) = value_of("--barrier-interval") {
+        command.args(["--barrier-interval", &ms]);
+    }
+    let output = command.stderr(std::process::Stdio::inherit()).output().expect("the bench runs itself");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let line = stdout.lines().find_map(|l| l.strip_prefix("RESULT "));
     match line {

@@ -47,7 +47,7 @@ struct ServeArgs {
     init: Option<PathBuf>,
     /// How often barriers close an epoch; materialized views show new data once per epoch
     /// (e.g. `1s`, `200ms`).
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "FRESHET_BARRIER_INTERVAL", default_value = "50ms", value_parser = parse_duration)]
     barrier_interval: Duration,
     /// Parallel instances of each stateful view operator (GROUP BY, join), fed by a hash
     /// exchange on their keys; also the parallelism of batch queries. Default: the number

@@ -320,6 +320,9 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
             Ok(Node::Operator(Box::new(UnionOperator::new(schema, inputs.len())), inputs))
         }
         LogicalPlan::Join(join) => {
+            if let Some(hoisted) = hoist_join_model_calls(join)? {
+                return lower(state, &hoisted);
+            }
             if join.null_equality != NullEquality::NullEqualsNothing || join.null_aware {
                 return Err(Error::not_supported("NOT IN over a subquery in a materialized view (use NOT EXISTS)"));
             }
@@ -874,6 +877,77 @@ fn hoist_model_calls(aggregate: &datafusion::logical_expr::Aggregate) -> Result<
     let input = Arc::new(LogicalPlan::Projection(projection));
     let hoisted = datafusion::logical_expr::Aggregate::try_new(input, groups, aggregates)?;
     Ok(Some(LogicalPlan::Aggregate(hoisted)))
+}
+
+/// Whether `expr` calls `score`, `predict` or `score_version`.
+fn calls_model(expr: &Expr) -> bool {
+    expr.exists(|e| Ok(matches!(e, Expr::ScalarFunction(f) if crate::ml::udf::FUNCTION_NAMES.contains(&f.name()))))
+        .unwrap_or(false)
+}
+
+/// A join whose keys or condition call model functions, rewritten so that every call is
+/// made by a remembering projection or filter (see `hoist_model_calls`), never by the join
+/// operator, which would re-score a pair when it is taken back after a swap: a key that
+/// calls a model is computed as a column by a projection below its side, and the
+/// condition's conjuncts that call one move into a filter above an inner join. Outer, semi
+/// and anti joins cannot move their condition, so a model function there is refused.
+/// `None` when nothing calls a model.
+fn hoist_join_model_calls(join: &datafusion::logical_expr::Join) -> Result<Option<LogicalPlan>> {
+    use datafusion::logical_expr::utils::{conjunction, split_conjunction_owned};
+    let keys_call = join.on.iter().any(|(l, r)| calls_model(l) || calls_model(r));
+    let (moved, kept): (Vec<Expr>, Vec<Expr>) =
+        join.filter.clone().map(split_conjunction_owned).unwrap_or_default().into_iter().partition(calls_model);
+    if !keys_call && moved.is_empty() {
+        return Ok(None);
+    }
+    if !moved.is_empty() && join.join_type != JoinType::Inner {
+        return Err(Error::NotSupported {
+            feature: format!(
+                "a model function in the condition of a {} join in a materialized view",
+                join.join_type.to_string().to_uppercase()
+            ),
+            hint: Some("score in a subquery below the join, or make it an inner join".into()),
+        });
+    }
+    // Each side gains a column per key expression that calls a model.
+    let side = |plan: &Arc<LogicalPlan>, keys: Vec<&Expr>, prefix: &str| -> Result<(Arc<LogicalPlan>, Vec<Expr>)> {
+        if !keys.iter().any(|k| calls_model(k)) {
+            return Ok((plan.clone(), keys.into_iter().cloned().collect()));
+        }
+        let mut exprs: Vec<Expr> = plan.schema().columns().into_iter().map(Expr::Column).collect();
+        let mut columns = Vec::with_capacity(keys.len());
+        for (i, key) in keys.into_iter().enumerate() {
+            if calls_model(key) {
+                let name = format!("__freshet_model_{prefix}{i}");
+                exprs.push(key.clone().alias(&name));
+                columns.push(Expr::Column(datafusion::common::Column::from_name(name)));
+            } else {
+                columns.push(key.clone());
+            }
+        }
+        let projection = datafusion::logical_expr::Projection::try_new(exprs, plan.clone())?;
+        Ok((Arc::new(LogicalPlan::Projection(projection)), columns))
+    };
+    let (left, left_keys) = side(&join.left, join.on.iter().map(|(l, _)| l).collect(), "left_")?;
+    let (right, right_keys) = side(&join.right, join.on.iter().map(|(_, r)| r).collect(), "right_")?;
+    let rewritten = datafusion::logical_expr::Join::try_new(
+        left,
+        right,
+        left_keys.into_iter().zip(right_keys).collect(),
+        conjunction(kept),
+        join.join_type,
+        join.join_constraint,
+        join.null_equality,
+        join.null_aware,
+    )?;
+    let mut plan = LogicalPlan::Join(rewritten);
+    if let Some(predicate) = conjunction(moved) {
+        plan = LogicalPlan::Filter(datafusion::logical_expr::Filter::try_new(predicate, Arc::new(plan))?);
+    }
+    // The join's own columns, without the computed keys.
+    let columns = join.schema.columns().into_iter().map(Expr::Column).collect();
+    let projection = datafusion::logical_expr::Projection::try_new(columns, Arc::new(plan))?;
+    Ok(Some(LogicalPlan::Projection(projection)))
 }
 
 /// Whether `plan` only ever gains rows: it reads append-only relations (sources, tables
