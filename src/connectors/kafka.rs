@@ -637,6 +637,9 @@ impl Records {
     }
 }
 
+/// Decoded values, the records they came from, and the records that did not decode.
+type Decoded = (RecordBatch, Vec<usize>, Vec<DeadLetter>);
+
 /// Decodes polled records into the source's rows.
 pub(crate) struct RecordDecoder {
     format: Format,
@@ -676,7 +679,7 @@ impl RecordDecoder {
         // consumer thread's own slice included); rows keep the records' order.
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let slices = (good.len() / PARALLEL_SLICE).clamp(1, threads);
-        let decoded: Vec<Result<(RecordBatch, Vec<usize>, Vec<DeadLetter>)>> = if slices == 1 {
+        let decoded: Vec<Result<Decoded>> = if slices == 1 {
             vec![self.decode_slice(records, good)]
         } else {
             let size = good.len().div_ceil(slices);
@@ -727,7 +730,7 @@ impl RecordDecoder {
     /// Decodes the values of records `which` together; if that fails, finds the records at
     /// fault one by one. Returns the values, the records they came from, and the dead
     /// letters.
-    fn decode_slice(&self, records: &Records, which: Vec<usize>) -> Result<(RecordBatch, Vec<usize>, Vec<DeadLetter>)> {
+    fn decode_slice(&self, records: &Records, which: Vec<usize>) -> Result<Decoded> {
         if let Ok(values) = self.decode_values(records, &which) {
             return Ok((values, which, Vec::new()));
         }
