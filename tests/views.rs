@@ -424,8 +424,31 @@ async fn subscribe_streams_the_snapshot_then_every_change() {
     assert_eq!(err.as_db_error().map(|d| d.code().code()), Some("42809"));
     let mut quiet =
         Box::pin(subscriber.simple_query_raw("SUBSCRIBE hot WITH (snapshot = false)").await.expect("subscribes"));
-    client.batch_execute("INSERT INTO r VALUES ('d', 4); FLUSH").await.expect("insert");
-    assert_eq!(next_rows(&mut quiet, 1).await, vec!["1|d|4"], "without the snapshot only changes arrive");
+    // The subscription starts once the server has handled SUBSCRIBE, which this client
+    // cannot see, so insert until a change arrives: the first row must be one of those.
+    let mut inserted = Vec::new();
+    let first = loop {
+        use futures::StreamExt;
+        let dev = format!("d{}", inserted.len());
+        client.batch_execute(&format!("INSERT INTO r VALUES ('{dev}', 4); FLUSH")).await.expect("insert");
+        inserted.push(format!("1|{dev}|4"));
+        assert!(inserted.len() < 60, "no change arrived on the subscription");
+        let next = async {
+            loop {
+                match quiet.next().await {
+                    Some(Ok(SimpleQueryMessage::Row(row))) => {
+                        return (1..row.len()).map(|i| row.get(i).unwrap_or("NULL")).collect::<Vec<_>>().join("|");
+                    }
+                    Some(Ok(_)) => continue,
+                    other => panic!("the subscription ended: {:?}", other.map(|r| r.err())),
+                }
+            }
+        };
+        if let Ok(row) = tokio::time::timeout(std::time::Duration::from_millis(500), next).await {
+            break row;
+        }
+    };
+    assert!(inserted.contains(&first), "without the snapshot only changes arrive: got {first}, inserted {inserted:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
