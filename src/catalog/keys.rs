@@ -206,6 +206,22 @@ fn attnum(index: usize) -> i16 {
     i16::try_from(index + 1).unwrap_or(i16::MAX)
 }
 
+/// Row `row` of `batch` as a one-row batch, with each column that `replace` gives a value
+/// of the column's type for replaced by it.
+fn copy_row(batch: &RecordBatch, row: usize, replace: impl Fn(&str) -> Option<ArrayRef>) -> DfResult<RecordBatch> {
+    let schema = batch.schema();
+    let columns = schema
+        .fields()
+        .iter()
+        .zip(batch.columns())
+        .map(|(field, column)| match replace(field.name()) {
+            Some(array) if array.data_type() == field.data_type() => array,
+            _ => column.slice(row, 1),
+        })
+        .collect();
+    Ok(RecordBatch::try_new(schema, columns)?)
+}
+
 /// `pg_class` rows for the index relations behind `keys`, cloned from the row of each
 /// key's table in `batch` (rows of other relations are ignored).
 pub(super) fn index_classes(batch: &RecordBatch, keys: &[PrimaryKey]) -> DfResult<Option<RecordBatch>> {
@@ -215,24 +231,16 @@ pub(super) fn index_classes(batch: &RecordBatch, keys: &[PrimaryKey]) -> DfResul
         let Some(row) = (0..batch.num_rows()).find(|&r| ids.is_valid(r) && ids.value(r) == key.table_oid) else {
             continue;
         };
-        let mut columns: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns());
-        for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
-            let replaced: Option<ArrayRef> = match field.name().as_str() {
-                "oid" | "relfilenode" => Some(Arc::new(Int32Array::from(vec![key.index_oid()]))),
-                "relname" => Some(Arc::new(StringArray::from(vec![key.name.clone()]))),
-                "relkind" => Some(Arc::new(StringArray::from(vec!["i"]))),
-                "relam" => Some(Arc::new(Int32Array::from(vec![BTREE_AM_OID]))),
-                "relnatts" => Some(Arc::new(Int16Array::from(vec![attnum(key.columns.len() - 1)]))),
-                "reltype" | "reltoastrelid" => Some(Arc::new(Int32Array::from(vec![0]))),
-                "relhasindex" => Some(Arc::new(BooleanArray::from(vec![false]))),
-                _ => None,
-            };
-            columns.push(match replaced {
-                Some(array) if array.data_type() == field.data_type() => array,
-                _ => column.slice(row, 1),
-            });
-        }
-        rows.push(RecordBatch::try_new(batch.schema(), columns)?);
+        rows.push(copy_row(batch, row, |name| match name {
+            "oid" | "relfilenode" => Some(Arc::new(Int32Array::from(vec![key.index_oid()]))),
+            "relname" => Some(Arc::new(StringArray::from(vec![key.name.clone()]))),
+            "relkind" => Some(Arc::new(StringArray::from(vec!["i"]))),
+            "relam" => Some(Arc::new(Int32Array::from(vec![BTREE_AM_OID]))),
+            "relnatts" => Some(Arc::new(Int16Array::from(vec![attnum(key.columns.len() - 1)]))),
+            "reltype" | "reltoastrelid" => Some(Arc::new(Int32Array::from(vec![0]))),
+            "relhasindex" => Some(Arc::new(BooleanArray::from(vec![false]))),
+            _ => None,
+        })?);
     }
     if rows.is_empty() {
         return Ok(None);
@@ -260,20 +268,12 @@ pub(super) fn index_attributes(batches: &[RecordBatch], keys: &[PrimaryKey]) -> 
                 Some((batch, row))
             });
             let Some((batch, row)) = found else { continue };
-            let mut columns: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns());
-            for (field, array) in schema.fields().iter().zip(batch.columns()) {
-                let replaced: Option<ArrayRef> = match field.name().as_str() {
-                    "attrelid" => Some(Arc::new(Int32Array::from(vec![key.index_oid()]))),
-                    "attnum" => Some(Arc::new(Int16Array::from(vec![attnum(position)]))),
-                    "attnotnull" | "atthasdef" => Some(Arc::new(BooleanArray::from(vec![false]))),
-                    _ => None,
-                };
-                columns.push(match replaced {
-                    Some(replaced) if replaced.data_type() == field.data_type() => replaced,
-                    _ => array.slice(row, 1),
-                });
-            }
-            rows.push(RecordBatch::try_new(schema.clone(), columns)?);
+            rows.push(copy_row(batch, row, |name| match name {
+                "attrelid" => Some(Arc::new(Int32Array::from(vec![key.index_oid()]))),
+                "attnum" => Some(Arc::new(Int16Array::from(vec![attnum(position)]))),
+                "attnotnull" | "atthasdef" => Some(Arc::new(BooleanArray::from(vec![false]))),
+                _ => None,
+            })?);
         }
     }
     if rows.is_empty() {
