@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod cursor;
+mod deferred;
 pub mod http;
 pub mod metrics;
 pub mod pg;
