@@ -177,6 +177,40 @@ async fn parameters_and_results_in_text_format() {
     assert_eq!(data_row(&row.body), vec![Some("1".into())]);
 }
 
+/// Replies to Bind and Execute are held until Sync, as PostgreSQL holds them; a client
+/// that asks with Flush instead gets them at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_delivers_an_execute_without_sync() {
+    let server = TestServer::start().await;
+    server.connect().await.batch_execute("CREATE TABLE t (id BIGINT); INSERT INTO t VALUES (7)").await.expect("setup");
+    let mut raw = RawClient::connect(&server).await;
+    let mut parse = cstr("");
+    parse.extend(cstr("SELECT id FROM t WHERE id = $1"));
+    parse.extend_from_slice(&0i16.to_be_bytes());
+    raw.send(b'P', &parse).await;
+    let mut bind = cstr("");
+    bind.extend(cstr(""));
+    bind.extend_from_slice(&0i16.to_be_bytes());
+    bind.extend_from_slice(&1i16.to_be_bytes());
+    bind.extend_from_slice(&1i32.to_be_bytes());
+    bind.extend_from_slice(b"7");
+    bind.extend_from_slice(&0i16.to_be_bytes());
+    raw.send(b'B', &bind).await;
+    let mut execute = cstr("");
+    execute.extend_from_slice(&0i32.to_be_bytes());
+    raw.send(b'E', &execute).await;
+    raw.send(b'H', &[]).await;
+    let replies = tokio::time::timeout(Duration::from_secs(10), raw.read_until(b'C'))
+        .await
+        .expect("Flush delivers the replies without a Sync");
+    let tags: Vec<u8> = replies.iter().map(|m| m.tag).collect();
+    assert_eq!(tags, b"12DC", "ParseComplete, BindComplete, DataRow, CommandComplete");
+    assert_eq!(data_row(&replies[2].body), vec![Some("7".into())]);
+    raw.send(b'S', &[]).await;
+    let replies = tokio::time::timeout(Duration::from_secs(10), raw.read_until(b'Z')).await.expect("ReadyForQuery");
+    assert_eq!(replies.iter().map(|m| m.tag).collect::<Vec<u8>>(), b"Z");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_bytes_close_only_that_connection() {
     let server = TestServer::start().await;
