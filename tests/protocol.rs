@@ -74,6 +74,29 @@ fn cstr(s: &str) -> Vec<u8> {
     v
 }
 
+/// A Parse of `sql` as statement `name`, parameter types left to the server.
+fn parse_message(name: &str, sql: &str) -> Vec<u8> {
+    let mut parse = cstr(name);
+    parse.extend(cstr(sql));
+    parse.extend_from_slice(&0i16.to_be_bytes());
+    parse
+}
+
+/// A Bind of the unnamed statement to the unnamed portal with `values` as text
+/// parameters (no format codes: all text) and text results.
+fn bind_text(values: &[&str]) -> Vec<u8> {
+    let mut bind = cstr("");
+    bind.extend(cstr(""));
+    bind.extend_from_slice(&0i16.to_be_bytes());
+    bind.extend_from_slice(&(values.len() as i16).to_be_bytes());
+    for v in values {
+        bind.extend_from_slice(&(v.len() as i32).to_be_bytes());
+        bind.extend_from_slice(v.as_bytes());
+    }
+    bind.extend_from_slice(&0i16.to_be_bytes());
+    bind
+}
+
 /// Parses a DataRow body into text values.
 fn data_row(body: &[u8]) -> Vec<Option<String>> {
     let count = i16::from_be_bytes([body[0], body[1]]) as usize;
@@ -108,10 +131,7 @@ async fn parameters_and_results_in_text_format() {
     let mut raw = RawClient::connect(&server).await;
 
     // Parse with no parameter types: the server infers them from the table.
-    let mut parse = cstr("ins");
-    parse.extend(cstr("INSERT INTO t VALUES ($1, $2, $3, $4, $5)"));
-    parse.extend_from_slice(&0i16.to_be_bytes());
-    raw.send(b'P', &parse).await;
+    raw.send(b'P', &parse_message("ins", "INSERT INTO t VALUES ($1, $2, $3, $4, $5)")).await;
     let values = ["42", "héllo", "2024-03-01", "19.99", "true"];
     let mut bind = cstr("");
     bind.extend(cstr("ins"));
@@ -134,18 +154,8 @@ async fn parameters_and_results_in_text_format() {
     assert_eq!(replies[2].body, cstr("INSERT 0 1"));
 
     // A query with a text parameter and text results, described before it runs.
-    let mut parse = cstr("");
-    parse.extend(cstr("SELECT id, name, day, price, ok FROM t WHERE id = $1"));
-    parse.extend_from_slice(&0i16.to_be_bytes());
-    raw.send(b'P', &parse).await;
-    let mut bind = cstr("");
-    bind.extend(cstr(""));
-    bind.extend_from_slice(&0i16.to_be_bytes());
-    bind.extend_from_slice(&1i16.to_be_bytes());
-    bind.extend_from_slice(&2i32.to_be_bytes());
-    bind.extend_from_slice(b"42");
-    bind.extend_from_slice(&0i16.to_be_bytes());
-    raw.send(b'B', &bind).await;
+    raw.send(b'P', &parse_message("", "SELECT id, name, day, price, ok FROM t WHERE id = $1")).await;
+    raw.send(b'B', &bind_text(&["42"])).await;
     raw.send(b'D', &[b'P', 0]).await;
     raw.send(b'E', &execute).await;
     raw.send(b'S', &[]).await;
@@ -165,7 +175,7 @@ async fn parameters_and_results_in_text_format() {
     assert_eq!(replies[4].body, cstr("SELECT 1"));
 
     // A parameter that is not a number is rejected; the connection stays usable.
-    raw.send(b'B', &bind.iter().map(|b| if *b == b'4' { b'x' } else { *b }).collect::<Vec<_>>()).await;
+    raw.send(b'B', &bind_text(&["x2"])).await;
     raw.send(b'E', &execute).await;
     raw.send(b'S', &[]).await;
     let replies = raw.read_until(b'Z').await;
@@ -184,18 +194,8 @@ async fn flush_delivers_an_execute_without_sync() {
     let server = TestServer::start().await;
     server.connect().await.batch_execute("CREATE TABLE t (id BIGINT); INSERT INTO t VALUES (7)").await.expect("setup");
     let mut raw = RawClient::connect(&server).await;
-    let mut parse = cstr("");
-    parse.extend(cstr("SELECT id FROM t WHERE id = $1"));
-    parse.extend_from_slice(&0i16.to_be_bytes());
-    raw.send(b'P', &parse).await;
-    let mut bind = cstr("");
-    bind.extend(cstr(""));
-    bind.extend_from_slice(&0i16.to_be_bytes());
-    bind.extend_from_slice(&1i16.to_be_bytes());
-    bind.extend_from_slice(&1i32.to_be_bytes());
-    bind.extend_from_slice(b"7");
-    bind.extend_from_slice(&0i16.to_be_bytes());
-    raw.send(b'B', &bind).await;
+    raw.send(b'P', &parse_message("", "SELECT id FROM t WHERE id = $1")).await;
+    raw.send(b'B', &bind_text(&["7"])).await;
     let mut execute = cstr("");
     execute.extend_from_slice(&0i32.to_be_bytes());
     raw.send(b'E', &execute).await;

@@ -515,7 +515,10 @@ impl FetchedQueue {
         // SAFETY: `messages` has room for `room` pointers; librdkafka fills the first `n`.
         let n = unsafe { rd::rd_kafka_consume_batch_queue(self.queue, wait_ms, self.messages.as_mut_ptr(), room) };
         let Ok(n) = usize::try_from(n) else {
-            return (0, Some("the kafka consumer queue failed".into()));
+            // SAFETY: both calls only read librdkafka's thread-local last error and its
+            // static description.
+            let reason = unsafe { std::ffi::CStr::from_ptr(rd::rd_kafka_err2str(rd::rd_kafka_last_error())) };
+            return (0, Some(format!("reading the consumer queue failed: {}", reason.to_string_lossy())));
         };
         let mut error = None;
         let mut taken = 0;

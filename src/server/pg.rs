@@ -514,7 +514,11 @@ impl ExtendedQueryHandler for QueryHandler {
                 return Err(PgWireError::UserError(Box::new(ErrorInfo::new(
                     "ERROR".into(),
                     "08P01".into(),
-                    format!("the empty statement {statement} takes no parameters; {} given", message.parameters.len()),
+                    format!(
+                        "the prepared statement {} is empty and takes no parameters; the Bind gave {}",
+                        message.statement_name.as_deref().map_or("(unnamed)".to_string(), |n| format!("\"{n}\"")),
+                        message.parameters.len()
+                    ),
                 ))));
             }
             None => return Err(PgWireError::StatementNotFound(statement.to_string())),
