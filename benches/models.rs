@@ -28,7 +28,7 @@ const BATCH: usize = 8192;
 
 async fn open(dir: &std::path::Path) -> Database {
     let store = freshet::state::open_local_store(dir).expect("store");
-    let options = Options { barrier_interval: Duration::from_millis(100), workers: 1 };
+    let options = Options { barrier_interval: Duration::from_millis(100), workers: 1, ..Options::default() };
     Database::open_with(store, options).await.expect("opens")
 }
 

@@ -49,6 +49,14 @@ struct ServeArgs {
     /// (e.g. `1s`, `200ms`).
     #[arg(long, env = "FRESHET_BARRIER_INTERVAL", default_value = "50ms", value_parser = parse_duration)]
     barrier_interval: Duration,
+    /// How often materialized views checkpoint their operator states to the store, so a
+    /// restart restores them instead of recomputing them from their inputs (e.g. `1s`;
+    /// `off` turns checkpoints off).
+    #[arg(long, env = "FRESHET_CHECKPOINT_INTERVAL", default_value = "1s", value_parser = parse_checkpoint_interval)]
+    checkpoint_interval: CheckpointInterval,
+    /// Complete checkpoints kept in the store (older ones are deleted).
+    #[arg(long, env = "FRESHET_CHECKPOINTS_KEPT", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    checkpoints_kept: u16,
     /// Parallel instances of each stateful view operator (GROUP BY, join), fed by a hash
     /// exchange on their keys; also the parallelism of batch queries. Default: the number
     /// of cores.
@@ -91,6 +99,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         http_listen: args.http_listen,
         init: args.init,
         barrier_interval: args.barrier_interval,
+        checkpoint_interval: args.checkpoint_interval.0,
+        checkpoints_kept: usize::from(args.checkpoints_kept),
         workers: args.workers.map(usize::from).unwrap_or_else(freshet::catalog::default_workers),
     };
     let tls = match (args.tls_cert, args.tls_key) {
@@ -155,7 +165,18 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         _ => return Err(format!("`{text}`: use the unit ms or s")),
     };
     if duration.is_zero() {
-        return Err("the barrier interval must be positive".into());
+        return Err("an interval must be positive".into());
     }
     Ok(duration)
+}
+
+/// A checkpoint interval; `None` is off.
+#[derive(Debug, Clone, Copy)]
+struct CheckpointInterval(Option<Duration>);
+
+fn parse_checkpoint_interval(text: &str) -> Result<CheckpointInterval, String> {
+    match text.trim() {
+        "off" | "0" => Ok(CheckpointInterval(None)),
+        other => parse_duration(other).map(|d| CheckpointInterval(Some(d))),
+    }
 }

@@ -7,14 +7,15 @@
 //! out (`sink`), the models and their versions (`model`), the system catalog clients
 //! introspect (`system`, with primary keys and defaults in `keys` and scalar subqueries
 //! in `subqueries`), the connector status relations of `freshet_catalog` (`status`),
-//! point lookups by key answered from an index instead of a plan (`lookup`), and the
-//! durable log. Statement execution follows one rule: a change is applied in memory
+//! point lookups by key answered from an index instead of a plan (`lookup`), the
+//! checkpoints of views' operator states (`checkpoint`), and the durable log. Statement execution follows one rule: a change is applied in memory
 //! under the writer lock, queued to the log in that same order, and becomes visible to
 //! readers only when the log has stored it (the log's committer publishes the snapshot).
 //! A statement that fails changes nothing.
 //!
 //! It does not speak any wire protocol; `server` turns its [`Outcome`]s into messages.
 
+pub mod checkpoint;
 mod keys;
 mod lookup;
 mod model;
@@ -147,6 +148,11 @@ enum Record {
     DropModel {
         name: String,
     },
+    /// Checkpoint barrier `epoch` passed here: the views' states stored under this epoch
+    /// hold every change before this entry and none after it.
+    Checkpoint {
+        epoch: u64,
+    },
 }
 
 impl Record {
@@ -240,6 +246,22 @@ struct Shared {
     sinks: std::sync::Mutex<BTreeMap<String, sink::SinkHandle>>,
     /// Models: the registry the scoring functions read, and where model files live.
     models: model::Models,
+    checkpoints: Arc<checkpoint::Checkpoints>,
+    /// How often checkpoints are taken; `None` turns them off.
+    checkpoint_interval: Option<Duration>,
+    /// When the last checkpoint barrier was injected, and the log position then.
+    last_checkpoint: std::sync::Mutex<(std::time::Instant, u64)>,
+    /// While the views of the log are being started: the checkpoint they restore from.
+    restoring: std::sync::Mutex<Option<RestorePoint>>,
+}
+
+/// The checkpoint views are restored from at start, and what the log holds after it.
+struct RestorePoint {
+    manifest: crate::state::checkpoint::Manifest,
+    /// Changes committed after the checkpoint, by table, in log order.
+    tail: HashMap<String, Vec<ChangeBatch>>,
+    /// Relations created or dropped after the checkpoint: views reading them are rebuilt.
+    touched: HashSet<String>,
 }
 
 /// A plain view's definition.
@@ -261,6 +283,9 @@ struct ViewHandle {
     subscribers: Arc<view::Subscribers>,
     /// Late rows dropped by its inputs with watermarks.
     late: Vec<Arc<crate::dataflow::operators::LateCounter>>,
+    /// Its operators, when they report their states at checkpoints (`None`: it reads a
+    /// materialized view, and is always rebuilt after a restart).
+    checkpointed: Option<usize>,
 }
 
 impl Shared {
@@ -377,17 +402,64 @@ impl Shared {
             self.views().iter().filter_map(|(name, v)| v.failures.get().map(|f| (name.clone(), v.id, f))).collect();
         for (name, id, _) in &failed {
             self.epochs.remove_view(name, *id, &self.feeds, &self.cell);
+            self.checkpoints.forget_view(*id);
         }
         failed.into_iter().map(|(name, _, failure)| (name, failure)).collect()
     }
 
-    async fn inject_barrier(&self) -> Result<u64> {
+    /// With `checkpoint`, the views also store their operator states at this barrier, and
+    /// the log records where it passed.
+    async fn inject_barrier(&self, checkpoint: bool) -> Result<u64> {
         let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
         let (feeds, epochs, cell) = (self.feeds.clone(), self.epochs.clone(), self.cell.clone());
-        let barrier = Barrier { epoch, checkpoint: false, mutation: None };
-        let ack = self.log.enqueue(Vec::new(), Box::new(move |_| epochs.barrier(&barrier, &feeds, &cell))).await?;
-        ack.durable().await?;
+        let barrier = Barrier { epoch, checkpoint, mutation: None };
+        let mut entries = Vec::new();
+        let mut begin = None;
+        if checkpoint {
+            entries.push(Record::Checkpoint { epoch }.entry(None)?);
+            let views: Vec<checkpoint::CheckpointedView> = self
+                .views()
+                .iter()
+                .filter_map(|(name, v)| {
+                    Some(checkpoint::CheckpointedView {
+                        id: v.id,
+                        name: name.clone(),
+                        query: v.query.clone(),
+                        operators: v.checkpointed?,
+                    })
+                })
+                .collect();
+            begin = Some((self.checkpoints.clone(), views));
+        }
+        let publish = Box::new(move |_| {
+            if let Some((checkpoints, mut views)) = begin {
+                // Only views connected before this barrier receive it.
+                let connected = feeds.connected_views();
+                views.retain(|v| connected.contains(&v.id));
+                checkpoints.begin(epoch, views);
+            }
+            epochs.barrier(&barrier, &feeds, &cell)
+        });
+        let ack = self.log.enqueue(entries, publish).await?;
+        let seq = ack.durable().await?;
+        if checkpoint {
+            // Its own entry is a write; only writes after it call for the next checkpoint.
+            self.last_checkpoint.lock().unwrap_or_else(|p| p.into_inner()).1 = seq;
+        }
         Ok(epoch)
+    }
+
+    /// Whether the next barrier should be a checkpoint: the interval passed, something was
+    /// written since the last one, and no checkpoint is still in progress.
+    fn checkpoint_due(&self) -> bool {
+        let Some(interval) = self.checkpoint_interval else { return false };
+        let mut last = self.last_checkpoint.lock().unwrap_or_else(|p| p.into_inner());
+        let seq = self.log.stats().last_seq.load(Ordering::Relaxed);
+        if last.0.elapsed() < interval || seq <= last.1 || !self.checkpoints.ready() {
+            return false;
+        }
+        last.0 = std::time::Instant::now();
+        true
     }
 }
 
@@ -404,6 +476,11 @@ const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(120);
 pub struct Options {
     /// How often barriers close an epoch.
     pub barrier_interval: Duration,
+    /// How often views checkpoint their operator states; `None` turns checkpoints off (a
+    /// restart then rebuilds every view from its inputs).
+    pub checkpoint_interval: Option<Duration>,
+    /// Complete checkpoints kept in the store.
+    pub checkpoints_kept: usize,
     /// Parallel instances of each stateful view operator, and the parallelism of batch
     /// queries.
     pub workers: usize,
@@ -411,7 +488,12 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { barrier_interval: DEFAULT_BARRIER_INTERVAL, workers: default_workers() }
+        Options {
+            barrier_interval: DEFAULT_BARRIER_INTERVAL,
+            checkpoint_interval: Some(checkpoint::DEFAULT_CHECKPOINT_INTERVAL),
+            checkpoints_kept: checkpoint::DEFAULT_CHECKPOINTS_KEPT,
+            workers: default_workers(),
+        }
     }
 }
 
@@ -441,11 +523,12 @@ impl Database {
         let ctx = new_session(cell.clone(), options.workers)?;
         let models = model::Models::new(store.clone());
         model::register_functions(&ctx, &models.registry);
-        let (log, recovered) = Log::open(store).await?;
+        let (log, recovered) = Log::open(store.clone()).await?;
         let mut writer = Writer::default();
         let mut last_seq = 0;
         let replayed_segments = recovered.segments.len();
-        let mut views = RecoveredViews::default();
+        let mut manifests = checkpoints_to_restore(&store).await;
+        let mut views = RecoveredViews { checkpoints: manifests.keys().copied().collect(), ..Default::default() };
         if let Some((seq, entries)) = recovered.snapshot {
             replay(&ctx, &mut writer, &mut views, entries)?;
             last_seq = seq;
@@ -456,6 +539,15 @@ impl Database {
         }
         cell.publish_tables(writer.working.tables.clone(), last_seq);
         let tables = writer.tables.len();
+        let restoring = views.tail.take().and_then(|tail| {
+            Some(RestorePoint { manifest: manifests.remove(&tail.epoch)?, tail: tail.changes, touched: tail.touched })
+        });
+        if restoring.is_none() && !manifests.is_empty() {
+            tracing::info!("the log no longer reaches back to a checkpoint (a snapshot replaced it); views are rebuilt");
+        }
+        // Epochs go on from the last checkpoint's, so a new checkpoint never reuses its name.
+        let stored = crate::state::checkpoint::epochs(&store).await.unwrap_or_default();
+        let first_epoch = stored.last().copied().unwrap_or(0).max(views.last_checkpoint);
         let db = Database {
             ctx,
             shared: Arc::new(Shared {
@@ -469,10 +561,14 @@ impl Database {
                 epochs: Arc::new(view::Epochs::default()),
                 plain_views: std::sync::Mutex::new(BTreeMap::new()),
                 views: std::sync::Mutex::new(BTreeMap::new()),
-                epoch: AtomicU64::new(0),
+                epoch: AtomicU64::new(first_epoch),
                 sources: std::sync::Mutex::new(BTreeMap::new()),
                 sinks: std::sync::Mutex::new(BTreeMap::new()),
                 models,
+                checkpoints: checkpoint::Checkpoints::new(store, options.checkpoints_kept),
+                checkpoint_interval: options.checkpoint_interval,
+                last_checkpoint: std::sync::Mutex::new((std::time::Instant::now(), 0)),
+                restoring: std::sync::Mutex::new(restoring),
             }),
         };
         status::install(&db.ctx, Arc::downgrade(&db.shared))?;
@@ -498,6 +594,7 @@ impl Database {
                 tracing::error!(view = %name, "view could not be restored and is dropped: {e}");
             }
         }
+        *db.shared.restoring.lock().unwrap_or_else(|p| p.into_inner()) = None;
         for (id, name, from, options) in views.sinks {
             if let Err(e) = db.restore_sink(id, &name, &from, options) {
                 tracing::error!(sink = %name, "sink could not be restored and is dropped: {e}");
@@ -878,7 +975,7 @@ impl Database {
     /// Waits until every materialized view includes every write committed before the call.
     pub async fn flush(&self) -> Result<u64> {
         let mut complete = self.shared.epochs.subscribe();
-        let epoch = self.shared.inject_barrier().await?;
+        let epoch = self.shared.inject_barrier(false).await?;
         let caught_up = tokio::time::timeout(CATCH_UP_TIMEOUT, async {
             loop {
                 if let Some((name, failure)) = self.shared.abandon_failed_views().into_iter().next() {
@@ -906,8 +1003,33 @@ impl Database {
         }
     }
 
+    /// The checkpointed states of view `name` and the changes to its `inputs` since, if
+    /// the checkpoint being restored holds this view with this query, nothing it reads was
+    /// created or dropped since, and its states read back whole.
+    async fn restore_point(&self, name: &str, query: &str, inputs: &[String]) -> Option<(u64, view::Restore)> {
+        let (epoch, object, tail) = {
+            let restoring = self.shared.restoring.lock().unwrap_or_else(|p| p.into_inner());
+            let point = restoring.as_ref()?;
+            if point.touched.contains(name) || inputs.iter().any(|i| point.touched.contains(i)) {
+                tracing::info!(view = %name, "rebuilding the view: it or what it reads changed since the checkpoint");
+                return None;
+            }
+            let entry = point.manifest.views.iter().find(|v| v.name == name && v.query == query)?;
+            let tail = inputs.iter().map(|i| (i.clone(), point.tail.get(i).cloned().unwrap_or_default())).collect();
+            (point.manifest.epoch, entry.object.clone(), tail)
+        };
+        match self.shared.checkpoints.read_view(&object).await {
+            Ok(states) => Some((epoch, view::Restore { states, tail })),
+            Err(e) => {
+                tracing::warn!(view = %name, epoch, "checkpoint unreadable, rebuilding the view: {e}");
+                None
+            }
+        }
+    }
+
     /// Starts a materialized view from the current contents of its inputs. `log` is false
-    /// when restarting a view that is already in the log.
+    /// when restarting a view that is already in the log; it is then restored from the
+    /// checkpoint being restored, if that holds it.
     async fn create_view(&self, create: CreateView, log: bool) -> Result<Outcome> {
         let state = self.session_state();
         // Model functions in the view switch versions at barriers after this one.
@@ -941,20 +1063,42 @@ impl Database {
             true => TableDef::append_only(id, create.name.clone(), schema),
             false => TableDef::new(id, create.name.clone(), schema, vec![], vec![], HashMap::new()),
         };
-        let def = def.with_lookup_key(lookup::view_key(&create.plan));
-        let def = Arc::new(def);
+        let def = Arc::new(def.with_lookup_key(lookup::view_key(&create.plan)));
         let subscribers = Arc::new(view::Subscribers::default());
-        let sink = ViewSink::new(
-            create.name.clone(),
-            TableState::new(def)?,
-            self.shared.cell.clone(),
-            self.shared.epochs.clone(),
-            subscribers.clone(),
-            self.shared.feeds.clone(),
-        );
         let failures = Arc::new(FailureSlot::default());
         tracing::info!(view = %create.name, "starting materialized view:\n{}", root.describe());
-        let mut pending = view::spawn(id, root, sink, &self.shared.feeds, &failures);
+        // A view reading another is always rebuilt: it starts from that view's rows.
+        let reads_views = inputs.iter().any(|i| views.contains(i));
+        let report = (!reads_views).then(|| self.shared.checkpoints.report_for(id));
+        let restore = match log || reads_views {
+            true => None,
+            false => self.restore_point(&create.name, &create.query, &root.tables()).await,
+        };
+        let start = |root, restore| {
+            let sink = ViewSink::new(
+                create.name.clone(),
+                TableState::new(def.clone())?,
+                self.shared.cell.clone(),
+                self.shared.epochs.clone(),
+                subscribers.clone(),
+                self.shared.feeds.clone(),
+            );
+            view::spawn(id, root, sink, &self.shared.feeds, &failures, report.clone(), restore)
+        };
+        let mut pending = match restore {
+            None => start(root, None)?,
+            Some((epoch, restore)) => match start(root, Some(restore)) {
+                Ok(pending) => {
+                    tracing::info!(view = %create.name, epoch, "materialized view restored from its checkpoint");
+                    pending
+                }
+                Err(e) => {
+                    tracing::warn!(view = %create.name, epoch, "checkpoint not restored, rebuilding the view: {e}");
+                    start(sql::view::lower_view(&state, &plan, create.emit_on_window_close)?, None)?
+                }
+            },
+        };
+        let checkpointed = report.is_some().then_some(pending.operators);
         let late = pending.late.clone();
         for (name, upstream) in self.shared.views().iter() {
             if inputs.contains(name) {
@@ -963,7 +1107,7 @@ impl Database {
         }
         self.shared.views().insert(
             create.name.clone(),
-            ViewHandle { id, query: create.query.clone(), inputs, failures, subscribers, late },
+            ViewHandle { id, query: create.query.clone(), inputs, failures, subscribers, late, checkpointed },
         );
         let entries = if log {
             vec![Record::CreateView { name: create.name.clone(), query: create.query }.entry(None)?]
@@ -1071,6 +1215,7 @@ impl Database {
                 Some(sql::RelationKind::MaterializedView) => {
                     let removed = self.shared.views().remove(&name);
                     if let Some(view) = removed {
+                        self.shared.checkpoints.forget_view(view.id);
                         view.subscribers.close_view();
                         self.shared.epochs.remove_view(&name, view.id, &self.shared.feeds, &self.shared.cell);
                         self.shared.cell.publish_view(&name, None);
@@ -1256,7 +1401,8 @@ fn spawn_barriers(shared: std::sync::Weak<Shared>, interval: Duration) {
                 continue;
             }
             shared.abandon_failed_views();
-            if let Err(e) = shared.inject_barrier().await {
+            let checkpoint = shared.checkpoint_due();
+            if let Err(e) = shared.inject_barrier(checkpoint).await {
                 tracing::warn!("barrier not injected: {e}");
             }
         }
@@ -1277,6 +1423,45 @@ struct RecoveredViews {
     sinks: Vec<(u64, String, String, BTreeMap<String, String>)>,
     /// Models: their stored versions and the active one.
     models: model::RecoveredModels,
+    /// Epochs of the complete checkpoints in the store.
+    checkpoints: HashSet<u64>,
+    /// The log after the last of those checkpoints' entries, if one was met.
+    tail: Option<Tail>,
+    /// The greatest checkpoint epoch the log mentions.
+    last_checkpoint: u64,
+}
+
+/// What the log holds after a checkpoint's entry.
+#[derive(Default)]
+struct Tail {
+    epoch: u64,
+    changes: HashMap<String, Vec<ChangeBatch>>,
+    touched: HashSet<String>,
+}
+
+/// The complete checkpoints this build can restore, by epoch. Trouble reading them costs
+/// only a rebuild of the views, so it is reported, not fatal.
+async fn checkpoints_to_restore(
+    store: &Arc<dyn ObjectStore>,
+) -> HashMap<u64, crate::state::checkpoint::Manifest> {
+    let format = crate::state::checkpoint::state_format();
+    match crate::state::checkpoint::complete(store).await {
+        Ok(manifests) => manifests
+            .into_iter()
+            .filter(|m| {
+                let usable = m.format == format;
+                if !usable {
+                    tracing::info!(epoch = m.epoch, "checkpoint written by {} is not restored; views are rebuilt", m.format);
+                }
+                usable
+            })
+            .map(|m| (m.epoch, m))
+            .collect(),
+        Err(e) => {
+            tracing::warn!("checkpoints could not be read; views are rebuilt from their inputs: {e}");
+            HashMap::new()
+        }
+    }
 }
 
 fn replay(ctx: &SessionContext, writer: &mut Writer, views: &mut RecoveredViews, entries: Vec<LogEntry>) -> Result<()> {
@@ -1292,7 +1477,27 @@ fn replay(ctx: &SessionContext, writer: &mut Writer, views: &mut RecoveredViews,
         if views.models.replay(&record) {
             continue;
         }
+        if let Some(tail) = &mut views.tail {
+            match &record {
+                Record::CreateTable { name, .. }
+                | Record::DropTable { name }
+                | Record::CreateSource { name, .. }
+                | Record::CreateView { name, .. }
+                | Record::DropView { name }
+                | Record::CreatePlainView { name, .. }
+                | Record::DropPlainView { name } => {
+                    tail.touched.insert(name.clone());
+                }
+                _ => {}
+            }
+        }
         match &record {
+            Record::Checkpoint { epoch } => {
+                views.last_checkpoint = views.last_checkpoint.max(*epoch);
+                if views.checkpoints.contains(epoch) {
+                    views.tail = Some(Tail { epoch: *epoch, ..Tail::default() });
+                }
+            }
             Record::CreateTable { id, name, primary_key, defaults } => {
                 let schema = batch()?.schema();
                 let planned = plan_defaults(ctx, defaults)?;
@@ -1339,6 +1544,9 @@ fn replay(ctx: &SessionContext, writer: &mut Writer, views: &mut RecoveredViews,
                     _ => ChangeBatch::inserts(RecordBatch::try_new(schema, batch()?.columns().to_vec())?),
                 };
                 writer.apply(table, &change)?;
+                if let Some(tail) = &mut views.tail {
+                    tail.changes.entry(table.clone()).or_default().push(change);
+                }
             }
         }
     }

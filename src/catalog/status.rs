@@ -11,6 +11,10 @@
 //! - `snapshots`: the state snapshots written (or attempted) since the server started: the
 //!   log position each covers, when, how long it took, its size, the rows it holds, and the
 //!   error of a failed one.
+//! - `checkpoints`: the checkpoints of views' operator states taken (or attempted) since the
+//!   server started: the barrier epoch, when, how long it took, the views it holds and
+//!   those left out (rebuilt from their inputs after a restart), its size, and the error of
+//!   a failed one.
 //! - `late_events`: per materialized view and input with a watermark, the rows dropped as
 //!   late (event time below the watermark), the input's current watermark and the event
 //!   time of the last late row.
@@ -33,7 +37,8 @@ use crate::error::{Error, Result};
 
 /// The schema's name.
 pub const SCHEMA: &str = "freshet_catalog";
-pub(super) const TABLES: [&str; 5] = ["source_progress", "dead_letters", "sinks", "snapshots", "late_events"];
+pub(super) const TABLES: [&str; 6] =
+    ["source_progress", "dead_letters", "sinks", "snapshots", "checkpoints", "late_events"];
 
 /// Most snapshot attempts `snapshots` remembers.
 pub(super) const SNAPSHOT_HISTORY: usize = 100;
@@ -81,6 +86,7 @@ impl SchemaProvider for Status {
             "dead_letters" => dead_letters(&shared),
             "sinks" => sinks(&shared),
             "snapshots" => snapshots(&shared),
+            "checkpoints" => checkpoints(&shared),
             "late_events" => late_events(&shared),
             _ => return Ok(None),
         }
@@ -278,6 +284,34 @@ fn snapshots(shared: &Shared) -> Result<RecordBatch> {
         Arc::new(Int64Array::from_iter_values(history.iter().map(|r| r.duration.as_millis() as i64))),
         Arc::new(Int64Array::from_iter(history.iter().map(|r| r.result.as_ref().ok().map(|b| *b as i64)))),
         Arc::new(Int64Array::from_iter_values(history.iter().map(|r| r.rows as i64))),
+        Arc::new(StringArray::from_iter_values(history.iter().map(|r| if r.result.is_ok() { "ok" } else { "failed" }))),
+        Arc::new(StringArray::from_iter(history.iter().map(|r| r.result.as_ref().err().cloned()))),
+    ];
+    Ok(RecordBatch::try_new(schema, columns)?)
+}
+
+fn checkpoints(shared: &Shared) -> Result<RecordBatch> {
+    let schema: SchemaRef = Arc::new(Schema::new(vec![
+        big("epoch", false),
+        Field::new("started_at", DataType::Timestamp(TimeUnit::Millisecond, Some("+00:00".into())), false),
+        big("duration_ms", false),
+        big("views", false),
+        big("views_left_out", false),
+        big("bytes", true),
+        text("status", false),
+        text("error", true),
+    ]));
+    let history = shared.checkpoints.history();
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(Int64Array::from_iter_values(history.iter().map(|r| r.epoch as i64))),
+        Arc::new(
+            TimestampMillisecondArray::from_iter_values(history.iter().map(|r| r.started_at.timestamp_millis()))
+                .with_timezone("+00:00"),
+        ),
+        Arc::new(Int64Array::from_iter_values(history.iter().map(|r| r.duration.as_millis() as i64))),
+        Arc::new(Int64Array::from_iter_values(history.iter().map(|r| r.views as i64))),
+        Arc::new(Int64Array::from_iter_values(history.iter().map(|r| r.views_left_out as i64))),
+        Arc::new(Int64Array::from_iter(history.iter().map(|r| r.result.as_ref().ok().map(|b| *b as i64)))),
         Arc::new(StringArray::from_iter_values(history.iter().map(|r| if r.result.is_ok() { "ok" } else { "failed" }))),
         Arc::new(StringArray::from_iter(history.iter().map(|r| r.result.as_ref().err().cloned()))),
     ];

@@ -16,10 +16,11 @@ use datafusion::arrow::record_batch::RecordBatch;
 use tokio::sync::{Notify, mpsc, watch};
 
 use super::table::{Snapshot, SnapshotCell, TableState, TableVersion};
+use crate::dataflow::checkpoint::{self, Checkpointing, StateReport};
 use crate::dataflow::exchange;
 use crate::dataflow::operators::{EpochSink, EventTimeOperator, LateCounter, MaterializeOperator, MergeOperator};
 use crate::dataflow::runtime::{self, EdgeReceiver, FailureSlot};
-use crate::dataflow::{Barrier, ChangeBatch, Message};
+use crate::dataflow::{Barrier, ChangeBatch, Message, Operator};
 use crate::error::Result;
 use crate::sql::view::Node;
 
@@ -80,6 +81,11 @@ impl Feeds {
         self.lock().tables.entry(table.to_string()).or_default().push((view, sender));
     }
 
+    /// The ids of the views connected so far: those the next barrier reaches.
+    pub fn connected_views(&self) -> HashSet<u64> {
+        self.lock().views.keys().copied().collect()
+    }
+
     fn connected(&self, view: u64, name: &str) {
         self.lock().views.insert(view, name.to_string());
     }
@@ -134,6 +140,21 @@ pub struct Pending {
     failures: Arc<FailureSlot>,
     /// The late rows its inputs with watermarks dropped.
     pub late: Vec<Arc<LateCounter>>,
+    /// Operators spawned so far; each is numbered by its place in this count.
+    pub operators: usize,
+    /// Where operator states go at checkpoints.
+    report: Option<StateReport>,
+    /// Restored from a checkpoint: the operators' states by number, and the table changes
+    /// committed after it (which replace the tables' rows as the starting point).
+    restore: Option<Restore>,
+}
+
+/// What a view restored from a checkpoint starts from.
+pub struct Restore {
+    /// Operator states by operator number.
+    pub states: BTreeMap<usize, Vec<u8>>,
+    /// Changes committed after the checkpoint, in log order, by table.
+    pub tail: HashMap<String, Vec<ChangeBatch>>,
 }
 
 impl Pending {
@@ -145,12 +166,18 @@ impl Pending {
     /// Sends each input's current rows as the view's starting point and connects the feeds.
     /// Must run in log order (from a marker's publish callback), so no change is missed or
     /// seen twice.
-    pub fn connect(self, feeds: &Feeds, epochs: &Epochs, cell: &SnapshotCell) {
+    ///
+    /// A view restored from a checkpoint starts from its operators' states instead: it is
+    /// sent only the changes committed after the checkpoint (its constants are in its state).
+    pub fn connect(mut self, feeds: &Feeds, epochs: &Epochs, cell: &SnapshotCell) {
         let snapshot = cell.committed();
         let last_barrier = epochs.last_barrier();
+        let tail = self.restore.take().map(|r| r.tail);
         for (rows, sender) in self.constants {
-            for batch in rows {
-                feeds.send_data(&sender, ChangeBatch::inserts(batch));
+            if tail.is_none() {
+                for batch in rows {
+                    feeds.send_data(&sender, ChangeBatch::inserts(batch));
+                }
             }
             // Barriers reach it as they reach every table feed; no change ever will.
             feeds.register(self.view, CONSTANT_FEED, sender);
@@ -162,7 +189,12 @@ impl Pending {
                 }
                 continue;
             }
-            if let Some(version) = snapshot.relation(&input) {
+            if let Some(tail) = &tail {
+                // A table read twice (a self-join) has a feed per read; each gets the tail.
+                for change in tail.get(&input).into_iter().flatten() {
+                    feeds.send_data(&sender, change.clone());
+                }
+            } else if let Some(version) = snapshot.relation(&input) {
                 match version.batches() {
                     Ok(batches) => {
                         for batch in batches {
@@ -225,6 +257,22 @@ impl EpochSink for ViewSink {
             }
         }
         self.epochs.deliver(barrier.epoch, &self.name, version, &self.cell);
+        Ok(())
+    }
+
+    fn checkpoint(&mut self) -> Result<Option<Vec<u8>>> {
+        let version = self.state.version();
+        Ok(Some(checkpoint::rows_to_bytes(&version.def.schema, &version.batches()?)?))
+    }
+
+    /// The view's rows come back and are published at once, so views that read this one
+    /// start from them.
+    fn restore(&mut self, state: &[u8]) -> Result<()> {
+        for batch in checkpoint::rows_from_bytes(state, &format!("materialized view \"{}\"", self.name))? {
+            self.state.apply(&ChangeBatch::inserts(batch))?;
+        }
+        let _subscribers = self.subscribers.lock();
+        self.cell.publish_view(&self.name, Some(self.state.version()));
         Ok(())
     }
 }
@@ -442,7 +490,18 @@ impl Epochs {
 }
 
 /// Starts the operators of `root` with `sink` at the end, and returns the feeds to connect.
-pub fn spawn(view: u64, root: Node, sink: ViewSink, feeds: &Arc<Feeds>, failures: &Arc<FailureSlot>) -> Pending {
+/// Operator states go to `report` at checkpoints; with `restore`, every operator first
+/// loads its state from it (an operator without one there is an error, and nothing is
+/// started).
+pub fn spawn(
+    view: u64,
+    root: Node,
+    sink: ViewSink,
+    feeds: &Arc<Feeds>,
+    failures: &Arc<FailureSlot>,
+    report: Option<StateReport>,
+    restore: Option<Restore>,
+) -> Result<Pending> {
     let schema = sink.state.def().schema.clone();
     let mut pending = Pending {
         view,
@@ -452,15 +511,55 @@ pub fn spawn(view: u64, root: Node, sink: ViewSink, feeds: &Arc<Feeds>, failures
         upstream: HashMap::new(),
         failures: failures.clone(),
         late: Vec::new(),
+        operators: 0,
+        report,
+        restore,
     };
-    let input = spawn_node(root, feeds, failures, &mut pending);
-    let materialize = MaterializeOperator::new(schema, Box::new(sink));
-    runtime::spawn(Box::new(materialize), vec![input], Vec::new(), failures.clone());
-    pending
+    // Built and restored whole before any task starts, so a state that fails to load
+    // leaves nothing running.
+    let mut tasks = Vec::new();
+    let input = spawn_node(root, feeds, failures, &mut pending, &mut tasks)?;
+    let mut materialize: Box<dyn Operator> = Box::new(MaterializeOperator::new(schema, Box::new(sink)));
+    let checkpointing = pending.number(materialize.as_mut())?;
+    tasks.push(Task { operator: materialize, inputs: vec![input], outputs: Vec::new(), checkpointing });
+    for task in tasks {
+        runtime::spawn(task.operator, task.inputs, task.outputs, failures.clone(), task.checkpointing);
+    }
+    Ok(pending)
 }
 
-fn spawn_node(node: Node, feeds: &Arc<Feeds>, failures: &Arc<FailureSlot>, pending: &mut Pending) -> EdgeReceiver {
-    match node {
+/// An operator ready to run.
+struct Task {
+    operator: Box<dyn Operator>,
+    inputs: Vec<EdgeReceiver>,
+    outputs: Vec<runtime::EdgeSender>,
+    checkpointing: Option<Checkpointing>,
+}
+
+impl Pending {
+    /// Numbers the next operator, restores its state if the view is restored, and says
+    /// where its checkpoints go.
+    fn number(&mut self, operator: &mut dyn Operator) -> Result<Option<Checkpointing>> {
+        let number = self.operators;
+        self.operators += 1;
+        if let Some(restore) = &self.restore {
+            let state = restore.states.get(&number).ok_or_else(|| {
+                crate::error::Error::Internal(format!("the checkpoint has no state for operator {number}"))
+            })?;
+            operator.restore(state)?;
+        }
+        Ok(self.report.clone().map(|report| Checkpointing { operator: number, report }))
+    }
+}
+
+fn spawn_node(
+    node: Node,
+    feeds: &Arc<Feeds>,
+    failures: &Arc<FailureSlot>,
+    pending: &mut Pending,
+    tasks: &mut Vec<Task>,
+) -> Result<EdgeReceiver> {
+    Ok(match node {
         Node::Table(name) => {
             let (feed, receiver) = spawn_feed(feeds);
             pending.inputs.push((name, feed));
@@ -472,25 +571,29 @@ fn spawn_node(node: Node, feeds: &Arc<Feeds>, failures: &Arc<FailureSlot>, pendi
             receiver
         }
         Node::EventTime { table, column, delay_ms, units_per_ms } => {
-            let input = spawn_node(Node::Table(table.clone()), feeds, failures, pending);
+            let input = spawn_node(Node::Table(table.clone()), feeds, failures, pending, tasks)?;
             let late = Arc::new(LateCounter::new(table, pending.name.clone(), units_per_ms));
             pending.late.push(late.clone());
-            let operator = EventTimeOperator::new(column, delay_ms.saturating_mul(units_per_ms), late);
+            let mut operator: Box<dyn Operator> =
+                Box::new(EventTimeOperator::new(column, delay_ms.saturating_mul(units_per_ms), late));
+            let checkpointing = pending.number(operator.as_mut())?;
             let (sender, receiver) = runtime::edge();
-            runtime::spawn(Box::new(operator), vec![input], vec![sender], failures.clone());
+            tasks.push(Task { operator, inputs: vec![input], outputs: vec![sender], checkpointing });
             receiver
         }
-        Node::Operator(operator, inputs) => {
-            let receivers = inputs.into_iter().map(|n| spawn_node(n, feeds, failures, pending)).collect();
+        Node::Operator(mut operator, inputs) => {
+            let receivers =
+                inputs.into_iter().map(|n| spawn_node(n, feeds, failures, pending, tasks)).collect::<Result<_>>()?;
+            let checkpointing = pending.number(operator.as_mut())?;
             let (sender, receiver) = runtime::edge();
-            runtime::spawn(operator, receivers, vec![sender], failures.clone());
+            tasks.push(Task { operator, inputs: receivers, outputs: vec![sender], checkpointing });
             receiver
         }
         Node::Parallel { instances, keys, inputs } => {
             // instance_inputs[i][port]: instance i's edge from input `port`'s exchange.
             let mut instance_inputs: Vec<Vec<EdgeReceiver>> = instances.iter().map(|_| Vec::new()).collect();
             for (input, key) in inputs.into_iter().zip(keys) {
-                let upstream = spawn_node(input, feeds, failures, pending);
+                let upstream = spawn_node(input, feeds, failures, pending, tasks)?;
                 let mut senders = Vec::new();
                 for receivers in &mut instance_inputs {
                     let (sender, receiver) = runtime::edge();
@@ -500,21 +603,19 @@ fn spawn_node(node: Node, feeds: &Arc<Feeds>, failures: &Arc<FailureSlot>, pendi
                 exchange::spawn(key, upstream, senders, failures.clone());
             }
             let mut merge_inputs = Vec::new();
-            for (operator, receivers) in instances.into_iter().zip(instance_inputs) {
+            for (mut operator, receivers) in instances.into_iter().zip(instance_inputs) {
+                let checkpointing = pending.number(operator.as_mut())?;
                 let (sender, receiver) = runtime::edge();
-                runtime::spawn(operator, receivers, vec![sender], failures.clone());
+                tasks.push(Task { operator, inputs: receivers, outputs: vec![sender], checkpointing });
                 merge_inputs.push(receiver);
             }
+            let mut merge: Box<dyn Operator> = Box::new(MergeOperator::new(merge_inputs.len()));
+            let checkpointing = pending.number(merge.as_mut())?;
             let (sender, receiver) = runtime::edge();
-            runtime::spawn(
-                Box::new(MergeOperator::new(merge_inputs.len())),
-                merge_inputs,
-                vec![sender],
-                failures.clone(),
-            );
+            tasks.push(Task { operator: merge, inputs: merge_inputs, outputs: vec![sender], checkpointing });
             receiver
         }
-    }
+    })
 }
 
 /// A feed for one input of a view and the dataflow edge it moves into (bounded, so a slow

@@ -4,10 +4,11 @@
 //! [`ChangeBatch`] is the unit every change travels in: table writes are logged and applied
 //! as change batches, and every operator consumes and produces them. [`operator`] defines
 //! the messages and the [`Operator`] trait, [`runtime`] runs operators as tasks and aligns
-//! barriers, and [`operators`] holds the incremental operators. It must not depend on the
-//! catalog, the SQL layer or the server.
+//! barriers, [`checkpoint`] writes and reads operator state, and [`operators`] holds the
+//! incremental operators. It must not depend on the catalog, the SQL layer or the server.
 
 pub mod change;
+pub mod checkpoint;
 pub mod exchange;
 pub mod operator;
 pub mod operators;

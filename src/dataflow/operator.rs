@@ -22,7 +22,7 @@ pub enum Message {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Barrier {
     pub epoch: u64,
-    /// Whether operators persist state for this epoch (checkpoints are a later feature).
+    /// Whether operators persist their state for this epoch (see [`Operator::checkpoint`]).
     pub checkpoint: bool,
     /// A change to the running graph that takes effect at this barrier.
     pub mutation: Option<Mutation>,
@@ -90,5 +90,20 @@ pub trait Operator: Send {
     /// after this returns.
     async fn on_barrier(&mut self, _barrier: &Barrier, _out: &mut Output) -> Result<()> {
         Ok(())
+    }
+
+    /// A checkpoint barrier passed (after [`Operator::on_barrier`]): the operator's whole
+    /// state, such that [`Operator::restore`] on a freshly built operator of the same plan
+    /// continues exactly from here. `None` says the operator cannot be checkpointed; its view
+    /// is then rebuilt from its inputs after a restart. That is the default, so an operator
+    /// that holds state is never restored without it; stateless operators return an empty
+    /// state.
+    fn checkpoint(&mut self) -> Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+
+    /// Loads a state [`Operator::checkpoint`] wrote, before the first message.
+    fn restore(&mut self, _state: &[u8]) -> Result<()> {
+        Err(crate::error::Error::Internal(format!("operator {} has no state to restore", self.name())))
     }
 }

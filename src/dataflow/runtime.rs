@@ -13,6 +13,7 @@ use futures::FutureExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use super::checkpoint::Checkpointing;
 use super::operator::{Barrier, Message, Mutation, Operator, Output};
 use crate::error::{Error, Result};
 
@@ -50,17 +51,19 @@ impl FailureSlot {
 }
 
 /// Starts `operator` on its own task, reading `inputs` and writing to every `outputs`.
+/// At each checkpoint barrier its state goes to `checkpointing`.
 pub fn spawn(
     mut operator: Box<dyn Operator>,
     inputs: Vec<EdgeReceiver>,
     outputs: Vec<EdgeSender>,
     failures: Arc<FailureSlot>,
+    checkpointing: Option<Checkpointing>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let name = operator.name().to_string();
         // A panic is a bug, but it must still mark the view failed rather than stall it.
         // Inside an epoch scope, so model functions score with the version of its epoch.
-        let running = crate::ml::epoch::scope(run(operator.as_mut(), inputs, &outputs));
+        let running = crate::ml::epoch::scope(run(operator.as_mut(), inputs, &outputs, checkpointing));
         let outcome = std::panic::AssertUnwindSafe(running).catch_unwind().await;
         let failure = match outcome {
             Ok(Ok(())) => return,
@@ -78,7 +81,12 @@ pub fn spawn(
     })
 }
 
-async fn run(operator: &mut dyn Operator, mut inputs: Vec<EdgeReceiver>, outputs: &[EdgeSender]) -> Result<()> {
+async fn run(
+    operator: &mut dyn Operator,
+    mut inputs: Vec<EdgeReceiver>,
+    outputs: &[EdgeSender],
+    checkpointing: Option<Checkpointing>,
+) -> Result<()> {
     let ports = inputs.len();
     let mut closed = vec![false; ports];
     let mut waiting = vec![false; ports]; // reached the pending barrier
@@ -128,6 +136,12 @@ async fn run(operator: &mut dyn Operator, mut inputs: Vec<EdgeReceiver>, outputs
         let aligned = (0..ports).all(|p| closed[p] || waiting[p]);
         if aligned && let Some(barrier) = pending.take() {
             operator.on_barrier(&barrier, &mut out).await?;
+            if barrier.checkpoint
+                && let Some(c) = &checkpointing
+            {
+                // A failed state fails the checkpoint, not the view: it keeps running.
+                (c.report)(barrier.epoch, c.operator, operator.checkpoint());
+            }
             crate::ml::epoch::passed(barrier.epoch);
             let stop = barrier.mutation == Some(Mutation::Stop);
             let mut messages = out.take_messages();

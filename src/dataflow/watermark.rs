@@ -174,6 +174,11 @@ impl MinimumOverInputs {
         MinimumOverInputs { inputs, latest: HashMap::new(), forwarded: HashMap::new() }
     }
 
+    /// Whether no watermark has arrived: the only state a checkpoint can leave out.
+    pub fn is_empty(&self) -> bool {
+        self.latest.is_empty()
+    }
+
     /// Records `watermark` from input `port`; returns the watermark to forward, if the
     /// minimum advanced.
     pub fn update(&mut self, port: usize, watermark: Watermark) -> Option<Watermark> {

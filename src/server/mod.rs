@@ -47,6 +47,10 @@ pub struct Config {
     pub init: Option<PathBuf>,
     /// How often barriers close an epoch (materialized views publish once per epoch).
     pub barrier_interval: Duration,
+    /// How often views checkpoint their operator states; `None` is off.
+    pub checkpoint_interval: Option<Duration>,
+    /// Complete checkpoints kept in the store.
+    pub checkpoints_kept: usize,
     /// Parallel instances of each stateful view operator (and batch query parallelism).
     pub workers: usize,
 }
@@ -60,6 +64,8 @@ impl Default for Config {
             http_listen: "127.0.0.1:6544".into(),
             init: None,
             barrier_interval: crate::catalog::DEFAULT_BARRIER_INTERVAL,
+            checkpoint_interval: Some(crate::catalog::checkpoint::DEFAULT_CHECKPOINT_INTERVAL),
+            checkpoints_kept: crate::catalog::checkpoint::DEFAULT_CHECKPOINTS_KEPT,
             workers: crate::catalog::default_workers(),
         }
     }
@@ -90,7 +96,12 @@ impl Server {
             Some(url) => crate::state::open_prefix(url)?,
             None => crate::state::open_local_store(&config.data_dir)?,
         };
-        let options = crate::catalog::Options { barrier_interval: config.barrier_interval, workers: config.workers };
+        let options = crate::catalog::Options {
+            barrier_interval: config.barrier_interval,
+            checkpoint_interval: config.checkpoint_interval,
+            checkpoints_kept: config.checkpoints_kept,
+            workers: config.workers,
+        };
         let db = Database::open_with(store, options).await?;
         if let Some(path) = &config.init {
             let sql = std::fs::read_to_string(path)

@@ -290,7 +290,7 @@ async fn commit_loop(
     }
 }
 
-fn encode(entries: &[LogEntry], magic: &[u8; 8]) -> Result<Bytes> {
+pub(super) fn encode(entries: &[LogEntry], magic: &[u8; 8]) -> Result<Bytes> {
     let refs: Vec<&LogEntry> = entries.iter().collect();
     encode_refs(&refs, magic)
 }
@@ -330,7 +330,7 @@ fn encode_refs(entries: &[&LogEntry], magic: &[u8; 8]) -> Result<Bytes> {
     Ok(out.freeze())
 }
 
-fn decode(bytes: &Bytes, magic: &[u8; 8], path: &Path) -> Result<Vec<LogEntry>> {
+pub(super) fn decode(bytes: &Bytes, magic: &[u8; 8], path: &Path) -> Result<Vec<LogEntry>> {
     let corrupt = |reason: &str| Error::Corrupt { location: path.to_string(), reason: reason.to_string() };
     if bytes.len() < magic.len() + 4 || &bytes[..magic.len()] != magic {
         return Err(corrupt("not a freshet log object (bad magic or truncated)"));

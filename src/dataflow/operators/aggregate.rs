@@ -25,6 +25,7 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{OwnedRow, RowConverter, Rows, SortField};
 use datafusion::physical_plan::PhysicalExpr;
 
+use crate::dataflow::checkpoint::{StateReader, StateWriter};
 use crate::dataflow::operator::{Barrier, Operator, Output};
 use crate::dataflow::watermark::Derivation;
 use crate::dataflow::{ChangeBatch, FastMap, Watermark};
@@ -147,6 +148,77 @@ enum Accumulator {
         values: BTreeMap<Box<[u8]>, i64>,
         nulls: i64,
     },
+}
+
+impl Accumulator {
+    /// Writes the accumulator for a checkpoint; false for a DataFusion accumulator, whose
+    /// state freshet cannot write.
+    fn write(&self, w: &mut StateWriter) -> bool {
+        match self {
+            Accumulator::DataFusion(_) => return false,
+            Accumulator::Count(n) => {
+                w.u64(0);
+                w.i64(*n);
+            }
+            Accumulator::SumInt { sum, values } => {
+                w.u64(1);
+                w.i128(*sum);
+                w.i64(*values);
+            }
+            Accumulator::SumFloat { sum, values } => {
+                w.u64(2);
+                w.f64(*sum);
+                w.i64(*values);
+            }
+            Accumulator::Extreme(values) => {
+                w.u64(3);
+                w.counts(values.len(), values.iter().map(|(k, n)| (k.as_ref(), *n)));
+            }
+            Accumulator::Bools { trues, falses } => {
+                w.u64(4);
+                w.i64(*trues);
+                w.i64(*falses);
+            }
+            Accumulator::Moments { n, sum, squares, exact } => {
+                w.u64(5);
+                w.i64(*n);
+                w.f64(*sum);
+                w.f64(*squares);
+                w.u64(exact.is_some() as u64);
+                let (s, q) = exact.unwrap_or_default();
+                w.i128(s);
+                w.i128(q);
+            }
+            Accumulator::Values { values, nulls } => {
+                w.u64(6);
+                w.counts(values.len(), values.iter().map(|(k, n)| (k.as_ref(), *n)));
+                w.i64(*nulls);
+            }
+        }
+        true
+    }
+
+    fn read(r: &mut StateReader) -> Result<Accumulator> {
+        Ok(match r.u64()? {
+            0 => Accumulator::Count(r.i64()?),
+            1 => Accumulator::SumInt { sum: r.i128()?, values: r.i64()? },
+            2 => Accumulator::SumFloat { sum: r.f64()?, values: r.i64()? },
+            3 => Accumulator::Extreme(r.counts()?.into_iter().collect()),
+            4 => Accumulator::Bools { trues: r.i64()?, falses: r.i64()? },
+            5 => {
+                let (n, sum, squares, exact) = (r.i64()?, r.f64()?, r.f64()?, r.u64()? != 0);
+                let (s, q) = (r.i128()?, r.i128()?);
+                Accumulator::Moments { n, sum, squares, exact: exact.then_some((s, q)) }
+            }
+            6 => Accumulator::Values { values: r.counts()?.into_iter().collect(), nulls: r.i64()? },
+            tag => {
+                return Err(Error::Corrupt {
+                    location: "checkpointed state of an aggregate".into(),
+                    reason: format!("unknown accumulator {tag}"),
+                });
+            }
+        })
+    }
 }
 
 struct Group {
@@ -788,6 +860,61 @@ impl Operator for AggregateOperator {
             }
         }
         Ok(())
+    }
+
+    /// Every live group: its key, weight, accumulators and emitted row. Groups closed by
+    /// event time and DataFusion's own accumulators are not written: such an operator
+    /// cannot be checkpointed (`None`).
+    fn checkpoint(&mut self) -> Result<Option<Vec<u8>>> {
+        if self.event_time.is_some() {
+            return Ok(None);
+        }
+        let mut w = StateWriter::default();
+        w.u64(self.index.len() as u64);
+        for (bytes, &id) in &self.index {
+            let group = &self.state[id];
+            w.bytes(bytes);
+            w.u64(group.key.is_some() as u64);
+            w.i64(group.weight);
+            match &group.emitted {
+                Some(row) => {
+                    w.u64(1);
+                    w.bytes(row.row().as_ref());
+                }
+                None => w.u64(0),
+            }
+            for accumulator in &group.accumulators {
+                if !accumulator.write(&mut w) {
+                    return Ok(None);
+                }
+            }
+        }
+        Ok(Some(w.finish()))
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<()> {
+        let mut r = StateReader::new(state, "an aggregate");
+        self.index.clear();
+        self.state.clear();
+        self.free.clear();
+        self.dirty.clear();
+        let groups = r.len(33)?;
+        for id in 0..groups {
+            let bytes: Box<[u8]> = Box::from(r.bytes()?);
+            let key = match r.u64()? {
+                0 => None,
+                _ => Some(self.key_converter.parser().parse(&bytes).owned()),
+            };
+            let weight = r.i64()?;
+            let emitted = match r.u64()? {
+                0 => None,
+                _ => Some(self.output_converter.parser().parse(r.bytes()?).owned()),
+            };
+            let accumulators = (0..self.aggregates.len()).map(|_| Accumulator::read(&mut r)).collect::<Result<_>>()?;
+            self.state.push(Group { key, weight, accumulators, emitted, dirty: false });
+            self.index.insert(bytes, id);
+        }
+        r.finish()
     }
 
     async fn on_barrier(&mut self, _barrier: &Barrier, out: &mut Output) -> Result<()> {

@@ -29,6 +29,7 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{RowConverter, Rows, SortField};
 use datafusion::physical_plan::PhysicalExpr;
 
+use crate::dataflow::checkpoint::{StateReader, StateWriter};
 use crate::dataflow::operator::{Operator, Output};
 use crate::dataflow::{ChangeBatch, FastMap, Watermark};
 use crate::error::{Error, Result};
@@ -531,6 +532,40 @@ impl Operator for JoinOperator {
             JoinKind::LeftSemi => "semi_join",
             JoinKind::LeftAnti => "anti_join",
         }
+    }
+
+    /// Both arrangements. Window and interval joins also index rows by time, which is not
+    /// written: they cannot be checkpointed (`None`).
+    fn checkpoint(&mut self) -> Result<Option<Vec<u8>>> {
+        if self.event_time.is_some() || self.interval.is_some() {
+            return Ok(None);
+        }
+        let mut w = StateWriter::default();
+        for side in [&self.left, &self.right] {
+            w.u64(side.by_key.len() as u64);
+            for (key, rows) in &side.by_key {
+                w.bytes(key);
+                w.counts(rows.len(), rows.iter().map(|(row, n)| (row.as_ref(), *n)));
+            }
+            w.counts(side.matched.len(), side.matched.iter().map(|(row, n)| (row.as_ref(), *n)));
+        }
+        Ok(Some(w.finish()))
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<()> {
+        let mut r = StateReader::new(state, "a join");
+        for side in [&mut self.left, &mut self.right] {
+            side.by_key.clear();
+            side.weight.clear();
+            for _ in 0..r.len(16)? {
+                let key = r.bytes()?;
+                for (row, n) in r.counts()? {
+                    side.add(key, &row, n);
+                }
+            }
+            side.matched = r.counts()?.into_iter().collect();
+        }
+        r.finish()
     }
 
     /// A join's output may pair a new row with an old one from the other side, so only a

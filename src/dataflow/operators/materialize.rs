@@ -15,6 +15,16 @@ use crate::error::Result;
 pub trait EpochSink: Send {
     /// Called once per barrier, in epoch order, with the epoch's consolidated change.
     fn commit(&mut self, barrier: &Barrier, change: ChangeBatch) -> Result<()>;
+
+    /// The view's rows as of the last commit, for a checkpoint (`None`: not kept).
+    fn checkpoint(&mut self) -> Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+
+    /// Loads rows [`EpochSink::checkpoint`] wrote, before the first commit.
+    fn restore(&mut self, _state: &[u8]) -> Result<()> {
+        Err(crate::error::Error::Internal("this sink keeps no checkpointed rows".into()))
+    }
 }
 
 /// Buffers changes until the barrier, then commits them to the sink.
@@ -53,5 +63,15 @@ impl Operator for MaterializeOperator {
         let retracts = change.weights().values().iter().any(|&w| w < 0);
         let change = if retracts { change.consolidate()? } else { change };
         self.sink.commit(barrier, change)
+    }
+
+    /// Checkpoints come after the epoch's commit, so nothing is buffered: the state is the
+    /// sink's rows.
+    fn checkpoint(&mut self) -> Result<Option<Vec<u8>>> {
+        self.sink.checkpoint()
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<()> {
+        self.sink.restore(state)
     }
 }

@@ -19,6 +19,7 @@ use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::physical_expr::ScalarFunctionExpr;
 use datafusion::physical_plan::PhysicalExpr;
 
+use crate::dataflow::checkpoint::{StateReader, StateWriter};
 use crate::dataflow::operator::{Operator, Output};
 use crate::dataflow::watermark::Derivation;
 use crate::dataflow::{ChangeBatch, FastMap, Watermark};
@@ -224,6 +225,43 @@ impl Operator for ProjectFilterOperator {
         let (evaluated, _) = self.evaluate(&input)?;
         out.push(evaluated);
         Ok(())
+    }
+
+    /// Stateless unless it remembers what model calls produced: then every live input row
+    /// with the output each copy of it produced.
+    fn checkpoint(&mut self) -> Result<Option<Vec<u8>>> {
+        let mut w = StateWriter::default();
+        if let Some(memo) = &self.memo {
+            w.u64(memo.emitted.len() as u64);
+            for (input, copies) in &memo.emitted {
+                w.bytes(input);
+                w.u64(copies.len() as u64);
+                for (n, output) in copies {
+                    w.i64(*n);
+                    w.u64(output.is_some() as u64);
+                    w.bytes(output.as_deref().unwrap_or_default());
+                }
+            }
+        }
+        Ok(Some(w.finish()))
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<()> {
+        let mut r = StateReader::new(state, "a projection");
+        if let Some(memo) = &mut self.memo {
+            memo.emitted.clear();
+            for _ in 0..r.len(16)? {
+                let input = Box::from(r.bytes()?);
+                let copies = (0..r.len(24)?)
+                    .map(|_| {
+                        let (n, present, output) = (r.i64()?, r.u64()? != 0, r.bytes()?);
+                        Ok((n, present.then(|| Box::from(output))))
+                    })
+                    .collect::<Result<Vec<Copies>>>()?;
+                memo.emitted.insert(input, copies);
+            }
+        }
+        r.finish()
     }
 
     async fn on_watermark(&mut self, _port: usize, watermark: Watermark, out: &mut Output) -> Result<()> {

@@ -32,6 +32,16 @@ impl Operator for UnionOperator {
         "union_all"
     }
 
+    /// Stateless but for watermarks: checkpointed only while none has arrived (a view
+    /// with watermarks has an event-time operator, which is never checkpointed).
+    fn checkpoint(&mut self) -> Result<Option<Vec<u8>>> {
+        Ok(self.watermarks.is_empty().then(Vec::new))
+    }
+
+    fn restore(&mut self, _state: &[u8]) -> Result<()> {
+        Ok(())
+    }
+
     async fn process(&mut self, _port: usize, input: ChangeBatch, out: &mut Output) -> Result<()> {
         let columns = input
             .batch()
@@ -71,6 +81,16 @@ impl MergeOperator {
 impl Operator for MergeOperator {
     fn name(&self) -> &str {
         "merge"
+    }
+
+    /// Stateless but for watermarks: checkpointed only while none has arrived (a view
+    /// with watermarks has an event-time operator, which is never checkpointed).
+    fn checkpoint(&mut self) -> Result<Option<Vec<u8>>> {
+        Ok(self.watermarks.is_empty().then(Vec::new))
+    }
+
+    fn restore(&mut self, _state: &[u8]) -> Result<()> {
+        Ok(())
     }
 
     async fn process(&mut self, _port: usize, input: ChangeBatch, out: &mut Output) -> Result<()> {

@@ -1,0 +1,229 @@
+//! Checkpoints of materialized views: collecting their operator states at a checkpoint
+//! barrier, storing them, and choosing one to restore from at start.
+//!
+//! A checkpoint barrier is a barrier whose log append also stores a
+//! `Record::Checkpoint { epoch }` entry, so the checkpoint has an exact place in the log:
+//! every change before that entry is in the states, every change after it is not. At start
+//! the views of the newest complete checkpoint whose entry is still in the log (not folded
+//! into a snapshot) are restored from their states and fed only the changes after the
+//! entry; every other view is rebuilt from its inputs, as before checkpoints existed. So a
+//! checkpoint only ever saves work: a missing, damaged or foreign one costs a rebuild,
+//! never a wrong answer.
+//!
+//! [`Checkpoints`] is the coordinator: [`Checkpoints::begin`] opens an epoch with the views
+//! that will report, the runtime reports each operator's state through the closure
+//! [`Checkpoints::report_for`] makes, and once every view has reported a task writes the
+//! view objects, then the manifest, then deletes checkpoints beyond the newest few.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use object_store::ObjectStore;
+
+use crate::dataflow::checkpoint::StateReport;
+use crate::error::Result;
+use crate::state::checkpoint::{self as store, Manifest, ManifestView};
+
+/// Default time between checkpoints.
+pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+/// Complete checkpoints kept in the store.
+pub const DEFAULT_CHECKPOINTS_KEPT: usize = 3;
+/// A checkpoint some view never reported for (it failed or was dropped mid-way) is given
+/// up after this long, so the next one can start.
+const ABANDON_AFTER: Duration = Duration::from_secs(30);
+/// Most checkpoint attempts `freshet_catalog.checkpoints` remembers.
+pub const HISTORY: usize = 100;
+
+/// One checkpoint attempt, for `freshet_catalog.checkpoints`.
+#[derive(Debug, Clone)]
+pub struct CheckpointRecord {
+    pub epoch: u64,
+    pub started_at: chrono::DateTime<chrono::Utc>,
+    pub duration: Duration,
+    /// Views whose state it holds, and views left out (an operator that cannot be
+    /// checkpointed; those are rebuilt after a restart).
+    pub views: usize,
+    pub views_left_out: usize,
+    /// Bytes written, or why it failed.
+    pub result: std::result::Result<u64, String>,
+}
+
+/// A view taking part in a checkpoint.
+#[derive(Debug, Clone)]
+pub struct CheckpointedView {
+    pub id: u64,
+    pub name: String,
+    pub query: String,
+    pub operators: usize,
+}
+
+/// Operator states by operator number (`None`: that operator cannot be checkpointed).
+type States = BTreeMap<usize, Option<Vec<u8>>>;
+
+struct InFlight {
+    epoch: u64,
+    started: (chrono::DateTime<chrono::Utc>, Instant),
+    /// By view id: the view and its operators' states so far (`None`: cannot be
+    /// checkpointed).
+    views: HashMap<u64, (CheckpointedView, States)>,
+    /// Views left out so far, with why.
+    left_out: Vec<(String, String)>,
+}
+
+#[derive(Default)]
+struct Inner {
+    in_flight: Option<InFlight>,
+    /// A complete checkpoint's states being written.
+    writing: bool,
+    history: VecDeque<CheckpointRecord>,
+}
+
+/// Coordinates checkpoints; shared by the barrier task, every view's operators and the
+/// writer task.
+pub struct Checkpoints {
+    store: Arc<dyn ObjectStore>,
+    kept: usize,
+    inner: Mutex<Inner>,
+}
+
+impl Checkpoints {
+    pub fn new(store: Arc<dyn ObjectStore>, kept: usize) -> Arc<Checkpoints> {
+        Arc::new(Checkpoints { store, kept: kept.max(1), inner: Mutex::default() })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a new checkpoint may start: none is collecting or writing (one that has
+    /// waited too long for its views is given up).
+    pub fn ready(&self) -> bool {
+        let mut inner = self.lock();
+        if let Some(in_flight) = &inner.in_flight
+            && in_flight.started.1.elapsed() > ABANDON_AFTER
+        {
+            let waiting: Vec<String> = in_flight.views.values().map(|(v, _)| v.name.clone()).collect();
+            let failure = format!("views did not report their state in time: {}", waiting.join(", "));
+            tracing::warn!(epoch = in_flight.epoch, "checkpoint abandoned: {failure}");
+            let in_flight = inner.in_flight.take().expect("checked just above");
+            record(&mut inner, &in_flight, Err(failure));
+        }
+        inner.in_flight.is_none() && !inner.writing
+    }
+
+    /// Opens checkpoint `epoch`, to be complete once each of `views` has reported every
+    /// operator. Runs in log order, before the barrier reaches any view.
+    pub fn begin(self: &Arc<Self>, epoch: u64, views: Vec<CheckpointedView>) {
+        let mut inner = self.lock();
+        let views = views.into_iter().map(|v| (v.id, (v, BTreeMap::new()))).collect();
+        inner.in_flight =
+            Some(InFlight { epoch, started: (chrono::Utc::now(), Instant::now()), views, left_out: Vec::new() });
+        self.complete_if_ready(&mut inner);
+    }
+
+    /// Where view `id`'s operators report their states.
+    pub fn report_for(self: &Arc<Self>, id: u64) -> StateReport {
+        let checkpoints = Arc::downgrade(self);
+        Arc::new(move |epoch, operator, state| {
+            if let Some(checkpoints) = checkpoints.upgrade() {
+                checkpoints.report(id, epoch, operator, state);
+            }
+        })
+    }
+
+    fn report(self: &Arc<Self>, id: u64, epoch: u64, operator: usize, state: Result<Option<Vec<u8>>>) {
+        let mut inner = self.lock();
+        let Some(in_flight) = inner.in_flight.as_mut().filter(|f| f.epoch == epoch) else { return };
+        let Some((view, states)) = in_flight.views.get_mut(&id) else { return };
+        match state {
+            Ok(state) => {
+                states.insert(operator, state);
+            }
+            Err(e) => {
+                let name = view.name.clone();
+                in_flight.views.remove(&id);
+                in_flight.left_out.push((name, format!("operator {operator} failed to write its state: {e}")));
+            }
+        }
+        self.complete_if_ready(&mut inner);
+    }
+
+    /// View `id` is gone (dropped or failed): the checkpoint in flight stops waiting for it.
+    pub fn forget_view(self: &Arc<Self>, id: u64) {
+        let mut inner = self.lock();
+        if let Some(in_flight) = &mut inner.in_flight {
+            in_flight.views.remove(&id);
+        }
+        self.complete_if_ready(&mut inner);
+    }
+
+    fn complete_if_ready(self: &Arc<Self>, inner: &mut Inner) {
+        let Some(in_flight) = &inner.in_flight else { return };
+        if in_flight.views.values().any(|(view, states)| states.len() < view.operators) {
+            return;
+        }
+        let in_flight = inner.in_flight.take().expect("checked just above");
+        inner.writing = true;
+        let checkpoints = self.clone();
+        tokio::spawn(async move {
+            let result = checkpoints.write(&in_flight).await;
+            match &result {
+                Ok(bytes) => tracing::debug!(epoch = in_flight.epoch, bytes, "checkpoint written"),
+                Err(e) => tracing::warn!(epoch = in_flight.epoch, "checkpoint failed; the next one retries: {e}"),
+            }
+            let mut inner = checkpoints.lock();
+            inner.writing = false;
+            record(&mut inner, &in_flight, result.map_err(|e| e.to_string()));
+        });
+    }
+
+    /// Stores every view's states, then the manifest, then deletes old checkpoints.
+    async fn write(&self, in_flight: &InFlight) -> Result<u64> {
+        let mut manifest = Manifest {
+            epoch: in_flight.epoch,
+            format: store::state_format(),
+            views: Vec::new(),
+            created_at_ms: in_flight.started.0.timestamp_millis(),
+        };
+        let mut total = 0;
+        for (id, (view, states)) in &in_flight.views {
+            let Some(states) = states.iter().map(|(n, s)| Some((*n, s.clone()?))).collect::<Option<BTreeMap<_, _>>>()
+            else {
+                continue; // an operator cannot be checkpointed: the view is rebuilt instead
+            };
+            let (object, bytes) = store::write_view(&self.store, in_flight.epoch, *id, &states).await?;
+            total += bytes;
+            manifest.views.push(ManifestView { name: view.name.clone(), query: view.query.clone(), object, bytes });
+        }
+        total += store::write_manifest(&self.store, &manifest).await?;
+        let deleted = store::delete_old(&self.store, self.kept).await?;
+        tracing::trace!(deleted, "old checkpoints deleted");
+        Ok(total)
+    }
+
+    /// A view's operator states, as a checkpoint stored them.
+    pub async fn read_view(&self, object: &str) -> Result<BTreeMap<usize, Vec<u8>>> {
+        store::read_view(&self.store, object).await
+    }
+
+    /// The checkpoint attempts since the server started, oldest first.
+    pub fn history(&self) -> Vec<CheckpointRecord> {
+        self.lock().history.iter().cloned().collect()
+    }
+}
+
+fn record(inner: &mut Inner, in_flight: &InFlight, result: std::result::Result<u64, String>) {
+    let views = in_flight.views.values().filter(|(_, states)| states.values().all(Option::is_some)).count();
+    if inner.history.len() == HISTORY {
+        inner.history.pop_front();
+    }
+    inner.history.push_back(CheckpointRecord {
+        epoch: in_flight.epoch,
+        started_at: in_flight.started.0,
+        duration: in_flight.started.1.elapsed(),
+        views,
+        views_left_out: in_flight.views.len() - views + in_flight.left_out.len(),
+        result,
+    });
+}

@@ -1,0 +1,212 @@
+//! Operator state at a checkpoint: how an operator writes what it holds into bytes and
+//! reads it back, and how the runtime hands those bytes to whoever stores them.
+//!
+//! A checkpoint barrier reaches every operator of a view after all data before it (the
+//! runtime aligns it), so the states taken there form one consistent cut: restoring them
+//! and feeding the changes committed after the barrier gives exactly the view that running
+//! on would have given. The bytes are freshet's own: an operator writes its maps with
+//! [`StateWriter`] and checks everything it reads with [`StateReader`]; a truncated or
+//! foreign state is an error, never a half-restored operator. This module knows nothing of
+//! where states are stored (see `catalog::checkpoint`).
+
+use std::sync::Arc;
+
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::ipc::reader::StreamReader;
+use datafusion::arrow::ipc::writer::StreamWriter;
+use datafusion::arrow::record_batch::RecordBatch;
+
+use crate::error::{Error, Result};
+
+/// Receives the state an operator took at a checkpoint barrier: (epoch, the operator's
+/// position in its view, the state, or `None` if the operator cannot be checkpointed, or
+/// the error that stopped it).
+pub type StateReport = Arc<dyn Fn(u64, usize, Result<Option<Vec<u8>>>) + Send + Sync>;
+
+/// Where one operator reports its checkpoint states.
+#[derive(Clone)]
+pub struct Checkpointing {
+    /// The operator's position in its view (spawn order, which re-planning repeats).
+    pub operator: usize,
+    pub report: StateReport,
+}
+
+/// Appends integers and byte strings to a state.
+#[derive(Default)]
+pub struct StateWriter {
+    bytes: Vec<u8>,
+}
+
+impl StateWriter {
+    pub fn u64(&mut self, value: u64) {
+        self.bytes.extend_from_slice(&value.to_le_bytes());
+    }
+
+    pub fn i64(&mut self, value: i64) {
+        self.bytes.extend_from_slice(&value.to_le_bytes());
+    }
+
+    pub fn i128(&mut self, value: i128) {
+        self.bytes.extend_from_slice(&value.to_le_bytes());
+    }
+
+    pub fn f64(&mut self, value: f64) {
+        self.bytes.extend_from_slice(&value.to_le_bytes());
+    }
+
+    /// A byte string, length first.
+    pub fn bytes(&mut self, value: &[u8]) {
+        self.u64(value.len() as u64);
+        self.bytes.extend_from_slice(value);
+    }
+
+    /// A map of byte strings to weights, entry count first.
+    pub fn counts<'a>(&mut self, len: usize, entries: impl Iterator<Item = (&'a [u8], i64)>) {
+        self.u64(len as u64);
+        for (key, count) in entries {
+            self.bytes(key);
+            self.i64(count);
+        }
+    }
+
+    pub fn finish(self) -> Vec<u8> {
+        self.bytes
+    }
+}
+
+/// Reads a state written by [`StateWriter`], failing on anything short or left over.
+pub struct StateReader<'a> {
+    bytes: &'a [u8],
+    what: &'a str,
+}
+
+impl<'a> StateReader<'a> {
+    /// `what` names the operator in errors.
+    pub fn new(bytes: &'a [u8], what: &'a str) -> Self {
+        StateReader { bytes, what }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if self.bytes.len() < n {
+            return Err(Error::Corrupt {
+                location: format!("checkpointed state of {}", self.what),
+                reason: format!("it ends {} bytes early", n - self.bytes.len()),
+            });
+        }
+        let (head, rest) = self.bytes.split_at(n);
+        self.bytes = rest;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
+        let mut array = [0; N];
+        array.copy_from_slice(self.take(N)?);
+        Ok(array)
+    }
+
+    pub fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    pub fn i64(&mut self) -> Result<i64> {
+        Ok(i64::from_le_bytes(self.array()?))
+    }
+
+    pub fn i128(&mut self) -> Result<i128> {
+        Ok(i128::from_le_bytes(self.array()?))
+    }
+
+    pub fn f64(&mut self) -> Result<f64> {
+        Ok(f64::from_le_bytes(self.array()?))
+    }
+
+    /// A count of entries that follow, each at least `min_entry` bytes long: checked
+    /// against what is left, so a damaged count cannot make a reader allocate wildly.
+    pub fn len(&mut self, min_entry: usize) -> Result<usize> {
+        let n = self.u64()?;
+        if n.saturating_mul(min_entry.max(1) as u64) > self.bytes.len() as u64 {
+            return Err(Error::Corrupt {
+                location: format!("checkpointed state of {}", self.what),
+                reason: format!("it claims {n} entries but holds only {} bytes", self.bytes.len()),
+            });
+        }
+        Ok(n as usize)
+    }
+
+    pub fn bytes(&mut self) -> Result<&'a [u8]> {
+        let n = self.len(1)?;
+        self.take(n)
+    }
+
+    /// A map written by [`StateWriter::counts`], as (key, count) pairs in written order.
+    pub fn counts(&mut self) -> Result<Vec<(Box<[u8]>, i64)>> {
+        let n = self.len(16)?;
+        (0..n).map(|_| Ok((Box::from(self.bytes()?), self.i64()?))).collect()
+    }
+
+    /// Fails unless every byte was read.
+    pub fn finish(self) -> Result<()> {
+        if !self.bytes.is_empty() {
+            return Err(Error::Corrupt {
+                location: format!("checkpointed state of {}", self.what),
+                reason: format!("{} bytes are left over", self.bytes.len()),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Rows as an Arrow IPC stream, for states that are whole relations (a view's rows).
+pub fn rows_to_bytes(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    let mut writer = StreamWriter::try_new(&mut bytes, schema)?;
+    for batch in batches {
+        writer.write(batch)?;
+    }
+    writer.finish()?;
+    drop(writer);
+    Ok(bytes)
+}
+
+/// Rows written by [`rows_to_bytes`].
+pub fn rows_from_bytes(bytes: &[u8], what: &str) -> Result<Vec<RecordBatch>> {
+    let corrupt = |e: datafusion::arrow::error::ArrowError| Error::Corrupt {
+        location: format!("checkpointed rows of {what}"),
+        reason: e.to_string(),
+    };
+    let reader = StreamReader::try_new(std::io::Cursor::new(bytes), None).map_err(corrupt)?;
+    reader.map(|batch| batch.map_err(corrupt)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_reads_back_as_written() {
+        let mut w = StateWriter::default();
+        w.u64(7);
+        w.i128(-3);
+        w.f64(0.5);
+        w.counts(2, [(&b"a"[..], 2), (&b"bc"[..], -1)].into_iter());
+        let bytes = w.finish();
+        let mut r = StateReader::new(&bytes, "test");
+        assert_eq!(r.u64().expect("u64"), 7);
+        assert_eq!(r.i128().expect("i128"), -3);
+        assert_eq!(r.f64().expect("f64"), 0.5);
+        assert_eq!(r.counts().expect("counts"), vec![(Box::from(&b"a"[..]), 2), (Box::from(&b"bc"[..]), -1)]);
+        r.finish().expect("nothing left");
+    }
+
+    #[test]
+    fn a_truncated_state_is_an_error_not_a_partial_restore() {
+        let mut w = StateWriter::default();
+        w.counts(1, [(&b"abc"[..], 1)].into_iter());
+        let bytes = w.finish();
+        let error = StateReader::new(&bytes[..bytes.len() - 3], "join").counts().expect_err("short");
+        assert!(error.to_string().contains("join"), "{error}");
+        let mut huge = StateWriter::default();
+        huge.u64(u64::MAX);
+        assert!(StateReader::new(&huge.finish(), "x").counts().is_err(), "a wild count is refused");
+    }
+}
