@@ -356,12 +356,25 @@ async fn models_and_their_versions_survive_a_restart() {
     );
     run(&c, "INSERT INTO readings VALUES (2, 0); ALTER MODEL centroid SET VERSION 1; FLUSH; INSERT INTO readings VALUES (3, 5); FLUSH").await;
     assert_eq!(rows_text(&c, "SELECT * FROM scored ORDER BY id").await, vec!["1|90.0|2", "2|100.0|2", "3|5.0|1"]);
+    run(&c, "CHECKPOINT").await;
     server.shutdown().await;
 
-    // A snapshot of the log keeps the models too.
+    // A snapshot of the log keeps the models too, and the view restored from its
+    // checkpoint keeps each row's score and the version that gave it.
     let server = start().await.expect("restarts again");
     let c = connect_to(&server).await;
     assert_eq!(rows_text(&c, "SELECT score('centroid', 1), score_version('centroid')").await, vec!["1.0|1"]);
+    assert_eq!(
+        rows_text(&c, "SELECT * FROM scored ORDER BY id").await,
+        vec!["1|90.0|2", "2|100.0|2", "3|5.0|1"],
+        "rows keep the scores they were given"
+    );
+    run(&c, "INSERT INTO readings VALUES (4, 1); DELETE FROM readings WHERE id = 2; FLUSH").await;
+    assert_eq!(
+        rows_text(&c, "SELECT * FROM scored ORDER BY id").await,
+        vec!["1|90.0|2", "3|5.0|1", "4|1.0|1"],
+        "a restored row is taken back with the score it had"
+    );
     run(&c, "DROP MODEL centroid CASCADE").await;
     server.shutdown().await;
     let server = start().await.expect("restarts after the drop");

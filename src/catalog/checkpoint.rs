@@ -15,7 +15,7 @@
 //! [`Checkpoints::report_for`] makes, and once every view has reported a task writes the
 //! view objects, then the manifest, then deletes checkpoints beyond the newest few.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -76,6 +76,10 @@ struct Inner {
     in_flight: Option<InFlight>,
     /// A complete checkpoint's states being written.
     writing: bool,
+    /// A checkpoint barrier is on its way (between [`Checkpoints::reserve`] and `begin`).
+    reserved: bool,
+    /// The last checkpoint stored, and the ids of the views it holds.
+    stored: Option<(u64, HashSet<u64>)>,
     history: VecDeque<CheckpointRecord>,
 }
 
@@ -96,9 +100,10 @@ impl Checkpoints {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether a new checkpoint may start: none is collecting or writing (one that has
-    /// waited too long for its views is given up).
-    pub fn ready(&self) -> bool {
+    /// Claims the next checkpoint if none is on its way, collecting or writing (one that
+    /// has waited too long for its views is given up). Every claim is followed by
+    /// [`Checkpoints::begin`] or [`Checkpoints::release`].
+    pub fn reserve(&self) -> bool {
         let mut inner = self.lock();
         if let Some(in_flight) = &inner.in_flight
             && in_flight.started.1.elapsed() > ABANDON_AFTER
@@ -109,13 +114,21 @@ impl Checkpoints {
             let in_flight = inner.in_flight.take().expect("checked just above");
             record(&mut inner, &in_flight, Err(failure));
         }
-        inner.in_flight.is_none() && !inner.writing
+        let free = inner.in_flight.is_none() && !inner.writing && !inner.reserved;
+        inner.reserved |= free;
+        free
+    }
+
+    /// Gives up a claim whose barrier could not be injected.
+    pub fn release(&self) {
+        self.lock().reserved = false;
     }
 
     /// Opens checkpoint `epoch`, to be complete once each of `views` has reported every
     /// operator. Runs in log order, before the barrier reaches any view.
     pub fn begin(self: &Arc<Self>, epoch: u64, views: Vec<CheckpointedView>) {
         let mut inner = self.lock();
+        inner.reserved = false;
         let views = views.into_iter().map(|v| (v.id, (v, BTreeMap::new()))).collect();
         inner.in_flight =
             Some(InFlight { epoch, started: (chrono::Utc::now(), Instant::now()), views, left_out: Vec::new() });
@@ -168,18 +181,26 @@ impl Checkpoints {
         let checkpoints = self.clone();
         tokio::spawn(async move {
             let result = checkpoints.write(&in_flight).await;
-            match &result {
-                Ok(bytes) => tracing::debug!(epoch = in_flight.epoch, bytes, "checkpoint written"),
-                Err(e) => tracing::warn!(epoch = in_flight.epoch, "checkpoint failed; the next one retries: {e}"),
-            }
             let mut inner = checkpoints.lock();
+            let result = match result {
+                Ok((bytes, views)) => {
+                    tracing::debug!(epoch = in_flight.epoch, bytes, "checkpoint written");
+                    inner.stored = Some((in_flight.epoch, views));
+                    Ok(bytes)
+                }
+                Err(e) => {
+                    tracing::warn!(epoch = in_flight.epoch, "checkpoint failed; the next one retries: {e}");
+                    Err(e)
+                }
+            };
             inner.writing = false;
             record(&mut inner, &in_flight, result.map_err(|e| e.to_string()));
         });
     }
 
     /// Stores every view's states, then the manifest, then deletes old checkpoints.
-    async fn write(&self, in_flight: &InFlight) -> Result<u64> {
+    /// Returns the bytes written and the views stored.
+    async fn write(&self, in_flight: &InFlight) -> Result<(u64, HashSet<u64>)> {
         let mut manifest = Manifest {
             epoch: in_flight.epoch,
             format: store::state_format(),
@@ -187,6 +208,7 @@ impl Checkpoints {
             created_at_ms: in_flight.started.0.timestamp_millis(),
         };
         let mut total = 0;
+        let mut stored = HashSet::new();
         for (id, (view, states)) in &in_flight.views {
             let Some(states) = states.iter().map(|(n, s)| Some((*n, s.clone()?))).collect::<Option<BTreeMap<_, _>>>()
             else {
@@ -194,17 +216,23 @@ impl Checkpoints {
             };
             let (object, bytes) = store::write_view(&self.store, in_flight.epoch, *id, &states).await?;
             total += bytes;
+            stored.insert(*id);
             manifest.views.push(ManifestView { name: view.name.clone(), query: view.query.clone(), object, bytes });
         }
         total += store::write_manifest(&self.store, &manifest).await?;
         let deleted = store::delete_old(&self.store, self.kept).await?;
         tracing::trace!(deleted, "old checkpoints deleted");
-        Ok(total)
+        Ok((total, stored))
     }
 
     /// A view's operator states, as a checkpoint stored them.
     pub async fn read_view(&self, object: &str) -> Result<BTreeMap<usize, Vec<u8>>> {
         store::read_view(&self.store, object).await
+    }
+
+    /// The epoch of the last stored checkpoint, if it holds view `id`.
+    pub fn last_holding(&self, id: u64) -> Option<u64> {
+        self.lock().stored.as_ref().filter(|(_, views)| views.contains(&id)).map(|(epoch, _)| *epoch)
     }
 
     /// The checkpoint attempts since the server started, oldest first.

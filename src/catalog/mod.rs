@@ -286,6 +286,8 @@ struct ViewHandle {
     /// Its operators, when they report their states at checkpoints (`None`: it reads a
     /// materialized view, and is always rebuilt after a restart).
     checkpointed: Option<usize>,
+    /// The checkpoint epoch it was restored from at start.
+    restored_from: Option<u64>,
 }
 
 impl Shared {
@@ -440,8 +442,11 @@ impl Shared {
             }
             epochs.barrier(&barrier, &feeds, &cell)
         });
-        let ack = self.log.enqueue(entries, publish).await?;
-        let seq = ack.durable().await?;
+        let stored = async { self.log.enqueue(entries, publish).await?.durable().await }.await;
+        if checkpoint && stored.is_err() {
+            self.checkpoints.release();
+        }
+        let seq = stored?;
         if checkpoint {
             // Its own entry is a write; only writes after it call for the next checkpoint.
             self.last_checkpoint.lock().unwrap_or_else(|p| p.into_inner()).1 = seq;
@@ -455,7 +460,7 @@ impl Shared {
         let Some(interval) = self.checkpoint_interval else { return false };
         let mut last = self.last_checkpoint.lock().unwrap_or_else(|p| p.into_inner());
         let seq = self.log.stats().last_seq.load(Ordering::Relaxed);
-        if last.0.elapsed() < interval || seq <= last.1 || !self.checkpoints.ready() {
+        if last.0.elapsed() < interval || seq <= last.1 || !self.checkpoints.reserve() {
             return false;
         }
         last.0 = std::time::Instant::now();
@@ -543,7 +548,9 @@ impl Database {
             Some(RestorePoint { manifest: manifests.remove(&tail.epoch)?, tail: tail.changes, touched: tail.touched })
         });
         if restoring.is_none() && !manifests.is_empty() {
-            tracing::info!("the log no longer reaches back to a checkpoint (a snapshot replaced it); views are rebuilt");
+            tracing::info!(
+                "the log no longer reaches back to a checkpoint (a snapshot replaced it); views are rebuilt"
+            );
         }
         // Epochs go on from the last checkpoint's, so a new checkpoint never reuses its name.
         let stored = crate::state::checkpoint::epochs(&store).await.unwrap_or_default();
@@ -766,6 +773,7 @@ impl Database {
                 self.names(names)
             }
             Planned::Flush => self.flush().await.map(|_| Outcome::Command { tag: "FLUSH", rows: None }),
+            Planned::Checkpoint => self.checkpoint().await.map(|_| Outcome::Command { tag: "CHECKPOINT", rows: None }),
             Planned::ExplainView(lines) => self.lines(sql::explain_schema(), lines),
             Planned::Subscribe { view, snapshot, schema } => self.subscribe(&view, snapshot, schema),
             Planned::CreatePlainView(view) => self.create_plain_view(view, true).await,
@@ -1027,6 +1035,35 @@ impl Database {
         }
     }
 
+    /// Takes a checkpoint now (after the one in progress, if any) and waits until it is
+    /// stored; returns its epoch. Every write committed before the call is in it.
+    pub async fn checkpoint(&self) -> Result<u64> {
+        let waited = tokio::time::timeout(CATCH_UP_TIMEOUT, async {
+            while !self.shared.checkpoints.reserve() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let epoch = self.shared.inject_barrier(true).await?;
+            loop {
+                if let Some(record) = self.shared.checkpoints.history().into_iter().find(|r| r.epoch == epoch) {
+                    return record
+                        .result
+                        .map(|_| epoch)
+                        .map_err(|e| Error::Storage(format!("checkpoint {epoch} failed: {e}")));
+                }
+                self.shared.abandon_failed_views();
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        waited.unwrap_or_else(|_| {
+            Err(Error::Plan {
+                code: "57014",
+                message: format!("the checkpoint did not complete within {CATCH_UP_TIMEOUT:?}"),
+                position: None,
+            })
+        })
+    }
+
     /// Starts a materialized view from the current contents of its inputs. `log` is false
     /// when restarting a view that is already in the log; it is then restored from the
     /// checkpoint being restored, if that holds it.
@@ -1085,16 +1122,16 @@ impl Database {
             );
             view::spawn(id, root, sink, &self.shared.feeds, &failures, report.clone(), restore)
         };
-        let mut pending = match restore {
-            None => start(root, None)?,
+        let (mut pending, restored_from) = match restore {
+            None => (start(root, None)?, None),
             Some((epoch, restore)) => match start(root, Some(restore)) {
                 Ok(pending) => {
                     tracing::info!(view = %create.name, epoch, "materialized view restored from its checkpoint");
-                    pending
+                    (pending, Some(epoch))
                 }
                 Err(e) => {
                     tracing::warn!(view = %create.name, epoch, "checkpoint not restored, rebuilding the view: {e}");
-                    start(sql::view::lower_view(&state, &plan, create.emit_on_window_close)?, None)?
+                    (start(sql::view::lower_view(&state, &plan, create.emit_on_window_close)?, None)?, None)
                 }
             },
         };
@@ -1107,7 +1144,16 @@ impl Database {
         }
         self.shared.views().insert(
             create.name.clone(),
-            ViewHandle { id, query: create.query.clone(), inputs, failures, subscribers, late, checkpointed },
+            ViewHandle {
+                id,
+                query: create.query.clone(),
+                inputs,
+                failures,
+                subscribers,
+                late,
+                checkpointed,
+                restored_from,
+            },
         );
         let entries = if log {
             vec![Record::CreateView { name: create.name.clone(), query: create.query }.entry(None)?]
@@ -1441,9 +1487,7 @@ struct Tail {
 
 /// The complete checkpoints this build can restore, by epoch. Trouble reading them costs
 /// only a rebuild of the views, so it is reported, not fatal.
-async fn checkpoints_to_restore(
-    store: &Arc<dyn ObjectStore>,
-) -> HashMap<u64, crate::state::checkpoint::Manifest> {
+async fn checkpoints_to_restore(store: &Arc<dyn ObjectStore>) -> HashMap<u64, crate::state::checkpoint::Manifest> {
     let format = crate::state::checkpoint::state_format();
     match crate::state::checkpoint::complete(store).await {
         Ok(manifests) => manifests
@@ -1451,7 +1495,11 @@ async fn checkpoints_to_restore(
             .filter(|m| {
                 let usable = m.format == format;
                 if !usable {
-                    tracing::info!(epoch = m.epoch, "checkpoint written by {} is not restored; views are rebuilt", m.format);
+                    tracing::info!(
+                        epoch = m.epoch,
+                        "checkpoint written by {} is not restored; views are rebuilt",
+                        m.format
+                    );
                 }
                 usable
             })

@@ -15,6 +15,10 @@
 //!   server started: the barrier epoch, when, how long it took, the views it holds and
 //!   those left out (rebuilt from their inputs after a restart), its size, and the error of
 //!   a failed one.
+//! - `views`: per materialized view, the epoch of the last checkpoint that holds it (NULL:
+//!   none since start; its operators may not be checkpointable), the checkpoint epoch it
+//!   was restored from when the server started (NULL: rebuilt from its inputs, or created
+//!   since), and why it failed, if it did.
 //! - `late_events`: per materialized view and input with a watermark, the rows dropped as
 //!   late (event time below the watermark), the input's current watermark and the event
 //!   time of the last late row.
@@ -37,8 +41,8 @@ use crate::error::{Error, Result};
 
 /// The schema's name.
 pub const SCHEMA: &str = "freshet_catalog";
-pub(super) const TABLES: [&str; 6] =
-    ["source_progress", "dead_letters", "sinks", "snapshots", "checkpoints", "late_events"];
+pub(super) const TABLES: [&str; 7] =
+    ["source_progress", "dead_letters", "sinks", "snapshots", "checkpoints", "views", "late_events"];
 
 /// Most snapshot attempts `snapshots` remembers.
 pub(super) const SNAPSHOT_HISTORY: usize = 100;
@@ -87,6 +91,7 @@ impl SchemaProvider for Status {
             "sinks" => sinks(&shared),
             "snapshots" => snapshots(&shared),
             "checkpoints" => checkpoints(&shared),
+            "views" => views(&shared),
             "late_events" => late_events(&shared),
             _ => return Ok(None),
         }
@@ -314,6 +319,25 @@ fn checkpoints(shared: &Shared) -> Result<RecordBatch> {
         Arc::new(Int64Array::from_iter(history.iter().map(|r| r.result.as_ref().ok().map(|b| *b as i64)))),
         Arc::new(StringArray::from_iter_values(history.iter().map(|r| if r.result.is_ok() { "ok" } else { "failed" }))),
         Arc::new(StringArray::from_iter(history.iter().map(|r| r.result.as_ref().err().cloned()))),
+    ];
+    Ok(RecordBatch::try_new(schema, columns)?)
+}
+
+fn views(shared: &Shared) -> Result<RecordBatch> {
+    let schema: SchemaRef = Arc::new(Schema::new(vec![
+        text("view", false),
+        big("last_checkpoint_epoch", true),
+        big("restored_from_epoch", true),
+        text("failure", true),
+    ]));
+    let views = shared.views();
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(views.keys().cloned())),
+        Arc::new(Int64Array::from_iter(
+            views.values().map(|v| shared.checkpoints.last_holding(v.id).map(|e| e as i64)),
+        )),
+        Arc::new(Int64Array::from_iter(views.values().map(|v| v.restored_from.map(|e| e as i64)))),
+        Arc::new(StringArray::from_iter(views.values().map(|v| v.failures.get()))),
     ];
     Ok(RecordBatch::try_new(schema, columns)?)
 }

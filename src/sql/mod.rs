@@ -199,6 +199,8 @@ pub enum Statement {
     CreateTableWithWatermark(DFStatement, WatermarkClause),
     /// `FLUSH`: wait until every materialized view includes all writes committed so far.
     Flush,
+    /// `CHECKPOINT`: store the views' operator states now and wait until that is done.
+    Checkpoint,
     /// `SUBSCRIBE [TO] view [WITH (snapshot = false)]`: stream every change to a view.
     Subscribe { view: String, snapshot: bool },
     /// `DECLARE cursor CURSOR FOR SUBSCRIBE …`: a subscription read with FETCH, for
@@ -261,6 +263,9 @@ pub fn parse(sql: &str) -> Result<VecDeque<Statement>> {
         } else if keyword == "flush" {
             parser.parser.next_token();
             statements.push_back(Statement::Flush);
+        } else if keyword == "checkpoint" {
+            parser.parser.next_token();
+            statements.push_back(Statement::Checkpoint);
         } else if keyword == "subscribe" {
             parser.parser.next_token();
             statements.push_back(parse_subscribe(&mut parser.parser).map_err(|e| crate::error::syntax_error(&e, sql))?);
@@ -667,6 +672,8 @@ pub enum Planned {
     ShowViews,
     /// FLUSH.
     Flush,
+    /// CHECKPOINT.
+    Checkpoint,
     /// EXPLAIN CREATE MATERIALIZED VIEW: the dataflow, one line per operator.
     ExplainView(Vec<String>),
     /// CREATE VIEW.
@@ -850,6 +857,7 @@ pub fn show_tables_schema() -> SchemaRef {
 pub async fn plan(state: &SessionState, statement: &Statement, sql: &str) -> Result<Planned> {
     let statement = match statement {
         Statement::Flush => return Ok(Planned::Flush),
+        Statement::Checkpoint => return Ok(Planned::Checkpoint),
         Statement::DeclareSubscribe { cursor, view, snapshot } => {
             let subscribe = Statement::Subscribe { view: view.clone(), snapshot: *snapshot };
             let Planned::Subscribe { schema, .. } = Box::pin(plan(state, &subscribe, sql)).await? else {

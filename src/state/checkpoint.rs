@@ -129,8 +129,7 @@ pub async fn write_manifest(store: &Arc<dyn ObjectStore>, manifest: &Manifest) -
 /// Every checkpoint epoch in the store, complete or not, oldest first.
 pub async fn epochs(store: &Arc<dyn ObjectStore>) -> Result<Vec<u64>> {
     let listed = store.list_with_delimiter(Some(&Path::from("checkpoint"))).await?;
-    let mut epochs: Vec<u64> =
-        listed.common_prefixes.iter().filter_map(|p| p.filename()?.parse().ok()).collect();
+    let mut epochs: Vec<u64> = listed.common_prefixes.iter().filter_map(|p| p.filename()?.parse().ok()).collect();
     epochs.sort_unstable();
     Ok(epochs)
 }

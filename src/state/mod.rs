@@ -23,7 +23,8 @@ pub fn open_local_store(data_dir: &Path) -> Result<Arc<dyn ObjectStore>> {
         .map_err(|e| Error::Storage(format!("cannot create data directory {}: {e}", data_dir.display())))?;
     let store = LocalFileSystem::new_with_prefix(data_dir)
         .map_err(|e| Error::Storage(format!("cannot open data directory {}: {e}", data_dir.display())))?;
-    Ok(Arc::new(store))
+    // A deleted checkpoint leaves no empty directory behind.
+    Ok(Arc::new(store.with_automatic_cleanup(true)))
 }
 
 /// Whether `path` names an object store (`s3://…`) rather than the local file system
