@@ -39,12 +39,19 @@ async fn crash_and_recover(broker: &Broker, topic: &str, env: &[(String, String)
     let mut random = Lcg(seed);
     let mut disk = tempfile::tempdir().expect("temp dir");
     let mut produced = 0;
+    // Views restored from a checkpoint rather than recomputed, over all restarts.
+    let mut restored_views = 0;
     for round in 0..KILLS {
         if !store.is_empty() && round == KILLS / 2 {
             // Half way, the machine is replaced: only the object store survives.
             disk = tempfile::tempdir().expect("temp dir");
         }
         let server = Process::start_with_env(disk.path(), store, env);
+        if round > 0 {
+            let client = common::connect(&server.connection_string).await;
+            let sql = "SELECT count(*) FROM freshet_catalog.views WHERE restored_from_epoch IS NOT NULL";
+            restored_views += count(&client, sql).await;
+        }
         if round == 0 {
             let client = common::connect(&server.connection_string).await;
             let sites: Vec<String> = (0..DEVICES).map(|d| format!("('d{d}', 's{}')", d % 3)).collect();
@@ -99,6 +106,8 @@ async fn crash_and_recover(broker: &Broker, topic: &str, env: &[(String, String)
     assert_eq!(got, per_device, "the GROUP BY view counts every record once");
     let got = view(client.query("SELECT site, n, seqs FROM per_site", &[]).await.expect("per_site"));
     assert_eq!(got, per_site, "the join view counts every record once");
+    println!("{restored_views} views were restored from checkpoints over {KILLS} restarts");
+    assert!(restored_views > 0, "some restarts restore views from their checkpoints");
     server.kill_9();
 }
 
