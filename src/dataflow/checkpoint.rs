@@ -54,6 +54,12 @@ impl StateWriter {
         self.bytes.extend_from_slice(&value.to_le_bytes());
     }
 
+    /// An optional integer: a presence flag, then the value (0 when absent).
+    pub fn opt_i64(&mut self, value: Option<i64>) {
+        self.u64(value.is_some() as u64);
+        self.i64(value.unwrap_or_default());
+    }
+
     /// A byte string, length first.
     pub fn bytes(&mut self, value: &[u8]) {
         self.u64(value.len() as u64);
@@ -118,6 +124,12 @@ impl<'a> StateReader<'a> {
 
     pub fn f64(&mut self) -> Result<f64> {
         Ok(f64::from_le_bytes(self.array()?))
+    }
+
+    pub fn opt_i64(&mut self) -> Result<Option<i64>> {
+        let present = self.u64()? != 0;
+        let value = self.i64()?;
+        Ok(present.then_some(value))
     }
 
     /// A count of entries that follow, each at least `min_entry` bytes long: checked

@@ -25,6 +25,7 @@ use datafusion::physical_expr::expressions::{BinaryExpr, CastExpr, Column, Liter
 use datafusion::physical_plan::PhysicalExpr;
 
 use super::Watermark;
+use super::checkpoint::{StateReader, StateWriter};
 use crate::error::{Error, Result};
 
 /// Functions of time that never decrease as their time argument grows (other arguments
@@ -174,9 +175,41 @@ impl MinimumOverInputs {
         MinimumOverInputs { inputs, latest: HashMap::new(), forwarded: HashMap::new() }
     }
 
-    /// Whether no watermark has arrived: the only state a checkpoint can leave out.
-    pub fn is_empty(&self) -> bool {
-        self.latest.is_empty()
+    /// Writes every input's latest watermark and what was forwarded, for a checkpoint.
+    pub fn write(&self, w: &mut StateWriter) {
+        w.u64(self.latest.len() as u64);
+        for (column, inputs) in &self.latest {
+            w.u64(*column as u64);
+            w.u64(inputs.len() as u64);
+            inputs.iter().for_each(|v| w.opt_i64(*v));
+        }
+        w.u64(self.forwarded.len() as u64);
+        for (column, value) in &self.forwarded {
+            w.u64(*column as u64);
+            w.i64(*value);
+        }
+    }
+
+    /// Reads what [`MinimumOverInputs::write`] wrote.
+    pub fn read(&mut self, r: &mut StateReader) -> Result<()> {
+        self.latest.clear();
+        for _ in 0..r.len(16)? {
+            let column = r.u64()? as usize;
+            let inputs = (0..r.len(16)?).map(|_| r.opt_i64()).collect::<Result<Vec<_>>>()?;
+            if inputs.len() != self.inputs {
+                return Err(Error::Corrupt {
+                    location: "checkpointed watermarks".into(),
+                    reason: format!("{} inputs where the operator has {}", inputs.len(), self.inputs),
+                });
+            }
+            self.latest.insert(column, inputs);
+        }
+        self.forwarded.clear();
+        for _ in 0..r.len(16)? {
+            let column = r.u64()? as usize;
+            self.forwarded.insert(column, r.i64()?);
+        }
+        Ok(())
     }
 
     /// Records `watermark` from input `port`; returns the watermark to forward, if the

@@ -862,14 +862,24 @@ impl Operator for AggregateOperator {
         Ok(())
     }
 
-    /// Every live group: its key, weight, accumulators and emitted row. Groups closed by
-    /// event time and DataFusion's own accumulators are not written: such an operator
-    /// cannot be checkpointed (`None`).
+    /// Every live group: its key, weight, accumulators and emitted row; with event time,
+    /// the open groups by time and watermarks not yet applied. DataFusion's own
+    /// accumulators cannot be written: such an operator cannot be checkpointed (`None`).
     fn checkpoint(&mut self) -> Result<Option<Vec<u8>>> {
-        if self.event_time.is_some() {
-            return Ok(None);
-        }
         let mut w = StateWriter::default();
+        if let Some(event_time) = &self.event_time {
+            w.u64(event_time.groups_by_time.len() as u64);
+            for (time, keys) in &event_time.groups_by_time {
+                w.i64(*time);
+                w.u64(keys.len() as u64);
+                keys.iter().for_each(|k| w.bytes(k));
+            }
+            w.u64(event_time.pending.len() as u64);
+            for (column, value) in &event_time.pending {
+                w.u64(*column as u64);
+                w.i64(*value);
+            }
+        }
         w.u64(self.index.len() as u64);
         for (bytes, &id) in &self.index {
             let group = &self.state[id];
@@ -894,6 +904,19 @@ impl Operator for AggregateOperator {
 
     fn restore(&mut self, state: &[u8]) -> Result<()> {
         let mut r = StateReader::new(state, "an aggregate");
+        if let Some(event_time) = &mut self.event_time {
+            event_time.groups_by_time.clear();
+            for _ in 0..r.len(16)? {
+                let time = r.i64()?;
+                let keys = (0..r.len(8)?).map(|_| Ok(Box::from(r.bytes()?))).collect::<Result<Vec<_>>>()?;
+                event_time.groups_by_time.insert(time, keys);
+            }
+            event_time.pending.clear();
+            for _ in 0..r.len(16)? {
+                let column = r.u64()? as usize;
+                event_time.pending.insert(column, r.i64()?);
+            }
+        }
         self.index.clear();
         self.state.clear();
         self.free.clear();

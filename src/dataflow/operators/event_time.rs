@@ -22,6 +22,7 @@ use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::arrow::row::{OwnedRow, RowConverter, SortField};
 
+use crate::dataflow::checkpoint::{StateReader, StateWriter};
 use crate::dataflow::operator::{Operator, Output};
 use crate::dataflow::{ChangeBatch, FastMap, Watermark};
 use crate::error::{Error, Result};
@@ -144,6 +145,25 @@ impl Operator for EventTimeOperator {
             out.watermark(Watermark { column: self.column, value: watermark });
         }
         Ok(())
+    }
+
+    /// The greatest event time seen and the last watermark emitted (late-row counts are
+    /// monitoring, and start again from zero).
+    fn checkpoint(&mut self) -> Result<Option<Vec<u8>>> {
+        let mut w = StateWriter::default();
+        w.opt_i64(self.maximum);
+        w.opt_i64(self.emitted);
+        Ok(Some(w.finish()))
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<()> {
+        let mut r = StateReader::new(state, "an event-time input");
+        self.maximum = r.opt_i64()?;
+        self.emitted = r.opt_i64()?;
+        if let Some(watermark) = self.emitted {
+            self.late.watermark.store(watermark.div_euclid(self.late.units_per_ms), Ordering::Relaxed);
+        }
+        r.finish()
     }
 
     async fn on_watermark(&mut self, _port: usize, _watermark: Watermark, _out: &mut Output) -> Result<()> {

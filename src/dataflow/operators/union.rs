@@ -8,6 +8,7 @@ use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 
+use crate::dataflow::checkpoint::{StateReader, StateWriter};
 use crate::dataflow::operator::{Operator, Output};
 use crate::dataflow::watermark::MinimumOverInputs;
 use crate::dataflow::{ChangeBatch, Watermark};
@@ -32,14 +33,17 @@ impl Operator for UnionOperator {
         "union_all"
     }
 
-    /// Stateless but for watermarks: checkpointed only while none has arrived (a view
-    /// with watermarks has an event-time operator, which is never checkpointed).
+    /// Stateless but for its inputs' watermarks.
     fn checkpoint(&mut self) -> Result<Option<Vec<u8>>> {
-        Ok(self.watermarks.is_empty().then(Vec::new))
+        let mut w = StateWriter::default();
+        self.watermarks.write(&mut w);
+        Ok(Some(w.finish()))
     }
 
-    fn restore(&mut self, _state: &[u8]) -> Result<()> {
-        Ok(())
+    fn restore(&mut self, state: &[u8]) -> Result<()> {
+        let mut r = StateReader::new(state, "a union or merge");
+        self.watermarks.read(&mut r)?;
+        r.finish()
     }
 
     async fn process(&mut self, _port: usize, input: ChangeBatch, out: &mut Output) -> Result<()> {
@@ -83,14 +87,17 @@ impl Operator for MergeOperator {
         "merge"
     }
 
-    /// Stateless but for watermarks: checkpointed only while none has arrived (a view
-    /// with watermarks has an event-time operator, which is never checkpointed).
+    /// Stateless but for its inputs' watermarks.
     fn checkpoint(&mut self) -> Result<Option<Vec<u8>>> {
-        Ok(self.watermarks.is_empty().then(Vec::new))
+        let mut w = StateWriter::default();
+        self.watermarks.write(&mut w);
+        Ok(Some(w.finish()))
     }
 
-    fn restore(&mut self, _state: &[u8]) -> Result<()> {
-        Ok(())
+    fn restore(&mut self, state: &[u8]) -> Result<()> {
+        let mut r = StateReader::new(state, "a union or merge");
+        self.watermarks.read(&mut r)?;
+        r.finish()
     }
 
     async fn process(&mut self, _port: usize, input: ChangeBatch, out: &mut Output) -> Result<()> {
