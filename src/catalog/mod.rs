@@ -454,10 +454,12 @@ impl Shared {
         Ok(epoch)
     }
 
-    /// Whether the next barrier should be a checkpoint: the interval passed, something was
-    /// written since the last one, and no checkpoint is still in progress.
+    /// Whether the next barrier should be a checkpoint: the interval passed (and enough
+    /// time for checkpoints to take a small share, see [`checkpoint::SPACING_FACTOR`]),
+    /// something was written since the last one, and no checkpoint is still in progress.
     fn checkpoint_due(&self) -> bool {
         let Some(interval) = self.checkpoint_interval else { return false };
+        let interval = interval.max(self.checkpoints.last_duration() * checkpoint::SPACING_FACTOR);
         let mut last = self.last_checkpoint.lock().unwrap_or_else(|p| p.into_inner());
         let seq = self.log.stats().last_seq.load(Ordering::Relaxed);
         if last.0.elapsed() < interval || seq <= last.1 || !self.checkpoints.reserve() {
