@@ -185,7 +185,8 @@ impl Checkpoints {
         inner.writing = true;
         let checkpoints = self.clone();
         tokio::spawn(async move {
-            let result = checkpoints.write(&in_flight).await;
+            let mut in_flight = in_flight;
+            let result = checkpoints.write(&mut in_flight).await;
             let mut inner = checkpoints.lock();
             let result = match result {
                 Ok((bytes, views)) => {
@@ -205,7 +206,7 @@ impl Checkpoints {
 
     /// Stores every view's states, then the manifest, then deletes old checkpoints.
     /// Returns the bytes written and the views stored.
-    async fn write(&self, in_flight: &InFlight) -> Result<(u64, HashSet<u64>)> {
+    async fn write(&self, in_flight: &mut InFlight) -> Result<(u64, HashSet<u64>)> {
         let mut manifest = Manifest {
             epoch: in_flight.epoch,
             format: store::state_format(),
@@ -214,11 +215,13 @@ impl Checkpoints {
         };
         let mut total = 0;
         let mut stored = HashSet::new();
-        for (id, (view, states)) in &in_flight.views {
-            let Some(states) = states.iter().map(|(n, s)| Some((*n, s.clone()?))).collect::<Option<BTreeMap<_, _>>>()
-            else {
+        for (id, (view, states)) in &mut in_flight.views {
+            if states.values().any(Option::is_none) {
                 continue; // an operator cannot be checkpointed: the view is rebuilt instead
-            };
+            }
+            // Taken, not copied: states can be large. The history reads only their presence.
+            let states: BTreeMap<usize, Vec<u8>> =
+                states.iter_mut().map(|(n, s)| (*n, s.replace(Vec::new()).unwrap_or_default())).collect();
             let (object, bytes) = store::write_view(&self.store, in_flight.epoch, *id, &states).await?;
             total += bytes;
             stored.insert(*id);

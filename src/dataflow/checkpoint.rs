@@ -38,6 +38,11 @@ pub struct StateWriter {
 }
 
 impl StateWriter {
+    /// A writer with room for `bytes`, so a large state is not copied as it grows.
+    pub fn with_capacity(bytes: usize) -> Self {
+        StateWriter { bytes: Vec::with_capacity(bytes) }
+    }
+
     pub fn u64(&mut self, value: u64) {
         self.bytes.extend_from_slice(&value.to_le_bytes());
     }

@@ -12,9 +12,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use datafusion::arrow::array::{Array, LargeBinaryArray};
-use datafusion::arrow::datatypes::{DataType, Field, Schema};
-use datafusion::arrow::record_batch::RecordBatch;
 use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
@@ -69,52 +66,52 @@ pub struct ManifestView {
 }
 
 /// Stores one view's operator states (by operator number); returns the object and its size.
+/// Framing: `magic | (operator u64 | len u64 | state)* | crc32 u32`, little-endian.
 pub async fn write_view(
     store: &Arc<dyn ObjectStore>,
     epoch: u64,
     view: u64,
     states: &BTreeMap<usize, Vec<u8>>,
 ) -> Result<(String, u64)> {
-    let schema = Arc::new(Schema::new(vec![Field::new("state", DataType::LargeBinary, false)]));
-    let entries = states
-        .iter()
-        .map(|(operator, state)| {
-            let column = Arc::new(LargeBinaryArray::from_vec(vec![state.as_slice()]));
-            Ok(LogEntry {
-                header: operator.to_string().into_bytes(),
-                batch: Some(RecordBatch::try_new(schema.clone(), vec![column])?),
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let bytes = encode(&entries, STATE_MAGIC)?;
-    let size = bytes.len() as u64;
+    let size = STATE_MAGIC.len() + states.values().map(|s| 16 + s.len()).sum::<usize>() + 4;
+    let mut bytes = Vec::with_capacity(size);
+    bytes.extend_from_slice(STATE_MAGIC);
+    for (operator, state) in states {
+        bytes.extend_from_slice(&(*operator as u64).to_le_bytes());
+        bytes.extend_from_slice(&(state.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(state);
+    }
+    let crc = crc32fast::hash(&bytes);
+    bytes.extend_from_slice(&crc.to_le_bytes());
     let path = view_path(epoch, view);
-    store.put(&path, bytes.into()).await?;
-    Ok((path.to_string(), size))
+    store.put(&path, Bytes::from(bytes).into()).await?;
+    Ok((path.to_string(), size as u64))
 }
 
-/// Reads a view's operator states back.
+/// Reads a view's operator states back, checking the framing and the checksum.
 pub async fn read_view(store: &Arc<dyn ObjectStore>, object: &str) -> Result<BTreeMap<usize, Vec<u8>>> {
-    let path = Path::from(object);
-    let bytes = store.get(&path).await?.bytes().await?;
+    let bytes = store.get(&Path::from(object)).await?.bytes().await?;
     let corrupt = |reason: &str| Error::Corrupt { location: object.to_string(), reason: reason.to_string() };
-    decode(&bytes, STATE_MAGIC, &path)?
-        .into_iter()
-        .map(|entry| {
-            let operator = std::str::from_utf8(&entry.header)
-                .ok()
-                .and_then(|h| h.parse::<usize>().ok())
-                .ok_or_else(|| corrupt("an entry does not name its operator"))?;
-            let batch = entry.batch.ok_or_else(|| corrupt("an operator's state is missing"))?;
-            let column = batch
-                .columns()
-                .first()
-                .and_then(|c| c.as_any().downcast_ref::<LargeBinaryArray>())
-                .filter(|c| c.len() == 1)
-                .ok_or_else(|| corrupt("an operator's state is not one binary value"))?;
-            Ok((operator, column.value(0).to_vec()))
-        })
-        .collect()
+    if bytes.len() < STATE_MAGIC.len() + 4 || &bytes[..STATE_MAGIC.len()] != STATE_MAGIC {
+        return Err(corrupt("not a freshet view state (bad magic or truncated)"));
+    }
+    let (body, crc) = bytes.split_at(bytes.len() - 4);
+    if crc32fast::hash(body) != u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]) {
+        return Err(corrupt("checksum mismatch"));
+    }
+    let mut rest = &body[STATE_MAGIC.len()..];
+    let mut states = BTreeMap::new();
+    while !rest.is_empty() {
+        let word = |at: &[u8]| at.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("eight bytes")));
+        let (Some(operator), Some(len)) = (word(rest), rest.get(8..).and_then(word)) else {
+            return Err(corrupt("an operator's header is truncated"));
+        };
+        let state =
+            rest.get(16..).and_then(|r| r.get(..len as usize)).ok_or_else(|| corrupt("a state is truncated"))?;
+        states.insert(operator as usize, state.to_vec());
+        rest = &rest[16 + state.len()..];
+    }
+    Ok(states)
 }
 
 /// Commits checkpoint `manifest.epoch`: written after every view object it names.

@@ -866,7 +866,7 @@ impl Operator for AggregateOperator {
     /// the open groups by time and watermarks not yet applied. DataFusion's own
     /// accumulators cannot be written: such an operator cannot be checkpointed (`None`).
     fn checkpoint(&mut self) -> Result<Option<Vec<u8>>> {
-        let mut w = StateWriter::default();
+        let mut w = StateWriter::with_capacity(self.index.len() * 128);
         if let Some(event_time) = &self.event_time {
             w.u64(event_time.groups_by_time.len() as u64);
             for (time, keys) in &event_time.groups_by_time {

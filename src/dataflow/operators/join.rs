@@ -540,7 +540,8 @@ impl Operator for JoinOperator {
         if self.event_time.is_some() || self.interval.is_some() {
             return Ok(None);
         }
-        let mut w = StateWriter::default();
+        let rows = self.left.weight.len() + self.right.weight.len();
+        let mut w = StateWriter::with_capacity(rows * 64);
         for side in [&self.left, &self.right] {
             w.u64(side.by_key.len() as u64);
             for (key, rows) in &side.by_key {
