@@ -18,6 +18,7 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::physical_plan::PhysicalExpr;
 
+use crate::dataflow::checkpoint::{StateReader, StateWriter};
 use crate::dataflow::operator::{Barrier, Operator, Output};
 use crate::dataflow::{ChangeBatch, FastMap, FastSet, Watermark};
 use crate::error::{Error, Result};
@@ -121,6 +122,49 @@ impl TopNOperator {
 impl Operator for TopNOperator {
     fn name(&self) -> &str {
         if self.spec.partition.is_empty() { "top_n" } else { "top_n_per_group" }
+    }
+
+    /// Every partition's ordered rows and what it emitted (nothing is dirty after a
+    /// barrier).
+    fn checkpoint(&mut self) -> Result<Option<Vec<u8>>> {
+        let mut w = StateWriter::default();
+        w.u64(self.groups.len() as u64);
+        for (partition, group) in &self.groups {
+            w.bytes(partition);
+            w.u64(group.ordered.len() as u64);
+            for ((sort, row), n) in &group.ordered {
+                w.bytes(sort);
+                w.bytes(row);
+                w.i64(*n);
+            }
+            w.u64(group.emitted.len() as u64);
+            for ((row, rank), n) in &group.emitted {
+                w.bytes(row);
+                w.u64(*rank);
+                w.i64(*n);
+            }
+        }
+        Ok(Some(w.finish()))
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<()> {
+        let mut r = StateReader::new(state, "a top-N");
+        self.groups.clear();
+        self.dirty.clear();
+        for _ in 0..r.len(24)? {
+            let partition = Box::from(r.bytes()?);
+            let mut group = Group::default();
+            for _ in 0..r.len(24)? {
+                let (sort, row) = (Box::from(r.bytes()?), Box::from(r.bytes()?));
+                group.ordered.insert((sort, row), r.i64()?);
+            }
+            for _ in 0..r.len(24)? {
+                let (row, rank) = (Box::from(r.bytes()?), r.u64()?);
+                group.emitted.insert((row, rank), r.i64()?);
+            }
+            self.groups.insert(partition, group);
+        }
+        r.finish()
     }
 
     async fn process(&mut self, _port: usize, input: ChangeBatch, _out: &mut Output) -> Result<()> {
