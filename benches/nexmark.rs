@@ -2,7 +2,8 @@
 //! them.
 //!
 //! `cargo bench --bench nexmark -- [--query q0,q5,…] [--events N] [--workers W] [--json FILE]
-//! [--barrier-interval MS]` (the end-to-end server's barrier interval; default the server's)
+//! [--barrier-interval MS] [--checkpoint-interval MS|off]` (the end-to-end server's barrier and
+//! checkpoint intervals; default the server's)
 //!
 //! For each query, in a fresh process of its own (so peak memory is the query's):
 //! - **end to end, generator included**: an in-process server (durable, on a temporary data
@@ -267,6 +268,13 @@ async fn end_to_end(sql: &str, events: u64, workers: usize) -> (Timed, u64) {
         barrier_interval: value_of("--barrier-interval").map_or(freshet::catalog::DEFAULT_BARRIER_INTERVAL, |ms| {
             Duration::from_millis(ms.parse().expect("--barrier-interval takes milliseconds"))
         }),
+        checkpoint_interval: match value_of("--checkpoint-interval").as_deref() {
+            None => Some(freshet::catalog::checkpoint::DEFAULT_CHECKPOINT_INTERVAL),
+            Some("off") => None,
+            Some(ms) => {
+                Some(Duration::from_millis(ms.parse().expect("--checkpoint-interval takes milliseconds or off")))
+            }
+        },
         ..Config::default()
     };
     let server = Server::start(config).await.expect("server starts");
