@@ -186,3 +186,48 @@ async fn checkpoints_are_taken_on_their_own_and_old_ones_deleted() {
     assert_eq!(before, after, "an idle server takes no checkpoints");
     server.kill_9();
 }
+
+/// The windows as (page, minute, clicks).
+const MINUTES: &str = "SELECT page, date_part('minute', window_start)::int, clicks FROM per_minute";
+const MINUTES_CLOSED: &str = "SELECT page, date_part('minute', window_start)::int, clicks FROM closed";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_time_state_comes_back_with_the_view() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let args = ["--checkpoint-interval", "off"];
+    let server = Process::start(dir.path(), &args);
+    let c = common::connect(&server.connection_string).await;
+    run(
+        &c,
+        "CREATE TABLE clicks (page TEXT, ts TIMESTAMP, WATERMARK FOR ts AS ts - INTERVAL '5 seconds');
+         CREATE MATERIALIZED VIEW per_minute AS
+             SELECT page, window_start, count(*) AS clicks FROM TUMBLE(clicks, ts, INTERVAL '1 minute')
+             GROUP BY page, window_start;
+         CREATE MATERIALIZED VIEW closed AS
+             SELECT page, window_start, count(*) AS clicks FROM TUMBLE(clicks, ts, INTERVAL '1 minute')
+             GROUP BY page, window_start EMIT ON WINDOW CLOSE;
+         INSERT INTO clicks VALUES ('a', '2026-01-01 10:00:10'), ('a', '2026-01-01 10:00:50'),
+                                   ('b', '2026-01-01 10:01:20'), ('a', '2026-01-01 10:01:30')",
+    )
+    .await;
+    let epoch = checkpoint(&c).await;
+    assert_eq!(rows(&c, MINUTES_CLOSED).await, vec!["a|0|2"], "the first minute closed");
+    server.kill_9();
+
+    let server = Process::start(dir.path(), &args);
+    let c = common::connect(&server.connection_string).await;
+    let restored = rows(&c, "SELECT view, restored_from_epoch FROM freshet_catalog.views").await;
+    assert_eq!(restored, vec![format!("closed|{epoch}"), format!("per_minute|{epoch}")]);
+    // The watermark (10:01:25) came back: a click for 10:00 is late and dropped, and the
+    // second minute closes once the watermark passes it.
+    run(&c, "INSERT INTO clicks VALUES ('a', '2026-01-01 10:00:59'); INSERT INTO clicks VALUES ('b', '2026-01-01 10:02:30'); FLUSH").await;
+    assert_eq!(rows(&c, MINUTES).await, vec!["a|0|2", "a|1|1", "b|1|1", "b|2|1"], "the late click is not counted");
+    assert_eq!(
+        rows(&c, MINUTES_CLOSED).await,
+        vec!["a|0|2", "a|1|1", "b|1|1"],
+        "held rows were kept and closed after the restart"
+    );
+    let late = common::count(&c, "SELECT sum(late_rows) FROM freshet_catalog.late_events").await;
+    assert!(late >= 1, "the late click is counted as late ({late})");
+    server.kill_9();
+}

@@ -9,13 +9,16 @@
 //! foreign state is an error, never a half-restored operator. This module knows nothing of
 //! where states are stored (see `catalog::checkpoint`).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::ipc::reader::StreamReader;
 use datafusion::arrow::ipc::writer::StreamWriter;
 use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::arrow::row::{OwnedRow, RowConverter};
 
+use super::FastMap;
 use crate::error::{Error, Result};
 
 /// Receives the state an operator took at a checkpoint barrier: (epoch, the operator's
@@ -171,6 +174,31 @@ impl<'a> StateReader<'a> {
         }
         Ok(())
     }
+}
+
+/// Rows held by event time (or expiry), as operators that release rows over time keep
+/// them: each time, then its rows (row format) with their weights.
+pub fn write_rows_by_time(w: &mut StateWriter, rows: &BTreeMap<i64, FastMap<OwnedRow, i64>>) {
+    w.u64(rows.len() as u64);
+    for (time, at) in rows {
+        w.i64(*time);
+        w.counts(at.len(), at.iter().map(|(row, n)| (row.as_ref(), *n)));
+    }
+}
+
+/// Reads what [`write_rows_by_time`] wrote; `converter` encoded the rows.
+pub fn read_rows_by_time(
+    r: &mut StateReader,
+    converter: &RowConverter,
+) -> Result<BTreeMap<i64, FastMap<OwnedRow, i64>>> {
+    let mut rows = BTreeMap::new();
+    for _ in 0..r.len(16)? {
+        let time = r.i64()?;
+        let at: FastMap<OwnedRow, i64> =
+            r.counts()?.into_iter().map(|(row, n)| (converter.parser().parse(&row).owned(), n)).collect();
+        rows.insert(time, at);
+    }
+    Ok(rows)
 }
 
 /// Rows as an Arrow IPC stream, for states that are whole relations (a view's rows).

@@ -22,7 +22,7 @@ use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::arrow::row::{OwnedRow, RowConverter, SortField};
 
-use crate::dataflow::checkpoint::{StateReader, StateWriter};
+use crate::dataflow::checkpoint::{StateReader, StateWriter, read_rows_by_time, write_rows_by_time};
 use crate::dataflow::operator::{Operator, Output};
 use crate::dataflow::{ChangeBatch, FastMap, Watermark};
 use crate::error::{Error, Result};
@@ -213,6 +213,21 @@ impl EmitOnCloseOperator {
 impl Operator for EmitOnCloseOperator {
     fn name(&self) -> &str {
         "emit_on_window_close"
+    }
+
+    /// The rows not yet final, by event time, and the latest watermark.
+    fn checkpoint(&mut self) -> Result<Option<Vec<u8>>> {
+        let mut w = StateWriter::default();
+        write_rows_by_time(&mut w, &self.pending);
+        w.opt_i64(self.watermark);
+        Ok(Some(w.finish()))
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<()> {
+        let mut r = StateReader::new(state, "emit on window close");
+        self.pending = read_rows_by_time(&mut r, &self.converter)?;
+        self.watermark = r.opt_i64()?;
+        r.finish()
     }
 
     async fn process(&mut self, _port: usize, input: ChangeBatch, out: &mut Output) -> Result<()> {

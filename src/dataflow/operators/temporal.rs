@@ -13,6 +13,7 @@ use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::arrow::row::{OwnedRow, RowConverter, SortField};
 
+use crate::dataflow::checkpoint::{StateReader, StateWriter, read_rows_by_time, write_rows_by_time};
 use crate::dataflow::operator::{Barrier, Operator, Output};
 use crate::dataflow::{ChangeBatch, FastMap, Watermark};
 use crate::error::{Error, Result};
@@ -77,6 +78,22 @@ impl TemporalFilterOperator {
 impl Operator for TemporalFilterOperator {
     fn name(&self) -> &str {
         "temporal_filter (rows retract as they age out)"
+    }
+
+    /// The rows shown, by expiry, and the clock of the last barrier. After a restart the
+    /// first barrier retracts whatever expired while freshet was down.
+    fn checkpoint(&mut self) -> Result<Option<Vec<u8>>> {
+        let mut w = StateWriter::default();
+        write_rows_by_time(&mut w, &self.shown);
+        w.i64(self.now);
+        Ok(Some(w.finish()))
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<()> {
+        let mut r = StateReader::new(state, "a temporal filter");
+        self.shown = read_rows_by_time(&mut r, &self.converter)?;
+        self.now = r.i64()?;
+        r.finish()
     }
 
     async fn process(&mut self, _port: usize, input: ChangeBatch, out: &mut Output) -> Result<()> {
