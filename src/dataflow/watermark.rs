@@ -175,8 +175,10 @@ impl MinimumOverInputs {
         MinimumOverInputs { inputs, latest: HashMap::new(), forwarded: HashMap::new() }
     }
 
-    /// Writes every input's latest watermark and what was forwarded, for a checkpoint.
-    pub fn write(&self, w: &mut StateWriter) {
+    /// Every input's latest watermark and what was forwarded: the whole checkpointed state
+    /// of an operator that only merges watermarks.
+    pub fn checkpoint(&self) -> Vec<u8> {
+        let mut w = StateWriter::default();
         w.u64(self.latest.len() as u64);
         for (column, inputs) in &self.latest {
             w.u64(*column as u64);
@@ -188,10 +190,12 @@ impl MinimumOverInputs {
             w.u64(*column as u64);
             w.i64(*value);
         }
+        w.finish()
     }
 
-    /// Reads what [`MinimumOverInputs::write`] wrote.
-    pub fn read(&mut self, r: &mut StateReader) -> Result<()> {
+    /// Loads what [`MinimumOverInputs::checkpoint`] wrote.
+    pub fn restore(&mut self, state: &[u8]) -> Result<()> {
+        let mut r = StateReader::new(state, "merged watermarks");
         self.latest.clear();
         for _ in 0..r.len(16)? {
             let column = r.u64()? as usize;
@@ -209,7 +213,7 @@ impl MinimumOverInputs {
             let column = r.u64()? as usize;
             self.forwarded.insert(column, r.i64()?);
         }
-        Ok(())
+        r.finish()
     }
 
     /// Records `watermark` from input `port`; returns the watermark to forward, if the

@@ -8,7 +8,6 @@ use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 
-use crate::dataflow::checkpoint::{StateReader, StateWriter};
 use crate::dataflow::operator::{Operator, Output};
 use crate::dataflow::watermark::MinimumOverInputs;
 use crate::dataflow::{ChangeBatch, Watermark};
@@ -35,15 +34,11 @@ impl Operator for UnionOperator {
 
     /// Stateless but for its inputs' watermarks.
     fn checkpoint(&mut self) -> Result<Option<Vec<u8>>> {
-        let mut w = StateWriter::default();
-        self.watermarks.write(&mut w);
-        Ok(Some(w.finish()))
+        Ok(Some(self.watermarks.checkpoint()))
     }
 
     fn restore(&mut self, state: &[u8]) -> Result<()> {
-        let mut r = StateReader::new(state, "a union or merge");
-        self.watermarks.read(&mut r)?;
-        r.finish()
+        self.watermarks.restore(state)
     }
 
     async fn process(&mut self, _port: usize, input: ChangeBatch, out: &mut Output) -> Result<()> {
@@ -89,15 +84,11 @@ impl Operator for MergeOperator {
 
     /// Stateless but for its inputs' watermarks.
     fn checkpoint(&mut self) -> Result<Option<Vec<u8>>> {
-        let mut w = StateWriter::default();
-        self.watermarks.write(&mut w);
-        Ok(Some(w.finish()))
+        Ok(Some(self.watermarks.checkpoint()))
     }
 
     fn restore(&mut self, state: &[u8]) -> Result<()> {
-        let mut r = StateReader::new(state, "a union or merge");
-        self.watermarks.read(&mut r)?;
-        r.finish()
+        self.watermarks.restore(state)
     }
 
     async fn process(&mut self, _port: usize, input: ChangeBatch, out: &mut Output) -> Result<()> {
