@@ -231,3 +231,58 @@ async fn event_time_state_comes_back_with_the_view() {
     assert!(late >= 1, "the late click is counted as late ({late})");
     server.kill_9();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_and_interval_joins_continue_across_a_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let args = ["--checkpoint-interval", "off"];
+    let views = [
+        (
+            "converted",
+            "SELECT c.user_id, date_part('second', c.ts)::int AS click_s, date_part('second', b.ts)::int AS buy_s
+             FROM visits c JOIN buys b ON c.user_id = b.user_id AND b.ts BETWEEN c.ts AND c.ts + INTERVAL '10 seconds'",
+        ),
+        (
+            "sessions",
+            "SELECT user_id, date_part('second', window_start)::int AS started, count(*) AS hits
+             FROM SESSION(visits, ts, INTERVAL '5 seconds') GROUP BY user_id, window_start",
+        ),
+    ];
+    let server = Process::start(dir.path(), &args);
+    let c = common::connect(&server.connection_string).await;
+    run(
+        &c,
+        "CREATE TABLE visits (user_id TEXT, ts TIMESTAMP, WATERMARK FOR ts AS ts - INTERVAL '2 seconds');
+         CREATE TABLE buys (user_id TEXT, ts TIMESTAMP, WATERMARK FOR ts AS ts - INTERVAL '2 seconds');
+         INSERT INTO visits VALUES ('u1', '2026-01-01 10:00:01'), ('u1', '2026-01-01 10:00:04'),
+                                   ('u2', '2026-01-01 10:00:03');
+         INSERT INTO buys VALUES ('u2', '2026-01-01 10:00:05')",
+    )
+    .await;
+    for (view, query) in views {
+        run(&c, &format!("CREATE MATERIALIZED VIEW {view} AS {query}")).await;
+    }
+    let epoch = checkpoint(&c).await;
+    server.kill_9();
+
+    let server = Process::start(dir.path(), &args);
+    let c = common::connect(&server.connection_string).await;
+    let restored = rows(&c, "SELECT view, restored_from_epoch FROM freshet_catalog.views").await;
+    assert_eq!(restored, vec![format!("converted|{epoch}"), format!("sessions|{epoch}")]);
+    // A buy matching a click from before the restart, and a visit extending a session
+    // from before it, need the restored rows.
+    run(
+        &c,
+        "INSERT INTO buys VALUES ('u1', '2026-01-01 10:00:09');
+         INSERT INTO visits VALUES ('u1', '2026-01-01 10:00:08'), ('u2', '2026-01-01 10:00:20')",
+    )
+    .await;
+    run(&c, "FLUSH").await;
+    for (view, query) in views {
+        let expected = rows(&c, query).await;
+        assert_eq!(rows(&c, &format!("SELECT * FROM {view}")).await, expected, "{view} after the restart");
+    }
+    assert!(rows(&c, "SELECT * FROM converted").await.contains(&"u1|4|9".to_string()), "a pre-restart click matched");
+    assert!(rows(&c, "SELECT * FROM sessions").await.contains(&"u1|1|3".to_string()), "the session grew across it");
+    server.kill_9();
+}

@@ -534,12 +534,9 @@ impl Operator for JoinOperator {
         }
     }
 
-    /// Both arrangements. Window and interval joins also index rows by time, which is not
-    /// written: they cannot be checkpointed (`None`).
+    /// Both arrangements; a window join's keys by time and an interval join's rows by time,
+    /// with the watermarks they have seen.
     fn checkpoint(&mut self) -> Result<Option<Vec<u8>>> {
-        if self.event_time.is_some() || self.interval.is_some() {
-            return Ok(None);
-        }
         let rows = self.left.weight.len() + self.right.weight.len();
         let mut w = StateWriter::with_capacity(rows * 64);
         for side in [&self.left, &self.right] {
@@ -549,6 +546,31 @@ impl Operator for JoinOperator {
                 w.counts(rows.len(), rows.iter().map(|(row, n)| (row.as_ref(), *n)));
             }
             w.counts(side.matched.len(), side.matched.iter().map(|(row, n)| (row.as_ref(), *n)));
+        }
+        if let Some(event_time) = &self.event_time {
+            event_time.watermarks.iter().chain([&event_time.forwarded]).for_each(|v| w.opt_i64(*v));
+            for side in &event_time.by_time {
+                w.u64(side.len() as u64);
+                for (time, keys) in side {
+                    w.i64(*time);
+                    w.u64(keys.len() as u64);
+                    keys.iter().for_each(|k| w.bytes(k));
+                }
+            }
+        }
+        if let Some(interval) = &self.interval {
+            interval.watermarks.iter().for_each(|v| w.opt_i64(*v));
+            for side in &interval.by_time {
+                w.u64(side.len() as u64);
+                for (time, pairs) in side {
+                    w.i64(*time);
+                    w.u64(pairs.len() as u64);
+                    for (key, row) in pairs {
+                        w.bytes(key);
+                        w.bytes(row);
+                    }
+                }
+            }
         }
         Ok(Some(w.finish()))
     }
@@ -565,6 +587,33 @@ impl Operator for JoinOperator {
                 }
             }
             side.matched = r.counts()?.into_iter().collect();
+        }
+        if let Some(event_time) = &mut self.event_time {
+            event_time.watermarks = [r.opt_i64()?, r.opt_i64()?];
+            event_time.forwarded = r.opt_i64()?;
+            for (by_time, known) in event_time.by_time.iter_mut().zip(event_time.known.iter_mut()) {
+                by_time.clear();
+                known.clear();
+                for _ in 0..r.len(16)? {
+                    let time = r.i64()?;
+                    let keys = (0..r.len(8)?).map(|_| Ok(Box::from(r.bytes()?))).collect::<Result<Vec<Box<[u8]>>>>()?;
+                    known.extend(keys.iter().map(|k| (k.clone(), time)));
+                    by_time.insert(time, keys);
+                }
+            }
+        }
+        if let Some(interval) = &mut self.interval {
+            interval.watermarks = [r.opt_i64()?, r.opt_i64()?];
+            for side in &mut interval.by_time {
+                side.clear();
+                for _ in 0..r.len(16)? {
+                    let time = r.i64()?;
+                    let pairs = (0..r.len(16)?)
+                        .map(|_| Ok((Box::from(r.bytes()?), Box::from(r.bytes()?))))
+                        .collect::<Result<Vec<_>>>()?;
+                    side.insert(time, pairs);
+                }
+            }
         }
         r.finish()
     }

@@ -18,6 +18,7 @@ use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::arrow::row::{OwnedRow, RowConverter, SortField};
 
+use crate::dataflow::checkpoint::{StateReader, StateWriter, read_rows_by_time, write_rows_by_time};
 use crate::dataflow::operator::{Operator, Output};
 use crate::dataflow::{ChangeBatch, FastMap, Watermark};
 use crate::error::{Error, Result};
@@ -104,6 +105,30 @@ impl SessionOperator {
 impl Operator for SessionOperator {
     fn name(&self) -> &str {
         "session_windows"
+    }
+
+    /// Every key's rows by event time, and the watermark of the last sweep.
+    fn checkpoint(&mut self) -> Result<Option<Vec<u8>>> {
+        let mut w = StateWriter::default();
+        w.u64(self.rows.len() as u64);
+        for (key, rows) in &self.rows {
+            w.bytes(key);
+            write_rows_by_time(&mut w, rows);
+        }
+        w.opt_i64(self.swept);
+        Ok(Some(w.finish()))
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<()> {
+        let mut r = StateReader::new(state, "session windows");
+        self.rows.clear();
+        for _ in 0..r.len(16)? {
+            let key = Box::from(r.bytes()?);
+            let rows = read_rows_by_time(&mut r, &self.row_converter)?;
+            self.rows.insert(key, rows);
+        }
+        self.swept = r.opt_i64()?;
+        r.finish()
     }
 
     async fn process(&mut self, _port: usize, input: ChangeBatch, out: &mut Output) -> Result<()> {
