@@ -1,6 +1,7 @@
 //! Durability of the real `freshet` binary: every acknowledged write survives `kill -9`,
-//! nothing unacknowledged-and-unsent appears, SIGTERM shuts down cleanly, and `--init`
-//! runs before clients are accepted.
+//! nothing unacknowledged-and-unsent appears, SIGTERM shuts down cleanly (with a last
+//! checkpoint the next start restores views from), and `--init` runs before clients are
+//! accepted.
 
 mod common;
 
@@ -75,7 +76,7 @@ async fn sigterm_shuts_down_cleanly_and_keeps_data() {
     let server = Process::start(dir.path(), &[]);
     let client = common::connect(&server.connection_string).await;
     client
-        .batch_execute("CREATE TABLE t (id INT PRIMARY KEY, v TEXT); INSERT INTO t VALUES (1, 'a'), (2, 'b'); UPDATE t SET v = 'B' WHERE id = 2; DELETE FROM t WHERE id = 1")
+        .batch_execute("CREATE TABLE t (id INT PRIMARY KEY, v TEXT); CREATE MATERIALIZED VIEW per_v AS SELECT v, count(*) AS n FROM t GROUP BY v; INSERT INTO t VALUES (1, 'a'), (2, 'b'); UPDATE t SET v = 'B' WHERE id = 2; DELETE FROM t WHERE id = 1")
         .await
         .expect("writes");
     let mut server = server;
@@ -90,6 +91,12 @@ async fn sigterm_shuts_down_cleanly_and_keeps_data() {
     let rows = client.query("SELECT id, v FROM t", &[]).await.expect("select");
     let got: Vec<(i32, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     assert_eq!(got, vec![(2, "B".to_string())]);
+    // Shutdown took a last checkpoint: the view comes back from it, not recomputed.
+    let restored = client.query_one("SELECT restored_from_epoch FROM freshet_catalog.views", &[]).await.expect("views");
+    assert!(restored.get::<_, Option<i64>>(0).is_some(), "the view is restored from the shutdown checkpoint");
+    let view = client.query("SELECT v, n FROM per_v", &[]).await.expect("view");
+    let got: Vec<(String, i64)> = view.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(got, vec![("B".to_string(), 1)]);
     server.kill_9();
 }
 

@@ -1037,6 +1037,17 @@ impl Database {
         }
     }
 
+    /// At shutdown: a checkpoint if checkpoints are on and anything was written since the
+    /// last one.
+    pub async fn final_checkpoint(&self) -> Result<()> {
+        let written = self.shared.log.stats().last_seq.load(Ordering::Relaxed);
+        let checkpointed = self.shared.last_checkpoint.lock().unwrap_or_else(|p| p.into_inner()).1;
+        if self.shared.checkpoint_interval.is_none() || written <= checkpointed || self.shared.views().is_empty() {
+            return Ok(());
+        }
+        self.checkpoint().await.map(|epoch| tracing::info!(epoch, "checkpoint taken at shutdown"))
+    }
+
     /// Takes a checkpoint now (after the one in progress, if any) and waits until it is
     /// stored; returns its epoch. Every write committed before the call is in it.
     pub async fn checkpoint(&self) -> Result<u64> {

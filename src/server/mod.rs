@@ -163,6 +163,11 @@ impl Server {
         for task in self.tasks {
             let _ = task.await;
         }
+        // A last checkpoint, so the next start restores every view without replaying
+        // anything into it.
+        if let Err(e) = self.db.final_checkpoint().await {
+            tracing::warn!("the checkpoint at shutdown failed; the next start recomputes more: {e}");
+        }
         tracing::info!("freshet stopped");
     }
 }
