@@ -286,3 +286,29 @@ async fn sessions_and_interval_joins_continue_across_a_restart() {
     assert!(rows(&c, "SELECT * FROM sessions").await.contains(&"u1|1|3".to_string()), "the session grew across it");
     server.kill_9();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_from_another_worker_count_is_recomputed_not_misread() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let query = "SELECT g, count(*) AS n, sum(v) AS total FROM t GROUP BY g";
+    let server = Process::start(dir.path(), &["--checkpoint-interval", "off", "--workers", "2"]);
+    let c = common::connect(&server.connection_string).await;
+    run(
+        &c,
+        &format!(
+            "CREATE TABLE t (g INT, v BIGINT); INSERT INTO t SELECT x % 10, x FROM generate_series(1, 500) AS s(x);
+             CREATE MATERIALIZED VIEW per_g AS {query}"
+        ),
+    )
+    .await;
+    checkpoint(&c).await;
+    server.kill_9();
+
+    // Two aggregate instances' states cannot stand in for one: the view is recomputed.
+    let server = Process::start(dir.path(), &["--checkpoint-interval", "off", "--workers", "1"]);
+    let c = common::connect(&server.connection_string).await;
+    assert_eq!(rows(&c, "SELECT view, restored_from_epoch FROM freshet_catalog.views").await, vec!["per_g|NULL"]);
+    run(&c, "INSERT INTO t VALUES (3, 1000); FLUSH").await;
+    assert_eq!(rows(&c, "SELECT * FROM per_g").await, rows(&c, query).await);
+    server.kill_9();
+}

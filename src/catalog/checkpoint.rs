@@ -60,7 +60,8 @@ pub struct CheckpointedView {
     pub id: u64,
     pub name: String,
     pub query: String,
-    pub operators: usize,
+    /// Its operators' names in number order.
+    pub layout: Vec<String>,
 }
 
 /// Operator states by operator number (`None`: that operator cannot be checkpointed).
@@ -178,7 +179,7 @@ impl Checkpoints {
 
     fn complete_if_ready(self: &Arc<Self>, inner: &mut Inner) {
         let Some(in_flight) = &inner.in_flight else { return };
-        if in_flight.views.values().any(|(view, states)| states.len() < view.operators) {
+        if in_flight.views.values().any(|(view, states)| states.len() < view.layout.len()) {
             return;
         }
         let in_flight = inner.in_flight.take().expect("checked just above");
@@ -225,7 +226,8 @@ impl Checkpoints {
             let (object, bytes) = store::write_view(&self.store, in_flight.epoch, *id, &states).await?;
             total += bytes;
             stored.insert(*id);
-            manifest.views.push(ManifestView { name: view.name.clone(), query: view.query.clone(), object, bytes });
+            let (name, query, layout) = (view.name.clone(), view.query.clone(), view.layout.join(","));
+            manifest.views.push(ManifestView { name, query, object, bytes, layout });
         }
         total += store::write_manifest(&self.store, &manifest).await?;
         let deleted = store::delete_old(&self.store, self.kept).await?;

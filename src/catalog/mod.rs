@@ -283,9 +283,9 @@ struct ViewHandle {
     subscribers: Arc<view::Subscribers>,
     /// Late rows dropped by its inputs with watermarks.
     late: Vec<Arc<crate::dataflow::operators::LateCounter>>,
-    /// Its operators, when they report their states at checkpoints (`None`: it reads a
+    /// Its operators' names, when they report their states at checkpoints (`None`: it reads a
     /// materialized view, and is always rebuilt after a restart).
-    checkpointed: Option<usize>,
+    checkpointed: Option<Vec<String>>,
     /// The checkpoint epoch it was restored from at start.
     restored_from: Option<u64>,
 }
@@ -427,7 +427,7 @@ impl Shared {
                         id: v.id,
                         name: name.clone(),
                         query: v.query.clone(),
-                        operators: v.checkpointed?,
+                        layout: v.checkpointed.clone()?,
                     })
                 })
                 .collect();
@@ -1017,7 +1017,7 @@ impl Database {
     /// the checkpoint being restored holds this view with this query, nothing it reads was
     /// created or dropped since, and its states read back whole.
     async fn restore_point(&self, name: &str, query: &str, inputs: &[String]) -> Option<(u64, view::Restore)> {
-        let (epoch, object, tail) = {
+        let (epoch, object, tail, layout) = {
             let restoring = self.shared.restoring.lock().unwrap_or_else(|p| p.into_inner());
             let point = restoring.as_ref()?;
             if point.touched.contains(name) || inputs.iter().any(|i| point.touched.contains(i)) {
@@ -1026,10 +1026,10 @@ impl Database {
             }
             let entry = point.manifest.views.iter().find(|v| v.name == name && v.query == query)?;
             let tail = inputs.iter().map(|i| (i.clone(), point.tail.get(i).cloned().unwrap_or_default())).collect();
-            (point.manifest.epoch, entry.object.clone(), tail)
+            (point.manifest.epoch, entry.object.clone(), tail, entry.layout.clone())
         };
         match self.shared.checkpoints.read_view(&object).await {
-            Ok(states) => Some((epoch, view::Restore { states, tail })),
+            Ok(states) => Some((epoch, view::Restore { states, tail, layout })),
             Err(e) => {
                 tracing::warn!(view = %name, epoch, "checkpoint unreadable, rebuilding the view: {e}");
                 None
@@ -1148,7 +1148,7 @@ impl Database {
                 }
             },
         };
-        let checkpointed = report.is_some().then_some(pending.operators);
+        let checkpointed = report.is_some().then(|| pending.layout.clone());
         let late = pending.late.clone();
         for (name, upstream) in self.shared.views().iter() {
             if inputs.contains(name) {

@@ -140,8 +140,10 @@ pub struct Pending {
     failures: Arc<FailureSlot>,
     /// The late rows its inputs with watermarks dropped.
     pub late: Vec<Arc<LateCounter>>,
-    /// Operators spawned so far; each is numbered by its place in this count.
-    pub operators: usize,
+    /// The names of the operators spawned so far; each is numbered by its place here. A
+    /// checkpoint is restored only into the same layout (a different `--workers` count
+    /// changes it).
+    pub layout: Vec<String>,
     /// Where operator states go at checkpoints.
     report: Option<StateReport>,
     /// Restored from a checkpoint: the operators' states by number, and the table changes
@@ -155,6 +157,8 @@ pub struct Restore {
     pub states: BTreeMap<usize, Vec<u8>>,
     /// Changes committed after the checkpoint, in log order, by table.
     pub tail: HashMap<String, Vec<ChangeBatch>>,
+    /// The operator layout the states were taken from ([`Pending::layout`], joined).
+    pub layout: String,
 }
 
 impl Pending {
@@ -511,7 +515,7 @@ pub fn spawn(
         upstream: HashMap::new(),
         failures: failures.clone(),
         late: Vec::new(),
-        operators: 0,
+        layout: Vec::new(),
         report,
         restore,
     };
@@ -519,9 +523,26 @@ pub fn spawn(
     // leaves nothing running.
     let mut tasks = Vec::new();
     let input = spawn_node(root, feeds, failures, &mut pending, &mut tasks)?;
-    let mut materialize: Box<dyn Operator> = Box::new(MaterializeOperator::new(schema, Box::new(sink)));
-    let checkpointing = pending.number(materialize.as_mut())?;
+    let materialize: Box<dyn Operator> = Box::new(MaterializeOperator::new(schema, Box::new(sink)));
+    let checkpointing = pending.number(materialize.as_ref());
     tasks.push(Task { operator: materialize, inputs: vec![input], outputs: Vec::new(), checkpointing });
+    if let Some(restore) = &pending.restore {
+        // Checked before any state is loaded: the view's rows are published as they load.
+        if restore.layout != pending.layout.join(",") || restore.states.len() != tasks.len() {
+            return Err(crate::error::Error::Internal(format!(
+                "the view's operators ({}) are not those its checkpoint was taken from ({})",
+                pending.layout.join(","),
+                restore.layout
+            )));
+        }
+        // Tasks are in operator-number order (each is pushed right after it is numbered).
+        for (number, task) in tasks.iter_mut().enumerate() {
+            let state = restore.states.get(&number).ok_or_else(|| {
+                crate::error::Error::Internal(format!("the checkpoint has no state for operator {number}"))
+            })?;
+            task.operator.restore(state)?;
+        }
+    }
     for task in tasks {
         runtime::spawn(task.operator, task.inputs, task.outputs, failures.clone(), task.checkpointing);
     }
@@ -537,18 +558,11 @@ struct Task {
 }
 
 impl Pending {
-    /// Numbers the next operator, restores its state if the view is restored, and says
-    /// where its checkpoints go.
-    fn number(&mut self, operator: &mut dyn Operator) -> Result<Option<Checkpointing>> {
-        let number = self.operators;
-        self.operators += 1;
-        if let Some(restore) = &self.restore {
-            let state = restore.states.get(&number).ok_or_else(|| {
-                crate::error::Error::Internal(format!("the checkpoint has no state for operator {number}"))
-            })?;
-            operator.restore(state)?;
-        }
-        Ok(self.report.clone().map(|report| Checkpointing { operator: number, report }))
+    /// Numbers the next operator and says where its checkpoints go.
+    fn number(&mut self, operator: &dyn Operator) -> Option<Checkpointing> {
+        let number = self.layout.len();
+        self.layout.push(operator.name().to_string());
+        self.report.clone().map(|report| Checkpointing { operator: number, report })
     }
 }
 
@@ -574,17 +588,17 @@ fn spawn_node(
             let input = spawn_node(Node::Table(table.clone()), feeds, failures, pending, tasks)?;
             let late = Arc::new(LateCounter::new(table, pending.name.clone(), units_per_ms));
             pending.late.push(late.clone());
-            let mut operator: Box<dyn Operator> =
+            let operator: Box<dyn Operator> =
                 Box::new(EventTimeOperator::new(column, delay_ms.saturating_mul(units_per_ms), late));
-            let checkpointing = pending.number(operator.as_mut())?;
+            let checkpointing = pending.number(operator.as_ref());
             let (sender, receiver) = runtime::edge();
             tasks.push(Task { operator, inputs: vec![input], outputs: vec![sender], checkpointing });
             receiver
         }
-        Node::Operator(mut operator, inputs) => {
+        Node::Operator(operator, inputs) => {
             let receivers =
                 inputs.into_iter().map(|n| spawn_node(n, feeds, failures, pending, tasks)).collect::<Result<_>>()?;
-            let checkpointing = pending.number(operator.as_mut())?;
+            let checkpointing = pending.number(operator.as_ref());
             let (sender, receiver) = runtime::edge();
             tasks.push(Task { operator, inputs: receivers, outputs: vec![sender], checkpointing });
             receiver
@@ -603,14 +617,14 @@ fn spawn_node(
                 exchange::spawn(key, upstream, senders, failures.clone());
             }
             let mut merge_inputs = Vec::new();
-            for (mut operator, receivers) in instances.into_iter().zip(instance_inputs) {
-                let checkpointing = pending.number(operator.as_mut())?;
+            for (operator, receivers) in instances.into_iter().zip(instance_inputs) {
+                let checkpointing = pending.number(operator.as_ref());
                 let (sender, receiver) = runtime::edge();
                 tasks.push(Task { operator, inputs: receivers, outputs: vec![sender], checkpointing });
                 merge_inputs.push(receiver);
             }
-            let mut merge: Box<dyn Operator> = Box::new(MergeOperator::new(merge_inputs.len()));
-            let checkpointing = pending.number(merge.as_mut())?;
+            let merge: Box<dyn Operator> = Box::new(MergeOperator::new(merge_inputs.len()));
+            let checkpointing = pending.number(merge.as_ref());
             let (sender, receiver) = runtime::edge();
             tasks.push(Task { operator: merge, inputs: merge_inputs, outputs: vec![sender], checkpointing });
             receiver

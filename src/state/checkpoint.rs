@@ -62,6 +62,8 @@ pub struct ManifestView {
     pub query: String,
     /// The object holding its operator states.
     pub object: String,
+    /// Its operators' names in number order: states are restored only into this layout.
+    pub layout: String,
     pub bytes: u64,
 }
 
