@@ -312,3 +312,53 @@ async fn a_checkpoint_from_another_worker_count_is_recomputed_not_misread() {
     assert_eq!(rows(&c, "SELECT * FROM per_g").await, rows(&c, query).await);
     server.kill_9();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_checkpoints_back_off_while_views_go_on_and_succeed_once_storage_recovers() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = Process::start(dir.path(), &["--checkpoint-interval", "100ms"]);
+    let c = common::connect(&server.connection_string).await;
+    run(&c, "CREATE TABLE t (id BIGINT, g INT); CREATE MATERIALIZED VIEW per_g AS SELECT g, count(*) AS n FROM t GROUP BY g")
+        .await;
+    // A file where the checkpoint directory should be: every checkpoint write fails.
+    let _ = std::fs::remove_dir_all(dir.path().join("checkpoint"));
+    std::fs::write(dir.path().join("checkpoint"), b"in the way").expect("blocker");
+    let failed = "SELECT count(*) FROM freshet_catalog.checkpoints WHERE status = 'failed' AND error IS NOT NULL";
+    let mut next = 0;
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < std::time::Duration::from_secs(3) {
+        run(&c, &format!("INSERT INTO t VALUES ({next}, {})", next % 3)).await;
+        next += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    run(&c, "FLUSH").await;
+    let attempts = common::count(&c, failed).await;
+    assert!(attempts >= 1, "checkpoints failed while the store was unusable");
+    // At 100 ms a checkpoint would be tried about 30 times; backing off (1 s, 2 s, …) tries
+    // at most three.
+    assert!(attempts <= 3, "failures back off instead of retrying every interval: {attempts}");
+    assert_eq!(
+        rows(&c, "SELECT sum(n) FROM per_g").await,
+        vec![next.to_string()],
+        "the view kept up while checkpoints failed"
+    );
+
+    // The store recovers: a later checkpoint succeeds, and a restart restores from it.
+    std::fs::remove_file(dir.path().join("checkpoint")).expect("blocker removed");
+    let ok = "SELECT count(*) FROM freshet_catalog.checkpoints WHERE status = 'ok'";
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while common::count(&c, ok).await == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no checkpoint succeeded after the store recovered");
+        run(&c, &format!("INSERT INTO t VALUES ({next}, {})", next % 3)).await;
+        next += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    server.kill_9();
+    let server = Process::start(dir.path(), &["--checkpoint-interval", "100ms"]);
+    let c = common::connect(&server.connection_string).await;
+    let restored = common::count(&c, "SELECT count(restored_from_epoch) FROM freshet_catalog.views").await;
+    assert_eq!(restored, 1, "restored from the checkpoint written after the store came back");
+    run(&c, "FLUSH").await;
+    assert_eq!(rows(&c, "SELECT sum(n) FROM per_g").await, vec![next.to_string()], "nothing committed is lost");
+    server.kill_9();
+}

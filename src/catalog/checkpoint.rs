@@ -37,6 +37,10 @@ const ABANDON_AFTER: Duration = Duration::from_secs(30);
 /// sooner than 3 s after it. Whole states are written each time, so a large state is
 /// checkpointed less often rather than slowing its views down.
 pub const SPACING_FACTOR: u32 = 10;
+/// The wait after a failed checkpoint, doubled after each further failure up to the
+/// maximum (a store that is away is not hammered every interval).
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
 /// Most checkpoint attempts `freshet_catalog.checkpoints` remembers.
 pub const HISTORY: usize = 100;
 
@@ -84,6 +88,8 @@ struct Inner {
     writing: bool,
     /// A checkpoint barrier is on its way (between [`Checkpoints::reserve`] and `begin`).
     reserved: bool,
+    /// Failed checkpoints in a row, and when the next periodic one may start.
+    failures: (u32, Option<Instant>),
     /// The last checkpoint stored, and the ids of the views it holds.
     stored: Option<(u64, HashSet<u64>)>,
     history: VecDeque<CheckpointRecord>,
@@ -107,10 +113,14 @@ impl Checkpoints {
     }
 
     /// Claims the next checkpoint if none is on its way, collecting or writing (one that
-    /// has waited too long for its views is given up). Every claim is followed by
+    /// has waited too long for its views is given up), and, unless `asked` (a CHECKPOINT
+    /// statement), no failure's backoff is running. Every claim is followed by
     /// [`Checkpoints::begin`] or [`Checkpoints::release`].
-    pub fn reserve(&self) -> bool {
+    pub fn reserve(&self, asked: bool) -> bool {
         let mut inner = self.lock();
+        if !asked && inner.failures.1.is_some_and(|at| Instant::now() < at) {
+            return false;
+        }
         if let Some(in_flight) = &inner.in_flight
             && in_flight.started.1.elapsed() > ABANDON_AFTER
         {
@@ -193,10 +203,16 @@ impl Checkpoints {
                 Ok((bytes, views)) => {
                     tracing::debug!(epoch = in_flight.epoch, bytes, "checkpoint written");
                     inner.stored = Some((in_flight.epoch, views));
+                    inner.failures = (0, None);
                     Ok(bytes)
                 }
                 Err(e) => {
-                    tracing::warn!(epoch = in_flight.epoch, "checkpoint failed; the next one retries: {e}");
+                    let wait = (RETRY_FIRST * 2u32.pow(inner.failures.0.min(6))).min(RETRY_MAX);
+                    inner.failures = (inner.failures.0 + 1, Some(Instant::now() + wait));
+                    tracing::warn!(
+                        epoch = in_flight.epoch,
+                        "checkpoint failed, views keep running; next try in {wait:?}: {e}"
+                    );
                     Err(e)
                 }
             };

@@ -462,7 +462,7 @@ impl Shared {
         let interval = interval.max(self.checkpoints.last_duration() * checkpoint::SPACING_FACTOR);
         let mut last = self.last_checkpoint.lock().unwrap_or_else(|p| p.into_inner());
         let seq = self.log.stats().last_seq.load(Ordering::Relaxed);
-        if last.0.elapsed() < interval || seq <= last.1 || !self.checkpoints.reserve() {
+        if last.0.elapsed() < interval || seq <= last.1 || !self.checkpoints.reserve(false) {
             return false;
         }
         last.0 = std::time::Instant::now();
@@ -1052,7 +1052,7 @@ impl Database {
     /// stored; returns its epoch. Every write committed before the call is in it.
     pub async fn checkpoint(&self) -> Result<u64> {
         let waited = tokio::time::timeout(CATCH_UP_TIMEOUT, async {
-            while !self.shared.checkpoints.reserve() {
+            while !self.shared.checkpoints.reserve(true) {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             let epoch = self.shared.inject_barrier(true).await?;
