@@ -62,6 +62,11 @@ struct ServeArgs {
     /// of cores.
     #[arg(long, env = "FRESHET_WORKERS", value_parser = clap::value_parser!(u16).range(1..=256))]
     workers: Option<u16>,
+    /// Operator state (GROUP BY groups) kept in memory before the least recently used
+    /// spills to local disk under --data-dir, e.g. `512MB`, `4GB` (units of 1024) or `off`.
+    /// Default: half of the machine's memory.
+    #[arg(long, env = "FRESHET_MEMORY_LIMIT", default_value = "auto", value_parser = parse_memory_limit)]
+    memory_limit: MemoryLimit,
     /// The user name clients log in as.
     #[arg(long, env = "FRESHET_USER", default_value = freshet::server::auth::DEFAULT_USER)]
     user: String,
@@ -102,7 +107,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         checkpoint_interval: args.checkpoint_interval.0,
         checkpoints_kept: usize::from(args.checkpoints_kept),
         workers: args.workers.map(usize::from).unwrap_or_else(freshet::catalog::default_workers),
+        memory_limit: args.memory_limit.0,
     };
+    match config.memory_limit {
+        Some(bytes) => tracing::info!("operator state beyond {} MiB spills to disk", bytes >> 20),
+        None => tracing::info!("no memory limit: operator state stays in memory"),
+    }
     let tls = match (args.tls_cert, args.tls_key) {
         (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
         _ => None,
@@ -173,6 +183,42 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 /// A checkpoint interval; `None` is off.
 #[derive(Debug, Clone, Copy)]
 struct CheckpointInterval(Option<Duration>);
+
+/// `--memory-limit`: bytes, or `None` for no limit.
+#[derive(Clone, Copy, Debug)]
+struct MemoryLimit(Option<usize>);
+
+fn parse_memory_limit(text: &str) -> Result<MemoryLimit, String> {
+    let text = text.trim();
+    match text {
+        "off" => return Ok(MemoryLimit(None)),
+        "auto" => {
+            // Half the machine's memory, from /proc/meminfo; no limit where that is unknown.
+            let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|info| {
+                let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+                line.split_whitespace().nth(1)?.parse::<usize>().ok()
+            });
+            return Ok(MemoryLimit(total.map(|kib| kib * 1024 / 2)));
+        }
+        _ => {}
+    }
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: usize = number.parse().map_err(|_| format!("`{text}` is not a size such as 512MB, 4GB or off"))?;
+    let scale: usize = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        "T" | "TB" | "TIB" => 1 << 40,
+        other => return Err(format!("unknown unit `{other}` in `{text}` (use B, KB, MB, GB or TB)")),
+    };
+    let bytes = number.checked_mul(scale).ok_or_else(|| format!("`{text}` is too large"))?;
+    if bytes < 1 << 20 {
+        return Err(format!("`{text}` is below the smallest memory limit, 1MB"));
+    }
+    Ok(MemoryLimit(Some(bytes)))
+}
 
 fn parse_checkpoint_interval(text: &str) -> Result<CheckpointInterval, String> {
     match text.trim() {

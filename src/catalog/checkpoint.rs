@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 
 use object_store::ObjectStore;
 
-use crate::dataflow::checkpoint::StateReport;
+use crate::dataflow::checkpoint::{OperatorState, StateReport};
 use crate::error::Result;
-use crate::state::checkpoint::{self as store, Manifest, ManifestView};
+use crate::state::checkpoint::{self as store, Manifest, ManifestView, StoredState};
 
 /// Default time between checkpoints.
 pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
@@ -69,7 +69,7 @@ pub struct CheckpointedView {
 }
 
 /// Operator states by operator number (`None`: that operator cannot be checkpointed).
-type States = BTreeMap<usize, Option<Vec<u8>>>;
+type States = BTreeMap<usize, Option<OperatorState>>;
 
 struct InFlight {
     epoch: u64,
@@ -92,6 +92,8 @@ struct Inner {
     failures: (u32, Option<Instant>),
     /// The last checkpoint stored, and the ids of the views it holds.
     stored: Option<(u64, HashSet<u64>)>,
+    /// Shared files known to be in the store (listed at the first checkpoint that has any).
+    uploaded: Option<HashSet<String>>,
     history: VecDeque<CheckpointRecord>,
 }
 
@@ -161,7 +163,7 @@ impl Checkpoints {
         })
     }
 
-    fn report(self: &Arc<Self>, id: u64, epoch: u64, operator: usize, state: Result<Option<Vec<u8>>>) {
+    fn report(self: &Arc<Self>, id: u64, epoch: u64, operator: usize, state: Result<Option<OperatorState>>) {
         let mut inner = self.lock();
         let Some(in_flight) = inner.in_flight.as_mut().filter(|f| f.epoch == epoch) else { return };
         let Some((view, states)) = in_flight.views.get_mut(&id) else { return };
@@ -232,28 +234,92 @@ impl Checkpoints {
         };
         let mut total = 0;
         let mut stored = HashSet::new();
+        let shares = in_flight.views.values().flat_map(|(_, states)| states.values()).flatten().any(|s| !s.files.is_empty());
+        let known = self.lock().uploaded.take();
+        let listed = known.is_some() || shares;
+        let mut uploaded = match known {
+            Some(uploaded) => uploaded,
+            None if shares => store::shared_files(&self.store).await?,
+            None => HashSet::new(),
+        };
+        let result = self.write_views(in_flight, &mut manifest, &mut uploaded, &mut stored).await;
+        let mut deleted = Vec::new();
+        let result = match result {
+            Ok(bytes) => {
+                total += bytes;
+                async {
+                    total += store::write_manifest(&self.store, &manifest).await?;
+                    let old = store::delete_old(&self.store, self.kept).await?;
+                    tracing::trace!(old, "old checkpoints deleted");
+                    if !uploaded.is_empty() {
+                        deleted = store::delete_unreferenced(&self.store).await?;
+                    }
+                    Ok(())
+                }
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        for object in &deleted {
+            uploaded.remove(object);
+        }
+        self.lock().uploaded = listed.then_some(uploaded);
+        result.map(|()| (total, stored))
+    }
+
+    /// Stores each view's states and uploads the shared files they refer to that are not
+    /// in the store yet; returns the bytes written.
+    async fn write_views(
+        &self,
+        in_flight: &mut InFlight,
+        manifest: &mut Manifest,
+        uploaded: &mut HashSet<String>,
+        stored: &mut HashSet<u64>,
+    ) -> Result<u64> {
+        let mut total = 0;
         for (id, (view, states)) in &mut in_flight.views {
             if states.values().any(Option::is_none) {
                 continue; // an operator cannot be checkpointed: the view is rebuilt instead
             }
             // Taken, not copied: states can be large. The history reads only their presence.
-            let states: BTreeMap<usize, Vec<u8>> =
-                states.iter_mut().map(|(n, s)| (*n, s.replace(Vec::new()).unwrap_or_default())).collect();
-            let (object, bytes) = store::write_view(&self.store, in_flight.epoch, *id, &states).await?;
+            let mut files = Vec::new();
+            let mut parts = BTreeMap::new();
+            for (n, state) in states.iter_mut() {
+                let state = state.replace(OperatorState::default()).unwrap_or_default();
+                for file in &state.files {
+                    if !uploaded.contains(&file.object) {
+                        total += store::upload_file(&self.store, &file.local, &file.object).await?;
+                        uploaded.insert(file.object.clone());
+                    }
+                    files.push(file.object.clone());
+                }
+                let shared = state.files.into_iter().map(|f| (f.name, f.object)).collect();
+                parts.insert(*n, StoredState { bytes: state.bytes, files: shared });
+            }
+            let (object, bytes) = store::write_view(&self.store, in_flight.epoch, *id, &parts).await?;
             total += bytes;
             stored.insert(*id);
             let (name, query, layout) = (view.name.clone(), view.query.clone(), view.layout.join(","));
-            manifest.views.push(ManifestView { name, query, object, bytes, layout });
+            manifest.views.push(ManifestView { name, query, object, bytes, layout, files });
         }
-        total += store::write_manifest(&self.store, &manifest).await?;
-        let deleted = store::delete_old(&self.store, self.kept).await?;
-        tracing::trace!(deleted, "old checkpoints deleted");
-        Ok((total, stored))
+        Ok(total)
     }
 
     /// A view's operator states, as a checkpoint stored them.
-    pub async fn read_view(&self, object: &str) -> Result<BTreeMap<usize, Vec<u8>>> {
+    pub async fn read_view(&self, object: &str) -> Result<BTreeMap<usize, StoredState>> {
         store::read_view(&self.store, object).await
+    }
+
+    /// Downloads the shared files of `state` into `dir`, under their names.
+    pub async fn download(&self, state: &StoredState, dir: &std::path::Path) -> Result<u64> {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| crate::error::Error::Storage(format!("creating {}: {e}", dir.display())))?;
+        let mut bytes = 0;
+        for (name, object) in &state.files {
+            bytes += store::download_file(&self.store, object, &dir.join(name)).await?;
+        }
+        Ok(bytes)
     }
 
     /// How long the last checkpoint took, from its barrier to its manifest.

@@ -253,6 +253,8 @@ struct Shared {
     last_checkpoint: std::sync::Mutex<(std::time::Instant, u64)>,
     /// While the views of the log are being started: the checkpoint they restore from.
     restoring: std::sync::Mutex<Option<RestorePoint>>,
+    /// Where operators spill state beyond `--memory-limit`.
+    spill: view::Spill,
 }
 
 /// The checkpoint views are restored from at start, and what the log holds after it.
@@ -491,6 +493,12 @@ pub struct Options {
     /// Parallel instances of each stateful view operator, and the parallelism of batch
     /// queries.
     pub workers: usize,
+    /// Bytes of operator state kept in memory before it spills to local disk (`None`: no
+    /// limit).
+    pub memory_limit: Option<usize>,
+    /// The local directory operators spill into; emptied at start (`None`: a directory
+    /// of this process under the system's temporary directory).
+    pub spill_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for Options {
@@ -500,8 +508,30 @@ impl Default for Options {
             checkpoint_interval: Some(checkpoint::DEFAULT_CHECKPOINT_INTERVAL),
             checkpoints_kept: checkpoint::DEFAULT_CHECKPOINTS_KEPT,
             workers: default_workers(),
+            memory_limit: None,
+            spill_dir: None,
         }
     }
+}
+
+/// Numbers the downloads of spilled state at start.
+static DOWNLOADS: AtomicU64 = AtomicU64::new(0);
+
+/// Empties (or creates) the directory operators spill into: nothing left there by an
+/// earlier run is trusted; checkpoints bring back what is needed.
+fn open_spill(options: &Options) -> Result<view::Spill> {
+    let root = options.spill_dir.clone().unwrap_or_else(|| {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        std::env::temp_dir().join(format!("freshet-spill-{}-{n}", std::process::id()))
+    });
+    if root.exists() {
+        std::fs::remove_dir_all(&root)
+            .map_err(|e| Error::Storage(format!("cannot empty the spill directory {}: {e}", root.display())))?;
+    }
+    std::fs::create_dir_all(&root)
+        .map_err(|e| Error::Storage(format!("cannot create the spill directory {}: {e}", root.display())))?;
+    Ok(view::Spill { root, pool: crate::state::spill::MemoryPool::new(options.memory_limit) })
 }
 
 /// One worker per core.
@@ -556,6 +586,7 @@ impl Database {
         }
         // Epochs go on from the last checkpoint's, so a new checkpoint never reuses its name.
         let stored = crate::state::checkpoint::epochs(&store).await.unwrap_or_default();
+        let spill = open_spill(&options)?;
         let first_epoch = stored.last().copied().unwrap_or(0).max(views.last_checkpoint);
         let db = Database {
             ctx,
@@ -578,6 +609,7 @@ impl Database {
                 checkpoint_interval: options.checkpoint_interval,
                 last_checkpoint: std::sync::Mutex::new((std::time::Instant::now(), 0)),
                 restoring: std::sync::Mutex::new(restoring),
+                spill,
             }),
         };
         status::install(&db.ctx, Arc::downgrade(&db.shared))?;
@@ -1028,8 +1060,24 @@ impl Database {
             let tail = inputs.iter().map(|i| (i.clone(), point.tail.get(i).cloned().unwrap_or_default())).collect();
             (point.manifest.epoch, entry.object.clone(), tail, entry.layout.clone())
         };
-        match self.shared.checkpoints.read_view(&object).await {
-            Ok(states) => Some((epoch, view::Restore { states, tail, layout })),
+        let read = async {
+            let stored = self.shared.checkpoints.read_view(&object).await?;
+            let mut states = BTreeMap::new();
+            let mut files = BTreeMap::new();
+            let download = self.shared.spill.root.join(format!("download-{}", DOWNLOADS.fetch_add(1, Ordering::Relaxed)));
+            for (number, state) in stored {
+                if !state.files.is_empty() {
+                    let dir = download.join(format!("op-{number}"));
+                    let bytes = self.shared.checkpoints.download(&state, &dir).await?;
+                    tracing::info!(view = %name, operator = number, bytes, "downloaded spilled state");
+                    files.insert(number, dir);
+                }
+                states.insert(number, state.bytes);
+            }
+            Ok::<_, Error>(view::Restore { states, files, tail, layout })
+        };
+        match read.await {
+            Ok(restore) => Some((epoch, restore)),
             Err(e) => {
                 tracing::warn!(view = %name, epoch, "checkpoint unreadable, rebuilding the view: {e}");
                 None
@@ -1133,7 +1181,7 @@ impl Database {
                 subscribers.clone(),
                 self.shared.feeds.clone(),
             );
-            view::spawn(id, root, sink, &self.shared.feeds, &failures, report.clone(), restore)
+            view::spawn(id, root, sink, &self.shared.feeds, &failures, report.clone(), restore, &self.shared.spill)
         };
         let (mut pending, restored_from) = match restore {
             None => (start(root, None)?, None),

@@ -329,8 +329,11 @@ fn views(shared: &Shared) -> Result<RecordBatch> {
         big("last_checkpoint_epoch", true),
         big("restored_from_epoch", true),
         text("failure", true),
+        big("state_memory_bytes", false),
+        big("state_spilled_bytes", false),
     ]));
     let views = shared.views();
+    let usage: Vec<(u64, u64)> = views.values().map(|v| shared.spill.pool.view_usage(v.id)).collect();
     let columns: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from_iter_values(views.keys().cloned())),
         Arc::new(Int64Array::from_iter(
@@ -338,6 +341,8 @@ fn views(shared: &Shared) -> Result<RecordBatch> {
         )),
         Arc::new(Int64Array::from_iter(views.values().map(|v| v.restored_from.map(|e| e as i64)))),
         Arc::new(StringArray::from_iter(views.values().map(|v| v.failures.get()))),
+        Arc::new(Int64Array::from_iter_values(usage.iter().map(|u| u.0 as i64))),
+        Arc::new(Int64Array::from_iter_values(usage.iter().map(|u| u.1 as i64))),
     ];
     Ok(RecordBatch::try_new(schema, columns)?)
 }

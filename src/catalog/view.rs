@@ -17,6 +17,7 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use super::table::{Snapshot, SnapshotCell, TableState, TableVersion};
 use crate::dataflow::checkpoint::{self, Checkpointing, StateReport};
+use crate::state::spill::{LocalState, MemoryPool};
 use crate::dataflow::exchange;
 use crate::dataflow::operators::{EpochSink, EventTimeOperator, LateCounter, MaterializeOperator, MergeOperator};
 use crate::dataflow::runtime::{self, EdgeReceiver, FailureSlot};
@@ -155,6 +156,8 @@ pub struct Pending {
 pub struct Restore {
     /// Operator states by operator number.
     pub states: BTreeMap<usize, Vec<u8>>,
+    /// Where each operator's spilled-state files were downloaded, by operator number.
+    pub files: BTreeMap<usize, std::path::PathBuf>,
     /// Changes committed after the checkpoint, in log order, by table.
     pub tail: HashMap<String, Vec<ChangeBatch>>,
     /// The operator layout the states were taken from ([`Pending::layout`], joined).
@@ -505,6 +508,7 @@ pub fn spawn(
     failures: &Arc<FailureSlot>,
     report: Option<StateReport>,
     restore: Option<Restore>,
+    spill: &Spill,
 ) -> Result<Pending> {
     let schema = sink.state.def().schema.clone();
     let mut pending = Pending {
@@ -526,6 +530,12 @@ pub fn spawn(
     let materialize: Box<dyn Operator> = Box::new(MaterializeOperator::new(schema, Box::new(sink)));
     let checkpointing = pending.number(materialize.as_ref());
     tasks.push(Task { operator: materialize, inputs: vec![input], outputs: Vec::new(), checkpointing });
+    let dir = spill.root.join(format!("view-{view}-{}", SPAWNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
+    for (number, task) in tasks.iter_mut().enumerate() {
+        let owner = (view, number);
+        let local = LocalState { dir: dir.join(format!("op-{number}")), pool: spill.pool.clone(), owner };
+        task.operator.set_local_state(local);
+    }
     if let Some(restore) = &pending.restore {
         // Checked before any state is loaded: the view's rows are published as they load.
         if restore.layout != pending.layout.join(",") || restore.states.len() != tasks.len() {
@@ -540,6 +550,9 @@ pub fn spawn(
             let state = restore.states.get(&number).ok_or_else(|| {
                 crate::error::Error::Internal(format!("the checkpoint has no state for operator {number}"))
             })?;
+            if let Some(files) = restore.files.get(&number) {
+                task.operator.restore_files(files.clone())?;
+            }
             task.operator.restore(state)?;
         }
     }
@@ -548,6 +561,17 @@ pub fn spawn(
     }
     Ok(pending)
 }
+
+/// Where the operators of every view spill state beyond memory: a local directory (each
+/// view's operators get one below it) and the pool their memory counts against.
+#[derive(Debug, Clone)]
+pub struct Spill {
+    pub root: std::path::PathBuf,
+    pub pool: Arc<MemoryPool>,
+}
+
+/// Numbers each spawn, so a view rebuilt after a failed restore gets fresh directories.
+static SPAWNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// An operator ready to run.
 struct Task {

@@ -24,7 +24,16 @@ use crate::error::{Error, Result};
 /// Receives the state an operator took at a checkpoint barrier: (epoch, the operator's
 /// position in its view, the state, or `None` if the operator cannot be checkpointed, or
 /// the error that stopped it).
-pub type StateReport = Arc<dyn Fn(u64, usize, Result<Option<Vec<u8>>>) + Send + Sync>;
+pub type StateReport = Arc<dyn Fn(u64, usize, Result<Option<OperatorState>>) + Send + Sync>;
+
+/// What one operator's checkpoint consists of: its bytes, and the files of its spilled
+/// state they refer to (see [`crate::state::spill`]), which the checkpoint uploads unless
+/// an earlier one did.
+#[derive(Debug, Default)]
+pub struct OperatorState {
+    pub bytes: Vec<u8>,
+    pub files: Vec<crate::state::spill::StateFile>,
+}
 
 /// Where one operator reports its checkpoint states.
 #[derive(Clone)]

@@ -8,6 +8,7 @@ use async_trait::async_trait;
 
 use super::ChangeBatch;
 use crate::error::Result;
+use crate::state::spill::{LocalState, StateFile};
 
 /// What flows on every edge of the dataflow graph.
 #[derive(Debug, Clone)]
@@ -102,8 +103,24 @@ pub trait Operator: Send {
         Ok(None)
     }
 
+    /// The files of spilled state the last [`Operator::checkpoint`] refers to (see
+    /// [`crate::state::spill`]); the checkpoint uploads those not uploaded before.
+    fn checkpoint_files(&mut self) -> Vec<StateFile> {
+        Vec::new()
+    }
+
     /// Loads a state [`Operator::checkpoint`] wrote, before the first message.
     fn restore(&mut self, _state: &[u8]) -> Result<()> {
         Err(crate::error::Error::Internal(format!("operator {} has no state to restore", self.name())))
     }
+
+    /// Before [`Operator::restore`]: the directory the checkpoint's files were downloaded
+    /// into, by their names.
+    fn restore_files(&mut self, _dir: std::path::PathBuf) -> Result<()> {
+        Err(crate::error::Error::Internal(format!("operator {} has no files to restore", self.name())))
+    }
+
+    /// Where the operator may spill state to local disk, and the memory pool it counts
+    /// against. Called once, before anything else; operators that never spill ignore it.
+    fn set_local_state(&mut self, _local: LocalState) {}
 }

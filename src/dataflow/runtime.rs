@@ -13,7 +13,7 @@ use futures::FutureExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::checkpoint::Checkpointing;
+use super::checkpoint::{Checkpointing, OperatorState};
 use super::operator::{Barrier, Message, Mutation, Operator, Output};
 use crate::error::{Error, Result};
 
@@ -140,7 +140,10 @@ async fn run(
                 && let Some(c) = &checkpointing
             {
                 // A failed state fails the checkpoint, not the view: it keeps running.
-                (c.report)(barrier.epoch, c.operator, operator.checkpoint());
+                let state = operator.checkpoint().map(|state| {
+                    state.map(|bytes| OperatorState { bytes, files: operator.checkpoint_files() })
+                });
+                (c.report)(barrier.epoch, c.operator, state);
             }
             crate::ml::epoch::passed(barrier.epoch);
             let stop = barrier.mutation == Some(Mutation::Stop);

@@ -53,6 +53,9 @@ pub struct Config {
     pub checkpoints_kept: usize,
     /// Parallel instances of each stateful view operator (and batch query parallelism).
     pub workers: usize,
+    /// Bytes of operator state kept in memory before it spills to `data_dir/spill`
+    /// (`None`: no limit).
+    pub memory_limit: Option<usize>,
 }
 
 impl Default for Config {
@@ -67,6 +70,7 @@ impl Default for Config {
             checkpoint_interval: Some(crate::catalog::checkpoint::DEFAULT_CHECKPOINT_INTERVAL),
             checkpoints_kept: crate::catalog::checkpoint::DEFAULT_CHECKPOINTS_KEPT,
             workers: crate::catalog::default_workers(),
+            memory_limit: None,
         }
     }
 }
@@ -101,6 +105,8 @@ impl Server {
             checkpoint_interval: config.checkpoint_interval,
             checkpoints_kept: config.checkpoints_kept,
             workers: config.workers,
+            memory_limit: config.memory_limit,
+            spill_dir: Some(config.data_dir.join("spill")),
         };
         let db = Database::open_with(store, options).await?;
         if let Some(path) = &config.init {

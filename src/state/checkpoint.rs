@@ -3,12 +3,14 @@
 //!
 //! Layout under the store root, owned by [`checkpoint_dir`]:
 //! `checkpoint/<epoch>/view-<id>.state` holds one view's operator states and
-//! `checkpoint/<epoch>/MANIFEST` lists the views the checkpoint holds. A checkpoint without
+//! `checkpoint/<epoch>/MANIFEST` lists the views the checkpoint holds; spilled state's SST
+//! files live in `checkpoint/shared/<lineage>/<file>`, shared by every checkpoint that
+//! refers to them and deleted once none does. A checkpoint without
 //! its manifest is incomplete and never read. Every object has the log's framing (magic and
 //! CRC32), so a truncated or damaged one is detected. This module knows bytes, not what an
 //! operator or a view is; `catalog::checkpoint` decides what to checkpoint and when.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -18,16 +20,17 @@ use object_store::{ObjectStore, ObjectStoreExt};
 use serde::{Deserialize, Serialize};
 
 use super::log::{LogEntry, decode, encode};
+pub use super::spill::SHARED_PREFIX;
 use crate::error::{Error, Result};
 
-const STATE_MAGIC: &[u8; 8] = b"FRSHCKS1";
+const STATE_MAGIC: &[u8; 8] = b"FRSHCKS2";
 const MANIFEST_MAGIC: &[u8; 8] = b"FRSHCKM1";
 
 /// The format of operator states: a checkpoint written by another build may encode rows
 /// differently (arrow's row format is not stable across versions), so it is not restored;
 /// its views are rebuilt from their inputs instead.
 pub fn state_format() -> String {
-    format!("freshet {} state 1", env!("CARGO_PKG_VERSION"))
+    format!("freshet {} state 2", env!("CARGO_PKG_VERSION"))
 }
 
 /// The directory of checkpoint `epoch`. Zero-padded so listing order is epoch order.
@@ -65,23 +68,44 @@ pub struct ManifestView {
     /// Its operators' names in number order: states are restored only into this layout.
     pub layout: String,
     pub bytes: u64,
+    /// The shared files its states refer to (objects under [`SHARED_PREFIX`]).
+    #[serde(default)]
+    pub files: Vec<String>,
+}
+
+/// One operator's part of a view's checkpoint: its bytes, and the shared files they refer
+/// to as (name in the operator's store, object).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoredState {
+    pub bytes: Vec<u8>,
+    pub files: Vec<(String, String)>,
 }
 
 /// Stores one view's operator states (by operator number); returns the object and its size.
-/// Framing: `magic | (operator u64 | len u64 | state)* | crc32 u32`, little-endian.
+/// Framing: `magic | (operator u64 | len u64 | state | files u64 | (len u64 | name | len u64
+/// | object)*)* | crc32 u32`, little-endian.
 pub async fn write_view(
     store: &Arc<dyn ObjectStore>,
     epoch: u64,
     view: u64,
-    states: &BTreeMap<usize, Vec<u8>>,
+    states: &BTreeMap<usize, StoredState>,
 ) -> Result<(String, u64)> {
-    let size = STATE_MAGIC.len() + states.values().map(|s| 16 + s.len()).sum::<usize>() + 4;
+    let files = |s: &StoredState| s.files.iter().map(|(n, o)| 16 + n.len() + o.len()).sum::<usize>();
+    let size = STATE_MAGIC.len() + states.values().map(|s| 24 + s.bytes.len() + files(s)).sum::<usize>() + 4;
     let mut bytes = Vec::with_capacity(size);
+    let word = |bytes: &mut Vec<u8>, n: usize| bytes.extend_from_slice(&(n as u64).to_le_bytes());
     bytes.extend_from_slice(STATE_MAGIC);
     for (operator, state) in states {
-        bytes.extend_from_slice(&(*operator as u64).to_le_bytes());
-        bytes.extend_from_slice(&(state.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(state);
+        word(&mut bytes, *operator);
+        word(&mut bytes, state.bytes.len());
+        bytes.extend_from_slice(&state.bytes);
+        word(&mut bytes, state.files.len());
+        for (name, object) in &state.files {
+            for text in [name, object] {
+                word(&mut bytes, text.len());
+                bytes.extend_from_slice(text.as_bytes());
+            }
+        }
     }
     let crc = crc32fast::hash(&bytes);
     bytes.extend_from_slice(&crc.to_le_bytes());
@@ -91,7 +115,7 @@ pub async fn write_view(
 }
 
 /// Reads a view's operator states back, checking the framing and the checksum.
-pub async fn read_view(store: &Arc<dyn ObjectStore>, object: &str) -> Result<BTreeMap<usize, Vec<u8>>> {
+pub async fn read_view(store: &Arc<dyn ObjectStore>, object: &str) -> Result<BTreeMap<usize, StoredState>> {
     let bytes = store.get(&Path::from(object)).await?.bytes().await?;
     let corrupt = |reason: &str| Error::Corrupt { location: object.to_string(), reason: reason.to_string() };
     if bytes.len() < STATE_MAGIC.len() + 4 || &bytes[..STATE_MAGIC.len()] != STATE_MAGIC {
@@ -102,18 +126,71 @@ pub async fn read_view(store: &Arc<dyn ObjectStore>, object: &str) -> Result<BTr
         return Err(corrupt("checksum mismatch"));
     }
     let mut rest = &body[STATE_MAGIC.len()..];
+    let word = |rest: &mut &[u8]| -> Result<usize> {
+        let (head, tail) = rest.split_at_checked(8).ok_or_else(|| corrupt("a state is truncated"))?;
+        *rest = tail;
+        Ok(u64::from_le_bytes(head.try_into().expect("eight bytes")) as usize)
+    };
+    let take = |rest: &mut &[u8], len: usize| -> Result<Vec<u8>> {
+        let (head, tail) = rest.split_at_checked(len).ok_or_else(|| corrupt("a state is truncated"))?;
+        *rest = tail;
+        Ok(head.to_vec())
+    };
+    let text = |bytes: Vec<u8>| String::from_utf8(bytes).map_err(|_| corrupt("a file name is not UTF-8"));
     let mut states = BTreeMap::new();
     while !rest.is_empty() {
-        let word = |at: &[u8]| at.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("eight bytes")));
-        let (Some(operator), Some(len)) = (word(rest), rest.get(8..).and_then(word)) else {
-            return Err(corrupt("an operator's header is truncated"));
-        };
-        let state =
-            rest.get(16..).and_then(|r| r.get(..len as usize)).ok_or_else(|| corrupt("a state is truncated"))?;
-        states.insert(operator as usize, state.to_vec());
-        rest = &rest[16 + state.len()..];
+        let operator = word(&mut rest)?;
+        let len = word(&mut rest)?;
+        let bytes = take(&mut rest, len)?;
+        let mut files = Vec::new();
+        for _ in 0..word(&mut rest)? {
+            let len = word(&mut rest)?;
+            let name = text(take(&mut rest, len)?)?;
+            let len = word(&mut rest)?;
+            files.push((name, text(take(&mut rest, len)?)?));
+        }
+        states.insert(operator, StoredState { bytes, files });
     }
     Ok(states)
+}
+
+/// Every shared file in the store (objects under [`SHARED_PREFIX`]).
+pub async fn shared_files(store: &Arc<dyn ObjectStore>) -> Result<HashSet<String>> {
+    let objects: Vec<_> = store.list(Some(&Path::from(SHARED_PREFIX))).try_collect().await?;
+    Ok(objects.into_iter().map(|o| o.location.to_string()).collect())
+}
+
+/// Uploads a shared file from local disk.
+pub async fn upload_file(store: &Arc<dyn ObjectStore>, local: &std::path::Path, object: &str) -> Result<u64> {
+    let bytes = tokio::fs::read(local)
+        .await
+        .map_err(|e| Error::Storage(format!("reading {} to upload it: {e}", local.display())))?;
+    let size = bytes.len() as u64;
+    store.put(&Path::from(object), Bytes::from(bytes).into()).await?;
+    Ok(size)
+}
+
+/// Downloads a shared file to local disk.
+pub async fn download_file(store: &Arc<dyn ObjectStore>, object: &str, local: &std::path::Path) -> Result<u64> {
+    let bytes = store.get(&Path::from(object)).await?.bytes().await?;
+    tokio::fs::write(local, &bytes)
+        .await
+        .map_err(|e| Error::Storage(format!("writing {} from the checkpoint: {e}", local.display())))?;
+    Ok(bytes.len() as u64)
+}
+
+/// Deletes the shared files no complete checkpoint refers to any more; returns them.
+pub async fn delete_unreferenced(store: &Arc<dyn ObjectStore>) -> Result<Vec<String>> {
+    let referenced: HashSet<String> =
+        complete(store).await?.into_iter().flat_map(|m| m.views.into_iter().flat_map(|v| v.files)).collect();
+    let mut deleted = Vec::new();
+    for object in shared_files(store).await? {
+        if !referenced.contains(&object) {
+            store.delete(&Path::from(object.as_str())).await?;
+            deleted.push(object);
+        }
+    }
+    Ok(deleted)
 }
 
 /// Commits checkpoint `manifest.epoch`: written after every view object it names.

@@ -3,11 +3,13 @@
 //! Everything goes through the `object_store` crate, so the same code writes to a local
 //! directory (the default, `--data-dir`) or an S3-compatible bucket. [`log::Log`] is the
 //! write-ahead log with group commit and snapshots; [`checkpoint`] stores the operator
-//! states of views at a barrier. This module knows bytes and Arrow batches, never what a
+//! states of views at a barrier; [`spill`] keeps operator state beyond memory in a local
+//! RocksDB whose files checkpoints upload. This module knows bytes and Arrow batches, never what a
 //! table or a view is.
 
 pub mod checkpoint;
 pub mod log;
+pub mod spill;
 
 use std::path::Path;
 use std::sync::Arc;

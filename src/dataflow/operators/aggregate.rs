@@ -30,6 +30,7 @@ use crate::dataflow::operator::{Barrier, Operator, Output};
 use crate::dataflow::watermark::Derivation;
 use crate::dataflow::{ChangeBatch, FastMap, Watermark};
 use crate::error::{Error, Result};
+use crate::state::spill::{LocalState, SpillStore, StateFile};
 
 /// The aggregate functions the operator maintains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -229,6 +230,47 @@ struct Group {
     /// The row this group last emitted, to retract it when the group changes.
     emitted: Option<OwnedRow>,
     dirty: bool,
+    /// Estimated bytes it takes in memory.
+    bytes: usize,
+    /// The barrier count when it last changed, to spill the least recently used first.
+    used: u64,
+    /// Its spilled copy (if any) equals it: it need not be written again.
+    synced: bool,
+}
+
+/// Estimated bytes of a group apart from its values: the index entry, the key twice, the
+/// emitted row and the accumulators.
+fn group_bytes(key: usize, aggregates: usize) -> usize {
+    160 + 3 * key + 48 * aggregates
+}
+
+/// Estimated bytes of one value kept by min/max, count(DISTINCT), string_agg or array_agg.
+fn value_bytes(value: &[u8]) -> usize {
+    value.len() + 48
+}
+
+/// An aggregate state at least this large is checkpointed into its spill store (so later
+/// checkpoints upload only what changed) rather than written whole each time.
+const INCREMENTAL_FROM: usize = 4 << 20;
+
+/// Where the groups spill beyond memory, and what the last checkpoint of it refers to.
+struct Spill {
+    local: LocalState,
+    /// Opened when groups first spill (or when a checkpoint first goes through it).
+    store: Option<SpillStore>,
+    /// The files of the last checkpoint, handed to the runtime.
+    files: Vec<StateFile>,
+    /// Where a checkpoint's files were downloaded, before [`Operator::restore`].
+    restored_files: Option<std::path::PathBuf>,
+    warned: bool,
+}
+
+impl Drop for Spill {
+    fn drop(&mut self) {
+        self.local.pool.forget(self.local.owner);
+        self.store = None;
+        let _ = std::fs::remove_dir_all(&self.local.dir);
+    }
 }
 
 /// An argument evaluated for one batch, in the form its accumulator reads.
@@ -263,6 +305,12 @@ pub struct AggregateOperator {
     dirty: Vec<usize>,
     /// Groups keyed by event time, closed and forgotten as its watermark passes.
     event_time: Option<EventTime>,
+    /// Estimated bytes of the groups in memory.
+    memory: usize,
+    /// Barriers seen.
+    clock: u64,
+    /// Where groups spill (set by the runtime; unset in unit tests).
+    spill: Option<Spill>,
 }
 
 /// A group column that is a non-decreasing function of an input column with watermarks
@@ -312,6 +360,9 @@ impl AggregateOperator {
             free: Vec::new(),
             dirty: Vec::new(),
             event_time: None,
+            memory: 0,
+            clock: 0,
+            spill: None,
         };
         if operator.groups.is_empty() {
             // The global aggregate's one group exists from the start.
@@ -332,22 +383,179 @@ impl AggregateOperator {
     }
 
     /// Frees the groups whose event time is below `watermark`: no change can reach them.
-    fn close_groups(&mut self, watermark: i64) {
-        let Some(event_time) = &mut self.event_time else { return };
+    /// Returns their keys (spilled copies are deleted with them).
+    fn close_groups(&mut self, watermark: i64) -> Vec<Box<[u8]>> {
+        let Some(event_time) = &mut self.event_time else { return Vec::new() };
         let open = event_time.groups_by_time.split_off(&watermark);
         let closed = std::mem::replace(&mut event_time.groups_by_time, open);
-        for key in closed.into_values().flatten() {
-            if let Some(id) = self.index.remove(&key) {
-                let group = &mut self.state[id];
-                group.key = None;
-                group.emitted = None;
-                group.accumulators = Vec::new();
-                self.free.push(id);
+        let keys: Vec<Box<[u8]>> = closed.into_values().flatten().collect();
+        for key in &keys {
+            if let Some(id) = self.index.remove(key) {
+                self.forget_group(id);
             }
+        }
+        keys
+    }
+
+    /// Frees slot `id` (already out of the index).
+    fn forget_group(&mut self, id: usize) {
+        let group = &mut self.state[id];
+        group.key = None;
+        group.emitted = None;
+        group.accumulators = Vec::new();
+        self.memory = self.memory.saturating_sub(group.bytes);
+        group.bytes = 0;
+        self.free.push(id);
+    }
+
+    /// Whether groups can be written out: with GROUP BY, and only built-in accumulators.
+    fn spillable(&self) -> bool {
+        !self.groups.is_empty() && self.aggregates.iter().all(|a| a.function != AggregateFunction::DataFusion)
+    }
+
+    /// A group's state as a spilled value or in a checkpoint; false if it holds a
+    /// DataFusion accumulator.
+    fn write_group(w: &mut StateWriter, group: &Group) -> bool {
+        w.u64(group.key.is_some() as u64);
+        w.i64(group.weight);
+        match &group.emitted {
+            Some(row) => {
+                w.u64(1);
+                w.bytes(row.row().as_ref());
+            }
+            None => w.u64(0),
+        }
+        group.accumulators.iter().all(|a| a.write(w))
+    }
+
+    fn read_group(&self, r: &mut StateReader, bytes: &[u8]) -> Result<Group> {
+        let key = match r.u64()? {
+            0 => None,
+            _ => Some(self.key_converter.parser().parse(bytes).owned()),
+        };
+        let weight = r.i64()?;
+        let emitted = match r.u64()? {
+            0 => None,
+            _ => Some(self.output_converter.parser().parse(r.bytes()?).owned()),
+        };
+        let accumulators: Vec<Accumulator> =
+            (0..self.aggregates.len()).map(|_| Accumulator::read(r)).collect::<Result<_>>()?;
+        let values: usize = accumulators
+            .iter()
+            .map(|a| match a {
+                Accumulator::Extreme(values) | Accumulator::Values { values, .. } => {
+                    values.keys().map(|v| value_bytes(v)).sum()
+                }
+                _ => 0,
+            })
+            .sum();
+        let bytes = group_bytes(bytes.len(), self.aggregates.len()) + values;
+        Ok(Group { key, weight, accumulators, emitted, dirty: false, bytes, used: self.clock, synced: true })
+    }
+
+    /// Puts a group read back from the spill store into memory; returns its slot.
+    fn load_group(&mut self, key: &[u8], value: &[u8]) -> Result<usize> {
+        let mut r = StateReader::new(value, "a spilled aggregate group");
+        let group = self.read_group(&mut r, key)?;
+        r.finish()?;
+        self.memory += group.bytes;
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.state[id] = group;
+                id
+            }
+            None => {
+                self.state.push(group);
+                self.state.len() - 1
+            }
+        };
+        self.index.insert(Box::from(key), id);
+        Ok(id)
+    }
+
+    /// The spill store, opened if need be; `None` where groups cannot spill.
+    fn store(&mut self) -> Result<Option<&mut SpillStore>> {
+        if !self.spillable() {
+            return Ok(None);
+        }
+        let Some(spill) = &mut self.spill else { return Ok(None) };
+        if spill.store.is_none() {
+            tracing::info!(dir = %spill.local.dir.display(), "aggregate state spills to local disk");
+            spill.store = Some(SpillStore::create(&spill.local.dir)?);
+        }
+        Ok(spill.store.as_mut())
+    }
+
+    /// A group's spilled value, if groups have spilled and this one is among them.
+    fn spilled(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        match self.spill.as_ref().and_then(|s| s.store.as_ref()) {
+            Some(store) => store.get(key),
+            None => Ok(None),
         }
     }
 
-    fn insert_group(&mut self, bytes: Box<[u8]>, key: Option<OwnedRow>) -> Result<usize> {
+    /// Writes the groups in memory that changed since they were last written, and deletes
+    /// `deleted`, in the spill store (which must be open).
+    fn sync(&mut self, ids: &[usize], deleted: &[Box<[u8]>]) -> Result<()> {
+        let mut values = Vec::new();
+        for &id in ids {
+            let group = &mut self.state[id];
+            if group.synced || group.key.is_none() {
+                continue;
+            }
+            let mut w = StateWriter::with_capacity(group.bytes);
+            if !Self::write_group(&mut w, group) {
+                return Err(Error::Internal("a spilled group holds a DataFusion accumulator".into()));
+            }
+            group.synced = true;
+            let key = group.key.as_ref().map(|k| k.row().as_ref().to_vec()).unwrap_or_default();
+            values.push((key, w.finish()));
+        }
+        let keyed: Vec<(&[u8], Option<&[u8]>)> = values
+            .iter()
+            .map(|(key, value)| (key.as_slice(), Some(value.as_slice())))
+            .chain(deleted.iter().map(|k| (k.as_ref(), None)))
+            .collect();
+        let spill = self.spill.as_ref().and_then(|s| s.store.as_ref());
+        spill.ok_or_else(|| Error::Internal("writing groups without a spill store".into()))?.write(keyed)
+    }
+
+    /// Moves the least recently used groups to the spill store until memory is at most
+    /// `target` bytes.
+    fn evict(&mut self, target: usize) -> Result<()> {
+        if self.store()?.is_none() {
+            if let Some(spill) = &mut self.spill
+                && !spill.warned
+            {
+                spill.warned = true;
+                tracing::warn!("over the memory limit, but this aggregate's state cannot spill (DataFusion accumulators or no GROUP BY)");
+            }
+            return Ok(());
+        }
+        let mut by_use: Vec<(u64, usize)> = self.index.values().map(|&id| (self.state[id].used, id)).collect();
+        by_use.sort_unstable();
+        let mut freed = 0;
+        let over = self.memory.saturating_sub(target);
+        let victims: Vec<usize> = by_use
+            .into_iter()
+            .take_while(|(_, id)| {
+                let more = freed < over;
+                freed += self.state[*id].bytes;
+                more
+            })
+            .map(|(_, id)| id)
+            .collect();
+        self.sync(&victims, &[])?;
+        for id in victims {
+            if let Some(key) = &self.state[id].key {
+                self.index.remove(key.row().as_ref());
+            }
+            self.forget_group(id);
+        }
+        Ok(())
+    }
+
+    fn insert_group(&mut self, index_key: Box<[u8]>, key: Option<OwnedRow>) -> Result<usize> {
         let accumulators = self
             .aggregates
             .iter()
@@ -376,7 +584,10 @@ impl AggregateOperator {
                 }
             })
             .collect::<Result<Vec<_>>>()?;
-        let group = Group { key, weight: 0, accumulators, emitted: None, dirty: true };
+        let bytes = group_bytes(index_key.len(), self.aggregates.len());
+        self.memory += bytes;
+        let group =
+            Group { key, weight: 0, accumulators, emitted: None, dirty: true, bytes, used: self.clock, synced: false };
         let id = match self.free.pop() {
             Some(id) => {
                 self.state[id] = group;
@@ -387,7 +598,7 @@ impl AggregateOperator {
                 self.state.len() - 1
             }
         };
-        self.index.insert(bytes, id);
+        self.index.insert(index_key, id);
         self.dirty.push(id);
         Ok(id)
     }
@@ -732,27 +943,38 @@ impl Operator for AggregateOperator {
                     let row = rows.row(i);
                     match self.index.get(row.as_ref()) {
                         Some(&id) => id,
-                        None => {
-                            if let (Some(times), Some(event_time)) = (&key_times, &mut self.event_time)
-                                && times.is_valid(i)
-                            {
-                                event_time
-                                    .groups_by_time
-                                    .entry(times.value(i))
-                                    .or_default()
-                                    .push(Box::from(row.as_ref()));
+                        None => match self.spilled(row.as_ref())? {
+                            Some(value) => {
+                                let id = self.load_group(row.as_ref(), &value)?;
+                                self.dirty.push(id);
+                                self.state[id].dirty = true;
+                                id
                             }
-                            self.insert_group(Box::from(row.as_ref()), Some(row.owned()))?
-                        }
+                            None => {
+                                if let (Some(times), Some(event_time)) = (&key_times, &mut self.event_time)
+                                    && times.is_valid(i)
+                                {
+                                    event_time
+                                        .groups_by_time
+                                        .entry(times.value(i))
+                                        .or_default()
+                                        .push(Box::from(row.as_ref()));
+                                }
+                                self.insert_group(Box::from(row.as_ref()), Some(row.owned()))?
+                            }
+                        },
                     }
                 }
             };
             let group = &mut self.state[id];
             group.weight += w;
+            group.used = self.clock;
+            group.synced = false;
             if !group.dirty {
                 group.dirty = true;
                 self.dirty.push(id);
             }
+            let mut grown = 0isize;
             if feeds {
                 fed.entry(id).or_default().push((i as u32, w));
             }
@@ -806,12 +1028,7 @@ impl Operator for AggregateOperator {
                     }
                     (Accumulator::Values { values: set, nulls }, Argument::Rows(rows, values)) => {
                         if values.is_valid(i) {
-                            let value: Box<[u8]> = Box::from(rows.row(i).as_ref());
-                            let count = set.entry(value.clone()).or_insert(0);
-                            *count += w;
-                            if *count == 0 {
-                                set.remove(&value);
-                            }
+                            grown += count_value(set, rows.row(i).as_ref(), w);
                         } else {
                             *nulls += w;
                         }
@@ -819,17 +1036,16 @@ impl Operator for AggregateOperator {
                     (Accumulator::Extreme(set), Argument::Rows(rows, values)) => {
                         // NULLs never win min/max.
                         if values.is_valid(i) {
-                            let value: Box<[u8]> = Box::from(rows.row(i).as_ref());
-                            let count = set.entry(value.clone()).or_insert(0);
-                            *count += w;
-                            if *count == 0 {
-                                set.remove(&value);
-                            }
+                            grown += count_value(set, rows.row(i).as_ref(), w);
                         }
                     }
                     (Accumulator::DataFusion(_), Argument::Columns(_)) => {}
                     _ => return Err(Error::Internal("aggregate state does not match its argument".into())),
                 }
+            }
+            if grown != 0 {
+                group.bytes = group.bytes.saturating_add_signed(grown);
+                self.memory = self.memory.saturating_add_signed(grown);
             }
         }
         for (id, rows) in fed {
@@ -865,8 +1081,16 @@ impl Operator for AggregateOperator {
     /// Every live group: its key, weight, accumulators and emitted row; with event time,
     /// the open groups by time and watermarks not yet applied. DataFusion's own
     /// accumulators cannot be written: such an operator cannot be checkpointed (`None`).
+    ///
+    /// Once groups have spilled, or the state is large, the groups go into the spill
+    /// store instead, and the state lists its files: only files no earlier checkpoint
+    /// uploaded are uploaded, so the bytes follow what changed.
     fn checkpoint(&mut self) -> Result<Option<Vec<u8>>> {
-        let mut w = StateWriter::with_capacity(self.index.len() * 128);
+        let spilled = self.spill.as_ref().is_some_and(|s| s.store.is_some());
+        let through_store =
+            self.spill.is_some() && self.spillable() && (spilled || self.memory >= INCREMENTAL_FROM);
+        let mut w = StateWriter::with_capacity(if through_store { 4096 } else { self.memory });
+        w.u64(through_store as u64);
         if let Some(event_time) = &self.event_time {
             w.u64(event_time.groups_by_time.len() as u64);
             for (time, keys) in &event_time.groups_by_time {
@@ -880,30 +1104,53 @@ impl Operator for AggregateOperator {
                 w.i64(*value);
             }
         }
+        if through_store {
+            self.store()?;
+            let ids: Vec<usize> = self.index.values().copied().collect();
+            self.sync(&ids, &[])?;
+            let spill = self.spill.as_mut().ok_or_else(|| Error::Internal("spill store vanished".into()))?;
+            let store = spill.store.as_mut().ok_or_else(|| Error::Internal("spill store vanished".into()))?;
+            let (small, files) = store.checkpoint()?;
+            w.u64(small.len() as u64);
+            for (name, bytes) in &small {
+                w.bytes(name.as_bytes());
+                w.bytes(bytes);
+            }
+            w.u64(files.len() as u64);
+            for file in &files {
+                w.bytes(file.name.as_bytes());
+                w.bytes(file.object.as_bytes());
+            }
+            spill.files = files;
+            return Ok(Some(w.finish()));
+        }
         w.u64(self.index.len() as u64);
         for (bytes, &id) in &self.index {
-            let group = &self.state[id];
             w.bytes(bytes);
-            w.u64(group.key.is_some() as u64);
-            w.i64(group.weight);
-            match &group.emitted {
-                Some(row) => {
-                    w.u64(1);
-                    w.bytes(row.row().as_ref());
-                }
-                None => w.u64(0),
-            }
-            for accumulator in &group.accumulators {
-                if !accumulator.write(&mut w) {
-                    return Ok(None);
-                }
+            if !Self::write_group(&mut w, &self.state[id]) {
+                return Ok(None);
             }
         }
         Ok(Some(w.finish()))
     }
 
+    fn checkpoint_files(&mut self) -> Vec<StateFile> {
+        self.spill.as_mut().map(|s| std::mem::take(&mut s.files)).unwrap_or_default()
+    }
+
+    fn set_local_state(&mut self, local: LocalState) {
+        self.spill = Some(Spill { local, store: None, files: Vec::new(), restored_files: None, warned: false });
+    }
+
+    fn restore_files(&mut self, dir: std::path::PathBuf) -> Result<()> {
+        let spill = self.spill.as_mut().ok_or_else(|| Error::Internal("restoring files without a local directory".into()))?;
+        spill.restored_files = Some(dir);
+        Ok(())
+    }
+
     fn restore(&mut self, state: &[u8]) -> Result<()> {
         let mut r = StateReader::new(state, "an aggregate");
+        let through_store = r.u64()? != 0;
         if let Some(event_time) = &mut self.event_time {
             event_time.groups_by_time.clear();
             for _ in 0..r.len(16)? {
@@ -921,20 +1168,45 @@ impl Operator for AggregateOperator {
         self.state.clear();
         self.free.clear();
         self.dirty.clear();
+        self.memory = 0;
+        if through_store {
+            let text = |bytes: &[u8]| {
+                String::from_utf8(bytes.to_vec()).map_err(|_| Error::Corrupt {
+                    location: "checkpointed state of an aggregate".into(),
+                    reason: "a file name is not UTF-8".into(),
+                })
+            };
+            let mut small = Vec::new();
+            for _ in 0..r.len(16)? {
+                small.push((text(r.bytes()?)?, r.bytes()?.to_vec()));
+            }
+            let mut shared = std::collections::HashMap::new();
+            for _ in 0..r.len(16)? {
+                shared.insert(text(r.bytes()?)?, text(r.bytes()?)?);
+            }
+            r.finish()?;
+            let spill = self
+                .spill
+                .as_mut()
+                .ok_or_else(|| Error::Internal("restoring spilled state without a local directory".into()))?;
+            let downloaded = match spill.restored_files.take() {
+                Some(dir) => dir,
+                None => {
+                    let dir = spill.local.dir.join("download");
+                    std::fs::create_dir_all(&dir)
+                        .map_err(|e| Error::Storage(format!("creating {}: {e}", dir.display())))?;
+                    dir
+                }
+            };
+            spill.store = Some(SpillStore::restore(&spill.local.dir, &downloaded, &small, shared)?);
+            return Ok(());
+        }
         let groups = r.len(33)?;
         for id in 0..groups {
             let bytes: Box<[u8]> = Box::from(r.bytes()?);
-            let key = match r.u64()? {
-                0 => None,
-                _ => Some(self.key_converter.parser().parse(&bytes).owned()),
-            };
-            let weight = r.i64()?;
-            let emitted = match r.u64()? {
-                0 => None,
-                _ => Some(self.output_converter.parser().parse(r.bytes()?).owned()),
-            };
-            let accumulators = (0..self.aggregates.len()).map(|_| Accumulator::read(&mut r)).collect::<Result<_>>()?;
-            self.state.push(Group { key, weight, accumulators, emitted, dirty: false });
+            let group = self.read_group(&mut r, &bytes)?;
+            self.memory += group.bytes;
+            self.state.push(group);
             self.index.insert(bytes, id);
         }
         r.finish()
@@ -943,6 +1215,7 @@ impl Operator for AggregateOperator {
     async fn on_barrier(&mut self, _barrier: &Barrier, out: &mut Output) -> Result<()> {
         let dirty = std::mem::take(&mut self.dirty);
         let global = self.groups.is_empty();
+        let mut deleted = Vec::new();
         let mut retracted = Vec::new();
         let mut current = Vec::new();
         for &id in &dirty {
@@ -959,10 +1232,11 @@ impl Operator for AggregateOperator {
             } else {
                 // Empty: its retraction is queued; forget the group.
                 if let Some(key) = group.key.take() {
-                    self.index.remove(key.row().as_ref());
+                    let key = key.row().as_ref().to_vec().into_boxed_slice();
+                    self.index.remove(&key);
+                    deleted.push(key);
                 }
-                group.accumulators = Vec::new();
-                self.free.push(id);
+                self.forget_group(id);
             }
         }
         let inserted = self.output_rows(&current)?;
@@ -985,10 +1259,26 @@ impl Operator for AggregateOperator {
         if let Some(event_time) = &mut self.event_time {
             let pending = std::mem::take(&mut event_time.pending);
             if let Some(&watermark) = pending.get(&event_time.group) {
-                self.close_groups(watermark);
+                deleted.extend(self.close_groups(watermark));
             }
             for (column, value) in pending {
                 out.watermark(Watermark { column, value });
+            }
+        }
+        self.clock += 1;
+        let Some(spill) = &self.spill else { return Ok(()) };
+        let spilled = match &spill.store {
+            Some(store) => {
+                store.write(deleted.iter().map(|k| (k.as_ref(), None)))?;
+                store.size()
+            }
+            None => 0,
+        };
+        if let Some(target) = spill.local.pool.report(spill.local.owner, self.memory, spilled) {
+            self.evict(target)?;
+            if let Some(spill) = &self.spill {
+                let spilled = spill.store.as_ref().map_or(0, |s| s.size());
+                spill.local.pool.report(spill.local.owner, self.memory, spilled);
             }
         }
         Ok(())
@@ -1007,6 +1297,25 @@ impl Operator for AggregateOperator {
     }
 }
 
+/// Adds `weight` to `value`'s count in `set`; returns the estimated bytes that added (a
+/// new value) or freed (a value whose count reached zero).
+fn count_value(set: &mut BTreeMap<Box<[u8]>, i64>, value: &[u8], weight: i64) -> isize {
+    match set.get_mut(value) {
+        Some(count) => {
+            *count += weight;
+            if *count == 0 {
+                set.remove(value);
+                return -(value_bytes(value) as isize);
+            }
+            0
+        }
+        None => {
+            set.insert(Box::from(value), weight);
+            value_bytes(value) as isize
+        }
+    }
+}
+
 /// A group column's values as integers (event times in their unit).
 fn event_times(column: &ArrayRef) -> Result<Int64Array> {
     let ints = cast(column, &DataType::Int64)?;
@@ -1019,6 +1328,7 @@ mod tests {
     use datafusion::physical_expr::expressions::Column;
 
     use super::*;
+    use crate::state::spill::MemoryPool;
 
     #[tokio::test]
     async fn emptied_groups_free_their_state() {
@@ -1054,4 +1364,112 @@ mod tests {
         }
         assert_eq!(net, 0);
     }
+    /// Net output rows (as text) and their weights.
+    fn net(messages: Vec<crate::dataflow::Message>, into: &mut BTreeMap<String, i64>) {
+        use datafusion::arrow::util::display::array_value_to_string;
+        for message in messages {
+            let crate::dataflow::Message::Data(change) = message else { continue };
+            let batch = change.batch();
+            for row in 0..batch.num_rows() {
+                let text: Vec<String> = batch
+                    .columns()
+                    .iter()
+                    .map(|c| array_value_to_string(c, row).expect("displayable"))
+                    .collect();
+                let weight = into.entry(text.join("|")).or_insert(0);
+                *weight += change.weights().value(row);
+                if *weight == 0 {
+                    into.remove(&text.join("|"));
+                }
+            }
+        }
+    }
+
+    fn spilling_operator() -> AggregateOperator {
+        let output = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, true),
+            Field::new("n", DataType::Int64, true),
+            Field::new("low", DataType::Int64, true),
+            Field::new("kinds", DataType::Int64, true),
+            Field::new("total", DataType::Int64, true),
+        ]));
+        let key: Arc<dyn PhysicalExpr> = Arc::new(Column::new("k", 0));
+        let value: Arc<dyn PhysicalExpr> = Arc::new(Column::new("v", 1));
+        let mut kinds = AggregateSpec::new(AggregateFunction::CountDistinct, Some(value.clone()), DataType::Int64);
+        kinds.argument_type = Some(DataType::Int64);
+        let aggregates = vec![
+            AggregateSpec::new(AggregateFunction::CountRows, None, DataType::Int64),
+            AggregateSpec::new(AggregateFunction::Min, Some(value.clone()), DataType::Int64),
+            kinds,
+            AggregateSpec::new(AggregateFunction::Sum, Some(value), DataType::Int64),
+        ];
+        AggregateOperator::new(vec![key], vec![DataType::Int64], aggregates, output).expect("operator")
+    }
+
+    /// The oracle for spilling: an operator over a pool far too small for its groups, and
+    /// one restored from its checkpoint's files midway, emit exactly what an operator
+    /// that keeps everything in memory emits.
+    #[tokio::test]
+    async fn spilled_and_restored_groups_give_the_same_answer_as_groups_in_memory() {
+        use rand::{Rng, SeedableRng};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let input = Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, false), Field::new("v", DataType::Int64, false)]));
+        let pool = MemoryPool::new(Some(64 << 10));
+        let local = |name: &str, n: usize| LocalState { dir: dir.path().join(name), pool: pool.clone(), owner: (n as u64, 0) };
+        let mut memory = spilling_operator();
+        let mut spilling = spilling_operator();
+        spilling.set_local_state(local("a", 1));
+        let (mut expected, mut got) = (BTreeMap::new(), BTreeMap::new());
+        let mut live: Vec<(i64, i64)> = Vec::new();
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+        for round in 0..30 {
+            // Inserts over 3000 keys, and retractions of rows inserted before.
+            let mut rows: Vec<(i64, i64, i64)> = (0..400).map(|_| (rng.gen_range(0..3000), rng.gen_range(0..50), 1)).collect();
+            for _ in 0..100 {
+                if !live.is_empty() {
+                    let (k, v) = live.swap_remove(rng.gen_range(0..live.len()));
+                    rows.push((k, v, -1));
+                }
+            }
+            live.extend(rows.iter().filter(|r| r.2 == 1).map(|r| (r.0, r.1)));
+            let batch = RecordBatch::try_new(
+                input.clone(),
+                vec![
+                    Arc::new(Int64Array::from(rows.iter().map(|r| r.0).collect::<Vec<_>>())),
+                    Arc::new(Int64Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>())),
+                ],
+            )
+            .expect("batch");
+            let weights = Int64Array::from(rows.iter().map(|r| r.2).collect::<Vec<_>>());
+            let change = ChangeBatch::try_new(batch, weights).expect("change");
+            let barrier = Barrier { epoch: round, checkpoint: false, mutation: None };
+            for (operator, into) in [(&mut memory, &mut expected), (&mut spilling, &mut got)] {
+                let mut out = Output::default();
+                operator.process(0, change.clone(), &mut out).await.expect("process");
+                operator.on_barrier(&barrier, &mut out).await.expect("barrier");
+                net(out.take_messages(), into);
+            }
+            assert_eq!(got, expected, "round {round}");
+            if round == 15 {
+                // Checkpoint, "download" its files, and go on with a restored operator.
+                let state = spilling.checkpoint().expect("checkpoint").expect("checkpointable");
+                let files = spilling.checkpoint_files();
+                assert!(!files.is_empty(), "the groups went through the spill store");
+                let downloaded = dir.path().join("download");
+                std::fs::create_dir_all(&downloaded).expect("mkdir");
+                for file in &files {
+                    std::fs::copy(&file.local, downloaded.join(&file.name)).expect("copy");
+                }
+                drop(spilling);
+                spilling = spilling_operator();
+                spilling.set_local_state(local("b", 2));
+                spilling.restore_files(downloaded).expect("files");
+                spilling.restore(&state).expect("restore");
+            }
+        }
+        assert!(spilling.memory <= 64 << 10, "memory stays near the pool's limit: {}", spilling.memory);
+        assert!(spilling.index.len() < 3000 / 2, "most groups are spilled: {} in memory", spilling.index.len());
+        assert!(!expected.is_empty());
+    }
 }
+

@@ -1,0 +1,315 @@
+//! Operator state beyond memory: a local RocksDB per operator, the memory pool that says
+//! when to spill into it, and the files a checkpoint of it uploads.
+//!
+//! An operator keeps its hot state in memory, as Rust maps, and moves cold entries into
+//! its [`SpillStore`] when the [`MemoryPool`] is over `--memory-limit`. The store is local
+//! scratch: nothing in it is trusted after a restart until a checkpoint has put it back.
+//! A checkpoint of a store flushes it and lists its SST files: files already uploaded by
+//! an earlier checkpoint are only referenced again, so the bytes a checkpoint uploads
+//! follow what changed, not the size of the state. [`StateFile`] names each file by an
+//! object path that never changes its content, which is what lets checkpoints share them.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rocksdb::{BlockBasedOptions, DB, DBCompressionType, Options, WriteBatch, WriteOptions};
+
+use crate::error::{Error, Result};
+
+/// The object-store folder holding SST files shared by checkpoints.
+pub const SHARED_PREFIX: &str = "checkpoint/shared";
+
+/// A file a checkpoint refers to: uploaded to `object` unless an earlier checkpoint did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateFile {
+    /// Where it lives (or will live) in the object store, under [`SHARED_PREFIX`].
+    pub object: String,
+    /// Its name in the store's directory.
+    pub name: String,
+    /// A hard link to it taken at the checkpoint, which compaction cannot delete.
+    pub local: PathBuf,
+}
+
+/// Memory used by operator states, against one limit for the whole server.
+#[derive(Debug)]
+pub struct MemoryPool {
+    limit: Option<usize>,
+    used: AtomicUsize,
+    /// By (view, operator): bytes in memory and bytes spilled, for `freshet_catalog.views`.
+    usage: Mutex<HashMap<(u64, usize), (usize, u64)>>,
+}
+
+impl MemoryPool {
+    /// A pool of `limit` bytes (`None`: no limit, nothing spills).
+    pub fn new(limit: Option<usize>) -> Arc<MemoryPool> {
+        Arc::new(MemoryPool { limit, used: AtomicUsize::new(0), usage: Mutex::default() })
+    }
+
+    pub fn limit(&self) -> Option<usize> {
+        self.limit
+    }
+
+    /// Records what operator `(view, operator)` holds now. Returns the bytes it should
+    /// shrink its memory to when the pool is over its limit: every operator gives up the
+    /// same share of what it holds, and a little more, so spills are not every barrier.
+    pub fn report(&self, owner: (u64, usize), memory: usize, spilled: u64) -> Option<usize> {
+        let mut usage = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        let before = usage.insert(owner, (memory, spilled)).map_or(0, |(m, _)| m);
+        let used = if memory >= before {
+            self.used.fetch_add(memory - before, Ordering::Relaxed) + (memory - before)
+        } else {
+            self.used.fetch_sub(before - memory, Ordering::Relaxed) - (before - memory)
+        };
+        let limit = self.limit?;
+        (used > limit).then(|| (memory as f64 * limit as f64 / used as f64 * 0.7) as usize)
+    }
+
+    /// Operator `owner` is gone.
+    pub fn forget(&self, owner: (u64, usize)) {
+        let mut usage = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((memory, _)) = usage.remove(&owner) {
+            self.used.fetch_sub(memory, Ordering::Relaxed);
+        }
+    }
+
+    /// Bytes in memory and spilled, summed over the operators of `view`.
+    pub fn view_usage(&self, view: u64) -> (u64, u64) {
+        let usage = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        usage
+            .iter()
+            .filter(|((v, _), _)| *v == view)
+            .fold((0, 0), |(m, s), (_, (memory, spilled))| (m + *memory as u64, s + spilled))
+    }
+
+    /// Bytes in memory over every operator.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+/// Where one operator may keep state on local disk, and the pool it counts against.
+#[derive(Debug, Clone)]
+pub struct LocalState {
+    /// A directory of its own (created when first used).
+    pub dir: PathBuf,
+    pub pool: Arc<MemoryPool>,
+    /// (view id, operator number), the operator's name in the pool.
+    pub owner: (u64, usize),
+}
+
+/// Makes each store's object names unique: a store restored from a checkpoint keeps
+/// numbering files where the checkpointed one stopped, and so might a run that crashed
+/// before its checkpoint was committed.
+fn lineage() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("{nanos:x}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// An operator's spilled entries: a local RocksDB without a write-ahead log (the
+/// checkpoints are what survives a crash).
+pub struct SpillStore {
+    db: DB,
+    dir: PathBuf,
+    lineage: String,
+    /// Files the store was restored from, by name, and their objects.
+    inherited: HashMap<String, String>,
+    checkpoints: u64,
+}
+
+impl SpillStore {
+    /// An empty store in `dir/db` (whatever was there is removed).
+    pub fn create(dir: &Path) -> Result<SpillStore> {
+        let db_dir = dir.join("db");
+        if db_dir.exists() {
+            std::fs::remove_dir_all(&db_dir).map_err(|e| io_error(&db_dir, e))?;
+        }
+        std::fs::create_dir_all(&db_dir).map_err(|e| io_error(&db_dir, e))?;
+        Self::open(dir, HashMap::new())
+    }
+
+    /// A store from a checkpoint's files, downloaded into `files` (whose directory is
+    /// moved under `dir`): `small` are the files written whole into the checkpoint, and
+    /// `shared` maps the downloaded SST names to their objects.
+    pub fn restore(dir: &Path, files: &Path, small: &[(String, Vec<u8>)], shared: HashMap<String, String>) -> Result<SpillStore> {
+        let db_dir = dir.join("db");
+        if db_dir.exists() {
+            std::fs::remove_dir_all(&db_dir).map_err(|e| io_error(&db_dir, e))?;
+        }
+        std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
+        std::fs::rename(files, &db_dir).map_err(|e| io_error(files, e))?;
+        for (name, bytes) in small {
+            if name.contains('/') || name.contains("..") {
+                return Err(Error::Corrupt { location: "a spilled state".into(), reason: format!("bad file name {name}") });
+            }
+            std::fs::write(db_dir.join(name), bytes).map_err(|e| io_error(&db_dir, e))?;
+        }
+        for name in shared.keys() {
+            if !db_dir.join(name).is_file() {
+                return Err(Error::Corrupt {
+                    location: db_dir.display().to_string(),
+                    reason: format!("the checkpoint's file {name} was not downloaded"),
+                });
+            }
+        }
+        Self::open(dir, shared)
+    }
+
+    fn open(dir: &Path, inherited: HashMap<String, String>) -> Result<SpillStore> {
+        let db_dir = dir.join("db");
+        let mut options = Options::default();
+        options.create_if_missing(true);
+        options.set_compression_type(DBCompressionType::Lz4);
+        // Small memtables: what is spilled is what memory could not hold.
+        options.set_write_buffer_size(8 << 20);
+        options.set_max_background_jobs(1);
+        // Few compactions: each L0→L1 compaction rewrites most of the state, and every
+        // rewritten file is uploaded again by the next checkpoint. Sixteen flushes between
+        // them keep checkpoints mostly to what changed; bloom filters keep reads cheap.
+        options.set_level_zero_file_num_compaction_trigger(16);
+        options.set_level_zero_slowdown_writes_trigger(40);
+        options.set_level_zero_stop_writes_trigger(60);
+        options.set_keep_log_file_num(2);
+        options.set_max_log_file_size(1 << 20);
+        let mut table = BlockBasedOptions::default();
+        // Most lookups are for keys never spilled: a bloom filter answers them from memory.
+        table.set_bloom_filter(10.0, false);
+        options.set_block_based_table_factory(&table);
+        let db = DB::open(&options, &db_dir).map_err(|e| rocks_error(&db_dir, e))?;
+        Ok(SpillStore { db, dir: dir.to_path_buf(), lineage: lineage(), inherited, checkpoints: 0 })
+    }
+
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.db.get(key).map_err(|e| rocks_error(&self.dir, e))
+    }
+
+    /// Writes `Some` values and deletes `None` ones, all at once.
+    pub fn write<'a>(&self, entries: impl IntoIterator<Item = (&'a [u8], Option<&'a [u8]>)>) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        for (key, value) in entries {
+            match value {
+                Some(value) => batch.put(key, value),
+                None => batch.delete(key),
+            }
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut options = WriteOptions::default();
+        options.disable_wal(true);
+        self.db.write_opt(batch, &options).map_err(|e| rocks_error(&self.dir, e))
+    }
+
+    /// Every entry, in key order.
+    pub fn entries(&self) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>)>> + '_ {
+        self.db.iterator(rocksdb::IteratorMode::Start).map(|item| item.map_err(|e| rocks_error(&self.dir, e)))
+    }
+
+    /// Bytes on disk (SST files and memtables).
+    pub fn size(&self) -> u64 {
+        let property = |name: &str| self.db.property_int_value(name).ok().flatten().unwrap_or(0);
+        property("rocksdb.total-sst-files-size") + property("rocksdb.cur-size-all-mem-tables")
+    }
+
+    /// Flushes the store and takes a consistent copy of it: the small files (the
+    /// RocksDB manifest, CURRENT, OPTIONS) whole, and the SST files as [`StateFile`]s,
+    /// hard links that stay until the next checkpoint of this store.
+    pub fn checkpoint(&mut self) -> Result<(Vec<(String, Vec<u8>)>, Vec<StateFile>)> {
+        // The copy of the previous checkpoint has been uploaded by now (one checkpoint
+        // is written at a time) or its checkpoint failed.
+        let previous = self.dir.join(format!("checkpoint-{}", self.checkpoints));
+        if previous.exists() {
+            std::fs::remove_dir_all(&previous).map_err(|e| io_error(&previous, e))?;
+        }
+        self.checkpoints += 1;
+        let target = self.dir.join(format!("checkpoint-{}", self.checkpoints));
+        self.db.flush().map_err(|e| rocks_error(&self.dir, e))?;
+        rocksdb::checkpoint::Checkpoint::new(&self.db)
+            .and_then(|c| c.create_checkpoint(&target))
+            .map_err(|e| rocks_error(&target, e))?;
+        let mut small = Vec::new();
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(&target).map_err(|e| io_error(&target, e))? {
+            let entry = entry.map_err(|e| io_error(&target, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let local = entry.path();
+            if name.ends_with(".sst") {
+                let object = self
+                    .inherited
+                    .get(&name)
+                    .cloned()
+                    .unwrap_or_else(|| format!("{SHARED_PREFIX}/{}/{name}", self.lineage));
+                files.push(StateFile { object, name, local });
+            } else if ["MANIFEST-", "CURRENT", "OPTIONS-"].iter().any(|p| name.starts_with(p)) {
+                small.push((name, std::fs::read(&local).map_err(|e| io_error(&local, e))?));
+            }
+        }
+        small.sort();
+        files.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok((small, files))
+    }
+}
+
+fn rocks_error(path: &Path, e: rocksdb::Error) -> Error {
+    Error::Storage(format!("spilled state in {}: {e}", path.display()))
+}
+
+fn io_error(path: &Path, e: std::io::Error) -> Error {
+    Error::Storage(format!("spilled state in {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_restored_store_holds_what_was_checkpointed_and_names_only_new_files_anew() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = SpillStore::create(&dir.path().join("a")).expect("create");
+        store.write([(&b"k1"[..], Some(&b"v1"[..])), (&b"k2"[..], Some(&b"v2"[..]))]).expect("write");
+        let (small, first) = store.checkpoint().expect("checkpoint");
+        assert_eq!(first.len(), 1, "one flush, one SST file");
+        store.write([(&b"k2"[..], None), (&b"k3"[..], Some(&b"v3"[..]))]).expect("write");
+        let (small2, second) = store.checkpoint().expect("checkpoint");
+        assert_eq!(second.len(), 2);
+        assert!(second.contains(&StateFile { local: second[0].local.clone(), ..first[0].clone() }));
+        assert!(!small.is_empty() && !small2.is_empty());
+
+        // Download: copy the SSTs into a directory, as a restore from the object store does.
+        let downloaded = dir.path().join("download");
+        std::fs::create_dir_all(&downloaded).expect("mkdir");
+        let mut shared = HashMap::new();
+        for file in &second {
+            std::fs::copy(&file.local, downloaded.join(&file.name)).expect("copy");
+            shared.insert(file.name.clone(), file.object.clone());
+        }
+        let mut restored = SpillStore::restore(&dir.path().join("b"), &downloaded, &small2, shared).expect("restore");
+        let entries: Vec<_> = restored.entries().map(|e| e.expect("entry")).collect();
+        assert_eq!(
+            entries,
+            vec![(Box::from(&b"k1"[..]), Box::from(&b"v1"[..])), (Box::from(&b"k3"[..]), Box::from(&b"v3"[..]))]
+        );
+        restored.write([(&b"k4"[..], Some(&b"v4"[..]))]).expect("write");
+        let (_, third) = restored.checkpoint().expect("checkpoint");
+        let objects: Vec<_> = third.iter().map(|f| f.object.clone()).collect();
+        for file in &second {
+            assert!(objects.contains(&file.object), "an inherited file keeps its object");
+        }
+        let new: Vec<_> = third.iter().filter(|f| !second.iter().any(|s| s.object == f.object)).collect();
+        assert_eq!(new.len(), 1);
+        assert!(!second.iter().any(|s| s.object == new[0].object), "a new file never reuses an object name");
+    }
+
+    #[test]
+    fn the_pool_asks_operators_over_the_limit_to_shrink_by_their_share() {
+        let pool = MemoryPool::new(Some(1000));
+        assert_eq!(pool.report((1, 0), 600, 0), None);
+        let target = pool.report((2, 0), 900, 0).expect("over the limit");
+        assert!(target < 900 * 1000 / 1500, "shrinks below its share: {target}");
+        pool.forget((2, 0));
+        assert_eq!(pool.used(), 600);
+        assert_eq!(pool.view_usage(1), (600, 0));
+    }
+}
