@@ -11,7 +11,7 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 const LIMIT_MB: i64 = 2;
 
 const VIEW: &str = "SELECT g, count(*) AS n, count(DISTINCT v) AS kinds, min(v) AS low, max(v) AS high,
-                           sum(v) AS total, string_agg(v::text, ',') AS listed
+                           sum(v) AS total, string_agg(v::text, ',' ORDER BY v::text) AS listed
                     FROM t GROUP BY g";
 
 async fn rows(client: &Client, sql: &str) -> Vec<String> {

@@ -272,10 +272,23 @@ impl EpochSink for ViewSink {
         Ok(Some(checkpoint::rows_to_bytes(&version.def.schema, &version.batches()?)?))
     }
 
+    fn restore(&mut self, state: &[u8]) -> Result<()> {
+        let rows = checkpoint::rows_from_bytes(state, &format!("materialized view \"{}\"", self.name))?;
+        self.restore_rows(rows)
+    }
+
+    fn rows(&self) -> Result<Option<Vec<RecordBatch>>> {
+        Ok(Some(self.state.version().batches()?))
+    }
+
+    fn memory_bytes(&self) -> usize {
+        self.state.version().memory_bytes()
+    }
+
     /// The view's rows come back and are published at once, so views that read this one
     /// start from them.
-    fn restore(&mut self, state: &[u8]) -> Result<()> {
-        for batch in checkpoint::rows_from_bytes(state, &format!("materialized view \"{}\"", self.name))? {
+    fn restore_rows(&mut self, rows: Vec<RecordBatch>) -> Result<()> {
+        for batch in rows {
             self.state.apply(&ChangeBatch::inserts(batch))?;
         }
         let _subscribers = self.subscribers.lock();

@@ -43,6 +43,44 @@ pub struct Checkpointing {
     pub report: StateReport,
 }
 
+/// Writes what a [`crate::state::spill::SpillStore`] checkpoint consists of: its small
+/// files whole, and its shared files as (name, object).
+pub fn write_store_files(w: &mut StateWriter, small: &[(String, Vec<u8>)], files: &[crate::state::spill::StateFile]) {
+    w.u64(small.len() as u64);
+    for (name, bytes) in small {
+        w.bytes(name.as_bytes());
+        w.bytes(bytes);
+    }
+    w.u64(files.len() as u64);
+    for file in files {
+        w.bytes(file.name.as_bytes());
+        w.bytes(file.object.as_bytes());
+    }
+}
+
+/// Small files and shared files' (name → object) as [`write_store_files`] wrote them.
+pub type StoreFiles = (Vec<(String, Vec<u8>)>, std::collections::HashMap<String, String>);
+
+/// Reads what [`write_store_files`] wrote.
+pub fn read_store_files(r: &mut StateReader) -> Result<StoreFiles> {
+    let what = r.what;
+    let text = |bytes: &[u8]| {
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| Error::Corrupt { location: what.to_string(), reason: "a file name is not UTF-8".into() })
+    };
+    let mut small = Vec::new();
+    for _ in 0..r.len(16)? {
+        let name = text(r.bytes()?)?;
+        small.push((name, r.bytes()?.to_vec()));
+    }
+    let mut shared = std::collections::HashMap::new();
+    for _ in 0..r.len(16)? {
+        let name = text(r.bytes()?)?;
+        shared.insert(name, text(r.bytes()?)?);
+    }
+    Ok((small, shared))
+}
+
 /// Appends integers and byte strings to a state.
 #[derive(Default)]
 pub struct StateWriter {

@@ -25,7 +25,7 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{OwnedRow, RowConverter, Rows, SortField};
 use datafusion::physical_plan::PhysicalExpr;
 
-use crate::dataflow::checkpoint::{StateReader, StateWriter};
+use crate::dataflow::checkpoint::{StateReader, StateWriter, read_store_files, write_store_files};
 use crate::dataflow::operator::{Barrier, Operator, Output};
 use crate::dataflow::watermark::Derivation;
 use crate::dataflow::{ChangeBatch, FastMap, Watermark};
@@ -1111,16 +1111,7 @@ impl Operator for AggregateOperator {
             let spill = self.spill.as_mut().ok_or_else(|| Error::Internal("spill store vanished".into()))?;
             let store = spill.store.as_mut().ok_or_else(|| Error::Internal("spill store vanished".into()))?;
             let (small, files) = store.checkpoint()?;
-            w.u64(small.len() as u64);
-            for (name, bytes) in &small {
-                w.bytes(name.as_bytes());
-                w.bytes(bytes);
-            }
-            w.u64(files.len() as u64);
-            for file in &files {
-                w.bytes(file.name.as_bytes());
-                w.bytes(file.object.as_bytes());
-            }
+            write_store_files(&mut w, &small, &files);
             spill.files = files;
             return Ok(Some(w.finish()));
         }
@@ -1170,20 +1161,7 @@ impl Operator for AggregateOperator {
         self.dirty.clear();
         self.memory = 0;
         if through_store {
-            let text = |bytes: &[u8]| {
-                String::from_utf8(bytes.to_vec()).map_err(|_| Error::Corrupt {
-                    location: "checkpointed state of an aggregate".into(),
-                    reason: "a file name is not UTF-8".into(),
-                })
-            };
-            let mut small = Vec::new();
-            for _ in 0..r.len(16)? {
-                small.push((text(r.bytes()?)?, r.bytes()?.to_vec()));
-            }
-            let mut shared = std::collections::HashMap::new();
-            for _ in 0..r.len(16)? {
-                shared.insert(text(r.bytes()?)?, text(r.bytes()?)?);
-            }
+            let (small, shared) = read_store_files(&mut r)?;
             r.finish()?;
             let spill = self
                 .spill

@@ -7,9 +7,14 @@ use datafusion::arrow::array::Int64Array;
 use datafusion::arrow::compute::concat_batches;
 use datafusion::arrow::datatypes::SchemaRef;
 
-use crate::dataflow::ChangeBatch;
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::arrow::row::{RowConverter, SortField};
+
+use crate::dataflow::checkpoint::{StateReader, StateWriter, read_store_files, write_store_files};
 use crate::dataflow::operator::{Barrier, Operator, Output};
+use crate::dataflow::{ChangeBatch, FastMap};
 use crate::error::Result;
+use crate::state::spill::{LocalState, SpillStore, StateFile};
 
 /// Receives each epoch's net change to a view.
 pub trait EpochSink: Send {
@@ -25,6 +30,46 @@ pub trait EpochSink: Send {
     fn restore(&mut self, _state: &[u8]) -> Result<()> {
         Err(crate::error::Error::Internal("this sink keeps no checkpointed rows".into()))
     }
+
+    /// The view's rows as of the last commit (`None`: not kept).
+    fn rows(&self) -> Result<Option<Vec<RecordBatch>>> {
+        Ok(None)
+    }
+
+    /// Bytes the view's rows take in memory.
+    fn memory_bytes(&self) -> usize {
+        0
+    }
+
+    /// Loads rows, before the first commit.
+    fn restore_rows(&mut self, _rows: Vec<RecordBatch>) -> Result<()> {
+        Err(crate::error::Error::Internal("this sink keeps no checkpointed rows".into()))
+    }
+}
+
+/// Rows at least this large are checkpointed into a local store of row counts, so later
+/// checkpoints upload only the files holding what changed.
+const INCREMENTAL_FROM: usize = 4 << 20;
+/// Changes waiting for the next checkpoint beyond this many rows (checkpoints failing or
+/// stopped) are dropped, and the next checkpoint writes the rows whole again.
+const PENDING_MAX: usize = 4_000_000;
+
+/// The view's rows kept as (encoded row → count) in a [`SpillStore`] for incremental
+/// checkpoints, with the changes committed since the last one.
+struct RowStore {
+    local: LocalState,
+    store: Option<SpillStore>,
+    pending: Vec<ChangeBatch>,
+    pending_rows: usize,
+    files: Vec<StateFile>,
+    restored_files: Option<std::path::PathBuf>,
+}
+
+impl Drop for RowStore {
+    fn drop(&mut self) {
+        self.store = None;
+        let _ = std::fs::remove_dir_all(&self.local.dir);
+    }
 }
 
 /// Buffers changes until the barrier, then commits them to the sink.
@@ -32,11 +77,69 @@ pub struct MaterializeOperator {
     schema: SchemaRef,
     buffered: Vec<ChangeBatch>,
     sink: Box<dyn EpochSink>,
+    /// Where large views' rows are checkpointed incrementally (set by the runtime).
+    rows: Option<RowStore>,
 }
 
 impl MaterializeOperator {
     pub fn new(schema: SchemaRef, sink: Box<dyn EpochSink>) -> Self {
-        MaterializeOperator { schema, buffered: Vec::new(), sink }
+        MaterializeOperator { schema, buffered: Vec::new(), sink, rows: None }
+    }
+
+    fn converter(&self) -> Result<RowConverter> {
+        Ok(RowConverter::new(self.schema.fields().iter().map(|f| SortField::new(f.data_type().clone())).collect())?)
+    }
+
+    /// Brings the row store up to the last commit: every row the first time, the pending
+    /// changes after that. Returns false where rows stay whole in the checkpoint (a small
+    /// view, or no local directory).
+    fn sync_rows(&mut self) -> Result<bool> {
+        let converter = self.converter()?;
+        let Some(rows) = &mut self.rows else { return Ok(false) };
+        if rows.store.is_none() {
+            if self.sink.memory_bytes() < INCREMENTAL_FROM {
+                return Ok(false);
+            }
+            let Some(batches) = self.sink.rows()? else { return Ok(false) };
+            let store = SpillStore::create(&rows.local.dir)?;
+            let mut counts: FastMap<Box<[u8]>, i64> = FastMap::default();
+            for batch in &batches {
+                let encoded = converter.convert_columns(batch.columns())?;
+                for row in encoded.iter() {
+                    *counts.entry(Box::from(row.as_ref())).or_insert(0) += 1;
+                }
+            }
+            let values: Vec<(Box<[u8]>, [u8; 8])> = counts.into_iter().map(|(k, n)| (k, n.to_le_bytes())).collect();
+            store.write(values.iter().map(|(k, n)| (k.as_ref(), Some(n.as_slice()))))?;
+            rows.store = Some(store);
+            rows.pending.clear();
+            rows.pending_rows = 0;
+            return Ok(true);
+        }
+        let pending = std::mem::take(&mut rows.pending);
+        rows.pending_rows = 0;
+        let store = rows.store.as_ref().ok_or_else(|| crate::error::Error::Internal("row store vanished".into()))?;
+        if pending.is_empty() {
+            return Ok(true);
+        }
+        let batches: Vec<_> = pending.iter().map(|c| c.batch().clone()).collect();
+        let weights: Vec<i64> = pending.iter().flat_map(|c| c.weights().values().iter().copied()).collect();
+        let change = ChangeBatch::try_new(concat_batches(&self.schema, &batches)?, Int64Array::from(weights))?;
+        let change = change.consolidate()?;
+        let encoded = converter.convert_columns(change.batch().columns())?;
+        let mut values = Vec::with_capacity(change.num_rows());
+        for (row, weight) in encoded.iter().zip(change.weights().values()) {
+            let before = match store.get(row.as_ref())? {
+                Some(bytes) => i64::from_le_bytes(bytes.as_slice().try_into().map_err(|_| {
+                    crate::error::Error::Corrupt { location: "a view's row store".into(), reason: "a count is not 8 bytes".into() }
+                })?),
+                None => 0,
+            };
+            let after = before + weight;
+            values.push((Box::<[u8]>::from(row.as_ref()), (after != 0).then(|| after.to_le_bytes())));
+        }
+        store.write(values.iter().map(|(k, n)| (k.as_ref(), n.as_ref().map(|n| n.as_slice()))))?;
+        Ok(true)
     }
 }
 
@@ -62,16 +165,114 @@ impl Operator for MaterializeOperator {
         // encoding consolidation costs.
         let retracts = change.weights().values().iter().any(|&w| w < 0);
         let change = if retracts { change.consolidate()? } else { change };
+        if let Some(rows) = &mut self.rows
+            && rows.store.is_some()
+            && change.num_rows() > 0
+        {
+            rows.pending_rows += change.num_rows();
+            rows.pending.push(change.clone());
+            if rows.pending_rows > PENDING_MAX {
+                // No checkpoint for a long while: start over with the rows whole.
+                rows.store = None;
+                rows.pending.clear();
+                rows.pending_rows = 0;
+            }
+        }
         self.sink.commit(barrier, change)
     }
 
     /// Checkpoints come after the epoch's commit, so nothing is buffered: the state is the
-    /// sink's rows.
+    /// sink's rows: whole for a small view, else as the files of its row store.
     fn checkpoint(&mut self) -> Result<Option<Vec<u8>>> {
-        self.sink.checkpoint()
+        if !self.sync_rows()? {
+            let Some(state) = self.sink.checkpoint()? else { return Ok(None) };
+            let mut bytes = Vec::with_capacity(state.len() + 8);
+            bytes.extend_from_slice(&0u64.to_le_bytes());
+            bytes.extend_from_slice(&state);
+            return Ok(Some(bytes));
+        }
+        let rows = self.rows.as_mut().ok_or_else(|| crate::error::Error::Internal("row store vanished".into()))?;
+        let store = rows.store.as_mut().ok_or_else(|| crate::error::Error::Internal("row store vanished".into()))?;
+        let (small, files) = store.checkpoint()?;
+        let mut w = StateWriter::default();
+        w.u64(1);
+        write_store_files(&mut w, &small, &files);
+        rows.files = files;
+        Ok(Some(w.finish()))
+    }
+
+    fn checkpoint_files(&mut self) -> Vec<StateFile> {
+        self.rows.as_mut().map(|r| std::mem::take(&mut r.files)).unwrap_or_default()
+    }
+
+    fn set_local_state(&mut self, local: LocalState) {
+        let rows = RowStore { local, store: None, pending: Vec::new(), pending_rows: 0, files: Vec::new(), restored_files: None };
+        self.rows = Some(rows);
+    }
+
+    fn restore_files(&mut self, dir: std::path::PathBuf) -> Result<()> {
+        let rows = self
+            .rows
+            .as_mut()
+            .ok_or_else(|| crate::error::Error::Internal("restoring files without a local directory".into()))?;
+        rows.restored_files = Some(dir);
+        Ok(())
     }
 
     fn restore(&mut self, state: &[u8]) -> Result<()> {
-        self.sink.restore(state)
+        let (tag, rest) = state.split_at_checked(8).ok_or_else(|| crate::error::Error::Corrupt {
+            location: "checkpointed rows of a view".into(),
+            reason: "truncated".into(),
+        })?;
+        if tag == 0u64.to_le_bytes() {
+            return self.sink.restore(rest);
+        }
+        let mut r = StateReader::new(state, "the row store of a view");
+        r.u64()?;
+        let (small, shared) = read_store_files(&mut r)?;
+        r.finish()?;
+        let converter = self.converter()?;
+        let rows = self
+            .rows
+            .as_mut()
+            .ok_or_else(|| crate::error::Error::Internal("restoring a row store without a local directory".into()))?;
+        let downloaded = match rows.restored_files.take() {
+            Some(dir) => dir,
+            None => {
+                let dir = rows.local.dir.join("download");
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| crate::error::Error::Storage(format!("creating {}: {e}", dir.display())))?;
+                dir
+            }
+        };
+        let store = SpillStore::restore(&rows.local.dir, &downloaded, &small, shared)?;
+        // Rebuild the rows in batches of encoded rows, each repeated by its count.
+        let parser = converter.parser();
+        let mut batches = Vec::new();
+        let mut chunk: Vec<(Box<[u8]>, i64)> = Vec::new();
+        let mut flush = |chunk: &mut Vec<(Box<[u8]>, i64)>| -> Result<()> {
+            if chunk.is_empty() {
+                return Ok(());
+            }
+            let rows = chunk.iter().flat_map(|(k, n)| std::iter::repeat_n(parser.parse(k), (*n).max(0) as usize));
+            let columns = converter.convert_rows(rows)?;
+            batches.push(RecordBatch::try_new(self.schema.clone(), columns)?);
+            chunk.clear();
+            Ok(())
+        };
+        for entry in store.entries() {
+            let (key, value) = entry?;
+            let count = i64::from_le_bytes(value.as_ref().try_into().map_err(|_| crate::error::Error::Corrupt {
+                location: "a view's row store".into(),
+                reason: "a count is not 8 bytes".into(),
+            })?);
+            chunk.push((key, count));
+            if chunk.len() == 8192 {
+                flush(&mut chunk)?;
+            }
+        }
+        flush(&mut chunk)?;
+        rows.store = Some(store);
+        self.sink.restore_rows(batches)
     }
 }
