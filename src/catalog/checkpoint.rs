@@ -234,7 +234,8 @@ impl Checkpoints {
         };
         let mut total = 0;
         let mut stored = HashSet::new();
-        let shares = in_flight.views.values().flat_map(|(_, states)| states.values()).flatten().any(|s| !s.files.is_empty());
+        let shares =
+            in_flight.views.values().flat_map(|(_, states)| states.values()).flatten().any(|s| !s.files.is_empty());
         let known = self.lock().uploaded.take();
         let listed = known.is_some() || shares;
         let mut uploaded = match known {
@@ -280,6 +281,12 @@ impl Checkpoints {
         for (id, (view, states)) in &mut in_flight.views {
             if states.values().any(Option::is_none) {
                 continue; // an operator cannot be checkpointed: the view is rebuilt instead
+            }
+            // A view dropped while its checkpoint is written takes its local files with it:
+            // it is left out rather than failing the checkpoint of the others.
+            let local = states.values().flatten().flat_map(|s| &s.files);
+            if local.clone().any(|f| !f.local.exists()) {
+                continue;
             }
             // Taken, not copied: states can be large. The history reads only their presence.
             let mut files = Vec::new();

@@ -1064,7 +1064,8 @@ impl Database {
             let stored = self.shared.checkpoints.read_view(&object).await?;
             let mut states = BTreeMap::new();
             let mut files = BTreeMap::new();
-            let download = self.shared.spill.root.join(format!("download-{}", DOWNLOADS.fetch_add(1, Ordering::Relaxed)));
+            let download =
+                self.shared.spill.root.join(format!("download-{}", DOWNLOADS.fetch_add(1, Ordering::Relaxed)));
             for (number, state) in stored {
                 if !state.files.is_empty() {
                     let dir = download.join(format!("op-{number}"));

@@ -17,13 +17,13 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use super::table::{Snapshot, SnapshotCell, TableState, TableVersion};
 use crate::dataflow::checkpoint::{self, Checkpointing, StateReport};
-use crate::state::spill::{LocalState, MemoryPool};
 use crate::dataflow::exchange;
 use crate::dataflow::operators::{EpochSink, EventTimeOperator, LateCounter, MaterializeOperator, MergeOperator};
 use crate::dataflow::runtime::{self, EdgeReceiver, FailureSlot};
 use crate::dataflow::{Barrier, ChangeBatch, Message, Operator};
 use crate::error::Result;
 use crate::sql::view::Node;
+use crate::state::spill::{LocalState, MemoryPool};
 
 /// The feed name under which a view's constant inputs receive barriers: no table has it.
 const CONSTANT_FEED: &str = "\0constant";

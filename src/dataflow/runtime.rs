@@ -140,9 +140,9 @@ async fn run(
                 && let Some(c) = &checkpointing
             {
                 // A failed state fails the checkpoint, not the view: it keeps running.
-                let state = operator.checkpoint().map(|state| {
-                    state.map(|bytes| OperatorState { bytes, files: operator.checkpoint_files() })
-                });
+                let state = operator
+                    .checkpoint()
+                    .map(|state| state.map(|bytes| OperatorState { bytes, files: operator.checkpoint_files() }));
                 (c.report)(barrier.epoch, c.operator, state);
             }
             crate::ml::epoch::passed(barrier.epoch);

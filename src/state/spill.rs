@@ -133,7 +133,12 @@ impl SpillStore {
     /// A store from a checkpoint's files, downloaded into `files` (whose directory is
     /// moved under `dir`): `small` are the files written whole into the checkpoint, and
     /// `shared` maps the downloaded SST names to their objects.
-    pub fn restore(dir: &Path, files: &Path, small: &[(String, Vec<u8>)], shared: HashMap<String, String>) -> Result<SpillStore> {
+    pub fn restore(
+        dir: &Path,
+        files: &Path,
+        small: &[(String, Vec<u8>)],
+        shared: HashMap<String, String>,
+    ) -> Result<SpillStore> {
         let db_dir = dir.join("db");
         if db_dir.exists() {
             std::fs::remove_dir_all(&db_dir).map_err(|e| io_error(&db_dir, e))?;
@@ -142,7 +147,10 @@ impl SpillStore {
         std::fs::rename(files, &db_dir).map_err(|e| io_error(files, e))?;
         for (name, bytes) in small {
             if name.contains('/') || name.contains("..") {
-                return Err(Error::Corrupt { location: "a spilled state".into(), reason: format!("bad file name {name}") });
+                return Err(Error::Corrupt {
+                    location: "a spilled state".into(),
+                    reason: format!("bad file name {name}"),
+                });
             }
             std::fs::write(db_dir.join(name), bytes).map_err(|e| io_error(&db_dir, e))?;
         }

@@ -528,7 +528,9 @@ impl AggregateOperator {
                 && !spill.warned
             {
                 spill.warned = true;
-                tracing::warn!("over the memory limit, but this aggregate's state cannot spill (DataFusion accumulators or no GROUP BY)");
+                tracing::warn!(
+                    "over the memory limit, but this aggregate's state cannot spill (DataFusion accumulators or no GROUP BY)"
+                );
             }
             return Ok(());
         }
@@ -1087,8 +1089,7 @@ impl Operator for AggregateOperator {
     /// uploaded are uploaded, so the bytes follow what changed.
     fn checkpoint(&mut self) -> Result<Option<Vec<u8>>> {
         let spilled = self.spill.as_ref().is_some_and(|s| s.store.is_some());
-        let through_store =
-            self.spill.is_some() && self.spillable() && (spilled || self.memory >= INCREMENTAL_FROM);
+        let through_store = self.spill.is_some() && self.spillable() && (spilled || self.memory >= INCREMENTAL_FROM);
         let mut w = StateWriter::with_capacity(if through_store { 4096 } else { self.memory });
         w.u64(through_store as u64);
         if let Some(event_time) = &self.event_time {
@@ -1134,7 +1135,8 @@ impl Operator for AggregateOperator {
     }
 
     fn restore_files(&mut self, dir: std::path::PathBuf) -> Result<()> {
-        let spill = self.spill.as_mut().ok_or_else(|| Error::Internal("restoring files without a local directory".into()))?;
+        let spill =
+            self.spill.as_mut().ok_or_else(|| Error::Internal("restoring files without a local directory".into()))?;
         spill.restored_files = Some(dir);
         Ok(())
     }
@@ -1349,11 +1351,8 @@ mod tests {
             let crate::dataflow::Message::Data(change) = message else { continue };
             let batch = change.batch();
             for row in 0..batch.num_rows() {
-                let text: Vec<String> = batch
-                    .columns()
-                    .iter()
-                    .map(|c| array_value_to_string(c, row).expect("displayable"))
-                    .collect();
+                let text: Vec<String> =
+                    batch.columns().iter().map(|c| array_value_to_string(c, row).expect("displayable")).collect();
                 let weight = into.entry(text.join("|")).or_insert(0);
                 *weight += change.weights().value(row);
                 if *weight == 0 {
@@ -1391,9 +1390,13 @@ mod tests {
     async fn spilled_and_restored_groups_give_the_same_answer_as_groups_in_memory() {
         use rand::{Rng, SeedableRng};
         let dir = tempfile::tempdir().expect("tempdir");
-        let input = Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, false), Field::new("v", DataType::Int64, false)]));
+        let input = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, false),
+            Field::new("v", DataType::Int64, false),
+        ]));
         let pool = MemoryPool::new(Some(64 << 10));
-        let local = |name: &str, n: usize| LocalState { dir: dir.path().join(name), pool: pool.clone(), owner: (n as u64, 0) };
+        let local =
+            |name: &str, n: usize| LocalState { dir: dir.path().join(name), pool: pool.clone(), owner: (n as u64, 0) };
         let mut memory = spilling_operator();
         let mut spilling = spilling_operator();
         spilling.set_local_state(local("a", 1));
@@ -1402,7 +1405,8 @@ mod tests {
         let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
         for round in 0..30 {
             // Inserts over 3000 keys, and retractions of rows inserted before.
-            let mut rows: Vec<(i64, i64, i64)> = (0..400).map(|_| (rng.gen_range(0..3000), rng.gen_range(0..50), 1)).collect();
+            let mut rows: Vec<(i64, i64, i64)> =
+                (0..400).map(|_| (rng.gen_range(0..3000), rng.gen_range(0..50), 1)).collect();
             for _ in 0..100 {
                 if !live.is_empty() {
                     let (k, v) = live.swap_remove(rng.gen_range(0..live.len()));
@@ -1450,4 +1454,3 @@ mod tests {
         assert!(!expected.is_empty());
     }
 }
-

@@ -130,9 +130,12 @@ impl MaterializeOperator {
         let mut values = Vec::with_capacity(change.num_rows());
         for (row, weight) in encoded.iter().zip(change.weights().values()) {
             let before = match store.get(row.as_ref())? {
-                Some(bytes) => i64::from_le_bytes(bytes.as_slice().try_into().map_err(|_| {
-                    crate::error::Error::Corrupt { location: "a view's row store".into(), reason: "a count is not 8 bytes".into() }
-                })?),
+                Some(bytes) => {
+                    i64::from_le_bytes(bytes.as_slice().try_into().map_err(|_| crate::error::Error::Corrupt {
+                        location: "a view's row store".into(),
+                        reason: "a count is not 8 bytes".into(),
+                    })?)
+                }
                 None => 0,
             };
             let after = before + weight;
@@ -206,7 +209,14 @@ impl Operator for MaterializeOperator {
     }
 
     fn set_local_state(&mut self, local: LocalState) {
-        let rows = RowStore { local, store: None, pending: Vec::new(), pending_rows: 0, files: Vec::new(), restored_files: None };
+        let rows = RowStore {
+            local,
+            store: None,
+            pending: Vec::new(),
+            pending_rows: 0,
+            files: Vec::new(),
+            restored_files: None,
+        };
         self.rows = Some(rows);
     }
 
