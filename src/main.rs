@@ -67,6 +67,10 @@ struct ServeArgs {
     /// Default: half of the machine's memory.
     #[arg(long, env = "FRESHET_MEMORY_LIMIT", default_value = "auto", value_parser = parse_memory_limit)]
     memory_limit: MemoryLimit,
+    /// Log segments (one per group commit) written between two snapshots of the state;
+    /// fewer replays faster after a restart, more writes less.
+    #[arg(long, env = "FRESHET_SNAPSHOT_EVERY", default_value_t = freshet::catalog::SNAPSHOT_EVERY_SEGMENTS, value_parser = clap::value_parser!(u64).range(1..))]
+    snapshot_every: u64,
     /// The user name clients log in as.
     #[arg(long, env = "FRESHET_USER", default_value = freshet::server::auth::DEFAULT_USER)]
     user: String,
@@ -108,6 +112,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         checkpoints_kept: usize::from(args.checkpoints_kept),
         workers: args.workers.map(usize::from).unwrap_or_else(freshet::catalog::default_workers),
         memory_limit: args.memory_limit.0,
+        snapshot_every: args.snapshot_every,
     };
     match config.memory_limit {
         Some(bytes) => tracing::info!("operator state beyond {} MiB spills to disk", bytes >> 20),

@@ -71,8 +71,18 @@ pub struct CheckpointedView {
 /// Operator states by operator number (`None`: that operator cannot be checkpointed).
 type States = BTreeMap<usize, Option<OperatorState>>;
 
+/// The tables at a checkpoint's log entry: where a log snapshot may be cut so that the
+/// checkpoint's entry survives it, and what sources with `retention = 'none'` may forget.
+pub struct Cut {
+    pub epoch: u64,
+    /// The log position of the checkpoint's entry.
+    pub seq: u64,
+    pub tables: Arc<crate::catalog::table::Snapshot>,
+}
+
 struct InFlight {
     epoch: u64,
+    cut: Option<Arc<Cut>>,
     started: (chrono::DateTime<chrono::Utc>, Instant),
     /// By view id: the view and its operators' states so far (`None`: cannot be
     /// checkpointed).
@@ -94,6 +104,8 @@ struct Inner {
     stored: Option<(u64, HashSet<u64>)>,
     /// Shared files known to be in the store (listed at the first checkpoint that has any).
     uploaded: Option<HashSet<String>>,
+    /// The last stored checkpoint's cut and views, until [`Checkpoints::take_stored`].
+    completed: Option<(Arc<Cut>, HashSet<u64>)>,
     history: VecDeque<CheckpointRecord>,
 }
 
@@ -144,12 +156,12 @@ impl Checkpoints {
 
     /// Opens checkpoint `epoch`, to be complete once each of `views` has reported every
     /// operator. Runs in log order, before the barrier reaches any view.
-    pub fn begin(self: &Arc<Self>, epoch: u64, views: Vec<CheckpointedView>) {
+    pub fn begin(self: &Arc<Self>, epoch: u64, views: Vec<CheckpointedView>, cut: Option<Arc<Cut>>) {
         let mut inner = self.lock();
         inner.reserved = false;
         let views = views.into_iter().map(|v| (v.id, (v, BTreeMap::new()))).collect();
-        inner.in_flight =
-            Some(InFlight { epoch, started: (chrono::Utc::now(), Instant::now()), views, left_out: Vec::new() });
+        let started = (chrono::Utc::now(), Instant::now());
+        inner.in_flight = Some(InFlight { epoch, cut, started, views, left_out: Vec::new() });
         self.complete_if_ready(&mut inner);
     }
 
@@ -204,6 +216,9 @@ impl Checkpoints {
             let result = match result {
                 Ok((bytes, views)) => {
                     tracing::debug!(epoch = in_flight.epoch, bytes, "checkpoint written");
+                    if let Some(cut) = &in_flight.cut {
+                        inner.completed = Some((cut.clone(), views.clone()));
+                    }
                     inner.stored = Some((in_flight.epoch, views));
                     inner.failures = (0, None);
                     Ok(bytes)
@@ -327,6 +342,11 @@ impl Checkpoints {
             bytes += store::download_file(&self.store, object, &dir.join(name)).await?;
         }
         Ok(bytes)
+    }
+
+    /// The cut and views of the checkpoint stored since the last call, if any.
+    pub fn take_stored(&self) -> Option<(Arc<Cut>, HashSet<u64>)> {
+        self.lock().completed.take()
     }
 
     /// How long the last checkpoint took, from its barrier to its manifest.

@@ -19,6 +19,7 @@ pub mod checkpoint;
 mod keys;
 mod lookup;
 mod model;
+mod retention;
 pub mod session_window;
 mod sink;
 mod source;
@@ -60,7 +61,7 @@ use view::{Feeds, ViewSink};
 pub const CATALOG_NAME: &str = "freshet";
 pub const SCHEMA_NAME: &str = "public";
 /// Log segments written after the last snapshot before a new snapshot is taken.
-const SNAPSHOT_EVERY_SEGMENTS: u64 = 2048;
+pub const SNAPSHOT_EVERY_SEGMENTS: u64 = 2048;
 /// The wait after a failed snapshot, doubled after each further failure up to the maximum.
 const SNAPSHOT_RETRY_FIRST: Duration = Duration::from_secs(1);
 const SNAPSHOT_RETRY_MAX: Duration = Duration::from_secs(60);
@@ -153,6 +154,13 @@ enum Record {
     Checkpoint {
         epoch: u64,
     },
+    /// Source `table` (with `retention = 'none'`) forgets its rows numbered below `before`
+    /// (counting every row it ever appended from 0): a checkpoint holds them for every view
+    /// that reads it.
+    Trim {
+        table: String,
+        before: u64,
+    },
 }
 
 impl Record {
@@ -214,6 +222,16 @@ impl Writer {
         Ok(ledger)
     }
 
+    /// Source `table` forgets its rows numbered below `before`.
+    fn trim(&mut self, table: &str, before: u64) -> Result<()> {
+        let state =
+            self.tables.get_mut(table).ok_or_else(|| Error::UndefinedTable { name: table.into(), position: None })?;
+        state.trim(before)?;
+        let version = state.version();
+        self.replace_version(table, Some(version));
+        Ok(())
+    }
+
     fn replace_version(&mut self, table: &str, version: Option<table::TableVersion>) {
         let mut tables = self.working.tables.clone();
         match version {
@@ -255,6 +273,10 @@ struct Shared {
     restoring: std::sync::Mutex<Option<RestorePoint>>,
     /// Where operators spill state beyond `--memory-limit`.
     spill: view::Spill,
+    /// Log segments between two state snapshots.
+    snapshot_every: u64,
+    /// The last stored checkpoint's cut: where log snapshots are cut.
+    stored_cut: std::sync::Mutex<Option<retention::StoredCut>>,
 }
 
 /// The checkpoint views are restored from at start, and what the log holds after it.
@@ -414,6 +436,13 @@ impl Shared {
     /// With `checkpoint`, the views also store their operator states at this barrier, and
     /// the log records where it passed.
     async fn inject_barrier(&self, checkpoint: bool) -> Result<u64> {
+        // A checkpoint barrier is logged under the writer lock, so the tables it cuts are
+        // exactly those before its entry.
+        let writer = match checkpoint {
+            true => Some(self.writer.lock().await),
+            false => None,
+        };
+        let tables = writer.as_ref().map(|w| w.working.clone());
         let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
         let (feeds, epochs, cell) = (self.feeds.clone(), self.epochs.clone(), self.cell.clone());
         let barrier = Barrier { epoch, checkpoint, mutation: None };
@@ -435,16 +464,26 @@ impl Shared {
                 .collect();
             begin = Some((self.checkpoints.clone(), views));
         }
-        let publish = Box::new(move |_| {
+        let publish = Box::new(move |seq| {
             if let Some((checkpoints, mut views)) = begin {
                 // Only views connected before this barrier receive it.
                 let connected = feeds.connected_views();
                 views.retain(|v| connected.contains(&v.id));
-                checkpoints.begin(epoch, views);
+                let cut = tables.map(|tables| Arc::new(checkpoint::Cut { epoch, seq, tables }));
+                checkpoints.begin(epoch, views, cut);
             }
             epochs.barrier(&barrier, &feeds, &cell)
         });
-        let stored = async { self.log.enqueue(entries, publish).await?.durable().await }.await;
+        let stored = async {
+            // A snapshot may be cut right after a checkpoint's entry: nothing shares its segment.
+            let ack = match checkpoint {
+                true => self.log.enqueue_sealed(entries, publish).await?,
+                false => self.log.enqueue(entries, publish).await?,
+            };
+            drop(writer);
+            ack.durable().await
+        }
+        .await;
         if checkpoint && stored.is_err() {
             self.checkpoints.release();
         }
@@ -499,6 +538,8 @@ pub struct Options {
     /// The local directory operators spill into; emptied at start (`None`: a directory
     /// of this process under the system's temporary directory).
     pub spill_dir: Option<std::path::PathBuf>,
+    /// Log segments written between two state snapshots.
+    pub snapshot_every: u64,
 }
 
 impl Default for Options {
@@ -510,6 +551,7 @@ impl Default for Options {
             workers: default_workers(),
             memory_limit: None,
             spill_dir: None,
+            snapshot_every: SNAPSHOT_EVERY_SEGMENTS,
         }
     }
 }
@@ -610,6 +652,8 @@ impl Database {
                 last_checkpoint: std::sync::Mutex::new((std::time::Instant::now(), 0)),
                 restoring: std::sync::Mutex::new(restoring),
                 spill,
+                stored_cut: std::sync::Mutex::new(None),
+                snapshot_every: options.snapshot_every.max(1),
             }),
         };
         status::install(&db.ctx, Arc::downgrade(&db.shared))?;
@@ -1197,6 +1241,17 @@ impl Database {
                 }
             },
         };
+        if !log && restored_from.is_none() {
+            // Rebuilt from its inputs at restart: wrong if an input forgot rows.
+            let forgetful = inputs.iter().find(|i| writer.tables.get(*i).is_some_and(|t| t.trimmed() > 0));
+            if let Some(source) = forgetful {
+                let failure = format!(
+                    "cannot be rebuilt after the restart: source \"{source}\" has forgotten rows (retention = 'none') and the view's checkpoint could not be used; drop and re-create the view"
+                );
+                tracing::error!(view = %create.name, "{failure}");
+                failures.set(failure);
+            }
+        }
         let checkpointed = report.is_some().then(|| pending.layout.clone());
         let late = pending.late.clone();
         for (name, upstream) in self.shared.views().iter() {
@@ -1365,7 +1420,7 @@ impl Database {
         ack.durable().await?;
         let stats = self.shared.log.stats();
         let last = stats.last_seq.load(Ordering::Relaxed);
-        if last - stats.snapshot_seq.load(Ordering::Relaxed) >= SNAPSHOT_EVERY_SEGMENTS {
+        if last - stats.snapshot_seq.load(Ordering::Relaxed) >= self.shared.snapshot_every {
             self.start_snapshot();
         }
         Ok(())
@@ -1381,9 +1436,25 @@ impl Database {
         if self.shared.snapshot_running.swap(true, Ordering::AcqRel) {
             return;
         }
+        // Cut at the last stored checkpoint's entry, when there is one, so that entry
+        // survives the snapshot and a restart still restores views from it. Sources that
+        // forget rows need that: their views cannot be rebuilt from what is left.
+        let cut = self.shared.stored_cut.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let snapshot_seq = self.shared.log.stats().snapshot_seq.load(Ordering::Relaxed);
+        let cut = cut.filter(|(cut, _)| cut.seq > snapshot_seq);
+        if cut.is_none() && !self.shared.forgetting_sources().is_empty() {
+            self.shared.snapshot_running.store(false, Ordering::Release);
+            return; // the next stored checkpoint gives a cut
+        }
         let shared = self.shared.clone();
         tokio::spawn(async move {
-            let snapshot = shared.cell.committed();
+            let (snapshot, marker, forgotten) = match cut {
+                Some((cut, forgotten)) => {
+                    let snapshot = Snapshot { tables: cut.tables.tables.clone(), seq: cut.seq, ..Snapshot::default() };
+                    (Arc::new(snapshot), Some(cut.epoch), forgotten)
+                }
+                None => (shared.cell.committed(), None, HashSet::new()),
+            };
             let started = (chrono::Utc::now(), std::time::Instant::now());
             let result = async {
                 let mut entries = Vec::new();
@@ -1398,8 +1469,16 @@ impl Database {
                         }
                         None => create_record(&version.def)?,
                     });
-                    for batch in version.batches()? {
-                        entries.push(Record::Rows { table: version.def.name.clone() }.entry(Some(batch))?);
+                    // Rows a source forgot (or forgets at this cut) are left out; the
+                    // numbering of those it keeps goes on from them.
+                    let before = if forgotten.contains(name) { version.appended() } else { version.trimmed };
+                    if before > 0 {
+                        entries.push(Record::Trim { table: name.clone(), before }.entry(None)?);
+                    }
+                    if !forgotten.contains(name) {
+                        for batch in version.batches()? {
+                            entries.push(Record::Rows { table: version.def.name.clone() }.entry(Some(batch))?);
+                        }
                     }
                     if let Some(ledger) = &version.ledger {
                         let record = Record::Ledger {
@@ -1431,6 +1510,9 @@ impl Database {
                 sinks.sort();
                 for (_, name, from, options) in sinks {
                     entries.push(Record::CreateSink { name, from, options }.entry(None)?);
+                }
+                if let Some(epoch) = marker {
+                    entries.push(Record::Checkpoint { epoch }.entry(None)?);
                 }
                 shared.log.write_snapshot(snapshot.seq, &entries).await
             }
@@ -1509,6 +1591,9 @@ fn spawn_barriers(shared: std::sync::Weak<Shared>, interval: Duration) {
                 continue;
             }
             shared.abandon_failed_views();
+            if let Err(e) = shared.trim_sources().await {
+                tracing::warn!("sources could not forget checkpointed rows: {e}");
+            }
             let checkpoint = shared.checkpoint_due();
             if let Err(e) = shared.inject_barrier(checkpoint).await {
                 tracing::warn!("barrier not injected: {e}");
@@ -1638,6 +1723,7 @@ fn replay(ctx: &SessionContext, writer: &mut Writer, views: &mut RecoveredViews,
                 views.sinks.push((order, name.clone(), from.clone(), options.clone()));
             }
             Record::DropSink { name } => views.sinks.retain(|(_, n, _, _)| n != name),
+            Record::Trim { table, before } => writer.trim(table, *before)?,
             Record::CreatePlainView { name, query } => {
                 views.list.retain(|(_, n, _)| n != name);
                 views.list.push((false, name.clone(), query.clone()));

@@ -158,7 +158,13 @@ impl Database {
         watermark: Option<crate::sql::WatermarkClause>,
         options: BTreeMap<String, String>,
     ) -> Result<Outcome> {
-        let (options, schema) = match (ConnectorSpec::from_options(&options, columns.is_some())?, columns) {
+        let spec = ConnectorSpec::from_options(&options, columns.is_some())?;
+        if matches!(spec, ConnectorSpec::File { .. }) && !crate::connectors::retains_rows(&options)? {
+            return Err(option_error(
+                "retention = 'none' is not available for file sources: a file source knows the files it has read from its rows",
+            ));
+        }
+        let (options, schema) = match (spec, columns) {
             (ConnectorSpec::Generator(generator), _) => (generator.resolved(&options), generator.schema()),
             (ConnectorSpec::File { .. }, Some(schema)) => {
                 if schema.column_with_name(FILE_COLUMN).is_some() {
@@ -255,7 +261,7 @@ impl Database {
         };
         let position = {
             let writer = self.shared.writer.lock().await;
-            writer.tables.get(name).map_or(0, |t| t.version().num_rows() as u64)
+            writer.tables.get(name).map_or(0, |t| t.version().appended())
         };
         let shared = Arc::downgrade(&self.shared);
         let ctx = self.ctx.clone();

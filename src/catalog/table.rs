@@ -109,11 +109,18 @@ pub struct TableVersion {
     chunks: Arc<Vec<Chunk>>,
     /// A source's connector position and dead letters, as of these rows.
     pub ledger: Option<Arc<super::source::Ledger>>,
+    /// Rows of an append-only relation forgotten from its start (source retention).
+    pub trimmed: u64,
 }
 
 impl TableVersion {
     pub fn num_rows(&self) -> usize {
         self.chunks.iter().map(|c| c.live_rows()).sum()
+    }
+
+    /// Rows ever appended to an append-only relation, the forgotten ones included.
+    pub fn appended(&self) -> u64 {
+        self.trimmed + self.num_rows() as u64
     }
 
     /// The live rows whose lookup key equals `key` (one single-row array per column of
@@ -391,6 +398,7 @@ pub struct TableState {
     index: FastMap<Box<[u8]>, Vec<(u64, u32)>>,
     identity: RowConverter,
     ledger: Option<Arc<super::source::Ledger>>,
+    trimmed: u64,
 }
 
 impl TableState {
@@ -398,7 +406,15 @@ impl TableState {
         let fields =
             def.identity_columns().iter().map(|&i| SortField::new(def.schema.field(i).data_type().clone())).collect();
         let identity = RowConverter::new(fields)?;
-        Ok(TableState { def, chunks: Vec::new(), next_chunk: 0, index: FastMap::default(), identity, ledger: None })
+        Ok(TableState {
+            def,
+            chunks: Vec::new(),
+            next_chunk: 0,
+            index: FastMap::default(),
+            identity,
+            ledger: None,
+            trimmed: 0,
+        })
     }
 
     pub fn def(&self) -> &Arc<TableDef> {
@@ -407,7 +423,41 @@ impl TableState {
 
     /// The rows as an immutable version for readers.
     pub fn version(&self) -> TableVersion {
-        TableVersion { def: self.def.clone(), chunks: Arc::new(self.chunks.clone()), ledger: self.ledger.clone() }
+        TableVersion {
+            def: self.def.clone(),
+            chunks: Arc::new(self.chunks.clone()),
+            ledger: self.ledger.clone(),
+            trimmed: self.trimmed,
+        }
+    }
+
+    /// Rows forgotten from the start of an append-only relation.
+    pub fn trimmed(&self) -> u64 {
+        self.trimmed
+    }
+
+    /// Forgets an append-only relation's rows numbered below `before` (counting every
+    /// row ever appended from 0). Rows already forgotten, or never held (a snapshot that
+    /// left them out), count as forgotten.
+    pub fn trim(&mut self, before: u64) -> Result<()> {
+        if !self.def.append_only {
+            return Err(Error::Internal(format!("\"{}\" is not append-only and cannot forget rows", self.def.name)));
+        }
+        let mut forget = before.saturating_sub(self.trimmed) as usize;
+        while forget > 0 && !self.chunks.is_empty() {
+            let rows = self.chunks[0].batch.num_rows();
+            if rows <= forget {
+                self.chunks.remove(0);
+                forget -= rows;
+            } else {
+                let id = self.next_chunk;
+                self.next_chunk += 1;
+                self.chunks[0] = Chunk::new(id, self.chunks[0].batch.slice(forget, rows - forget));
+                forget = 0;
+            }
+        }
+        self.trimmed = self.trimmed.max(before);
+        Ok(())
     }
 
     pub fn ledger(&self) -> Option<&Arc<super::source::Ledger>> {

@@ -81,7 +81,7 @@ impl GeneratorSpec {
             }
             _ => return Ok(None),
         };
-        let common = ["connector", "rate", "events", "base_time"];
+        let common = ["connector", "rate", "events", "base_time", super::RETENTION];
         if let Some(unknown) = options.keys().find(|k| !common.contains(&k.as_str()) && !allowed.contains(&k.as_str()))
         {
             let mut known: Vec<&str> = common.iter().chain(allowed).copied().collect();

@@ -78,9 +78,29 @@ pub enum ConnectorSpec {
 /// so the files a source has read are the distinct values of this column.
 pub const FILE_COLUMN: &str = "_file";
 
+/// The option saying how long a source keeps its rows.
+pub const RETENTION: &str = "retention";
+
+/// Whether a source keeps every row (`retention = 'all'`, the default) rather than only
+/// those a checkpoint does not yet hold for its views (`retention = 'none'`).
+pub fn retains_rows(options: &Options) -> Result<bool> {
+    match options.get(RETENTION).map(|r| r.trim().to_ascii_lowercase()).as_deref() {
+        None | Some("all") => Ok(true),
+        Some("none") => Ok(false),
+        Some(other) => Err(option_error(format!(
+            "retention = '{other}' is not known: 'all' keeps every row (the default), 'none' forgets rows once a checkpoint holds them for every view reading the source"
+        ))),
+    }
+}
+
 impl ConnectorSpec {
     /// Parses a source's options; `declared` is whether the source lists its columns.
     pub fn from_options(options: &Options, declared: bool) -> Result<ConnectorSpec> {
+        // `retention` is the source's, not the connector's.
+        retains_rows(options)?;
+        let mut options = options.clone();
+        options.remove(RETENTION);
+        let options = &options;
         if let Some(generator) = generator::GeneratorSpec::from_options(options)? {
             if declared {
                 let connector = options.get("connector").cloned().unwrap_or_default();

@@ -56,6 +56,8 @@ pub struct Config {
     /// Bytes of operator state kept in memory before it spills to `data_dir/spill`
     /// (`None`: no limit).
     pub memory_limit: Option<usize>,
+    /// Log segments written between two state snapshots.
+    pub snapshot_every: u64,
 }
 
 impl Default for Config {
@@ -71,6 +73,7 @@ impl Default for Config {
             checkpoints_kept: crate::catalog::checkpoint::DEFAULT_CHECKPOINTS_KEPT,
             workers: crate::catalog::default_workers(),
             memory_limit: None,
+            snapshot_every: crate::catalog::SNAPSHOT_EVERY_SEGMENTS,
         }
     }
 }
@@ -107,6 +110,7 @@ impl Server {
             workers: config.workers,
             memory_limit: config.memory_limit,
             spill_dir: Some(config.data_dir.join("spill")),
+            snapshot_every: config.snapshot_every,
         };
         let db = Database::open_with(store, options).await?;
         if let Some(path) = &config.init {

@@ -66,6 +66,8 @@ struct Append {
     entries: Vec<LogEntry>,
     publish: Publish,
     done: oneshot::Sender<Result<u64>>,
+    /// No later append shares its segment (a snapshot may be cut right after it).
+    seals: bool,
 }
 
 /// Resolves when an enqueued append is durable; see [`Log::enqueue`].
@@ -176,9 +178,19 @@ impl Log {
     /// Callers that hold a lock across this call get log order equal to lock order; when
     /// the queue is full this waits, which is the writers' backpressure.
     pub async fn enqueue(&self, entries: Vec<LogEntry>, publish: Publish) -> Result<Ack> {
+        self.enqueue_with(entries, publish, false).await
+    }
+
+    /// Like [`Log::enqueue`], and the append ends its segment: no later append is stored
+    /// in it, so a snapshot cut at this segment holds nothing after these entries.
+    pub async fn enqueue_sealed(&self, entries: Vec<LogEntry>, publish: Publish) -> Result<Ack> {
+        self.enqueue_with(entries, publish, true).await
+    }
+
+    async fn enqueue_with(&self, entries: Vec<LogEntry>, publish: Publish, seals: bool) -> Result<Ack> {
         let (done, acked) = oneshot::channel();
         self.queue
-            .send(Append { entries, publish, done })
+            .send(Append { entries, publish, done, seals })
             .await
             .map_err(|_| Error::Storage("the log committer has stopped".into()))?;
         Ok(Ack(acked))
@@ -234,7 +246,7 @@ async fn commit_loop(
     let mut failed: Option<String> = None;
     while let Some(first) = receiver.recv().await {
         let mut group = vec![first];
-        while group.len() < MAX_APPENDS_PER_SEGMENT {
+        while group.len() < MAX_APPENDS_PER_SEGMENT && !group.last().is_some_and(|a| a.seals) {
             match receiver.try_recv() {
                 Ok(append) => group.push(append),
                 Err(_) => break,
