@@ -115,8 +115,10 @@ async fn a_source_forgets_checkpointed_rows_and_its_views_stay_exact_across_kill
     let c = common::connect(&server.connection_string).await;
     let failures = rows(&c, "SELECT view FROM freshet_catalog.views WHERE failure IS NOT NULL").await;
     assert!(failures.is_empty(), "no view failed: {failures:?}");
-    let restored =
-        rows(&c, "SELECT view FROM freshet_catalog.views WHERE view LIKE '%forget' AND restored_from_epoch IS NOT NULL");
+    let restored = rows(
+        &c,
+        "SELECT view FROM freshet_catalog.views WHERE view LIKE '%forget' AND restored_from_epoch IS NOT NULL",
+    );
     assert_eq!(restored.await.len(), VIEWS.len(), "the views over the forgetting source come from a checkpoint");
     assert!(kept_rows(&c).await < EVENTS, "forgotten rows stay forgotten after the restart");
     wait_for_everything(&c).await;

@@ -559,20 +559,19 @@ impl Default for Options {
 /// Numbers the downloads of spilled state at start.
 static DOWNLOADS: AtomicU64 = AtomicU64::new(0);
 
-/// Empties (or creates) the directory operators spill into: nothing left there by an
-/// earlier run is trusted; checkpoints bring back what is needed.
+/// Empties the directory operators spill into: nothing left there by an earlier run is
+/// trusted; checkpoints bring back what is needed.
 fn open_spill(options: &Options) -> Result<view::Spill> {
     let root = options.spill_dir.clone().unwrap_or_else(|| {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         std::env::temp_dir().join(format!("freshet-spill-{}-{n}", std::process::id()))
     });
+    // Created when something first spills (or a checkpoint's files are downloaded).
     if root.exists() {
         std::fs::remove_dir_all(&root)
             .map_err(|e| Error::Storage(format!("cannot empty the spill directory {}: {e}", root.display())))?;
     }
-    std::fs::create_dir_all(&root)
-        .map_err(|e| Error::Storage(format!("cannot create the spill directory {}: {e}", root.display())))?;
     Ok(view::Spill { root, pool: crate::state::spill::MemoryPool::new(options.memory_limit) })
 }
 
