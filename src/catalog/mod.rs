@@ -1225,7 +1225,8 @@ impl Database {
                 subscribers.clone(),
                 self.shared.feeds.clone(),
             );
-            view::spawn(id, root, sink, &self.shared.feeds, &failures, report.clone(), restore, &self.shared.spill)
+            let state = view::StateOptions { report: report.clone(), restore, spill: self.shared.spill.clone() };
+            view::spawn(id, root, sink, &self.shared.feeds, &failures, state)
         };
         let (mut pending, restored_from) = match restore {
             None => (start(root, None)?, None),

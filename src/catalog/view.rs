@@ -519,10 +519,10 @@ pub fn spawn(
     sink: ViewSink,
     feeds: &Arc<Feeds>,
     failures: &Arc<FailureSlot>,
-    report: Option<StateReport>,
-    restore: Option<Restore>,
-    spill: &Spill,
+    state: StateOptions,
 ) -> Result<Pending> {
+    let StateOptions { report, restore, spill } = state;
+    let spill = &spill;
     let schema = sink.state.def().schema.clone();
     let mut pending = Pending {
         view,
@@ -573,6 +573,15 @@ pub fn spawn(
         runtime::spawn(task.operator, task.inputs, task.outputs, failures.clone(), task.checkpointing);
     }
     Ok(pending)
+}
+
+/// Where a view's operator states go, where they come from, and where they spill.
+pub struct StateOptions {
+    /// Where operator states go at checkpoints (`None`: the view is not checkpointed).
+    pub report: Option<StateReport>,
+    /// The checkpoint to start from (`None`: from the inputs).
+    pub restore: Option<Restore>,
+    pub spill: Spill,
 }
 
 /// Where the operators of every view spill state beyond memory: a local directory (each

@@ -32,6 +32,13 @@ pub struct StateFile {
     pub local: PathBuf,
 }
 
+/// A store's files written whole into a checkpoint (its RocksDB manifest, CURRENT and
+/// OPTIONS): (name, bytes).
+pub type SmallFiles = Vec<(String, Vec<u8>)>;
+
+/// One key and its value.
+pub type Entry = (Box<[u8]>, Box<[u8]>);
+
 /// Memory used by operator states, against one limit for the whole server.
 #[derive(Debug)]
 pub struct MemoryPool {
@@ -211,7 +218,7 @@ impl SpillStore {
     }
 
     /// Every entry, in key order.
-    pub fn entries(&self) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>)>> + '_ {
+    pub fn entries(&self) -> impl Iterator<Item = Result<Entry>> + '_ {
         self.db.iterator(rocksdb::IteratorMode::Start).map(|item| item.map_err(|e| rocks_error(&self.dir, e)))
     }
 
@@ -224,7 +231,7 @@ impl SpillStore {
     /// Flushes the store and takes a consistent copy of it: the small files (the
     /// RocksDB manifest, CURRENT, OPTIONS) whole, and the SST files as [`StateFile`]s,
     /// hard links that stay until the next checkpoint of this store.
-    pub fn checkpoint(&mut self) -> Result<(Vec<(String, Vec<u8>)>, Vec<StateFile>)> {
+    pub fn checkpoint(&mut self) -> Result<(SmallFiles, Vec<StateFile>)> {
         // The copy of the previous checkpoint has been uploaded by now (one checkpoint
         // is written at a time) or its checkpoint failed.
         let previous = self.dir.join(format!("checkpoint-{}", self.checkpoints));
