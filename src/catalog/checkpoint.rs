@@ -54,8 +54,9 @@ pub struct CheckpointRecord {
     /// checkpointed; those are rebuilt after a restart).
     pub views: usize,
     pub views_left_out: usize,
-    /// Bytes written, or why it failed.
-    pub result: std::result::Result<u64, String>,
+    /// Bytes written and bytes of state it holds (its objects and every shared file it
+    /// refers to, uploaded now or before), or why it failed.
+    pub result: std::result::Result<(u64, u64), String>,
 }
 
 /// A view taking part in a checkpoint.
@@ -103,7 +104,7 @@ struct Inner {
     /// The last checkpoint stored, and the ids of the views it holds.
     stored: Option<(u64, HashSet<u64>)>,
     /// Shared files known to be in the store (listed at the first checkpoint that has any).
-    uploaded: Option<HashSet<String>>,
+    uploaded: Option<HashMap<String, u64>>,
     /// The last stored checkpoint's cut and views, until [`Checkpoints::take_stored`].
     completed: Option<(Arc<Cut>, HashSet<u64>)>,
     history: VecDeque<CheckpointRecord>,
@@ -214,14 +215,14 @@ impl Checkpoints {
             let result = checkpoints.write(&mut in_flight).await;
             let mut inner = checkpoints.lock();
             let result = match result {
-                Ok((bytes, views)) => {
+                Ok((bytes, state, views)) => {
                     tracing::debug!(epoch = in_flight.epoch, bytes, "checkpoint written");
                     if let Some(cut) = &in_flight.cut {
                         inner.completed = Some((cut.clone(), views.clone()));
                     }
                     inner.stored = Some((in_flight.epoch, views));
                     inner.failures = (0, None);
-                    Ok(bytes)
+                    Ok((bytes, state))
                 }
                 Err(e) => {
                     let wait = (RETRY_FIRST * 2u32.pow(inner.failures.0.min(6))).min(RETRY_MAX);
@@ -239,8 +240,9 @@ impl Checkpoints {
     }
 
     /// Stores every view's states, then the manifest, then deletes old checkpoints.
-    /// Returns the bytes written and the views stored.
-    async fn write(&self, in_flight: &mut InFlight) -> Result<(u64, HashSet<u64>)> {
+    /// Returns the bytes written, the bytes of state the checkpoint holds, and the views
+    /// stored.
+    async fn write(&self, in_flight: &mut InFlight) -> Result<(u64, u64, HashSet<u64>)> {
         let mut manifest = Manifest {
             epoch: in_flight.epoch,
             format: store::state_format(),
@@ -256,13 +258,15 @@ impl Checkpoints {
         let mut uploaded = match known {
             Some(uploaded) => uploaded,
             None if shares => store::shared_files(&self.store).await?,
-            None => HashSet::new(),
+            None => HashMap::new(),
         };
         let result = self.write_views(in_flight, &mut manifest, &mut uploaded, &mut stored).await;
+        let mut state = 0;
         let mut deleted = Vec::new();
         let result = match result {
-            Ok(bytes) => {
+            Ok((bytes, held)) => {
                 total += bytes;
+                state = held;
                 async {
                     total += store::write_manifest(&self.store, &manifest).await?;
                     let old = store::delete_old(&self.store, self.kept).await?;
@@ -280,19 +284,20 @@ impl Checkpoints {
             uploaded.remove(object);
         }
         self.lock().uploaded = listed.then_some(uploaded);
-        result.map(|()| (total, stored))
+        result.map(|()| (total, state, stored))
     }
 
     /// Stores each view's states and uploads the shared files they refer to that are not
-    /// in the store yet; returns the bytes written.
+    /// in the store yet; returns the bytes written and the bytes of state held.
     async fn write_views(
         &self,
         in_flight: &mut InFlight,
         manifest: &mut Manifest,
-        uploaded: &mut HashSet<String>,
+        uploaded: &mut HashMap<String, u64>,
         stored: &mut HashSet<u64>,
-    ) -> Result<u64> {
+    ) -> Result<(u64, u64)> {
         let mut total = 0;
+        let mut held = 0;
         for (id, (view, states)) in &mut in_flight.views {
             if states.values().any(Option::is_none) {
                 continue; // an operator cannot be checkpointed: the view is rebuilt instead
@@ -309,10 +314,12 @@ impl Checkpoints {
             for (n, state) in states.iter_mut() {
                 let state = state.replace(OperatorState::default()).unwrap_or_default();
                 for file in &state.files {
-                    if !uploaded.contains(&file.object) {
-                        total += store::upload_file(&self.store, &file.local, &file.object).await?;
-                        uploaded.insert(file.object.clone());
+                    if !uploaded.contains_key(&file.object) {
+                        let size = store::upload_file(&self.store, &file.local, &file.object).await?;
+                        total += size;
+                        uploaded.insert(file.object.clone(), size);
                     }
+                    held += uploaded.get(&file.object).copied().unwrap_or(0);
                     files.push(file.object.clone());
                 }
                 let shared = state.files.into_iter().map(|f| (f.name, f.object)).collect();
@@ -320,11 +327,12 @@ impl Checkpoints {
             }
             let (object, bytes) = store::write_view(&self.store, in_flight.epoch, *id, &parts).await?;
             total += bytes;
+            held += bytes;
             stored.insert(*id);
             let (name, query, layout) = (view.name.clone(), view.query.clone(), view.layout.join(","));
             manifest.views.push(ManifestView { name, query, object, bytes, layout, files });
         }
-        Ok(total)
+        Ok((total, held))
     }
 
     /// A view's operator states, as a checkpoint stored them.
@@ -365,7 +373,7 @@ impl Checkpoints {
     }
 }
 
-fn record(inner: &mut Inner, in_flight: &InFlight, result: std::result::Result<u64, String>) {
+fn record(inner: &mut Inner, in_flight: &InFlight, result: std::result::Result<(u64, u64), String>) {
     let views = in_flight.views.values().filter(|(_, states)| states.values().all(Option::is_some)).count();
     if inner.history.len() == HISTORY {
         inner.history.pop_front();

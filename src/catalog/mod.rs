@@ -1437,12 +1437,13 @@ impl Database {
             return;
         }
         // Cut at the last stored checkpoint's entry, when there is one, so that entry
-        // survives the snapshot and a restart still restores views from it. Sources that
-        // forget rows need that: their views cannot be rebuilt from what is left.
+        // survives the snapshot and a restart still restores views from it. Once a source
+        // has forgotten rows that is required: its views cannot be rebuilt from what is left.
         let cut = self.shared.stored_cut.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let snapshot_seq = self.shared.log.stats().snapshot_seq.load(Ordering::Relaxed);
         let cut = cut.filter(|(cut, _)| cut.seq > snapshot_seq);
-        if cut.is_none() && !self.shared.forgetting_sources().is_empty() {
+        let forgotten = || self.shared.cell.committed().tables.values().any(|t| t.trimmed > 0);
+        if cut.is_none() && forgotten() {
             self.shared.snapshot_running.store(false, Ordering::Release);
             return; // the next stored checkpoint gives a cut
         }

@@ -287,7 +287,8 @@ fn snapshots(shared: &Shared) -> Result<RecordBatch> {
                 .with_timezone("+00:00"),
         ),
         Arc::new(Int64Array::from_iter_values(history.iter().map(|r| r.duration.as_millis() as i64))),
-        Arc::new(Int64Array::from_iter(history.iter().map(|r| r.result.as_ref().ok().map(|b| *b as i64)))),
+        Arc::new(Int64Array::from_iter(history.iter().map(|r| r.result.as_ref().ok().map(|b| b.0 as i64)))),
+        Arc::new(Int64Array::from_iter(history.iter().map(|r| r.result.as_ref().ok().map(|b| b.1 as i64)))),
         Arc::new(Int64Array::from_iter_values(history.iter().map(|r| r.rows as i64))),
         Arc::new(StringArray::from_iter_values(history.iter().map(|r| if r.result.is_ok() { "ok" } else { "failed" }))),
         Arc::new(StringArray::from_iter(history.iter().map(|r| r.result.as_ref().err().cloned()))),
@@ -303,6 +304,7 @@ fn checkpoints(shared: &Shared) -> Result<RecordBatch> {
         big("views", false),
         big("views_left_out", false),
         big("bytes", true),
+        big("state_bytes", true),
         text("status", false),
         text("error", true),
     ]));
@@ -316,7 +318,8 @@ fn checkpoints(shared: &Shared) -> Result<RecordBatch> {
         Arc::new(Int64Array::from_iter_values(history.iter().map(|r| r.duration.as_millis() as i64))),
         Arc::new(Int64Array::from_iter_values(history.iter().map(|r| r.views as i64))),
         Arc::new(Int64Array::from_iter_values(history.iter().map(|r| r.views_left_out as i64))),
-        Arc::new(Int64Array::from_iter(history.iter().map(|r| r.result.as_ref().ok().map(|b| *b as i64)))),
+        Arc::new(Int64Array::from_iter(history.iter().map(|r| r.result.as_ref().ok().map(|b| b.0 as i64)))),
+        Arc::new(Int64Array::from_iter(history.iter().map(|r| r.result.as_ref().ok().map(|b| b.1 as i64)))),
         Arc::new(StringArray::from_iter_values(history.iter().map(|r| if r.result.is_ok() { "ok" } else { "failed" }))),
         Arc::new(StringArray::from_iter(history.iter().map(|r| r.result.as_ref().err().cloned()))),
     ];

@@ -10,7 +10,7 @@
 //! CRC32), so a truncated or damaged one is detected. This module knows bytes, not what an
 //! operator or a view is; `catalog::checkpoint` decides what to checkpoint and when.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -154,10 +154,10 @@ pub async fn read_view(store: &Arc<dyn ObjectStore>, object: &str) -> Result<BTr
     Ok(states)
 }
 
-/// Every shared file in the store (objects under [`SHARED_PREFIX`]).
-pub async fn shared_files(store: &Arc<dyn ObjectStore>) -> Result<HashSet<String>> {
+/// Every shared file in the store (objects under [`SHARED_PREFIX`]) and its size.
+pub async fn shared_files(store: &Arc<dyn ObjectStore>) -> Result<HashMap<String, u64>> {
     let objects: Vec<_> = store.list(Some(&Path::from(SHARED_PREFIX))).try_collect().await?;
-    Ok(objects.into_iter().map(|o| o.location.to_string()).collect())
+    Ok(objects.into_iter().map(|o| (o.location.to_string(), o.size)).collect())
 }
 
 /// Uploads a shared file from local disk.
@@ -184,7 +184,7 @@ pub async fn delete_unreferenced(store: &Arc<dyn ObjectStore>) -> Result<Vec<Str
     let referenced: HashSet<String> =
         complete(store).await?.into_iter().flat_map(|m| m.views.into_iter().flat_map(|v| v.files)).collect();
     let mut deleted = Vec::new();
-    for object in shared_files(store).await? {
+    for object in shared_files(store).await?.into_keys() {
         if !referenced.contains(&object) {
             store.delete(&Path::from(object.as_str())).await?;
             deleted.push(object);

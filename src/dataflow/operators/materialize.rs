@@ -49,7 +49,7 @@ pub trait EpochSink: Send {
 
 /// Rows at least this large are checkpointed into a local store of row counts, so later
 /// checkpoints upload only the files holding what changed.
-const INCREMENTAL_FROM: usize = 4 << 20;
+const INCREMENTAL_FROM: usize = 1 << 20;
 /// Changes waiting for the next checkpoint beyond this many rows (checkpoints failing or
 /// stopped) are dropped, and the next checkpoint writes the rows whole again.
 const PENDING_MAX: usize = 4_000_000;
