@@ -127,11 +127,25 @@ async fn main() {
     run(&db, "CHECKPOINT").await;
     let took = started.elapsed().as_secs_f64();
     let after = number(&db, "SELECT bytes FROM freshet_catalog.checkpoints ORDER BY epoch DESC LIMIT 1").await;
+    let state = number(&db, "SELECT state_bytes FROM freshet_catalog.checkpoints ORDER BY epoch DESC LIMIT 1").await;
     println!(
-        "  a checkpoint after {changed} of {devices} groups changed: {} in {took:.2} s (the one before: {})",
+        "  a checkpoint after {changed} of {devices} groups changed: {} written in {took:.2} s, of {} of state (the one before wrote {})",
         mb(after),
+        mb(state),
         mb(before)
     );
+    let failed = number(&db, "SELECT count(*) FROM freshet_catalog.checkpoints WHERE status <> 'ok'").await;
+    if failed > 0.0 {
+        let mut outcomes =
+            db.run("SELECT epoch, error FROM freshet_catalog.checkpoints WHERE status <> 'ok'").await.expect("history");
+        if let Some(Outcome::Rows { stream, .. }) = outcomes.pop() {
+            let batches: Vec<_> = stream.try_collect().await.expect("rows");
+            println!(
+                "  failed checkpoints: {}",
+                datafusion::arrow::util::pretty::pretty_format_batches(&batches).expect("table")
+            );
+        }
+    }
 
     // Restart: restored from the checkpoint, then recomputed.
     run(&db, "CHECKPOINT").await;

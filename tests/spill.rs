@@ -108,6 +108,9 @@ async fn a_view_with_state_many_times_the_memory_limit_spills_checkpoints_what_c
         incremental * 10 < whole,
         "after 1% of the groups changed, a checkpoint uploads {incremental} bytes; the first uploaded {whole}"
     );
+    eprintln!(
+        "spill: {memory} bytes in memory, {spilled} spilled; checkpoints: {whole} bytes whole, {incremental} after 1% changed"
+    );
     let shared = walk(&dir.path().join("checkpoint/shared"));
     assert!(shared.iter().any(|f| f.ends_with(".sst")), "the spilled files are in the store: {shared:?}");
 
