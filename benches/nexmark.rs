@@ -2,8 +2,9 @@
 //! them.
 //!
 //! `cargo bench --bench nexmark -- [--query q0,q5,…] [--events N] [--workers W] [--json FILE]
-//! [--barrier-interval MS] [--checkpoint-interval MS|off]` (the end-to-end server's barrier and
-//! checkpoint intervals; default the server's)
+//! [--barrier-interval MS] [--checkpoint-interval MS|off] [--retention all|none]` (the
+//! end-to-end server's barrier and checkpoint intervals, default the server's, and the
+//! sources' retention, default `all`)
 //!
 //! For each query, in a fresh process of its own (so peak memory is the query's):
 //! - **end to end, generator included**: an in-process server (durable, on a temporary data
@@ -283,11 +284,12 @@ async fn end_to_end(sql: &str, events: u64, workers: usize) -> (Timed, u64) {
     let (client, connection) = tokio_postgres::connect(&conn, NoTls).await.expect("connects");
     tokio::spawn(connection);
     let (started, cpu) = (Instant::now(), cpu_seconds());
+    let retention = value_of("--retention").unwrap_or_else(|| "all".into());
     for (kind, share) in KINDS {
         let n = events_of(share, events);
         client
             .batch_execute(&format!(
-                "CREATE SOURCE {kind} WITH (connector = 'nexmark', kind = '{kind}', rate = '0', events = '{n}', base_time = '{BASE_TIME}')"
+                "CREATE SOURCE {kind} WITH (connector = 'nexmark', kind = '{kind}', rate = '0', events = '{n}', base_time = '{BASE_TIME}', retention = '{retention}')"
             ))
             .await
             .expect("source");
