@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::process::Process;
-use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_postgres::Client;
 
 const EVENTS: i64 = 30_000;
 
@@ -20,22 +20,11 @@ const VIEWS: [(&str, &str); 3] = [
 ];
 
 async fn rows(client: &Client, sql: &str) -> Vec<String> {
-    let messages = client.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {}", common::db_error(&e)));
-    let mut rows: Vec<String> = messages
-        .into_iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(row) => {
-                Some((0..row.len()).map(|i| row.get(i).unwrap_or("NULL")).collect::<Vec<_>>().join("|"))
-            }
-            _ => None,
-        })
-        .collect();
-    rows.sort();
-    rows
+    common::text_rows(client, sql).await
 }
 
 async fn run(client: &Client, sql: &str) {
-    client.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {}", common::db_error(&e)));
+    common::execute(client, sql).await
 }
 
 async fn one(client: &Client, sql: &str) -> i64 {

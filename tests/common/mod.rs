@@ -116,3 +116,24 @@ pub async fn wait_for(client: &Client, sql: &str, expected: i64) {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// Every row of `sql` as `a|b|…` text (NULL as `NULL`), sorted.
+pub async fn text_rows(client: &Client, sql: &str) -> Vec<String> {
+    let messages = client.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {}", db_error(&e)));
+    let mut rows: Vec<String> = messages
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => {
+                Some((0..row.len()).map(|i| row.get(i).unwrap_or("NULL")).collect::<Vec<_>>().join("|"))
+            }
+            _ => None,
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+/// Runs `sql` (one or more statements), failing the test with the server's error.
+pub async fn execute(client: &Client, sql: &str) {
+    client.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {}", db_error(&e)));
+}

@@ -458,8 +458,15 @@ impl AggregateOperator {
         let mut r = StateReader::new(value, "a spilled aggregate group");
         let group = self.read_group(&mut r, key)?;
         r.finish()?;
+        let id = self.place(group);
+        self.index.insert(Box::from(key), id);
+        Ok(id)
+    }
+
+    /// Puts `group` in a free slot (or a new one) and counts its memory; returns the slot.
+    fn place(&mut self, group: Group) -> usize {
         self.memory += group.bytes;
-        let id = match self.free.pop() {
+        match self.free.pop() {
             Some(id) => {
                 self.state[id] = group;
                 id
@@ -468,9 +475,7 @@ impl AggregateOperator {
                 self.state.push(group);
                 self.state.len() - 1
             }
-        };
-        self.index.insert(Box::from(key), id);
-        Ok(id)
+        }
     }
 
     /// The spill store, opened if need be; `None` where groups cannot spill.
@@ -587,19 +592,9 @@ impl AggregateOperator {
             })
             .collect::<Result<Vec<_>>>()?;
         let bytes = group_bytes(index_key.len(), self.aggregates.len());
-        self.memory += bytes;
         let group =
             Group { key, weight: 0, accumulators, emitted: None, dirty: true, bytes, used: self.clock, synced: false };
-        let id = match self.free.pop() {
-            Some(id) => {
-                self.state[id] = group;
-                id
-            }
-            None => {
-                self.state.push(group);
-                self.state.len() - 1
-            }
-        };
+        let id = self.place(group);
         self.index.insert(index_key, id);
         self.dirty.push(id);
         Ok(id)
