@@ -7,7 +7,8 @@
 //! Dependencies point down this list; nothing lower imports anything higher.
 //!
 //! - [`error`]: the one error enum, its `Result` alias, and the SQLSTATE of each cause.
-//! - [`state`]: durable storage over `object_store`: the write-ahead log and snapshots.
+//! - [`state`]: durable storage over `object_store`: the write-ahead log, snapshots and
+//!   checkpoint objects; operator state spilled to local RocksDB stores.
 //! - [`dataflow`]: change batches (rows with +1/−1 weights), the operator trait, the task
 //!   runtime that aligns barriers, and the incremental operators.
 //! - [`ml`]: models: training with linfa, the versioned registry, and the `score()`,
