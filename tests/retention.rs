@@ -27,10 +27,6 @@ async fn run(client: &Client, sql: &str) {
     common::execute(client, sql).await
 }
 
-async fn one(client: &Client, sql: &str) -> i64 {
-    rows(client, sql).await[0].parse().unwrap_or_else(|e| panic!("{sql}: {e}"))
-}
-
 fn source(name: &str, retention: &str) -> String {
     format!(
         "CREATE SOURCE {name} WITH (connector = 'nexmark', kind = 'bid', rate = '4000', events = '{EVENTS}',
@@ -43,8 +39,8 @@ async fn wait_for_everything(client: &Client) {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         run(client, "FLUSH").await;
-        let counted = one(client, "SELECT coalesce(sum(n), 0) FROM per_auction_forget").await;
-        let kept = one(client, "SELECT count(*) FROM bid_keep").await;
+        let counted = common::integer(client, "SELECT coalesce(sum(n), 0) FROM per_auction_forget").await;
+        let kept = common::integer(client, "SELECT count(*) FROM bid_keep").await;
         if counted == EVENTS && kept == EVENTS {
             return;
         }
@@ -67,7 +63,7 @@ async fn assert_views_agree(client: &Client, when: &str) {
 }
 
 async fn kept_rows(client: &Client) -> i64 {
-    one(client, "SELECT count(*) FROM bid_forget").await
+    common::integer(client, "SELECT count(*) FROM bid_forget").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -88,7 +84,7 @@ async fn a_source_forgets_checkpointed_rows_and_its_views_stay_exact_across_kill
     tokio::time::sleep(Duration::from_millis(1500)).await;
     run(&c, "CHECKPOINT").await;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while kept_rows(&c).await >= one(&c, "SELECT count(*) FROM bid_keep").await {
+    while kept_rows(&c).await >= common::integer(&c, "SELECT count(*) FROM bid_keep").await {
         assert!(Instant::now() < deadline, "the source never forgot the rows the checkpoint holds");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -112,7 +108,7 @@ async fn a_source_forgets_checkpointed_rows_and_its_views_stay_exact_across_kill
     assert!(kept_rows(&c).await < EVENTS, "forgotten rows stay forgotten after the restart");
     wait_for_everything(&c).await;
     assert_views_agree(&c, "after the restart and the rest of the events").await;
-    let snapshots = one(&c, "SELECT count(*) FROM freshet_catalog.snapshots WHERE status = 'ok'").await;
+    let snapshots = common::integer(&c, "SELECT count(*) FROM freshet_catalog.snapshots WHERE status = 'ok'").await;
 
     // Everything is in; a last checkpoint lets the source forget every row.
     run(&c, "CHECKPOINT").await;
@@ -127,7 +123,7 @@ async fn a_source_forgets_checkpointed_rows_and_its_views_stay_exact_across_kill
     }
     run(&c, "UPDATE auctions SET name = 'a9' WHERE id = 9").await;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while one(&c, "SELECT count(*) FROM freshet_catalog.snapshots WHERE status = 'ok'").await <= snapshots {
+    while common::integer(&c, "SELECT count(*) FROM freshet_catalog.snapshots WHERE status = 'ok'").await <= snapshots {
         assert!(Instant::now() < deadline, "no snapshot was written");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -138,13 +134,13 @@ async fn a_source_forgets_checkpointed_rows_and_its_views_stay_exact_across_kill
     let failures = rows(&c, "SELECT view, failure FROM freshet_catalog.views WHERE failure IS NOT NULL").await;
     assert!(failures.is_empty(), "no view failed after a restart from a snapshot: {failures:?}");
     assert_eq!(kept_rows(&c).await, 0, "the snapshot holds none of the forgotten rows");
-    assert_eq!(one(&c, "SELECT count(*) FROM bid_keep").await, EVENTS);
+    assert_eq!(common::integer(&c, "SELECT count(*) FROM bid_keep").await, EVENTS);
     assert_views_agree(&c, "after a restart from a snapshot cut at a checkpoint").await;
-    assert_eq!(one(&c, "SELECT sum(n) FROM per_auction_forget").await, EVENTS);
+    assert_eq!(common::integer(&c, "SELECT sum(n) FROM per_auction_forget").await, EVENTS);
 
     // A new view over the forgetting source sees only the rows it still has.
     run(&c, "CREATE MATERIALIZED VIEW late_count AS SELECT count(*) AS n FROM bid_forget").await;
-    assert_eq!(one(&c, "SELECT n FROM late_count").await, 0);
+    assert_eq!(common::integer(&c, "SELECT n FROM late_count").await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -159,14 +155,18 @@ async fn a_view_that_cannot_be_checkpointed_keeps_its_sources_rows() {
     )
     .await;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while one(&c, "SELECT count(*) FROM bids").await < 2000 {
+    while common::integer(&c, "SELECT count(*) FROM bids").await < 2000 {
         assert!(Instant::now() < deadline, "ingestion stalled");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     run(&c, "CHECKPOINT").await;
     run(&c, "CHECKPOINT").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(one(&c, "SELECT count(*) FROM bids").await, 2000, "its rows are kept: the view is rebuilt from them");
+    assert_eq!(
+        common::integer(&c, "SELECT count(*) FROM bids").await,
+        2000,
+        "its rows are kept: the view is rebuilt from them"
+    );
     let error = c
         .batch_execute("CREATE SOURCE odd WITH (connector = 'nexmark', kind = 'bid', retention = 'sometimes')")
         .await

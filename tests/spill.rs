@@ -22,10 +22,6 @@ async fn run(client: &Client, sql: &str) {
     common::execute(client, sql).await
 }
 
-async fn one(client: &Client, sql: &str) -> i64 {
-    rows(client, sql).await[0].parse().unwrap_or_else(|e| panic!("{sql}: {e}"))
-}
-
 /// The view equals its query over the table as it is now (compared in the server, so
 /// 100k groups do not cross the wire twice; a sample does, to show it is not vacuous).
 async fn assert_view_is_right(client: &Client, when: &str) {
@@ -36,11 +32,11 @@ async fn assert_view_is_right(client: &Client, when: &str) {
             UNION ALL
             (({VIEW}) EXCEPT ALL SELECT * FROM groups)) AS d"
     );
-    assert_eq!(one(client, &differing).await, 0, "the view differs from its query {when}");
+    assert_eq!(common::integer(client, &differing).await, 0, "the view differs from its query {when}");
     let sample = "SELECT * FROM groups WHERE g IN (7, 4242, 99999)";
     let batch = format!("SELECT * FROM ({VIEW}) AS q WHERE g IN (7, 4242, 99999)");
     assert_eq!(rows(client, sample).await, rows(client, &batch).await, "sampled groups {when}");
-    assert!(one(client, "SELECT count(*) FROM groups").await > 50_000, "{when}: the view has its groups");
+    assert!(common::integer(client, "SELECT count(*) FROM groups").await > 50_000, "{when}: the view has its groups");
 }
 
 /// (bytes in memory, bytes spilled) of the view's state.
@@ -54,7 +50,11 @@ async fn usage(client: &Client) -> (i64, i64) {
 
 async fn checkpoint_bytes(client: &Client) -> i64 {
     run(client, "CHECKPOINT").await;
-    one(client, "SELECT bytes FROM freshet_catalog.checkpoints WHERE status = 'ok' ORDER BY epoch DESC LIMIT 1").await
+    common::integer(
+        client,
+        "SELECT bytes FROM freshet_catalog.checkpoints WHERE status = 'ok' ORDER BY epoch DESC LIMIT 1",
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

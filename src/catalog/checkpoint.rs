@@ -110,17 +110,27 @@ struct Inner {
     history: VecDeque<CheckpointRecord>,
 }
 
+/// The last checkpoint stored: its epoch and the ids of the views it holds.
+#[derive(Debug, Clone, Default)]
+pub struct Stored {
+    pub epoch: u64,
+    pub views: Arc<HashSet<u64>>,
+}
+
 /// Coordinates checkpoints; shared by the barrier task, every view's operators and the
 /// writer task.
 pub struct Checkpoints {
     store: Arc<dyn ObjectStore>,
     kept: usize,
     inner: Mutex<Inner>,
+    /// Announces each stored checkpoint (exactly-once sinks deliver up to it).
+    stored: tokio::sync::watch::Sender<Stored>,
 }
 
 impl Checkpoints {
     pub fn new(store: Arc<dyn ObjectStore>, kept: usize) -> Arc<Checkpoints> {
-        Arc::new(Checkpoints { store, kept: kept.max(1), inner: Mutex::default() })
+        let stored = tokio::sync::watch::Sender::new(Stored::default());
+        Arc::new(Checkpoints { store, kept: kept.max(1), inner: Mutex::default(), stored })
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -220,6 +230,8 @@ impl Checkpoints {
                     if let Some(cut) = &in_flight.cut {
                         inner.completed = Some((cut.clone(), views.clone()));
                     }
+                    let announced = Stored { epoch: in_flight.epoch, views: Arc::new(views.clone()) };
+                    checkpoints.stored.send_replace(announced);
                     inner.stored = Some((in_flight.epoch, views));
                     inner.failures = (0, None);
                     Ok((bytes, state))
@@ -365,6 +377,11 @@ impl Checkpoints {
     /// The epoch of the last stored checkpoint, if it holds view `id`.
     pub fn last_holding(&self, id: u64) -> Option<u64> {
         self.lock().stored.as_ref().filter(|(_, views)| views.contains(&id)).map(|(epoch, _)| *epoch)
+    }
+
+    /// Follows the stored checkpoints: the last one now, and each one after it.
+    pub fn watch_stored(&self) -> tokio::sync::watch::Receiver<Stored> {
+        self.stored.subscribe()
     }
 
     /// The checkpoint attempts since the server started, oldest first.

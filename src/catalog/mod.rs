@@ -19,6 +19,7 @@ pub mod checkpoint;
 mod keys;
 mod lookup;
 mod model;
+mod outbox;
 mod retention;
 pub mod session_window;
 mod sink;
@@ -684,12 +685,29 @@ impl Database {
                 tracing::error!(sink = %name, "sink could not be restored and is dropped: {e}");
             }
         }
+        db.keep_live_outboxes();
         db.start_sources().await;
         tracing::info!(tables, last_seq, replayed_segments, "database opened");
         if replayed_segments > 0 {
             db.start_snapshot();
         }
         Ok(db)
+    }
+
+    /// Drops the outboxes views brought back from a checkpoint for exactly-once sinks that
+    /// are gone (dropped after that checkpoint, or no longer exactly once).
+    fn keep_live_outboxes(&self) {
+        let sinks: Vec<(String, String)> = self
+            .shared
+            .sinks()
+            .iter()
+            .filter(|(_, s)| crate::connectors::flag(&s.options, "exactly_once").unwrap_or(false))
+            .map(|(name, s)| (name.clone(), s.from.clone()))
+            .collect();
+        for (view, handle) in self.shared.views().iter() {
+            let live = sinks.iter().filter(|(_, from)| from == view).map(|(name, _)| name.as_str()).collect();
+            handle.subscribers.keep_outboxes(&live);
+        }
     }
 
     /// Re-plans and starts a view recorded in the log.
@@ -1391,8 +1409,12 @@ impl Database {
                     plain.push(name);
                 }
                 Some(sql::RelationKind::Sink) => {
-                    if let Some(sink) = self.shared.sinks().remove(&name) {
+                    let removed = self.shared.sinks().remove(&name);
+                    if let Some(sink) = removed {
                         sink.stop();
+                        if let Some(view) = self.shared.views().get(&sink.from) {
+                            view.subscribers.detach_outbox(&name);
+                        }
                     }
                     entries.push(Record::DropSink { name }.entry(None)?);
                 }

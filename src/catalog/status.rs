@@ -28,7 +28,9 @@
 use std::sync::{Arc, Weak};
 
 use async_trait::async_trait;
-use datafusion::arrow::array::{ArrayRef, Int32Array, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray};
+use datafusion::arrow::array::{
+    ArrayRef, BooleanArray, Int32Array, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray,
+};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::catalog::{SchemaProvider, TableProvider};
 use datafusion::datasource::MemTable;
@@ -244,10 +246,29 @@ fn sinks(shared: &Shared) -> Result<RecordBatch> {
         big("errors", false),
         text("status", false),
         text("last_error", true),
+        Field::new("exactly_once", DataType::Boolean, false),
+        big("delivered_epoch", true),
+        big("waiting_rows", true),
     ]));
+    // One lock at a time: sinks, then views.
+    let outboxes: Vec<Option<(String, String)>> = shared
+        .sinks()
+        .iter()
+        .map(|(name, s)| {
+            let exactly_once = crate::connectors::flag(&s.options, "exactly_once").unwrap_or(false);
+            exactly_once.then(|| (name.clone(), s.from.clone()))
+        })
+        .collect();
+    let waiting: Vec<Option<i64>> = {
+        let views = shared.views();
+        let rows = |(name, from): &(String, String)| Some(views.get(from)?.subscribers.outbox_rows(name) as i64);
+        outboxes.iter().map(|o| o.as_ref().and_then(rows)).collect()
+    };
     let sinks = shared.sinks();
     let list: Vec<(&String, &super::sink::SinkHandle, crate::connectors::ProgressReport)> =
         sinks.iter().map(|(n, s)| (n, s, s.progress.report())).collect();
+    let exactly_once =
+        |s: &super::sink::SinkHandle| crate::connectors::flag(&s.options, "exactly_once").unwrap_or(false);
     let option = |s: &super::sink::SinkHandle, name: &str, default: &str| {
         s.options.get(name).cloned().unwrap_or_else(|| default.to_string())
     };
@@ -265,6 +286,11 @@ fn sinks(shared: &Shared) -> Result<RecordBatch> {
         Arc::new(Int64Array::from_iter_values(list.iter().map(|(_, _, r)| r.errors as i64))),
         Arc::new(StringArray::from_iter_values(list.iter().map(|(_, _, r)| r.state.status.clone()))),
         Arc::new(StringArray::from_iter(list.iter().map(|(_, _, r)| r.state.last_error.clone()))),
+        Arc::new(BooleanArray::from_iter(list.iter().map(|(_, s, _)| Some(exactly_once(s))))),
+        Arc::new(Int64Array::from_iter(list.iter().map(|(_, s, _)| {
+            exactly_once(s).then(|| s.delivered.load(std::sync::atomic::Ordering::Acquire) as i64).filter(|&e| e > 0)
+        }))),
+        Arc::new(Int64Array::from(waiting)),
     ];
     Ok(RecordBatch::try_new(schema, columns)?)
 }

@@ -15,6 +15,7 @@ use datafusion::arrow::compute::concat_batches;
 use datafusion::arrow::record_batch::RecordBatch;
 use tokio::sync::{Notify, mpsc, watch};
 
+use super::outbox::{self, Outbox};
 use super::table::{Snapshot, SnapshotCell, TableState, TableVersion};
 use crate::dataflow::checkpoint::{self, Checkpointing, StateReport};
 use crate::dataflow::exchange;
@@ -245,6 +246,9 @@ impl EpochSink for ViewSink {
             }
             self.cell.publish_view(&self.name, Some(version.clone()));
             subscribers.epoch = barrier.epoch;
+            for outbox in subscribers.outboxes.values_mut() {
+                outbox.record(&version.def.schema, barrier.epoch, barrier.checkpoint, &change)?;
+            }
             // Views reading this one: the epoch's change, then its barrier (barriers up to
             // the one before a view connected are already behind its other inputs).
             let feeds = &self.feeds;
@@ -279,6 +283,24 @@ impl EpochSink for ViewSink {
 
     fn rows(&self) -> Result<Option<Vec<RecordBatch>>> {
         Ok(Some(self.state.version().batches()?))
+    }
+
+    fn outbox_state(&mut self) -> Result<Option<Vec<u8>>> {
+        let subscribers = self.subscribers.lock();
+        if subscribers.outboxes.is_empty() {
+            return Ok(None);
+        }
+        let mut w = checkpoint::StateWriter::default();
+        outbox::write(&mut w, &subscribers.outboxes)?;
+        Ok(Some(w.finish()))
+    }
+
+    fn restore_outbox(&mut self, state: &[u8]) -> Result<()> {
+        let mut r = checkpoint::StateReader::new(state, "the outboxes of exactly-once sinks");
+        let outboxes = outbox::read(&mut r, &self.state.version().def.schema)?;
+        r.finish()?;
+        self.subscribers.lock().outboxes = outboxes;
+        Ok(())
     }
 
     fn memory_bytes(&self) -> usize {
@@ -328,6 +350,8 @@ pub struct SubscribersInner {
     epoch: u64,
     /// The view was dropped: its last epochs are not published any more.
     dropped: bool,
+    /// The undelivered changes of each exactly-once sink writing this view, by sink name.
+    outboxes: BTreeMap<String, Outbox>,
 }
 
 /// The feed of a materialized view reading another.
@@ -386,6 +410,50 @@ impl Subscribers {
         tracing::debug!(view, reader, last_barrier, "a materialized view follows another");
         inner.downstream.push(Downstream { sender, after: last_barrier });
         Ok(())
+    }
+
+    /// Gives exactly-once sink `sink` an outbox of the view's changes. Returns true if its
+    /// outbox came back from a checkpoint (delivery goes on where it stopped); otherwise a
+    /// new outbox starts with the view's current rows.
+    pub fn attach_outbox(&self, sink: &str, view: &str, cell: &SnapshotCell) -> Result<bool> {
+        let mut inner = self.lock();
+        if inner.outboxes.contains_key(sink) {
+            return Ok(true);
+        }
+        let rows = match cell.committed().views.get(view) {
+            Some(version) => Some(ChangeBatch::inserts(concat_batches(&version.def.schema, &version.batches()?)?)),
+            None => None,
+        };
+        inner.outboxes.insert(sink.to_string(), Outbox::starting_with(rows));
+        Ok(false)
+    }
+
+    /// The sink is gone: its outbox is dropped.
+    pub fn detach_outbox(&self, sink: &str) {
+        self.lock().outboxes.remove(sink);
+    }
+
+    /// Drops the outboxes of sinks not in `sinks` (dropped since the checkpoint that
+    /// brought them back).
+    pub fn keep_outboxes(&self, sinks: &HashSet<&str>) {
+        self.lock().outboxes.retain(|name, _| sinks.contains(name.as_str()));
+    }
+
+    /// Sink `sink`'s sealed segments up to checkpoint `epoch`, oldest first.
+    pub fn outbox_through(&self, sink: &str, epoch: u64) -> Vec<(u64, ChangeBatch)> {
+        self.lock().outboxes.get(sink).map(|o| o.sealed_through(epoch)).unwrap_or_default()
+    }
+
+    /// Sink `sink` delivered everything up to checkpoint `epoch`.
+    pub fn outbox_delivered(&self, sink: &str, epoch: u64) {
+        if let Some(outbox) = self.lock().outboxes.get_mut(sink) {
+            outbox.delivered(epoch);
+        }
+    }
+
+    /// Rows waiting in sink `sink`'s outbox.
+    pub fn outbox_rows(&self, sink: &str) -> usize {
+        self.lock().outboxes.get(sink).map_or(0, Outbox::rows)
     }
 
     /// Follows the view from now on; with `snapshot`, its current rows come first.

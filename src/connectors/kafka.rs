@@ -308,7 +308,7 @@ pub fn consume(
 }
 
 /// The partitions of the topic, or an error naming what is missing.
-fn partitions(consumer: &BaseConsumer, topic: &str) -> Result<Vec<i32>> {
+pub(super) fn partitions(consumer: &BaseConsumer, topic: &str) -> Result<Vec<i32>> {
     let metadata = consumer
         .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
         .map_err(|e| Error::Storage(format!("broker metadata for topic {topic}: {e}")))?;

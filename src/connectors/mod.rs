@@ -140,11 +140,7 @@ impl ConnectorSpec {
                     options.get("path").cloned().ok_or_else(|| option_error("a file source needs path = '…'"))?;
                 // Checks the glob and, for an object-store URL, its scheme and bucket.
                 files::FileSet::open(&path)?;
-                let watch = match options.get("watch").map(|w| w.to_ascii_lowercase()).as_deref() {
-                    None | Some("false") => false,
-                    Some("true") => true,
-                    Some(other) => return Err(option_error(format!("watch = '{other}' must be 'true' or 'false'"))),
-                };
+                let watch = flag(options, "watch")?;
                 Ok(ConnectorSpec::File { path, format: format(options)?, watch })
             }
             Some("kafka") => Ok(ConnectorSpec::Kafka(kafka::KafkaSource::from_options(options, format(options)?)?)),
@@ -157,14 +153,19 @@ impl ConnectorSpec {
     }
 }
 
+/// Option `name = 'true' | 'false'`, false when absent.
+pub fn flag(options: &Options, name: &str) -> Result<bool> {
+    match options.get(name).map(|v| v.to_ascii_lowercase()).as_deref() {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(option_error(format!("{name} = '{other}' must be 'true' or 'false'"))),
+    }
+}
+
 /// `FORMAT JSON | CSV | PARQUET | TEXT | BYTES` (default JSON), with `header = 'true'` for CSV.
 fn format(options: &Options) -> Result<Format> {
     let connector_is = |name: &str| options.get("connector").is_some_and(|c| c.eq_ignore_ascii_case(name));
-    let header = match options.get("header").map(|h| h.to_ascii_lowercase()).as_deref() {
-        None | Some("false") => false,
-        Some("true") => true,
-        Some(other) => return Err(option_error(format!("header = '{other}' must be 'true' or 'false'"))),
-    };
+    let header = flag(options, "header")?;
     match options.get("format").map(|f| f.to_ascii_lowercase()).as_deref() {
         None | Some("json") => Ok(Format::Json),
         Some("csv") => Ok(Format::Csv { header }),

@@ -16,11 +16,21 @@
 //! its final name. `mode = 'append'` writes inserted rows; `mode = 'changes'` writes every
 //! change with a `_diff` column (+n inserted, -n retracted).
 //!
-//! Delivery is at least once: an epoch is acknowledged by the broker (or its file renamed)
-//! before the next epoch is written, and after a restart (or when the sink fell behind) the
-//! sink writes the view's current rows again before following its changes.
+//! By default delivery is at least once: an epoch is acknowledged by the broker (or its
+//! file renamed) before the next epoch is written, and after a restart (or when the sink
+//! fell behind) the sink writes the view's current rows again before following its changes.
+//!
+//! With `exactly_once = 'true'` a sink delivers what a stored checkpoint holds, one segment
+//! per checkpoint (see `catalog::outbox`). A file sink names each file after its segment's
+//! epoch under a prefix fixed at creation, so a segment written again replaces its own
+//! file. A Kafka sink tags each message with headers (`freshet-sink`, `freshet-epoch`,
+//! `freshet-index`: the sink, the segment's epoch, the message's number in the segment);
+//! after a crash or a failed delivery it reads the end of each partition back, and writes
+//! only the messages of the last segment that are missing and the segments after it. (Kafka
+//! transactions would make each segment appear at once; the broker the tests run against
+//! cannot commit one.)
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,8 +43,10 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::util::display::array_value_to_string;
 use object_store::path::Path as StorePath;
 use object_store::{ObjectStore, ObjectStoreExt};
-use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, Message as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use super::kafka::brokers_and_topic;
 use super::{Options, option_error};
@@ -82,6 +94,14 @@ impl SinkSpec {
         }
     }
 
+    /// Whether it delivers exactly once, at checkpoints.
+    pub fn exactly_once(&self) -> bool {
+        match self {
+            SinkSpec::Kafka(kafka) => kafka.exactly_once,
+            SinkSpec::File(file) => file.exactly_once,
+        }
+    }
+
     pub fn mode(&self) -> Mode {
         match self {
             SinkSpec::Kafka(kafka) => kafka.mode,
@@ -105,6 +125,7 @@ impl SinkSpec {
                 topic: kafka.topic.clone(),
                 mode: kafka.mode,
                 key: kafka.key_index(schema)?,
+                exactly_once: kafka.exactly_once.then(|| kafka.tags(sink)),
             }),
             SinkSpec::File(file) => {
                 let dir = if crate::state::is_url(&file.path) {
@@ -117,11 +138,16 @@ impl SinkSpec {
                     })?;
                     Directory::Local(path)
                 };
-                Ok(SinkWriter::File {
-                    dir,
-                    prefix: format!("{sink}-{}", chrono::Utc::now().timestamp_millis()),
-                    mode: file.mode,
-                })
+                // Epochs are numbered again after a restart, so at least once the start
+                // time keeps names apart; exactly once, files are named by checkpoint
+                // epochs, which are never reused.
+                let prefix = match (&file.prefix, file.exactly_once) {
+                    (Some(prefix), true) => prefix.clone(),
+                    (prefix, _) => {
+                        format!("{}-{}", prefix.as_deref().unwrap_or(sink), chrono::Utc::now().timestamp_millis())
+                    }
+                };
+                Ok(SinkWriter::File { dir, prefix, mode: file.mode })
             }
         }
     }
@@ -133,13 +159,27 @@ pub struct FileSink {
     /// A local directory or an object-store prefix (`s3://bucket/prefix`).
     pub path: String,
     pub mode: Mode,
+    pub exactly_once: bool,
+    /// What file names start with (default: the sink's name). At least once, the time the
+    /// sink started follows it; exactly once, it is fixed when the sink is created.
+    pub prefix: Option<String>,
 }
 
 impl FileSink {
     pub fn from_options(options: &Options) -> Result<FileSink> {
-        let known = ["connector", "path", "mode", "format"];
+        let known = ["connector", "path", "mode", "format", "exactly_once", "prefix"];
         if let Some(unknown) = options.keys().find(|k| !known.contains(&k.as_str())) {
-            return Err(option_error(format!("option {unknown} is unknown for a file sink (known: path, mode)")));
+            return Err(option_error(format!(
+                "option {unknown} is unknown for a file sink (known: path, mode, exactly_once, prefix)"
+            )));
+        }
+        let prefix = options.get("prefix").cloned();
+        if let Some(prefix) = &prefix
+            && (prefix.is_empty() || prefix.contains('/') || prefix.starts_with('.'))
+        {
+            return Err(option_error(format!(
+                "prefix = '{prefix}' must be a file name: not empty, without '/', not starting with '.'"
+            )));
         }
         match options.get("format").map(|f| f.to_ascii_lowercase()).as_deref() {
             None | Some("parquet") => {}
@@ -160,7 +200,7 @@ impl FileSink {
             Some("changes") => Mode::Changes,
             Some(other) => return Err(option_error(format!("mode = '{other}' must be 'append' or 'changes'"))),
         };
-        Ok(FileSink { path: path.clone(), mode })
+        Ok(FileSink { path: path.clone(), mode, exactly_once: super::flag(options, "exactly_once")?, prefix })
     }
 }
 
@@ -171,14 +211,12 @@ pub enum SinkWriter {
         topic: String,
         mode: Mode,
         key: Option<usize>,
+        /// Set for an exactly-once sink: how its messages are tagged and found again.
+        exactly_once: Option<Tags>,
     },
     /// Files are named `<prefix>-<epoch>.parquet`; the prefix holds the time the sink
     /// started, so epochs numbered again after a restart never overwrite earlier files.
-    File {
-        dir: Directory,
-        prefix: String,
-        mode: Mode,
-    },
+    File { dir: Directory, prefix: String, mode: Mode },
 }
 
 /// Where a file sink writes.
@@ -204,7 +242,7 @@ impl SinkWriter {
     /// Writing the same epoch again after an error is safe (at least once).
     pub async fn write(&self, epoch: u64, change: &ChangeBatch) -> Result<Written> {
         match self {
-            SinkWriter::Kafka { producer, topic, mode, key } => {
+            SinkWriter::Kafka { producer, topic, mode, key, .. } => {
                 let (messages, skipped) = encode(*mode, *key, change)?;
                 deliver(producer, topic, &messages).await?;
                 let bytes = messages.iter().map(|m| m.value.as_ref().map_or(0, Vec::len)).sum::<usize>();
@@ -242,6 +280,155 @@ impl SinkWriter {
         }
     }
 }
+
+impl SinkWriter {
+    /// Readies an exactly-once sink: where delivery takes up. A Kafka sink reads the last
+    /// messages of each partition for its own; a file sink starts from nothing, since a
+    /// segment written again replaces its own file.
+    pub async fn begin_exactly_once(&self) -> Result<Resume> {
+        let SinkWriter::Kafka { topic, exactly_once: Some(tags), .. } = self else {
+            return Ok(Resume::default());
+        };
+        let (topic, tags) = (topic.clone(), tags.clone());
+        tokio::task::spawn_blocking(move || tags.resume(&topic))
+            .await
+            .map_err(|e| Error::Internal(format!("reading back a sink's topic panicked: {e}")))?
+    }
+
+    /// Delivers the segment sealed at checkpoint `epoch`, leaving out the messages
+    /// `resume` says the target holds: a Kafka sink tags each message with the sink, the
+    /// epoch and the message's number in the segment; a file sink writes one file named
+    /// after the epoch.
+    pub async fn deliver_segment(&self, epoch: u64, change: &ChangeBatch, resume: &Resume) -> Result<Written> {
+        let SinkWriter::Kafka { producer, topic, mode, key, exactly_once: Some(tags) } = self else {
+            return self.write(epoch, change).await;
+        };
+        let (messages, skipped) = encode(*mode, *key, change)?;
+        let held = |i: usize| resume.epoch == epoch && resume.present.contains(&(i as u64));
+        let tagged: Vec<(usize, &Message)> = messages.iter().enumerate().filter(|(i, _)| !held(*i)).collect();
+        deliver_tagged(producer, topic, &tagged, Some((tags.sink.as_str(), epoch))).await?;
+        let bytes = tagged.iter().map(|(_, m)| m.value.as_ref().map_or(0, Vec::len)).sum::<usize>();
+        Ok(Written { records: tagged.len() as u64, bytes: bytes as u64, skipped })
+    }
+}
+
+/// Where an exactly-once sink takes up delivery after a start or a failure: the segments
+/// before `epoch` are in the target whole, and of segment `epoch` the messages numbered in
+/// `present` (a crash can cut a segment short).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Resume {
+    pub epoch: u64,
+    pub present: HashSet<u64>,
+}
+
+/// Headers an exactly-once Kafka sink puts on each message.
+const HEADER_SINK: &str = "freshet-sink";
+const HEADER_EPOCH: &str = "freshet-epoch";
+const HEADER_INDEX: &str = "freshet-index";
+/// Messages read back per partition at first when looking for the sink's last ones; the
+/// window grows fourfold until it reaches a message of an earlier segment, the start of the
+/// partition, or the most.
+const SCAN_FIRST: i64 = 4096;
+const SCAN_MOST: i64 = 4 << 20;
+/// Reading back stops once no message arrived for this long.
+const SCAN_IDLE: Duration = Duration::from_millis(1000);
+
+/// How an exactly-once Kafka sink finds its own messages in its topic.
+#[derive(Clone)]
+pub struct Tags {
+    /// The value of the `freshet-sink` header.
+    sink: String,
+    brokers: String,
+    properties: Vec<(String, String)>,
+}
+
+impl Tags {
+    /// Reads the end of each partition for this sink's messages: the last segment found,
+    /// and which of its messages arrived.
+    fn resume(&self, topic: &str) -> Result<Resume> {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", format!("{}-read-back", self.sink))
+            .set("client.id", format!("{}-read-back", self.sink))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false");
+        for (key, value) in &self.properties {
+            config.set(key, value);
+        }
+        let consumer: BaseConsumer =
+            config.create().map_err(|e| Error::Storage(format!("reading back topic {topic}: {e}")))?;
+        let mut windows = BTreeMap::new();
+        for partition in super::kafka::partitions(&consumer, topic)? {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, partition, READ_BACK_TIMEOUT)
+                .map_err(|e| Error::Storage(format!("offsets of {topic} partition {partition}: {e}")))?;
+            windows.insert(partition, (low, high, SCAN_FIRST));
+        }
+        let mut found: Vec<(u64, u64)> = Vec::new();
+        while !windows.is_empty() {
+            let mut assignment = TopicPartitionList::new();
+            for (&partition, &(low, high, window)) in &windows {
+                assignment
+                    .add_partition_offset(topic, partition, Offset::Offset((high - window).max(low)))
+                    .map_err(|e| Error::Storage(e.to_string()))?;
+            }
+            consumer.assign(&assignment).map_err(|e| Error::Storage(format!("reading back topic {topic}: {e}")))?;
+            let mut ours: BTreeMap<i32, Vec<(u64, u64)>> = BTreeMap::new();
+            let mut idle_since = std::time::Instant::now();
+            while idle_since.elapsed() < SCAN_IDLE {
+                match consumer.poll(Duration::from_millis(100)) {
+                    None => continue,
+                    Some(Err(e)) => return Err(Error::Storage(format!("reading back topic {topic}: {e}"))),
+                    Some(Ok(message)) => {
+                        idle_since = std::time::Instant::now();
+                        if let Some(tag) = self.tag_of(&message) {
+                            ours.entry(message.partition()).or_default().push(tag);
+                        }
+                    }
+                }
+            }
+            // A partition is done once its window reaches a message of an earlier segment
+            // than its last (so all of the last segment's messages there are in it), its
+            // start, or the most read back.
+            windows.retain(|partition, (low, high, window)| {
+                let tags = ours.remove(partition).unwrap_or_default();
+                let last = tags.iter().map(|(epoch, _)| *epoch).max();
+                let whole = last.is_some_and(|last| tags.iter().any(|(epoch, _)| *epoch < last));
+                let done = whole || *high - *window <= *low || *window >= SCAN_MOST;
+                if done {
+                    found.extend(tags);
+                } else {
+                    *window *= 4;
+                }
+                !done
+            });
+        }
+        let epoch = found.iter().map(|(epoch, _)| *epoch).max().unwrap_or(0);
+        let present = found.iter().filter(|(e, _)| *e == epoch).map(|(_, index)| *index).collect();
+        Ok(Resume { epoch, present })
+    }
+
+    /// (epoch, number) of a message this sink wrote.
+    fn tag_of(&self, message: &rdkafka::message::BorrowedMessage<'_>) -> Option<(u64, u64)> {
+        let headers = message.headers()?;
+        let (mut sink, mut epoch, mut index) = (None, None, None);
+        for header in headers.iter() {
+            let value = header.value.and_then(|v| std::str::from_utf8(v).ok());
+            match header.key {
+                HEADER_SINK => sink = value,
+                HEADER_EPOCH => epoch = value.and_then(|v| v.parse().ok()),
+                HEADER_INDEX => index = value.and_then(|v| v.parse().ok()),
+                _ => {}
+            }
+        }
+        (sink == Some(self.sink.as_str())).then_some(())?;
+        Some((epoch?, index?))
+    }
+}
+
+/// How long reading back a topic's offsets may take.
+const READ_BACK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The rows a file sink writes for a change.
 fn file_rows(mode: Mode, change: &ChangeBatch) -> Result<(RecordBatch, u64)> {
@@ -291,9 +478,13 @@ pub struct KafkaSink {
     pub key: Option<String>,
     pub mode: Mode,
     pub properties: Vec<(String, String)>,
+    pub exactly_once: bool,
+    /// The `freshet-sink` header of an exactly-once sink's messages (default
+    /// `freshet-<sink>`).
+    pub sink_id: Option<String>,
 }
 
-const SINK_OPTIONS: &[&str] = &["connector", "brokers", "topic", "key", "mode", "format"];
+const SINK_OPTIONS: &[&str] = &["connector", "brokers", "topic", "key", "mode", "format", "exactly_once", "sink_id"];
 
 impl KafkaSink {
     pub fn from_options(options: &Options) -> Result<KafkaSink> {
@@ -301,7 +492,7 @@ impl KafkaSink {
             options.keys().find(|k| !SINK_OPTIONS.contains(&k.as_str()) && !k.starts_with("properties."))
         {
             return Err(option_error(format!(
-                "option {unknown} is unknown for a kafka sink (known: brokers, topic, key, mode, properties.<librdkafka setting>)"
+                "option {unknown} is unknown for a kafka sink (known: brokers, topic, key, mode, exactly_once, sink_id, properties.<librdkafka setting>)"
             )));
         }
         match options.get("format").map(|f| f.to_ascii_lowercase()).as_deref() {
@@ -330,7 +521,12 @@ impl KafkaSink {
             .iter()
             .filter_map(|(k, v)| k.strip_prefix("properties.").map(|k| (k.to_string(), v.clone())))
             .collect();
-        Ok(KafkaSink { brokers, topic, key, mode, properties })
+        let exactly_once = super::flag(options, "exactly_once")?;
+        let sink_id = options.get("sink_id").cloned();
+        if sink_id.is_some() && !exactly_once {
+            return Err(option_error("sink_id is for exactly_once = 'true' sinks"));
+        }
+        Ok(KafkaSink { brokers, topic, key, mode, properties, exactly_once, sink_id })
     }
 
     /// Checks the sink against the view's columns; returns the key column's index.
@@ -346,6 +542,12 @@ impl KafkaSink {
             .transpose()
     }
 
+    /// How an exactly-once sink tags its messages.
+    fn tags(&self, sink: &str) -> Tags {
+        let id = self.sink_id.clone().unwrap_or_else(|| format!("freshet-{sink}"));
+        Tags { sink: id, brokers: self.brokers.clone(), properties: self.properties.clone() }
+    }
+
     pub fn producer(&self, sink: &str) -> Result<FutureProducer> {
         let mut config = ClientConfig::new();
         config
@@ -353,6 +555,10 @@ impl KafkaSink {
             .set("client.id", format!("freshet-sink-{sink}"))
             .set("linger.ms", "5")
             .set("message.timeout.ms", "30000");
+        if self.exactly_once {
+            // Retries inside the client never write a message twice or out of order.
+            config.set("enable.idempotence", "true");
+        }
         for (key, value) in &self.properties {
             config.set(key, value);
         }
@@ -458,14 +664,35 @@ const DELIVERY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Writes `messages` to the topic; returns once the broker acknowledged all of them.
 pub async fn deliver(producer: &FutureProducer, topic: &str, messages: &[Message]) -> Result<()> {
+    let numbered: Vec<(usize, &Message)> = messages.iter().enumerate().collect();
+    deliver_tagged(producer, topic, &numbered, None).await
+}
+
+/// Writes numbered `messages`; with `tag` = (sink, epoch), each carries the sink, the epoch
+/// and its number as headers.
+async fn deliver_tagged(
+    producer: &FutureProducer,
+    topic: &str,
+    messages: &[(usize, &Message)],
+    tag: Option<(&str, u64)>,
+) -> Result<()> {
+    let epoch = tag.map(|(_, epoch)| epoch.to_string());
     let mut pending = Vec::with_capacity(messages.len());
-    for message in messages {
+    for (index, message) in messages {
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
         if let Some(key) = &message.key {
             record = record.key(key.as_slice());
         }
         if let Some(value) = &message.value {
             record = record.payload(value.as_slice());
+        }
+        if let (Some((sink, _)), Some(epoch)) = (tag, &epoch) {
+            let index = index.to_string();
+            let headers = OwnedHeaders::new()
+                .insert(Header { key: HEADER_SINK, value: Some(sink) })
+                .insert(Header { key: HEADER_EPOCH, value: Some(epoch.as_str()) })
+                .insert(Header { key: HEADER_INDEX, value: Some(index.as_str()) });
+            record = record.headers(headers);
         }
         // `send` waits while librdkafka's queue is full.
         pending.push(producer.send(record, DELIVERY_TIMEOUT));

@@ -161,6 +161,13 @@ impl ChangeBatch {
         ChangeBatch::try_new(batch, Int64Array::from(weights))
     }
 
+    /// The changes one after another, as one batch of rows with columns `schema`.
+    pub fn concat(schema: &SchemaRef, changes: &[ChangeBatch]) -> Result<Self> {
+        let batches: Vec<_> = changes.iter().map(|c| c.batch.clone()).collect();
+        let weights: Vec<i64> = changes.iter().flat_map(|c| c.weights.values().iter().copied()).collect();
+        ChangeBatch::try_new(concat_batches(schema, &batches)?, Int64Array::from(weights))
+    }
+
     /// Flattens into one record batch with a trailing [`WEIGHT_COLUMN`], for storage.
     pub fn to_flat(&self) -> Result<RecordBatch> {
         let mut fields: Vec<Arc<Field>> = self.batch.schema().fields().iter().cloned().collect();

@@ -59,6 +59,18 @@ impl Broker {
         self.run_producer(&["produce-avro", &self.address, topic, schema], &records).await;
     }
 
+    /// Every committed record of `topic` (read with isolation level read_committed), once
+    /// none has arrived for 3 seconds.
+    pub async fn consume_committed(&self, topic: &str) -> Vec<serde_json::Value> {
+        let mut command = Command::new("python3");
+        command.arg(client_script()).args(["consume-committed", &self.address, topic]);
+        let output = super::run_program(command, "python3").await;
+        super::stdout_of(&output, "kafka-python consumer")
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("a JSON record"))
+            .collect()
+    }
+
     async fn run_producer(&self, args: &[&str], records: &[serde_json::Value]) {
         let lines: String = records.iter().map(|r| r.to_string() + "\n").collect();
         let mut command = Command::new("python3");

@@ -133,6 +133,13 @@ pub async fn text_rows(client: &Client, sql: &str) -> Vec<String> {
     rows
 }
 
+/// The single integer `sql` returns, of any integer or numeric type.
+pub async fn integer(client: &Client, sql: &str) -> i64 {
+    let rows = text_rows(client, sql).await;
+    let first = rows.first().unwrap_or_else(|| panic!("{sql}: no row"));
+    first.parse().unwrap_or_else(|e| panic!("{sql}: {first}: {e}"))
+}
+
 /// Runs `sql` (one or more statements), failing the test with the server's error.
 pub async fn execute(client: &Client, sql: &str) {
     client.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {}", db_error(&e)));

@@ -10,6 +10,9 @@ librdkafka), so freshet's reading and writing are checked against someone else's
     client.py consume BROKERS TOPIC N             prints the first N records of every partition
                                                   together, one JSON object per line:
                                                   {"partition", "offset", "key", "value"}
+    client.py consume-committed BROKERS TOPIC     prints every committed record (isolation level
+                                                  read_committed) as consume does, once none has
+                                                  arrived for 3 seconds
 """
 import json
 import sys
@@ -53,8 +56,9 @@ def produce(brokers, topic, encode_value=encode):
     print(sent)
 
 
-def consume(brokers, topic, wanted):
-    consumer = KafkaConsumer(bootstrap_servers=brokers, enable_auto_commit=False, group_id=None)
+def consume(brokers, topic, wanted, isolation_level="read_uncommitted", idle=None):
+    consumer = KafkaConsumer(bootstrap_servers=brokers, enable_auto_commit=False, group_id=None,
+                             isolation_level=isolation_level)
     deadline = time.time() + 60
     partitions = None
     while partitions is None and time.time() < deadline:
@@ -67,8 +71,12 @@ def consume(brokers, topic, wanted):
     consumer.assign(assigned)
     consumer.seek_to_beginning(*assigned)
     records = []
+    last = time.time()
     while len(records) < wanted and time.time() < deadline:
+        if idle is not None and time.time() - last > idle:
+            break
         for batch in consumer.poll(timeout_ms=500).values():
+            last = time.time()
             for m in batch:
                 records.append({
                     "partition": m.partition,
@@ -89,5 +97,7 @@ if __name__ == "__main__":
         produce(brokers, topic, avro_encoder(sys.argv[4]))
     elif command == "consume":
         consume(brokers, topic, int(sys.argv[4]))
+    elif command == "consume-committed":
+        consume(brokers, topic, float("inf"), isolation_level="read_committed", idle=3)
     else:
         sys.exit(f"unknown command {command}")

@@ -3,8 +3,6 @@
 //! The sink (owned by the catalog) applies them to the view's arrangement and publishes it.
 
 use async_trait::async_trait;
-use datafusion::arrow::array::Int64Array;
-use datafusion::arrow::compute::concat_batches;
 use datafusion::arrow::datatypes::SchemaRef;
 
 use datafusion::arrow::record_batch::RecordBatch;
@@ -45,7 +43,23 @@ pub trait EpochSink: Send {
     fn restore_rows(&mut self, _rows: Vec<RecordBatch>) -> Result<()> {
         Err(crate::error::Error::Internal("this sink keeps no checkpointed rows".into()))
     }
+
+    /// What exactly-once sinks have yet to deliver, for a checkpoint (`None`: no such sink).
+    fn outbox_state(&mut self) -> Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+
+    /// Loads what [`EpochSink::outbox_state`] wrote, before the first commit.
+    fn restore_outbox(&mut self, _state: &[u8]) -> Result<()> {
+        Err(crate::error::Error::Internal("this sink has no outboxes".into()))
+    }
 }
+
+/// The tags a view's checkpoint state starts with: its rows whole, its rows as a row
+/// store's files, or the outboxes of exactly-once sinks followed by one of the other two.
+const ROWS_WHOLE: u64 = 0;
+const ROWS_STORE: u64 = 1;
+const OUTBOXES: u64 = 2;
 
 /// Rows at least this large are checkpointed into a local store of row counts, so later
 /// checkpoints upload only the files holding what changed.
@@ -122,10 +136,7 @@ impl MaterializeOperator {
         if pending.is_empty() {
             return Ok(true);
         }
-        let batches: Vec<_> = pending.iter().map(|c| c.batch().clone()).collect();
-        let weights: Vec<i64> = pending.iter().flat_map(|c| c.weights().values().iter().copied()).collect();
-        let change = ChangeBatch::try_new(concat_batches(&self.schema, &batches)?, Int64Array::from(weights))?;
-        let change = change.consolidate()?;
+        let change = ChangeBatch::concat(&self.schema, &pending)?.consolidate()?;
         let encoded = converter.convert_columns(change.batch().columns())?;
         let mut values = Vec::with_capacity(change.num_rows());
         for (row, weight) in encoded.iter().zip(change.weights().values()) {
@@ -158,11 +169,7 @@ impl Operator for MaterializeOperator {
     }
 
     async fn on_barrier(&mut self, barrier: &Barrier, _out: &mut Output) -> Result<()> {
-        let batches: Vec<_> = self.buffered.iter().map(|c| c.batch().clone()).collect();
-        let weights: Vec<i64> = self.buffered.iter().flat_map(|c| c.weights().values().iter().copied()).collect();
-        self.buffered.clear();
-        let batch = concat_batches(&self.schema, &batches)?;
-        let change = ChangeBatch::try_new(batch, Int64Array::from(weights))?;
+        let change = ChangeBatch::concat(&self.schema, &std::mem::take(&mut self.buffered))?;
         // Only retractions can cancel out: an epoch of insertions is already its own net
         // change (a row inserted twice is two rows either way), so it skips the row
         // encoding consolidation costs.
@@ -184,23 +191,14 @@ impl Operator for MaterializeOperator {
         self.sink.commit(barrier, change)
     }
 
-    /// Checkpoints come after the epoch's commit, so nothing is buffered: the state is the
-    /// sink's rows: whole for a small view, else as the files of its row store.
+    /// The view's rows, preceded by the outboxes of its exactly-once sinks if it has any.
     fn checkpoint(&mut self) -> Result<Option<Vec<u8>>> {
-        if !self.sync_rows()? {
-            let Some(state) = self.sink.checkpoint()? else { return Ok(None) };
-            let mut bytes = Vec::with_capacity(state.len() + 8);
-            bytes.extend_from_slice(&0u64.to_le_bytes());
-            bytes.extend_from_slice(&state);
-            return Ok(Some(bytes));
-        }
-        let rows = self.rows.as_mut().ok_or_else(|| crate::error::Error::Internal("row store vanished".into()))?;
-        let store = rows.store.as_mut().ok_or_else(|| crate::error::Error::Internal("row store vanished".into()))?;
-        let (small, files) = store.checkpoint()?;
-        let mut w = StateWriter::default();
-        w.u64(1);
-        write_store_files(&mut w, &small, &files);
-        rows.files = files;
+        let Some(rows) = self.checkpoint_rows()? else { return Ok(None) };
+        let Some(outboxes) = self.sink.outbox_state()? else { return Ok(Some(rows)) };
+        let mut w = StateWriter::with_capacity(outboxes.len() + rows.len() + 24);
+        w.u64(OUTBOXES);
+        w.bytes(&outboxes);
+        w.bytes(&rows);
         Ok(Some(w.finish()))
     }
 
@@ -230,11 +228,50 @@ impl Operator for MaterializeOperator {
     }
 
     fn restore(&mut self, state: &[u8]) -> Result<()> {
+        let (tag, _) = state.split_at_checked(8).ok_or_else(|| crate::error::Error::Corrupt {
+            location: "checkpointed rows of a view".into(),
+            reason: "truncated".into(),
+        })?;
+        if tag == OUTBOXES.to_le_bytes() {
+            let mut r = StateReader::new(state, "a view with exactly-once sinks");
+            r.u64()?;
+            self.sink.restore_outbox(r.bytes()?)?;
+            let rows = r.bytes()?;
+            r.finish()?;
+            return self.restore_checkpointed_rows(rows);
+        }
+        self.restore_checkpointed_rows(state)
+    }
+}
+
+impl MaterializeOperator {
+    /// The view's rows for a checkpoint: whole for a small view, else as the files of its
+    /// row store (checkpoints come after the epoch's commit, so nothing is buffered).
+    fn checkpoint_rows(&mut self) -> Result<Option<Vec<u8>>> {
+        if !self.sync_rows()? {
+            let Some(state) = self.sink.checkpoint()? else { return Ok(None) };
+            let mut bytes = Vec::with_capacity(state.len() + 8);
+            bytes.extend_from_slice(&ROWS_WHOLE.to_le_bytes());
+            bytes.extend_from_slice(&state);
+            return Ok(Some(bytes));
+        }
+        let rows = self.rows.as_mut().ok_or_else(|| crate::error::Error::Internal("row store vanished".into()))?;
+        let store = rows.store.as_mut().ok_or_else(|| crate::error::Error::Internal("row store vanished".into()))?;
+        let (small, files) = store.checkpoint()?;
+        let mut w = StateWriter::default();
+        w.u64(ROWS_STORE);
+        write_store_files(&mut w, &small, &files);
+        rows.files = files;
+        Ok(Some(w.finish()))
+    }
+
+    /// Restores what [`MaterializeOperator::checkpoint_rows`] wrote.
+    fn restore_checkpointed_rows(&mut self, state: &[u8]) -> Result<()> {
         let (tag, rest) = state.split_at_checked(8).ok_or_else(|| crate::error::Error::Corrupt {
             location: "checkpointed rows of a view".into(),
             reason: "truncated".into(),
         })?;
-        if tag == 0u64.to_le_bytes() {
+        if tag == ROWS_WHOLE.to_le_bytes() {
             return self.sink.restore(rest);
         }
         let mut r = StateReader::new(state, "the row store of a view");
