@@ -87,21 +87,60 @@ impl Side {
         self.by_key.get(key).and_then(|rows| rows.get(row)).copied().unwrap_or(0)
     }
 
+    /// Adds `w` copies of `row` under `key`. Keys and rows are copied only when new: this
+    /// runs for every row a join sees.
     fn add(&mut self, key: &[u8], row: &[u8], w: i64) {
-        let rows = self.by_key.entry(key.into()).or_default();
-        let count = rows.entry(row.into()).or_insert(0);
-        *count += w;
-        if *count == 0 {
-            rows.remove(row);
+        if w == 0 {
+            return;
         }
+        match self.by_key.get_mut(key) {
+            Some(rows) => {
+                match rows.get_mut(row) {
+                    Some(count) => {
+                        *count += w;
+                        if *count == 0 {
+                            rows.remove(row);
+                        }
+                    }
+                    None => {
+                        rows.insert(row.into(), w);
+                    }
+                }
+                if rows.is_empty() {
+                    self.by_key.remove(key);
+                }
+            }
+            None => {
+                let mut rows = RowCounts::default();
+                rows.insert(row.into(), w);
+                self.by_key.insert(key.into(), rows);
+            }
+        }
+        self.add_weight(key, w);
+    }
+
+    fn add_weight(&mut self, key: &[u8], w: i64) {
+        match self.weight.get_mut(key) {
+            Some(total) => {
+                *total += w;
+                if *total == 0 {
+                    self.weight.remove(key);
+                }
+            }
+            None => {
+                self.weight.insert(key.into(), w);
+            }
+        }
+    }
+
+    /// Removes every copy of `row` under `key`.
+    fn forget(&mut self, key: &[u8], row: &[u8]) {
+        let Some(rows) = self.by_key.get_mut(key) else { return };
+        let Some(count) = rows.remove(row) else { return };
         if rows.is_empty() {
             self.by_key.remove(key);
         }
-        let total = self.weight.entry(key.into()).or_insert(0);
-        *total += w;
-        if *total == 0 {
-            self.weight.remove(key);
-        }
+        self.add_weight(key, -count);
     }
 }
 
@@ -242,10 +281,7 @@ impl JoinOperator {
             let open = interval.by_time[port].split_off(&bound);
             let closed = std::mem::replace(&mut interval.by_time[port], open);
             for (key, row) in closed.into_values().flatten() {
-                let count = side.count_of(&key, &row);
-                if count != 0 {
-                    side.add(&key, &row, -count);
-                }
+                side.forget(&key, &row);
             }
         }
     }
@@ -669,11 +705,18 @@ impl Operator for JoinOperator {
         };
         let kind = self.kind;
         let mut pieces: Vec<Piece> = Vec::new();
+        // The other side's unmatched rows appear or disappear as this side's keys go between
+        // zero and non-zero weight.
+        let other_reacts = match (port, kind) {
+            (0, _) => kind.pads_right(),
+            (_, JoinKind::LeftSemi | JoinKind::LeftAnti) => true,
+            _ => kind.pads_left(),
+        };
         // Keys whose weight on this side changes, with the weight before the change.
         let mut before: FastMap<Box<[u8]>, i64> = FastMap::default();
         let (this, other) = if port == 0 { (&mut self.left, &self.right) } else { (&mut self.right, &self.left) };
         let pads_this = if port == 0 { kind.pads_left() } else { kind.pads_right() };
-        for (i, key) in keys.iter().enumerate() {
+        for (i, key) in keys.into_iter().enumerate() {
             let w = input.weights().value(i);
             let row: Box<[u8]> = Box::from(rows.row(i).as_ref());
             let Some(key) = key else {
@@ -685,9 +728,9 @@ impl Operator for JoinOperator {
                 }
                 continue;
             };
-            let other_weight = other.weight_of(key);
+            let other_weight = other.weight_of(&key);
             if kind.pairs()
-                && let Some(matches) = other.by_key.get(key)
+                && let Some(matches) = other.by_key.get(&key)
             {
                 for (other_row, count) in matches {
                     let (l, r) =
@@ -703,22 +746,17 @@ impl Operator for JoinOperator {
                 }
                 _ => {}
             }
-            before.entry(key.clone()).or_insert_with(|| this.weight_of(key));
-            this.add(key, &row, w);
+            if other_reacts && !before.contains_key(&key) {
+                before.insert(key.clone(), this.weight_of(&key));
+            }
+            this.add(&key, &row, w);
             if let (Some(times), Some(interval)) = (&interval_times, &mut self.interval)
                 && times.is_valid(i)
                 && w > 0
             {
-                interval.by_time[port].entry(times.value(i)).or_default().push((key.clone(), row.clone()));
+                interval.by_time[port].entry(times.value(i)).or_default().push((key, row));
             }
         }
-        // The other side's unmatched rows appear or disappear as this side's keys go between
-        // zero and non-zero weight.
-        let other_reacts = match (port, kind) {
-            (0, _) => kind.pads_right(),
-            (_, JoinKind::LeftSemi | JoinKind::LeftAnti) => true,
-            _ => kind.pads_left(),
-        };
         if other_reacts {
             for (key, old) in before {
                 let new = this.weight_of(&key);
