@@ -19,14 +19,6 @@ const VIEWS: [(&str, &str); 3] = [
     ("named", "SELECT a.name, count(*) AS n FROM {} AS b JOIN auctions AS a ON b.auction % 10 = a.id GROUP BY a.name"),
 ];
 
-async fn rows(client: &Client, sql: &str) -> Vec<String> {
-    common::text_rows(client, sql).await
-}
-
-async fn run(client: &Client, sql: &str) {
-    common::execute(client, sql).await
-}
-
 fn source(name: &str, retention: &str) -> String {
     format!(
         "CREATE SOURCE {name} WITH (connector = 'nexmark', kind = 'bid', rate = '4000', events = '{EVENTS}',
@@ -38,7 +30,7 @@ fn source(name: &str, retention: &str) -> String {
 async fn wait_for_everything(client: &Client) {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        run(client, "FLUSH").await;
+        common::execute(client, "FLUSH").await;
         let counted = common::integer(client, "SELECT coalesce(sum(n), 0) FROM per_auction_forget").await;
         let kept = common::integer(client, "SELECT count(*) FROM bid_keep").await;
         if counted == EVENTS && kept == EVENTS {
@@ -50,10 +42,10 @@ async fn wait_for_everything(client: &Client) {
 }
 
 async fn assert_views_agree(client: &Client, when: &str) {
-    run(client, "FLUSH").await;
+    common::execute(client, "FLUSH").await;
     for (view, _) in VIEWS {
-        let forget = rows(client, &format!("SELECT * FROM {view}_forget")).await;
-        let keep = rows(client, &format!("SELECT * FROM {view}_keep")).await;
+        let forget = common::text_rows(client, &format!("SELECT * FROM {view}_forget")).await;
+        let keep = common::text_rows(client, &format!("SELECT * FROM {view}_keep")).await;
         assert!(!forget.is_empty(), "{view} has rows {when}");
         let only_forget: Vec<_> = forget.iter().filter(|r| !keep.contains(r)).take(5).collect();
         let only_keep: Vec<_> = keep.iter().filter(|r| !forget.contains(r)).take(5).collect();
@@ -73,16 +65,21 @@ async fn a_source_forgets_checkpointed_rows_and_its_views_stay_exact_across_kill
     let args = ["--checkpoint-interval", "off", "--snapshot-every", "50"];
     let server = Process::start(dir.path(), &args);
     let c = common::connect(&server.connection_string).await;
-    run(&c, "CREATE TABLE auctions (id BIGINT PRIMARY KEY, name TEXT); INSERT INTO auctions SELECT x, 'a' || x FROM generate_series(0, 9) AS s(x)").await;
-    run(&c, &source("bid_forget", "none")).await;
-    run(&c, &source("bid_keep", "all")).await;
+    common::execute(&c, "CREATE TABLE auctions (id BIGINT PRIMARY KEY, name TEXT); INSERT INTO auctions SELECT x, 'a' || x FROM generate_series(0, 9) AS s(x)").await;
+    common::execute(&c, &source("bid_forget", "none")).await;
+    common::execute(&c, &source("bid_keep", "all")).await;
     for (view, query) in VIEWS {
-        run(&c, &format!("CREATE MATERIALIZED VIEW {view}_forget AS {}", query.replace("{}", "bid_forget"))).await;
-        run(&c, &format!("CREATE MATERIALIZED VIEW {view}_keep AS {}", query.replace("{}", "bid_keep"))).await;
+        common::execute(
+            &c,
+            &format!("CREATE MATERIALIZED VIEW {view}_forget AS {}", query.replace("{}", "bid_forget")),
+        )
+        .await;
+        common::execute(&c, &format!("CREATE MATERIALIZED VIEW {view}_keep AS {}", query.replace("{}", "bid_keep")))
+            .await;
     }
     // Mid-ingestion: checkpoints make the source forget what they hold.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    run(&c, "CHECKPOINT").await;
+    common::execute(&c, "CHECKPOINT").await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while kept_rows(&c).await >= common::integer(&c, "SELECT count(*) FROM bid_keep").await {
         assert!(Instant::now() < deadline, "the source never forgot the rows the checkpoint holds");
@@ -90,17 +87,17 @@ async fn a_source_forgets_checkpointed_rows_and_its_views_stay_exact_across_kill
     }
     // (The two sources are at different offsets while they ingest: the views are compared
     // once both have every event.)
-    run(&c, "CHECKPOINT").await;
+    common::execute(&c, "CHECKPOINT").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    run(&c, "CHECKPOINT").await;
+    common::execute(&c, "CHECKPOINT").await;
     server.kill_9();
 
     // The restart restores every view from its checkpoint; the generators go on.
     let server = Process::start(dir.path(), &args);
     let c = common::connect(&server.connection_string).await;
-    let failures = rows(&c, "SELECT view FROM freshet_catalog.views WHERE failure IS NOT NULL").await;
+    let failures = common::text_rows(&c, "SELECT view FROM freshet_catalog.views WHERE failure IS NOT NULL").await;
     assert!(failures.is_empty(), "no view failed: {failures:?}");
-    let restored = rows(
+    let restored = common::text_rows(
         &c,
         "SELECT view FROM freshet_catalog.views WHERE view LIKE '%forget' AND restored_from_epoch IS NOT NULL",
     );
@@ -111,7 +108,7 @@ async fn a_source_forgets_checkpointed_rows_and_its_views_stay_exact_across_kill
     let snapshots = common::integer(&c, "SELECT count(*) FROM freshet_catalog.snapshots WHERE status = 'ok'").await;
 
     // Everything is in; a last checkpoint lets the source forget every row.
-    run(&c, "CHECKPOINT").await;
+    common::execute(&c, "CHECKPOINT").await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while kept_rows(&c).await > 0 {
         assert!(Instant::now() < deadline, "the source kept rows every view has checkpointed");
@@ -119,9 +116,9 @@ async fn a_source_forgets_checkpointed_rows_and_its_views_stay_exact_across_kill
     }
     // More commits: a snapshot cut at that checkpoint replaces the log.
     for i in 0..60 {
-        run(&c, &format!("UPDATE auctions SET name = 'a{i}' WHERE id = 9")).await;
+        common::execute(&c, &format!("UPDATE auctions SET name = 'a{i}' WHERE id = 9")).await;
     }
-    run(&c, "UPDATE auctions SET name = 'a9' WHERE id = 9").await;
+    common::execute(&c, "UPDATE auctions SET name = 'a9' WHERE id = 9").await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while common::integer(&c, "SELECT count(*) FROM freshet_catalog.snapshots WHERE status = 'ok'").await <= snapshots {
         assert!(Instant::now() < deadline, "no snapshot was written");
@@ -131,7 +128,8 @@ async fn a_source_forgets_checkpointed_rows_and_its_views_stay_exact_across_kill
 
     let server = Process::start(dir.path(), &args);
     let c = common::connect(&server.connection_string).await;
-    let failures = rows(&c, "SELECT view, failure FROM freshet_catalog.views WHERE failure IS NOT NULL").await;
+    let failures =
+        common::text_rows(&c, "SELECT view, failure FROM freshet_catalog.views WHERE failure IS NOT NULL").await;
     assert!(failures.is_empty(), "no view failed after a restart from a snapshot: {failures:?}");
     assert_eq!(kept_rows(&c).await, 0, "the snapshot holds none of the forgotten rows");
     assert_eq!(common::integer(&c, "SELECT count(*) FROM bid_keep").await, EVENTS);
@@ -139,7 +137,7 @@ async fn a_source_forgets_checkpointed_rows_and_its_views_stay_exact_across_kill
     assert_eq!(common::integer(&c, "SELECT sum(n) FROM per_auction_forget").await, EVENTS);
 
     // A new view over the forgetting source sees only the rows it still has.
-    run(&c, "CREATE MATERIALIZED VIEW late_count AS SELECT count(*) AS n FROM bid_forget").await;
+    common::execute(&c, "CREATE MATERIALIZED VIEW late_count AS SELECT count(*) AS n FROM bid_forget").await;
     assert_eq!(common::integer(&c, "SELECT n FROM late_count").await, 0);
 }
 
@@ -148,7 +146,7 @@ async fn a_view_that_cannot_be_checkpointed_keeps_its_sources_rows() {
     let dir = tempfile::tempdir().expect("temp dir");
     let server = Process::start(dir.path(), &["--checkpoint-interval", "off"]);
     let c = common::connect(&server.connection_string).await;
-    run(
+    common::execute(
         &c,
         "CREATE SOURCE bids WITH (connector = 'nexmark', kind = 'bid', rate = '0', events = '2000', retention = 'none');
          CREATE MATERIALIZED VIEW spread AS SELECT approx_percentile_cont(price, 0.5) AS median FROM bids",
@@ -159,8 +157,8 @@ async fn a_view_that_cannot_be_checkpointed_keeps_its_sources_rows() {
         assert!(Instant::now() < deadline, "ingestion stalled");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    run(&c, "CHECKPOINT").await;
-    run(&c, "CHECKPOINT").await;
+    common::execute(&c, "CHECKPOINT").await;
+    common::execute(&c, "CHECKPOINT").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         common::integer(&c, "SELECT count(*) FROM bids").await,

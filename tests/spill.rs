@@ -14,18 +14,10 @@ const VIEW: &str = "SELECT g, count(*) AS n, count(DISTINCT v) AS kinds, min(v) 
                            sum(v) AS total, string_agg(v::text, ',' ORDER BY v::text) AS listed
                     FROM t GROUP BY g";
 
-async fn rows(client: &Client, sql: &str) -> Vec<String> {
-    common::text_rows(client, sql).await
-}
-
-async fn run(client: &Client, sql: &str) {
-    common::execute(client, sql).await
-}
-
 /// The view equals its query over the table as it is now (compared in the server, so
 /// 100k groups do not cross the wire twice; a sample does, to show it is not vacuous).
 async fn assert_view_is_right(client: &Client, when: &str) {
-    run(client, "FLUSH").await;
+    common::execute(client, "FLUSH").await;
     let differing = format!(
         "SELECT count(*) FROM (
             (SELECT * FROM groups EXCEPT ALL ({VIEW}))
@@ -35,21 +27,27 @@ async fn assert_view_is_right(client: &Client, when: &str) {
     assert_eq!(common::integer(client, &differing).await, 0, "the view differs from its query {when}");
     let sample = "SELECT * FROM groups WHERE g IN (7, 4242, 99999)";
     let batch = format!("SELECT * FROM ({VIEW}) AS q WHERE g IN (7, 4242, 99999)");
-    assert_eq!(rows(client, sample).await, rows(client, &batch).await, "sampled groups {when}");
+    assert_eq!(
+        common::text_rows(client, sample).await,
+        common::text_rows(client, &batch).await,
+        "sampled groups {when}"
+    );
     assert!(common::integer(client, "SELECT count(*) FROM groups").await > 50_000, "{when}: the view has its groups");
 }
 
 /// (bytes in memory, bytes spilled) of the view's state.
 async fn usage(client: &Client) -> (i64, i64) {
-    let line =
-        rows(client, "SELECT state_memory_bytes, state_spilled_bytes FROM freshet_catalog.views WHERE view = 'groups'")
-            .await;
+    let line = common::text_rows(
+        client,
+        "SELECT state_memory_bytes, state_spilled_bytes FROM freshet_catalog.views WHERE view = 'groups'",
+    )
+    .await;
     let (memory, spilled) = line[0].split_once('|').expect("two columns");
     (memory.parse().expect("memory"), spilled.parse().expect("spilled"))
 }
 
 async fn checkpoint_bytes(client: &Client) -> i64 {
-    run(client, "CHECKPOINT").await;
+    common::execute(client, "CHECKPOINT").await;
     common::integer(
         client,
         "SELECT bytes FROM freshet_catalog.checkpoints WHERE status = 'ok' ORDER BY epoch DESC LIMIT 1",
@@ -64,11 +62,11 @@ async fn a_view_with_state_many_times_the_memory_limit_spills_checkpoints_what_c
     let args = ["--checkpoint-interval", "off", "--memory-limit", &limit, "--workers", "1"];
     let server = Process::start(dir.path(), &args);
     let c = common::connect(&server.connection_string).await;
-    run(&c, "CREATE TABLE t (k BIGINT PRIMARY KEY, g BIGINT NOT NULL, v BIGINT NOT NULL)").await;
-    run(&c, &format!("CREATE MATERIALIZED VIEW groups AS {VIEW}")).await;
+    common::execute(&c, "CREATE TABLE t (k BIGINT PRIMARY KEY, g BIGINT NOT NULL, v BIGINT NOT NULL)").await;
+    common::execute(&c, &format!("CREATE MATERIALIZED VIEW groups AS {VIEW}")).await;
     // 100k groups of five values each, inserted in ten statements (ten epochs at least).
     for part in 0..10 {
-        run(
+        common::execute(
             &c,
             &format!(
                 "INSERT INTO t SELECT x, x % 100000, (x * 7919) % 1000003 FROM generate_series({}, {}) AS s(x)",
@@ -85,13 +83,13 @@ async fn a_view_with_state_many_times_the_memory_limit_spills_checkpoints_what_c
     assert!(spilled >= 5 * limit, "the spilled state ({spilled} bytes, compressed) is at least 5x the limit");
 
     // Deletes and updates reach spilled groups: they are read back, changed and spilled again.
-    run(&c, "DELETE FROM t WHERE k % 97 = 0; UPDATE t SET v = v + 1 WHERE k % 89 = 0").await;
+    common::execute(&c, "DELETE FROM t WHERE k % 97 = 0; UPDATE t SET v = v + 1 WHERE k % 89 = 0").await;
     assert_view_is_right(&c, "after deletes and updates of spilled groups").await;
 
     // The first checkpoint uploads the whole store; after 1% of the groups change, the next
     // one uploads about that much: files already uploaded are only referenced again.
     let whole = checkpoint_bytes(&c).await;
-    run(&c, "UPDATE t SET v = v + 2 WHERE g % 100 = 3").await;
+    common::execute(&c, "UPDATE t SET v = v + 2 WHERE g % 100 = 3").await;
     let incremental = checkpoint_bytes(&c).await;
     assert!(
         incremental * 10 < whole,
@@ -104,7 +102,7 @@ async fn a_view_with_state_many_times_the_memory_limit_spills_checkpoints_what_c
     assert!(shared.iter().any(|f| f.ends_with(".sst")), "the spilled files are in the store: {shared:?}");
 
     // Committed after the checkpoint, then the process dies.
-    run(&c, "DELETE FROM t WHERE g % 1000 = 17; INSERT INTO t VALUES (-1, 123456789, 5), (-2, 7, 5)").await;
+    common::execute(&c, "DELETE FROM t WHERE g % 1000 = 17; INSERT INTO t VALUES (-1, 123456789, 5), (-2, 7, 5)").await;
     assert_view_is_right(&c, "before the kill").await;
     server.kill_9();
 
@@ -112,17 +110,20 @@ async fn a_view_with_state_many_times_the_memory_limit_spills_checkpoints_what_c
     std::fs::remove_dir_all(dir.path().join("spill")).expect("the spill directory existed");
     let server = Process::start(dir.path(), &args);
     let c = common::connect(&server.connection_string).await;
-    let restored = rows(&c, "SELECT restored_from_epoch IS NOT NULL FROM freshet_catalog.views WHERE view = 'groups'");
+    let restored = common::text_rows(
+        &c,
+        "SELECT restored_from_epoch IS NOT NULL FROM freshet_catalog.views WHERE view = 'groups'",
+    );
     assert_eq!(restored.await, vec!["t"], "the view is restored from its checkpoint's files, not recomputed");
     assert_view_is_right(&c, "after the restore and the changes after the checkpoint").await;
-    run(&c, "UPDATE t SET v = 0 WHERE k % 5 = 1; DELETE FROM t WHERE g < 1000").await;
+    common::execute(&c, "UPDATE t SET v = 0 WHERE k % 5 = 1; DELETE FROM t WHERE g < 1000").await;
     assert_view_is_right(&c, "after more changes to the restored state").await;
     let (memory, spilled) = usage(&c).await;
     assert!(memory <= limit && spilled > 0, "still spilled after the restart: {memory} in memory, {spilled} on disk");
 
     // Old checkpoints go, and with them the files no kept checkpoint refers to.
     for _ in 0..4 {
-        run(&c, "UPDATE t SET v = v + 1 WHERE g % 50 = 1").await;
+        common::execute(&c, "UPDATE t SET v = v + 1 WHERE g % 50 = 1").await;
         checkpoint_bytes(&c).await;
     }
     let manifests = walk(&dir.path().join("checkpoint")).into_iter().filter(|f| f.ends_with("MANIFEST")).count();
@@ -130,7 +131,10 @@ async fn a_view_with_state_many_times_the_memory_limit_spills_checkpoints_what_c
     drop(server);
     let server = Process::start(dir.path(), &args);
     let c = common::connect(&server.connection_string).await;
-    let restored = rows(&c, "SELECT restored_from_epoch IS NOT NULL FROM freshet_catalog.views WHERE view = 'groups'");
+    let restored = common::text_rows(
+        &c,
+        "SELECT restored_from_epoch IS NOT NULL FROM freshet_catalog.views WHERE view = 'groups'",
+    );
     assert_eq!(restored.await, vec!["t"], "the newest checkpoint still has every file it needs");
     assert_view_is_right(&c, "after old checkpoints and their files were deleted").await;
 }

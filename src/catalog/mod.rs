@@ -195,12 +195,17 @@ impl Writer {
     }
 
     fn apply(&mut self, table: &str, change: &ChangeBatch) -> Result<()> {
+        self.update(table, |state| state.apply(change))
+    }
+
+    /// Changes table `table` with `change` and makes its new version the working one.
+    fn update<T>(&mut self, table: &str, change: impl FnOnce(&mut TableState) -> Result<T>) -> Result<T> {
         let state =
             self.tables.get_mut(table).ok_or_else(|| Error::UndefinedTable { name: table.into(), position: None })?;
-        state.apply(change)?;
+        let changed = change(state)?;
         let version = state.version();
         self.replace_version(table, Some(version));
-        Ok(())
+        Ok(changed)
     }
 
     /// Moves source `table`'s ledger to `offsets`, with `dead` letters added; `count` sets
@@ -212,25 +217,21 @@ impl Writer {
         dead: &[crate::connectors::DeadLetter],
         count: Option<u64>,
     ) -> Result<Arc<source::Ledger>> {
-        let state =
-            self.tables.get_mut(table).ok_or_else(|| Error::UndefinedTable { name: table.into(), position: None })?;
-        let ledger = Arc::new(
-            state.ledger().map_or_else(source::Ledger::default, |l| l.as_ref().clone()).advanced(offsets, dead, count),
-        );
-        state.set_ledger(ledger.clone());
-        let version = state.version();
-        self.replace_version(table, Some(version));
-        Ok(ledger)
+        self.update(table, |state| {
+            let ledger = Arc::new(
+                state
+                    .ledger()
+                    .map_or_else(source::Ledger::default, |l| l.as_ref().clone())
+                    .advanced(offsets, dead, count),
+            );
+            state.set_ledger(ledger.clone());
+            Ok(ledger)
+        })
     }
 
     /// Source `table` forgets its rows numbered below `before`.
     fn trim(&mut self, table: &str, before: u64) -> Result<()> {
-        let state =
-            self.tables.get_mut(table).ok_or_else(|| Error::UndefinedTable { name: table.into(), position: None })?;
-        state.trim(before)?;
-        let version = state.version();
-        self.replace_version(table, Some(version));
-        Ok(())
+        self.update(table, |state| state.trim(before))
     }
 
     fn replace_version(&mut self, table: &str, version: Option<table::TableVersion>) {
@@ -701,7 +702,7 @@ impl Database {
             .shared
             .sinks()
             .iter()
-            .filter(|(_, s)| crate::connectors::flag(&s.options, "exactly_once").unwrap_or(false))
+            .filter(|(_, s)| s.exactly_once)
             .map(|(name, s)| (name.clone(), s.from.clone()))
             .collect();
         for (view, handle) in self.shared.views().iter() {

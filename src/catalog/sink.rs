@@ -25,6 +25,7 @@ pub struct SinkHandle {
     pub from: String,
     pub options: Options,
     pub progress: Arc<Progress>,
+    pub exactly_once: bool,
     /// The checkpoint epoch through which an exactly-once sink delivered everything (0: none
     /// yet).
     pub delivered: Arc<AtomicU64>,
@@ -156,14 +157,16 @@ impl Database {
     ) {
         let progress = Arc::new(Progress::new());
         let delivered = Arc::new(AtomicU64::new(0));
-        let task = match spec.exactly_once() {
+        let exactly_once = spec.exactly_once();
+        let task = match exactly_once {
             true => {
                 let delivery = Delivery { progress: progress.clone(), delivered: delivered.clone(), restarted };
                 tokio::spawn(run_exactly_once(self.clone_weak(), name.clone(), from.clone(), spec, delivery))
             }
             false => tokio::spawn(run_sink(self.clone_weak(), name.clone(), from.clone(), spec, progress.clone())),
         };
-        let handle = SinkHandle { id, from, options, progress, delivered, task: Some(task.abort_handle()) };
+        let handle =
+            SinkHandle { id, from, options, progress, exactly_once, delivered, task: Some(task.abort_handle()) };
         if let Some(old) = self.shared.sinks().insert(name, handle) {
             old.stop();
         }

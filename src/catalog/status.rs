@@ -251,14 +251,8 @@ fn sinks(shared: &Shared) -> Result<RecordBatch> {
         big("waiting_rows", true),
     ]));
     // One lock at a time: sinks, then views.
-    let outboxes: Vec<Option<(String, String)>> = shared
-        .sinks()
-        .iter()
-        .map(|(name, s)| {
-            let exactly_once = crate::connectors::flag(&s.options, "exactly_once").unwrap_or(false);
-            exactly_once.then(|| (name.clone(), s.from.clone()))
-        })
-        .collect();
+    let outboxes: Vec<Option<(String, String)>> =
+        shared.sinks().iter().map(|(name, s)| s.exactly_once.then(|| (name.clone(), s.from.clone()))).collect();
     let waiting: Vec<Option<i64>> = {
         let views = shared.views();
         let rows = |(name, from): &(String, String)| Some(views.get(from)?.subscribers.outbox_rows(name) as i64);
@@ -267,8 +261,6 @@ fn sinks(shared: &Shared) -> Result<RecordBatch> {
     let sinks = shared.sinks();
     let list: Vec<(&String, &super::sink::SinkHandle, crate::connectors::ProgressReport)> =
         sinks.iter().map(|(n, s)| (n, s, s.progress.report())).collect();
-    let exactly_once =
-        |s: &super::sink::SinkHandle| crate::connectors::flag(&s.options, "exactly_once").unwrap_or(false);
     let option = |s: &super::sink::SinkHandle, name: &str, default: &str| {
         s.options.get(name).cloned().unwrap_or_else(|| default.to_string())
     };
@@ -286,9 +278,9 @@ fn sinks(shared: &Shared) -> Result<RecordBatch> {
         Arc::new(Int64Array::from_iter_values(list.iter().map(|(_, _, r)| r.errors as i64))),
         Arc::new(StringArray::from_iter_values(list.iter().map(|(_, _, r)| r.state.status.clone()))),
         Arc::new(StringArray::from_iter(list.iter().map(|(_, _, r)| r.state.last_error.clone()))),
-        Arc::new(BooleanArray::from_iter(list.iter().map(|(_, s, _)| Some(exactly_once(s))))),
+        Arc::new(BooleanArray::from_iter(list.iter().map(|(_, s, _)| Some(s.exactly_once)))),
         Arc::new(Int64Array::from_iter(list.iter().map(|(_, s, _)| {
-            exactly_once(s).then(|| s.delivered.load(std::sync::atomic::Ordering::Acquire) as i64).filter(|&e| e > 0)
+            s.exactly_once.then(|| s.delivered.load(std::sync::atomic::Ordering::Acquire) as i64).filter(|&e| e > 0)
         }))),
         Arc::new(Int64Array::from(waiting)),
     ];

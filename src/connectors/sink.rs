@@ -422,7 +422,9 @@ impl Tags {
                 _ => {}
             }
         }
-        (sink == Some(self.sink.as_str())).then_some(())?;
+        if sink != Some(self.sink.as_str()) {
+            return None; // another writer's message
+        }
         Some((epoch?, index?))
     }
 }

@@ -228,11 +228,7 @@ impl Operator for MaterializeOperator {
     }
 
     fn restore(&mut self, state: &[u8]) -> Result<()> {
-        let (tag, _) = state.split_at_checked(8).ok_or_else(|| crate::error::Error::Corrupt {
-            location: "checkpointed rows of a view".into(),
-            reason: "truncated".into(),
-        })?;
-        if tag == OUTBOXES.to_le_bytes() {
+        if state.starts_with(&OUTBOXES.to_le_bytes()) {
             let mut r = StateReader::new(state, "a view with exactly-once sinks");
             r.u64()?;
             self.sink.restore_outbox(r.bytes()?)?;
