@@ -14,7 +14,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use rocksdb::{BlockBasedOptions, DB, DBCompressionType, Options, WriteBatch, WriteOptions};
+use rocksdb::{
+    BlockBasedOptions, DB, DBCompressionType, IngestExternalFileOptions, Options, SstFileWriter, WriteBatch,
+    WriteOptions,
+};
 
 use crate::error::{Error, Result};
 
@@ -115,10 +118,23 @@ fn lineage() -> String {
     format!("{nanos:x}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
+/// Writes of at least this many entries are built into SST files and ingested whole,
+/// rather than inserted into the memtable one by one: the first checkpoint of a large
+/// view or GROUP BY writes every row or group at once.
+const INGEST_FROM: usize = 50_000;
+/// A bulk write starts a new SST file past this size (small in unit tests, so that they
+/// see writes spread over several files).
+#[cfg(not(test))]
+const INGEST_FILE_BYTES: u64 = 64 << 20;
+#[cfg(test)]
+const INGEST_FILE_BYTES: u64 = 64 << 10;
+
 /// An operator's spilled entries: a local RocksDB without a write-ahead log (the
 /// checkpoints are what survives a crash).
 pub struct SpillStore {
     db: DB,
+    /// What the store was opened with, which the SST files of bulk writes are built with.
+    options: Options,
     dir: PathBuf,
     lineage: String,
     /// Files the store was restored from, by name, and their objects.
@@ -193,15 +209,32 @@ impl SpillStore {
         table.set_bloom_filter(10.0, false);
         options.set_block_based_table_factory(&table);
         let db = DB::open(&options, &db_dir).map_err(|e| rocks_error(&db_dir, e))?;
-        Ok(SpillStore { db, dir: dir.to_path_buf(), lineage: lineage(), inherited, checkpoints: 0 })
+        Ok(SpillStore { db, options, dir: dir.to_path_buf(), lineage: lineage(), inherited, checkpoints: 0 })
     }
 
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         self.db.get(key).map_err(|e| rocks_error(&self.dir, e))
     }
 
-    /// Writes `Some` values and deletes `None` ones, all at once.
+    /// Writes `Some` values and deletes `None` ones; where a key comes twice, the later
+    /// one counts. Nothing is durable until a checkpoint, so a large write need not be
+    /// one atomic batch.
     pub fn write<'a>(&self, entries: impl IntoIterator<Item = (&'a [u8], Option<&'a [u8]>)>) -> Result<()> {
+        let mut entries: Vec<(&[u8], Option<&[u8]>)> = entries.into_iter().collect();
+        // In key order, memtable inserts continue where the last one ended instead of
+        // searching the skip list from the top. The sort is stable, so of a repeated key
+        // the last value is kept.
+        entries.sort_by(|a, b| a.0.cmp(b.0));
+        entries.dedup_by(|later, kept| {
+            let same = later.0 == kept.0;
+            if same {
+                kept.1 = later.1;
+            }
+            same
+        });
+        if entries.len() >= INGEST_FROM {
+            return self.ingest(&entries);
+        }
         let mut batch = WriteBatch::default();
         for (key, value) in entries {
             match value {
@@ -215,6 +248,47 @@ impl SpillStore {
         let mut options = WriteOptions::default();
         options.disable_wal(true);
         self.db.write_opt(batch, &options).map_err(|e| rocks_error(&self.dir, e))
+    }
+
+    /// Writes `entries` (keys strictly increasing) as SST files of their own and adds
+    /// them to the store, which places them below what they overlap.
+    fn ingest(&self, entries: &[(&[u8], Option<&[u8]>)]) -> Result<()> {
+        let mut paths = Vec::new();
+        let result = self.build_files(entries, &mut paths).and_then(|()| {
+            let mut options = IngestExternalFileOptions::default();
+            options.set_move_files(true);
+            self.db.ingest_external_file_opts(&options, paths.clone()).map_err(|e| rocks_error(&self.dir, e))
+        });
+        for path in &paths {
+            // Moved into the store on success; left behind only by a failure.
+            let _ = std::fs::remove_file(path);
+        }
+        result
+    }
+
+    fn build_files(&self, entries: &[(&[u8], Option<&[u8]>)], paths: &mut Vec<PathBuf>) -> Result<()> {
+        let mut rest = entries;
+        while !rest.is_empty() {
+            let path = self.dir.join(format!("ingest-{}.sst", paths.len()));
+            paths.push(path.clone());
+            let mut writer = SstFileWriter::create(&self.options);
+            writer.open(&path).map_err(|e| rocks_error(&path, e))?;
+            let mut written = 0;
+            for (key, value) in rest {
+                match value {
+                    Some(value) => writer.put(key, value),
+                    None => writer.delete(key),
+                }
+                .map_err(|e| rocks_error(&path, e))?;
+                written += 1;
+                if written % 4096 == 0 && writer.file_size() >= INGEST_FILE_BYTES {
+                    break;
+                }
+            }
+            writer.finish().map_err(|e| rocks_error(&path, e))?;
+            rest = &rest[written..];
+        }
+        Ok(())
     }
 
     /// Every entry, in key order.
@@ -315,6 +389,60 @@ mod tests {
         let new: Vec<_> = third.iter().filter(|f| !second.iter().any(|s| s.object == f.object)).collect();
         assert_eq!(new.len(), 1);
         assert!(!second.iter().any(|s| s.object == new[0].object), "a new file never reuses an object name");
+    }
+
+    #[test]
+    fn a_bulk_write_in_any_order_lands_whole_and_the_last_value_of_a_key_counts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = SpillStore::create(&dir.path().join("a")).expect("create");
+        let n = INGEST_FROM as u64 * 3;
+        // Keys in a scrambled order, some of them repeated, and every tenth one written
+        // again later with another value.
+        let key = |i: u64| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) % n).to_be_bytes();
+        let mut entries: Vec<([u8; 8], Vec<u8>)> = (0..n).map(|i| (key(i), vec![1; 40])).collect();
+        entries.extend((0..n).step_by(10).map(|i| (key(i), vec![2; 40])));
+        store.write(entries.iter().map(|(k, v)| (&k[..], Some(v.as_slice())))).expect("bulk write");
+        // A bulk write of deletions over what is there.
+        let deleted: Vec<[u8; 8]> = (0..n).step_by(7).map(key).collect();
+        let mut deletes: Vec<([u8; 8], Option<&[u8]>)> = deleted.iter().map(|k| (*k, None)).collect();
+        deletes.extend((0..INGEST_FROM as u64).map(|i| ((n + i).to_be_bytes(), Some(&b"new"[..]))));
+        store.write(deletes.iter().map(|(k, v)| (&k[..], *v))).expect("bulk delete");
+        let (small, files) = store.checkpoint().expect("checkpoint");
+        assert!(files.len() > 2, "the writes went into several files: {}", files.len());
+
+        let downloaded = dir.path().join("download");
+        std::fs::create_dir_all(&downloaded).expect("mkdir");
+        let shared = files
+            .iter()
+            .map(|file| {
+                std::fs::copy(&file.local, downloaded.join(&file.name)).expect("copy");
+                (file.name.clone(), file.object.clone())
+            })
+            .collect();
+        let restored = SpillStore::restore(&dir.path().join("b"), &downloaded, &small, shared).expect("restore");
+        let got: Vec<_> = restored.entries().map(|e| e.expect("entry")).collect();
+        // What the writes mean, key by key in the order they were made.
+        let mut expected = std::collections::BTreeMap::new();
+        for (k, v) in &entries {
+            expected.insert(*k, v.clone());
+        }
+        for (k, v) in &deletes {
+            match v {
+                Some(v) => expected.insert(*k, v.to_vec()),
+                None => expected.remove(k),
+            };
+        }
+        assert_eq!(got.len(), expected.len());
+        for ((k, v), (ek, ev)) in got.iter().zip(&expected) {
+            assert_eq!((k.as_ref(), v.as_ref()), (&ek[..], ev.as_slice()));
+        }
+        assert!(
+            !std::fs::read_dir(dir.path().join("a"))
+                .expect("dir")
+                .any(|e| { e.expect("entry").file_name().to_string_lossy().starts_with("ingest-") }),
+            "no SST file of a bulk write is left outside the store"
+        );
+        assert!(restored.write([(&b"k"[..], Some(&b"v"[..]))]).is_ok());
     }
 
     #[test]

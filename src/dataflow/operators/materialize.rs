@@ -8,9 +8,9 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{RowConverter, SortField};
 
+use crate::dataflow::ChangeBatch;
 use crate::dataflow::checkpoint::{StateReader, StateWriter, read_store_files, write_store_files};
 use crate::dataflow::operator::{Barrier, Operator, Output};
-use crate::dataflow::{ChangeBatch, FastMap};
 use crate::error::Result;
 use crate::state::spill::{LocalState, SpillStore, StateFile};
 
@@ -116,15 +116,15 @@ impl MaterializeOperator {
             }
             let Some(batches) = self.sink.rows()? else { return Ok(false) };
             let store = SpillStore::create(&rows.local.dir)?;
-            let mut counts: FastMap<Box<[u8]>, i64> = FastMap::default();
-            for batch in &batches {
-                let encoded = converter.convert_columns(batch.columns())?;
-                for row in encoded.iter() {
-                    *counts.entry(Box::from(row.as_ref())).or_insert(0) += 1;
-                }
-            }
-            let values: Vec<(Box<[u8]>, [u8; 8])> = counts.into_iter().map(|(k, n)| (k, n.to_le_bytes())).collect();
-            store.write(values.iter().map(|(k, n)| (k.as_ref(), Some(n.as_slice()))))?;
+            let encoded =
+                batches.iter().map(|b| converter.convert_columns(b.columns())).collect::<Result<Vec<_>, _>>()?;
+            // Sorted, equal rows are neighbours: each run is one row and its count, and
+            // the store takes them in key order.
+            let mut sorted: Vec<&[u8]> = encoded.iter().flat_map(|rows| rows.iter().map(|row| row.data())).collect();
+            sorted.sort_unstable();
+            let values: Vec<(&[u8], [u8; 8])> =
+                sorted.chunk_by(|a, b| a == b).map(|run| (run[0], (run.len() as i64).to_le_bytes())).collect();
+            store.write(values.iter().map(|(k, n)| (*k, Some(n.as_slice()))))?;
             rows.store = Some(store);
             rows.pending.clear();
             rows.pending_rows = 0;
