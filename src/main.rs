@@ -89,6 +89,7 @@ struct ServeArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    freshet::keep_freed_memory();
     let cli = Cli::parse();
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
