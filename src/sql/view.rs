@@ -270,6 +270,9 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
                 let output_type = output.field(aggregate.group_expr.len() + i).data_type().clone();
                 specs.push(aggregate_spec(state, expr, &aggregate.input, output_type)?);
             }
+            if append_only(&aggregate.input) {
+                specs.iter_mut().for_each(|spec| spec.append_only = true);
+            }
             let schema: SchemaRef = Arc::new(output.clone());
             let key = PartitionKey { exprs: groups.clone(), types: group_types.clone() };
             // The first group column with a watermark closes groups.
@@ -1157,6 +1160,7 @@ fn aggregate_spec(
         nulls_first,
         argument_type,
         datafusion: None,
+        append_only: false,
     })
 }
 

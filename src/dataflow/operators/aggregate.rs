@@ -85,6 +85,9 @@ pub struct AggregateSpec {
     /// For [`AggregateFunction::DataFusion`]: the aggregate, which makes accumulators and
     /// names its argument expressions.
     pub datafusion: Option<Arc<datafusion::physical_expr::aggregate::AggregateFunctionExpr>>,
+    /// The input never takes a row back (lowering knows from the plan), so `min`/`max`
+    /// keep only the best value so far instead of every value with its count.
+    pub append_only: bool,
 }
 
 impl AggregateSpec {
@@ -98,6 +101,7 @@ impl AggregateSpec {
             nulls_first: false,
             argument_type: None,
             datafusion: None,
+            append_only: false,
         }
     }
 
@@ -129,6 +133,11 @@ enum Accumulator {
     },
     /// Encoded values (sortable row format) and how many times each occurs.
     Extreme(BTreeMap<Box<[u8]>, i64>),
+    /// `min`/`max` over an append-only input: the best encoded value so far.
+    Best {
+        value: Option<Box<[u8]>>,
+        max: bool,
+    },
     /// How many true and false values the group holds.
     Bools {
         trues: i64,
@@ -195,6 +204,12 @@ impl Accumulator {
                 w.counts(values.len(), values.iter().map(|(k, n)| (k.as_ref(), *n)));
                 w.i64(*nulls);
             }
+            Accumulator::Best { value, max } => {
+                w.u64(7);
+                w.u64(*max as u64);
+                w.u64(value.is_some() as u64);
+                w.bytes(value.as_deref().unwrap_or_default());
+            }
         }
         true
     }
@@ -212,6 +227,11 @@ impl Accumulator {
                 Accumulator::Moments { n, sum, squares, exact: exact.then_some((s, q)) }
             }
             6 => Accumulator::Values { values: r.counts()?.into_iter().collect(), nulls: r.i64()? },
+            7 => {
+                let (max, present) = (r.u64()? != 0, r.u64()? != 0);
+                let bytes = r.bytes()?;
+                Accumulator::Best { value: present.then(|| Box::from(bytes)), max }
+            }
             tag => {
                 return Err(Error::Corrupt {
                     location: "checkpointed state of an aggregate".into(),
@@ -446,6 +466,7 @@ impl AggregateOperator {
                 Accumulator::Extreme(values) | Accumulator::Values { values, .. } => {
                     values.keys().map(|v| value_bytes(v)).sum()
                 }
+                Accumulator::Best { value: Some(v), .. } => value_bytes(v),
                 _ => 0,
             })
             .sum();
@@ -578,6 +599,9 @@ impl AggregateOperator {
                 (AggregateFunction::Sum, DataType::Int64) => Ok(Accumulator::SumInt { sum: 0, values: 0 }),
                 (AggregateFunction::Sum | AggregateFunction::Avg, _) => {
                     Ok(Accumulator::SumFloat { sum: 0.0, values: 0 })
+                }
+                (AggregateFunction::Min | AggregateFunction::Max, _) if a.append_only => {
+                    Ok(Accumulator::Best { value: None, max: a.function == AggregateFunction::Max })
                 }
                 (AggregateFunction::Min | AggregateFunction::Max, _) => Ok(Accumulator::Extreme(BTreeMap::new())),
                 (AggregateFunction::BoolAnd | AggregateFunction::BoolOr, _) => {
@@ -753,6 +777,7 @@ impl AggregateOperator {
                                 values.keys().next()
                             }
                             Accumulator::Extreme(values) => values.keys().next_back(),
+                            Accumulator::Best { value, .. } => value.as_ref(),
                             _ => None,
                         };
                         present.push(value.is_some());
@@ -1034,6 +1059,24 @@ impl Operator for AggregateOperator {
                         // NULLs never win min/max.
                         if values.is_valid(i) {
                             grown += count_value(set, rows.row(i).as_ref(), w);
+                        }
+                    }
+                    (Accumulator::Best { value, max }, Argument::Rows(rows, values)) => {
+                        if w < 0 {
+                            return Err(Error::Internal(
+                                "a row was taken back from min/max over an input planned as append-only".into(),
+                            ));
+                        }
+                        let candidate = rows.row(i);
+                        let candidate = candidate.as_ref();
+                        let better = match value.as_deref() {
+                            None => true,
+                            Some(best) if *max => candidate > best,
+                            Some(best) => candidate < best,
+                        };
+                        if values.is_valid(i) && better {
+                            grown += value_bytes(candidate) as isize - value.as_deref().map_or(0, value_bytes) as isize;
+                            *value = Some(Box::from(candidate));
                         }
                     }
                     (Accumulator::DataFusion(_), Argument::Columns(_)) => {}
@@ -1357,24 +1400,29 @@ mod tests {
         }
     }
 
-    fn spilling_operator() -> AggregateOperator {
+    /// `k, count(*), min(v), count(DISTINCT v), sum(v), max(v) GROUP BY k`, with min and
+    /// max kept as for an input that only gains rows if `append_only`.
+    fn spilling_operator(append_only: bool) -> AggregateOperator {
         let output = Arc::new(Schema::new(vec![
             Field::new("k", DataType::Int64, true),
             Field::new("n", DataType::Int64, true),
             Field::new("low", DataType::Int64, true),
             Field::new("kinds", DataType::Int64, true),
             Field::new("total", DataType::Int64, true),
+            Field::new("high", DataType::Int64, true),
         ]));
         let key: Arc<dyn PhysicalExpr> = Arc::new(Column::new("k", 0));
         let value: Arc<dyn PhysicalExpr> = Arc::new(Column::new("v", 1));
         let mut kinds = AggregateSpec::new(AggregateFunction::CountDistinct, Some(value.clone()), DataType::Int64);
         kinds.argument_type = Some(DataType::Int64);
-        let aggregates = vec![
+        let mut aggregates = vec![
             AggregateSpec::new(AggregateFunction::CountRows, None, DataType::Int64),
             AggregateSpec::new(AggregateFunction::Min, Some(value.clone()), DataType::Int64),
             kinds,
-            AggregateSpec::new(AggregateFunction::Sum, Some(value), DataType::Int64),
+            AggregateSpec::new(AggregateFunction::Sum, Some(value.clone()), DataType::Int64),
+            AggregateSpec::new(AggregateFunction::Max, Some(value), DataType::Int64),
         ];
+        aggregates.iter_mut().for_each(|a| a.append_only = append_only);
         AggregateOperator::new(vec![key], vec![DataType::Int64], aggregates, output).expect("operator")
     }
 
@@ -1392,8 +1440,8 @@ mod tests {
         let pool = MemoryPool::new(Some(64 << 10));
         let local =
             |name: &str, n: usize| LocalState { dir: dir.path().join(name), pool: pool.clone(), owner: (n as u64, 0) };
-        let mut memory = spilling_operator();
-        let mut spilling = spilling_operator();
+        let mut memory = spilling_operator(false);
+        let mut spilling = spilling_operator(false);
         spilling.set_local_state(local("a", 1));
         let (mut expected, mut got) = (BTreeMap::new(), BTreeMap::new());
         let mut live: Vec<(i64, i64)> = Vec::new();
@@ -1438,7 +1486,7 @@ mod tests {
                     std::fs::copy(&file.local, downloaded.join(&file.name)).expect("copy");
                 }
                 drop(spilling);
-                spilling = spilling_operator();
+                spilling = spilling_operator(false);
                 spilling.set_local_state(local("b", 2));
                 spilling.restore_files(downloaded).expect("files");
                 spilling.restore(&state).expect("restore");
@@ -1447,5 +1495,87 @@ mod tests {
         assert!(spilling.memory <= 64 << 10, "memory stays near the pool's limit: {}", spilling.memory);
         assert!(spilling.index.len() < 3000 / 2, "most groups are spilled: {} in memory", spilling.index.len());
         assert!(!expected.is_empty());
+    }
+
+    /// Over rows that are only ever inserted, min and max keeping one value answer as the
+    /// general ones do, also spilled and restored from a checkpoint, in less memory; a
+    /// retraction, which the plan said cannot come, is an error and not a wrong answer.
+    #[tokio::test]
+    async fn append_only_min_and_max_keep_one_value_and_answer_as_the_general_ones() {
+        use rand::{Rng, SeedableRng};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let input = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, false),
+            Field::new("v", DataType::Int64, true),
+        ]));
+        let pool = MemoryPool::new(Some(16 << 10));
+        let local = |name: &str| LocalState { dir: dir.path().join(name), pool: pool.clone(), owner: (1, 0) };
+        let mut general = spilling_operator(false);
+        let mut best = spilling_operator(true);
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(11);
+        let (mut expected, mut got) = (BTreeMap::new(), BTreeMap::new());
+        let batch_of = |rows: &[(i64, Option<i64>)]| {
+            RecordBatch::try_new(
+                input.clone(),
+                vec![
+                    Arc::new(Int64Array::from(rows.iter().map(|r| r.0).collect::<Vec<_>>())),
+                    Arc::new(Int64Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>())),
+                ],
+            )
+            .expect("batch")
+        };
+        for round in 0..20 {
+            // Values of both signs and NULLs, over 500 keys; some keys see only NULLs.
+            let rows: Vec<(i64, Option<i64>)> = (0..300)
+                .map(|_| {
+                    let k = rng.gen_range(0..500);
+                    (k, (k % 50 != 0 && rng.gen_bool(0.9)).then(|| rng.gen_range(-1000..1000)))
+                })
+                .collect();
+            let change = ChangeBatch::inserts(batch_of(&rows));
+            let barrier = Barrier { epoch: round, checkpoint: false, mutation: None };
+            for (operator, into) in [(&mut general, &mut expected), (&mut best, &mut got)] {
+                let mut out = Output::default();
+                operator.process(0, change.clone(), &mut out).await.expect("process");
+                operator.on_barrier(&barrier, &mut out).await.expect("barrier");
+                net(out.take_messages(), into);
+            }
+            assert_eq!(got, expected, "round {round}");
+            if round == 5 {
+                best.set_local_state(local("a"));
+            }
+            if round == 12 {
+                let state = best.checkpoint().expect("checkpoint").expect("checkpointable");
+                let files = best.checkpoint_files();
+                assert!(!files.is_empty(), "the groups went through the spill store");
+                let downloaded = dir.path().join("download");
+                std::fs::create_dir_all(&downloaded).expect("mkdir");
+                for file in &files {
+                    std::fs::copy(&file.local, downloaded.join(&file.name)).expect("copy");
+                }
+                drop(best);
+                best = spilling_operator(true);
+                best.set_local_state(local("b"));
+                best.restore_files(downloaded).expect("files");
+                best.restore(&state).expect("restore");
+            }
+        }
+        assert!(expected.len() >= 450, "most keys have a group: {}", expected.len());
+        let (mut general, mut in_memory) = (spilling_operator(false), spilling_operator(true));
+        let mut out = Output::default();
+        let rows: Vec<(i64, Option<i64>)> = (0..2000).map(|i| (i % 10, Some(i))).collect();
+        for operator in [&mut general, &mut in_memory] {
+            operator.process(0, ChangeBatch::inserts(batch_of(&rows)), &mut out).await.expect("process");
+        }
+        // Both keep every value for count(DISTINCT v); the general min and max keep them
+        // twice more.
+        assert!(
+            in_memory.memory * 2 < general.memory,
+            "min and max keep one value per group instead of every value: {} against {} bytes",
+            in_memory.memory,
+            general.memory
+        );
+        let taken_back = in_memory.process(0, ChangeBatch::retracts(batch_of(&rows[..1])), &mut out).await;
+        assert!(taken_back.is_err(), "a retraction into append-only min/max is refused");
     }
 }
