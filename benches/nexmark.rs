@@ -2,9 +2,10 @@
 //! them.
 //!
 //! `cargo bench --bench nexmark -- [--query q0,q5,…] [--events N] [--workers W] [--json FILE]
-//! [--barrier-interval MS] [--checkpoint-interval MS|off] [--retention all|none]` (the
+//! [--barrier-interval MS] [--checkpoint-interval MS|off] [--retention all|none] [--no-warm-up]` (the
 //! end-to-end server's barrier and checkpoint intervals, default the server's, and the
-//! sources' retention, default `all`)
+//! sources' retention, default `all`; `--no-warm-up` skips touching half the machine's
+//! memory before the first measurement)
 //!
 //! For each query, in a fresh process of its own (so peak memory is the query's):
 //! - **end to end, generator included**: an in-process server (durable, on a temporary data
@@ -442,6 +443,20 @@ fn run_generator(events: u64) {
     println!("RESULT {result}");
 }
 
+/// Touches half of the machine's memory once, then frees it (see `main`).
+fn warm_up() {
+    let total_kib: u64 = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines().find_map(|l| l.strip_prefix("MemTotal:").map(|v| v.trim().trim_end_matches(" kB").to_string()))
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8 << 20);
+    let chunks = (total_kib / 2) >> 20;
+    let held: Vec<Vec<u8>> = (0..chunks).map(|_| std::hint::black_box(vec![1u8; 1 << 30])).collect();
+    println!("RESULT {}", json!({ "query": "warm-up", "bytes": held.len() << 30 }));
+}
+
 /// Runs `--child what` in a process of its own and returns its result.
 fn child(what: &str, events: u64, workers: usize) -> Option<serde_json::Value> {
     let exe = std::env::current_exe().expect("this bench's path");
@@ -470,6 +485,7 @@ fn main() {
     if let Some(what) = value_of("--child") {
         match what.as_str() {
             "generator" => run_generator(events),
+            "warm-up" => warm_up(),
             name => runtime.block_on(run_query(name, events, workers)),
         }
         return;
@@ -483,10 +499,13 @@ fn main() {
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("nexmark: {events} events, {workers} worker(s), {cores} core(s); each query in a fresh process");
-    // On a VM, the first process to touch gigabytes after the machine sat idle pays for
-    // the hypervisor backing the memory again: 2-2.5x the CPU on this project's machine.
-    // An unmeasured generator run first puts that on no query's figure.
-    let _warm_up = child("generator", events, workers);
+    // On a VM, memory the guest has not touched for a while (or ever) costs the
+    // hypervisor's backing on first touch: on this project's machine a query whose process
+    // touched such memory used 2-2.5x the CPU of the same run right after. A child that
+    // touches half the machine's memory first keeps that cost off every query's figure.
+    if !std::env::args().any(|a| a == "--no-warm-up") {
+        let _ = child("warm-up", events, workers);
+    }
     if let Some(generator) = child("generator", events, workers) {
         println!(
             "generator alone (Arrow batches): {:.0} events per CPU-second",
