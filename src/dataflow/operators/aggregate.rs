@@ -1426,6 +1426,30 @@ mod tests {
         AggregateOperator::new(vec![key], vec![DataType::Int64], aggregates, output).expect("operator")
     }
 
+    /// Checkpoints `operator`, "downloads" its files under `dir` as a restore from the
+    /// object store would, and returns a new operator restored from them in `local`.
+    fn checkpointed_and_restored(
+        mut operator: AggregateOperator,
+        dir: &std::path::Path,
+        local: LocalState,
+        append_only: bool,
+    ) -> AggregateOperator {
+        let state = operator.checkpoint().expect("checkpoint").expect("checkpointable");
+        let files = operator.checkpoint_files();
+        assert!(!files.is_empty(), "the groups went through the spill store");
+        let downloaded = dir.join("download");
+        std::fs::create_dir_all(&downloaded).expect("mkdir");
+        for file in &files {
+            std::fs::copy(&file.local, downloaded.join(&file.name)).expect("copy");
+        }
+        drop(operator);
+        let mut restored = spilling_operator(append_only);
+        restored.set_local_state(local);
+        restored.restore_files(downloaded).expect("files");
+        restored.restore(&state).expect("restore");
+        restored
+    }
+
     /// The oracle for spilling: an operator over a pool far too small for its groups, and
     /// one restored from its checkpoint's files midway, emit exactly what an operator
     /// that keeps everything in memory emits.
@@ -1476,20 +1500,7 @@ mod tests {
             }
             assert_eq!(got, expected, "round {round}");
             if round == 15 {
-                // Checkpoint, "download" its files, and go on with a restored operator.
-                let state = spilling.checkpoint().expect("checkpoint").expect("checkpointable");
-                let files = spilling.checkpoint_files();
-                assert!(!files.is_empty(), "the groups went through the spill store");
-                let downloaded = dir.path().join("download");
-                std::fs::create_dir_all(&downloaded).expect("mkdir");
-                for file in &files {
-                    std::fs::copy(&file.local, downloaded.join(&file.name)).expect("copy");
-                }
-                drop(spilling);
-                spilling = spilling_operator(false);
-                spilling.set_local_state(local("b", 2));
-                spilling.restore_files(downloaded).expect("files");
-                spilling.restore(&state).expect("restore");
+                spilling = checkpointed_and_restored(spilling, dir.path(), local("b", 2), false);
             }
         }
         assert!(spilling.memory <= 64 << 10, "memory stays near the pool's limit: {}", spilling.memory);
@@ -1545,19 +1556,7 @@ mod tests {
                 best.set_local_state(local("a"));
             }
             if round == 12 {
-                let state = best.checkpoint().expect("checkpoint").expect("checkpointable");
-                let files = best.checkpoint_files();
-                assert!(!files.is_empty(), "the groups went through the spill store");
-                let downloaded = dir.path().join("download");
-                std::fs::create_dir_all(&downloaded).expect("mkdir");
-                for file in &files {
-                    std::fs::copy(&file.local, downloaded.join(&file.name)).expect("copy");
-                }
-                drop(best);
-                best = spilling_operator(true);
-                best.set_local_state(local("b"));
-                best.restore_files(downloaded).expect("files");
-                best.restore(&state).expect("restore");
+                best = checkpointed_and_restored(best, dir.path(), local("b"), true);
             }
         }
         assert!(expected.len() >= 450, "most keys have a group: {}", expected.len());
