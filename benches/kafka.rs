@@ -35,8 +35,13 @@ fn argument(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    // As the `freshet` binary does, before any thread starts.
+    freshet::keep_freed_memory();
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime").block_on(run());
+}
+
+async fn run() {
     let records = argument("--records", 1_000_000);
     let partitions = argument("--partitions", 2);
     let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
