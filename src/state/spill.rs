@@ -260,7 +260,8 @@ impl SpillStore {
             self.db.ingest_external_file_opts(&options, paths.clone()).map_err(|e| rocks_error(&self.dir, e))
         });
         for path in &paths {
-            // Moved into the store on success; left behind only by a failure.
+            // Ingestion links the file into the store's directory; this name, or a file a
+            // failure left, is no longer needed either way.
             let _ = std::fs::remove_file(path);
         }
         result
