@@ -37,8 +37,8 @@ pub use error::{Error, Result};
 /// Tells the allocator (mimalloc, which the `freshet` binary and the benches use) to keep
 /// the memory it frees for reuse rather than hand it back to the operating system soon
 /// after. Operators free and allocate large buffers every epoch and every checkpoint; given
-/// back, each reuse faults the pages in again and the kernel zeroes them, which cost up to
-/// half the CPU of a nexmark run on this project's VM. Resident memory therefore stays
+/// back, each reuse faults the pages in again and the kernel zeroes them, which cost a fifth
+/// of nexmark q7's CPU on this project's machine. Resident memory therefore stays
 /// near its peak. `MIMALLOC_PURGE_DELAY` in the environment (milliseconds; mimalloc's
 /// default is 10) takes precedence. Call it first in `main`, before other threads start.
 pub fn keep_freed_memory() {

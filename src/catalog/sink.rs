@@ -292,21 +292,23 @@ async fn run_exactly_once(
             let mut remaining = segments.as_slice();
             while let Some((epoch, change)) = remaining.first() {
                 let result = async {
-                    if writer.is_none() {
-                        let opened = spec.open(&name, &schema)?;
-                        let resume = opened.begin_exactly_once().await?;
-                        let last = resume.epoch;
-                        if std::mem::take(&mut started_over) && last > 0 {
-                            // No checkpoint held this sink's outbox, yet the target has segments.
-                            let warning = format!(
-                                "view \"{from}\" came back without this sink's outbox, so its rows are delivered again from the start after epoch {last}"
-                            );
-                            tracing::warn!(sink = %name, "{warning}");
-                            progress.failed_attempt(&warning);
+                    let (open, resume) = match &mut writer {
+                        Some(open) => open,
+                        None => {
+                            let opened = spec.open(&name, &schema)?;
+                            let resume = opened.begin_exactly_once().await?;
+                            let last = resume.epoch;
+                            if std::mem::take(&mut started_over) && last > 0 {
+                                // No checkpoint held this sink's outbox, yet the target has segments.
+                                let warning = format!(
+                                    "view \"{from}\" came back without this sink's outbox, so its rows are delivered again from the start after epoch {last}"
+                                );
+                                tracing::warn!(sink = %name, "{warning}");
+                                progress.failed_attempt(&warning);
+                            }
+                            writer.insert((opened, resume))
                         }
-                        writer = Some((opened, resume));
-                    }
-                    let (open, resume) = writer.as_mut().expect("opened just above");
+                    };
                     if *epoch < resume.epoch {
                         return Ok(None); // the target holds it whole
                     }

@@ -1067,16 +1067,20 @@ impl Operator for AggregateOperator {
                                 "a row was taken back from min/max over an input planned as append-only".into(),
                             ));
                         }
-                        let candidate = rows.row(i);
-                        let candidate = candidate.as_ref();
-                        let better = match value.as_deref() {
-                            None => true,
-                            Some(best) if *max => candidate > best,
-                            Some(best) => candidate < best,
-                        };
-                        if values.is_valid(i) && better {
-                            grown += value_bytes(candidate) as isize - value.as_deref().map_or(0, value_bytes) as isize;
-                            *value = Some(Box::from(candidate));
+                        // NULLs never win min/max.
+                        if values.is_valid(i) {
+                            let candidate = rows.row(i);
+                            let candidate = candidate.as_ref();
+                            let better = match value.as_deref() {
+                                None => true,
+                                Some(best) if *max => candidate > best,
+                                Some(best) => candidate < best,
+                            };
+                            if better {
+                                grown +=
+                                    value_bytes(candidate) as isize - value.as_deref().map_or(0, value_bytes) as isize;
+                                *value = Some(Box::from(candidate));
+                            }
                         }
                     }
                     (Accumulator::DataFusion(_), Argument::Columns(_)) => {}
