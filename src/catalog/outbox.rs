@@ -5,15 +5,18 @@
 //! per such sink, the changes it committed since the sink last delivered, and seals them
 //! into a segment named after each checkpoint barrier. The segments are part of the view's
 //! checkpoint state. Once a checkpoint holding the view is stored, the sink delivers the
-//! segments up to it, each as one unit (a Kafka transaction, or one Parquet file named after
-//! the segment), and the view forgets them.
+//! segments up to it, oldest first (Kafka messages tagged with the segment's epoch and
+//! their place in it, or one Parquet file named after the segment), and the view forgets
+//! them.
 //!
 //! After a crash the view comes back from its checkpoint with the segments that were not
 //! known to be delivered, and goes on recording from there (the changes after the
 //! checkpoint are replayed into it). The sink delivers those segments again, skipping each
-//! one the target already holds: a Kafka sink reads the epoch of its last committed
-//! transaction back from the broker, and a file is written again under the same name. So
-//! every change reaches the target once, a checkpoint interval after it was committed.
+//! message or file the target already holds: a Kafka sink reads the tags at the end of
+//! each partition back from the broker and writes only what is missing, and a file is
+//! written again under the same name (`connectors::sink` says why not Kafka
+//! transactions). So every change reaches the target once, a checkpoint interval after it
+//! was committed.
 
 use std::collections::BTreeMap;
 
