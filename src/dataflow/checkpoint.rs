@@ -20,6 +20,7 @@ use datafusion::arrow::row::{OwnedRow, RowConverter};
 
 use super::FastMap;
 use crate::error::{Error, Result};
+use crate::state::spill::{LocalState, SpillStore, StateFile};
 
 /// Receives the state an operator took at a checkpoint barrier: (epoch, the operator's
 /// position in its view, the state, or `None` if the operator cannot be checkpointed, or
@@ -32,7 +33,7 @@ pub type StateReport = Arc<dyn Fn(u64, usize, Result<Option<OperatorState>>) + S
 #[derive(Debug, Default)]
 pub struct OperatorState {
     pub bytes: Vec<u8>,
-    pub files: Vec<crate::state::spill::StateFile>,
+    pub files: Vec<StateFile>,
 }
 
 /// Where one operator reports its checkpoint states.
@@ -45,7 +46,7 @@ pub struct Checkpointing {
 
 /// Writes what a [`crate::state::spill::SpillStore`] checkpoint consists of: its small
 /// files whole, and its shared files as (name, object).
-pub fn write_store_files(w: &mut StateWriter, small: &[(String, Vec<u8>)], files: &[crate::state::spill::StateFile]) {
+pub fn write_store_files(w: &mut StateWriter, small: &[(String, Vec<u8>)], files: &[StateFile]) {
     w.u64(small.len() as u64);
     for (name, bytes) in small {
         w.bytes(name.as_bytes());
@@ -79,6 +80,88 @@ pub fn read_store_files(r: &mut StateReader) -> Result<StoreFiles> {
         shared.insert(name, text(r.bytes()?)?);
     }
     Ok((small, shared))
+}
+
+/// An operator's local [`SpillStore`] and the files its last checkpoint refers to: what
+/// aggregates, joins and views share to keep state on local disk and checkpoint it
+/// through that disk. The store opens on first use; dropping this removes its directory.
+pub struct LocalStore {
+    pub local: LocalState,
+    pub store: Option<SpillStore>,
+    /// The files of the last checkpoint, handed to the runtime.
+    files: Vec<StateFile>,
+    /// Where a checkpoint's files were downloaded, before [`crate::dataflow::operator::Operator::restore`].
+    restored_files: Option<std::path::PathBuf>,
+}
+
+impl LocalStore {
+    pub fn new(local: LocalState) -> LocalStore {
+        LocalStore { local, store: None, files: Vec::new(), restored_files: None }
+    }
+
+    /// The store, created empty in the operator's directory if none is open; `what`
+    /// names the state in the log line that says it went to disk.
+    pub fn open(&mut self, what: &str) -> Result<&mut SpillStore> {
+        let store = match self.store.take() {
+            Some(store) => store,
+            None => {
+                tracing::info!(dir = %self.local.dir.display(), "{what} goes to local disk");
+                SpillStore::create(&self.local.dir)?
+            }
+        };
+        Ok(self.store.insert(store))
+    }
+
+    /// Checkpoints the open store and writes the files the checkpoint consists of.
+    pub fn checkpoint_into(&mut self, w: &mut StateWriter) -> Result<()> {
+        let store = self.store.as_mut().ok_or_else(|| Error::Internal("checkpointing a store not open".into()))?;
+        let (small, files) = store.checkpoint()?;
+        write_store_files(w, &small, &files);
+        self.files = files;
+        Ok(())
+    }
+
+    /// The files of the last checkpoint (once).
+    pub fn take_files(&mut self) -> Vec<StateFile> {
+        std::mem::take(&mut self.files)
+    }
+
+    /// A checkpoint's files were downloaded into `dir`.
+    pub fn set_restored_files(&mut self, dir: std::path::PathBuf) {
+        self.restored_files = Some(dir);
+    }
+
+    /// Opens the store a checkpoint wrote with [`LocalStore::checkpoint_into`], reading
+    /// its file list from `r`.
+    pub fn restore_from(&mut self, r: &mut StateReader) -> Result<&mut SpillStore> {
+        let (small, shared) = read_store_files(r)?;
+        let downloaded = match self.restored_files.take() {
+            Some(dir) => dir,
+            None => {
+                let dir = self.local.dir.join("download");
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| Error::Storage(format!("creating {}: {e}", dir.display())))?;
+                dir
+            }
+        };
+        let store = SpillStore::restore(&self.local.dir, &downloaded, &small, shared)?;
+        Ok(self.store.insert(store))
+    }
+
+    /// Reports `memory` bytes held in memory (and what the store holds) to the pool;
+    /// returns what memory should shrink to if the pool is over its limit.
+    pub fn report(&self, memory: usize) -> Option<usize> {
+        let spilled = self.store.as_ref().map_or(0, |s| s.size());
+        self.local.pool.report(self.local.owner, memory, spilled)
+    }
+}
+
+impl Drop for LocalStore {
+    fn drop(&mut self) {
+        self.local.pool.forget(self.local.owner);
+        self.store = None;
+        let _ = std::fs::remove_dir_all(&self.local.dir);
+    }
 }
 
 /// Appends integers and byte strings to a state.

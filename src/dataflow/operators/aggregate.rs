@@ -25,7 +25,7 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{OwnedRow, RowConverter, Rows, SortField};
 use datafusion::physical_plan::PhysicalExpr;
 
-use crate::dataflow::checkpoint::{StateReader, StateWriter, read_store_files, write_store_files};
+use crate::dataflow::checkpoint::{LocalStore, StateReader, StateWriter};
 use crate::dataflow::operator::{Barrier, Operator, Output};
 use crate::dataflow::watermark::Derivation;
 use crate::dataflow::{ChangeBatch, FastMap, Watermark};
@@ -273,26 +273,6 @@ fn value_bytes(value: &[u8]) -> usize {
 /// checkpoints upload only what changed) rather than written whole each time.
 const INCREMENTAL_FROM: usize = 4 << 20;
 
-/// Where the groups spill beyond memory, and what the last checkpoint of it refers to.
-struct Spill {
-    local: LocalState,
-    /// Opened when groups first spill (or when a checkpoint first goes through it).
-    store: Option<SpillStore>,
-    /// The files of the last checkpoint, handed to the runtime.
-    files: Vec<StateFile>,
-    /// Where a checkpoint's files were downloaded, before [`Operator::restore`].
-    restored_files: Option<std::path::PathBuf>,
-    warned: bool,
-}
-
-impl Drop for Spill {
-    fn drop(&mut self) {
-        self.local.pool.forget(self.local.owner);
-        self.store = None;
-        let _ = std::fs::remove_dir_all(&self.local.dir);
-    }
-}
-
 /// An argument evaluated for one batch, in the form its accumulator reads.
 enum Argument {
     None,
@@ -329,8 +309,11 @@ pub struct AggregateOperator {
     memory: usize,
     /// Barriers seen.
     clock: u64,
-    /// Where groups spill (set by the runtime; unset in unit tests).
-    spill: Option<Spill>,
+    /// Where groups spill (set by the runtime; unset in unit tests). Its store opens
+    /// when groups first spill, or when a checkpoint first goes through it.
+    spill: Option<LocalStore>,
+    /// Said once that the state is over the memory limit but cannot spill.
+    warned: bool,
 }
 
 /// A group column that is a non-decreasing function of an input column with watermarks
@@ -383,6 +366,7 @@ impl AggregateOperator {
             memory: 0,
             clock: 0,
             spill: None,
+            warned: false,
         };
         if operator.groups.is_empty() {
             // The global aggregate's one group exists from the start.
@@ -505,11 +489,7 @@ impl AggregateOperator {
             return Ok(None);
         }
         let Some(spill) = &mut self.spill else { return Ok(None) };
-        if spill.store.is_none() {
-            tracing::info!(dir = %spill.local.dir.display(), "aggregate state spills to local disk");
-            spill.store = Some(SpillStore::create(&spill.local.dir)?);
-        }
-        Ok(spill.store.as_mut())
+        spill.open("aggregate state").map(Some)
     }
 
     /// A group's spilled value, if groups have spilled and this one is among them.
@@ -550,10 +530,8 @@ impl AggregateOperator {
     /// `target` bytes.
     fn evict(&mut self, target: usize) -> Result<()> {
         if self.store()?.is_none() {
-            if let Some(spill) = &mut self.spill
-                && !spill.warned
-            {
-                spill.warned = true;
+            if self.spill.is_some() && !self.warned {
+                self.warned = true;
                 tracing::warn!(
                     "over the memory limit, but this aggregate's state cannot spill (DataFusion accumulators or no GROUP BY)"
                 );
@@ -1152,10 +1130,7 @@ impl Operator for AggregateOperator {
             let ids: Vec<usize> = self.index.values().copied().collect();
             self.sync(&ids, &[])?;
             let spill = self.spill.as_mut().ok_or_else(|| Error::Internal("spill store vanished".into()))?;
-            let store = spill.store.as_mut().ok_or_else(|| Error::Internal("spill store vanished".into()))?;
-            let (small, files) = store.checkpoint()?;
-            write_store_files(&mut w, &small, &files);
-            spill.files = files;
+            spill.checkpoint_into(&mut w)?;
             return Ok(Some(w.finish()));
         }
         w.u64(self.index.len() as u64);
@@ -1169,17 +1144,17 @@ impl Operator for AggregateOperator {
     }
 
     fn checkpoint_files(&mut self) -> Vec<StateFile> {
-        self.spill.as_mut().map(|s| std::mem::take(&mut s.files)).unwrap_or_default()
+        self.spill.as_mut().map(LocalStore::take_files).unwrap_or_default()
     }
 
     fn set_local_state(&mut self, local: LocalState) {
-        self.spill = Some(Spill { local, store: None, files: Vec::new(), restored_files: None, warned: false });
+        self.spill = Some(LocalStore::new(local));
     }
 
     fn restore_files(&mut self, dir: std::path::PathBuf) -> Result<()> {
         let spill =
             self.spill.as_mut().ok_or_else(|| Error::Internal("restoring files without a local directory".into()))?;
-        spill.restored_files = Some(dir);
+        spill.set_restored_files(dir);
         Ok(())
     }
 
@@ -1205,23 +1180,12 @@ impl Operator for AggregateOperator {
         self.dirty.clear();
         self.memory = 0;
         if through_store {
-            let (small, shared) = read_store_files(&mut r)?;
-            r.finish()?;
             let spill = self
                 .spill
                 .as_mut()
                 .ok_or_else(|| Error::Internal("restoring spilled state without a local directory".into()))?;
-            let downloaded = match spill.restored_files.take() {
-                Some(dir) => dir,
-                None => {
-                    let dir = spill.local.dir.join("download");
-                    std::fs::create_dir_all(&dir)
-                        .map_err(|e| Error::Storage(format!("creating {}: {e}", dir.display())))?;
-                    dir
-                }
-            };
-            spill.store = Some(SpillStore::restore(&spill.local.dir, &downloaded, &small, shared)?);
-            return Ok(());
+            spill.restore_from(&mut r)?;
+            return r.finish();
         }
         let groups = r.len(33)?;
         for id in 0..groups {
@@ -1289,18 +1253,13 @@ impl Operator for AggregateOperator {
         }
         self.clock += 1;
         let Some(spill) = &self.spill else { return Ok(()) };
-        let spilled = match &spill.store {
-            Some(store) => {
-                store.write(deleted.iter().map(|k| (k.as_ref(), None)))?;
-                store.size()
-            }
-            None => 0,
-        };
-        if let Some(target) = spill.local.pool.report(spill.local.owner, self.memory, spilled) {
+        if let Some(store) = &spill.store {
+            store.write(deleted.iter().map(|k| (k.as_ref(), None)))?;
+        }
+        if let Some(target) = spill.report(self.memory) {
             self.evict(target)?;
             if let Some(spill) = &self.spill {
-                let spilled = spill.store.as_ref().map_or(0, |s| s.size());
-                spill.local.pool.report(spill.local.owner, self.memory, spilled);
+                spill.report(self.memory);
             }
         }
         Ok(())
@@ -1350,6 +1309,7 @@ mod tests {
     use datafusion::physical_expr::expressions::Column;
 
     use super::*;
+    use crate::dataflow::operators::testing::net;
     use crate::state::spill::MemoryPool;
 
     #[tokio::test]
@@ -1386,24 +1346,6 @@ mod tests {
         }
         assert_eq!(net, 0);
     }
-    /// Net output rows (as text) and their weights.
-    fn net(messages: Vec<crate::dataflow::Message>, into: &mut BTreeMap<String, i64>) {
-        use datafusion::arrow::util::display::array_value_to_string;
-        for message in messages {
-            let crate::dataflow::Message::Data(change) = message else { continue };
-            let batch = change.batch();
-            for row in 0..batch.num_rows() {
-                let text: Vec<String> =
-                    batch.columns().iter().map(|c| array_value_to_string(c, row).expect("displayable")).collect();
-                let weight = into.entry(text.join("|")).or_insert(0);
-                *weight += change.weights().value(row);
-                if *weight == 0 {
-                    into.remove(&text.join("|"));
-                }
-            }
-        }
-    }
-
     /// `k, count(*), min(v), count(DISTINCT v), sum(v), max(v) GROUP BY k`, with min and
     /// max kept as for an input that only gains rows if `append_only`.
     fn spilling_operator(append_only: bool) -> AggregateOperator {
@@ -1430,28 +1372,18 @@ mod tests {
         AggregateOperator::new(vec![key], vec![DataType::Int64], aggregates, output).expect("operator")
     }
 
-    /// Checkpoints `operator`, "downloads" its files under `dir` as a restore from the
-    /// object store would, and returns a new operator restored from them in `local`.
     fn checkpointed_and_restored(
-        mut operator: AggregateOperator,
+        operator: AggregateOperator,
         dir: &std::path::Path,
         local: LocalState,
         append_only: bool,
     ) -> AggregateOperator {
-        let state = operator.checkpoint().expect("checkpoint").expect("checkpointable");
-        let files = operator.checkpoint_files();
-        assert!(!files.is_empty(), "the groups went through the spill store");
-        let downloaded = dir.join("download");
-        std::fs::create_dir_all(&downloaded).expect("mkdir");
-        for file in &files {
-            std::fs::copy(&file.local, downloaded.join(&file.name)).expect("copy");
-        }
-        drop(operator);
-        let mut restored = spilling_operator(append_only);
-        restored.set_local_state(local);
-        restored.restore_files(downloaded).expect("files");
-        restored.restore(&state).expect("restore");
-        restored
+        crate::dataflow::operators::testing::checkpointed_and_restored(
+            operator,
+            dir,
+            local,
+            spilling_operator(append_only),
+        )
     }
 
     /// The oracle for spilling: an operator over a pool far too small for its groups, and

@@ -9,7 +9,7 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{RowConverter, SortField};
 
 use crate::dataflow::ChangeBatch;
-use crate::dataflow::checkpoint::{StateReader, StateWriter, read_store_files, write_store_files};
+use crate::dataflow::checkpoint::{LocalStore, StateReader, StateWriter};
 use crate::dataflow::operator::{Barrier, Operator, Output};
 use crate::error::Result;
 use crate::state::spill::{LocalState, SpillStore, StateFile};
@@ -71,19 +71,9 @@ const PENDING_MAX: usize = 4_000_000;
 /// The view's rows kept as (encoded row → count) in a [`SpillStore`] for incremental
 /// checkpoints, with the changes committed since the last one.
 struct RowStore {
-    local: LocalState,
-    store: Option<SpillStore>,
+    disk: LocalStore,
     pending: Vec<ChangeBatch>,
     pending_rows: usize,
-    files: Vec<StateFile>,
-    restored_files: Option<std::path::PathBuf>,
-}
-
-impl Drop for RowStore {
-    fn drop(&mut self) {
-        self.store = None;
-        let _ = std::fs::remove_dir_all(&self.local.dir);
-    }
 }
 
 /// Buffers changes until the barrier, then commits them to the sink.
@@ -110,12 +100,12 @@ impl MaterializeOperator {
     fn sync_rows(&mut self) -> Result<bool> {
         let converter = self.converter()?;
         let Some(rows) = &mut self.rows else { return Ok(false) };
-        if rows.store.is_none() {
+        if rows.disk.store.is_none() {
             if self.sink.memory_bytes() < INCREMENTAL_FROM {
                 return Ok(false);
             }
             let Some(batches) = self.sink.rows()? else { return Ok(false) };
-            let store = SpillStore::create(&rows.local.dir)?;
+            let store = SpillStore::create(&rows.disk.local.dir)?;
             let encoded =
                 batches.iter().map(|b| converter.convert_columns(b.columns())).collect::<Result<Vec<_>, _>>()?;
             // Sorted, equal rows are neighbours: each run is one row and its count, and
@@ -125,14 +115,15 @@ impl MaterializeOperator {
             let values: Vec<(&[u8], [u8; 8])> =
                 sorted.chunk_by(|a, b| a == b).map(|run| (run[0], (run.len() as i64).to_le_bytes())).collect();
             store.write(values.iter().map(|(k, n)| (*k, Some(n.as_slice()))))?;
-            rows.store = Some(store);
+            rows.disk.store = Some(store);
             rows.pending.clear();
             rows.pending_rows = 0;
             return Ok(true);
         }
         let pending = std::mem::take(&mut rows.pending);
         rows.pending_rows = 0;
-        let store = rows.store.as_ref().ok_or_else(|| crate::error::Error::Internal("row store vanished".into()))?;
+        let store =
+            rows.disk.store.as_ref().ok_or_else(|| crate::error::Error::Internal("row store vanished".into()))?;
         if pending.is_empty() {
             return Ok(true);
         }
@@ -176,14 +167,14 @@ impl Operator for MaterializeOperator {
         let retracts = change.weights().values().iter().any(|&w| w < 0);
         let change = if retracts { change.consolidate()? } else { change };
         if let Some(rows) = &mut self.rows
-            && rows.store.is_some()
+            && rows.disk.store.is_some()
             && change.num_rows() > 0
         {
             rows.pending_rows += change.num_rows();
             rows.pending.push(change.clone());
             if rows.pending_rows > PENDING_MAX {
                 // No checkpoint for a long while: start over with the rows whole.
-                rows.store = None;
+                rows.disk.store = None;
                 rows.pending.clear();
                 rows.pending_rows = 0;
             }
@@ -203,19 +194,11 @@ impl Operator for MaterializeOperator {
     }
 
     fn checkpoint_files(&mut self) -> Vec<StateFile> {
-        self.rows.as_mut().map(|r| std::mem::take(&mut r.files)).unwrap_or_default()
+        self.rows.as_mut().map(|r| r.disk.take_files()).unwrap_or_default()
     }
 
     fn set_local_state(&mut self, local: LocalState) {
-        let rows = RowStore {
-            local,
-            store: None,
-            pending: Vec::new(),
-            pending_rows: 0,
-            files: Vec::new(),
-            restored_files: None,
-        };
-        self.rows = Some(rows);
+        self.rows = Some(RowStore { disk: LocalStore::new(local), pending: Vec::new(), pending_rows: 0 });
     }
 
     fn restore_files(&mut self, dir: std::path::PathBuf) -> Result<()> {
@@ -223,7 +206,7 @@ impl Operator for MaterializeOperator {
             .rows
             .as_mut()
             .ok_or_else(|| crate::error::Error::Internal("restoring files without a local directory".into()))?;
-        rows.restored_files = Some(dir);
+        rows.disk.set_restored_files(dir);
         Ok(())
     }
 
@@ -252,12 +235,9 @@ impl MaterializeOperator {
             return Ok(Some(bytes));
         }
         let rows = self.rows.as_mut().ok_or_else(|| crate::error::Error::Internal("row store vanished".into()))?;
-        let store = rows.store.as_mut().ok_or_else(|| crate::error::Error::Internal("row store vanished".into()))?;
-        let (small, files) = store.checkpoint()?;
         let mut w = StateWriter::default();
         w.u64(ROWS_STORE);
-        write_store_files(&mut w, &small, &files);
-        rows.files = files;
+        rows.disk.checkpoint_into(&mut w)?;
         Ok(Some(w.finish()))
     }
 
@@ -272,23 +252,13 @@ impl MaterializeOperator {
         }
         let mut r = StateReader::new(state, "the row store of a view");
         r.u64()?;
-        let (small, shared) = read_store_files(&mut r)?;
-        r.finish()?;
         let converter = self.converter()?;
         let rows = self
             .rows
             .as_mut()
             .ok_or_else(|| crate::error::Error::Internal("restoring a row store without a local directory".into()))?;
-        let downloaded = match rows.restored_files.take() {
-            Some(dir) => dir,
-            None => {
-                let dir = rows.local.dir.join("download");
-                std::fs::create_dir_all(&dir)
-                    .map_err(|e| crate::error::Error::Storage(format!("creating {}: {e}", dir.display())))?;
-                dir
-            }
-        };
-        let store = SpillStore::restore(&rows.local.dir, &downloaded, &small, shared)?;
+        let store = rows.disk.restore_from(&mut r)?;
+        r.finish()?;
         // Rebuild the rows in batches of encoded rows, each repeated by its count.
         let parser = converter.parser();
         let mut batches = Vec::new();
@@ -315,7 +285,6 @@ impl MaterializeOperator {
             }
         }
         flush(&mut chunk)?;
-        rows.store = Some(store);
         self.sink.restore_rows(batches)
     }
 }
