@@ -1,7 +1,8 @@
-//! State beyond memory, with the real `freshet` binary: a GROUP BY view whose state is many
-//! times `--memory-limit` spills its least recently used groups to a local RocksDB, keeps
-//! equalling its query run as a batch, checkpoints only what changed (shared SST files),
-//! and comes back after `kill -9` from those files alone.
+//! State beyond memory, with the real `freshet` binary: a GROUP BY view, and a view over a
+//! join, whose state is many times `--memory-limit` spill their least recently used groups
+//! or join keys to a local RocksDB, keep equalling their query run as a batch, checkpoint
+//! only what changed (shared SST files), and come back after `kill -9` from those files
+//! alone.
 
 mod common;
 
@@ -17,31 +18,41 @@ const VIEW: &str = "SELECT g, count(*) AS n, count(DISTINCT v) AS kinds, min(v) 
 /// The view equals its query over the table as it is now (compared in the server, so
 /// 100k groups do not cross the wire twice; a sample does, to show it is not vacuous).
 async fn assert_view_is_right(client: &Client, when: &str) {
+    assert_equals_query(client, "groups", VIEW, "g IN (7, 4242, 99999)", 50_000, when).await;
+}
+
+/// View `view` equals `query` run as a batch now, its rows where `sample` hold are
+/// printed alike, and it has more than `rows` rows.
+async fn assert_equals_query(client: &Client, view: &str, query: &str, sample: &str, rows: i64, when: &str) {
     common::execute(client, "FLUSH").await;
     let differing = format!(
         "SELECT count(*) FROM (
-            (SELECT * FROM groups EXCEPT ALL ({VIEW}))
+            (SELECT * FROM {view} EXCEPT ALL ({query}))
             UNION ALL
-            (({VIEW}) EXCEPT ALL SELECT * FROM groups)) AS d"
+            (({query}) EXCEPT ALL SELECT * FROM {view})) AS d"
     );
-    assert_eq!(common::integer(client, &differing).await, 0, "the view differs from its query {when}");
-    let sample = "SELECT * FROM groups WHERE g IN (7, 4242, 99999)";
-    let batch = format!("SELECT * FROM ({VIEW}) AS q WHERE g IN (7, 4242, 99999)");
+    assert_eq!(common::integer(client, &differing).await, 0, "{view} differs from its query {when}");
+    let sampled = format!("SELECT * FROM {view} WHERE {sample}");
+    let batch = format!("SELECT * FROM ({query}) AS q WHERE {sample}");
     assert_eq!(
-        common::text_rows(client, sample).await,
+        common::text_rows(client, &sampled).await,
         common::text_rows(client, &batch).await,
-        "sampled groups {when}"
+        "sampled rows of {view} {when}"
     );
-    assert!(common::integer(client, "SELECT count(*) FROM groups").await > 50_000, "{when}: the view has its groups");
+    let count = format!("SELECT count(*) FROM {view}");
+    assert!(common::integer(client, &count).await > rows, "{when}: {view} has its rows");
 }
 
-/// (bytes in memory, bytes spilled) of the view's state.
+/// (bytes in memory, bytes spilled) of the state of view `groups`.
 async fn usage(client: &Client) -> (i64, i64) {
-    let line = common::text_rows(
-        client,
-        "SELECT state_memory_bytes, state_spilled_bytes FROM freshet_catalog.views WHERE view = 'groups'",
-    )
-    .await;
+    view_usage(client, "groups").await
+}
+
+/// (bytes in memory, bytes spilled) of the state of `view`.
+async fn view_usage(client: &Client, view: &str) -> (i64, i64) {
+    let query =
+        format!("SELECT state_memory_bytes, state_spilled_bytes FROM freshet_catalog.views WHERE view = '{view}'");
+    let line = common::text_rows(client, &query).await;
     let (memory, spilled) = line[0].split_once('|').expect("two columns");
     (memory.parse().expect("memory"), spilled.parse().expect("spilled"))
 }
@@ -137,6 +148,94 @@ async fn a_view_with_state_many_times_the_memory_limit_spills_checkpoints_what_c
     );
     assert_eq!(restored.await, vec!["t"], "the newest checkpoint still has every file it needs");
     assert_view_is_right(&c, "after old checkpoints and their files were deleted").await;
+}
+
+/// A join of two tables whose rows are many times the memory limit, both sides changed
+/// after they spilled (keys emptied, rows moved between keys, matches lost and found).
+/// The left rows keep their text through the join: `chars` needs both sides.
+const JOINED: &str = "SELECT a.g % 1000 AS bucket, count(*) AS n, count(b.v) AS matched, sum(b.v) AS total,
+                             sum(length(a.note || b.v::text)) AS chars
+                      FROM a LEFT JOIN b ON a.g = b.g GROUP BY a.g % 1000";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_with_arrangements_many_times_the_memory_limit_spills_checkpoints_what_changed_and_recovers() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let limit = format!("{LIMIT_MB}MB");
+    let args = ["--checkpoint-interval", "off", "--memory-limit", &limit, "--workers", "1"];
+    let server = Process::start(dir.path(), &args);
+    let c = common::connect(&server.connection_string).await;
+    common::execute(&c, "CREATE TABLE a (k BIGINT PRIMARY KEY, g BIGINT NOT NULL, note TEXT NOT NULL)").await;
+    common::execute(&c, "CREATE TABLE b (k BIGINT PRIMARY KEY, g BIGINT NOT NULL, v BIGINT NOT NULL)").await;
+    common::execute(&c, &format!("CREATE MATERIALIZED VIEW joined AS {JOINED}")).await;
+    // 200k rows on the left over 100k keys, 100k on the right over 150k keys: some keys
+    // match on both sides, some on one only.
+    for part in 0..4 {
+        let (from, to) = (part * 50_000 + 1, (part + 1) * 50_000);
+        let a = format!(
+            "INSERT INTO a SELECT x, x % 100000, md5(x::text) || md5((-x)::text) || md5((x * 3)::text) FROM generate_series({from}, {to}) AS s(x)"
+        );
+        common::execute(&c, &a).await;
+        if part < 2 {
+            let b = format!(
+                "INSERT INTO b SELECT x, (x * 7) % 150000, x % 1000 FROM generate_series({from}, {to}) AS s(x)"
+            );
+            common::execute(&c, &b).await;
+        }
+    }
+    let right = |when: &'static str| {
+        let c = &c;
+        async move { assert_equals_query(c, "joined", JOINED, "bucket IN (0, 7, 999)", 999, when).await }
+    };
+    right("after the inserts").await;
+    let (memory, spilled) = view_usage(&c, "joined").await;
+    let limit = LIMIT_MB << 20;
+    assert!(memory <= limit, "the state in memory ({memory} bytes) stays within --memory-limit ({limit})");
+    assert!(spilled >= 5 * limit, "the spilled state ({spilled} bytes, compressed) is at least 5x the limit");
+
+    // Changes on both sides reach spilled keys: deleted rows, rows moved to other keys,
+    // and right rows gone so left rows lose their match.
+    common::execute(
+        &c,
+        "DELETE FROM a WHERE k % 97 = 0; UPDATE a SET g = g + 1 WHERE k % 83 = 0;
+         UPDATE b SET v = v + 1 WHERE k % 89 = 0; DELETE FROM b WHERE k % 79 = 0",
+    )
+    .await;
+    right("after deletes and updates of spilled keys").await;
+
+    let whole = checkpoint_bytes(&c).await;
+    common::execute(&c, "UPDATE b SET v = v + 2 WHERE k % 100 = 3").await;
+    let incremental = checkpoint_bytes(&c).await;
+    assert!(
+        incremental * 10 < whole,
+        "after 1% of the right rows changed, a checkpoint uploads {incremental} bytes; the first uploaded {whole}"
+    );
+    eprintln!(
+        "join spill: {memory} bytes in memory, {spilled} spilled; checkpoints: {whole} bytes whole, {incremental} after 1% changed"
+    );
+
+    // Committed after the checkpoint, then the process dies.
+    common::execute(&c, "DELETE FROM b WHERE g % 1000 = 17; INSERT INTO a VALUES (-1, 4242, 'late'), (-2, 7, 'late')")
+        .await;
+    right("before the kill").await;
+    server.kill_9();
+
+    std::fs::remove_dir_all(dir.path().join("spill")).expect("the spill directory existed");
+    let server = Process::start(dir.path(), &args);
+    let c = common::connect(&server.connection_string).await;
+    let restored = common::text_rows(
+        &c,
+        "SELECT restored_from_epoch IS NOT NULL FROM freshet_catalog.views WHERE view = 'joined'",
+    );
+    assert_eq!(restored.await, vec!["t"], "the view is restored from its checkpoint's files, not recomputed");
+    let right = |when: &'static str| {
+        let c = &c;
+        async move { assert_equals_query(c, "joined", JOINED, "bucket IN (0, 7, 999)", 999, when).await }
+    };
+    right("after the restore and the changes after the checkpoint").await;
+    common::execute(&c, "UPDATE a SET g = (g * 3) % 100000 WHERE k % 5 = 1; DELETE FROM b WHERE g < 10000").await;
+    right("after more changes to the restored state").await;
+    let (memory, spilled) = view_usage(&c, "joined").await;
+    assert!(memory <= limit && spilled > 0, "still spilled after the restart: {memory} in memory, {spilled} on disk");
 }
 
 /// Every file under `dir`, as paths.
