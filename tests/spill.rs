@@ -1,6 +1,6 @@
-//! State beyond memory, with the real `freshet` binary: a GROUP BY view, and a view over a
-//! join, whose state is many times `--memory-limit` spill their least recently used groups
-//! or join keys to a local RocksDB, keep equalling their query run as a batch, checkpoint
+//! State beyond memory, with the real `freshet` binary: a GROUP BY view, a view over a
+//! join and a top-N per group, whose state is many times `--memory-limit`, spill their
+//! least recently used groups, join keys or partitions to a local RocksDB, keep equalling their query run as a batch, checkpoint
 //! only what changed (shared SST files), and come back after `kill -9` from those files
 //! alone.
 
@@ -157,8 +157,19 @@ const JOINED: &str = "SELECT a.g % 1000 AS bucket, count(*) AS n, count(b.v) AS 
                              sum(length(a.note || b.v::text)) AS chars
                       FROM a LEFT JOIN b ON a.g = b.g GROUP BY a.g % 1000";
 
+/// The row of each key of `a` with the greatest text.
+const TOPS: &str =
+    "SELECT * FROM (SELECT k, g, note, row_number() OVER (PARTITION BY g ORDER BY note DESC, k) AS rn FROM a) AS r
+                    WHERE rn <= 1";
+
+/// Both views equal their queries.
+async fn assert_join_and_tops_are_right(client: &Client, when: &str) {
+    assert_equals_query(client, "joined", JOINED, "bucket IN (0, 7, 999)", 999, when).await;
+    assert_equals_query(client, "tops", TOPS, "g IN (7, 4242, 99999)", 50_000, when).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_join_with_arrangements_many_times_the_memory_limit_spills_checkpoints_what_changed_and_recovers() {
+async fn a_join_and_a_top_n_per_group_many_times_the_memory_limit_spill_checkpoint_what_changed_and_recover() {
     let dir = tempfile::tempdir().expect("temp dir");
     let limit = format!("{LIMIT_MB}MB");
     let args = ["--checkpoint-interval", "off", "--memory-limit", &limit, "--workers", "1"];
@@ -167,6 +178,7 @@ async fn a_join_with_arrangements_many_times_the_memory_limit_spills_checkpoints
     common::execute(&c, "CREATE TABLE a (k BIGINT PRIMARY KEY, g BIGINT NOT NULL, note TEXT NOT NULL)").await;
     common::execute(&c, "CREATE TABLE b (k BIGINT PRIMARY KEY, g BIGINT NOT NULL, v BIGINT NOT NULL)").await;
     common::execute(&c, &format!("CREATE MATERIALIZED VIEW joined AS {JOINED}")).await;
+    common::execute(&c, &format!("CREATE MATERIALIZED VIEW tops AS {TOPS}")).await;
     // 200k rows on the left over 100k keys, 100k on the right over 150k keys: some keys
     // match on both sides, some on one only.
     for part in 0..4 {
@@ -182,15 +194,16 @@ async fn a_join_with_arrangements_many_times_the_memory_limit_spills_checkpoints
             common::execute(&c, &b).await;
         }
     }
-    let right = |when: &'static str| {
-        let c = &c;
-        async move { assert_equals_query(c, "joined", JOINED, "bucket IN (0, 7, 999)", 999, when).await }
-    };
-    right("after the inserts").await;
-    let (memory, spilled) = view_usage(&c, "joined").await;
+    assert_join_and_tops_are_right(&c, "after the inserts").await;
     let limit = LIMIT_MB << 20;
-    assert!(memory <= limit, "the state in memory ({memory} bytes) stays within --memory-limit ({limit})");
-    assert!(spilled >= 5 * limit, "the spilled state ({spilled} bytes, compressed) is at least 5x the limit");
+    let (memory, spilled) = view_usage(&c, "joined").await;
+    let (top_memory, top_spilled) = view_usage(&c, "tops").await;
+    assert!(
+        memory + top_memory <= limit,
+        "the state in memory ({memory} and {top_memory} bytes) stays within --memory-limit ({limit})"
+    );
+    assert!(spilled >= 5 * limit, "the spilled join ({spilled} bytes, compressed) is at least 5x the limit");
+    assert!(top_spilled >= 5 * limit, "the spilled top-N ({top_spilled} bytes, compressed) is at least 5x the limit");
 
     // Changes on both sides reach spilled keys: deleted rows, rows moved to other keys,
     // and right rows gone so left rows lose their match.
@@ -200,23 +213,24 @@ async fn a_join_with_arrangements_many_times_the_memory_limit_spills_checkpoints
          UPDATE b SET v = v + 1 WHERE k % 89 = 0; DELETE FROM b WHERE k % 79 = 0",
     )
     .await;
-    right("after deletes and updates of spilled keys").await;
+    assert_join_and_tops_are_right(&c, "after deletes and updates of spilled keys").await;
 
     let whole = checkpoint_bytes(&c).await;
-    common::execute(&c, "UPDATE b SET v = v + 2 WHERE k % 100 = 3").await;
+    common::execute(&c, "UPDATE b SET v = v + 2 WHERE k % 100 = 3; UPDATE a SET note = 'zz' || note WHERE k % 100 = 5")
+        .await;
     let incremental = checkpoint_bytes(&c).await;
     assert!(
         incremental * 10 < whole,
-        "after 1% of the right rows changed, a checkpoint uploads {incremental} bytes; the first uploaded {whole}"
+        "after 1% of the rows changed, a checkpoint uploads {incremental} bytes; the first uploaded {whole}"
     );
     eprintln!(
-        "join spill: {memory} bytes in memory, {spilled} spilled; checkpoints: {whole} bytes whole, {incremental} after 1% changed"
+        "join and top-N spill: {memory} and {top_memory} bytes in memory, {spilled} and {top_spilled} spilled; checkpoints: {whole} bytes whole, {incremental} after 1% changed"
     );
 
     // Committed after the checkpoint, then the process dies.
     common::execute(&c, "DELETE FROM b WHERE g % 1000 = 17; INSERT INTO a VALUES (-1, 4242, 'late'), (-2, 7, 'late')")
         .await;
-    right("before the kill").await;
+    assert_join_and_tops_are_right(&c, "before the kill").await;
     server.kill_9();
 
     std::fs::remove_dir_all(dir.path().join("spill")).expect("the spill directory existed");
@@ -224,18 +238,19 @@ async fn a_join_with_arrangements_many_times_the_memory_limit_spills_checkpoints
     let c = common::connect(&server.connection_string).await;
     let restored = common::text_rows(
         &c,
-        "SELECT restored_from_epoch IS NOT NULL FROM freshet_catalog.views WHERE view = 'joined'",
+        "SELECT restored_from_epoch IS NOT NULL FROM freshet_catalog.views WHERE view IN ('joined', 'tops')",
     );
-    assert_eq!(restored.await, vec!["t"], "the view is restored from its checkpoint's files, not recomputed");
-    let right = |when: &'static str| {
-        let c = &c;
-        async move { assert_equals_query(c, "joined", JOINED, "bucket IN (0, 7, 999)", 999, when).await }
-    };
-    right("after the restore and the changes after the checkpoint").await;
+    assert_eq!(restored.await, vec!["t", "t"], "the views are restored from their checkpoint's files, not recomputed");
+    assert_join_and_tops_are_right(&c, "after the restore and the changes after the checkpoint").await;
     common::execute(&c, "UPDATE a SET g = (g * 3) % 100000 WHERE k % 5 = 1; DELETE FROM b WHERE g < 10000").await;
-    right("after more changes to the restored state").await;
-    let (memory, spilled) = view_usage(&c, "joined").await;
-    assert!(memory <= limit && spilled > 0, "still spilled after the restart: {memory} in memory, {spilled} on disk");
+    assert_join_and_tops_are_right(&c, "after more changes to the restored state").await;
+    for view in ["joined", "tops"] {
+        let (memory, spilled) = view_usage(&c, view).await;
+        assert!(
+            memory <= limit && spilled > 0,
+            "{view} still spills after the restart: {memory} in memory, {spilled} on disk"
+        );
+    }
 }
 
 /// Every file under `dir`, as paths.
