@@ -242,9 +242,13 @@ impl Accumulator {
     }
 }
 
+/// An encoded group key, shared by the index, its group and the groups by event time:
+/// one allocation per group instead of one each.
+type GroupKey = Arc<[u8]>;
+
 struct Group {
     /// The encoded group key; `None` for the one group of a global aggregate.
-    key: Option<OwnedRow>,
+    key: Option<GroupKey>,
     weight: i64,
     accumulators: Vec<Accumulator>,
     /// The row this group last emitted, to retract it when the group changes.
@@ -258,10 +262,10 @@ struct Group {
     synced: bool,
 }
 
-/// Estimated bytes of a group apart from its values: the index entry, the key twice, the
-/// emitted row and the accumulators.
+/// Estimated bytes of a group apart from its values: the index entry, the key (shared),
+/// the emitted row and the accumulators.
 fn group_bytes(key: usize, aggregates: usize) -> usize {
-    160 + 3 * key + 48 * aggregates
+    176 + 2 * key + 48 * aggregates
 }
 
 /// Estimated bytes of one value kept by min/max, count(DISTINCT), string_agg or array_agg.
@@ -296,7 +300,7 @@ pub struct AggregateOperator {
     /// One converter per min/max aggregate (index-aligned with `aggregates`).
     value_converters: Vec<Option<RowConverter>>,
     output_converter: RowConverter,
-    index: FastMap<Box<[u8]>, usize>,
+    index: FastMap<GroupKey, usize>,
     state: Vec<Group>,
     /// Slots of groups that emptied, reused by new groups (so memory follows the live
     /// groups, not every key ever seen).
@@ -325,7 +329,7 @@ struct EventTime {
     /// Output watermarks of the group columns from input watermarks.
     derivation: Derivation,
     /// Group keys (encoded) by their value in the event-time column.
-    groups_by_time: BTreeMap<i64, Vec<Box<[u8]>>>,
+    groups_by_time: BTreeMap<i64, Vec<GroupKey>>,
     /// Watermarks received since the last barrier, by output column.
     pending: BTreeMap<usize, i64>,
 }
@@ -370,7 +374,7 @@ impl AggregateOperator {
         };
         if operator.groups.is_empty() {
             // The global aggregate's one group exists from the start.
-            operator.insert_group(Box::from([] as [u8; 0]), None)?;
+            operator.insert_group(GroupKey::from([] as [u8; 0]), None)?;
         }
         Ok(operator)
     }
@@ -388,13 +392,13 @@ impl AggregateOperator {
 
     /// Frees the groups whose event time is below `watermark`: no change can reach them.
     /// Returns their keys (spilled copies are deleted with them).
-    fn close_groups(&mut self, watermark: i64) -> Vec<Box<[u8]>> {
+    fn close_groups(&mut self, watermark: i64) -> Vec<GroupKey> {
         let Some(event_time) = &mut self.event_time else { return Vec::new() };
         let open = event_time.groups_by_time.split_off(&watermark);
         let closed = std::mem::replace(&mut event_time.groups_by_time, open);
-        let keys: Vec<Box<[u8]>> = closed.into_values().flatten().collect();
+        let keys: Vec<GroupKey> = closed.into_values().flatten().collect();
         for key in &keys {
-            if let Some(id) = self.index.remove(key) {
+            if let Some(id) = self.index.remove(key.as_ref()) {
                 self.forget_group(id);
             }
         }
@@ -435,7 +439,7 @@ impl AggregateOperator {
     fn read_group(&self, r: &mut StateReader, bytes: &[u8]) -> Result<Group> {
         let key = match r.u64()? {
             0 => None,
-            _ => Some(self.key_converter.parser().parse(bytes).owned()),
+            _ => Some(GroupKey::from(bytes)),
         };
         let weight = r.i64()?;
         let emitted = match r.u64()? {
@@ -463,8 +467,9 @@ impl AggregateOperator {
         let mut r = StateReader::new(value, "a spilled aggregate group");
         let group = self.read_group(&mut r, key)?;
         r.finish()?;
+        let index_key = group.key.clone().unwrap_or_else(|| GroupKey::from(key));
         let id = self.place(group);
-        self.index.insert(Box::from(key), id);
+        self.index.insert(index_key, id);
         Ok(id)
     }
 
@@ -502,7 +507,7 @@ impl AggregateOperator {
 
     /// Writes the groups in memory that changed since they were last written, and deletes
     /// `deleted`, in the spill store (which must be open).
-    fn sync(&mut self, ids: &[usize], deleted: &[Box<[u8]>]) -> Result<()> {
+    fn sync(&mut self, ids: &[usize], deleted: &[GroupKey]) -> Result<()> {
         let mut values = Vec::new();
         for &id in ids {
             let group = &mut self.state[id];
@@ -514,7 +519,7 @@ impl AggregateOperator {
                 return Err(Error::Internal("a spilled group holds a DataFusion accumulator".into()));
             }
             group.synced = true;
-            let key = group.key.as_ref().map(|k| k.row().as_ref().to_vec()).unwrap_or_default();
+            let key = group.key.as_ref().map(|k| k.to_vec()).unwrap_or_default();
             values.push((key, w.finish()));
         }
         let keyed: Vec<(&[u8], Option<&[u8]>)> = values
@@ -554,14 +559,16 @@ impl AggregateOperator {
         self.sync(&victims, &[])?;
         for id in victims {
             if let Some(key) = &self.state[id].key {
-                self.index.remove(key.row().as_ref());
+                self.index.remove(key.as_ref());
             }
             self.forget_group(id);
         }
         Ok(())
     }
 
-    fn insert_group(&mut self, index_key: Box<[u8]>, key: Option<OwnedRow>) -> Result<usize> {
+    /// A new group under `index_key` in the index, `key` its group key (`None` for the
+    /// one group of a global aggregate).
+    fn insert_group(&mut self, index_key: GroupKey, key: Option<GroupKey>) -> Result<usize> {
         let accumulators = self
             .aggregates
             .iter()
@@ -647,7 +654,8 @@ impl AggregateOperator {
 
     /// Builds the current output row of each group in `ids` (groups with rows only).
     fn output_rows(&mut self, ids: &[usize]) -> Result<RecordBatch> {
-        let keys: Vec<_> = ids.iter().filter_map(|&id| self.state[id].key.as_ref().map(|k| k.row())).collect();
+        let parser = self.key_converter.parser();
+        let keys: Vec<_> = ids.iter().filter_map(|&id| self.state[id].key.as_ref().map(|k| parser.parse(k))).collect();
         let mut columns: Vec<ArrayRef> =
             if self.groups.is_empty() { Vec::new() } else { self.key_converter.convert_rows(keys)? };
         for (a, (spec, converter)) in self.aggregates.iter().zip(&self.value_converters).enumerate() {
@@ -951,16 +959,13 @@ impl Operator for AggregateOperator {
                                 id
                             }
                             None => {
+                                let key = GroupKey::from(row.as_ref());
                                 if let (Some(times), Some(event_time)) = (&key_times, &mut self.event_time)
                                     && times.is_valid(i)
                                 {
-                                    event_time
-                                        .groups_by_time
-                                        .entry(times.value(i))
-                                        .or_default()
-                                        .push(Box::from(row.as_ref()));
+                                    event_time.groups_by_time.entry(times.value(i)).or_default().push(key.clone());
                                 }
-                                self.insert_group(Box::from(row.as_ref()), Some(row.owned()))?
+                                self.insert_group(key.clone(), Some(key))?
                             }
                         },
                     }
@@ -1165,7 +1170,7 @@ impl Operator for AggregateOperator {
             event_time.groups_by_time.clear();
             for _ in 0..r.len(16)? {
                 let time = r.i64()?;
-                let keys = (0..r.len(8)?).map(|_| Ok(Box::from(r.bytes()?))).collect::<Result<Vec<_>>>()?;
+                let keys = (0..r.len(8)?).map(|_| Ok(GroupKey::from(r.bytes()?))).collect::<Result<Vec<_>>>()?;
                 event_time.groups_by_time.insert(time, keys);
             }
             event_time.pending.clear();
@@ -1189,11 +1194,12 @@ impl Operator for AggregateOperator {
         }
         let groups = r.len(33)?;
         for id in 0..groups {
-            let bytes: Box<[u8]> = Box::from(r.bytes()?);
-            let group = self.read_group(&mut r, &bytes)?;
+            let bytes = r.bytes()?;
+            let group = self.read_group(&mut r, bytes)?;
+            let index_key = group.key.clone().unwrap_or_else(|| GroupKey::from(bytes));
             self.memory += group.bytes;
             self.state.push(group);
-            self.index.insert(bytes, id);
+            self.index.insert(index_key, id);
         }
         r.finish()
     }
@@ -1218,8 +1224,7 @@ impl Operator for AggregateOperator {
             } else {
                 // Empty: its retraction is queued; forget the group.
                 if let Some(key) = group.key.take() {
-                    let key = key.row().as_ref().to_vec().into_boxed_slice();
-                    self.index.remove(&key);
+                    self.index.remove(key.as_ref());
                     deleted.push(key);
                 }
                 self.forget_group(id);
