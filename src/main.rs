@@ -62,8 +62,8 @@ struct ServeArgs {
     /// of cores.
     #[arg(long, env = "FRESHET_WORKERS", value_parser = clap::value_parser!(u16).range(1..=256))]
     workers: Option<u16>,
-    /// Operator state (GROUP BY groups) kept in memory before the least recently used
-    /// spills to local disk under --data-dir, e.g. `512MB`, `4GB` (units of 1024) or `off`.
+    /// Operator state (GROUP BY groups, join keys, top-N partitions) kept in memory before
+    /// the least recently used spills to local disk under --data-dir, e.g. `512MB`, `4GB` (units of 1024) or `off`.
     /// Default: half of the machine's memory.
     #[arg(long, env = "FRESHET_MEMORY_LIMIT", default_value = "auto", value_parser = parse_memory_limit)]
     memory_limit: MemoryLimit,
