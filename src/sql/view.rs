@@ -692,6 +692,7 @@ fn top_n(
         offset: skip,
         limit,
         numbered: false,
+        append_only: append_only(&sort.input),
     };
     let schema: SchemaRef = Arc::new(input_schema.as_arrow().clone());
     let operator = TopNOperator::new(spec, schema)?;
@@ -810,7 +811,8 @@ fn top_n_per_group(state: &SessionState, filter: &datafusion::logical_expr::Filt
         partition_types.push(expr.get_type(window_input)?);
     }
     let (sort, sort_fields) = sort_keys(state, &params.order_by, window_input)?;
-    let spec = TopNSpec { partition, partition_types, sort, sort_fields, offset, limit, numbered: true };
+    let append_only = append_only(&window.input);
+    let spec = TopNSpec { partition, partition_types, sort, sort_fields, offset, limit, numbered: true, append_only };
     let schema: SchemaRef = Arc::new(window.schema.as_arrow().clone());
     let key = PartitionKey { exprs: spec.partition.clone(), types: spec.partition_types.clone() };
     let make = || -> Result<Box<dyn Operator>> { Ok(Box::new(TopNOperator::new(spec.clone(), schema.clone())?)) };

@@ -8,6 +8,11 @@
 //! whose rank moved is retracted with its old number and inserted with its new one. A
 //! change costs O(log n); a barrier costs O(offset + limit) per changed partition.
 //!
+//! Over input that only ever gains rows (`append_only`), a row pushed past position
+//! `offset + limit` can never come back: rows only push it further down. Such rows are
+//! dropped at each barrier, so a partition holds at most `offset + limit` rows, and a
+//! retraction reaching the operator is an internal error rather than a wrong answer.
+//!
 //! With PARTITION BY, partitions spill whole to the operator's local store, least
 //! recently changed first, when the memory pool is over its limit; a change to a spilled
 //! partition reads it back. A global top-N is one partition and stays in memory.
@@ -60,6 +65,25 @@ impl Group {
         Group { ordered: BTreeMap::new(), emitted: HashMap::new(), bytes, used: clock, synced: false }
     }
 
+    /// Drops the rows past position `end`, which rows to come can only push further down
+    /// (input that only gains rows); returns the bytes freed.
+    fn drop_unreachable(&mut self, end: usize) -> usize {
+        let mut position = 0usize;
+        let first_past = self.ordered.iter().find_map(|(entry, count)| {
+            let past = position >= end;
+            position = position.saturating_add((*count).max(0) as usize);
+            past.then(|| entry.clone())
+        });
+        let Some(first_past) = first_past else { return 0 };
+        let dropped = self.ordered.split_off(&first_past);
+        let freed: usize = dropped.keys().map(|(sort, row)| entry_bytes(sort, row)).sum();
+        self.bytes -= freed;
+        if freed > 0 {
+            self.synced = false;
+        }
+        freed
+    }
+
     /// Its rows and what it emitted, in a checkpoint or as a spilled value.
     fn write(&self, w: &mut StateWriter) {
         w.u64(self.ordered.len() as u64);
@@ -107,6 +131,8 @@ pub struct TopNSpec {
     pub limit: usize,
     /// Append the row number (1-based, per partition) as the last output column.
     pub numbered: bool,
+    /// The input never retracts a row (by its plan): rows past the kept ranks are dropped.
+    pub append_only: bool,
 }
 
 pub struct TopNOperator {
@@ -409,7 +435,11 @@ impl Operator for TopNOperator {
                 self.memory += size;
                 0
             });
-            *count += input.weights().value(i);
+            let weight = input.weights().value(i);
+            if weight < 0 && self.spec.append_only {
+                return Err(Error::Internal("a retraction reached a top-N over input that only gains rows".into()));
+            }
+            *count += weight;
             if *count == 0 {
                 group.ordered.remove(&entry);
                 group.bytes -= size;
@@ -431,6 +461,11 @@ impl Operator for TopNOperator {
     async fn on_barrier(&mut self, _barrier: &Barrier, out: &mut Output) -> Result<()> {
         let mut changes: Vec<(Box<[u8]>, u64, i64)> = Vec::new();
         for key in std::mem::take(&mut self.dirty) {
+            if self.spec.append_only
+                && let Some(group) = self.groups.get_mut(&key)
+            {
+                self.memory -= group.drop_unreachable(self.spec.offset.saturating_add(self.spec.limit));
+            }
             let Some(group) = self.groups.get(&key) else { continue };
             let current = self.current(group);
             let group = self.groups.get_mut(&key).ok_or_else(|| Error::Internal("top-N group vanished".into()))?;
@@ -494,6 +529,12 @@ mod tests {
 
     /// `row_number() OVER (PARTITION BY k ORDER BY v DESC) <= 3` over (k, v) integers.
     fn top_three() -> TopNOperator {
+        ranks(0, 3, false)
+    }
+
+    /// `row_number() OVER (PARTITION BY k ORDER BY v DESC) BETWEEN offset + 1 AND offset +
+    /// limit` over (k, v) integers, for input that only gains rows if `append_only`.
+    fn ranks(offset: usize, limit: usize, append_only: bool) -> TopNOperator {
         let spec = TopNSpec {
             partition: vec![Arc::new(Column::new("k", 0))],
             partition_types: vec![DataType::Int64],
@@ -502,9 +543,10 @@ mod tests {
                 DataType::Int64,
                 SortOptions { descending: true, nulls_first: false },
             )],
-            offset: 0,
-            limit: 3,
+            offset,
+            limit,
             numbered: true,
+            append_only,
         };
         let schema = Arc::new(Schema::new(vec![
             Field::new("k", DataType::Int64, false),
@@ -577,5 +619,58 @@ mod tests {
         );
         assert!(spilling.memory <= 32 << 10, "memory stays within the pool's limit: {}", spilling.memory);
         assert!(expected.len() > 2000, "partitions have their top three: {} rows", expected.len());
+    }
+
+    /// Over rows that are only ever inserted, a top-N that drops the rows pushed past its
+    /// ranks answers as the general one does, also across a checkpoint, and holds at most
+    /// `offset + limit` rows per partition; a retraction, which the plan said cannot come,
+    /// is an error and not a wrong answer.
+    #[tokio::test]
+    async fn append_only_ranks_drop_rows_pushed_past_them_and_answer_as_the_general_ones() {
+        let input = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, false),
+            Field::new("v", DataType::Int64, false),
+        ]));
+        let batch_of = |rows: &[(i64, i64)]| {
+            RecordBatch::try_new(
+                input.clone(),
+                vec![
+                    Arc::new(Int64Array::from(rows.iter().map(|r| r.0).collect::<Vec<_>>())),
+                    Arc::new(Int64Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>())),
+                ],
+            )
+            .expect("batch")
+        };
+        let (mut general, mut pruned) = (ranks(1, 3, false), ranks(1, 3, true));
+        let (mut expected, mut got) = (BTreeMap::new(), BTreeMap::new());
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(5);
+        for round in 0..30 {
+            // Values repeat within a partition, so ties and rows inserted twice happen.
+            let rows: Vec<(i64, i64)> = (0..400).map(|_| (rng.gen_range(0..300), rng.gen_range(0..40))).collect();
+            let change = ChangeBatch::inserts(batch_of(&rows));
+            let barrier = Barrier { epoch: round, checkpoint: false, mutation: None };
+            for (operator, into) in [(&mut general, &mut expected), (&mut pruned, &mut got)] {
+                let mut out = Output::default();
+                operator.process(0, change.clone(), &mut out).await.expect("process");
+                operator.on_barrier(&barrier, &mut out).await.expect("barrier");
+                net(out.take_messages(), into);
+            }
+            assert_eq!(got, expected, "round {round}");
+            if round == 15 {
+                let state = pruned.checkpoint().expect("checkpoint").expect("checkpointable");
+                pruned = ranks(1, 3, true);
+                pruned.restore(&state).expect("restore");
+            }
+        }
+        assert!(expected.len() >= 290 * 3, "partitions have their ranks 2 to 4: {} rows", expected.len());
+        let held: usize = pruned.groups.values().map(|g| g.ordered.len()).max().unwrap_or(0);
+        assert!(held <= 4, "a partition holds at most offset + limit rows: {held}");
+        let all: usize = general.groups.values().map(|g| g.ordered.len()).sum();
+        let kept: usize = pruned.groups.values().map(|g| g.ordered.len()).sum();
+        assert!(kept * 5 < all, "the general top-N holds every row ({all}), this one few ({kept})");
+        let mut out = Output::default();
+        let retraction = ChangeBatch::retracts(batch_of(&[(1, 1)]));
+        let refused = pruned.process(0, retraction, &mut out).await;
+        assert!(matches!(refused, Err(Error::Internal(_))), "a retraction is refused: {refused:?}");
     }
 }
