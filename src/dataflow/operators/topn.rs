@@ -68,15 +68,19 @@ impl Group {
     /// Drops the rows past position `end`, which rows to come can only push further down
     /// (input that only gains rows); returns the bytes freed.
     fn drop_unreachable(&mut self, end: usize) -> usize {
-        let mut position = 0usize;
-        let first_past = self.ordered.iter().find_map(|(entry, count)| {
-            let past = position >= end;
-            position = position.saturating_add((*count).max(0) as usize);
-            past.then(|| entry.clone())
-        });
-        let Some(first_past) = first_past else { return 0 };
-        let dropped = self.ordered.split_off(&first_past);
-        let freed: usize = dropped.keys().map(|(sort, row)| entry_bytes(sort, row)).sum();
+        // Usually one row is past the ranks: pop from the end, which allocates nothing.
+        let mut total: usize = self.ordered.values().map(|&count| count.max(0) as usize).sum();
+        let mut freed = 0;
+        while let Some(last) = self.ordered.last_entry() {
+            let count = (*last.get()).max(0) as usize;
+            // The last row starts at position `total - count`.
+            if total - count < end {
+                break;
+            }
+            total -= count;
+            let ((sort, row), _) = last.remove_entry();
+            freed += entry_bytes(&sort, &row);
+        }
         self.bytes -= freed;
         if freed > 0 {
             self.synced = false;
