@@ -1314,7 +1314,7 @@ mod tests {
     use datafusion::physical_expr::expressions::Column;
 
     use super::*;
-    use crate::dataflow::operators::testing::net;
+    use crate::dataflow::operators::testing::{net, random_change};
     use crate::state::spill::MemoryPool;
 
     #[tokio::test]
@@ -1396,12 +1396,8 @@ mod tests {
     /// that keeps everything in memory emits.
     #[tokio::test]
     async fn spilled_and_restored_groups_give_the_same_answer_as_groups_in_memory() {
-        use rand::{Rng, SeedableRng};
+        use rand::SeedableRng;
         let dir = tempfile::tempdir().expect("tempdir");
-        let input = Arc::new(Schema::new(vec![
-            Field::new("k", DataType::Int64, false),
-            Field::new("v", DataType::Int64, false),
-        ]));
         let pool = MemoryPool::new(Some(64 << 10));
         let local =
             |name: &str, n: usize| LocalState { dir: dir.path().join(name), pool: pool.clone(), owner: (n as u64, 0) };
@@ -1413,25 +1409,7 @@ mod tests {
         let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
         for round in 0..30 {
             // Inserts over 3000 keys, and retractions of rows inserted before.
-            let mut rows: Vec<(i64, i64, i64)> =
-                (0..400).map(|_| (rng.gen_range(0..3000), rng.gen_range(0..50), 1)).collect();
-            for _ in 0..100 {
-                if !live.is_empty() {
-                    let (k, v) = live.swap_remove(rng.gen_range(0..live.len()));
-                    rows.push((k, v, -1));
-                }
-            }
-            live.extend(rows.iter().filter(|r| r.2 == 1).map(|r| (r.0, r.1)));
-            let batch = RecordBatch::try_new(
-                input.clone(),
-                vec![
-                    Arc::new(Int64Array::from(rows.iter().map(|r| r.0).collect::<Vec<_>>())),
-                    Arc::new(Int64Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>())),
-                ],
-            )
-            .expect("batch");
-            let weights = Int64Array::from(rows.iter().map(|r| r.2).collect::<Vec<_>>());
-            let change = ChangeBatch::try_new(batch, weights).expect("change");
+            let change = random_change(&mut rng, &mut live, (400, 3000, 50), 100);
             let barrier = Barrier { epoch: round, checkpoint: false, mutation: None };
             for (operator, into) in [(&mut memory, &mut expected), (&mut spilling, &mut got)] {
                 let mut out = Output::default();

@@ -25,9 +25,14 @@ pub use union::{MergeOperator, UnionOperator};
 #[cfg(test)]
 pub(crate) mod testing {
     use std::collections::BTreeMap;
+    use std::sync::Arc;
 
-    use super::super::Message;
+    use datafusion::arrow::array::Int64Array;
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::arrow::record_batch::RecordBatch;
+
     use super::super::operator::Operator;
+    use super::super::{ChangeBatch, Message};
     use crate::state::spill::LocalState;
 
     /// Adds the rows (as text) and weights of the changes in `messages` into `into`,
@@ -47,6 +52,41 @@ pub(crate) mod testing {
                 }
             }
         }
+    }
+
+    /// A change of `inserts` new rows (k below `keys`, v below `values`) over the integer
+    /// columns (k, v), and retractions of `retracts` rows of `live` (as many as it has),
+    /// which it keeps up to date.
+    pub fn random_change(
+        rng: &mut rand::rngs::SmallRng,
+        live: &mut Vec<(i64, i64)>,
+        (inserts, keys, values): (usize, i64, i64),
+        retracts: usize,
+    ) -> ChangeBatch {
+        use rand::Rng;
+        let mut rows: Vec<(i64, i64, i64)> =
+            (0..inserts).map(|_| (rng.gen_range(0..keys), rng.gen_range(0..values), 1)).collect();
+        for _ in 0..retracts {
+            if !live.is_empty() {
+                let (k, v) = live.swap_remove(rng.gen_range(0..live.len()));
+                rows.push((k, v, -1));
+            }
+        }
+        live.extend(rows.iter().filter(|r| r.2 == 1).map(|r| (r.0, r.1)));
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, false),
+            Field::new("v", DataType::Int64, false),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(Int64Array::from(rows.iter().map(|r| r.0).collect::<Vec<_>>())),
+                Arc::new(Int64Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>())),
+            ],
+        )
+        .expect("batch");
+        let weights = Int64Array::from(rows.iter().map(|r| r.2).collect::<Vec<_>>());
+        ChangeBatch::try_new(batch, weights).expect("change")
     }
 
     /// Checkpoints `operator` through its spill store, "downloads" the files under `dir`

@@ -528,7 +528,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
-    use crate::dataflow::operators::testing::{checkpointed_and_restored, net};
+    use crate::dataflow::operators::testing::{checkpointed_and_restored, net, random_change};
     use crate::state::spill::MemoryPool;
 
     /// `row_number() OVER (PARTITION BY k ORDER BY v DESC) <= 3` over (k, v) integers.
@@ -566,10 +566,6 @@ mod tests {
     /// spilled partitions and empty them.
     #[tokio::test]
     async fn spilled_and_restored_partitions_rank_as_partitions_in_memory() {
-        let input = Arc::new(Schema::new(vec![
-            Field::new("k", DataType::Int64, false),
-            Field::new("v", DataType::Int64, false),
-        ]));
         let dir = tempfile::tempdir().expect("tempdir");
         let pool = MemoryPool::new(Some(32 << 10));
         let local = |name: &str| LocalState { dir: dir.path().join(name), pool: pool.clone(), owner: (1, 0) };
@@ -580,25 +576,7 @@ mod tests {
         let mut live: Vec<(i64, i64)> = Vec::new();
         let mut rng = rand::rngs::SmallRng::seed_from_u64(3);
         for round in 0..40 {
-            let mut rows: Vec<(i64, i64, i64)> =
-                (0..200).map(|_| (rng.gen_range(0..1500), rng.gen_range(0..100), 1)).collect();
-            for _ in 0..90 {
-                if !live.is_empty() {
-                    let (k, v) = live.swap_remove(rng.gen_range(0..live.len()));
-                    rows.push((k, v, -1));
-                }
-            }
-            live.extend(rows.iter().filter(|r| r.2 == 1).map(|r| (r.0, r.1)));
-            let batch = RecordBatch::try_new(
-                input.clone(),
-                vec![
-                    Arc::new(Int64Array::from(rows.iter().map(|r| r.0).collect::<Vec<_>>())),
-                    Arc::new(Int64Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>())),
-                ],
-            )
-            .expect("batch");
-            let weights = Int64Array::from(rows.iter().map(|r| r.2).collect::<Vec<_>>());
-            let change = ChangeBatch::try_new(batch, weights).expect("change");
+            let change = random_change(&mut rng, &mut live, (200, 1500, 100), 90);
             // Every third round, the next round's changes join this one's epoch.
             let barrier =
                 (round % 3 != 0 || round == 39).then_some(Barrier { epoch: round, checkpoint: false, mutation: None });
