@@ -115,17 +115,7 @@ async fn a_view_with_state_many_times_the_memory_limit_spills_checkpoints_what_c
     // Committed after the checkpoint, then the process dies.
     common::execute(&c, "DELETE FROM t WHERE g % 1000 = 17; INSERT INTO t VALUES (-1, 123456789, 5), (-2, 7, 5)").await;
     assert_view_is_right(&c, "before the kill").await;
-    server.kill_9();
-
-    // The local spill directory is scratch: the restart must not need it.
-    std::fs::remove_dir_all(dir.path().join("spill")).expect("the spill directory existed");
-    let server = Process::start(dir.path(), &args);
-    let c = common::connect(&server.connection_string).await;
-    let restored = common::text_rows(
-        &c,
-        "SELECT restored_from_epoch IS NOT NULL FROM freshet_catalog.views WHERE view = 'groups'",
-    );
-    assert_eq!(restored.await, vec!["t"], "the view is restored from its checkpoint's files, not recomputed");
+    let (server, c) = killed_and_restarted_without_spill_dir(server, dir.path(), &args, &["groups"]).await;
     assert_view_is_right(&c, "after the restore and the changes after the checkpoint").await;
     common::execute(&c, "UPDATE t SET v = 0 WHERE k % 5 = 1; DELETE FROM t WHERE g < 1000").await;
     assert_view_is_right(&c, "after more changes to the restored state").await;
@@ -231,16 +221,7 @@ async fn a_join_and_a_top_n_per_group_many_times_the_memory_limit_spill_checkpoi
     common::execute(&c, "DELETE FROM b WHERE g % 1000 = 17; INSERT INTO a VALUES (-1, 4242, 'late'), (-2, 7, 'late')")
         .await;
     assert_join_and_tops_are_right(&c, "before the kill").await;
-    server.kill_9();
-
-    std::fs::remove_dir_all(dir.path().join("spill")).expect("the spill directory existed");
-    let server = Process::start(dir.path(), &args);
-    let c = common::connect(&server.connection_string).await;
-    let restored = common::text_rows(
-        &c,
-        "SELECT restored_from_epoch IS NOT NULL FROM freshet_catalog.views WHERE view IN ('joined', 'tops')",
-    );
-    assert_eq!(restored.await, vec!["t", "t"], "the views are restored from their checkpoint's files, not recomputed");
+    let (_server, c) = killed_and_restarted_without_spill_dir(server, dir.path(), &args, &["joined", "tops"]).await;
     assert_join_and_tops_are_right(&c, "after the restore and the changes after the checkpoint").await;
     common::execute(&c, "UPDATE a SET g = (g * 3) % 100000 WHERE k % 5 = 1; DELETE FROM b WHERE g < 10000").await;
     assert_join_and_tops_are_right(&c, "after more changes to the restored state").await;
@@ -251,6 +232,27 @@ async fn a_join_and_a_top_n_per_group_many_times_the_memory_limit_spill_checkpoi
             "{view} still spills after the restart: {memory} in memory, {spilled} on disk"
         );
     }
+}
+
+/// Kills `server` with SIGKILL, removes its local spill directory (scratch: a restart must
+/// not need it), starts it again and checks that `views` were restored from their
+/// checkpoint's files, not recomputed.
+async fn killed_and_restarted_without_spill_dir(
+    server: Process,
+    dir: &std::path::Path,
+    args: &[&str],
+    views: &[&str],
+) -> (Process, Client) {
+    server.kill_9();
+    std::fs::remove_dir_all(dir.join("spill")).expect("the spill directory existed");
+    let server = Process::start(dir, args);
+    let c = common::connect(&server.connection_string).await;
+    for view in views {
+        let query = format!("SELECT restored_from_epoch IS NOT NULL FROM freshet_catalog.views WHERE view = '{view}'");
+        let restored = common::text_rows(&c, &query).await;
+        assert_eq!(restored, vec!["t"], "{view} is restored from its checkpoint's files, not recomputed");
+    }
+    (server, c)
 }
 
 /// Every file under `dir`, as paths.
