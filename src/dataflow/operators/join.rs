@@ -18,6 +18,11 @@
 //! other's, as in `b.ts BETWEEN a.ts AND a.ts + INTERVAL '1 hour'`) forgets a row once no
 //! future row of the other side can fall in its interval and its own side's watermark
 //! has passed it (so it cannot be retracted either). Its output has no watermark.
+//!
+//! Other joins spill beyond the memory pool's limit: at a barrier, the least recently
+//! changed keys of either input go to the operator's local store, and a batch first reads
+//! back, on both inputs, the spilled keys it touches. Window and interval joins keep their
+//! state in memory; their watermarks bound it.
 
 use std::sync::Arc;
 
