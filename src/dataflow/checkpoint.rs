@@ -83,8 +83,8 @@ pub fn read_store_files(r: &mut StateReader) -> Result<StoreFiles> {
 }
 
 /// An operator's local [`SpillStore`] and the files its last checkpoint refers to: what
-/// aggregates, joins and views share to keep state on local disk and checkpoint it
-/// through that disk. The store opens on first use; dropping this removes its directory.
+/// aggregates, joins, top-N and views share to keep state on local disk and checkpoint
+/// it through that disk. The store opens on first use; dropping this removes its directory.
 pub struct LocalStore {
     pub local: LocalState,
     pub store: Option<SpillStore>,

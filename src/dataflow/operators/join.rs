@@ -86,6 +86,20 @@ struct Arranged {
     synced: bool,
 }
 
+impl Arranged {
+    /// Its rows with their counts, in a checkpoint or a spilled value.
+    fn write_rows(&self, w: &mut StateWriter) {
+        w.counts(self.rows.len(), self.rows.iter().map(|(row, n)| (row.as_ref(), *n)));
+    }
+
+    /// What a key's rows are spilled as.
+    fn spilled_value(&self) -> Vec<u8> {
+        let mut w = StateWriter::with_capacity(self.bytes);
+        self.write_rows(&mut w);
+        w.finish()
+    }
+}
+
 /// Estimated bytes of a key's entry apart from its rows: the index entry, the key and
 /// the row map.
 fn key_bytes(key: &[u8]) -> usize {
@@ -186,7 +200,7 @@ impl Side {
         Some(arranged)
     }
 
-    /// Puts `key` back in memory from its spilled `value` (as [`Side::spilled_value`]
+    /// Puts `key` back in memory from its spilled `value` (as [`Arranged::spilled_value`]
     /// wrote it).
     fn load(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
         let mut r = StateReader::new(value, "a spilled join key");
@@ -197,13 +211,6 @@ impl Side {
         self.memory += bytes;
         self.by_key.insert(key.into(), Arranged { rows, weight, bytes, used: self.clock, synced: true });
         Ok(())
-    }
-
-    /// What a key's rows are spilled as.
-    fn spilled_value(arranged: &Arranged) -> Vec<u8> {
-        let mut w = StateWriter::with_capacity(arranged.bytes);
-        w.counts(arranged.rows.len(), arranged.rows.iter().map(|(row, n)| (row.as_ref(), *n)));
-        w.finish()
     }
 }
 
@@ -385,7 +392,7 @@ impl JoinOperator {
         let mut write = |port: usize, key: &[u8], arranged: &mut Arranged| {
             if !arranged.synced {
                 arranged.synced = true;
-                entries.push((spilled_key(port, key), Some(Side::spilled_value(arranged))));
+                entries.push((spilled_key(port, key), Some(arranged.spilled_value())));
             }
         };
         match keys {
@@ -791,7 +798,7 @@ impl Operator for JoinOperator {
                 w.u64(side.by_key.len() as u64);
                 for (key, arranged) in &side.by_key {
                     w.bytes(key);
-                    w.counts(arranged.rows.len(), arranged.rows.iter().map(|(row, n)| (row.as_ref(), *n)));
+                    arranged.write_rows(&mut w);
                 }
             }
             w.counts(side.matched.len(), side.matched.iter().map(|(row, n)| (row.as_ref(), *n)));
