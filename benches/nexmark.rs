@@ -24,9 +24,11 @@
 //! ceiling for q0. Output: a table on stdout and, with `--json FILE`, one JSON object per
 //! line per query. Queries whose file says freshet cannot run them are listed, not run.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -163,9 +165,27 @@ fn generate(events: u64) -> Vec<(&'static str, RecordBatch)> {
 /// A view's operators with the leaves they read, run inline.
 enum Driven {
     Table(String),
-    EventTime { table: String, operator: EventTimeOperator },
+    EventTime {
+        table: String,
+        operator: EventTimeOperator,
+    },
     Constant(Vec<RecordBatch>),
-    Operator { operator: Box<dyn Operator>, inputs: Vec<Driven> },
+    Operator {
+        operator: Box<dyn Operator>,
+        inputs: Vec<Driven>,
+    },
+    /// A subtree several parents read (see `Node::Shared`): fed once per feed, its output
+    /// handed to each of them.
+    Shared(Rc<RefCell<SharedDriven>>),
+}
+
+/// A shared subtree, how many parents read it, and its output for the current feed until
+/// every one of them has had it.
+struct SharedDriven {
+    node: Driven,
+    readers: usize,
+    served: usize,
+    output: Vec<Message>,
 }
 
 /// What a leaf emits: rows of a table, or a constant relation's rows at the start.
@@ -176,7 +196,7 @@ enum Feed<'a> {
 }
 
 impl Driven {
-    fn new(node: Node) -> Driven {
+    fn new(node: Node, shared: &mut HashMap<usize, Rc<RefCell<SharedDriven>>>) -> Driven {
         match node {
             Node::Table(table) => Driven::Table(table),
             Node::EventTime { table, column, delay_ms, units_per_ms } => {
@@ -186,7 +206,17 @@ impl Driven {
             }
             Node::Constant { rows, .. } => Driven::Constant(rows),
             Node::Operator(operator, inputs) => {
-                Driven::Operator { operator, inputs: inputs.into_iter().map(Driven::new).collect() }
+                Driven::Operator { operator, inputs: inputs.into_iter().map(|n| Driven::new(n, shared)).collect() }
+            }
+            Node::Shared(subtree) => {
+                if let Some(node) = subtree.take() {
+                    let node = Driven::new(node, shared);
+                    let driven = SharedDriven { node, readers: 0, served: 0, output: Vec::new() };
+                    shared.insert(subtree.id, Rc::new(RefCell::new(driven)));
+                }
+                let driven = shared[&subtree.id].clone();
+                driven.borrow_mut().readers += 1;
+                Driven::Shared(driven)
             }
             Node::Parallel { .. } => panic!("one worker: stateful operators run as one instance"),
         }
@@ -213,6 +243,24 @@ impl Driven {
                     _ => {}
                 }
                 out.take_messages()
+            }
+            (Driven::Shared(shared), feed) => {
+                if shared.borrow().served == 0 {
+                    // Out of the cell while it runs, so no borrow is held across the feed.
+                    let mut node = std::mem::replace(&mut shared.borrow_mut().node, Driven::Constant(Vec::new()));
+                    let output = Box::pin(node.feed(feed)).await;
+                    let mut driven = shared.borrow_mut();
+                    driven.node = node;
+                    driven.output = output;
+                }
+                let mut driven = shared.borrow_mut();
+                driven.served += 1;
+                let output = driven.output.clone();
+                if driven.served == driven.readers {
+                    driven.served = 0;
+                    driven.output.clear();
+                }
+                output
             }
             (Driven::Operator { operator, inputs }, feed) => {
                 let mut out = Output::default();
@@ -342,7 +390,8 @@ async fn engine_alone(name: &str, sql: &str, events: u64, stream: &[(&'static st
     let def = Arc::new(def);
     let arrangement = Arc::new(std::sync::Mutex::new(TableState::new(def).expect("arrangement")));
     let materialize = MaterializeOperator::new(schema, Box::new(Arrangement(arrangement.clone())));
-    let mut driven = Driven::Operator { operator: Box::new(materialize), inputs: vec![Driven::new(root)] };
+    let mut driven =
+        Driven::Operator { operator: Box::new(materialize), inputs: vec![Driven::new(root, &mut HashMap::new())] };
     let (started, cpu) = (Instant::now(), cpu_seconds());
     driven.feed(&Feed::Constants).await;
     let mut epoch = 0;

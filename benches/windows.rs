@@ -38,7 +38,7 @@ use datafusion::datasource::MemTable;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use freshet::dataflow::operators::{EmitOnCloseOperator, EventTimeOperator, LateCounter};
 use freshet::dataflow::{Barrier, ChangeBatch, Message, Operator, Output};
-use freshet::sql::view::{Node, lower, watermarked};
+use freshet::sql::view::{Node, lower_view, watermarked};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -193,7 +193,7 @@ async fn build(emit_on_close: bool) -> View {
     let state = ctx.state();
     let (plan, _) = freshet::sql::plan_query(&state, QUERY).await.expect("the query plans");
     let plan = state.optimize(&plan).expect("the plan optimises");
-    let mut root = lower(&state, &plan).expect("the plan lowers to operators");
+    let mut root = lower_view(&state, &plan, false).expect("the plan lowers to operators");
     let window_start = watermarked(&plan).iter().position(|w| *w).expect("window_start carries a watermark");
     let output: SchemaRef = Arc::new(plan.schema().as_arrow().clone());
     if emit_on_close {
@@ -239,6 +239,7 @@ fn flatten(node: Node, operators: &mut Vec<Box<dyn Operator>>) -> Arc<LateCounte
         Node::Table(name) => panic!("{name} lowered without its event-time operator"),
         Node::Constant { what, .. } => panic!("{what}: the bench drives a chain over one source"),
         Node::Parallel { .. } => panic!("a parallel operator: the session must have target_partitions = 1"),
+        Node::Shared(_) => panic!("a shared subtree: the bench drives a chain"),
     }
 }
 

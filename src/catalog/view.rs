@@ -151,6 +151,8 @@ pub struct Pending {
     /// Restored from a checkpoint: the operators' states by number, and the table changes
     /// committed after it (which replace the tables' rows as the starting point).
     restore: Option<Restore>,
+    /// The task at the top of each shared subtree started so far, by the subtree's number.
+    shared: HashMap<usize, usize>,
 }
 
 /// What a view restored from a checkpoint starts from.
@@ -603,6 +605,7 @@ pub fn spawn(
         layout: Vec::new(),
         report,
         restore,
+        shared: HashMap::new(),
     };
     // Built and restored whole before any task starts, so a state that fails to load
     // leaves nothing running.
@@ -717,6 +720,27 @@ fn spawn_node(
             tasks.push(Task { operator, inputs: receivers, outputs: vec![sender], checkpointing });
             receiver
         }
+        Node::Shared(shared) => match shared.take() {
+            Some(node) => {
+                if !matches!(node, Node::Operator(..) | Node::Parallel { .. } | Node::EventTime { .. }) {
+                    return Err(crate::error::Error::Internal(
+                        "a shared subtree without an operator at its top".into(),
+                    ));
+                }
+                let receiver = spawn_node(node, feeds, failures, pending, tasks)?;
+                // The subtree's top operator is the task pushed last.
+                pending.shared.insert(shared.id, tasks.len() - 1);
+                receiver
+            }
+            None => {
+                let top = pending.shared.get(&shared.id).and_then(|&t| tasks.get_mut(t)).ok_or_else(|| {
+                    crate::error::Error::Internal(format!("shared subtree #{} read before it started", shared.id))
+                })?;
+                let (sender, receiver) = runtime::edge();
+                top.outputs.push(sender);
+                receiver
+            }
+        },
         Node::Parallel { instances, keys, inputs } => {
             // instance_inputs[i][port]: instance i's edge from input `port`'s exchange.
             let mut instance_inputs: Vec<Vec<EdgeReceiver>> = instances.iter().map(|_| Vec::new()).collect();

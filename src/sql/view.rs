@@ -4,6 +4,7 @@
 //! Every plan node either has an incremental operator or is rejected with 0A000 naming the
 //! construct: a view is never created if freshet cannot keep it exactly right.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use datafusion::arrow::compute::SortOptions;
@@ -11,7 +12,7 @@ use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::SortField;
 use datafusion::common::NullEquality;
-use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::execution::context::SessionState;
 use datafusion::logical_expr::{Expr, ExprSchemable, FetchType, JoinType, LogicalPlan, SkipType};
 use datafusion::physical_expr::expressions::Column as ColumnExpr;
@@ -41,6 +42,30 @@ pub enum Node {
     /// A relation that never changes (a table function such as `range(10)`, or `VALUES`),
     /// computed when the view is lowered: its rows arrive once, as the view's starting point.
     Constant { what: String, rows: Vec<RecordBatch> },
+    /// A part of the plan the query holds more than once (nexmark q5 counts bids per
+    /// auction and window twice): every place holds the same `Shared`, and its operators run
+    /// once, their output going to each place that reads it.
+    Shared(Arc<Shared>),
+}
+
+/// A subtree several parents read. Whoever starts the dataflow first takes the tree and
+/// starts it; the others connect to its top operator.
+pub struct Shared {
+    /// Numbers the shared subtrees of one view, in the order they were lowered.
+    pub id: usize,
+    node: std::sync::Mutex<Option<Node>>,
+}
+
+impl Shared {
+    /// The subtree, for the first place that starts it; `None` once taken.
+    pub fn take(&self) -> Option<Node> {
+        self.node.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Calls `f` with the subtree unless it has been taken.
+    fn with<T>(&self, f: impl FnOnce(&Node) -> T) -> Option<T> {
+        self.node.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(f)
+    }
 }
 
 /// The most rows a constant relation in a view may have: it is computed whole and kept in
@@ -56,14 +81,23 @@ impl Node {
                 inputs.iter().flat_map(|n| n.tables()).collect()
             }
             Node::Constant { .. } => Vec::new(),
+            Node::Shared(shared) => shared.with(Node::tables).unwrap_or_default(),
         }
     }
 
     /// An indented description, for EXPLAIN and logs.
     pub fn describe(&self) -> String {
-        fn walk(node: &Node, depth: usize, out: &mut String) {
+        fn walk(node: &Node, depth: usize, out: &mut String, shown: &mut Vec<usize>) {
             let pad = "  ".repeat(depth);
             match node {
+                Node::Shared(shared) if shown.contains(&shared.id) => {
+                    out.push_str(&format!("{pad}shared #{} (the same operators as above)\n", shared.id));
+                }
+                Node::Shared(shared) => {
+                    shown.push(shared.id);
+                    out.push_str(&format!("{pad}shared #{} (run once, read in several places)\n", shared.id));
+                    shared.with(|node| walk(node, depth + 1, out, shown));
+                }
                 Node::Table(name) => out.push_str(&format!("{pad}table {name}\n")),
                 Node::Constant { what, rows } => {
                     let n: usize = rows.iter().map(RecordBatch::num_rows).sum();
@@ -76,20 +110,20 @@ impl Node {
                 Node::Operator(op, inputs) => {
                     out.push_str(&format!("{pad}{}\n", op.name()));
                     for input in inputs {
-                        walk(input, depth + 1, out);
+                        walk(input, depth + 1, out, shown);
                     }
                 }
                 Node::Parallel { instances, inputs, .. } => {
                     let name = instances.first().map(|op| op.name()).unwrap_or_default();
                     out.push_str(&format!("{pad}{name} x{} (hash exchange on its key)\n", instances.len()));
                     for input in inputs {
-                        walk(input, depth + 1, out);
+                        walk(input, depth + 1, out, shown);
                     }
                 }
             }
         }
         let mut out = String::new();
-        walk(self, 0, &mut out);
+        walk(self, 0, &mut out, &mut Vec::new());
         out
     }
 }
@@ -161,7 +195,8 @@ where
 /// Lowers a materialized view's optimised plan; with `EMIT ON WINDOW CLOSE`, rows are held
 /// back at the root by the first output column with a watermark (a window bound).
 pub fn lower_view(state: &SessionState, plan: &LogicalPlan, emit_on_window_close: bool) -> Result<Node> {
-    let root = lower(state, plan)?;
+    let aligned = align_group_orders(plan.clone())?;
+    let root = lower(&mut Lowering::new(state, &aligned)?, &aligned)?;
     if !emit_on_window_close {
         return Ok(root);
     }
@@ -179,9 +214,99 @@ pub fn lower_view(state: &SessionState, plan: &LogicalPlan, emit_on_window_close
     Ok(Node::Operator(Box::new(operator), vec![root]))
 }
 
+/// One view's lowering: the session that plans expressions, and the parts of the plan it
+/// holds more than once, each lowered once and shared.
+struct Lowering<'a> {
+    state: &'a SessionState,
+    /// Joins, aggregates and table scans the plan holds more than once.
+    repeated: HashSet<LogicalPlan>,
+    shared: HashMap<LogicalPlan, Arc<Shared>>,
+}
+
+impl<'a> Lowering<'a> {
+    fn new(state: &'a SessionState, plan: &LogicalPlan) -> Result<Self> {
+        Ok(Lowering { state, repeated: repeated_subplans(plan)?, shared: HashMap::new() })
+    }
+
+    /// The shared subtree for `plan`, lowered the first time it is asked for.
+    fn shared(&mut self, plan: &LogicalPlan) -> Result<Node> {
+        if let Some(shared) = self.shared.get(plan) {
+            return Ok(Node::Shared(shared.clone()));
+        }
+        let node = lower_plan(self, plan)?;
+        if matches!(node, Node::Table(_) | Node::Constant { .. }) {
+            // A leaf has no operator to share; each place reads the table itself.
+            return Ok(node);
+        }
+        let shared = Arc::new(Shared { id: self.shared.len(), node: std::sync::Mutex::new(Some(node)) });
+        self.shared.insert(plan.clone(), shared.clone());
+        Ok(Node::Shared(shared))
+    }
+}
+
+/// The joins, aggregates and table scans `plan` holds more than once (a HOP window reads
+/// its table once per window it puts a row in). Below a repeated one nothing more is
+/// counted: its inside is lowered once with it.
+fn repeated_subplans(plan: &LogicalPlan) -> Result<HashSet<LogicalPlan>> {
+    let mut seen = HashSet::new();
+    let mut repeated = HashSet::new();
+    plan.apply(|node| {
+        if !matches!(node, LogicalPlan::Aggregate(_) | LogicalPlan::Join(_) | LogicalPlan::TableScan(_)) {
+            return Ok(TreeNodeRecursion::Continue);
+        }
+        if seen.insert(node.clone()) {
+            return Ok(TreeNodeRecursion::Continue);
+        }
+        repeated.insert(node.clone());
+        Ok(TreeNodeRecursion::Jump)
+    })?;
+    Ok(repeated)
+}
+
+/// Makes aggregates that differ only in the order of their groups (the same input and
+/// aggregates, the same groups) group in the order of the first, with a projection
+/// putting the columns back in the order the query asked for, so that
+/// [`repeated_subplans`] finds them equal and the aggregate runs once.
+fn align_group_orders(plan: LogicalPlan) -> Result<LogicalPlan> {
+    let mut aggregates: Vec<datafusion::logical_expr::Aggregate> = Vec::new();
+    let aligned = plan.transform_up(|node| {
+        let LogicalPlan::Aggregate(aggregate) = &node else { return Ok(Transformed::no(node)) };
+        let same_groups = |a: &datafusion::logical_expr::Aggregate| {
+            a.input == aggregate.input
+                && a.aggr_expr == aggregate.aggr_expr
+                && a.group_expr != aggregate.group_expr
+                && a.group_expr.len() == aggregate.group_expr.len()
+                && aggregate.group_expr.iter().all(|g| a.group_expr.contains(g))
+        };
+        let Some(first) = aggregates.iter().find(|a| same_groups(a)) else {
+            aggregates.push(aggregate.clone());
+            return Ok(Transformed::no(node));
+        };
+        let regrouped = datafusion::logical_expr::Aggregate::try_new(
+            aggregate.input.clone(),
+            first.group_expr.clone(),
+            aggregate.aggr_expr.clone(),
+        )?;
+        let columns = aggregate.schema.columns().into_iter().map(Expr::Column).collect();
+        let projection =
+            datafusion::logical_expr::Projection::try_new(columns, Arc::new(LogicalPlan::Aggregate(regrouped)))?;
+        Ok(Transformed::yes(LogicalPlan::Projection(projection)))
+    })?;
+    Ok(aligned.data)
+}
+
 /// Lowers an optimised plan into a dataflow tree. Stateful operators run as
 /// `target_partitions` instances (freshet's `--workers`).
-pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
+fn lower(cx: &mut Lowering<'_>, plan: &LogicalPlan) -> Result<Node> {
+    if cx.repeated.contains(plan) {
+        return cx.shared(plan);
+    }
+    lower_plan(cx, plan)
+}
+
+/// Lowers `plan` itself (whether or not it is shared).
+fn lower_plan(cx: &mut Lowering<'_>, plan: &LogicalPlan) -> Result<Node> {
+    let state = cx.state;
     match plan {
         LogicalPlan::TableScan(scan) => {
             if !scan.filters.is_empty() || scan.fetch.is_some() {
@@ -211,7 +336,7 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
             }
         }
         LogicalPlan::Projection(projection) => {
-            let input = lower(state, &projection.input)?;
+            let input = lower(cx, &projection.input)?;
             let exprs = projection
                 .expr
                 .iter()
@@ -223,10 +348,10 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
             Ok(Node::Operator(Box::new(operator), vec![input]))
         }
         LogicalPlan::Filter(filter) => {
-            if let Some(node) = top_n_per_group(state, filter)? {
+            if let Some(node) = top_n_per_group(cx, filter)? {
                 return Ok(node);
             }
-            let mut node = lower(state, &filter.input)?;
+            let mut node = lower(cx, &filter.input)?;
             let schema: SchemaRef = Arc::new(filter.input.schema().as_arrow().clone());
             let (temporal, rest) = super::temporal::split(&filter.predicate)?;
             if let Some(rest) = rest {
@@ -248,13 +373,13 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
             }
             Ok(node)
         }
-        LogicalPlan::SubqueryAlias(alias) => lower(state, &alias.input),
+        LogicalPlan::SubqueryAlias(alias) => lower(cx, &alias.input),
         LogicalPlan::Aggregate(aggregate) => {
             if let Some(hoisted) = hoist_model_calls(aggregate)? {
-                return lower(state, &hoisted);
+                return lower(cx, &hoisted);
             }
             let input_schema = aggregate.input.schema();
-            let input = lower(state, &aggregate.input)?;
+            let input = lower(cx, &aggregate.input)?;
             let mut groups = Vec::new();
             let mut group_types = Vec::new();
             for expr in &aggregate.group_expr {
@@ -288,8 +413,8 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
             };
             stateful(workers(state), make, vec![key], vec![input])
         }
-        LogicalPlan::Sort(sort) if sort.fetch.is_none() => lower(state, &sort.input), // a view is a set
-        LogicalPlan::Sort(sort) => top_n(state, sort, 0, sort.fetch),
+        LogicalPlan::Sort(sort) if sort.fetch.is_none() => lower(cx, &sort.input), // a view is a set
+        LogicalPlan::Sort(sort) => top_n(cx, sort, 0, sort.fetch),
         LogicalPlan::Limit(limit) => {
             let skip = match limit.get_skip_type()? {
                 SkipType::Literal(n) => n,
@@ -309,7 +434,7 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
                         (Some(f), Some(s)) => Some(f.min(s.saturating_sub(skip))),
                         (f, s) => f.or(s.map(|s| s.saturating_sub(skip))),
                     };
-                    top_n(state, sort, skip, fetch)
+                    top_n(cx, sort, skip, fetch)
                 }
                 _ => Err(Error::NotSupported {
                     feature: "LIMIT without ORDER BY in a materialized view".into(),
@@ -318,13 +443,13 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
             }
         }
         LogicalPlan::Union(union) => {
-            let inputs = union.inputs.iter().map(|input| lower(state, input)).collect::<Result<Vec<_>>>()?;
+            let inputs = union.inputs.iter().map(|input| lower(cx, input)).collect::<Result<Vec<_>>>()?;
             let schema: SchemaRef = Arc::new(union.schema.as_arrow().clone());
             Ok(Node::Operator(Box::new(UnionOperator::new(schema, inputs.len())), inputs))
         }
         LogicalPlan::Join(join) => {
             if let Some(hoisted) = hoist_join_model_calls(join)? {
-                return lower(state, &hoisted);
+                return lower(cx, &hoisted);
             }
             if join.null_equality != NullEquality::NullEqualsNothing || join.null_aware {
                 return Err(Error::not_supported("NOT IN over a subquery in a materialized view (use NOT EXISTS)"));
@@ -389,7 +514,7 @@ pub fn lower(state: &SessionState, plan: &LogicalPlan) -> Result<Node> {
                 PartitionKey { exprs: left_keys.clone(), types: key_types.clone() },
                 PartitionKey { exprs: right_keys.clone(), types: key_types.clone() },
             ];
-            let inputs = vec![lower(state, &join.left)?, lower(state, &join.right)?];
+            let inputs = vec![lower(cx, &join.left)?, lower(cx, &join.right)?];
             stateful(workers(state), make, keys, inputs)
         }
         LogicalPlan::Values(_) => constant(state, plan, "VALUES"),
@@ -676,12 +801,13 @@ fn workers(state: &SessionState) -> usize {
 
 /// `ORDER BY … [OFFSET skip] LIMIT fetch` over `sort.input`.
 fn top_n(
-    state: &SessionState,
+    cx: &mut Lowering<'_>,
     sort: &datafusion::logical_expr::Sort,
     skip: usize,
     fetch: Option<usize>,
 ) -> Result<Node> {
-    let Some(limit) = fetch else { return lower(state, &sort.input) };
+    let state = cx.state;
+    let Some(limit) = fetch else { return lower(cx, &sort.input) };
     let input_schema = sort.input.schema();
     let (sort_exprs, sort_fields) = sort_keys(state, &sort.expr, input_schema)?;
     let spec = TopNSpec {
@@ -696,7 +822,7 @@ fn top_n(
     };
     let schema: SchemaRef = Arc::new(input_schema.as_arrow().clone());
     let operator = TopNOperator::new(spec, schema)?;
-    Ok(Node::Operator(Box::new(operator), vec![lower(state, &sort.input)?]))
+    Ok(Node::Operator(Box::new(operator), vec![lower(cx, &sort.input)?]))
 }
 
 /// Sort expressions and their encodings (type and direction).
@@ -721,7 +847,8 @@ fn sort_keys(
 /// Top-N per group: a filter bounding `row_number() OVER (PARTITION BY … ORDER BY …)`,
 /// directly over the window or over a projection of it. `None` when `filter` is not that
 /// shape; other window functions are refused here with a message naming them.
-fn top_n_per_group(state: &SessionState, filter: &datafusion::logical_expr::Filter) -> Result<Option<Node>> {
+fn top_n_per_group(cx: &mut Lowering<'_>, filter: &datafusion::logical_expr::Filter) -> Result<Option<Node>> {
+    let state = cx.state;
     let (projection, window) = match filter.input.as_ref() {
         LogicalPlan::Window(window) => (None, window),
         LogicalPlan::Projection(projection) => match projection.input.as_ref() {
@@ -816,7 +943,7 @@ fn top_n_per_group(state: &SessionState, filter: &datafusion::logical_expr::Filt
     let schema: SchemaRef = Arc::new(window.schema.as_arrow().clone());
     let key = PartitionKey { exprs: spec.partition.clone(), types: spec.partition_types.clone() };
     let make = || -> Result<Box<dyn Operator>> { Ok(Box::new(TopNOperator::new(spec.clone(), schema.clone())?)) };
-    let mut node = stateful(workers(state), make, vec![key], vec![lower(state, &window.input)?])?;
+    let mut node = stateful(workers(state), make, vec![key], vec![lower(cx, &window.input)?])?;
     if let Some(p) = projection {
         let exprs = p
             .expr
