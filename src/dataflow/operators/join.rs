@@ -69,8 +69,23 @@ impl JoinKind {
 
 /// Encoded rows with their multiplicities.
 type RowCounts = FastMap<Box<[u8]>, i64>;
-/// An encoded join key per row; `None` where a key column is NULL.
-type EncodedKeys = Vec<Option<Box<[u8]>>>;
+/// A batch's join keys, encoded, read in place (no allocation per row).
+struct EncodedKeys {
+    encoded: Rows,
+    /// Whether each row's key has no NULL (a NULL key matches nothing).
+    valid: Vec<bool>,
+}
+
+impl EncodedKeys {
+    /// Row `i`'s key; `None` where a key column is NULL.
+    fn get(&self, i: usize) -> Option<&[u8]> {
+        self.valid[i].then(|| self.encoded.row(i).data())
+    }
+
+    fn iter(&self) -> impl Iterator<Item = Option<&[u8]>> {
+        (0..self.valid.len()).map(|i| self.get(i))
+    }
+}
 
 /// One key's rows on one side.
 struct Arranged {
@@ -217,8 +232,9 @@ impl Side {
 /// A join key and a weight.
 type KeyedWeight = (Box<[u8]>, i64);
 
-/// One output row before it is decoded: the two sides' encoded rows (None = NULL padding).
-type Piece = (Option<Box<[u8]>>, Option<Box<[u8]>>, i64);
+/// One output row before it is decoded: the two sides' encoded rows (None = NULL padding),
+/// owned or borrowed from the input and the other side's arrangement.
+type Piece<R> = (Option<R>, Option<R>, i64);
 
 /// `left JOIN right ON left.keys = right.keys [AND filter]`.
 pub struct JoinOperator {
@@ -532,8 +548,8 @@ impl JoinOperator {
                 && times.is_valid(i)
                 && !event_time.known[port].contains_key(key)
             {
-                event_time.known[port].insert(key.clone(), times.value(i));
-                event_time.by_time[port].entry(times.value(i)).or_default().push(key.clone());
+                event_time.known[port].insert(key.into(), times.value(i));
+                event_time.by_time[port].entry(times.value(i)).or_default().push(key.into());
             }
         }
         Ok(())
@@ -565,14 +581,12 @@ impl JoinOperator {
             keys.push(if values.data_type() == key_type { values } else { cast(&values, key_type)? });
         }
         let encoded = self.key_converter.convert_columns(&keys)?;
-        let keys = (0..batch.num_rows())
-            .map(|i| keys.iter().all(|k| k.is_valid(i)).then(|| Box::from(encoded.row(i).as_ref())))
-            .collect();
-        Ok((keys, side.rows.convert_columns(batch.columns())?))
+        let valid = (0..batch.num_rows()).map(|i| keys.iter().all(|k| k.is_valid(i))).collect();
+        Ok((EncodedKeys { encoded, valid }, side.rows.convert_columns(batch.columns())?))
     }
 
     /// Decodes pieces into an output batch.
-    fn build(&self, pieces: Vec<Piece>) -> Result<Option<ChangeBatch>> {
+    fn build<R: AsRef<[u8]>>(&self, pieces: Vec<Piece<R>>) -> Result<Option<ChangeBatch>> {
         if pieces.is_empty() {
             return Ok(None);
         }
@@ -628,13 +642,13 @@ impl JoinOperator {
         {
             let other = if port == 0 { &self.right } else { &self.left };
             for (i, key) in keys.iter().enumerate() {
-                if let Some(matches) = key.as_ref().and_then(|k| other.by_key.get(k)) {
+                if let Some(matches) = key.and_then(|k| other.by_key.get(k)) {
                     candidates.extend(matches.rows.iter().map(|(row, count)| (i, row.clone(), *count)));
                 }
             }
         }
         let passing = self.condition_holds(port, &rows, &candidates)?;
-        let mut pieces: Vec<Piece> = Vec::new();
+        let mut pieces: Vec<Piece<Box<[u8]>>> = Vec::new();
         // Per input row, the weight of its matches; per other-side row, the change in its.
         let mut matched = vec![0i64; rows.len()];
         let mut other_delta: FastMap<Box<[u8]>, KeyedWeight> = FastMap::default();
@@ -644,7 +658,7 @@ impl JoinOperator {
             }
             let w = weights.value(i);
             matched[i] += count;
-            let key = keys[i].clone().ok_or_else(|| Error::Internal("a NULL key matched".into()))?;
+            let key: Box<[u8]> = keys.get(i).ok_or_else(|| Error::Internal("a NULL key matched".into()))?.into();
             other_delta.entry(other_row.clone()).or_insert((key, 0)).1 += w;
             if kind.pairs() {
                 let (l, r) = if port == 0 { (rows[i].clone(), other_row) } else { (other_row, rows[i].clone()) };
@@ -665,7 +679,7 @@ impl JoinOperator {
                 }
                 _ => {}
             }
-            let Some(key) = &keys[i] else { continue };
+            let Some(key) = keys.get(i) else { continue };
             if this.count_of(key, row) == 0 {
                 this.matched.insert(row.clone(), matched[i]);
             }
@@ -732,9 +746,9 @@ impl JoinOperator {
 }
 
 /// Decodes one side's rows, with NULLs where a piece has no row for that side.
-fn decode_side(converter: &RowConverter, rows: &[Option<Box<[u8]>>]) -> Result<Vec<ArrayRef>> {
+fn decode_side<R: AsRef<[u8]>>(converter: &RowConverter, rows: &[Option<R>]) -> Result<Vec<ArrayRef>> {
     let parser = converter.parser();
-    let present: Vec<_> = rows.iter().flatten().map(|r| parser.parse(r)).collect();
+    let present: Vec<_> = rows.iter().flatten().map(|r| parser.parse(r.as_ref())).collect();
     let decoded = if present.is_empty() {
         converter.convert_rows(converter.empty_rows(0, 0).iter())?
     } else {
@@ -977,7 +991,7 @@ impl Operator for JoinOperator {
             None => None,
         };
         let kind = self.kind;
-        let mut pieces: Vec<Piece> = Vec::new();
+        let mut pieces: Vec<Piece<&[u8]>> = Vec::new();
         // The other side's unmatched rows appear or disappear as this side's keys go between
         // zero and non-zero weight.
         let other_reacts = match (port, kind) {
@@ -989,9 +1003,9 @@ impl Operator for JoinOperator {
         let mut before: FastMap<Box<[u8]>, i64> = FastMap::default();
         let (this, other) = if port == 0 { (&mut self.left, &self.right) } else { (&mut self.right, &self.left) };
         let pads_this = if port == 0 { kind.pads_left() } else { kind.pads_right() };
-        for (i, key) in keys.into_iter().enumerate() {
+        for (i, key) in keys.iter().enumerate() {
             let w = input.weights().value(i);
-            let row: Box<[u8]> = Box::from(rows.row(i).as_ref());
+            let row = rows.row(i).data();
             let Some(key) = key else {
                 // A NULL key matches nothing: only padding (or the anti join) sees the row.
                 if pads_this {
@@ -1001,34 +1015,33 @@ impl Operator for JoinOperator {
                 }
                 continue;
             };
-            let matches = other.by_key.get(&key);
+            let matches = other.by_key.get(key);
             let other_weight = matches.map_or(0, |m| m.weight);
             if kind.pairs()
                 && let Some(matches) = matches
             {
                 for (other_row, count) in &matches.rows {
-                    let (l, r) =
-                        if port == 0 { (row.clone(), other_row.clone()) } else { (other_row.clone(), row.clone()) };
+                    let (l, r) = if port == 0 { (row, &other_row[..]) } else { (&other_row[..], row) };
                     pieces.push((Some(l), Some(r), w * count));
                 }
             }
             match (port, kind) {
-                (0, JoinKind::LeftSemi) if other_weight != 0 => pieces.push((Some(row.clone()), None, w)),
-                (0, JoinKind::LeftAnti) if other_weight == 0 => pieces.push((Some(row.clone()), None, w)),
+                (0, JoinKind::LeftSemi) if other_weight != 0 => pieces.push((Some(row), None, w)),
+                (0, JoinKind::LeftAnti) if other_weight == 0 => pieces.push((Some(row), None, w)),
                 _ if pads_this && other_weight == 0 => {
-                    pieces.push(if port == 0 { (Some(row.clone()), None, w) } else { (None, Some(row.clone()), w) })
+                    pieces.push(if port == 0 { (Some(row), None, w) } else { (None, Some(row), w) })
                 }
                 _ => {}
             }
-            if other_reacts && !before.contains_key(&key) {
-                before.insert(key.clone(), this.weight_of(&key));
+            if other_reacts && !before.contains_key(key) {
+                before.insert(key.into(), this.weight_of(key));
             }
-            this.add(&key, &row, w);
+            this.add(key, row, w);
             if let (Some(times), Some(interval)) = (&interval_times, &mut self.interval)
                 && times.is_valid(i)
                 && w > 0
             {
-                interval.by_time[port].entry(times.value(i)).or_default().push((key, row));
+                interval.by_time[port].entry(times.value(i)).or_default().push((key.into(), row.into()));
             }
         }
         if other_reacts {
@@ -1041,11 +1054,12 @@ impl Operator for JoinOperator {
                 // Sign of the change in "other side has no match": + when matches vanish.
                 let unmatched_sign = if new == 0 { 1 } else { -1 };
                 for (other_row, count) in other_rows {
+                    let other_row = &other_row[..];
                     let piece = match (port, kind) {
-                        (_, JoinKind::LeftSemi) => (Some(other_row.clone()), None, -unmatched_sign * count),
-                        (_, JoinKind::LeftAnti) => (Some(other_row.clone()), None, unmatched_sign * count),
-                        (0, _) => (None, Some(other_row.clone()), unmatched_sign * count),
-                        _ => (Some(other_row.clone()), None, unmatched_sign * count),
+                        (_, JoinKind::LeftSemi) => (Some(other_row), None, -unmatched_sign * count),
+                        (_, JoinKind::LeftAnti) => (Some(other_row), None, unmatched_sign * count),
+                        (0, _) => (None, Some(other_row), unmatched_sign * count),
+                        _ => (Some(other_row), None, unmatched_sign * count),
                     };
                     pieces.push(piece);
                 }
