@@ -16,7 +16,10 @@
 //! each partition back from the broker and writes only what is missing, and a file is
 //! written again under the same name (`connectors::sink` says why not Kafka
 //! transactions). So every change reaches the target once, a checkpoint interval after it
-//! was committed.
+//! was committed. When the newest checkpoint is damaged and the view comes back from an
+//! older one, the replayed changes include some the sink delivered from the newer one: a
+//! file sink reads those segments back and takes them off the next one it writes
+//! (`catalog::sink`); a Kafka sink delivers them again and warns.
 
 use std::collections::BTreeMap;
 

@@ -15,6 +15,7 @@ use std::time::Duration;
 use super::{Database, Outcome, Record};
 use crate::connectors::sink::{Resume, SinkSpec};
 use crate::connectors::{Options, Progress};
+use crate::dataflow::ChangeBatch;
 use crate::error::{Error, Result};
 
 /// A sink in the catalog.
@@ -279,9 +280,17 @@ async fn run_exactly_once(
         // A restored outbox holds segments the restored checkpoint stored.
         let stored_through = if restored { restored_from.unwrap_or(0) } else { 0 };
         let started_over = delivery.restarted && !restored;
-        (id, subscribers, schema, attached_after, stored_through, started_over, db.shared.checkpoints.watch_stored())
+        // Segments in the target sealed after the restored checkpoint were delivered from a
+        // newer one that could not be used (damaged): the view replays their changes.
+        let replayed_after = if restored { restored_from } else { None };
+        let stored_checkpoints = db.shared.checkpoints.watch_stored();
+        (id, subscribers, schema, attached_after, stored_through, started_over, replayed_after, stored_checkpoints)
     };
-    let (id, subscribers, schema, attached_after, mut through, mut started_over, mut stored) = attached;
+    let (id, subscribers, schema, attached_after, mut through, mut started_over, mut replayed_after, mut stored) =
+        attached;
+    // What the target holds of replayed changes (negated), taken off the first segment
+    // sealed after them, and the last epoch it holds them up to.
+    let mut owed: Option<(u64, ChangeBatch)> = None;
     tracing::info!(sink = %name, view = %from, to = %spec.target(), mode = spec.mode().name(), "exactly-once sink writing at checkpoints");
     let mut writer: Option<(crate::connectors::sink::SinkWriter, Resume)> = None;
     let mut left_out = 0;
@@ -306,13 +315,42 @@ async fn run_exactly_once(
                                 tracing::warn!(sink = %name, "{warning}");
                                 progress.failed_attempt(&warning);
                             }
+                            if let Some(restored) = replayed_after.take() {
+                                match opened.written_after(restored, &schema).await? {
+                                    Some((epochs, written)) if !epochs.is_empty() => {
+                                        let last = epochs.last().copied().unwrap_or(restored);
+                                        tracing::info!(sink = %name, "view \"{from}\" came back from checkpoint {restored}, older than the segments up to {last} this sink wrote: their rows are taken off what it writes next");
+                                        owed = Some((last, written.negated()));
+                                    }
+                                    Some(_) => {}
+                                    None if last > restored => {
+                                        let warning = format!(
+                                            "view \"{from}\" came back from checkpoint {restored}, older than segment {last} this sink delivered (a newer checkpoint could not be used), so its changes after epoch {restored} are delivered again"
+                                        );
+                                        tracing::warn!(sink = %name, "{warning}");
+                                        progress.failed_attempt(&warning);
+                                    }
+                                    None => {}
+                                }
+                            }
                             writer.insert((opened, resume))
                         }
                     };
                     if *epoch < resume.epoch {
                         return Ok(None); // the target holds it whole
                     }
+                    let settled;
+                    let change = match &owed {
+                        Some((last, written)) if epoch > last => {
+                            settled = ChangeBatch::concat(&schema, &[change.clone(), written.clone()])?.consolidate()?;
+                            &settled
+                        }
+                        _ => change,
+                    };
                     let written = open.deliver_segment(*epoch, change, resume).await?;
+                    if owed.as_ref().is_some_and(|(last, _)| epoch > last) {
+                        owed = None;
+                    }
                     *resume = Resume { epoch: *epoch + 1, present: Default::default() };
                     Ok::<_, Error>(Some(written))
                 }

@@ -28,7 +28,9 @@
 //! after a crash or a failed delivery it reads the end of each partition back, and writes
 //! only the messages of the last segment that are missing and the segments after it. (Kafka
 //! transactions would make each segment appear at once; the broker the tests run against
-//! cannot commit one.)
+//! cannot commit one.) A file sink can also read its segments back as rows
+//! ([`SinkWriter::written_after`]), so a view restored from an older checkpoint than the
+//! sink delivered from does not write the replayed changes twice.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -36,11 +38,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use datafusion::arrow::array::{Array, Int64Array};
-use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::json::WriterBuilder;
 use datafusion::arrow::json::writer::LineDelimited;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::util::display::array_value_to_string;
+use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use object_store::path::Path as StorePath;
 use object_store::{ObjectStore, ObjectStoreExt};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -282,6 +286,56 @@ impl SinkWriter {
 }
 
 impl SinkWriter {
+    /// What an exactly-once file sink holds of the segments sealed after checkpoint
+    /// `epoch`: their epochs, and their rows folded into one change in `schema`'s columns.
+    /// `None` for a Kafka sink, whose messages are not read back as rows.
+    pub async fn written_after(&self, epoch: u64, schema: &SchemaRef) -> Result<Option<(Vec<u64>, ChangeBatch)>> {
+        let SinkWriter::File { dir, prefix, mode } = self else { return Ok(None) };
+        let later = |name: &str| segment_epoch(prefix, name).filter(|e| *e > epoch);
+        let mut files: Vec<(u64, bytes::Bytes, String)> = Vec::new();
+        match dir {
+            Directory::Local(dir) => {
+                let io = |e: std::io::Error| Error::Storage(format!("reading {}: {e}", dir.display()));
+                for entry in std::fs::read_dir(dir).map_err(io)? {
+                    let path = entry.map_err(io)?.path();
+                    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+                    if let Some(epoch) = later(&name) {
+                        let file = std::fs::read(&path).map_err(io)?;
+                        files.push((epoch, file.into(), path.display().to_string()));
+                    }
+                }
+            }
+            Directory::Store { store, key, url } => {
+                let prefix = (!key.is_empty()).then(|| StorePath::from(key.as_str()));
+                let listed: Vec<_> = futures::TryStreamExt::try_collect(store.list(prefix.as_ref()))
+                    .await
+                    .map_err(|e| Error::Storage(format!("listing {url}: {e}")))?;
+                for meta in listed {
+                    let Some(epoch) = meta.location.filename().and_then(later) else { continue };
+                    let read = |e: object_store::Error| Error::Storage(format!("reading {url}/{}: {e}", meta.location));
+                    let file = store.get(&meta.location).await.map_err(read)?.bytes().await.map_err(read)?;
+                    files.push((epoch, file, format!("{url}/{}", meta.location)));
+                }
+            }
+        }
+        files.sort_by_key(|(epoch, _, _)| *epoch);
+        let mut changes = Vec::new();
+        for (_, file, location) in &files {
+            let corrupt = |e: datafusion::parquet::errors::ParquetError| Error::Corrupt {
+                location: location.clone(),
+                reason: format!("a file this sink wrote does not read back: {e}"),
+            };
+            let reader =
+                ParquetRecordBatchReaderBuilder::try_new(file.clone()).map_err(corrupt)?.build().map_err(corrupt)?;
+            for batch in reader {
+                let batch = batch.map_err(|e| Error::Corrupt { location: location.clone(), reason: e.to_string() })?;
+                changes.push(written_change(*mode, &batch, schema)?);
+            }
+        }
+        let epochs = files.iter().map(|(epoch, _, _)| *epoch).collect();
+        Ok(Some((epochs, ChangeBatch::concat(schema, &changes)?)))
+    }
+
     /// Readies an exactly-once sink: where delivery takes up. A Kafka sink reads the last
     /// messages of each partition for its own; a file sink starts from nothing, since a
     /// segment written again replaces its own file.
@@ -445,6 +499,41 @@ fn file_rows(mode: Mode, change: &ChangeBatch) -> Result<(RecordBatch, u64)> {
     }
     let (inserts, retracts) = change.split()?;
     Ok((inserts, retracts.num_rows() as u64))
+}
+
+/// The epoch of a segment file named `<prefix>-<epoch>.parquet` (never a hidden
+/// temporary file, which starts with a dot).
+fn segment_epoch(prefix: &str, name: &str) -> Option<u64> {
+    name.strip_prefix(prefix)?.strip_prefix('-')?.strip_suffix(".parquet")?.parse().ok()
+}
+
+/// A change read back from rows [`file_rows`] wrote: `_diff` holds the weights in
+/// `changes` mode; in `append` mode each row was inserted once.
+fn written_change(mode: Mode, rows: &RecordBatch, schema: &SchemaRef) -> Result<ChangeBatch> {
+    let width = schema.fields().len();
+    if rows.num_columns() < width {
+        return Err(Error::Internal(format!("a sink file has {} columns, the view {width}", rows.num_columns())));
+    }
+    let columns = rows.columns()[..width]
+        .iter()
+        .zip(schema.fields())
+        .map(|(c, f)| if c.data_type() == f.data_type() { Ok(c.clone()) } else { cast(c, f.data_type()) })
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let batch = RecordBatch::try_new_with_options(
+        schema.clone(),
+        columns,
+        &datafusion::arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(rows.num_rows())),
+    )?;
+    match mode {
+        Mode::Changes => {
+            let diff = rows
+                .column_by_name("_diff")
+                .and_then(|d| d.as_any().downcast_ref::<Int64Array>())
+                .ok_or_else(|| Error::Internal("a sink file in changes mode has no _diff column".into()))?;
+            ChangeBatch::try_new(batch, diff.clone())
+        }
+        _ => Ok(ChangeBatch::inserts(batch)),
+    }
 }
 
 /// `rows` as a Parquet file in memory.

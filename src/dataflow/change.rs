@@ -51,6 +51,12 @@ impl ChangeBatch {
         ChangeBatch { batch, weights }
     }
 
+    /// The same rows with every weight negated: what undoes this change.
+    pub fn negated(&self) -> Self {
+        let weights = Int64Array::from_iter_values(self.weights.values().iter().map(|w| -w));
+        ChangeBatch { batch: self.batch.clone(), weights }
+    }
+
     /// Retract `old`, insert `new` (both with the same schema).
     pub fn replace(old: RecordBatch, new: RecordBatch) -> Result<Self> {
         let schema = new.schema();

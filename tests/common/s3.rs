@@ -70,6 +70,12 @@ impl S3 {
         keys
     }
 
+    /// Fetches every object under `prefix` into `dir`, each named by its key's last part.
+    pub async fn download(&self, bucket: &str, prefix: &str, dir: &std::path::Path) {
+        let script = "import os\nr = s3.list_objects_v2(Bucket=sys.argv[1], Prefix=sys.argv[2])\nfor o in r.get('Contents', []): s3.download_file(sys.argv[1], o['Key'], os.path.join(sys.argv[3], o['Key'].split('/')[-1]))";
+        self.boto3(script, &[bucket, prefix, &dir.display().to_string()]).await;
+    }
+
     /// The first bytes of an object, as hex.
     pub async fn head_bytes(&self, bucket: &str, key: &str, n: usize) -> String {
         let script =
