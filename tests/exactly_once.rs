@@ -309,3 +309,63 @@ async fn an_s3_file_sink_restored_from_an_older_checkpoint_still_writes_each_cha
     s3.create_bucket("lake").await;
     restored_from_an_older_checkpoint(Target::S3 { s3, prefix: "sink/totals" }).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kafka_sink_restored_from_an_older_checkpoint_loses_nothing_and_says_what_it_writes_again() {
+    let broker = Broker::start().await;
+    broker.create_topic("evens_again", 1).await;
+    let data = tempfile::tempdir().expect("temp dir");
+    let args = ["--checkpoint-interval", "3600s"];
+    let server = Process::start(data.path(), &args);
+    let client = common::connect(&server.connection_string).await;
+    common::execute(&client, "CREATE TABLE t (id BIGINT, k TEXT, v BIGINT)").await;
+    common::execute(&client, "CREATE MATERIALIZED VIEW evens AS SELECT id, v FROM t WHERE v % 2 = 0").await;
+    let sink = format!(
+        "CREATE SINK out FROM evens WITH (connector = 'kafka', brokers = '{}', topic = 'evens_again', key = 'id', exactly_once = 'true')",
+        broker.address
+    );
+    common::execute(&client, &sink).await;
+    insert(&client, 0, Some(4), false).await;
+    wait_until_delivered(&client, "out").await;
+    let older = common::count(&client, "SELECT max(epoch) FROM freshet_catalog.checkpoints WHERE status = 'ok'").await;
+    insert(&client, 1, Some(4), false).await;
+    wait_until_delivered(&client, "out").await;
+    let newer = common::count(&client, "SELECT max(epoch) FROM freshet_catalog.checkpoints WHERE status = 'ok'").await;
+    server.kill_9();
+
+    let manifest = data.path().join(format!("checkpoint/{newer:020}/MANIFEST"));
+    std::fs::write(&manifest, b"not a manifest").expect("damage the manifest");
+    let server = Process::start(data.path(), &args);
+    let client = common::connect(&server.connection_string).await;
+    let restored =
+        "SELECT coalesce(restored_from_epoch::text, 'rebuilt') FROM freshet_catalog.views WHERE view = 'evens'";
+    assert_eq!(
+        common::text_rows(&client, restored).await,
+        vec![older.to_string()],
+        "restored from the older checkpoint"
+    );
+    insert(&client, 2, Some(2), false).await;
+    wait_until_delivered(&client, "out").await;
+
+    let error =
+        common::text_rows(&client, "SELECT coalesce(last_error, '') FROM freshet_catalog.sinks WHERE sink = 'out'")
+            .await;
+    assert!(
+        error[0].contains(&format!("came back from checkpoint {older}")) && error[0].contains("delivered again"),
+        "the sink says it delivers the replayed changes again: {error:?}"
+    );
+    let view = common::text_rows(&client, "SELECT id, v FROM evens ORDER BY id").await;
+    let mut written: Vec<String> = broker
+        .consume_committed("evens_again")
+        .await
+        .iter()
+        .map(|record| {
+            let value: serde_json::Value =
+                serde_json::from_str(record["value"].as_str().expect("a value")).expect("a JSON row");
+            format!("{}|{}", value["id"].as_i64().expect("id"), value["v"].as_i64().expect("v"))
+        })
+        .collect();
+    written.sort();
+    written.dedup();
+    assert_eq!(written, view, "every row of the view reached the topic");
+}
