@@ -293,7 +293,27 @@ struct IntervalJoin {
 }
 
 /// Encoded (key, row) pairs by event time.
-type RowsByTime = std::collections::BTreeMap<i64, Vec<(Box<[u8]>, Box<[u8]>)>>;
+type RowsByTime = std::collections::BTreeMap<i64, Vec<KeyedRow>>;
+
+/// A join key and a row, in one allocation (the key first).
+struct KeyedRow {
+    bytes: Box<[u8]>,
+    key_len: usize,
+}
+
+impl KeyedRow {
+    fn new(key: &[u8], row: &[u8]) -> Self {
+        KeyedRow { bytes: [key, row].concat().into(), key_len: key.len() }
+    }
+
+    fn key(&self) -> &[u8] {
+        &self.bytes[..self.key_len]
+    }
+
+    fn row(&self) -> &[u8] {
+        &self.bytes[self.key_len..]
+    }
+}
 
 /// The event-time column in a window join's keys, and the keys held by its time.
 struct JoinEventTime {
@@ -507,8 +527,8 @@ impl JoinOperator {
             let Some(bound) = bounds[port] else { continue };
             let open = interval.by_time[port].split_off(&bound);
             let closed = std::mem::replace(&mut interval.by_time[port], open);
-            for (key, row) in closed.into_values().flatten() {
-                side.forget(&key, &row);
+            for pair in closed.into_values().flatten() {
+                side.forget(pair.key(), pair.row());
             }
         }
     }
@@ -835,9 +855,9 @@ impl Operator for JoinOperator {
                 for (time, pairs) in side {
                     w.i64(*time);
                     w.u64(pairs.len() as u64);
-                    for (key, row) in pairs {
-                        w.bytes(key);
-                        w.bytes(row);
+                    for pair in pairs {
+                        w.bytes(pair.key());
+                        w.bytes(pair.row());
                     }
                 }
             }
@@ -903,7 +923,7 @@ impl Operator for JoinOperator {
                 for _ in 0..r.len(16)? {
                     let time = r.i64()?;
                     let pairs = (0..r.len(16)?)
-                        .map(|_| Ok((Box::from(r.bytes()?), Box::from(r.bytes()?))))
+                        .map(|_| Ok(KeyedRow::new(r.bytes()?, r.bytes()?)))
                         .collect::<Result<Vec<_>>>()?;
                     side.insert(time, pairs);
                 }
@@ -1041,7 +1061,7 @@ impl Operator for JoinOperator {
                 && times.is_valid(i)
                 && w > 0
             {
-                interval.by_time[port].entry(times.value(i)).or_default().push((key.into(), row.into()));
+                interval.by_time[port].entry(times.value(i)).or_default().push(KeyedRow::new(key, row));
             }
         }
         if other_reacts {
