@@ -163,6 +163,34 @@ async fn file_sink_writes_each_change_once_across_kill_9() {
     assert_eq!(as_rows(&fold_files(out.path())), view, "later changes are written once too");
 }
 
+/// Creates table `t`, the append-only view `evens` over it, and an exactly-once Kafka sink
+/// `out` of it into `topic`.
+async fn evens_into_kafka(client: &Client, broker: &Broker, topic: &str) {
+    common::execute(client, "CREATE TABLE t (id BIGINT, k TEXT, v BIGINT)").await;
+    common::execute(client, "CREATE MATERIALIZED VIEW evens AS SELECT id, v FROM t WHERE v % 2 = 0").await;
+    let sink = format!(
+        "CREATE SINK out FROM evens WITH (connector = 'kafka', brokers = '{}', topic = '{topic}', key = 'id', exactly_once = 'true')",
+        broker.address
+    );
+    common::execute(client, &sink).await;
+}
+
+/// The committed messages of `topic` as `id|v` rows of `evens`, sorted.
+async fn committed_evens(broker: &Broker, topic: &str) -> Vec<String> {
+    let mut written: Vec<String> = broker
+        .consume_committed(topic)
+        .await
+        .iter()
+        .map(|record| {
+            let value: serde_json::Value =
+                serde_json::from_str(record["value"].as_str().expect("a value")).expect("a JSON row");
+            format!("{}|{}", value["id"].as_i64().expect("id"), value["v"].as_i64().expect("v"))
+        })
+        .collect();
+    written.sort(); // as common::text_rows sorts
+    written
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_sink_commits_each_row_once_across_kill_9() {
     let broker = Broker::start().await;
@@ -172,13 +200,7 @@ async fn kafka_sink_commits_each_row_once_across_kill_9() {
     {
         let server = Process::start(data.path(), &args);
         let client = common::connect(&server.connection_string).await;
-        common::execute(&client, "CREATE TABLE t (id BIGINT, k TEXT, v BIGINT)").await;
-        common::execute(&client, "CREATE MATERIALIZED VIEW evens AS SELECT id, v FROM t WHERE v % 2 = 0").await;
-        let sink = format!(
-            "CREATE SINK out FROM evens WITH (connector = 'kafka', brokers = '{}', topic = 'evens', key = 'id', exactly_once = 'true')",
-            broker.address
-        );
-        common::execute(&client, &sink).await;
+        evens_into_kafka(&client, &broker, "evens").await;
         server.kill_9();
     }
     let (_server, client) = crash_rounds(data.path(), &args, false, 11).await;
@@ -189,26 +211,49 @@ async fn kafka_sink_commits_each_row_once_across_kill_9() {
         common::text_rows(&client, "SELECT id, v FROM (SELECT * FROM t) AS rows WHERE v % 2 = 0 ORDER BY id").await;
     assert!(!view.is_empty(), "the view has rows");
     assert_eq!(view, batch, "the view equals the batch query over every committed row");
-    let written: Vec<(i64, i64)> = broker
-        .consume_committed("evens")
-        .await
-        .iter()
-        .map(|record| {
-            let value: serde_json::Value =
-                serde_json::from_str(record["value"].as_str().expect("a value")).expect("a JSON row");
-            (value["id"].as_i64().expect("id"), value["v"].as_i64().expect("v"))
-        })
-        .collect();
-    let mut written: Vec<String> = written.iter().map(|(id, v)| format!("{id}|{v}")).collect();
-    written.sort(); // as common::text_rows sorts
+    let written = committed_evens(&broker, "evens").await;
     assert_eq!(written.len(), view.len(), "as many committed messages as view rows");
     assert_eq!(written, view, "every row of the view was committed to the topic exactly once");
 }
 
-/// `view|restored_from_epoch` of view `totals`.
-async fn restored_from(client: &Client) -> String {
-    let sql = "SELECT coalesce(restored_from_epoch::text, 'rebuilt') FROM freshet_catalog.views WHERE view = 'totals'";
-    common::text_rows(client, sql).await.remove(0)
+/// Checkpoints (in effect) only when asked, so the fallback tests know which one a restart
+/// falls back to.
+const FALLBACK_ARGS: [&str; 2] = ["--checkpoint-interval", "3600s"];
+
+/// Delivers two checkpoints (rounds 0 and 1 of `statements` inserts each), kills the
+/// server, damages the newer checkpoint and starts the server again, so `view` comes back
+/// from the older one and replays what the sink delivered from the newer one. Returns the
+/// new server, a client of it, and the epoch of the checkpoint restored.
+async fn deliver_twice_and_lose_the_newer_checkpoint(
+    data: &std::path::Path,
+    (server, client): (Process, Client),
+    env: &[(String, String)],
+    view: &str,
+    (statements, deletes): (i64, bool),
+) -> (Process, Client, i64) {
+    let latest = "SELECT max(epoch) FROM freshet_catalog.checkpoints WHERE status = 'ok'";
+    insert(&client, 0, Some(statements), deletes).await;
+    wait_until_delivered(&client, "out").await;
+    let older = common::count(&client, latest).await;
+    insert(&client, 1, Some(statements), deletes).await;
+    wait_until_delivered(&client, "out").await;
+    let newer = common::count(&client, latest).await;
+    assert!(newer > older, "a newer checkpoint was delivered");
+    server.kill_9();
+
+    let manifest = data.join(format!("checkpoint/{newer:020}/MANIFEST"));
+    std::fs::write(&manifest, b"not a manifest").expect("damage the manifest");
+    let server = Process::start_with_env(data, &FALLBACK_ARGS, env);
+    let client = common::connect(&server.connection_string).await;
+    let restored = format!(
+        "SELECT coalesce(restored_from_epoch::text, 'rebuilt') FROM freshet_catalog.views WHERE view = '{view}'"
+    );
+    assert_eq!(
+        common::text_rows(&client, &restored).await,
+        vec![older.to_string()],
+        "{view} came back from the older checkpoint"
+    );
+    (server, client, older)
 }
 
 /// Where a file sink of the fallback test writes, and how its files are read back.
@@ -250,10 +295,7 @@ impl Target {
 /// them out, so its files, folded, still equal the view.
 async fn restored_from_an_older_checkpoint(target: Target) {
     let data = tempfile::tempdir().expect("temp dir");
-    // Checkpoints (in effect) only when asked, so the test knows which one the restart
-    // falls back to.
-    let args = ["--checkpoint-interval", "3600s"];
-    let server = Process::start_with_env(data.path(), &args, &target.env());
+    let server = Process::start_with_env(data.path(), &FALLBACK_ARGS, &target.env());
     let client = common::connect(&server.connection_string).await;
     common::execute(&client, "CREATE TABLE t (id BIGINT, k TEXT, v BIGINT)").await;
     common::execute(
@@ -266,21 +308,10 @@ async fn restored_from_an_older_checkpoint(target: Target) {
         target.path()
     );
     common::execute(&client, &sink).await;
-    insert(&client, 0, Some(20), true).await;
-    wait_until_delivered(&client, "out").await;
-    let older = common::count(&client, "SELECT max(epoch) FROM freshet_catalog.checkpoints WHERE status = 'ok'").await;
-    // Delivered from the newer checkpoint only: groups grow, and rows are deleted.
-    insert(&client, 1, Some(20), true).await;
-    wait_until_delivered(&client, "out").await;
-    let newer = common::count(&client, "SELECT max(epoch) FROM freshet_catalog.checkpoints WHERE status = 'ok'").await;
-    assert!(newer > older, "a newer checkpoint was delivered");
-    server.kill_9();
-
-    let manifest = data.path().join(format!("checkpoint/{newer:020}/MANIFEST"));
-    std::fs::write(&manifest, b"not a manifest").expect("damage the manifest");
-    let server = Process::start_with_env(data.path(), &args, &target.env());
-    let client = common::connect(&server.connection_string).await;
-    assert_eq!(restored_from(&client).await, older.to_string(), "the view came back from the older checkpoint");
+    // Groups grow, and rows are deleted.
+    let started = (server, client);
+    let (_server, client, _) =
+        deliver_twice_and_lose_the_newer_checkpoint(data.path(), started, &target.env(), "totals", (20, true)).await;
     insert(&client, 2, Some(10), true).await;
     wait_until_delivered(&client, "out").await;
 
@@ -315,35 +346,11 @@ async fn a_kafka_sink_restored_from_an_older_checkpoint_loses_nothing_and_says_w
     let broker = Broker::start().await;
     broker.create_topic("evens_again", 1).await;
     let data = tempfile::tempdir().expect("temp dir");
-    let args = ["--checkpoint-interval", "3600s"];
-    let server = Process::start(data.path(), &args);
+    let server = Process::start(data.path(), &FALLBACK_ARGS);
     let client = common::connect(&server.connection_string).await;
-    common::execute(&client, "CREATE TABLE t (id BIGINT, k TEXT, v BIGINT)").await;
-    common::execute(&client, "CREATE MATERIALIZED VIEW evens AS SELECT id, v FROM t WHERE v % 2 = 0").await;
-    let sink = format!(
-        "CREATE SINK out FROM evens WITH (connector = 'kafka', brokers = '{}', topic = 'evens_again', key = 'id', exactly_once = 'true')",
-        broker.address
-    );
-    common::execute(&client, &sink).await;
-    insert(&client, 0, Some(4), false).await;
-    wait_until_delivered(&client, "out").await;
-    let older = common::count(&client, "SELECT max(epoch) FROM freshet_catalog.checkpoints WHERE status = 'ok'").await;
-    insert(&client, 1, Some(4), false).await;
-    wait_until_delivered(&client, "out").await;
-    let newer = common::count(&client, "SELECT max(epoch) FROM freshet_catalog.checkpoints WHERE status = 'ok'").await;
-    server.kill_9();
-
-    let manifest = data.path().join(format!("checkpoint/{newer:020}/MANIFEST"));
-    std::fs::write(&manifest, b"not a manifest").expect("damage the manifest");
-    let server = Process::start(data.path(), &args);
-    let client = common::connect(&server.connection_string).await;
-    let restored =
-        "SELECT coalesce(restored_from_epoch::text, 'rebuilt') FROM freshet_catalog.views WHERE view = 'evens'";
-    assert_eq!(
-        common::text_rows(&client, restored).await,
-        vec![older.to_string()],
-        "restored from the older checkpoint"
-    );
+    evens_into_kafka(&client, &broker, "evens_again").await;
+    let (_server, client, older) =
+        deliver_twice_and_lose_the_newer_checkpoint(data.path(), (server, client), &[], "evens", (4, false)).await;
     insert(&client, 2, Some(2), false).await;
     wait_until_delivered(&client, "out").await;
 
@@ -355,17 +362,7 @@ async fn a_kafka_sink_restored_from_an_older_checkpoint_loses_nothing_and_says_w
         "the sink says it delivers the replayed changes again: {error:?}"
     );
     let view = common::text_rows(&client, "SELECT id, v FROM evens ORDER BY id").await;
-    let mut written: Vec<String> = broker
-        .consume_committed("evens_again")
-        .await
-        .iter()
-        .map(|record| {
-            let value: serde_json::Value =
-                serde_json::from_str(record["value"].as_str().expect("a value")).expect("a JSON row");
-            format!("{}|{}", value["id"].as_i64().expect("id"), value["v"].as_i64().expect("v"))
-        })
-        .collect();
-    written.sort();
+    let mut written = committed_evens(&broker, "evens_again").await;
     written.dedup();
     assert_eq!(written, view, "every row of the view reached the topic");
 }

@@ -315,7 +315,8 @@ async fn run_exactly_once(
                                 tracing::warn!(sink = %name, "{warning}");
                                 progress.failed_attempt(&warning);
                             }
-                            if let Some(restored) = replayed_after.take() {
+                            // Cleared only once read, so a failed read is tried again.
+                            if let Some(restored) = replayed_after {
                                 match opened.written_after(restored, &schema).await? {
                                     Some((epochs, written)) if !epochs.is_empty() => {
                                         let last = epochs.last().copied().unwrap_or(restored);
@@ -332,6 +333,7 @@ async fn run_exactly_once(
                                     }
                                     None => {}
                                 }
+                                replayed_after = None;
                             }
                             writer.insert((opened, resume))
                         }
