@@ -118,6 +118,34 @@ fn as_rows(folded: &BTreeMap<(String, i64, i64), i64>) -> Vec<String> {
     rows
 }
 
+/// Creates table `t`, the GROUP BY view `totals` over it, and an exactly-once file sink
+/// `out` of its changes into `path`.
+async fn totals_into_files(client: &Client, path: &str) {
+    common::execute(client, "CREATE TABLE t (id BIGINT, k TEXT, v BIGINT)").await;
+    common::execute(
+        client,
+        "CREATE MATERIALIZED VIEW totals AS SELECT k, count(*) AS n, sum(v) AS total FROM t GROUP BY k",
+    )
+    .await;
+    let sink = format!(
+        "CREATE SINK out FROM totals WITH (connector = 'file', path = '{path}', mode = 'changes', exactly_once = 'true')"
+    );
+    common::execute(client, &sink).await;
+}
+
+/// The rows of `totals`, once checked against the batch query over every committed row.
+async fn totals_checked(client: &Client) -> Vec<String> {
+    let view = common::text_rows(client, "SELECT k, n, total FROM totals ORDER BY k, n, total").await;
+    let batch = common::text_rows(
+        client,
+        "SELECT k, count(*) AS n, sum(v) AS total FROM (SELECT * FROM t) AS rows GROUP BY k ORDER BY k, n, total",
+    )
+    .await;
+    assert!(!view.is_empty(), "the view has rows");
+    assert_eq!(view, batch, "the view equals the batch query over every committed row");
+    view
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_sink_writes_each_change_once_across_kill_9() {
     let data = tempfile::tempdir().expect("temp dir");
@@ -126,30 +154,13 @@ async fn file_sink_writes_each_change_once_across_kill_9() {
     {
         let server = Process::start(data.path(), &args);
         let client = common::connect(&server.connection_string).await;
-        common::execute(&client, "CREATE TABLE t (id BIGINT, k TEXT, v BIGINT)").await;
-        common::execute(
-            &client,
-            "CREATE MATERIALIZED VIEW totals AS SELECT k, count(*) AS n, sum(v) AS total FROM t GROUP BY k",
-        )
-        .await;
-        let sink = format!(
-            "CREATE SINK out FROM totals WITH (connector = 'file', path = '{}', mode = 'changes', exactly_once = 'true')",
-            out.path().display()
-        );
-        common::execute(&client, &sink).await;
+        totals_into_files(&client, &out.path().display().to_string()).await;
         server.kill_9();
     }
     let (_server, client) = crash_rounds(data.path(), &args, true, 7).await;
     wait_until_delivered(&client, "out").await;
 
-    let view = common::text_rows(&client, "SELECT k, n, total FROM totals ORDER BY k, n, total").await;
-    let batch = common::text_rows(
-        &client,
-        "SELECT k, count(*) AS n, sum(v) AS total FROM (SELECT * FROM t) AS rows GROUP BY k ORDER BY k, n, total",
-    )
-    .await;
-    assert!(!view.is_empty(), "the view has rows");
-    assert_eq!(view, batch, "the view equals the batch query over every committed row");
+    let view = totals_checked(&client).await;
     let written = as_rows(&fold_files(out.path()));
     let files = std::fs::read_dir(out.path()).expect("sink directory").count();
     let rows = common::integer(&client, "SELECT count(*) FROM t").await;
@@ -297,17 +308,7 @@ async fn restored_from_an_older_checkpoint(target: Target) {
     let data = tempfile::tempdir().expect("temp dir");
     let server = Process::start_with_env(data.path(), &FALLBACK_ARGS, &target.env());
     let client = common::connect(&server.connection_string).await;
-    common::execute(&client, "CREATE TABLE t (id BIGINT, k TEXT, v BIGINT)").await;
-    common::execute(
-        &client,
-        "CREATE MATERIALIZED VIEW totals AS SELECT k, count(*) AS n, sum(v) AS total FROM t GROUP BY k",
-    )
-    .await;
-    let sink = format!(
-        "CREATE SINK out FROM totals WITH (connector = 'file', path = '{}', mode = 'changes', exactly_once = 'true')",
-        target.path()
-    );
-    common::execute(&client, &sink).await;
+    totals_into_files(&client, &target.path()).await;
     // Groups grow, and rows are deleted.
     let started = (server, client);
     let (_server, client, _) =
@@ -315,13 +316,7 @@ async fn restored_from_an_older_checkpoint(target: Target) {
     insert(&client, 2, Some(10), true).await;
     wait_until_delivered(&client, "out").await;
 
-    let view = common::text_rows(&client, "SELECT k, n, total FROM totals ORDER BY k, n, total").await;
-    let batch = common::text_rows(
-        &client,
-        "SELECT k, count(*) AS n, sum(v) AS total FROM (SELECT * FROM t) AS rows GROUP BY k ORDER BY k, n, total",
-    )
-    .await;
-    assert_eq!(view, batch, "the view equals the batch query over every committed row");
+    let view = totals_checked(&client).await;
     assert_eq!(
         as_rows(&target.folded().await),
         view,
