@@ -447,3 +447,68 @@ async fn a_large_view_with_duplicate_rows_checkpoints_what_changed_and_comes_bac
     assert_eq!(common::integer(&c, "SELECT count(*) FROM twice WHERE g = 5").await, 1);
     server.kill_9();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_append_only_view_checkpoints_its_new_rows_and_comes_back_whole() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let args = ["--checkpoint-interval", "off"];
+    let server = Process::start(dir.path(), &args);
+    let c = common::connect(&server.connection_string).await;
+    // A table with a watermark only gains rows, and so does the view over it: its row
+    // store keys rows by arrival. Every row comes twice, so equal rows are kept apart. (The
+    // watermark's delay is long, so no row is late and the view holds every row.)
+    const QUERY: &str = "SELECT k % 60000 AS g, 'padding to make the rows larger' AS pad, ts FROM ev";
+    let insert = |from: i64, to: i64| {
+        format!("INSERT INTO ev SELECT x, to_timestamp(1767225600 + x) FROM generate_series({from}, {to}) AS s(x)")
+    };
+    run(
+        &c,
+        &format!(
+            "CREATE TABLE ev (k BIGINT, ts TIMESTAMP, WATERMARK FOR ts AS ts - INTERVAL '1000 days');
+             {}; {};
+             CREATE MATERIALIZED VIEW arrivals AS {QUERY}",
+            insert(0, 59_999),
+            insert(0, 59_999)
+        ),
+    )
+    .await;
+    let first = checkpoint(&c).await;
+    let whole =
+        common::integer(&c, &format!("SELECT bytes FROM freshet_catalog.checkpoints WHERE epoch = {first}")).await;
+    run(&c, &insert(60_000, 61_199)).await;
+    let second = checkpoint(&c).await;
+    let new_rows =
+        common::integer(&c, &format!("SELECT bytes FROM freshet_catalog.checkpoints WHERE epoch = {second}")).await;
+    assert!(new_rows * 5 < whole, "after 1% more rows a checkpoint writes {new_rows} bytes; the first wrote {whole}");
+    run(&c, &insert(61_200, 61_299)).await;
+    run(&c, "FLUSH").await;
+    assert_eq!(rows_differing(&c, "arrivals", QUERY).await, 0, "before the kill");
+    server.kill_9();
+
+    let server = Process::start(dir.path(), &args);
+    let c = common::connect(&server.connection_string).await;
+    assert_eq!(
+        rows(&c, "SELECT coalesce(restored_from_epoch::text, 'rebuilt') FROM freshet_catalog.views").await,
+        vec![second.clone()],
+        "the view comes back from its second checkpoint"
+    );
+    run(&c, "FLUSH").await;
+    assert_eq!(rows_differing(&c, "arrivals", QUERY).await, 0, "after the restore");
+    assert_eq!(common::integer(&c, "SELECT count(*) FROM arrivals").await, 121_300, "every row, duplicates too");
+    // The restored store goes on numbering arrivals where it stopped.
+    run(&c, &format!("{}; {}", insert(70_000, 70_999), insert(70_000, 70_009))).await;
+    let third = checkpoint(&c).await;
+    server.kill_9();
+
+    let server = Process::start(dir.path(), &args);
+    let c = common::connect(&server.connection_string).await;
+    assert_eq!(
+        rows(&c, "SELECT coalesce(restored_from_epoch::text, 'rebuilt') FROM freshet_catalog.views").await,
+        vec![third],
+        "the view comes back from its third checkpoint"
+    );
+    run(&c, "FLUSH").await;
+    assert_eq!(rows_differing(&c, "arrivals", QUERY).await, 0, "after the second restore");
+    assert_eq!(common::integer(&c, "SELECT count(*) FROM arrivals").await, 122_310, "rows from both sessions");
+    server.kill_9();
+}

@@ -309,6 +309,10 @@ impl EpochSink for ViewSink {
         self.state.version().memory_bytes()
     }
 
+    fn append_only(&self) -> bool {
+        self.state.version().def.append_only
+    }
+
     /// The view's rows come back and are published at once, so views that read this one
     /// start from them.
     fn restore_rows(&mut self, rows: Vec<RecordBatch>) -> Result<()> {

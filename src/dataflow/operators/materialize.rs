@@ -39,6 +39,12 @@ pub trait EpochSink: Send {
         0
     }
 
+    /// Whether the view only ever gains rows (by its plan), so its row store can key rows
+    /// by arrival instead of by content.
+    fn append_only(&self) -> bool {
+        false
+    }
+
     /// Loads rows, before the first commit.
     fn restore_rows(&mut self, _rows: Vec<RecordBatch>) -> Result<()> {
         Err(crate::error::Error::Internal("this sink keeps no checkpointed rows".into()))
@@ -60,6 +66,8 @@ pub trait EpochSink: Send {
 const ROWS_WHOLE: u64 = 0;
 const ROWS_STORE: u64 = 1;
 const OUTBOXES: u64 = 2;
+/// A row store of an append-only view: rows keyed by their arrival.
+const ROWS_APPENDED: u64 = 3;
 
 /// Rows at least this large are checkpointed into a local store of row counts, so later
 /// checkpoints upload only the files holding what changed.
@@ -68,12 +76,23 @@ const INCREMENTAL_FROM: usize = 1 << 20;
 /// stopped) are dropped, and the next checkpoint writes the rows whole again.
 const PENDING_MAX: usize = 4_000_000;
 
-/// The view's rows kept as (encoded row → count) in a [`SpillStore`] for incremental
-/// checkpoints, with the changes committed since the last one.
+/// The view's rows kept in a [`SpillStore`] for incremental checkpoints, with the changes
+/// committed since the last one.
 struct RowStore {
     disk: LocalStore,
     pending: Vec<ChangeBatch>,
     pending_rows: usize,
+    layout: Layout,
+}
+
+/// How a row store keys the view's rows.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Layout {
+    /// Encoded row → count: rows come and go.
+    Counts,
+    /// Arrival number (big-endian, so in key order) → encoded row: an append-only view's
+    /// rows only arrive, so each new row is written without sorting or reading the store.
+    Appended { next: u64 },
 }
 
 /// Buffers changes until the barrier, then commits them to the sink.
@@ -108,6 +127,15 @@ impl MaterializeOperator {
             let store = SpillStore::create(&rows.disk.local.dir)?;
             let encoded =
                 batches.iter().map(|b| converter.convert_columns(b.columns())).collect::<Result<Vec<_>, _>>()?;
+            if self.sink.append_only() {
+                let all = encoded.iter().flat_map(|rows| rows.iter().map(|row| row.data()));
+                rows.layout = Layout::Appended { next: append(&store, 0, all)? };
+                rows.disk.store = Some(store);
+                rows.pending.clear();
+                rows.pending_rows = 0;
+                return Ok(true);
+            }
+            rows.layout = Layout::Counts;
             // Sorted, equal rows are neighbours: each run is one row and its count, and
             // the store takes them in key order.
             let mut sorted: Vec<&[u8]> = encoded.iter().flat_map(|rows| rows.iter().map(|row| row.data())).collect();
@@ -125,6 +153,22 @@ impl MaterializeOperator {
         let store =
             rows.disk.store.as_ref().ok_or_else(|| crate::error::Error::Internal("row store vanished".into()))?;
         if pending.is_empty() {
+            return Ok(true);
+        }
+        if let Layout::Appended { next } = rows.layout {
+            let mut next = next;
+            for change in &pending {
+                let encoded = converter.convert_columns(change.batch().columns())?;
+                let mut arrived = Vec::with_capacity(change.num_rows());
+                for (row, &weight) in encoded.iter().zip(change.weights().values()) {
+                    if weight < 0 {
+                        return Err(crate::error::Error::Internal("an append-only view's rows were retracted".into()));
+                    }
+                    arrived.extend(std::iter::repeat_n(row.data(), weight as usize));
+                }
+                next = append(store, next, arrived)?;
+            }
+            rows.layout = Layout::Appended { next };
             return Ok(true);
         }
         let change = ChangeBatch::concat(&self.schema, &pending)?.consolidate()?;
@@ -198,7 +242,8 @@ impl Operator for MaterializeOperator {
     }
 
     fn set_local_state(&mut self, local: LocalState) {
-        self.rows = Some(RowStore { disk: LocalStore::new(local), pending: Vec::new(), pending_rows: 0 });
+        let (pending, pending_rows, layout) = (Vec::new(), 0, Layout::Counts);
+        self.rows = Some(RowStore { disk: LocalStore::new(local), pending, pending_rows, layout });
     }
 
     fn restore_files(&mut self, dir: std::path::PathBuf) -> Result<()> {
@@ -236,7 +281,10 @@ impl MaterializeOperator {
         }
         let rows = self.rows.as_mut().ok_or_else(|| crate::error::Error::Internal("row store vanished".into()))?;
         let mut w = StateWriter::default();
-        w.u64(ROWS_STORE);
+        w.u64(match rows.layout {
+            Layout::Counts => ROWS_STORE,
+            Layout::Appended { .. } => ROWS_APPENDED,
+        });
         rows.disk.checkpoint_into(&mut w)?;
         Ok(Some(w.finish()))
     }
@@ -251,7 +299,7 @@ impl MaterializeOperator {
             return self.sink.restore(rest);
         }
         let mut r = StateReader::new(state, "the row store of a view");
-        r.u64()?;
+        let appended = r.u64()? == ROWS_APPENDED;
         let converter = self.converter()?;
         let rows = self
             .rows
@@ -273,18 +321,38 @@ impl MaterializeOperator {
             chunk.clear();
             Ok(())
         };
+        let corrupt = |reason: &str| crate::error::Error::Corrupt {
+            location: "a view's row store".into(),
+            reason: reason.to_string(),
+        };
+        let mut next = 0;
         for entry in store.entries() {
             let (key, value) = entry?;
-            let count = i64::from_le_bytes(value.as_ref().try_into().map_err(|_| crate::error::Error::Corrupt {
-                location: "a view's row store".into(),
-                reason: "a count is not 8 bytes".into(),
-            })?);
-            chunk.push((key, count));
+            if appended {
+                // Keyed by arrival: the value is the row.
+                let number: [u8; 8] =
+                    key.as_ref().try_into().map_err(|_| corrupt("an arrival number is not 8 bytes"))?;
+                next = u64::from_be_bytes(number) + 1;
+                chunk.push((value, 1));
+            } else {
+                let count: [u8; 8] = value.as_ref().try_into().map_err(|_| corrupt("a count is not 8 bytes"))?;
+                chunk.push((key, i64::from_le_bytes(count)));
+            }
             if chunk.len() == 8192 {
                 flush(&mut chunk)?;
             }
         }
         flush(&mut chunk)?;
+        rows.layout = if appended { Layout::Appended { next } } else { Layout::Counts };
         self.sink.restore_rows(batches)
     }
+}
+
+/// Writes `arrived` rows to an append-only view's row store under the arrival numbers from
+/// `next` on; returns the number after the last.
+fn append<'a>(store: &SpillStore, next: u64, arrived: impl IntoIterator<Item = &'a [u8]>) -> Result<u64> {
+    let rows: Vec<&[u8]> = arrived.into_iter().collect();
+    let keys: Vec<[u8; 8]> = (next..next + rows.len() as u64).map(u64::to_be_bytes).collect();
+    store.write(keys.iter().zip(&rows).map(|(key, row)| (key.as_slice(), Some(*row))))?;
+    Ok(next + rows.len() as u64)
 }
