@@ -376,6 +376,32 @@ async fn rows_differing(client: &Client, view: &str, query: &str) -> i64 {
     .await
 }
 
+/// Bytes checkpoint `epoch` wrote.
+async fn checkpoint_bytes(client: &Client, epoch: &str) -> i64 {
+    common::integer(client, &format!("SELECT bytes FROM freshet_catalog.checkpoints WHERE epoch = {epoch}")).await
+}
+
+/// Starts the server on `dir` again and checks that its one view came back from checkpoint
+/// `epoch` and, once caught up, equals `query`.
+async fn restarted_from(
+    dir: &std::path::Path,
+    args: &[&str],
+    epoch: &str,
+    view: &str,
+    query: &str,
+) -> (Process, Client) {
+    let server = Process::start(dir, args);
+    let c = common::connect(&server.connection_string).await;
+    assert_eq!(
+        rows(&c, "SELECT coalesce(restored_from_epoch::text, 'rebuilt') FROM freshet_catalog.views").await,
+        vec![epoch.to_string()],
+        "{view} comes back from checkpoint {epoch}"
+    );
+    run(&c, "FLUSH").await;
+    assert_eq!(rows_differing(&c, view, query).await, 0, "{view} after the restore from {epoch}");
+    (server, c)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_view_with_duplicate_rows_checkpoints_what_changed_and_comes_back_whole() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -395,8 +421,7 @@ async fn a_large_view_with_duplicate_rows_checkpoints_what_changed_and_comes_bac
     )
     .await;
     let first = checkpoint(&c).await;
-    let whole =
-        common::integer(&c, &format!("SELECT bytes FROM freshet_catalog.checkpoints WHERE epoch = {first}")).await;
+    let whole = checkpoint_bytes(&c, &first).await;
     // One copy of some rows goes, both copies of others, and new rows come.
     run(
         &c,
@@ -406,8 +431,7 @@ async fn a_large_view_with_duplicate_rows_checkpoints_what_changed_and_comes_bac
     )
     .await;
     let second = checkpoint(&c).await;
-    let changed =
-        common::integer(&c, &format!("SELECT bytes FROM freshet_catalog.checkpoints WHERE epoch = {second}")).await;
+    let changed = checkpoint_bytes(&c, &second).await;
     assert!(
         changed * 5 < whole,
         "after 2% of the rows changed a checkpoint writes {changed} bytes; the first wrote {whole}"
@@ -417,15 +441,7 @@ async fn a_large_view_with_duplicate_rows_checkpoints_what_changed_and_comes_bac
     assert_eq!(rows_differing(&c, "twice", QUERY).await, 0, "before the kill");
     server.kill_9();
 
-    let server = Process::start(dir.path(), &args);
-    let c = common::connect(&server.connection_string).await;
-    assert_eq!(
-        rows(&c, "SELECT coalesce(restored_from_epoch::text, 'rebuilt') FROM freshet_catalog.views").await,
-        vec![second.clone()],
-        "the view comes back from its second checkpoint"
-    );
-    run(&c, "FLUSH").await;
-    assert_eq!(rows_differing(&c, "twice", QUERY).await, 0, "after the restore");
+    let (server, c) = restarted_from(dir.path(), &args, &second, "twice", QUERY).await;
     assert!(common::integer(&c, "SELECT count(*) FROM twice").await > 100_000, "the view has its rows");
     // Of two copies of a restored row, one goes, or both.
     run(&c, "DELETE FROM t WHERE k IN (5, 6, 60006); FLUSH").await;
@@ -435,15 +451,7 @@ async fn a_large_view_with_duplicate_rows_checkpoints_what_changed_and_comes_bac
     let third = checkpoint(&c).await;
     server.kill_9();
 
-    let server = Process::start(dir.path(), &args);
-    let c = common::connect(&server.connection_string).await;
-    assert_eq!(
-        rows(&c, "SELECT coalesce(restored_from_epoch::text, 'rebuilt') FROM freshet_catalog.views").await,
-        vec![third],
-        "and from its third"
-    );
-    run(&c, "FLUSH").await;
-    assert_eq!(rows_differing(&c, "twice", QUERY).await, 0, "after the second restore");
+    let (server, c) = restarted_from(dir.path(), &args, &third, "twice", QUERY).await;
     assert_eq!(common::integer(&c, "SELECT count(*) FROM twice WHERE g = 5").await, 1);
     server.kill_9();
 }
@@ -473,42 +481,24 @@ async fn a_large_append_only_view_checkpoints_its_new_rows_and_comes_back_whole(
     )
     .await;
     let first = checkpoint(&c).await;
-    let whole =
-        common::integer(&c, &format!("SELECT bytes FROM freshet_catalog.checkpoints WHERE epoch = {first}")).await;
+    let whole = checkpoint_bytes(&c, &first).await;
     run(&c, &insert(60_000, 61_199)).await;
     let second = checkpoint(&c).await;
-    let new_rows =
-        common::integer(&c, &format!("SELECT bytes FROM freshet_catalog.checkpoints WHERE epoch = {second}")).await;
+    let new_rows = checkpoint_bytes(&c, &second).await;
     assert!(new_rows * 5 < whole, "after 1% more rows a checkpoint writes {new_rows} bytes; the first wrote {whole}");
     run(&c, &insert(61_200, 61_299)).await;
     run(&c, "FLUSH").await;
     assert_eq!(rows_differing(&c, "arrivals", QUERY).await, 0, "before the kill");
     server.kill_9();
 
-    let server = Process::start(dir.path(), &args);
-    let c = common::connect(&server.connection_string).await;
-    assert_eq!(
-        rows(&c, "SELECT coalesce(restored_from_epoch::text, 'rebuilt') FROM freshet_catalog.views").await,
-        vec![second.clone()],
-        "the view comes back from its second checkpoint"
-    );
-    run(&c, "FLUSH").await;
-    assert_eq!(rows_differing(&c, "arrivals", QUERY).await, 0, "after the restore");
+    let (server, c) = restarted_from(dir.path(), &args, &second, "arrivals", QUERY).await;
     assert_eq!(common::integer(&c, "SELECT count(*) FROM arrivals").await, 121_300, "every row, duplicates too");
     // The restored store goes on numbering arrivals where it stopped.
     run(&c, &format!("{}; {}", insert(70_000, 70_999), insert(70_000, 70_009))).await;
     let third = checkpoint(&c).await;
     server.kill_9();
 
-    let server = Process::start(dir.path(), &args);
-    let c = common::connect(&server.connection_string).await;
-    assert_eq!(
-        rows(&c, "SELECT coalesce(restored_from_epoch::text, 'rebuilt') FROM freshet_catalog.views").await,
-        vec![third],
-        "the view comes back from its third checkpoint"
-    );
-    run(&c, "FLUSH").await;
-    assert_eq!(rows_differing(&c, "arrivals", QUERY).await, 0, "after the second restore");
+    let (server, c) = restarted_from(dir.path(), &args, &third, "arrivals", QUERY).await;
     assert_eq!(common::integer(&c, "SELECT count(*) FROM arrivals").await, 122_310, "rows from both sessions");
     server.kill_9();
 }
