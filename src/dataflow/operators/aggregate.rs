@@ -1314,7 +1314,7 @@ mod tests {
     use datafusion::physical_expr::expressions::Column;
 
     use super::*;
-    use crate::dataflow::operators::testing::{net, random_change};
+    use crate::dataflow::operators::testing::{feed, random_change};
     use crate::state::spill::MemoryPool;
 
     #[tokio::test]
@@ -1412,10 +1412,7 @@ mod tests {
             let change = random_change(&mut rng, &mut live, (400, 3000, 50), 100);
             let barrier = Barrier { epoch: round, checkpoint: false, mutation: None };
             for (operator, into) in [(&mut memory, &mut expected), (&mut spilling, &mut got)] {
-                let mut out = Output::default();
-                operator.process(0, change.clone(), &mut out).await.expect("process");
-                operator.on_barrier(&barrier, &mut out).await.expect("barrier");
-                net(out.take_messages(), into);
+                feed(operator, 0, change.clone(), Some(&barrier), into).await;
             }
             assert_eq!(got, expected, "round {round}");
             if round == 15 {
@@ -1465,10 +1462,7 @@ mod tests {
             let change = ChangeBatch::inserts(batch_of(&rows));
             let barrier = Barrier { epoch: round, checkpoint: false, mutation: None };
             for (operator, into) in [(&mut general, &mut expected), (&mut best, &mut got)] {
-                let mut out = Output::default();
-                operator.process(0, change.clone(), &mut out).await.expect("process");
-                operator.on_barrier(&barrier, &mut out).await.expect("barrier");
-                net(out.take_messages(), into);
+                feed(operator, 0, change.clone(), Some(&barrier), into).await;
             }
             assert_eq!(got, expected, "round {round}");
             if round == 5 {

@@ -1101,7 +1101,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
-    use crate::dataflow::operators::testing::{checkpointed_and_restored, net};
+    use crate::dataflow::operators::testing::{checkpointed_and_restored, feed};
     use crate::state::spill::MemoryPool;
 
     /// `l JOIN r ON l.k = r.k` of `kind`, over inputs (k, v) of integers.
@@ -1178,12 +1178,7 @@ mod tests {
                         mutation: None,
                     });
                     for (operator, into) in [(&mut memory, &mut expected), (&mut spilling, &mut got)] {
-                        let mut out = Output::default();
-                        operator.process(port, change.clone(), &mut out).await.expect("process");
-                        if let Some(barrier) = &barrier {
-                            operator.on_barrier(barrier, &mut out).await.expect("barrier");
-                        }
-                        net(out.take_messages(), into);
+                        feed(operator, port, change.clone(), barrier.as_ref(), into).await;
                     }
                 }
                 assert_eq!(got, expected, "{kind:?}, round {round}");

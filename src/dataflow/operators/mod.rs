@@ -31,7 +31,7 @@ pub(crate) mod testing {
     use datafusion::arrow::datatypes::{DataType, Field, Schema};
     use datafusion::arrow::record_batch::RecordBatch;
 
-    use super::super::operator::Operator;
+    use super::super::operator::{Barrier, Operator, Output};
     use super::super::{ChangeBatch, Message};
     use crate::state::spill::LocalState;
 
@@ -52,6 +52,23 @@ pub(crate) mod testing {
                 }
             }
         }
+    }
+
+    /// Feeds `change` into `port` of `operator`, then `barrier` if there is one, and adds
+    /// what it emits into `into` (as [`net`]).
+    pub async fn feed(
+        operator: &mut dyn Operator,
+        port: usize,
+        change: ChangeBatch,
+        barrier: Option<&Barrier>,
+        into: &mut BTreeMap<String, i64>,
+    ) {
+        let mut out = Output::default();
+        operator.process(port, change, &mut out).await.expect("process");
+        if let Some(barrier) = barrier {
+            operator.on_barrier(barrier, &mut out).await.expect("barrier");
+        }
+        net(out.take_messages(), into);
     }
 
     /// A change of `inserts` new rows (k below `keys`, v below `values`) over the integer

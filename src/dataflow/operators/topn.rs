@@ -528,7 +528,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
-    use crate::dataflow::operators::testing::{checkpointed_and_restored, net, random_change};
+    use crate::dataflow::operators::testing::{checkpointed_and_restored, feed, random_change};
     use crate::state::spill::MemoryPool;
 
     /// `row_number() OVER (PARTITION BY k ORDER BY v DESC) <= 3` over (k, v) integers.
@@ -581,12 +581,7 @@ mod tests {
             let barrier =
                 (round % 3 != 0 || round == 39).then_some(Barrier { epoch: round, checkpoint: false, mutation: None });
             for (operator, into) in [(&mut memory, &mut expected), (&mut spilling, &mut got)] {
-                let mut out = Output::default();
-                operator.process(0, change.clone(), &mut out).await.expect("process");
-                if let Some(barrier) = &barrier {
-                    operator.on_barrier(barrier, &mut out).await.expect("barrier");
-                }
-                net(out.take_messages(), into);
+                feed(operator, 0, change.clone(), barrier.as_ref(), into).await;
             }
             assert_eq!(got, expected, "round {round}");
             if round == 20 {
@@ -632,10 +627,7 @@ mod tests {
             let change = ChangeBatch::inserts(batch_of(&rows));
             let barrier = Barrier { epoch: round, checkpoint: false, mutation: None };
             for (operator, into) in [(&mut general, &mut expected), (&mut pruned, &mut got)] {
-                let mut out = Output::default();
-                operator.process(0, change.clone(), &mut out).await.expect("process");
-                operator.on_barrier(&barrier, &mut out).await.expect("barrier");
-                net(out.take_messages(), into);
+                feed(operator, 0, change.clone(), Some(&barrier), into).await;
             }
             assert_eq!(got, expected, "round {round}");
             if round == 15 {
