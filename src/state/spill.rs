@@ -315,6 +315,11 @@ impl SpillStore {
         }
         self.checkpoints += 1;
         let target = self.dir.join(format!("checkpoint-{}", self.checkpoints));
+        if target.exists() {
+            // Left by an earlier store in this directory (one started over numbers its
+            // checkpoints from the start again); its checkpoint is done with too.
+            std::fs::remove_dir_all(&target).map_err(|e| io_error(&target, e))?;
+        }
         self.db.flush().map_err(|e| rocks_error(&self.dir, e))?;
         rocksdb::checkpoint::Checkpoint::new(&self.db)
             .and_then(|c| c.create_checkpoint(&target))

@@ -155,23 +155,18 @@ impl MaterializeOperator {
         if pending.is_empty() {
             return Ok(true);
         }
+        let change = ChangeBatch::concat(&self.schema, &pending)?;
         if let Layout::Appended { next } = rows.layout {
-            let mut next = next;
-            for change in &pending {
-                let encoded = converter.convert_columns(change.batch().columns())?;
-                let mut arrived = Vec::with_capacity(change.num_rows());
-                for (row, &weight) in encoded.iter().zip(change.weights().values()) {
-                    if weight < 0 {
-                        return Err(crate::error::Error::Internal("an append-only view's rows were retracted".into()));
-                    }
-                    arrived.extend(std::iter::repeat_n(row.data(), weight as usize));
-                }
-                next = append(store, next, arrived)?;
+            if change.weights().values().iter().any(|&w| w < 0) {
+                return Err(crate::error::Error::Internal("an append-only view's rows were retracted".into()));
             }
-            rows.layout = Layout::Appended { next };
+            let encoded = converter.convert_columns(change.batch().columns())?;
+            let weights = change.weights().values();
+            let arrived = encoded.iter().zip(weights).flat_map(|(row, &w)| std::iter::repeat_n(row.data(), w as usize));
+            rows.layout = Layout::Appended { next: append(store, next, arrived)? };
             return Ok(true);
         }
-        let change = ChangeBatch::concat(&self.schema, &pending)?.consolidate()?;
+        let change = change.consolidate()?;
         let encoded = converter.convert_columns(change.batch().columns())?;
         let mut values = Vec::with_capacity(change.num_rows());
         for (row, weight) in encoded.iter().zip(change.weights().values()) {
@@ -272,7 +267,14 @@ impl MaterializeOperator {
     /// The view's rows for a checkpoint: whole for a small view, else as the files of its
     /// row store (checkpoints come after the epoch's commit, so nothing is buffered).
     fn checkpoint_rows(&mut self) -> Result<Option<Vec<u8>>> {
-        if !self.sync_rows()? {
+        let synced = self.sync_rows().inspect_err(|_| {
+            // The pending changes are gone and the store may hold part of them: the next
+            // checkpoint starts over with the rows whole rather than from a stale store.
+            if let Some(rows) = &mut self.rows {
+                rows.disk.store = None;
+            }
+        })?;
+        if !synced {
             let Some(state) = self.sink.checkpoint()? else { return Ok(None) };
             let mut bytes = Vec::with_capacity(state.len() + 8);
             bytes.extend_from_slice(&ROWS_WHOLE.to_le_bytes());
@@ -355,4 +357,93 @@ fn append<'a>(store: &SpillStore, next: u64, arrived: impl IntoIterator<Item = &
     let keys: Vec<[u8; 8]> = (next..next + rows.len() as u64).map(u64::to_be_bytes).collect();
     store.write(keys.iter().zip(&rows).map(|(key, row)| (key.as_slice(), Some(*row))))?;
     Ok(next + rows.len() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use datafusion::arrow::array::Int64Array;
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+
+    use super::*;
+    use crate::dataflow::operators::testing::checkpointed_and_restored;
+    use crate::state::spill::MemoryPool;
+
+    /// An append-only view's rows, kept as the catalog's sink keeps them.
+    #[derive(Clone, Default)]
+    struct Rows(Arc<Mutex<Vec<RecordBatch>>>);
+
+    impl EpochSink for Rows {
+        fn commit(&mut self, _barrier: &Barrier, change: ChangeBatch) -> Result<()> {
+            let (inserts, _) = change.split()?;
+            self.0.lock().expect("rows").push(inserts);
+            Ok(())
+        }
+
+        fn rows(&self) -> Result<Option<Vec<RecordBatch>>> {
+            Ok(Some(self.0.lock().expect("rows").clone()))
+        }
+
+        fn memory_bytes(&self) -> usize {
+            INCREMENTAL_FROM // large enough to go through the row store
+        }
+
+        fn append_only(&self) -> bool {
+            true
+        }
+
+        fn restore_rows(&mut self, rows: Vec<RecordBatch>) -> Result<()> {
+            *self.0.lock().expect("rows") = rows;
+            Ok(())
+        }
+    }
+
+    /// Gives `change` to `operator` and ends epoch `epoch` with a checkpoint barrier.
+    async fn commit(operator: &mut MaterializeOperator, change: ChangeBatch, epoch: u64) {
+        let mut out = Output::default();
+        operator.process(0, change, &mut out).await.expect("process");
+        let barrier = Barrier { epoch, checkpoint: true, mutation: None };
+        operator.on_barrier(&barrier, &mut out).await.expect("barrier");
+    }
+
+    fn values(rows: &Rows) -> Vec<i64> {
+        let batches = rows.0.lock().expect("rows");
+        let mut values: Vec<i64> = batches
+            .iter()
+            .flat_map(|b| b.column(0).as_any().downcast_ref::<Int64Array>().expect("ints").values().to_vec())
+            .collect();
+        values.sort();
+        values
+    }
+
+    /// A checkpoint that fails while bringing the row store up to date leaves no stale
+    /// store behind: the next checkpoint writes the rows whole, and they restore.
+    #[tokio::test]
+    async fn a_failed_row_store_update_starts_the_next_checkpoint_over_whole() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pool = MemoryPool::new(None);
+        let local = |name: &str| LocalState { dir: dir.path().join(name), pool: pool.clone(), owner: (1, 0) };
+        let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        let change = |values: Vec<i64>, weight: i64| {
+            let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(values.clone()))]);
+            ChangeBatch::try_new(batch.expect("batch"), Int64Array::from(vec![weight; values.len()])).expect("change")
+        };
+        let rows = Rows::default();
+        let mut operator = MaterializeOperator::new(schema.clone(), Box::new(rows.clone()));
+        operator.set_local_state(local("a"));
+        commit(&mut operator, change((0..1000).collect(), 1), 1).await;
+        operator.checkpoint().expect("the first checkpoint writes every row").expect("rows");
+        commit(&mut operator, change((1000..1100).collect(), 1), 2).await;
+        // A retraction the plan said cannot come fails the checkpoint …
+        commit(&mut operator, change(vec![5], -1), 3).await;
+        assert!(operator.checkpoint().is_err(), "a retraction in an append-only row store is refused");
+        // … and the next one starts over from the rows the view holds.
+        commit(&mut operator, change((1100..1200).collect(), 1), 4).await;
+        let restored = Rows::default();
+        let fresh = MaterializeOperator::new(schema.clone(), Box::new(restored.clone()));
+        let _ = checkpointed_and_restored(operator, dir.path(), local("b"), fresh);
+        assert_eq!(values(&restored), values(&rows), "the restored rows are the view's rows");
+        assert_eq!(values(&rows).len(), 1200, "every row the view holds");
+    }
 }
