@@ -289,8 +289,8 @@ impl Driven {
 struct Arrangement(Arc<std::sync::Mutex<TableState>>);
 
 impl EpochSink for Arrangement {
-    fn commit(&mut self, _barrier: &Barrier, change: ChangeBatch) -> freshet::error::Result<()> {
-        self.0.lock().expect("arrangement").apply(&change)
+    fn commit(&mut self, _barrier: &Barrier, parts: Vec<ChangeBatch>) -> freshet::error::Result<()> {
+        self.0.lock().expect("arrangement").apply_all(&parts)
     }
 }
 
@@ -474,6 +474,18 @@ async fn run_query(name: &str, events: u64, workers: usize) {
     println!("RESULT {result}");
 }
 
+/// The engine alone, `rounds` times over the same events, and nothing else: a process to
+/// point a profiler at (`--child qN --engine-only R`). Prints the CPU time of each round.
+async fn profile_engine(name: &str, events: u64, rounds: u64) {
+    let (_, sql, _) = queries().into_iter().find(|(n, _, _)| n == name).unwrap_or_else(|| panic!("no query {name}"));
+    let stream = generate(events);
+    for round in 1..=rounds {
+        let (engine, rows) = engine_alone(name, &sql, events, &stream).await;
+        let rate = events as f64 / engine.cpu_seconds.max(1e-6);
+        println!("round {round}: {:.3} CPU-s, {rate:.0} events per CPU-second, {rows} view rows", engine.cpu_seconds);
+    }
+}
+
 /// The generator alone: N events as Arrow batches.
 fn run_generator(events: u64) {
     let (started, cpu) = (Instant::now(), cpu_seconds());
@@ -535,6 +547,9 @@ fn main() {
         match what.as_str() {
             "generator" => run_generator(events),
             "warm-up" => warm_up(),
+            name if value_of("--engine-only").is_some() => {
+                runtime.block_on(profile_engine(name, events, number("--engine-only", 1)))
+            }
             name => runtime.block_on(run_query(name, events, workers)),
         }
         return;

@@ -47,10 +47,8 @@ impl Outbox {
 
     /// Records an epoch's change; a checkpoint barrier seals what has gathered since the
     /// last one.
-    pub fn record(&mut self, schema: &SchemaRef, epoch: u64, checkpoint: bool, change: &ChangeBatch) -> Result<()> {
-        if change.num_rows() > 0 {
-            self.open.push(change.clone());
-        }
+    pub fn record(&mut self, schema: &SchemaRef, epoch: u64, checkpoint: bool, parts: &[ChangeBatch]) -> Result<()> {
+        self.open.extend(parts.iter().filter(|part| part.num_rows() > 0).cloned());
         if checkpoint && !self.open.is_empty() {
             let segment = ChangeBatch::concat(schema, &std::mem::take(&mut self.open))?.consolidate()?;
             self.sealed.insert(epoch, segment);
@@ -141,11 +139,11 @@ mod tests {
     #[test]
     fn checkpoint_barriers_seal_segments_that_survive_a_checkpoint_until_delivered() {
         let mut outbox = Outbox::starting_with(Some(change(&[(1, 1)])));
-        outbox.record(&schema(), 5, false, &change(&[(2, 1)])).expect("recorded");
-        outbox.record(&schema(), 6, true, &change(&[(1, -1)])).expect("sealed");
-        outbox.record(&schema(), 7, false, &change(&[])).expect("recorded");
-        outbox.record(&schema(), 8, true, &change(&[])).expect("nothing to seal");
-        outbox.record(&schema(), 9, true, &change(&[(3, 2)])).expect("sealed");
+        outbox.record(&schema(), 5, false, &[change(&[(2, 1)])]).expect("recorded");
+        outbox.record(&schema(), 6, true, &[change(&[(1, -1)])]).expect("sealed");
+        outbox.record(&schema(), 7, false, &[change(&[])]).expect("recorded");
+        outbox.record(&schema(), 8, true, &[change(&[])]).expect("nothing to seal");
+        outbox.record(&schema(), 9, true, &[change(&[(3, 2)])]).expect("sealed");
         // The insertion and retraction of 1 in one segment cancel out.
         let sealed = outbox.sealed_through(9);
         assert_eq!(

@@ -236,8 +236,8 @@ pub struct ViewSink {
 }
 
 impl EpochSink for ViewSink {
-    fn commit(&mut self, barrier: &Barrier, change: ChangeBatch) -> Result<()> {
-        self.state.apply(&change)?;
+    fn commit(&mut self, barrier: &Barrier, parts: Vec<ChangeBatch>) -> Result<()> {
+        self.state.apply_all(&parts)?;
         let version = self.state.version();
         {
             // Publishing under the subscribers' lock: a new subscriber's starting rows and
@@ -249,16 +249,18 @@ impl EpochSink for ViewSink {
             self.cell.publish_view(&self.name, Some(version.clone()));
             subscribers.epoch = barrier.epoch;
             for outbox in subscribers.outboxes.values_mut() {
-                outbox.record(&version.def.schema, barrier.epoch, barrier.checkpoint, &change)?;
+                outbox.record(&version.def.schema, barrier.epoch, barrier.checkpoint, &parts)?;
             }
             // Views reading this one: the epoch's change, then its barrier (barriers up to
             // the one before a view connected are already behind its other inputs).
             let feeds = &self.feeds;
             subscribers.downstream.retain(|d| {
-                (change.num_rows() == 0 || feeds.send_data(&d.sender, change.clone()))
+                parts.iter().all(|part| feeds.send_data(&d.sender, part.clone()))
                     && (barrier.epoch <= d.after || d.sender.send(Message::Barrier(barrier.clone())).is_ok())
             });
-            if change.num_rows() > 0 {
+            // A subscriber is sent each epoch as one change.
+            if !parts.is_empty() && !subscribers.list.is_empty() {
+                let change = ChangeBatch::concat(&version.def.schema, &parts)?;
                 subscribers.list.retain(|s| match s.sender.try_send((barrier.epoch, change.clone())) {
                     Ok(()) => true,
                     Err(mpsc::error::TrySendError::Full(_)) => {

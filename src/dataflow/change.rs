@@ -18,6 +18,18 @@ use crate::error::{Error, Result};
 /// Name of the weight column when a change batch is flattened into one record batch.
 pub const WEIGHT_COLUMN: &str = "__freshet_weight";
 
+/// Batches of insertions up to this many rows share one array of +1 weights.
+const SHARED_ONES: usize = 1 << 16;
+
+/// `n` weights of +1: a slice of one shared array when `n` is small enough.
+fn ones(n: usize) -> Int64Array {
+    static ONES: std::sync::OnceLock<Int64Array> = std::sync::OnceLock::new();
+    match n {
+        0..=SHARED_ONES => ONES.get_or_init(|| Int64Array::from(vec![1; SHARED_ONES])).slice(0, n),
+        _ => Int64Array::from(vec![1; n]),
+    }
+}
+
 /// Rows and their weights; `weights.len() == batch.num_rows()` always holds.
 #[derive(Debug, Clone)]
 pub struct ChangeBatch {
@@ -41,7 +53,7 @@ impl ChangeBatch {
 
     /// Every row inserted once.
     pub fn inserts(batch: RecordBatch) -> Self {
-        let weights = Int64Array::from(vec![1; batch.num_rows()]);
+        let weights = ones(batch.num_rows());
         ChangeBatch { batch, weights }
     }
 
@@ -102,6 +114,10 @@ impl ChangeBatch {
     /// The rows with positive weight and the rows with negative weight, as plain batches.
     /// Each row appears `|weight|` times in its side.
     pub fn split(&self) -> Result<(RecordBatch, RecordBatch)> {
+        // Insertions only: the rows as they are (without a branch per row, so it vectorises).
+        if self.weights.values().iter().fold(true, |all, &w| all & (w == 1)) {
+            return Ok((self.batch.clone(), self.batch.slice(0, 0)));
+        }
         if self.weights.values().iter().all(|w| w.abs() == 1) {
             let zero = Int64Array::new_scalar(0);
             let positive = gt(&self.weights, &zero)?;

@@ -1,6 +1,10 @@
 //! [`MaterializeOperator`]: the last node of a view's graph. It collects an epoch's changes
 //! and hands them, consolidated, to an [`EpochSink`] when the epoch's barrier arrives.
 //! The sink (owned by the catalog) applies them to the view's arrangement and publishes it.
+//!
+//! An epoch that only inserts is handed over in the batches it arrived in, not copied into
+//! one: a view over a source then keeps the source's own Arrow buffers for the columns it
+//! passes through.
 
 use async_trait::async_trait;
 use datafusion::arrow::datatypes::SchemaRef;
@@ -16,8 +20,9 @@ use crate::state::spill::{LocalState, SpillStore, StateFile};
 
 /// Receives each epoch's net change to a view.
 pub trait EpochSink: Send {
-    /// Called once per barrier, in epoch order, with the epoch's consolidated change.
-    fn commit(&mut self, barrier: &Barrier, change: ChangeBatch) -> Result<()>;
+    /// Called once per barrier, in epoch order, with the epoch's net change in parts: the
+    /// batches it arrived in when it only inserts (none empty), else one consolidated batch.
+    fn commit(&mut self, barrier: &Barrier, parts: Vec<ChangeBatch>) -> Result<()>;
 
     /// The view's rows as of the last commit, for a checkpoint (`None`: not kept).
     fn checkpoint(&mut self) -> Result<Option<Vec<u8>>> {
@@ -155,17 +160,23 @@ impl MaterializeOperator {
         if pending.is_empty() {
             return Ok(true);
         }
-        let change = ChangeBatch::concat(&self.schema, &pending)?;
         if let Layout::Appended { next } = rows.layout {
-            if change.weights().values().iter().any(|&w| w < 0) {
+            if pending.iter().any(|part| part.weights().values().iter().any(|&w| w < 0)) {
                 return Err(crate::error::Error::Internal("an append-only view's rows were retracted".into()));
             }
-            let encoded = converter.convert_columns(change.batch().columns())?;
-            let weights = change.weights().values();
-            let arrived = encoded.iter().zip(weights).flat_map(|(row, &w)| std::iter::repeat_n(row.data(), w as usize));
+            let encoded = pending
+                .iter()
+                .map(|part| converter.convert_columns(part.batch().columns()))
+                .collect::<Result<Vec<_>, _>>()?;
+            let arrived = encoded.iter().zip(&pending).flat_map(|(rows, part)| {
+                rows.iter()
+                    .zip(part.weights().values())
+                    .flat_map(|(row, &w)| std::iter::repeat_n(row.data(), w as usize))
+            });
             rows.layout = Layout::Appended { next: append(store, next, arrived)? };
             return Ok(true);
         }
+        let change = ChangeBatch::concat(&self.schema, &pending)?;
         let change = change.consolidate()?;
         let encoded = converter.convert_columns(change.batch().columns())?;
         let mut values = Vec::with_capacity(change.num_rows());
@@ -199,18 +210,21 @@ impl Operator for MaterializeOperator {
     }
 
     async fn on_barrier(&mut self, barrier: &Barrier, _out: &mut Output) -> Result<()> {
-        let change = ChangeBatch::concat(&self.schema, &std::mem::take(&mut self.buffered))?;
+        let mut parts = std::mem::take(&mut self.buffered);
+        parts.retain(|part| part.num_rows() > 0);
         // Only retractions can cancel out: an epoch of insertions is already its own net
         // change (a row inserted twice is two rows either way), so it skips the row
-        // encoding consolidation costs.
-        let retracts = change.weights().values().iter().any(|&w| w < 0);
-        let change = if retracts { change.consolidate()? } else { change };
+        // encoding consolidation costs, and the copy into one batch.
+        if parts.iter().any(|part| part.weights().values().iter().any(|&w| w < 0)) {
+            let change = ChangeBatch::concat(&self.schema, &parts)?.consolidate()?;
+            parts = if change.num_rows() > 0 { vec![change] } else { Vec::new() };
+        }
         if let Some(rows) = &mut self.rows
             && rows.disk.store.is_some()
-            && change.num_rows() > 0
+            && !parts.is_empty()
         {
-            rows.pending_rows += change.num_rows();
-            rows.pending.push(change.clone());
+            rows.pending_rows += parts.iter().map(ChangeBatch::num_rows).sum::<usize>();
+            rows.pending.extend(parts.iter().cloned());
             if rows.pending_rows > PENDING_MAX {
                 // No checkpoint for a long while: start over with the rows whole.
                 rows.disk.store = None;
@@ -218,7 +232,7 @@ impl Operator for MaterializeOperator {
                 rows.pending_rows = 0;
             }
         }
-        self.sink.commit(barrier, change)
+        self.sink.commit(barrier, parts)
     }
 
     /// The view's rows, preceded by the outboxes of its exactly-once sinks if it has any.
@@ -375,9 +389,11 @@ mod tests {
     struct Rows(Arc<Mutex<Vec<RecordBatch>>>);
 
     impl EpochSink for Rows {
-        fn commit(&mut self, _barrier: &Barrier, change: ChangeBatch) -> Result<()> {
-            let (inserts, _) = change.split()?;
-            self.0.lock().expect("rows").push(inserts);
+        fn commit(&mut self, _barrier: &Barrier, parts: Vec<ChangeBatch>) -> Result<()> {
+            for part in parts {
+                let (inserts, _) = part.split()?;
+                self.0.lock().expect("rows").push(inserts);
+            }
             Ok(())
         }
 
