@@ -77,25 +77,19 @@ impl ProjectFilterOperator {
         self
     }
 
-    /// The rows of `input` the predicate keeps, projected; with, per input row, the
-    /// position of its output row (`None`: filtered out).
-    fn evaluate(&self, input: &ChangeBatch) -> Result<(ChangeBatch, Vec<Option<usize>>)> {
+    /// The rows of `input` the predicate keeps, projected; with the predicate's mask
+    /// (`None`: no predicate, every row kept).
+    fn evaluate(&self, input: &ChangeBatch) -> Result<(ChangeBatch, Option<BooleanArray>)> {
         let mut input = input.clone();
-        let mut kept: Vec<Option<usize>> = (0..input.num_rows()).map(Some).collect();
+        let mut kept = None;
         if let Some(predicate) = &self.predicate {
             let mask = predicate.evaluate(input.batch())?.into_array(input.num_rows())?;
             let mask = mask
                 .as_any()
                 .downcast_ref::<BooleanArray>()
                 .ok_or_else(|| Error::Internal("filter predicate is not boolean".into()))?;
-            let mut next = 0;
-            for (i, slot) in kept.iter_mut().enumerate() {
-                *slot = (mask.is_valid(i) && mask.value(i)).then(|| {
-                    next += 1;
-                    next - 1
-                });
-            }
             input = input.filter(mask)?;
+            kept = Some(mask.clone());
         }
         let (mut batch, weights) = (input.batch().clone(), input.weights().clone());
         if let Some(exprs) = &self.exprs {
@@ -179,11 +173,16 @@ impl ProjectFilterOperator {
         }
 
         if !inserted.is_empty() {
-            let (evaluated, kept) = self.evaluate(&take(&inserted)?)?;
+            let (evaluated, mask) = self.evaluate(&take(&inserted)?)?;
             let memo = self.memo.as_mut().expect("the remembering path has a memo");
             let outputs = memo.outputs.convert_columns(evaluated.batch().columns())?;
-            for (&i, slot) in inserted.iter().zip(&kept) {
-                let output = slot.map(|j| Box::<[u8]>::from(outputs.row(j).data()));
+            let mut next = 0;
+            for (position, &i) in inserted.iter().enumerate() {
+                // The input row's output row, if the predicate kept it (NULL: not kept).
+                let output = mask.as_ref().is_none_or(|m| m.is_valid(position) && m.value(position)).then(|| {
+                    next += 1;
+                    Box::<[u8]>::from(outputs.row(next - 1).data())
+                });
                 let key = identities.row(i as usize);
                 memo.emitted.entry(key.data().into()).or_default().push((input.weights().value(i as usize), output));
             }
