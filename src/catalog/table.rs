@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
-use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, StringArray, UInt32Array};
+use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, MutableArrayData, StringArray, UInt32Array, make_array};
 use datafusion::arrow::compute::{concat_batches, filter_record_batch, take_record_batch};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
@@ -207,6 +207,31 @@ const APPEND_CHUNK_ROWS: usize = 1 << 16;
 /// merged: a scan would not notice the difference, and a chunk kept as it arrived can share
 /// its Arrow buffers with the relation it came from (a view's rows with its source's).
 const APPEND_CHUNK_KEPT_ROWS: usize = 8192;
+
+/// `rows`, with each column that holds more than an eighth beyond its own size (room a
+/// decoder reserved, or the rest of a batch it is a slice of) copied into buffers of its
+/// own size: an appended chunk is kept as it arrived, and would hold that memory for as
+/// long as its rows. Other columns stay shared.
+fn without_slack(rows: RecordBatch) -> Result<RecordBatch> {
+    let mut columns = Vec::with_capacity(rows.num_columns());
+    let mut copied = false;
+    for column in rows.columns() {
+        let data = column.to_data();
+        let used = data.get_slice_memory_size()?;
+        if column.get_array_memory_size() <= used + used / 8 {
+            columns.push(column.clone());
+            continue;
+        }
+        let mut copy = MutableArrayData::new(vec![&data], false, data.len());
+        copy.try_extend(0, 0, data.len())?;
+        columns.push(make_array(copy.freeze()));
+        copied = true;
+    }
+    match copied {
+        true => Ok(RecordBatch::try_new(rows.schema(), columns)?),
+        false => Ok(rows),
+    }
+}
 
 /// Inserts `value` under `name`, or removes `name` when there is no value.
 fn set_entry<V>(map: &mut BTreeMap<String, V>, name: &str, value: Option<V>) {
@@ -493,6 +518,7 @@ impl TableState {
                 appended.push(self.checked_rows(inserts)?);
             }
             for inserts in appended.into_iter().filter(|rows| rows.num_rows() > 0) {
+                let inserts = without_slack(inserts)?;
                 let id = self.next_chunk;
                 self.next_chunk += 1;
                 self.chunks.push(Chunk::new(id, inserts));
@@ -940,11 +966,19 @@ mod tests {
         assert!(contents(&state).is_empty(), "a refused epoch adds nothing");
         state.apply_all(&parts).expect("appended");
         assert_eq!(contents(&state), (0..30_000).map(|i| (i, Some("x".to_string()))).collect::<Vec<_>>());
-        // Each part is a chunk of its own, holding the very buffers it arrived in.
+        // Each part is a chunk of its own, holding the very buffers it arrived in (the ids;
+        // the names were built with room to spare, and are copied to their size).
         let kept = state.version().batches().expect("rows");
         assert_eq!(kept.len(), 3);
         for (kept, part) in kept.iter().zip(&parts) {
-            assert!(kept.column(1).to_data().buffers()[1].ptr_eq(&part.batch().column(1).to_data().buffers()[1]));
+            assert!(kept.column(0).to_data().buffers()[0].ptr_eq(&part.batch().column(0).to_data().buffers()[0]));
         }
+        // A slice of a larger batch is copied: kept whole, it would hold all of the batch.
+        let before = state.version().memory_bytes();
+        let large = batch(30_000).slice(0, 1000);
+        state.apply_all(&[ChangeBatch::inserts(large.clone())]).expect("appended");
+        let added = state.version().memory_bytes() - before;
+        assert!(added < large.get_array_memory_size() / 5, "{added} bytes for 1,000 rows");
+        assert_eq!(contents(&state).len(), 31_000);
     }
 }

@@ -416,7 +416,13 @@ impl TextColumn {
             )));
         }
         let offsets = OffsetBuffer::new(ScalarBuffer::from(self.offsets));
-        Ok(Arc::new(StringArray::try_new(offsets, Buffer::from_vec(self.values), None)?))
+        // Sources and the views over them keep these buffers as they are: room reserved
+        // for longer values than were written would be held for as long as the rows.
+        let values = match self.values.capacity() - self.values.len() > self.values.len() / 16 {
+            true => Buffer::from_slice_ref(&self.values),
+            false => Buffer::from_vec(self.values),
+        };
+        Ok(Arc::new(StringArray::try_new(offsets, values, None)?))
     }
 }
 
