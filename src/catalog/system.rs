@@ -422,7 +422,12 @@ fn register_database_size(ctx: &SessionContext, cell: Arc<SnapshotCell>) {
         let names = datafusion::arrow::compute::cast(names, &DataType::Utf8)?;
         let names = datafusion::common::cast::as_string_array(&names)?;
         let snapshot = cell.current();
-        let total: usize = snapshot.tables.values().chain(snapshot.views.values()).map(|v| v.memory_bytes()).sum();
+        // Views share Arrow buffers with their sources: each allocation counts once.
+        let mut allocations = crate::dataflow::FastMap::default();
+        for relation in snapshot.tables.values().chain(snapshot.views.values()) {
+            relation.allocations(&mut allocations);
+        }
+        let total: usize = allocations.values().sum();
         let sizes = names
             .iter()
             .map(|name| match name {

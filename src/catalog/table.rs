@@ -167,6 +167,25 @@ impl TableVersion {
         self.chunks.iter().map(|c| c.batch.get_array_memory_size()).sum()
     }
 
+    /// Adds each Arrow allocation the rows hold to `into` (its address → its bytes), so a
+    /// total over several relations counts once an allocation they share (a view keeps its
+    /// source's buffers for the columns it passes through).
+    pub fn allocations(&self, into: &mut FastMap<usize, usize>) {
+        fn add(data: &datafusion::arrow::array::ArrayData, into: &mut FastMap<usize, usize>) {
+            for buffer in data.buffers().iter().chain(data.nulls().map(|nulls| nulls.buffer())) {
+                into.insert(buffer.data_ptr().as_ptr() as usize, buffer.capacity());
+            }
+            for child in data.child_data() {
+                add(child, into);
+            }
+        }
+        for chunk in self.chunks.iter() {
+            for column in chunk.batch.columns() {
+                add(&column.to_data(), into);
+            }
+        }
+    }
+
     /// The live rows, as batches. Each chunk's live rows are computed once per version.
     pub fn batches(&self) -> Result<Vec<RecordBatch>> {
         self.chunks
@@ -980,5 +999,23 @@ mod tests {
         let added = state.version().memory_bytes() - before;
         assert!(added < large.get_array_memory_size() / 5, "{added} bytes for 1,000 rows");
         assert_eq!(contents(&state).len(), 31_000);
+    }
+
+    #[test]
+    fn memory_shared_between_relations_is_counted_once_in_a_total() {
+        let d = def(vec![]);
+        let d = Arc::new(TableDef::append_only(2, "s".into(), d.schema.clone()));
+        let ids: Vec<(i64, Option<&str>)> = (0..10_000).map(|i| (i, None)).collect();
+        let rows = rows(&d, &ids);
+        let (mut source, mut view) = (TableState::new(d.clone()).expect("state"), TableState::new(d).expect("state"));
+        source.apply(&ChangeBatch::inserts(rows.clone())).expect("appended");
+        view.apply(&ChangeBatch::inserts(rows)).expect("appended");
+        let (source, view) = (source.version(), view.version());
+        let mut allocations = FastMap::default();
+        source.allocations(&mut allocations);
+        let alone: usize = allocations.values().sum();
+        view.allocations(&mut allocations);
+        assert_eq!(allocations.values().sum::<usize>(), alone, "the view holds the source's buffers");
+        assert!(alone >= 80_000 && alone <= source.memory_bytes(), "{alone} bytes for 10,000 ids");
     }
 }
