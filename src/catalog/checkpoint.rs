@@ -121,6 +121,9 @@ pub struct Stored {
 /// writer task.
 pub struct Checkpoints {
     store: Arc<dyn ObjectStore>,
+    /// The directory `store` keeps its objects in, when it is a local one: shared files
+    /// are linked in and out instead of copied.
+    local_root: Option<std::path::PathBuf>,
     kept: usize,
     inner: Mutex<Inner>,
     /// Announces each stored checkpoint (exactly-once sinks deliver up to it).
@@ -128,9 +131,9 @@ pub struct Checkpoints {
 }
 
 impl Checkpoints {
-    pub fn new(store: Arc<dyn ObjectStore>, kept: usize) -> Arc<Checkpoints> {
+    pub fn new(store: Arc<dyn ObjectStore>, local_root: Option<std::path::PathBuf>, kept: usize) -> Arc<Checkpoints> {
         let stored = tokio::sync::watch::Sender::new(Stored::default());
-        Arc::new(Checkpoints { store, kept: kept.max(1), inner: Mutex::default(), stored })
+        Arc::new(Checkpoints { store, local_root, kept: kept.max(1), inner: Mutex::default(), stored })
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -327,7 +330,9 @@ impl Checkpoints {
                 let state = state.replace(OperatorState::default()).unwrap_or_default();
                 for file in &state.files {
                     if !uploaded.contains_key(&file.object) {
-                        let size = store::upload_file(&self.store, &file.local, &file.object).await?;
+                        let size =
+                            store::upload_file(&self.store, self.local_root.as_deref(), &file.local, &file.object)
+                                .await?;
                         total += size;
                         uploaded.insert(file.object.clone(), size);
                     }
@@ -359,7 +364,7 @@ impl Checkpoints {
             .map_err(|e| crate::error::Error::Storage(format!("creating {}: {e}", dir.display())))?;
         let mut bytes = 0;
         for (name, object) in &state.files {
-            bytes += store::download_file(&self.store, object, &dir.join(name)).await?;
+            bytes += store::download_file(&self.store, self.local_root.as_deref(), object, &dir.join(name)).await?;
         }
         Ok(bytes)
     }

@@ -542,6 +542,9 @@ pub struct Options {
     pub spill_dir: Option<std::path::PathBuf>,
     /// Log segments written between two state snapshots.
     pub snapshot_every: u64,
+    /// The directory the store keeps its objects in, when it is a local one (the data
+    /// directory): checkpoints then link operators' state files instead of copying them.
+    pub local_store_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for Options {
@@ -554,6 +557,7 @@ impl Default for Options {
             memory_limit: None,
             spill_dir: None,
             snapshot_every: SNAPSHOT_EVERY_SEGMENTS,
+            local_store_dir: None,
         }
     }
 }
@@ -648,7 +652,11 @@ impl Database {
                 sources: std::sync::Mutex::new(BTreeMap::new()),
                 sinks: std::sync::Mutex::new(BTreeMap::new()),
                 models,
-                checkpoints: checkpoint::Checkpoints::new(store, options.checkpoints_kept),
+                checkpoints: checkpoint::Checkpoints::new(
+                    store,
+                    options.local_store_dir.clone(),
+                    options.checkpoints_kept,
+                ),
                 checkpoint_interval: options.checkpoint_interval,
                 last_checkpoint: std::sync::Mutex::new((std::time::Instant::now(), 0)),
                 restoring: std::sync::Mutex::new(restoring),

@@ -111,6 +111,7 @@ impl Server {
             memory_limit: config.memory_limit,
             spill_dir: Some(config.data_dir.join("spill")),
             snapshot_every: config.snapshot_every,
+            local_store_dir: config.store.is_none().then(|| config.data_dir.clone()),
         };
         let db = Database::open_with(store, options).await?;
         if let Some(path) = &config.init {

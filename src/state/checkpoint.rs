@@ -160,8 +160,20 @@ pub async fn shared_files(store: &Arc<dyn ObjectStore>) -> Result<HashMap<String
     Ok(objects.into_iter().map(|o| (o.location.to_string(), o.size)).collect())
 }
 
-/// Uploads a shared file from local disk.
-pub async fn upload_file(store: &Arc<dyn ObjectStore>, local: &std::path::Path, object: &str) -> Result<u64> {
+/// Uploads a shared file from local disk. When the store is a local directory
+/// (`local_root`), the file is linked into it instead of copied: shared files are never
+/// changed once written, so both names can hold the same bytes.
+pub async fn upload_file(
+    store: &Arc<dyn ObjectStore>,
+    local_root: Option<&std::path::Path>,
+    local: &std::path::Path,
+    object: &str,
+) -> Result<u64> {
+    if let Some(root) = local_root
+        && let Ok(size) = link(local, &root.join(object))
+    {
+        return Ok(size);
+    }
     let bytes = tokio::fs::read(local)
         .await
         .map_err(|e| Error::Storage(format!("reading {} to upload it: {e}", local.display())))?;
@@ -170,13 +182,40 @@ pub async fn upload_file(store: &Arc<dyn ObjectStore>, local: &std::path::Path, 
     Ok(size)
 }
 
-/// Downloads a shared file to local disk.
-pub async fn download_file(store: &Arc<dyn ObjectStore>, object: &str, local: &std::path::Path) -> Result<u64> {
+/// Downloads a shared file to local disk (by a link when the store is a local directory,
+/// as [`upload_file`] does).
+pub async fn download_file(
+    store: &Arc<dyn ObjectStore>,
+    local_root: Option<&std::path::Path>,
+    object: &str,
+    local: &std::path::Path,
+) -> Result<u64> {
+    if let Some(root) = local_root
+        && let Ok(size) = link(&root.join(object), local)
+    {
+        return Ok(size);
+    }
     let bytes = store.get(&Path::from(object)).await?.bytes().await?;
     tokio::fs::write(local, &bytes)
         .await
         .map_err(|e| Error::Storage(format!("writing {} from the checkpoint: {e}", local.display())))?;
     Ok(bytes.len() as u64)
+}
+
+/// Gives file `from` the second name `to` (replacing a file there), and returns its size.
+/// Fails across file systems; callers copy instead.
+fn link(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<u64> {
+    if let Some(parent) = to.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    if let Err(e) = std::fs::hard_link(from, to) {
+        if e.kind() != std::io::ErrorKind::AlreadyExists {
+            return Err(e);
+        }
+        std::fs::remove_file(to)?;
+        std::fs::hard_link(from, to)?;
+    }
+    Ok(std::fs::metadata(to)?.len())
 }
 
 /// Deletes the shared files no complete checkpoint refers to any more; returns them.
@@ -254,4 +293,43 @@ pub async fn delete_old(store: &Arc<dyn ObjectStore>, kept: usize) -> Result<usi
         deleted += 1;
     }
     Ok(deleted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    /// Into and out of a local store, a shared file gets a second name: the store reads
+    /// the same bytes, and each name outlives the other.
+    #[tokio::test]
+    async fn shared_files_are_linked_into_and_out_of_a_local_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("data");
+        let store = crate::state::open_local_store(&root).expect("store");
+        let spill = dir.path().join("spill");
+        std::fs::create_dir_all(&spill).expect("spill dir");
+        let local = spill.join("000012.sst");
+        std::fs::write(&local, b"immutable sorted rows").expect("written");
+        let object = "checkpoint/shared/lineage/000012.sst";
+        let size = upload_file(&store, Some(&root), &local, object).await.expect("uploaded");
+        assert_eq!(size, 21);
+        let stored = root.join(object);
+        assert_eq!(std::fs::metadata(&stored).expect("stored").ino(), std::fs::metadata(&local).expect("local").ino());
+        std::fs::remove_file(&local).expect("the spill store drops its copy");
+        let bytes = store.get(&Path::from(object)).await.expect("get").bytes().await.expect("bytes");
+        assert_eq!(&bytes[..], b"immutable sorted rows");
+        // Restoring links it out again; deleting the checkpoint's object keeps that copy.
+        let restored = spill.join("restored.sst");
+        assert_eq!(download_file(&store, Some(&root), object, &restored).await.expect("downloaded"), 21);
+        store.delete(&Path::from(object)).await.expect("deleted");
+        assert_eq!(std::fs::read(&restored).expect("restored"), b"immutable sorted rows");
+        // Without a local root (an object store elsewhere) the bytes are copied.
+        let copied = spill.join("copied.sst");
+        std::fs::write(&local, b"other rows").expect("written");
+        upload_file(&store, None, &local, "checkpoint/shared/lineage/000013.sst").await.expect("uploaded");
+        download_file(&store, None, "checkpoint/shared/lineage/000013.sst", &copied).await.expect("downloaded");
+        assert_ne!(std::fs::metadata(&copied).expect("copy").ino(), std::fs::metadata(&local).expect("local").ino());
+        assert_eq!(std::fs::read(&copied).expect("copy"), b"other rows");
+    }
 }
