@@ -12,7 +12,7 @@ use std::sync::{Arc, RwLock};
 use async_trait::async_trait;
 use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, MutableArrayData, StringArray, UInt32Array, make_array};
 use datafusion::arrow::compute::{concat_batches, filter_record_batch, take_record_batch};
-use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::arrow::util::display::array_value_to_string;
@@ -227,17 +227,24 @@ const APPEND_CHUNK_ROWS: usize = 1 << 16;
 /// its Arrow buffers with the relation it came from (a view's rows with its source's).
 const APPEND_CHUNK_KEPT_ROWS: usize = 8192;
 
-/// `rows`, with each column that holds more than an eighth beyond its own size (room a
-/// decoder reserved, or the rest of a batch it is a slice of) copied into buffers of its
-/// own size: an appended chunk is kept as it arrived, and would hold that memory for as
-/// long as its rows. Other columns stay shared.
+/// Slack below this many bytes per column is not worth a copy.
+const SLACK_FLOOR: usize = 4096;
+
+/// `rows`, with each column that holds more than an eighth (and [`SLACK_FLOOR`]) beyond its
+/// own size (room a decoder reserved, or the rest of a batch it is a slice of) copied into
+/// buffers of its own size: an appended chunk is kept as it arrived, and would hold that
+/// memory for as long as its rows. Other columns stay shared, as do columns whose size
+/// Arrow cannot work out from a slice (string and binary views, for one).
 fn without_slack(rows: RecordBatch) -> Result<RecordBatch> {
     let mut columns = Vec::with_capacity(rows.num_columns());
     let mut copied = false;
     for column in rows.columns() {
         let data = column.to_data();
-        let used = data.get_slice_memory_size()?;
-        if column.get_array_memory_size() <= used + used / 8 {
+        let used = match column.data_type() {
+            DataType::Utf8View | DataType::BinaryView => None,
+            _ => data.get_slice_memory_size().ok(),
+        };
+        if used.is_none_or(|used| data.get_buffer_memory_size() <= used + used / 8 + SLACK_FLOOR) {
             columns.push(column.clone());
             continue;
         }
@@ -985,12 +992,14 @@ mod tests {
         assert!(contents(&state).is_empty(), "a refused epoch adds nothing");
         state.apply_all(&parts).expect("appended");
         assert_eq!(contents(&state), (0..30_000).map(|i| (i, Some("x".to_string()))).collect::<Vec<_>>());
-        // Each part is a chunk of its own, holding the very buffers it arrived in (the ids;
-        // the names were built with room to spare, and are copied to their size).
+        // Each part is a chunk of its own, holding the very buffers it arrived in.
         let kept = state.version().batches().expect("rows");
         assert_eq!(kept.len(), 3);
         for (kept, part) in kept.iter().zip(&parts) {
-            assert!(kept.column(0).to_data().buffers()[0].ptr_eq(&part.batch().column(0).to_data().buffers()[0]));
+            for column in 0..2 {
+                let (kept, arrived) = (kept.column(column).to_data(), part.batch().column(column).to_data());
+                assert!(kept.buffers().iter().zip(arrived.buffers()).all(|(k, a)| k.ptr_eq(a)), "column {column}");
+            }
         }
         // A slice of a larger batch is copied: kept whole, it would hold all of the batch.
         let before = state.version().memory_bytes();
