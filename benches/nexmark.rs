@@ -443,9 +443,15 @@ async fn batch(sql: &str, stream: &[(&'static str, RecordBatch)]) -> Option<(Tim
     Some((timed, batches.iter().map(|b| b.num_rows() as u64).sum()))
 }
 
+/// The SQL of query `name` (as `queries` reads it).
+fn query_sql(name: &str) -> String {
+    let (_, sql, _) = queries().into_iter().find(|(n, _, _)| n == name).unwrap_or_else(|| panic!("no query {name}"));
+    sql
+}
+
 /// One query, measured in this process: prints one JSON line.
 async fn run_query(name: &str, events: u64, workers: usize) {
-    let (_, sql, _) = queries().into_iter().find(|(n, _, _)| n == name).unwrap_or_else(|| panic!("no query {name}"));
+    let sql = query_sql(name);
     let (e2e, view_rows) = end_to_end(&sql, events, workers).await;
     let peak = peak_rss_bytes();
     let stream = generate(events);
@@ -477,7 +483,7 @@ async fn run_query(name: &str, events: u64, workers: usize) {
 /// The engine alone, `rounds` times over the same events, and nothing else: a process to
 /// point a profiler at (`--child qN --engine-only R`). Prints the CPU time of each round.
 async fn profile_engine(name: &str, events: u64, rounds: u64) {
-    let (_, sql, _) = queries().into_iter().find(|(n, _, _)| n == name).unwrap_or_else(|| panic!("no query {name}"));
+    let sql = query_sql(name);
     let stream = generate(events);
     for round in 1..=rounds {
         let (engine, rows) = engine_alone(name, &sql, events, &stream).await;

@@ -111,6 +111,11 @@ impl ChangeBatch {
         ChangeBatch::try_new(filter_record_batch(&self.batch, &mask)?, weights)
     }
 
+    /// Whether any row is taken back (a negative weight).
+    pub fn has_retractions(&self) -> bool {
+        self.weights.values().iter().any(|&w| w < 0)
+    }
+
     /// The rows with positive weight and the rows with negative weight, as plain batches.
     /// Each row appears `|weight|` times in its side.
     pub fn split(&self) -> Result<(RecordBatch, RecordBatch)> {

@@ -170,7 +170,7 @@ pub async fn upload_file(
     object: &str,
 ) -> Result<u64> {
     if let Some(root) = local_root
-        && let Ok(size) = link(local, &root.join(object))
+        && let Ok(size) = link(local, &root.join(object)).await
     {
         return Ok(size);
     }
@@ -191,7 +191,7 @@ pub async fn download_file(
     local: &std::path::Path,
 ) -> Result<u64> {
     if let Some(root) = local_root
-        && let Ok(size) = link(&root.join(object), local)
+        && let Ok(size) = link(&root.join(object), local).await
     {
         return Ok(size);
     }
@@ -204,18 +204,18 @@ pub async fn download_file(
 
 /// Gives file `from` the second name `to` (replacing a file there), and returns its size.
 /// Fails across file systems; callers copy instead.
-fn link(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<u64> {
+async fn link(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<u64> {
     if let Some(parent) = to.parent() {
-        std::fs::create_dir_all(parent)?;
+        tokio::fs::create_dir_all(parent).await?;
     }
-    if let Err(e) = std::fs::hard_link(from, to) {
+    if let Err(e) = tokio::fs::hard_link(from, to).await {
         if e.kind() != std::io::ErrorKind::AlreadyExists {
             return Err(e);
         }
-        std::fs::remove_file(to)?;
-        std::fs::hard_link(from, to)?;
+        tokio::fs::remove_file(to).await?;
+        tokio::fs::hard_link(from, to).await?;
     }
-    Ok(std::fs::metadata(to)?.len())
+    Ok(tokio::fs::metadata(to).await?.len())
 }
 
 /// Deletes the shared files no complete checkpoint refers to any more; returns them.

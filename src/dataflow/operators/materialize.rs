@@ -161,7 +161,7 @@ impl MaterializeOperator {
             return Ok(true);
         }
         if let Layout::Appended { next } = rows.layout {
-            if pending.iter().any(|part| part.weights().values().iter().any(|&w| w < 0)) {
+            if pending.iter().any(ChangeBatch::has_retractions) {
                 return Err(crate::error::Error::Internal("an append-only view's rows were retracted".into()));
             }
             let encoded = pending
@@ -215,7 +215,7 @@ impl Operator for MaterializeOperator {
         // Only retractions can cancel out: an epoch of insertions is already its own net
         // change (a row inserted twice is two rows either way), so it skips the row
         // encoding consolidation costs, and the copy into one batch.
-        if parts.iter().any(|part| part.weights().values().iter().any(|&w| w < 0)) {
+        if parts.iter().any(ChangeBatch::has_retractions) {
             let change = ChangeBatch::concat(&self.schema, &parts)?.consolidate()?;
             parts = if change.num_rows() > 0 { vec![change] } else { Vec::new() };
         }
