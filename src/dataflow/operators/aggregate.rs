@@ -110,10 +110,31 @@ impl AggregateSpec {
         match (&self.function, &self.output_type) {
             (AggregateFunction::Min | AggregateFunction::Max, t) => Some(t.clone()),
             (AggregateFunction::StringAgg, _) => Some(DataType::Utf8),
+            (AggregateFunction::CountDistinct, _) if self.distinct_ints() => None,
             (AggregateFunction::CountDistinct, _) => self.argument_type.clone(),
             (AggregateFunction::ArrayAgg, DataType::List(item)) => Some(item.data_type().clone()),
             _ => None,
         }
+    }
+
+    /// `count(DISTINCT x)` whose values are integers as Int64 (one to one), kept as such
+    /// rather than encoded.
+    fn distinct_ints(&self) -> bool {
+        self.function == AggregateFunction::CountDistinct
+            && self.argument_type.as_ref().is_some_and(|t| {
+                matches!(
+                    t,
+                    DataType::Int8
+                        | DataType::Int16
+                        | DataType::Int32
+                        | DataType::Int64
+                        | DataType::UInt8
+                        | DataType::UInt16
+                        | DataType::UInt32
+                        | DataType::Date32
+                        | DataType::Timestamp(..)
+                )
+            })
     }
 }
 
@@ -153,6 +174,10 @@ enum Accumulator {
         /// (the float sums take over) or for float values.
         exact: Option<(i128, i128)>,
     },
+    /// `count(DISTINCT x)` over integers (and times): each value with how many rows hold it.
+    DistinctInts(FastMap<i64, i64>),
+    /// `count(DISTINCT x)` over other types: each encoded value with how many rows hold it.
+    Distinct(FastMap<Box<[u8]>, i64>),
     /// Every value (encoded in order) with its count, and the number of NULLs.
     Values {
         values: BTreeMap<Box<[u8]>, i64>,
@@ -210,6 +235,18 @@ impl Accumulator {
                 w.u64(value.is_some() as u64);
                 w.bytes(value.as_deref().unwrap_or_default());
             }
+            Accumulator::DistinctInts(values) => {
+                w.u64(8);
+                w.u64(values.len() as u64);
+                for (value, count) in values {
+                    w.i64(*value);
+                    w.i64(*count);
+                }
+            }
+            Accumulator::Distinct(values) => {
+                w.u64(9);
+                w.counts(values.len(), values.iter().map(|(k, n)| (k.as_ref(), *n)));
+            }
         }
         true
     }
@@ -232,6 +269,15 @@ impl Accumulator {
                 let bytes = r.bytes()?;
                 Accumulator::Best { value: present.then(|| Box::from(bytes)), max }
             }
+            8 => {
+                let n = r.len(16)?;
+                let mut values = FastMap::with_capacity_and_hasher(n, Default::default());
+                for _ in 0..n {
+                    values.insert(r.i64()?, r.i64()?);
+                }
+                Accumulator::DistinctInts(values)
+            }
+            9 => Accumulator::Distinct(r.counts()?.into_iter().collect()),
             tag => {
                 return Err(Error::Corrupt {
                     location: "checkpointed state of an aggregate".into(),
@@ -272,6 +318,10 @@ fn group_bytes(key: usize, aggregates: usize) -> usize {
 fn value_bytes(value: &[u8]) -> usize {
     value.len() + 48
 }
+
+/// Estimated bytes of one integer kept by count(DISTINCT): the entry and its share of the
+/// hash table's spare room.
+const INT_VALUE_BYTES: usize = 24;
 
 /// An aggregate state at least this large is checkpointed into its spill store (so later
 /// checkpoints upload only what changed) rather than written whole each time.
@@ -446,14 +496,19 @@ impl AggregateOperator {
             0 => None,
             _ => Some(self.output_converter.parser().parse(r.bytes()?).owned()),
         };
-        let accumulators: Vec<Accumulator> =
-            (0..self.aggregates.len()).map(|_| Accumulator::read(r)).collect::<Result<_>>()?;
+        let accumulators: Vec<Accumulator> = self
+            .aggregates
+            .iter()
+            .map(|spec| Accumulator::read(r).and_then(|acc| upgraded(spec, acc)))
+            .collect::<Result<_>>()?;
         let values: usize = accumulators
             .iter()
             .map(|a| match a {
                 Accumulator::Extreme(values) | Accumulator::Values { values, .. } => {
                     values.keys().map(|v| value_bytes(v)).sum()
                 }
+                Accumulator::Distinct(values) => values.keys().map(|v| value_bytes(v)).sum(),
+                Accumulator::DistinctInts(values) => values.len() * INT_VALUE_BYTES,
                 Accumulator::Best { value: Some(v), .. } => value_bytes(v),
                 _ => 0,
             })
@@ -595,7 +650,11 @@ impl AggregateOperator {
                 (AggregateFunction::Variance { .. }, _) => {
                     Ok(Accumulator::Moments { n: 0, sum: 0.0, squares: 0.0, exact: Some((0, 0)) })
                 }
-                (AggregateFunction::StringAgg | AggregateFunction::ArrayAgg | AggregateFunction::CountDistinct, _) => {
+                (AggregateFunction::CountDistinct, _) if a.distinct_ints() => {
+                    Ok(Accumulator::DistinctInts(FastMap::default()))
+                }
+                (AggregateFunction::CountDistinct, _) => Ok(Accumulator::Distinct(FastMap::default())),
+                (AggregateFunction::StringAgg | AggregateFunction::ArrayAgg, _) => {
                     Ok(Accumulator::Values { values: BTreeMap::new(), nulls: 0 })
                 }
             })
@@ -635,6 +694,10 @@ impl AggregateOperator {
                         Argument::Ints(downcast::<Int64Array>(&ints)?.clone())
                     }
                     (AggregateFunction::Count, _) => Argument::Any(values),
+                    (AggregateFunction::CountDistinct, None) => {
+                        let ints = cast(&values, &DataType::Int64)?;
+                        Argument::Ints(downcast::<Int64Array>(&ints)?.clone())
+                    }
                     (AggregateFunction::BoolAnd | AggregateFunction::BoolOr, _) => {
                         let bools = cast(&values, &DataType::Boolean)?;
                         Argument::Bools(downcast::<BooleanArray>(&bools)?.clone())
@@ -686,6 +749,8 @@ impl AggregateOperator {
                         b.append_value(match acc {
                             Accumulator::Count(n) => *n,
                             Accumulator::Values { values, .. } => values.len() as i64,
+                            Accumulator::Distinct(values) => values.len() as i64,
+                            Accumulator::DistinctInts(values) => values.len() as i64,
                             _ => 0,
                         });
                     }
@@ -1038,6 +1103,17 @@ impl Operator for AggregateOperator {
                             *nulls += w;
                         }
                     }
+                    (Accumulator::DistinctInts(set), Argument::Ints(ints)) => {
+                        // NULLs are not counted.
+                        if ints.is_valid(i) {
+                            grown += count_int(set, ints.value(i), w);
+                        }
+                    }
+                    (Accumulator::Distinct(set), Argument::Rows(rows, values)) => {
+                        if values.is_valid(i) {
+                            grown += count_value(set, rows.row(i).as_ref(), w);
+                        }
+                    }
                     (Accumulator::Extreme(set), Argument::Rows(rows, values)) => {
                         // NULLs never win min/max.
                         if values.is_valid(i) {
@@ -1285,19 +1361,91 @@ impl Operator for AggregateOperator {
 
 /// Adds `weight` to `value`'s count in `set`; returns the estimated bytes that added (a
 /// new value) or freed (a value whose count reached zero).
-fn count_value(set: &mut BTreeMap<Box<[u8]>, i64>, value: &[u8], weight: i64) -> isize {
-    match set.get_mut(value) {
+fn count_value<S: ValueCounts>(set: &mut S, value: &[u8], weight: i64) -> isize {
+    match set.count_mut(value) {
         Some(count) => {
             *count += weight;
             if *count == 0 {
-                set.remove(value);
+                set.remove_value(value);
                 return -(value_bytes(value) as isize);
             }
             0
         }
         None => {
-            set.insert(Box::from(value), weight);
+            set.insert_value(Box::from(value), weight);
             value_bytes(value) as isize
+        }
+    }
+}
+
+/// A map from encoded values to how many rows hold them: ordered (min/max, string_agg,
+/// array_agg) or hashed (count(DISTINCT)).
+trait ValueCounts {
+    fn count_mut(&mut self, value: &[u8]) -> Option<&mut i64>;
+    fn remove_value(&mut self, value: &[u8]);
+    fn insert_value(&mut self, value: Box<[u8]>, count: i64);
+}
+
+impl ValueCounts for BTreeMap<Box<[u8]>, i64> {
+    fn count_mut(&mut self, value: &[u8]) -> Option<&mut i64> {
+        self.get_mut(value)
+    }
+    fn remove_value(&mut self, value: &[u8]) {
+        self.remove(value);
+    }
+    fn insert_value(&mut self, value: Box<[u8]>, count: i64) {
+        self.insert(value, count);
+    }
+}
+
+impl ValueCounts for FastMap<Box<[u8]>, i64> {
+    fn count_mut(&mut self, value: &[u8]) -> Option<&mut i64> {
+        self.get_mut(value)
+    }
+    fn remove_value(&mut self, value: &[u8]) {
+        self.remove(value);
+    }
+    fn insert_value(&mut self, value: Box<[u8]>, count: i64) {
+        self.insert(value, count);
+    }
+}
+
+/// An accumulator as the current version keeps it for `spec`. Checkpoints written before
+/// count(DISTINCT) had hash maps of its own hold it as an ordered multiset of encoded values.
+fn upgraded(spec: &AggregateSpec, acc: Accumulator) -> Result<Accumulator> {
+    if spec.function != AggregateFunction::CountDistinct {
+        return Ok(acc);
+    }
+    let Accumulator::Values { values, .. } = acc else { return Ok(acc) };
+    if !spec.distinct_ints() {
+        return Ok(Accumulator::Distinct(values.into_iter().collect()));
+    }
+    let argument_type = spec.argument_type.clone().unwrap_or(DataType::Int64);
+    let converter = RowConverter::new(vec![SortField::new(argument_type)])?;
+    let parser = converter.parser();
+    if values.is_empty() {
+        return Ok(Accumulator::DistinctInts(FastMap::default()));
+    }
+    let decoded = converter.convert_rows(values.keys().map(|k| parser.parse(k)))?.remove(0);
+    let ints = cast(&decoded, &DataType::Int64)?;
+    let ints = downcast::<Int64Array>(&ints)?;
+    Ok(Accumulator::DistinctInts(ints.values().iter().copied().zip(values.into_values()).collect()))
+}
+
+/// [`count_value`] for a hash map of integers.
+fn count_int(set: &mut FastMap<i64, i64>, value: i64, weight: i64) -> isize {
+    match set.entry(value) {
+        std::collections::hash_map::Entry::Occupied(mut entry) => {
+            *entry.get_mut() += weight;
+            if *entry.get() == 0 {
+                entry.remove();
+                return -(INT_VALUE_BYTES as isize);
+            }
+            0
+        }
+        std::collections::hash_map::Entry::Vacant(entry) => {
+            entry.insert(weight);
+            INT_VALUE_BYTES as isize
         }
     }
 }
@@ -1489,5 +1637,47 @@ mod tests {
         );
         let taken_back = in_memory.process(0, ChangeBatch::retracts(batch_of(&rows[..1])), &mut out).await;
         assert!(taken_back.is_err(), "a retraction into append-only min/max is refused");
+    }
+
+    /// A checkpoint written before count(DISTINCT) kept a hash map holds its values as an
+    /// ordered multiset of encoded values; it is read into the map the operator now keeps,
+    /// with the same values and counts.
+    #[test]
+    fn count_distinct_from_an_older_checkpoint_is_read_into_a_hash_map() {
+        let operator = spilling_operator(false);
+        let ints = RowConverter::new(vec![SortField::new(DataType::Int64)]).expect("converter");
+        let rows = ints.convert_columns(&[Arc::new(Int64Array::from(vec![-5, 3, 70])) as ArrayRef]).expect("rows");
+        let encoded = |i: usize| Box::<[u8]>::from(rows.row(i).as_ref());
+        let mut w = StateWriter::with_capacity(256);
+        w.u64(1);
+        w.i64(4);
+        w.u64(0);
+        Accumulator::Count(4).write(&mut w);
+        Accumulator::Extreme(BTreeMap::from([(encoded(0), 1), (encoded(1), 2), (encoded(2), 1)])).write(&mut w);
+        Accumulator::Values { values: BTreeMap::from([(encoded(0), 1), (encoded(1), 2), (encoded(2), 1)]), nulls: 0 }
+            .write(&mut w);
+        Accumulator::SumInt { sum: 71, values: 4 }.write(&mut w);
+        Accumulator::Extreme(BTreeMap::from([(encoded(0), 1), (encoded(1), 2), (encoded(2), 1)])).write(&mut w);
+        let bytes = w.finish();
+        let mut r = StateReader::new(&bytes, "an old group");
+        let group = operator.read_group(&mut r, b"key").expect("read");
+        r.finish().expect("every byte read");
+        let Accumulator::DistinctInts(values) = &group.accumulators[2] else {
+            panic!("count(DISTINCT) over integers is read as integers: {:?}", group.accumulators[2]);
+        };
+        let mut values: Vec<(i64, i64)> = values.iter().map(|(v, n)| (*v, *n)).collect();
+        values.sort();
+        assert_eq!(values, vec![(-5, 1), (3, 2), (70, 1)]);
+        assert!(matches!(group.accumulators[1], Accumulator::Extreme(_)), "min keeps its ordered values");
+
+        let mut text =
+            AggregateSpec::new(AggregateFunction::CountDistinct, Some(Arc::new(Column::new("s", 0))), DataType::Int64);
+        text.argument_type = Some(DataType::Utf8);
+        let old = Accumulator::Values { values: BTreeMap::from([(encoded(0), 1), (encoded(2), 3)]), nulls: 0 };
+        let Accumulator::Distinct(values) = upgraded(&text, old).expect("upgraded") else {
+            panic!("count(DISTINCT) over text is read into a map of encoded values");
+        };
+        assert_eq!(values.len(), 2);
+        assert_eq!(values.get(rows.row(2).as_ref()), Some(&3));
     }
 }
