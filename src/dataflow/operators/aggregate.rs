@@ -22,7 +22,7 @@ use datafusion::arrow::buffer::{NullBuffer, OffsetBuffer};
 use datafusion::arrow::compute::{SortOptions, cast, take};
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::arrow::row::{OwnedRow, RowConverter, Rows, SortField};
+use datafusion::arrow::row::{RowConverter, Rows, SortField};
 use datafusion::physical_plan::PhysicalExpr;
 
 use crate::dataflow::checkpoint::{LocalStore, StateReader, StateWriter};
@@ -138,14 +138,15 @@ impl AggregateSpec {
     }
 }
 
-/// Per-aggregate state of one group.
+/// Per-aggregate state of one group. A group holds one per aggregate, so the variants
+/// that need more than three words keep their state in a box: the enum stays 32 bytes.
 #[derive(Debug)]
 enum Accumulator {
     /// A DataFusion aggregate's own accumulator.
     DataFusion(Box<dyn datafusion::logical_expr::Accumulator>),
     Count(i64),
     SumInt {
-        sum: i128,
+        sum: Wide,
         values: i64,
     },
     SumFloat {
@@ -164,25 +165,48 @@ enum Accumulator {
         trues: i64,
         falses: i64,
     },
-    /// Count, sum and sum of squares for variance. Integers are summed exactly; floats as
-    /// f64 (retractions may leave rounding residue in the last digits).
-    Moments {
-        n: i64,
-        sum: f64,
-        squares: f64,
-        /// Exact sum and sum of squares of integer values; `None` once they overflowed
-        /// (the float sums take over) or for float values.
-        exact: Option<(i128, i128)>,
-    },
+    Moments(Box<Moments>),
     /// `count(DISTINCT x)` over integers (and times): each value with how many rows hold it.
-    DistinctInts(FastMap<i64, i64>),
+    DistinctInts(Box<FastMap<i64, i64>>),
     /// `count(DISTINCT x)` over other types: each encoded value with how many rows hold it.
-    Distinct(FastMap<Box<[u8]>, i64>),
-    /// Every value (encoded in order) with its count, and the number of NULLs.
-    Values {
-        values: BTreeMap<Box<[u8]>, i64>,
-        nulls: i64,
-    },
+    Distinct(Box<FastMap<Box<[u8]>, i64>>),
+    Values(Box<Collected>),
+}
+
+const _: () = assert!(std::mem::size_of::<Accumulator>() <= 32, "groups hold one accumulator per aggregate");
+
+/// An i128 in two words, so that the accumulator holding it needs no 16-byte alignment.
+#[derive(Debug, Clone, Copy, Default)]
+struct Wide([u64; 2]);
+
+impl Wide {
+    fn new(value: i128) -> Wide {
+        Wide([value as u64, ((value as u128) >> 64) as u64])
+    }
+
+    fn get(self) -> i128 {
+        (((self.0[1] as u128) << 64) | self.0[0] as u128) as i128
+    }
+}
+
+/// Count, sum and sum of squares for variance. Integers are summed exactly; floats as f64
+/// (retractions may leave rounding residue in the last digits).
+#[derive(Debug, Default)]
+struct Moments {
+    n: i64,
+    sum: f64,
+    squares: f64,
+    /// Exact sum and sum of squares of integer values; `None` once they overflowed (the
+    /// float sums take over) or for float values.
+    exact: Option<(i128, i128)>,
+}
+
+/// Every value (encoded in order) with its count, and the number of NULLs: the state of
+/// string_agg and array_agg.
+#[derive(Debug, Default)]
+struct Collected {
+    values: BTreeMap<Box<[u8]>, i64>,
+    nulls: i64,
 }
 
 impl Accumulator {
@@ -197,7 +221,7 @@ impl Accumulator {
             }
             Accumulator::SumInt { sum, values } => {
                 w.u64(1);
-                w.i128(*sum);
+                w.i128(sum.get());
                 w.i64(*values);
             }
             Accumulator::SumFloat { sum, values } => {
@@ -214,7 +238,8 @@ impl Accumulator {
                 w.i64(*trues);
                 w.i64(*falses);
             }
-            Accumulator::Moments { n, sum, squares, exact } => {
+            Accumulator::Moments(moments) => {
+                let Moments { n, sum, squares, exact } = moments.as_ref();
                 w.u64(5);
                 w.i64(*n);
                 w.f64(*sum);
@@ -224,7 +249,8 @@ impl Accumulator {
                 w.i128(s);
                 w.i128(q);
             }
-            Accumulator::Values { values, nulls } => {
+            Accumulator::Values(collected) => {
+                let Collected { values, nulls } = collected.as_ref();
                 w.u64(6);
                 w.counts(values.len(), values.iter().map(|(k, n)| (k.as_ref(), *n)));
                 w.i64(*nulls);
@@ -238,7 +264,7 @@ impl Accumulator {
             Accumulator::DistinctInts(values) => {
                 w.u64(8);
                 w.u64(values.len() as u64);
-                for (value, count) in values {
+                for (value, count) in values.iter() {
                     w.i64(*value);
                     w.i64(*count);
                 }
@@ -254,16 +280,18 @@ impl Accumulator {
     fn read(r: &mut StateReader) -> Result<Accumulator> {
         Ok(match r.u64()? {
             0 => Accumulator::Count(r.i64()?),
-            1 => Accumulator::SumInt { sum: r.i128()?, values: r.i64()? },
+            1 => Accumulator::SumInt { sum: Wide::new(r.i128()?), values: r.i64()? },
             2 => Accumulator::SumFloat { sum: r.f64()?, values: r.i64()? },
             3 => Accumulator::Extreme(r.counts()?.into_iter().collect()),
             4 => Accumulator::Bools { trues: r.i64()?, falses: r.i64()? },
             5 => {
                 let (n, sum, squares, exact) = (r.i64()?, r.f64()?, r.f64()?, r.u64()? != 0);
                 let (s, q) = (r.i128()?, r.i128()?);
-                Accumulator::Moments { n, sum, squares, exact: exact.then_some((s, q)) }
+                Accumulator::Moments(Box::new(Moments { n, sum, squares, exact: exact.then_some((s, q)) }))
             }
-            6 => Accumulator::Values { values: r.counts()?.into_iter().collect(), nulls: r.i64()? },
+            6 => {
+                Accumulator::Values(Box::new(Collected { values: r.counts()?.into_iter().collect(), nulls: r.i64()? }))
+            }
             7 => {
                 let (max, present) = (r.u64()? != 0, r.u64()? != 0);
                 let bytes = r.bytes()?;
@@ -275,9 +303,9 @@ impl Accumulator {
                 for _ in 0..n {
                     values.insert(r.i64()?, r.i64()?);
                 }
-                Accumulator::DistinctInts(values)
+                Accumulator::DistinctInts(Box::new(values))
             }
-            9 => Accumulator::Distinct(r.counts()?.into_iter().collect()),
+            9 => Accumulator::Distinct(Box::new(r.counts()?.into_iter().collect())),
             tag => {
                 return Err(Error::Corrupt {
                     location: "checkpointed state of an aggregate".into(),
@@ -297,8 +325,9 @@ struct Group {
     key: Option<GroupKey>,
     weight: i64,
     accumulators: Vec<Accumulator>,
-    /// The row this group last emitted, to retract it when the group changes.
-    emitted: Option<OwnedRow>,
+    /// The row this group last emitted (encoded by the output converter), to retract it
+    /// when the group changes.
+    emitted: Option<Box<[u8]>>,
     dirty: bool,
     /// Estimated bytes it takes in memory.
     bytes: usize,
@@ -311,7 +340,7 @@ struct Group {
 /// Estimated bytes of a group apart from its values: the index entry, the key (shared),
 /// the emitted row and the accumulators.
 fn group_bytes(key: usize, aggregates: usize) -> usize {
-    176 + 2 * key + 48 * aggregates
+    176 + 2 * key + 32 * aggregates
 }
 
 /// Estimated bytes of one value kept by min/max, count(DISTINCT), string_agg or array_agg.
@@ -479,7 +508,7 @@ impl AggregateOperator {
         match &group.emitted {
             Some(row) => {
                 w.u64(1);
-                w.bytes(row.row().as_ref());
+                w.bytes(row);
             }
             None => w.u64(0),
         }
@@ -494,7 +523,7 @@ impl AggregateOperator {
         let weight = r.i64()?;
         let emitted = match r.u64()? {
             0 => None,
-            _ => Some(self.output_converter.parser().parse(r.bytes()?).owned()),
+            _ => Some(Box::from(r.bytes()?)),
         };
         let accumulators: Vec<Accumulator> = self
             .aggregates
@@ -504,9 +533,8 @@ impl AggregateOperator {
         let values: usize = accumulators
             .iter()
             .map(|a| match a {
-                Accumulator::Extreme(values) | Accumulator::Values { values, .. } => {
-                    values.keys().map(|v| value_bytes(v)).sum()
-                }
+                Accumulator::Extreme(values) => values.keys().map(|v| value_bytes(v)).sum(),
+                Accumulator::Values(collected) => collected.values.keys().map(|v| value_bytes(v)).sum(),
                 Accumulator::Distinct(values) => values.keys().map(|v| value_bytes(v)).sum(),
                 Accumulator::DistinctInts(values) => values.len() * INT_VALUE_BYTES,
                 Accumulator::Best { value: Some(v), .. } => value_bytes(v),
@@ -636,7 +664,9 @@ impl AggregateOperator {
                     Ok(Accumulator::DataFusion(aggregate.create_accumulator()?))
                 }
                 (AggregateFunction::CountRows | AggregateFunction::Count, _) => Ok(Accumulator::Count(0)),
-                (AggregateFunction::Sum, DataType::Int64) => Ok(Accumulator::SumInt { sum: 0, values: 0 }),
+                (AggregateFunction::Sum, DataType::Int64) => {
+                    Ok(Accumulator::SumInt { sum: Wide::default(), values: 0 })
+                }
                 (AggregateFunction::Sum | AggregateFunction::Avg, _) => {
                     Ok(Accumulator::SumFloat { sum: 0.0, values: 0 })
                 }
@@ -648,14 +678,14 @@ impl AggregateOperator {
                     Ok(Accumulator::Bools { trues: 0, falses: 0 })
                 }
                 (AggregateFunction::Variance { .. }, _) => {
-                    Ok(Accumulator::Moments { n: 0, sum: 0.0, squares: 0.0, exact: Some((0, 0)) })
+                    Ok(Accumulator::Moments(Box::new(Moments { exact: Some((0, 0)), ..Moments::default() })))
                 }
                 (AggregateFunction::CountDistinct, _) if a.distinct_ints() => {
-                    Ok(Accumulator::DistinctInts(FastMap::default()))
+                    Ok(Accumulator::DistinctInts(Box::default()))
                 }
-                (AggregateFunction::CountDistinct, _) => Ok(Accumulator::Distinct(FastMap::default())),
+                (AggregateFunction::CountDistinct, _) => Ok(Accumulator::Distinct(Box::default())),
                 (AggregateFunction::StringAgg | AggregateFunction::ArrayAgg, _) => {
-                    Ok(Accumulator::Values { values: BTreeMap::new(), nulls: 0 })
+                    Ok(Accumulator::Values(Box::default()))
                 }
             })
             .collect::<Result<Vec<_>>>()?;
@@ -748,7 +778,7 @@ impl AggregateOperator {
                     for acc in accumulators {
                         b.append_value(match acc {
                             Accumulator::Count(n) => *n,
-                            Accumulator::Values { values, .. } => values.len() as i64,
+                            Accumulator::Values(collected) => collected.values.len() as i64,
                             Accumulator::Distinct(values) => values.len() as i64,
                             Accumulator::DistinctInts(values) => values.len() as i64,
                             _ => 0,
@@ -761,9 +791,12 @@ impl AggregateOperator {
                     for acc in accumulators {
                         match acc {
                             Accumulator::SumInt { values, .. } if *values == 0 => b.append_null(),
-                            Accumulator::SumInt { sum, .. } => b.append_value(i64::try_from(*sum).map_err(|_| {
-                                Error::InvalidValue { code: "22003", message: "sum is out of range for bigint".into() }
-                            })?),
+                            Accumulator::SumInt { sum, .. } => {
+                                b.append_value(i64::try_from(sum.get()).map_err(|_| Error::InvalidValue {
+                                    code: "22003",
+                                    message: "sum is out of range for bigint".into(),
+                                })?)
+                            }
                             _ => b.append_null(),
                         }
                     }
@@ -803,9 +836,7 @@ impl AggregateOperator {
                     let mut b = Float64Builder::with_capacity(ids.len());
                     for acc in accumulators {
                         b.append_option(match acc {
-                            Accumulator::Moments { n, sum, squares, exact } => {
-                                variance(*n, *sum, *squares, *exact, population, root)
-                            }
+                            Accumulator::Moments(m) => variance(m.n, m.sum, m.squares, m.exact, population, root),
                             _ => None,
                         });
                     }
@@ -881,9 +912,10 @@ fn collected_column<'a>(
     let mut encoded = Vec::new();
     let mut lengths = Vec::new();
     for acc in accumulators {
-        let Accumulator::Values { values, nulls: null_values } = acc else {
+        let Accumulator::Values(collected) = acc else {
             return Err(Error::Internal("collected values without their state".into()));
         };
+        let Collected { values, nulls: null_values } = collected.as_ref();
         let mut length = 0;
         for (value, count) in values {
             for _ in 0..*count {
@@ -1058,7 +1090,7 @@ impl Operator for AggregateOperator {
                     }
                     (Accumulator::SumInt { sum, values }, Argument::Ints(ints)) => {
                         if ints.is_valid(i) {
-                            *sum += ints.value(i) as i128 * w as i128;
+                            *sum = Wide::new(sum.get() + ints.value(i) as i128 * w as i128);
                             *values += w;
                         }
                     }
@@ -1073,7 +1105,8 @@ impl Operator for AggregateOperator {
                             if bools.value(i) { *trues += w } else { *falses += w }
                         }
                     }
-                    (Accumulator::Moments { n, sum, squares, exact }, Argument::Ints(ints)) => {
+                    (Accumulator::Moments(moments), Argument::Ints(ints)) => {
+                        let Moments { n, sum, squares, exact } = moments.as_mut();
                         if ints.is_valid(i) {
                             let (x, w) = (ints.value(i) as i128, w as i128);
                             *n += w as i64;
@@ -1087,7 +1120,8 @@ impl Operator for AggregateOperator {
                             *squares += (x * x) as f64 * w as f64;
                         }
                     }
-                    (Accumulator::Moments { n, sum, squares, exact }, Argument::Floats(floats)) => {
+                    (Accumulator::Moments(moments), Argument::Floats(floats)) => {
+                        let Moments { n, sum, squares, exact } = moments.as_mut();
                         if floats.is_valid(i) {
                             *exact = None;
                             let x = floats.value(i);
@@ -1096,11 +1130,11 @@ impl Operator for AggregateOperator {
                             *squares += x * x * w as f64;
                         }
                     }
-                    (Accumulator::Values { values: set, nulls }, Argument::Rows(rows, values)) => {
+                    (Accumulator::Values(collected), Argument::Rows(rows, values)) => {
                         if values.is_valid(i) {
-                            grown += count_value(set, rows.row(i).as_ref(), w);
+                            grown += count_value(&mut collected.values, rows.row(i).as_ref(), w);
                         } else {
-                            *nulls += w;
+                            collected.nulls += w;
                         }
                     }
                     (Accumulator::DistinctInts(set), Argument::Ints(ints)) => {
@@ -1111,7 +1145,7 @@ impl Operator for AggregateOperator {
                     }
                     (Accumulator::Distinct(set), Argument::Rows(rows, values)) => {
                         if values.is_valid(i) {
-                            grown += count_value(set, rows.row(i).as_ref(), w);
+                            grown += count_value(set.as_mut(), rows.row(i).as_ref(), w);
                         }
                     }
                     (Accumulator::Extreme(set), Argument::Rows(rows, values)) => {
@@ -1309,12 +1343,13 @@ impl Operator for AggregateOperator {
         let inserted = self.output_rows(&current)?;
         let new_rows = self.output_converter.convert_columns(inserted.columns())?;
         for (n, &id) in current.iter().enumerate() {
-            self.state[id].emitted = Some(new_rows.row(n).owned());
+            self.state[id].emitted = Some(Box::from(new_rows.row(n).as_ref()));
         }
         let old = if retracted.is_empty() {
             RecordBatch::new_empty(self.schema.clone())
         } else {
-            let columns = self.output_converter.convert_rows(retracted.iter().map(|r| r.row()))?;
+            let parser = self.output_converter.parser();
+            let columns = self.output_converter.convert_rows(retracted.iter().map(|r| parser.parse(r)))?;
             RecordBatch::try_new_with_options(
                 self.schema.clone(),
                 columns,
@@ -1416,20 +1451,21 @@ fn upgraded(spec: &AggregateSpec, acc: Accumulator) -> Result<Accumulator> {
     if spec.function != AggregateFunction::CountDistinct {
         return Ok(acc);
     }
-    let Accumulator::Values { values, .. } = acc else { return Ok(acc) };
+    let Accumulator::Values(collected) = acc else { return Ok(acc) };
+    let values = collected.values;
     if !spec.distinct_ints() {
-        return Ok(Accumulator::Distinct(values.into_iter().collect()));
+        return Ok(Accumulator::Distinct(Box::new(values.into_iter().collect())));
     }
     let argument_type = spec.argument_type.clone().unwrap_or(DataType::Int64);
     let converter = RowConverter::new(vec![SortField::new(argument_type)])?;
     let parser = converter.parser();
     if values.is_empty() {
-        return Ok(Accumulator::DistinctInts(FastMap::default()));
+        return Ok(Accumulator::DistinctInts(Box::default()));
     }
     let decoded = converter.convert_rows(values.keys().map(|k| parser.parse(k)))?.remove(0);
     let ints = cast(&decoded, &DataType::Int64)?;
     let ints = downcast::<Int64Array>(&ints)?;
-    Ok(Accumulator::DistinctInts(ints.values().iter().copied().zip(values.into_values()).collect()))
+    Ok(Accumulator::DistinctInts(Box::new(ints.values().iter().copied().zip(values.into_values()).collect())))
 }
 
 /// [`count_value`] for a hash map of integers.
@@ -1654,9 +1690,9 @@ mod tests {
         w.u64(0);
         Accumulator::Count(4).write(&mut w);
         Accumulator::Extreme(BTreeMap::from([(encoded(0), 1), (encoded(1), 2), (encoded(2), 1)])).write(&mut w);
-        Accumulator::Values { values: BTreeMap::from([(encoded(0), 1), (encoded(1), 2), (encoded(2), 1)]), nulls: 0 }
-            .write(&mut w);
-        Accumulator::SumInt { sum: 71, values: 4 }.write(&mut w);
+        let values = BTreeMap::from([(encoded(0), 1), (encoded(1), 2), (encoded(2), 1)]);
+        Accumulator::Values(Box::new(Collected { values, nulls: 0 })).write(&mut w);
+        Accumulator::SumInt { sum: Wide::new(71), values: 4 }.write(&mut w);
         Accumulator::Extreme(BTreeMap::from([(encoded(0), 1), (encoded(1), 2), (encoded(2), 1)])).write(&mut w);
         let bytes = w.finish();
         let mut r = StateReader::new(&bytes, "an old group");
@@ -1673,7 +1709,10 @@ mod tests {
         let mut text =
             AggregateSpec::new(AggregateFunction::CountDistinct, Some(Arc::new(Column::new("s", 0))), DataType::Int64);
         text.argument_type = Some(DataType::Utf8);
-        let old = Accumulator::Values { values: BTreeMap::from([(encoded(0), 1), (encoded(2), 3)]), nulls: 0 };
+        let old = Accumulator::Values(Box::new(Collected {
+            values: BTreeMap::from([(encoded(0), 1), (encoded(2), 3)]),
+            nulls: 0,
+        }));
         let Accumulator::Distinct(values) = upgraded(&text, old).expect("upgraded") else {
             panic!("count(DISTINCT) over text is read into a map of encoded values");
         };
