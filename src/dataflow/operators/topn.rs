@@ -418,7 +418,20 @@ impl Operator for TopNOperator {
         };
         let keys = Self::evaluate(&self.spec.sort, &self.sort_converter, batch)?;
         let rows = self.rows.convert_columns(batch.columns())?;
+        let end = self.spec.offset.saturating_add(self.spec.limit);
         for i in 0..batch.num_rows() {
+            // Over input that only gains rows, a row that sorts at or after the last of a
+            // partition already holding `end` rows lands past position `end`: it can never
+            // be among the ranks, so it is not kept at all.
+            if self.spec.append_only
+                && let Some(group) = self.groups.get(groups.as_ref().map_or(&[][..], |g| g.row(i).data()))
+                && group.ordered.len() >= end
+                && let Some(((sort, row), _)) = group.ordered.last_key_value()
+                && (keys.row(i).data(), rows.row(i).data()) >= (sort.as_ref(), row.as_ref())
+                && input.weights().value(i) >= 0
+            {
+                continue;
+            }
             let group_key: Box<[u8]> = groups.as_ref().map(|g| g.row(i).as_ref().into()).unwrap_or_default();
             self.load_spilled(&group_key)?;
             let clock = self.clock;
