@@ -133,7 +133,8 @@ struct Side {
     /// The keys in memory (all of them until some spill).
     by_key: FastMap<Box<[u8]>, Arranged>,
     /// With a non-equality condition on an outer, semi or anti join: per distinct row, the
-    /// weight of the other side's rows it matches (same key and condition true).
+    /// weight of the other side's rows it matches (same key and condition true). Empty for
+    /// an inner join, which does not need it.
     matched: FastMap<Box<[u8]>, i64>,
     /// Estimated bytes of `by_key`.
     memory: usize,
@@ -657,29 +658,37 @@ impl JoinOperator {
         let kind = self.kind;
         let weights = input.weights();
         let rows: Vec<Box<[u8]>> = (0..input.num_rows()).map(|i| Box::from(rows.row(i).as_ref())).collect();
-        // Candidate pairs: each input row with every other-side row of its key.
-        let mut candidates: Vec<(usize, Box<[u8]>, i64)> = Vec::new();
-        {
+        // Candidate pairs: each input row with every other-side row of its key. Only the
+        // pairs the condition holds for are copied out of the arrangement.
+        let matching: Vec<(usize, Box<[u8]>, i64)> = {
             let other = if port == 0 { &self.right } else { &self.left };
+            let mut candidates: Vec<(usize, &[u8], i64)> = Vec::new();
             for (i, key) in keys.iter().enumerate() {
                 if let Some(matches) = key.and_then(|k| other.by_key.get(k)) {
-                    candidates.extend(matches.rows.iter().map(|(row, count)| (i, row.clone(), *count)));
+                    candidates.extend(matches.rows.iter().map(|(row, count)| (i, row.as_ref(), *count)));
                 }
             }
-        }
-        let passing = self.condition_holds(port, &rows, &candidates)?;
+            let passing = self.condition_holds(port, &rows, &candidates)?;
+            candidates
+                .into_iter()
+                .zip(passing)
+                .filter(|(_, holds)| *holds)
+                .map(|((i, row, count), _)| (i, Box::from(row), count))
+                .collect()
+        };
+        // Only outer, semi and anti joins need to know which rows have matches.
+        let counts_matches = kind != JoinKind::Inner;
         let mut pieces: Vec<Piece<Box<[u8]>>> = Vec::new();
         // Per input row, the weight of its matches; per other-side row, the change in its.
         let mut matched = vec![0i64; rows.len()];
         let mut other_delta: FastMap<Box<[u8]>, KeyedWeight> = FastMap::default();
-        for ((i, other_row, count), holds) in candidates.into_iter().zip(passing) {
-            if !holds {
-                continue;
-            }
+        for (i, other_row, count) in matching {
             let w = weights.value(i);
             matched[i] += count;
-            let key: Box<[u8]> = keys.get(i).ok_or_else(|| Error::Internal("a NULL key matched".into()))?.into();
-            other_delta.entry(other_row.clone()).or_insert((key, 0)).1 += w;
+            if counts_matches {
+                let key: Box<[u8]> = keys.get(i).ok_or_else(|| Error::Internal("a NULL key matched".into()))?.into();
+                other_delta.entry(other_row.clone()).or_insert((key, 0)).1 += w;
+            }
             if kind.pairs() {
                 let (l, r) = if port == 0 { (rows[i].clone(), other_row) } else { (other_row, rows[i].clone()) };
                 pieces.push((Some(l), Some(r), w * count));
@@ -700,6 +709,10 @@ impl JoinOperator {
                 _ => {}
             }
             let Some(key) = keys.get(i) else { continue };
+            if !counts_matches {
+                this.add(key, row, w);
+                continue;
+            }
             if this.count_of(key, row) == 0 {
                 this.matched.insert(row.clone(), matched[i]);
             }
@@ -739,7 +752,7 @@ impl JoinOperator {
         &self,
         port: usize,
         rows: &[Box<[u8]>],
-        candidates: &[(usize, Box<[u8]>, i64)],
+        candidates: &[(usize, &[u8], i64)],
     ) -> Result<Vec<bool>> {
         let Some(filter) = &self.filter else { return Ok(vec![true; candidates.len()]) };
         if candidates.is_empty() {
@@ -747,8 +760,8 @@ impl JoinOperator {
         }
         let (this_rows, other_rows) =
             if port == 0 { (&self.left.rows, &self.right.rows) } else { (&self.right.rows, &self.left.rows) };
-        let this: Vec<Option<Box<[u8]>>> = candidates.iter().map(|(i, _, _)| Some(rows[*i].clone())).collect();
-        let other: Vec<Option<Box<[u8]>>> = candidates.iter().map(|(_, row, _)| Some(row.clone())).collect();
+        let this: Vec<Option<&[u8]>> = candidates.iter().map(|(i, _, _)| Some(rows[*i].as_ref())).collect();
+        let other: Vec<Option<&[u8]>> = candidates.iter().map(|(_, row, _)| Some(*row)).collect();
         let (this, other) = (decode_side(this_rows, &this)?, decode_side(other_rows, &other)?);
         let columns = if port == 0 { [this, other].concat() } else { [other, this].concat() };
         let batch = RecordBatch::try_new_with_options(
