@@ -1421,29 +1421,25 @@ trait ValueCounts {
     fn insert_value(&mut self, value: Box<[u8]>, count: i64);
 }
 
-impl ValueCounts for BTreeMap<Box<[u8]>, i64> {
-    fn count_mut(&mut self, value: &[u8]) -> Option<&mut i64> {
-        self.get_mut(value)
-    }
-    fn remove_value(&mut self, value: &[u8]) {
-        self.remove(value);
-    }
-    fn insert_value(&mut self, value: Box<[u8]>, count: i64) {
-        self.insert(value, count);
-    }
+/// Implements [`ValueCounts`] for a map type with the usual map methods.
+macro_rules! value_counts {
+    ($map:ty) => {
+        impl ValueCounts for $map {
+            fn count_mut(&mut self, value: &[u8]) -> Option<&mut i64> {
+                self.get_mut(value)
+            }
+            fn remove_value(&mut self, value: &[u8]) {
+                self.remove(value);
+            }
+            fn insert_value(&mut self, value: Box<[u8]>, count: i64) {
+                self.insert(value, count);
+            }
+        }
+    };
 }
 
-impl ValueCounts for FastMap<Box<[u8]>, i64> {
-    fn count_mut(&mut self, value: &[u8]) -> Option<&mut i64> {
-        self.get_mut(value)
-    }
-    fn remove_value(&mut self, value: &[u8]) {
-        self.remove(value);
-    }
-    fn insert_value(&mut self, value: Box<[u8]>, count: i64) {
-        self.insert(value, count);
-    }
-}
+value_counts!(BTreeMap<Box<[u8]>, i64>);
+value_counts!(FastMap<Box<[u8]>, i64>);
 
 /// An accumulator as the current version keeps it for `spec`. Checkpoints written before
 /// count(DISTINCT) had hash maps of its own hold it as an ordered multiset of encoded values.
