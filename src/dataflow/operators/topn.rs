@@ -435,34 +435,42 @@ impl Operator for TopNOperator {
             let group_key: Box<[u8]> = groups.as_ref().map(|g| g.row(i).as_ref().into()).unwrap_or_default();
             self.load_spilled(&group_key)?;
             let clock = self.clock;
-            let group = match self.groups.entry(group_key.clone()) {
-                std::collections::hash_map::Entry::Occupied(group) => group.into_mut(),
-                std::collections::hash_map::Entry::Vacant(slot) => {
-                    let group = Group::new(slot.key(), clock);
-                    self.memory += group.bytes;
-                    slot.insert(group)
-                }
-            };
+            if !self.groups.contains_key(&group_key) {
+                let group = Group::new(&group_key, clock);
+                self.memory += group.bytes;
+                self.groups.insert(group_key.clone(), group);
+            }
+            let group =
+                self.groups.get_mut(&group_key).ok_or_else(|| Error::Internal("top-N group vanished".into()))?;
             group.used = clock;
             group.synced = false;
-            let entry: Entry = (keys.row(i).as_ref().into(), rows.row(i).as_ref().into());
-            let size = entry_bytes(&entry.0, &entry.1);
-            let count = group.ordered.entry(entry.clone()).or_insert_with(|| {
-                group.bytes += size;
-                self.memory += size;
-                0
-            });
             let weight = input.weights().value(i);
             if weight < 0 && self.spec.append_only {
                 return Err(Error::Internal("a retraction reached a top-N over input that only gains rows".into()));
             }
-            *count += weight;
-            if *count == 0 {
-                group.ordered.remove(&entry);
-                group.bytes -= size;
-                self.memory -= size;
-            } else if *count < 0 {
-                return Err(Error::Internal("top-N saw a retraction of a row it does not hold".into()));
+            let entry: Entry = (keys.row(i).as_ref().into(), rows.row(i).as_ref().into());
+            let size = entry_bytes(&entry.0, &entry.1);
+            match group.ordered.entry(entry) {
+                std::collections::btree_map::Entry::Occupied(mut slot) => {
+                    *slot.get_mut() += weight;
+                    if *slot.get() == 0 {
+                        slot.remove();
+                        group.bytes -= size;
+                        self.memory -= size;
+                    } else if *slot.get() < 0 {
+                        return Err(Error::Internal("top-N saw a retraction of a row it does not hold".into()));
+                    }
+                }
+                std::collections::btree_map::Entry::Vacant(slot) => {
+                    if weight < 0 {
+                        return Err(Error::Internal("top-N saw a retraction of a row it does not hold".into()));
+                    }
+                    if weight > 0 {
+                        slot.insert(weight);
+                        group.bytes += size;
+                        self.memory += size;
+                    }
+                }
             }
             self.dirty.insert(group_key);
         }
