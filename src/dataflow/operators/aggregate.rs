@@ -1132,7 +1132,8 @@ impl Operator for AggregateOperator {
                     }
                     (Accumulator::Values(collected), Argument::Rows(rows, values)) => {
                         if values.is_valid(i) {
-                            grown += count_value(&mut collected.values, rows.row(i).as_ref(), w);
+                            let value = rows.row(i);
+                            grown += count_value(&mut collected.values, value.as_ref(), w, value_bytes(value.as_ref()));
                         } else {
                             collected.nulls += w;
                         }
@@ -1140,18 +1141,20 @@ impl Operator for AggregateOperator {
                     (Accumulator::DistinctInts(set), Argument::Ints(ints)) => {
                         // NULLs are not counted.
                         if ints.is_valid(i) {
-                            grown += count_int(set, ints.value(i), w);
+                            grown += count_value(set.as_mut(), &ints.value(i), w, INT_VALUE_BYTES);
                         }
                     }
                     (Accumulator::Distinct(set), Argument::Rows(rows, values)) => {
                         if values.is_valid(i) {
-                            grown += count_value(set.as_mut(), rows.row(i).as_ref(), w);
+                            let value = rows.row(i);
+                            grown += count_value(set.as_mut(), value.as_ref(), w, value_bytes(value.as_ref()));
                         }
                     }
                     (Accumulator::Extreme(set), Argument::Rows(rows, values)) => {
                         // NULLs never win min/max.
                         if values.is_valid(i) {
-                            grown += count_value(set, rows.row(i).as_ref(), w);
+                            let value = rows.row(i);
+                            grown += count_value(set, value.as_ref(), w, value_bytes(value.as_ref()));
                         }
                     }
                     (Accumulator::Best { value, max }, Argument::Rows(rows, values)) => {
@@ -1395,51 +1398,55 @@ impl Operator for AggregateOperator {
 }
 
 /// Adds `weight` to `value`'s count in `set`; returns the estimated bytes that added (a
-/// new value) or freed (a value whose count reached zero).
-fn count_value<S: ValueCounts>(set: &mut S, value: &[u8], weight: i64) -> isize {
+/// new value, `bytes`) or freed (a value whose count reached zero).
+fn count_value<S: ValueCounts>(set: &mut S, value: &S::Value, weight: i64, bytes: usize) -> isize {
     match set.count_mut(value) {
         Some(count) => {
             *count += weight;
             if *count == 0 {
                 set.remove_value(value);
-                return -(value_bytes(value) as isize);
+                return -(bytes as isize);
             }
             0
         }
         None => {
-            set.insert_value(Box::from(value), weight);
-            value_bytes(value) as isize
+            set.insert_value(value, weight);
+            bytes as isize
         }
     }
 }
 
-/// A map from encoded values to how many rows hold them: ordered (min/max, string_agg,
-/// array_agg) or hashed (count(DISTINCT)).
+/// A map from values to how many rows hold them: encoded values ordered (min/max,
+/// string_agg, array_agg) or hashed (count(DISTINCT)), or integers hashed (count(DISTINCT)).
 trait ValueCounts {
-    fn count_mut(&mut self, value: &[u8]) -> Option<&mut i64>;
-    fn remove_value(&mut self, value: &[u8]);
-    fn insert_value(&mut self, value: Box<[u8]>, count: i64);
+    type Value: ?Sized;
+    fn count_mut(&mut self, value: &Self::Value) -> Option<&mut i64>;
+    fn remove_value(&mut self, value: &Self::Value);
+    fn insert_value(&mut self, value: &Self::Value, count: i64);
 }
 
-/// Implements [`ValueCounts`] for a map type with the usual map methods.
+/// Implements [`ValueCounts`] for a map type with the usual map methods, whose keys are
+/// made from a `&value` by `owned`.
 macro_rules! value_counts {
-    ($map:ty) => {
+    ($map:ty, $value:ty, $owned:expr) => {
         impl ValueCounts for $map {
-            fn count_mut(&mut self, value: &[u8]) -> Option<&mut i64> {
+            type Value = $value;
+            fn count_mut(&mut self, value: &$value) -> Option<&mut i64> {
                 self.get_mut(value)
             }
-            fn remove_value(&mut self, value: &[u8]) {
+            fn remove_value(&mut self, value: &$value) {
                 self.remove(value);
             }
-            fn insert_value(&mut self, value: Box<[u8]>, count: i64) {
-                self.insert(value, count);
+            fn insert_value(&mut self, value: &$value, count: i64) {
+                self.insert($owned(value), count);
             }
         }
     };
 }
 
-value_counts!(BTreeMap<Box<[u8]>, i64>);
-value_counts!(FastMap<Box<[u8]>, i64>);
+value_counts!(BTreeMap<Box<[u8]>, i64>, [u8], Box::from);
+value_counts!(FastMap<Box<[u8]>, i64>, [u8], Box::from);
+value_counts!(FastMap<i64, i64>, i64, |value: &i64| *value);
 
 /// An accumulator as the current version keeps it for `spec`. Checkpoints written before
 /// count(DISTINCT) had hash maps of its own hold it as an ordered multiset of encoded values.
@@ -1449,37 +1456,18 @@ fn upgraded(spec: &AggregateSpec, acc: Accumulator) -> Result<Accumulator> {
     }
     let Accumulator::Values(collected) = acc else { return Ok(acc) };
     let values = collected.values;
-    if !spec.distinct_ints() {
+    let Some(argument_type) = spec.argument_type.clone().filter(|_| spec.distinct_ints()) else {
         return Ok(Accumulator::Distinct(Box::new(values.into_iter().collect())));
-    }
-    let argument_type = spec.argument_type.clone().unwrap_or(DataType::Int64);
-    let converter = RowConverter::new(vec![SortField::new(argument_type)])?;
-    let parser = converter.parser();
+    };
     if values.is_empty() {
         return Ok(Accumulator::DistinctInts(Box::default()));
     }
+    let converter = RowConverter::new(vec![SortField::new(argument_type)])?;
+    let parser = converter.parser();
     let decoded = converter.convert_rows(values.keys().map(|k| parser.parse(k)))?.remove(0);
     let ints = cast(&decoded, &DataType::Int64)?;
     let ints = downcast::<Int64Array>(&ints)?;
     Ok(Accumulator::DistinctInts(Box::new(ints.values().iter().copied().zip(values.into_values()).collect())))
-}
-
-/// [`count_value`] for a hash map of integers.
-fn count_int(set: &mut FastMap<i64, i64>, value: i64, weight: i64) -> isize {
-    match set.entry(value) {
-        std::collections::hash_map::Entry::Occupied(mut entry) => {
-            *entry.get_mut() += weight;
-            if *entry.get() == 0 {
-                entry.remove();
-                return -(INT_VALUE_BYTES as isize);
-            }
-            0
-        }
-        std::collections::hash_map::Entry::Vacant(entry) => {
-            entry.insert(weight);
-            INT_VALUE_BYTES as isize
-        }
-    }
 }
 
 /// A group column's values as integers (event times in their unit).

@@ -450,27 +450,28 @@ impl Operator for TopNOperator {
             }
             let entry: Entry = (keys.row(i).as_ref().into(), rows.row(i).as_ref().into());
             let size = entry_bytes(&entry.0, &entry.1);
-            match group.ordered.entry(entry) {
+            let count = match group.ordered.entry(entry) {
                 std::collections::btree_map::Entry::Occupied(mut slot) => {
                     *slot.get_mut() += weight;
-                    if *slot.get() == 0 {
+                    let count = *slot.get();
+                    if count == 0 {
                         slot.remove();
                         group.bytes -= size;
                         self.memory -= size;
-                    } else if *slot.get() < 0 {
-                        return Err(Error::Internal("top-N saw a retraction of a row it does not hold".into()));
                     }
+                    count
                 }
                 std::collections::btree_map::Entry::Vacant(slot) => {
-                    if weight < 0 {
-                        return Err(Error::Internal("top-N saw a retraction of a row it does not hold".into()));
-                    }
                     if weight > 0 {
                         slot.insert(weight);
                         group.bytes += size;
                         self.memory += size;
                     }
+                    weight
                 }
+            };
+            if count < 0 {
+                return Err(Error::Internal("top-N saw a retraction of a row it does not hold".into()));
             }
             self.dirty.insert(group_key);
         }
