@@ -7,6 +7,7 @@
 //! becomes durable.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasher;
 use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
@@ -14,7 +15,7 @@ use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, MutableArrayData, 
 use datafusion::arrow::compute::{concat_batches, filter_record_batch, take_record_batch};
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::arrow::row::{RowConverter, Rows, SortField};
 use datafusion::arrow::util::display::array_value_to_string;
 use datafusion::catalog::{SchemaProvider, Session, TableProvider};
 use datafusion::common::{Constraint, Constraints};
@@ -378,11 +379,25 @@ struct Chunk {
     /// Where each lookup key is in `batch` (dead rows included), built on the first lookup.
     /// `batch` never changes, so deletions keep it valid.
     key_index: Arc<std::sync::OnceLock<KeyIndex>>,
+    /// In an indexed relation, each row's identity encoded (dead rows included): what
+    /// tells apart identities that hash alike.
+    identities: Option<Arc<Rows>>,
 }
 
 impl Chunk {
     fn new(id: u64, batch: RecordBatch) -> Self {
-        Chunk { id, batch, live: None, dead: 0, published: Arc::default(), key_index: Arc::default() }
+        let (published, key_index) = (Arc::default(), Arc::default());
+        Chunk { id, batch, live: None, dead: 0, published, key_index, identities: None }
+    }
+
+    /// A chunk of an indexed relation, with its rows' encoded identities.
+    fn indexed(id: u64, batch: RecordBatch, identities: Rows) -> Self {
+        Chunk { identities: Some(Arc::new(identities)), ..Chunk::new(id, batch) }
+    }
+
+    /// Row `row`'s encoded identity (empty outside an indexed relation).
+    fn identity(&self, row: u32) -> &[u8] {
+        self.identities.as_ref().map_or(&[], |rows| rows.row(row as usize).data())
     }
 
     fn is_live(&self, row: usize) -> bool {
@@ -443,10 +458,102 @@ impl KeyIndex {
     }
 }
 
+/// Where a live copy of a row is: (chunk id, row in the chunk).
+type Location = (u64, u32);
+
+/// One identity's entry in a relation's index: its hash, and where its live copies are
+/// (one, without an allocation, or several).
+#[derive(Debug)]
+struct Indexed {
+    hash: u64,
+    copies: Copies,
+}
+
+#[derive(Debug)]
+enum Copies {
+    One(Location),
+    Many(Vec<Location>),
+}
+
+impl Copies {
+    fn as_slice(&self) -> &[Location] {
+        match self {
+            Copies::One(one) => std::slice::from_ref(one),
+            Copies::Many(all) => all,
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [Location] {
+        match self {
+            Copies::One(one) => std::slice::from_mut(one),
+            Copies::Many(all) => all,
+        }
+    }
+
+    fn push(&mut self, copy: Location) {
+        match self {
+            Copies::One(one) => *self = Copies::Many(vec![*one, copy]),
+            Copies::Many(all) => all.push(copy),
+        }
+    }
+
+    /// Takes out the copy added last, unless it is the only one.
+    fn pop(&mut self) -> Option<Location> {
+        let Copies::Many(all) = self else { return None };
+        let last = all.pop();
+        if let [one] = all[..] {
+            *self = Copies::One(one);
+        }
+        last
+    }
+}
+
+/// The encoded identity of `entry`'s rows, read in the chunk of its first copy.
+fn identity_at<'a>(chunks: &'a [Chunk], positions: &FastMap<u64, usize>, entry: &Indexed) -> &'a [u8] {
+    let (chunk, row) = entry.copies.as_slice()[0];
+    positions.get(&chunk).map_or(&[], |&p| chunks[p].identity(row))
+}
+
+/// How many times each distinct row of a batch's encoded rows occurs, by hash: (hash, the
+/// row's first index, count).
+#[derive(Default)]
+struct Counts(hashbrown::HashTable<(u64, usize, usize)>);
+
+impl Counts {
+    fn of(rows: &Rows, hashes: &[u64]) -> Counts {
+        let mut counts = Counts::default();
+        for (i, &hash) in hashes.iter().enumerate() {
+            counts.add(rows, hash, i);
+        }
+        counts
+    }
+
+    /// Counts row `i` of `rows`, hashed `hash`; returns its count so far.
+    fn add(&mut self, rows: &Rows, hash: u64, i: usize) -> usize {
+        let row = rows.row(i).data();
+        let same = |&(h, first, _): &(u64, usize, usize)| h == hash && rows.row(first).data() == row;
+        let entry = self.0.entry(hash, same, |&(h, ..)| h).or_insert((hash, i, 0)).into_mut();
+        entry.2 += 1;
+        entry.2
+    }
+
+    /// The count of `row` (hashed `hash`), where `rows` are the rows counted.
+    fn count(&self, rows: &Rows, hash: u64, row: &[u8]) -> usize {
+        let same = |&(h, first, _): &(u64, usize, usize)| h == hash && rows.row(first).data() == row;
+        self.0.find(hash, same).map_or(0, |&(.., n)| n)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u64, usize, usize)> + '_ {
+        self.0.iter().copied()
+    }
+}
+
 /// A table's rows as the single writer sees and changes them.
 ///
 /// Rows live in a few chunks (Arrow batches); an index maps each row's identity (its
-/// primary key, or all its columns without one) to where its copies are. Inserting appends
+/// primary key, or all its columns without one) to where its copies are. It holds each
+/// identity's hash and locations only: the encoded identities stay in their chunks, one
+/// buffer each, and a lookup compares them there. Inserting appends
 /// a chunk, deleting marks rows dead, so the cost of a change grows with the change and not
 /// with the table. Chunks are merged like a binary counter (each row copied O(log n)
 /// times) until they are large (see [`INDEXED_CHUNK_KEPT_ROWS`]), and rewritten once half
@@ -455,8 +562,9 @@ pub struct TableState {
     def: Arc<TableDef>,
     chunks: Vec<Chunk>,
     next_chunk: u64,
-    /// Identity → (chunk id, row) of every live copy.
-    index: FastMap<Box<[u8]>, Vec<(u64, u32)>>,
+    /// Every live row's identity, by its hash ([`TableState::hash`]).
+    index: hashbrown::HashTable<Indexed>,
+    hasher: foldhash::fast::RandomState,
     identity: RowConverter,
     ledger: Option<Arc<super::source::Ledger>>,
     trimmed: u64,
@@ -471,7 +579,8 @@ impl TableState {
             def,
             chunks: Vec::new(),
             next_chunk: 0,
-            index: FastMap::default(),
+            index: hashbrown::HashTable::new(),
+            hasher: foldhash::fast::RandomState::default(),
             identity,
             ledger: None,
             trimmed: 0,
@@ -566,14 +675,16 @@ impl TableState {
         let inserts = self.checked_rows(inserts)?;
         let retracted = self.identity_rows(&retracts)?;
         let inserted = self.identity_rows(&inserts)?;
-        // Validate everything before changing anything.
-        let mut wanted: FastMap<&[u8], usize> = FastMap::default();
-        for row in retracted.iter() {
-            *wanted.entry(row.data()).or_default() += 1;
-        }
-        for (key, count) in &wanted {
-            let present = self.index.get(*key).map_or(0, |copies| copies.len());
-            if present < *count {
+        let retracted_hashes: Vec<u64> = retracted.iter().map(|row| self.hash(row.data())).collect();
+        let inserted_hashes: Vec<u64> = inserted.iter().map(|row| self.hash(row.data())).collect();
+        let positions: FastMap<u64, usize> = self.chunks.iter().enumerate().map(|(p, c)| (c.id, p)).collect();
+        // Validate everything before changing anything: each retracted identity has as
+        // many copies as are retracted, and (with a primary key) each inserted one has
+        // none left and comes once.
+        let wanted = Counts::of(&retracted, &retracted_hashes);
+        for (hash, row, count) in wanted.iter() {
+            let present = self.copies(&positions, hash, retracted.row(row).data()).map_or(0, |c| c.as_slice().len());
+            if present < count {
                 return Err(Error::Internal(format!(
                     "table \"{}\": {} retracted rows are not in the table",
                     self.def.name,
@@ -582,35 +693,63 @@ impl TableState {
             }
         }
         if !self.def.primary_key.is_empty() {
-            let mut seen = crate::dataflow::FastSet::default();
+            let mut seen = Counts::default();
             for (i, row) in inserted.iter().enumerate() {
-                let key = row.data();
-                let remaining = self.index.get(key).map_or(0, |c| c.len()) - wanted.get(key).copied().unwrap_or(0);
-                if remaining > 0 || !seen.insert(key) {
+                let (key, hash) = (row.data(), inserted_hashes[i]);
+                let present = self.copies(&positions, hash, key).map_or(0, |c| c.as_slice().len());
+                let remaining = present - wanted.count(&retracted, hash, key);
+                if remaining > 0 || seen.add(&inserted, hash, i) > 1 {
                     return Err(self.duplicate_key(&inserts, i));
                 }
             }
         }
         // Validated: now mutate.
-        let chunk_positions: FastMap<u64, usize> = self.chunks.iter().enumerate().map(|(p, c)| (c.id, p)).collect();
-        for row in retracted.iter() {
-            let copies = self.index.get_mut(row.data()).expect("validated above: the row is present");
-            let (chunk_id, position) = copies.pop().expect("validated above: a copy is left");
-            if copies.is_empty() {
-                self.index.remove(row.data());
-            }
-            let chunk = chunk_positions.get(&chunk_id).expect("index entries name live chunks");
+        for (row, &hash) in retracted.iter().zip(&retracted_hashes) {
+            let (chunks, positions) = (&self.chunks, &positions);
+            let same = |entry: &Indexed| entry.hash == hash && identity_at(chunks, positions, entry) == row.data();
+            let Ok(mut entry) = self.index.find_entry(hash, same) else {
+                return Err(Error::Internal("validated above: the row is present".into()));
+            };
+            let (chunk_id, position) = match entry.get_mut().copies.pop() {
+                Some(copy) => copy,
+                None => entry.remove().0.copies.as_slice()[0],
+            };
+            let chunk = positions.get(&chunk_id).expect("index entries name live chunks");
             self.chunks[*chunk].kill(position as usize);
         }
         if inserts.num_rows() > 0 {
             let id = self.next_chunk;
             self.next_chunk += 1;
-            for (i, row) in inserted.iter().enumerate() {
-                self.index.entry(row.data().into()).or_default().push((id, i as u32));
+            // The chunk goes in first: entries of its rows are compared in it.
+            let mut positions = positions;
+            positions.insert(id, self.chunks.len());
+            self.chunks.push(Chunk::indexed(id, inserts, inserted));
+            let chunk = self.chunks.last().expect("just pushed");
+            for (i, &hash) in inserted_hashes.iter().enumerate() {
+                let (chunks, positions) = (&self.chunks, &positions);
+                let row = chunk.identity(i as u32);
+                let same = |entry: &Indexed| entry.hash == hash && identity_at(chunks, positions, entry) == row;
+                match self.index.find_mut(hash, same) {
+                    Some(entry) => entry.copies.push((id, i as u32)),
+                    None => {
+                        let entry = Indexed { hash, copies: Copies::One((id, i as u32)) };
+                        self.index.insert_unique(hash, entry, |entry| entry.hash);
+                    }
+                }
             }
-            self.chunks.push(Chunk::new(id, inserts));
         }
         self.compact()
+    }
+
+    /// The hash an identity is indexed by.
+    fn hash(&self, identity: &[u8]) -> u64 {
+        self.hasher.hash_one(identity)
+    }
+
+    /// Where the live copies of `identity` are, if it has any.
+    fn copies(&self, positions: &FastMap<u64, usize>, hash: u64, identity: &[u8]) -> Option<&Copies> {
+        let same = |entry: &Indexed| entry.hash == hash && identity_at(&self.chunks, positions, entry) == identity;
+        self.index.find(hash, same).map(|entry| &entry.copies)
     }
 
     /// Rewrites chunks that are mostly dead, drops empty ones, and merges the newest chunks
@@ -680,15 +819,28 @@ impl TableState {
         if self.def.append_only {
             return Ok(Chunk::new(id, batch));
         }
-        for row in self.identity_rows(&batch)?.iter() {
-            let copies = self.index.get_mut(row.data()).expect("every live row is indexed");
-            for location in copies.iter_mut() {
-                if let Some((_, positions)) = moves.iter().find(|(chunk, _)| *chunk == location.0) {
-                    *location = (id, positions[location.1 as usize]);
+        // Each moved row's entry is found by its hash and its old location.
+        let identities = self.identity_rows(&batch)?;
+        let mut next_row = 0usize;
+        for (chunk_id, positions) in &moves {
+            for (old_row, &new_row) in positions.iter().enumerate() {
+                if new_row == u32::MAX {
+                    continue;
+                }
+                let hash = self.hash(identities.row(next_row).data());
+                next_row += 1;
+                let old = (*chunk_id, old_row as u32);
+                let entry =
+                    self.index.find_mut(hash, |entry| entry.hash == hash && entry.copies.as_slice().contains(&old));
+                let entry = entry.ok_or_else(|| Error::Internal("a live row is missing from the index".into()))?;
+                for location in entry.copies.as_mut_slice() {
+                    if *location == old {
+                        *location = (id, new_row);
+                    }
                 }
             }
         }
-        Ok(Chunk::new(id, batch))
+        Ok(Chunk::indexed(id, batch, identities))
     }
 
     fn identity_rows(&self, batch: &RecordBatch) -> Result<datafusion::arrow::row::Rows> {
