@@ -551,13 +551,12 @@ impl Counts {
 /// A table's rows as the single writer sees and changes them.
 ///
 /// Rows live in a few chunks (Arrow batches); an index maps each row's identity (its
-/// primary key, or all its columns without one) to where its copies are. It holds each
-/// identity's hash and locations only: the encoded identities stay in their chunks, one
-/// buffer each, and a lookup compares them there. Inserting appends
-/// a chunk, deleting marks rows dead, so the cost of a change grows with the change and not
-/// with the table. Chunks are merged like a binary counter (each row copied O(log n)
-/// times) until they are large (see [`INDEXED_CHUNK_KEPT_ROWS`]), and rewritten once half
-/// their rows are dead.
+/// primary key, or all its columns without one) to where its copies are. The index holds
+/// each identity's hash and locations only: the encoded identities stay in their chunks,
+/// one buffer each, and a lookup compares them there. Inserting appends a chunk, deleting
+/// marks rows dead, so the cost of a change grows with the change and not with the table.
+/// Chunks are merged like a binary counter (each row copied O(log n) times) until they are
+/// large (see [`INDEXED_CHUNK_KEPT_ROWS`]), and rewritten once half their rows are dead.
 pub struct TableState {
     def: Arc<TableDef>,
     chunks: Vec<Chunk>,
@@ -565,6 +564,8 @@ pub struct TableState {
     /// Every live row's identity, by its hash ([`TableState::hash`]).
     index: hashbrown::HashTable<Indexed>,
     hasher: foldhash::fast::RandomState,
+    /// The bits of a hash kept: all of them, except in tests that make identities collide.
+    hash_mask: u64,
     identity: RowConverter,
     ledger: Option<Arc<super::source::Ledger>>,
     trimmed: u64,
@@ -581,6 +582,7 @@ impl TableState {
             next_chunk: 0,
             index: hashbrown::HashTable::new(),
             hasher: foldhash::fast::RandomState::default(),
+            hash_mask: u64::MAX,
             identity,
             ledger: None,
             trimmed: 0,
@@ -743,7 +745,7 @@ impl TableState {
 
     /// The hash an identity is indexed by.
     fn hash(&self, identity: &[u8]) -> u64 {
-        self.hasher.hash_one(identity)
+        self.hasher.hash_one(identity) & self.hash_mask
     }
 
     /// Where the live copies of `identity` are, if it has any.
@@ -1016,6 +1018,49 @@ mod tests {
         }
         out.sort();
         out
+    }
+
+    /// Identities whose hashes collide (here: every identity has one of four hashes) are
+    /// told apart by comparing them: each delete finds its own row, duplicates are counted
+    /// per identity, and a primary key conflict is found among colliding keys.
+    #[test]
+    fn rows_whose_identities_hash_alike_are_told_apart() {
+        for primary_key in [vec![], vec![0]] {
+            let d = def(primary_key.clone());
+            let mut state = TableState::new(d.clone()).expect("state");
+            state.hash_mask = 3;
+            let mut expected: Vec<(i64, Option<String>)> = Vec::new();
+            for round in 0..40i64 {
+                let batch: Vec<(i64, Option<&str>)> = (round * 10..round * 10 + 10).map(|i| (i, Some("x"))).collect();
+                state.apply(&ChangeBatch::inserts(rows(&d, &batch))).expect("insert");
+                expected.extend(batch.iter().map(|(i, s)| (*i, s.map(String::from))));
+                if primary_key.is_empty() {
+                    // A second copy of every third row.
+                    let copies: Vec<(i64, Option<&str>)> = batch.iter().copied().filter(|r| r.0 % 3 == 0).collect();
+                    state.apply(&ChangeBatch::inserts(rows(&d, &copies))).expect("copies");
+                    expected.extend(copies.iter().map(|(i, s)| (*i, s.map(String::from))));
+                }
+                // Delete every fourth row of an earlier round, one copy.
+                let old: Vec<(i64, Option<&str>)> =
+                    (round * 5..round * 5 + 5).filter(|i| i % 4 == 0).map(|i| (i, Some("x"))).collect();
+                state.apply(&ChangeBatch::retracts(rows(&d, &old))).expect("delete");
+                for row in &old {
+                    let at = expected.iter().position(|e| e.0 == row.0).expect("held");
+                    expected.remove(at);
+                }
+            }
+            expected.sort();
+            assert_eq!(contents(&state), expected, "primary key {primary_key:?}");
+            let absent = state.apply(&ChangeBatch::retracts(rows(&d, &[(5000, Some("x"))])));
+            assert!(absent.is_err(), "a row never inserted is not found among its hash's rows");
+            if !primary_key.is_empty() {
+                let taken = state.apply(&ChangeBatch::inserts(rows(&d, &[(9999, None), (7, Some("again"))])));
+                assert_eq!(taken.expect_err("7 is taken").sqlstate(), "23505");
+                let twice = state.apply(&ChangeBatch::inserts(rows(&d, &[(9998, None), (9998, None)])));
+                assert_eq!(twice.expect_err("9998 twice").sqlstate(), "23505");
+            }
+            assert_eq!(contents(&state), expected, "refused changes change nothing");
+        }
     }
 
     #[test]
