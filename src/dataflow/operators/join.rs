@@ -155,11 +155,11 @@ impl Side {
         self.by_key.get(key).and_then(|arranged| arranged.rows.get(row)).copied().unwrap_or(0)
     }
 
-    /// Adds `w` copies of `row` under `key`. Keys and rows are copied only when new: this
-    /// runs for every row a join sees.
-    fn add(&mut self, key: &[u8], row: &[u8], w: i64) {
+    /// Adds `w` copies of `row` under `key`, and returns how many it held before. Keys and
+    /// rows are copied only when new: this runs for every row a join sees.
+    fn add(&mut self, key: &[u8], row: &[u8], w: i64) -> i64 {
         if w == 0 {
-            return;
+            return self.count_of(key, row);
         }
         let Some(arranged) = self.by_key.get_mut(key) else {
             let mut rows = RowCounts::default();
@@ -168,29 +168,33 @@ impl Side {
             self.memory += bytes;
             let arranged = Arranged { rows, weight: w, bytes, used: self.clock, synced: false };
             self.by_key.insert(key.into(), arranged);
-            return;
+            return 0;
         };
         arranged.weight += w;
         arranged.used = self.clock;
         arranged.synced = false;
-        match arranged.rows.get_mut(row) {
+        let before = match arranged.rows.get_mut(row) {
             Some(count) => {
+                let before = *count;
                 *count += w;
                 if *count == 0 {
                     arranged.rows.remove(row);
                     arranged.bytes -= row_bytes(row);
                     self.memory -= row_bytes(row);
                 }
+                before
             }
             None => {
                 arranged.rows.insert(row.into(), w);
                 arranged.bytes += row_bytes(row);
                 self.memory += row_bytes(row);
+                0
             }
-        }
+        };
         if arranged.rows.is_empty() {
             self.remove(key);
         }
+        before
     }
 
     /// Removes every copy of `row` under `key`.
@@ -657,7 +661,7 @@ impl JoinOperator {
         self.load_spilled(&keys)?;
         let kind = self.kind;
         let weights = input.weights();
-        let rows: Vec<Box<[u8]>> = (0..input.num_rows()).map(|i| Box::from(rows.row(i).as_ref())).collect();
+        let row = |i: usize| rows.row(i).data();
         // Candidate pairs: each input row with every other-side row of its key. Only the
         // pairs the condition holds for are copied out of the arrangement.
         let matching: Vec<(usize, Box<[u8]>, i64)> = {
@@ -680,7 +684,7 @@ impl JoinOperator {
         let counts_matches = kind != JoinKind::Inner;
         let mut pieces: Vec<Piece<Box<[u8]>>> = Vec::new();
         // Per input row, the weight of its matches; per other-side row, the change in its.
-        let mut matched = vec![0i64; rows.len()];
+        let mut matched = vec![0i64; input.num_rows()];
         let mut other_delta: FastMap<Box<[u8]>, KeyedWeight> = FastMap::default();
         for (i, other_row, count) in matching {
             let w = weights.value(i);
@@ -690,35 +694,35 @@ impl JoinOperator {
                 other_delta.entry(other_row.clone()).or_insert((key, 0)).1 += w;
             }
             if kind.pairs() {
-                let (l, r) = if port == 0 { (rows[i].clone(), other_row) } else { (other_row, rows[i].clone()) };
+                let (l, r) = if port == 0 { (Box::from(row(i)), other_row) } else { (other_row, Box::from(row(i))) };
                 pieces.push((Some(l), Some(r), w * count));
             }
         }
         let pads_this = if port == 0 { kind.pads_left() } else { kind.pads_right() };
         let (this, other) =
             if port == 0 { (&mut self.left, &mut self.right) } else { (&mut self.right, &mut self.left) };
-        for (i, row) in rows.iter().enumerate() {
-            let w = weights.value(i);
-            let unmatched = matched[i] == 0;
+        for (i, &matches) in matched.iter().enumerate() {
+            let (w, row) = (weights.value(i), row(i));
+            let unmatched = matches == 0;
             match (port, kind) {
-                (0, JoinKind::LeftSemi) if !unmatched => pieces.push((Some(row.clone()), None, w)),
-                (0, JoinKind::LeftAnti) if unmatched => pieces.push((Some(row.clone()), None, w)),
+                (0, JoinKind::LeftSemi) if !unmatched => pieces.push((Some(row.into()), None, w)),
+                (0, JoinKind::LeftAnti) if unmatched => pieces.push((Some(row.into()), None, w)),
                 _ if pads_this && unmatched => {
-                    pieces.push(if port == 0 { (Some(row.clone()), None, w) } else { (None, Some(row.clone()), w) })
+                    pieces.push(if port == 0 { (Some(row.into()), None, w) } else { (None, Some(row.into()), w) })
                 }
                 _ => {}
             }
             let Some(key) = keys.get(i) else { continue };
+            let before = this.add(key, row, w);
             if !counts_matches {
-                this.add(key, row, w);
                 continue;
             }
-            if this.count_of(key, row) == 0 {
-                this.matched.insert(row.clone(), matched[i]);
-            }
-            this.add(key, row, w);
-            if this.count_of(key, row) == 0 {
+            // A row held for the first time starts with its matches; one no longer held
+            // forgets them.
+            if before + w == 0 {
                 this.matched.remove(row);
+            } else if before == 0 {
+                this.matched.insert(row.into(), matches);
             }
         }
         // Other-side rows whose matches went between none and some.
@@ -748,19 +752,14 @@ impl JoinOperator {
     }
 
     /// Evaluates the condition over each candidate pair (NULL counts as false).
-    fn condition_holds(
-        &self,
-        port: usize,
-        rows: &[Box<[u8]>],
-        candidates: &[(usize, &[u8], i64)],
-    ) -> Result<Vec<bool>> {
+    fn condition_holds(&self, port: usize, rows: &Rows, candidates: &[(usize, &[u8], i64)]) -> Result<Vec<bool>> {
         let Some(filter) = &self.filter else { return Ok(vec![true; candidates.len()]) };
         if candidates.is_empty() {
             return Ok(Vec::new());
         }
         let (this_rows, other_rows) =
             if port == 0 { (&self.left.rows, &self.right.rows) } else { (&self.right.rows, &self.left.rows) };
-        let this: Vec<Option<&[u8]>> = candidates.iter().map(|(i, _, _)| Some(rows[*i].as_ref())).collect();
+        let this: Vec<Option<&[u8]>> = candidates.iter().map(|(i, _, _)| Some(rows.row(*i).data())).collect();
         let other: Vec<Option<&[u8]>> = candidates.iter().map(|(_, row, _)| Some(*row)).collect();
         let (this, other) = (decode_side(this_rows, &this)?, decode_side(other_rows, &other)?);
         let columns = if port == 0 { [this, other].concat() } else { [other, this].concat() };
