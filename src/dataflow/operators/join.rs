@@ -133,8 +133,8 @@ struct Side {
     /// The keys in memory (all of them until some spill).
     by_key: FastMap<Box<[u8]>, Arranged>,
     /// With a non-equality condition on an outer, semi or anti join: per distinct row, the
-    /// weight of the other side's rows it matches (same key and condition true). Empty for
-    /// an inner join, which does not need it.
+    /// weight of the other side's rows it matches (same key and condition true). An inner
+    /// join filters its pairs instead (see `build`) and keeps none.
     matched: FastMap<Box<[u8]>, i64>,
     /// Estimated bytes of `by_key`.
     memory: usize,
@@ -680,8 +680,6 @@ impl JoinOperator {
                 .map(|((i, row, count), _)| (i, Box::from(row), count))
                 .collect()
         };
-        // Only outer, semi and anti joins need to know which rows have matches.
-        let counts_matches = kind != JoinKind::Inner;
         let mut pieces: Vec<Piece<Box<[u8]>>> = Vec::new();
         // Per input row, the weight of its matches; per other-side row, the change in its.
         let mut matched = vec![0i64; input.num_rows()];
@@ -689,10 +687,8 @@ impl JoinOperator {
         for (i, other_row, count) in matching {
             let w = weights.value(i);
             matched[i] += count;
-            if counts_matches {
-                let key: Box<[u8]> = keys.get(i).ok_or_else(|| Error::Internal("a NULL key matched".into()))?.into();
-                other_delta.entry(other_row.clone()).or_insert((key, 0)).1 += w;
-            }
+            let key: Box<[u8]> = keys.get(i).ok_or_else(|| Error::Internal("a NULL key matched".into()))?.into();
+            other_delta.entry(other_row.clone()).or_insert((key, 0)).1 += w;
             if kind.pairs() {
                 let (l, r) = if port == 0 { (Box::from(row(i)), other_row) } else { (other_row, Box::from(row(i))) };
                 pieces.push((Some(l), Some(r), w * count));
@@ -714,9 +710,6 @@ impl JoinOperator {
             }
             let Some(key) = keys.get(i) else { continue };
             let before = this.add(key, row, w);
-            if !counts_matches {
-                continue;
-            }
             // A row held for the first time starts with its matches; one no longer held
             // forgets them.
             if before + w == 0 {
