@@ -233,7 +233,7 @@ async fn event_time_state_comes_back_with_the_view() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sessions_and_interval_joins_continue_across_a_restart() {
+async fn sessions_interval_joins_and_joins_with_constants_continue_across_a_restart() {
     let dir = tempfile::tempdir().expect("temp dir");
     let args = ["--checkpoint-interval", "off"];
     let views = [
@@ -246,6 +246,13 @@ async fn sessions_and_interval_joins_continue_across_a_restart() {
             "sessions",
             "SELECT user_id, date_part('second', window_start)::int AS started, count(*) AS hits
              FROM SESSION(visits, ts, INTERVAL '5 seconds') GROUP BY user_id, window_start",
+        ),
+        (
+            // A constant is sent only to a view that starts afresh: a restored one has
+            // its rows in the join's state, and keeps no visits.
+            "labelled",
+            "SELECT v.user_id, l.label, date_part('second', v.ts)::int AS s
+             FROM visits v JOIN (VALUES ('u1', 'first'), ('u3', 'third')) l(user_id, label) ON v.user_id = l.user_id",
         ),
     ];
     let server = Process::start(dir.path(), &args);
@@ -268,13 +275,14 @@ async fn sessions_and_interval_joins_continue_across_a_restart() {
     let server = Process::start(dir.path(), &args);
     let c = common::connect(&server.connection_string).await;
     let restored = rows(&c, "SELECT view, restored_from_epoch FROM freshet_catalog.views").await;
-    assert_eq!(restored, vec![format!("converted|{epoch}"), format!("sessions|{epoch}")]);
+    assert_eq!(restored, vec![format!("converted|{epoch}"), format!("labelled|{epoch}"), format!("sessions|{epoch}")]);
     // A buy matching a click from before the restart, and a visit extending a session
     // from before it, need the restored rows.
     run(
         &c,
         "INSERT INTO buys VALUES ('u1', '2026-01-01 10:00:09');
-         INSERT INTO visits VALUES ('u1', '2026-01-01 10:00:08'), ('u2', '2026-01-01 10:00:20')",
+         INSERT INTO visits VALUES ('u1', '2026-01-01 10:00:08'), ('u2', '2026-01-01 10:00:20'),
+                                   ('u3', '2026-01-01 10:00:21')",
     )
     .await;
     run(&c, "FLUSH").await;
@@ -284,6 +292,11 @@ async fn sessions_and_interval_joins_continue_across_a_restart() {
     }
     assert!(rows(&c, "SELECT * FROM converted").await.contains(&"u1|4|9".to_string()), "a pre-restart click matched");
     assert!(rows(&c, "SELECT * FROM sessions").await.contains(&"u1|1|3".to_string()), "the session grew across it");
+    assert_eq!(
+        rows(&c, "SELECT * FROM labelled").await,
+        vec!["u1|first|1", "u1|first|4", "u1|first|8", "u3|third|21"],
+        "visits after the restart met the restored constant rows"
+    );
     server.kill_9();
 }
 

@@ -491,6 +491,10 @@ fn lower_plan(cx: &mut Lowering<'_>, plan: &LogicalPlan) -> Result<Node> {
             let schema: SchemaRef = Arc::new(join.schema.as_arrow().clone());
             let event_time = window_join_columns(join);
             let interval = interval_join(join);
+            let constant_input = [&join.right, &join.left]
+                .into_iter()
+                .position(|input| never_changes(state, input))
+                .map(|i| 1 - i);
             let make = || -> Result<Box<dyn Operator>> {
                 let mut operator = JoinOperator::new(
                     kind,
@@ -507,6 +511,9 @@ fn lower_plan(cx: &mut Lowering<'_>, plan: &LogicalPlan) -> Result<Node> {
                 }
                 if let Some(bounds) = &interval {
                     operator = operator.with_interval(bounds.left, bounds.right, bounds.right_after_left, bounds.left_after_right);
+                }
+                if let Some(port) = constant_input {
+                    operator = operator.with_fixed_input(port);
                 }
                 Ok(Box::new(operator))
             };
@@ -737,6 +744,25 @@ fn table_function(state: &SessionState, scan: &datafusion::logical_expr::TableSc
         && session_window(scan).is_none()
         && crate::catalog::table::planned_def(&scan.source).is_none()
         && scan.table_name.table().split('(').next().is_some_and(|name| state.table_functions().contains_key(name))
+}
+
+/// Whether `plan` never changes: it reads only table functions and `VALUES`, and calls
+/// nothing whose value moves (a model's score follows the model's versions; the temporal
+/// filter, the clock).
+fn never_changes(state: &SessionState, plan: &LogicalPlan) -> bool {
+    let mut moves = false;
+    let walked = plan.apply_with_subqueries(|node| {
+        moves = match node {
+            LogicalPlan::TableScan(scan) => !table_function(state, scan),
+            _ => node.expressions().iter().any(|e| {
+                e.is_volatile()
+                    || e.exists(|e| Ok(matches!(e, Expr::ScalarFunction(f) if f.name() == super::temporal::FUNCTION)))
+                        .unwrap_or(true)
+            }),
+        };
+        Ok(if moves { TreeNodeRecursion::Stop } else { TreeNodeRecursion::Continue })
+    });
+    walked.is_ok() && !moves
 }
 
 /// A relation that never changes, computed now by the batch engine (on a thread of its own,
