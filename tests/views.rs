@@ -34,6 +34,12 @@ const SHAPES: &[(&str, &str)] = &[
     ),
     ("v_join", "SELECT t.id, t.v, u.uid, u.label FROM t JOIN u ON t.k = u.k"),
     ("v_join_condition", "SELECT t.id, u.uid FROM t JOIN u ON t.k = u.k AND t.v > u.w"),
+    // A constant input: the other input's rows are kept only until the view starts.
+    (
+        "v_join_constant",
+        "SELECT t.id, t.v, c.name FROM t JOIN (VALUES (0, 'zero'), (1, 'one'), (3, 'three'), (3, 'again')) c(k, name) ON t.k = c.k",
+    ),
+    ("v_constant_join_condition", "SELECT r.value, t.id FROM range(-2, 4) r JOIN t ON t.k = r.value AND t.v > r.value"),
     ("v_left_join", "SELECT t.id, u.label FROM t LEFT JOIN u ON t.k = u.k"),
     ("v_right_join", "SELECT t.id, u.uid FROM t RIGHT JOIN u ON t.k = u.k"),
     ("v_full_join", "SELECT t.id, t.s, u.uid FROM t FULL JOIN u ON t.k = u.k"),

@@ -74,10 +74,10 @@ impl JoinKind {
 }
 
 /// Encoded rows with their multiplicities.
-type RowCounts = FastMap<Box<[u8]>, i64>;
+type RowCounts = KeyMap<i64>;
 
-/// Encoded join keys to what a side holds under each. Its entry API finds, inserts and
-/// removes a key with one hash of a borrowed key.
+/// Encoded join keys (or rows) to what is held under each. Its entry API finds, inserts
+/// and removes an entry with one hash of a borrowed key.
 type KeyMap<V> = hashbrown::HashMap<Box<[u8]>, V, foldhash::fast::RandomState>;
 
 /// One key's distinct rows with their counts (never zero). Most keys of a join on an
@@ -117,21 +117,21 @@ impl KeyRows {
                 *self = KeyRows::Many(rows);
                 0
             }
-            KeyRows::Many(rows) => match rows.get_mut(row) {
-                Some(count) => {
-                    let before = *count;
-                    *count += w;
-                    if *count == 0 {
-                        rows.remove(row);
+            KeyRows::Many(rows) if rows.is_empty() => {
+                *self = KeyRows::one(row, w);
+                0
+            }
+            KeyRows::Many(rows) => match rows.entry_ref(row) {
+                EntryRef::Occupied(mut entry) => {
+                    let before = *entry.get();
+                    *entry.get_mut() += w;
+                    if before + w == 0 {
+                        entry.remove();
                     }
                     before
                 }
-                None => {
-                    if rows.is_empty() {
-                        *self = KeyRows::one(row, w);
-                    } else {
-                        rows.insert(row.into(), w);
-                    }
+                EntryRef::Vacant(vacant) => {
+                    vacant.insert(w);
                     0
                 }
             },
@@ -1339,6 +1339,36 @@ mod tests {
         assert_eq!(pairs.len(), pushed.len());
         let read: Vec<(Vec<u8>, Vec<u8>)> = pairs.iter().map(|(k, r)| (k.to_vec(), r.to_vec())).collect();
         assert_eq!(read, pushed);
+    }
+
+    #[tokio::test]
+    async fn a_constant_input_matches_rows_that_came_before_it_and_after_them_keeps_none() {
+        let input = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, true),
+            Field::new("v", DataType::Int64, false),
+        ]));
+        let change = |rows: &[(i64, i64)], weight: i64| {
+            let (k, v): (Vec<i64>, Vec<i64>) = rows.iter().copied().unzip();
+            let batch =
+                RecordBatch::try_new(input.clone(), vec![Arc::new(Int64Array::from(k)), Arc::new(Int64Array::from(v))])
+                    .expect("batch");
+            ChangeBatch::try_new(batch, Int64Array::from(vec![weight; rows.len()])).expect("change")
+        };
+        let barrier = Barrier { epoch: 1, checkpoint: false, mutation: None };
+        let mut operator = join(JoinKind::Inner).with_fixed_input(1);
+        let mut got = BTreeMap::new();
+        // In the first epoch the left rows may come before the constant's.
+        feed(&mut operator, 0, change(&[(1, 10), (2, 20)], 1), None, &mut got).await;
+        feed(&mut operator, 1, change(&[(1, 100), (2, 200), (2, 201)], 1), Some(&barrier), &mut got).await;
+        assert!(operator.left.by_key.is_empty(), "after the first barrier no left row is kept");
+        assert_eq!(operator.right.by_key.len(), 2, "the constant's rows are kept");
+        // Later rows, and retractions of rows from before, pair with the constant alone.
+        feed(&mut operator, 0, change(&[(2, 21), (3, 30)], 1), None, &mut got).await;
+        feed(&mut operator, 0, change(&[(2, 20)], -1), Some(&barrier), &mut got).await;
+        assert!(operator.left.by_key.is_empty(), "later left rows are not kept either");
+        let expected: BTreeMap<String, i64> =
+            ["1|10|1|100", "2|21|2|200", "2|21|2|201"].into_iter().map(|row| (row.to_string(), 1)).collect();
+        assert_eq!(got, expected);
     }
 
     /// `l JOIN r ON l.k = r.k` of `kind`, over inputs (k, v) of integers.
