@@ -660,12 +660,22 @@ impl TableState {
                 }
                 appended.push(self.checked_rows(inserts)?);
             }
+            // A large part is kept as it came (sharing its buffers); consecutive small ones
+            // are copied once into one chunk, where merging chunk by chunk would copy each
+            // row several times (a join's output arrives in a part per input batch).
+            let mut small: Vec<RecordBatch> = Vec::new();
             for inserts in appended.into_iter().filter(|rows| rows.num_rows() > 0) {
-                let inserts = without_slack(inserts)?;
-                let id = self.next_chunk;
-                self.next_chunk += 1;
-                self.chunks.push(Chunk::new(id, inserts));
+                if inserts.num_rows() >= APPEND_CHUNK_KEPT_ROWS {
+                    self.append_chunk(std::mem::take(&mut small))?;
+                    self.append_chunk(vec![inserts])?;
+                    continue;
+                }
+                small.push(inserts);
+                if small.iter().map(RecordBatch::num_rows).sum::<usize>() >= APPEND_CHUNK_ROWS {
+                    self.append_chunk(std::mem::take(&mut small))?;
+                }
             }
+            self.append_chunk(small)?;
             return self.compact();
         }
         let change = match changes {
@@ -793,6 +803,20 @@ impl TableState {
             self.chunks.truncate(n - 2);
             self.chunks.push(merged);
         }
+        Ok(())
+    }
+
+    /// Appends `parts` (rows of an append-only relation) as one chunk: the part itself if
+    /// there is one, else a copy of them all.
+    fn append_chunk(&mut self, parts: Vec<RecordBatch>) -> Result<()> {
+        let rows = match parts.as_slice() {
+            [] => return Ok(()),
+            [_] => without_slack(parts.into_iter().next().expect("one part"))?,
+            _ => concat_batches(&self.def.schema, &parts)?,
+        };
+        let id = self.next_chunk;
+        self.next_chunk += 1;
+        self.chunks.push(Chunk::new(id, rows));
         Ok(())
     }
 
@@ -1247,6 +1271,28 @@ mod tests {
         let added = state.version().memory_bytes() - before;
         assert!(added < large.get_array_memory_size() / 5, "{added} bytes for 1,000 rows");
         assert_eq!(contents(&state).len(), 31_000);
+    }
+
+    #[test]
+    fn small_parts_of_one_epoch_are_copied_once_into_one_chunk() {
+        let d = def(vec![]);
+        let d = Arc::new(TableDef::append_only(2, "s".into(), d.schema.clone()));
+        let mut state = TableState::new(d.clone()).expect("state");
+        let part = |from: i64, n: i64| {
+            let ids: Vec<(i64, Option<&str>)> = (from..from + n).map(|i| (i, Some("x"))).collect();
+            ChangeBatch::inserts(rows(&d, &ids))
+        };
+        // Twelve parts of 1,000 rows (as a join emits a part per input batch), then a large
+        // one, then two more small ones.
+        let mut parts: Vec<ChangeBatch> = (0..12).map(|i| part(i * 1000, 1000)).collect();
+        parts.push(part(12_000, 10_000));
+        parts.extend([part(22_000, 500), part(22_500, 500)]);
+        state.apply_all(&parts).expect("appended");
+        assert_eq!(contents(&state), (0..23_000).map(|i| (i, Some("x".to_string()))).collect::<Vec<_>>());
+        let sizes: Vec<usize> = state.chunks.iter().map(|c| c.batch.num_rows()).collect();
+        assert_eq!(sizes, vec![12_000, 10_000, 1000], "small parts are gathered, the large one kept");
+        let large = state.version().batches().expect("rows")[1].column(0).to_data();
+        assert!(large.buffers()[0].ptr_eq(&parts[12].batch().column(0).to_data().buffers()[0]), "kept as it came");
     }
 
     #[test]
