@@ -182,6 +182,7 @@ impl FromIterator<(Box<[u8]>, i64)> for KeyRows {
         held
     }
 }
+
 /// A batch's join keys, encoded, read in place (no allocation per row).
 struct EncodedKeys {
     encoded: Rows,
