@@ -547,10 +547,13 @@ impl JoinOperator {
     /// Brings the spilled keys among `keys` back into memory, on both sides, and marks
     /// every key among them used.
     fn load_spilled(&mut self, keys: &EncodedKeys) -> Result<()> {
+        let unkept = self.unkept_input();
         let Some(store) = self.spill.as_ref().and_then(|s| s.store.as_ref()) else { return Ok(()) };
         for key in keys.iter().flatten() {
             for (port, side) in [&mut self.left, &mut self.right].into_iter().enumerate() {
-                if let Some(arranged) = side.by_key.get_mut(key) {
+                if unkept == Some(port) {
+                    // A lookup join's other input holds nothing, in memory or spilled.
+                } else if let Some(arranged) = side.by_key.get_mut(key) {
                     arranged.used = side.clock;
                 } else if side.emptied.as_ref().is_some_and(|emptied| emptied.contains(key)) {
                     // Emptied earlier in this epoch: its spilled copy is about to go.
@@ -666,6 +669,12 @@ impl JoinOperator {
             self.fixed = Some(Fixed { port, complete: false });
         }
         self
+    }
+
+    /// The input whose rows are no longer kept: the other one of a join whose fixed input's
+    /// rows are all in.
+    fn unkept_input(&self) -> Option<usize> {
+        self.fixed.as_ref().filter(|fixed| fixed.complete).map(|fixed| 1 - fixed.port)
     }
 
     /// Once the fixed input's rows are all in, the other input's rows are no longer needed.
@@ -1197,9 +1206,9 @@ impl Operator for JoinOperator {
         };
         // Keys whose weight on this side changes, with the weight before the change.
         let mut before: FastMap<Box<[u8]>, i64> = FastMap::default();
+        let keeps_rows = self.unkept_input() != Some(port);
         let (this, other) = if port == 0 { (&mut self.left, &self.right) } else { (&mut self.right, &self.left) };
         let pads_this = if port == 0 { kind.pads_left() } else { kind.pads_right() };
-        let keeps_rows = !self.fixed.as_ref().is_some_and(|fixed| fixed.complete && fixed.port != port);
         for (i, key) in keys.iter().enumerate() {
             let w = input.weights().value(i);
             let row = rows.row(i).data();
@@ -1233,11 +1242,11 @@ impl Operator for JoinOperator {
             if other_reacts && !before.contains_key(key) {
                 before.insert(key.into(), this.weight_of(key));
             }
-            if keeps_rows {
-                this.add(key, row, w);
+            if !keeps_rows {
+                continue;
             }
-            if keeps_rows
-                && let (Some(times), Some(interval)) = (&interval_times, &mut self.interval)
+            this.add(key, row, w);
+            if let (Some(times), Some(interval)) = (&interval_times, &mut self.interval)
                 && times.is_valid(i)
                 && w > 0
             {
